@@ -1,1 +1,27 @@
-//! blockstore
+//! The Parallax block store: one file or device holding every VDI of a host.
+//!
+//! - Space is cut into 4 KiB blocks named by [`BlockAddr`].
+//! - Every allocatable block has a reference count; a block is free at zero and is only handed
+//!   out again after the commit that freed it is durable.
+//! - Metadata blocks (radix nodes, the VDI registry, reference counts) are changed in memory and
+//!   made durable together by [`BlockStore::commit`], through a two-slot journal: a crash at any
+//!   instant leaves the store exactly as of the last completed commit.
+//! - Data blocks are written in place with [`BlockStore::write_data`].
+//!
+//! `docs/format.md` in the repository describes the format byte by byte.
+
+mod addr;
+pub mod backend;
+mod error;
+pub mod format;
+mod journal;
+mod meta;
+mod store;
+mod superblock;
+
+pub use addr::{BLOCK_SIZE, Block, BlockAddr};
+pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
+pub use error::{Result, StoreError};
+pub use meta::{Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
+pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery};
+pub use superblock::Superblock;

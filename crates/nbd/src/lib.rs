@@ -1,1 +1,174 @@
-//! NBD server (in progress).
+//! Server side of the NBD (Network Block Device) protocol.
+//!
+//! Serves any [`blockdev::BlockDevice`] to standard NBD clients (qemu, libnbd, the Linux
+//! kernel, fio, ...). Supported: the fixed-newstyle handshake with `NBD_OPT_GO`/`INFO`/`LIST`,
+//! structured replies, the `base:allocation` metadata context, and the commands READ, WRITE (with
+//! FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC. Not supported: TLS, extended headers
+//! and the old-style handshake.
+//!
+//! A daemon implements [`ExportProvider`] and either hands accepted streams to
+//! [`serve_connection`] or lets a [`Server`] accept on a TCP or Unix listener:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use blockdev::{BlockDevice, MemDisk};
+//! use nbd::{ExportInfo, ExportProvider, Limits, OpenError, Server};
+//!
+//! struct OneDisk(Arc<MemDisk>);
+//!
+//! impl ExportProvider for OneDisk {
+//!     fn list(&self) -> Vec<ExportInfo> {
+//!         vec![ExportInfo::new("disk", "a test disk")]
+//!     }
+//!     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+//!         match name {
+//!             "disk" | "" => Ok(self.0.clone()),
+//!             _ => Err(OpenError::Unknown(format!("no export named {name:?}"))),
+//!         }
+//!     }
+//! }
+//!
+//! let listener = std::net::TcpListener::bind("127.0.0.1:10809")?;
+//! let provider = Arc::new(OneDisk(Arc::new(MemDisk::new(1 << 30))));
+//! let server = Server::spawn_tcp(listener, provider, Limits::default())?;
+//! // ... until the daemon is told to stop:
+//! server.shutdown(); // stop accepting; connections finish their in-flight requests
+//! server.wait();
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod handshake;
+mod server;
+mod stream;
+mod transmission;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockdev::BlockDevice;
+
+pub use error::NbdError;
+pub use server::Server;
+pub use stream::{NbdStream, serve_connection};
+
+/// What the daemon tells the server about one export, for `NBD_OPT_LIST` and `NBD_OPT_INFO`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Name the client uses to open the export.
+    pub name: String,
+    /// Human-readable description (may be empty).
+    pub description: String,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`: flush and FUA on one connection are visible on all
+    /// connections to the same export. Off by default.
+    pub multi_conn: bool,
+}
+
+impl ExportInfo {
+    /// An export entry without multi-connection support.
+    pub fn new(name: impl Into<String>, description: impl Into<String>) -> Self {
+        ExportInfo { name: name.into(), description: description.into(), multi_conn: false }
+    }
+}
+
+/// Why an export could not be opened; the message is shown to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// No export has this name (`NBD_REP_ERR_UNKNOWN`).
+    Unknown(String),
+    /// The export exists but may not be opened now, e.g. another client has it open for writing
+    /// (`NBD_REP_ERR_POLICY`).
+    Refused(String),
+}
+
+impl OpenError {
+    /// The message for the client.
+    pub fn message(&self) -> &str {
+        match self {
+            OpenError::Unknown(m) | OpenError::Refused(m) => m,
+        }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Unknown(m) => write!(f, "unknown export: {m}"),
+            OpenError::Refused(m) => write!(f, "export refused: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// Supplies exports to the server; implemented by the daemon.
+///
+/// `open` is called once per `NBD_OPT_INFO`, `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`; the
+/// returned device is dropped when the client is done with it (after `NBD_OPT_INFO`, or when
+/// the connection ends), so an implementation can release a writer lock in `Drop`.
+pub trait ExportProvider: Send + Sync {
+    /// The exports to show for `NBD_OPT_LIST` (and where descriptions and flags are looked up).
+    fn list(&self) -> Vec<ExportInfo>;
+
+    /// Opens export `name`. The empty name means "the default export"; the provider decides
+    /// whether there is one.
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError>;
+}
+
+/// Resource bounds for the server; every queue and buffer is bounded by these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections a [`Server`] serves at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// Requests of one connection queued or executing at once.
+    pub max_in_flight_per_conn: usize,
+    /// Threads executing the requests of one connection.
+    pub workers_per_conn: usize,
+    /// Largest READ or WRITE accepted (advertised as the maximum block size). Clamped to
+    /// 64 KiB ..= 1 GiB.
+    pub max_request_bytes: u32,
+    /// Payload bytes of one connection held in memory at once (at least `max_request_bytes`).
+    pub max_buffered_bytes_per_conn: u64,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// A reply that cannot be sent for this long (client not reading) drops the connection.
+    pub reply_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            max_in_flight_per_conn: 64,
+            workers_per_conn: 4,
+            max_request_bytes: 32 << 20,
+            max_buffered_bytes_per_conn: 128 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits with every value forced into its sane range.
+    pub(crate) fn normalized(&self) -> Limits {
+        let max_request_bytes = self.max_request_bytes.clamp(64 << 10, 1 << 30);
+        Limits {
+            max_connections: self.max_connections.max(1),
+            max_in_flight_per_conn: self.max_in_flight_per_conn.max(1),
+            workers_per_conn: self.workers_per_conn.clamp(1, 256),
+            max_request_bytes,
+            max_buffered_bytes_per_conn: self.max_buffered_bytes_per_conn.max(u64::from(max_request_bytes)),
+            handshake_timeout: self.handshake_timeout.max(Duration::from_millis(1)),
+            reply_timeout: self.reply_timeout.max(Duration::from_millis(1)),
+        }
+    }
+}

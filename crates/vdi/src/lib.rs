@@ -1,1 +1,31 @@
-//! vdi
+//! Parallax VDIs: the registry of virtual disks in a block store, their snapshot logs, clones,
+//! import and export, and the consistency check.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use blockdev::BlockDevice;
+//! use blockstore::{BlockStore, CreateOptions, MemBackend, OpenOptions};
+//! let store = BlockStore::create(Arc::new(MemBackend::new()), &CreateOptions::default(), &OpenOptions::default())?;
+//! let reg = vdi::Registry::open(Arc::new(store))?;
+//! let id = reg.create_vdi("golden", Some(1 << 30))?;
+//! reg.open_vdi(id, true)?.write_at(0, &[1; 4096], false)?;
+//! let snap = reg.snapshot(id)?;
+//! let clone = reg.clone_snapshot("vm-1", snap)?;
+//! # Ok(()) }
+//! ```
+
+mod check;
+mod disk;
+mod error;
+mod ids;
+mod import;
+mod io;
+mod registry;
+
+pub use check::{CheckReport, Problem};
+pub use error::{Result, VdiError};
+pub use ids::{SnapshotId, VdiId};
+pub use import::{Comparison, ExportStats, ImportStats};
+pub use io::{SnapshotDisk, VdiDisk};
+pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};

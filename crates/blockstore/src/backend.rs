@@ -1,0 +1,46 @@
+//! Where the store's bytes live: a file, a block device, or memory.
+//!
+//! A [`Backend`] is a flat byte array with `pread`/`pwrite`-style calls, `sync` (everything written
+//! before it is durable) and space reservation. The store never assumes more than that: a write
+//! not followed by a sync may be lost or torn at a 512-byte boundary by a crash.
+
+mod file;
+mod mem;
+
+pub use file::FileBackend;
+pub use mem::{CrashMode, FaultyBackend, MemBackend};
+
+use std::io;
+
+/// A byte-addressed medium the store lives on. Methods may be called from many threads at once.
+pub trait Backend: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes never written read as zeros.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Ensures the first `len` bytes have space reserved, so later writes there cannot fail for
+    /// lack of space. Fails with `ENOSPC` (or `EFBIG`) when they cannot be had.
+    fn reserve(&self, len: u64) -> io::Result<()>;
+    /// The largest size the medium can have (a block device's size; `u64::MAX` for a file).
+    fn capacity(&self) -> u64;
+}
+
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset, data)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        (**self).reserve(len)
+    }
+    fn capacity(&self) -> u64 {
+        (**self).capacity()
+    }
+}

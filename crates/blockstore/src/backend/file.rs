@@ -1,0 +1,110 @@
+//! A store in a regular file or on a raw block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Backend;
+
+/// A store in a file (grown sparsely, space reserved with `fallocate`) or on a block device.
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    is_device: bool,
+    device_size: u64,
+    reserved: AtomicU64,
+}
+
+impl FileBackend {
+    /// Opens (and with `create`, creates) the store at `path`.
+    pub fn open(path: &Path, writable: bool, create: bool) -> io::Result<Self> {
+        let file =
+            OpenOptions::new().read(true).write(writable).create(create && writable).truncate(false).open(path)?;
+        let meta = file.metadata()?;
+        let is_device = meta.file_type().is_block_device();
+        let device_size = if is_device {
+            // Seeking to the end is the portable way to learn a block device's size.
+            use std::io::{Seek, SeekFrom};
+            let mut f = &file;
+            f.seek(SeekFrom::End(0))?
+        } else {
+            0
+        };
+        let reserved = if is_device { device_size } else { meta.len() };
+        Ok(FileBackend { file, path: path.to_path_buf(), is_device, device_size, reserved: AtomicU64::new(reserved) })
+    }
+
+    /// The open file, for locking.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path the store was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True if the store is on a block device.
+    pub fn is_device(&self) -> bool {
+        self.is_device
+    }
+}
+
+impl Backend for FileBackend {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // Past the end of a sparse file: reads as zeros.
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.is_device { self.file.sync_all() } else { self.file.sync_data() }
+    }
+
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        if self.is_device {
+            return if len <= self.device_size { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::ENOSPC)) };
+        }
+        let have = self.reserved.load(Ordering::Acquire);
+        if len <= have {
+            return Ok(());
+        }
+        let off = have as libc::off_t;
+        let add = (len - have) as libc::off_t;
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, add) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // Filesystems without fallocate: extend the file; space is then not guaranteed.
+                self.file.set_len(len)?;
+            } else {
+                return Err(err);
+            }
+        }
+        self.reserved.fetch_max(len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn capacity(&self) -> u64 {
+        if self.is_device { self.device_size } else { u64::MAX }
+    }
+}

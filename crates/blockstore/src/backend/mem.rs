@@ -1,0 +1,228 @@
+//! In-memory media for tests: a store that can lose power, and one that fails on command.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::Backend;
+
+/// How a simulated power cut treats writes that were not yet synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Every unsynced write is lost.
+    DropAll,
+    /// The first `n` unsynced writes survive, the next is torn at a 512-byte boundary after
+    /// `torn_sectors` sectors, and the rest are lost.
+    Prefix {
+        /// Writes that survive whole.
+        n: usize,
+        /// Sectors of the next write that survive.
+        torn_sectors: usize,
+    },
+    /// Each unsynced write survives or not by the bits of `seed` (writes may be reordered by a
+    /// real disk, so any subset is a possible outcome).
+    Subset {
+        /// Chooses the surviving writes.
+        seed: u64,
+    },
+}
+
+#[derive(Default)]
+struct MemState {
+    /// What a reader sees now.
+    current: Vec<u8>,
+    /// What survives a power cut.
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order.
+    unsynced: Vec<(u64, Vec<u8>)>,
+}
+
+/// A store in memory that remembers what was synced, so tests can cut the power.
+#[derive(Clone, Default)]
+pub struct MemBackend {
+    state: Arc<Mutex<MemState>>,
+    capacity: u64,
+}
+
+impl MemBackend {
+    /// An empty medium that can grow without limit.
+    pub fn new() -> Self {
+        MemBackend { state: Arc::default(), capacity: u64::MAX }
+    }
+
+    /// An empty medium that cannot grow past `capacity` bytes (writes beyond fail with ENOSPC).
+    pub fn with_capacity(capacity: u64) -> Self {
+        MemBackend { state: Arc::default(), capacity }
+    }
+
+    /// Simulates a power cut: unsynced writes are treated as `mode` says.
+    pub fn crash(&self, mode: CrashMode) {
+        let mut s = self.state.lock();
+        let unsynced = std::mem::take(&mut s.unsynced);
+        let mut image = s.durable.clone();
+        let apply = |image: &mut Vec<u8>, off: u64, data: &[u8]| {
+            let end = off as usize + data.len();
+            if image.len() < end {
+                image.resize(end, 0);
+            }
+            image[off as usize..end].copy_from_slice(data);
+        };
+        match mode {
+            CrashMode::DropAll => {}
+            CrashMode::Prefix { n, torn_sectors } => {
+                for (i, (off, data)) in unsynced.iter().enumerate() {
+                    if i < n {
+                        apply(&mut image, *off, data);
+                    } else {
+                        let keep = (torn_sectors * 512).min(data.len());
+                        apply(&mut image, *off, &data[..keep]);
+                        break;
+                    }
+                }
+            }
+            CrashMode::Subset { seed } => {
+                let mut x = seed | 1;
+                for (off, data) in &unsynced {
+                    // xorshift64: a deterministic coin per write.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x & 1 == 1 {
+                        apply(&mut image, *off, data);
+                    }
+                }
+            }
+        }
+        s.current = image.clone();
+        s.durable = image;
+    }
+
+    /// Number of writes not yet synced.
+    pub fn unsynced_writes(&self) -> usize {
+        self.state.lock().unsynced.len()
+    }
+
+    /// Overwrites bytes directly, as a damaging test would (counts as durable).
+    pub fn corrupt(&self, offset: u64, data: &[u8]) {
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        for img in [&mut s.current, &mut s.durable] {
+            let end = offset as usize + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            img[offset as usize..end].copy_from_slice(data);
+        }
+    }
+
+    /// Cuts the medium (as durable) to `len` bytes, as a truncating test would.
+    pub fn truncate(&self, len: u64) {
+        let mut s = self.state.lock();
+        s.current.truncate(len as usize);
+        s.durable.truncate(len as usize);
+        s.unsynced.clear();
+    }
+
+    /// Current size in bytes.
+    pub fn len(&self) -> u64 {
+        self.state.lock().current.len() as u64
+    }
+
+    /// True if nothing was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Backend for MemBackend {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let s = self.state.lock();
+        let start = (offset as usize).min(s.current.len());
+        let end = (offset as usize + buf.len()).min(s.current.len());
+        let n = end - start;
+        buf[..n].copy_from_slice(&s.current[start..end]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if end > self.capacity {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let mut s = self.state.lock();
+        if s.current.len() < end as usize {
+            s.current.resize(end as usize, 0);
+        }
+        s.current[offset as usize..end as usize].copy_from_slice(data);
+        s.unsynced.push((offset, data.to_vec()));
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let unsynced = std::mem::take(&mut s.unsynced);
+        for (off, data) in unsynced {
+            let end = off as usize + data.len();
+            if s.durable.len() < end {
+                s.durable.resize(end, 0);
+            }
+            s.durable[off as usize..end].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        if len > self.capacity { Err(io::Error::from_raw_os_error(libc::ENOSPC)) } else { Ok(()) }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// Wraps a backend and fails every write and sync after the first `budget` of them, as a dying
+/// disk would. Reads keep working.
+pub struct FaultyBackend<B> {
+    inner: B,
+    budget: AtomicU64,
+}
+
+impl<B: Backend> FaultyBackend<B> {
+    /// Allows `budget` writes and syncs, then fails the rest with EIO.
+    pub fn new(inner: B, budget: u64) -> Self {
+        FaultyBackend { inner, budget: AtomicU64::new(budget) }
+    }
+
+    fn spend(&self) -> io::Result<()> {
+        let ok = self.budget.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1)).is_ok();
+        if ok { Ok(()) } else { Err(io::Error::other("injected fault: the disk stopped accepting writes")) }
+    }
+
+    /// True once the budget is spent.
+    pub fn exhausted(&self) -> bool {
+        self.budget.load(Ordering::Acquire) == 0
+    }
+}
+
+impl<B: Backend> Backend for FaultyBackend<B> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.spend()?;
+        self.inner.write_at(offset, data)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.spend()?;
+        self.inner.sync()
+    }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        self.inner.reserve(len)
+    }
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+}

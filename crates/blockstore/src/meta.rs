@@ -1,0 +1,483 @@
+//! The metadata state of an open store: the block cache, reference counts and the allocator.
+//!
+//! Everything here runs under the store's metadata lock ([`crate::BlockStore::lock`]). Changes
+//! are made to cached blocks, which stay dirty in memory until a commit journals them.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backend::Backend;
+use crate::format::{
+    GROUP_BLOCKS, META_HEADER_LEN, REFCOUNT_MAGIC, REFCOUNTS_PER_BLOCK, USER_ROOTS, seal_meta, verify_meta,
+};
+use crate::superblock::Superblock;
+use crate::{BLOCK_SIZE, Block, BlockAddr, Result, StoreError};
+
+/// How one kind of metadata block is checked when read and sealed when committed.
+#[derive(Debug)]
+pub struct MetaKind {
+    /// Human name, used in error messages ("radix node").
+    pub name: &'static str,
+    /// Fills in checksums and headers before the block is written.
+    pub seal: fn(&mut Block, BlockAddr),
+    /// Checks a block read from disk; the error says what is wrong.
+    pub verify: fn(&Block, BlockAddr) -> Result<(), String>,
+}
+
+/// The store's reference-count blocks.
+pub static REFCOUNT_KIND: MetaKind = MetaKind {
+    name: "reference-count",
+    seal: |b, a| seal_meta(b, REFCOUNT_MAGIC, a),
+    verify: |b, a| verify_meta(b, REFCOUNT_MAGIC, a),
+};
+
+struct Entry {
+    data: Box<Block>,
+    kind: &'static MetaKind,
+    dirty: bool,
+    referenced: bool,
+    version: u64,
+}
+
+/// Space figures of a store, in blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Blocks the allocation groups can hold.
+    pub capacity: u64,
+    /// Blocks with a non-zero reference count.
+    pub allocated: u64,
+    /// Blocks freed but not reusable until the next commit.
+    pub pending_free: u64,
+    /// Size of the store in blocks, fixed areas included.
+    pub store_blocks: u64,
+    /// Largest size of the store in blocks (0: unlimited).
+    pub max_blocks: u64,
+}
+
+/// The metadata of an open store, reached through [`crate::BlockStore::lock`].
+pub struct Meta {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) sb: Superblock,
+    pub(crate) committed: Superblock,
+    cache: HashMap<u64, Entry>,
+    clock: VecDeque<u64>,
+    cache_limit: usize,
+    dirty_count: usize,
+    next_version: u64,
+    pub(crate) pending_free: HashSet<u64>,
+    pub(crate) committing_free: HashSet<u64>,
+    pub(crate) overlay: HashMap<u64, Box<Block>>,
+    pub(crate) read_only: bool,
+    pub(crate) poisoned: bool,
+    end_block: Arc<AtomicU64>,
+}
+
+impl Meta {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        sb: Superblock,
+        cache_limit: usize,
+        read_only: bool,
+        end_block: Arc<AtomicU64>,
+    ) -> Meta {
+        Meta {
+            end_block,
+            backend,
+            committed: sb.clone(),
+            sb,
+            cache: HashMap::new(),
+            clock: VecDeque::new(),
+            cache_limit: cache_limit.max(64),
+            dirty_count: 0,
+            next_version: 1,
+            pending_free: HashSet::new(),
+            committing_free: HashSet::new(),
+            overlay: HashMap::new(),
+            read_only,
+            poisoned: false,
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned { Err(StoreError::Poisoned) } else { Ok(()) }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only { Err(StoreError::ReadOnly) } else { Ok(()) }
+    }
+
+    /// True if the store was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Makes sure `addr` is cached, reading and verifying it if needed.
+    fn ensure_cached(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&mut Entry> {
+        self.check_usable()?;
+        if !self.cache.contains_key(&addr.0) {
+            if addr.0 < self.sb.groups_start || addr.0 >= self.sb.end_block() {
+                return Err(StoreError::Corrupt {
+                    kind: kind.name,
+                    addr,
+                    reason: format!("address outside the store's {} blocks", self.sb.end_block()),
+                });
+            }
+            let mut data = Box::new([0u8; BLOCK_SIZE]);
+            if let Some(img) = self.overlay.get(&addr.0) {
+                data.copy_from_slice(img.as_slice());
+            } else {
+                self.backend
+                    .read_at(addr.byte_offset(), data.as_mut_slice())
+                    .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
+            }
+            (kind.verify)(&data, addr).map_err(|reason| StoreError::Corrupt { kind: kind.name, addr, reason })?;
+            self.evict_if_full();
+            self.cache.insert(addr.0, Entry { data, kind, dirty: false, referenced: false, version: 0 });
+            self.clock.push_back(addr.0);
+        }
+        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        if !std::ptr::eq(entry.kind, kind) {
+            return Err(StoreError::Corrupt {
+                kind: kind.name,
+                addr,
+                reason: format!("block is in use as a {} block", entry.kind.name),
+            });
+        }
+        entry.referenced = true;
+        Ok(entry)
+    }
+
+    /// Drops clean, not recently used blocks while the cache is over its limit (CLOCK).
+    fn evict_if_full(&mut self) {
+        let mut budget = self.clock.len() * 2;
+        while self.cache.len() >= self.cache_limit && budget > 0 {
+            budget -= 1;
+            let Some(a) = self.clock.pop_front() else { break };
+            match self.cache.get_mut(&a) {
+                None => {}
+                Some(e) if e.dirty || e.referenced => {
+                    e.referenced = false;
+                    self.clock.push_back(a);
+                }
+                Some(_) => {
+                    self.cache.remove(&a);
+                }
+            }
+        }
+    }
+
+    /// Reads metadata block `addr` of the given kind (verified when first loaded).
+    pub fn read(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&Block> {
+        Ok(&self.ensure_cached(addr, kind)?.data)
+    }
+
+    /// Opens metadata block `addr` for change; it will be journaled at the next commit.
+    pub fn write(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&mut Block> {
+        self.check_writable()?;
+        let version = self.next_version;
+        self.next_version += 1;
+        let entry = self.ensure_cached(addr, kind)?;
+        let newly_dirty = !entry.dirty;
+        entry.dirty = true;
+        entry.version = version;
+        if newly_dirty {
+            self.dirty_count += 1;
+        }
+        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        Ok(&mut entry.data)
+    }
+
+    /// Allocates a new metadata block of `kind` with reference count 1, all zeros and dirty.
+    pub fn alloc_meta(&mut self, kind: &'static MetaKind) -> Result<BlockAddr> {
+        let (addr, _) = self.alloc_run(1)?;
+        let version = self.next_version;
+        self.next_version += 1;
+        self.evict_if_full();
+        self.cache
+            .insert(addr.0, Entry { data: Box::new([0; BLOCK_SIZE]), kind, dirty: true, referenced: true, version });
+        self.clock.push_back(addr.0);
+        self.dirty_count += 1;
+        Ok(addr)
+    }
+
+    /// Allocates one data block with reference count 1. Its contents are undefined until written.
+    pub fn alloc_data(&mut self) -> Result<BlockAddr> {
+        Ok(self.alloc_run(1)?.0)
+    }
+
+    /// Allocates up to `max` consecutive blocks, each with reference count 1; returns the first
+    /// and how many. At least one is allocated or an error returned.
+    pub fn alloc_run(&mut self, max: u64) -> Result<(BlockAddr, u64)> {
+        self.check_writable()?;
+        let max = max.max(1);
+        loop {
+            let unusable = (self.pending_free.len() + self.committing_free.len()) as u64;
+            if self.sb.allocated + unusable >= self.sb.groups * REFCOUNTS_PER_BLOCK {
+                self.add_group()?;
+            }
+            let first = self.sb.groups_start + 1;
+            let mut start = self.sb.alloc_cursor;
+            if start < first || start >= self.sb.end_block() {
+                start = first;
+            }
+            if let Some(found) = self.scan_from(start, max)? {
+                return Ok(found);
+            }
+            if start > first
+                && let Some(found) = self.scan_from(first, max)?
+            {
+                return Ok(found);
+            }
+            // Every free block is waiting for a commit: grow instead.
+            self.add_group()?;
+        }
+    }
+
+    /// Looks for free blocks from `cursor` to the end of the store.
+    fn scan_from(&mut self, cursor: u64, max: u64) -> Result<Option<(BlockAddr, u64)>> {
+        let mut group = (cursor - self.sb.groups_start) / GROUP_BLOCKS;
+        let mut index = ((cursor - self.sb.groups_start) % GROUP_BLOCKS).max(1) - 1;
+        while group < self.sb.groups {
+            let rc_addr = BlockAddr(self.sb.groups_start + group * GROUP_BLOCKS);
+            let base = rc_addr.0 + 1;
+            let counts: Box<Block> = Box::new(*self.read(rc_addr, &REFCOUNT_KIND)?);
+            let usable = |i: u64| {
+                let at = META_HEADER_LEN + i as usize * 4;
+                counts[at..at + 4] == [0; 4]
+                    && !self.pending_free.contains(&(base + i))
+                    && !self.committing_free.contains(&(base + i))
+            };
+            if let Some(first) = (index..REFCOUNTS_PER_BLOCK).find(|&i| usable(i)) {
+                let n = (first..REFCOUNTS_PER_BLOCK).take(max as usize).take_while(|&i| usable(i)).count() as u64;
+                let block = self.write(rc_addr, &REFCOUNT_KIND)?;
+                for i in first..first + n {
+                    let at = META_HEADER_LEN + i as usize * 4;
+                    block[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+                }
+                self.sb.allocated += n;
+                self.sb.alloc_cursor = base + first + n;
+                return Ok(Some((BlockAddr(base + first), n)));
+            }
+            group += 1;
+            index = 0;
+        }
+        Ok(None)
+    }
+
+    /// Adds one allocation group at the end of the store, reserving its space first.
+    fn add_group(&mut self) -> Result<()> {
+        let new_end = self.sb.end_block() + GROUP_BLOCKS;
+        if self.sb.max_blocks != 0 && new_end > self.sb.max_blocks {
+            return Err(StoreError::NoSpace {
+                detail: format!("the store is at its size limit of {} blocks", self.sb.max_blocks),
+            });
+        }
+        let bytes =
+            new_end.checked_mul(BLOCK_SIZE as u64).filter(|&b| b <= self.backend.capacity()).ok_or_else(|| {
+                StoreError::NoSpace { detail: format!("the device holds {} bytes", self.backend.capacity()) }
+            })?;
+        self.backend.reserve(bytes).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => {
+                StoreError::NoSpace { detail: format!("the file system cannot grow the store: {e}") }
+            }
+            _ => StoreError::io("reserving space for a new allocation group", e),
+        })?;
+        let rc_addr = self.sb.end_block();
+        let version = self.next_version;
+        self.next_version += 1;
+        self.sb.groups += 1;
+        self.evict_if_full();
+        self.cache.insert(
+            rc_addr,
+            Entry { data: Box::new([0; BLOCK_SIZE]), kind: &REFCOUNT_KIND, dirty: true, referenced: true, version },
+        );
+        self.clock.push_back(rc_addr);
+        self.dirty_count += 1;
+        self.sb.alloc_cursor = rc_addr + 1;
+        self.end_block.store(self.sb.end_block(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Where the reference count of `addr` lives: (count block, byte offset in it).
+    fn refcount_slot(&self, addr: BlockAddr) -> Result<(BlockAddr, usize)> {
+        let bad = |why: &str| StoreError::Damaged(format!("block {addr} {why}"));
+        if addr.0 < self.sb.groups_start {
+            return Err(bad("is in the fixed area and has no reference count"));
+        }
+        let off = addr.0 - self.sb.groups_start;
+        let (group, i) = (off / GROUP_BLOCKS, off % GROUP_BLOCKS);
+        if group >= self.sb.groups {
+            return Err(bad("lies past the end of the store"));
+        }
+        if i == 0 {
+            return Err(bad("is a reference-count block, not an allocatable block"));
+        }
+        Ok((BlockAddr(addr.0 - i), META_HEADER_LEN + (i as usize - 1) * 4))
+    }
+
+    /// The reference count of `addr`.
+    pub fn refcount(&mut self, addr: BlockAddr) -> Result<u32> {
+        let (rc, at) = self.refcount_slot(addr)?;
+        let b = self.read(rc, &REFCOUNT_KIND)?;
+        Ok(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+    }
+
+    /// Adds one reference to `addr`; returns the new count.
+    pub fn incref(&mut self, addr: BlockAddr) -> Result<u32> {
+        let (rc, at) = self.refcount_slot(addr)?;
+        let b = self.write(rc, &REFCOUNT_KIND)?;
+        let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if old == 0 {
+            return Err(StoreError::Damaged(format!("reference added to free block {addr}")));
+        }
+        let new =
+            old.checked_add(1).ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
+        b[at..at + 4].copy_from_slice(&new.to_le_bytes());
+        Ok(new)
+    }
+
+    /// Drops one reference to `addr`; returns the new count. At zero the block is freed: it can
+    /// be reused once the commit that frees it is durable.
+    pub fn decref(&mut self, addr: BlockAddr) -> Result<u32> {
+        let (rc, at) = self.refcount_slot(addr)?;
+        let b = self.write(rc, &REFCOUNT_KIND)?;
+        let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let new = old.checked_sub(1).ok_or_else(|| StoreError::Damaged(format!("block {addr} freed twice")))?;
+        b[at..at + 4].copy_from_slice(&new.to_le_bytes());
+        if new == 0 {
+            self.sb.allocated -= 1;
+            self.pending_free.insert(addr.0);
+            if let Some(e) = self.cache.remove(&addr.0)
+                && e.dirty
+            {
+                self.dirty_count -= 1;
+            }
+        }
+        Ok(new)
+    }
+
+    /// The upper layer's root or counter in slot `i` (0..16).
+    pub fn user(&self, i: usize) -> u64 {
+        self.sb.user[i % USER_ROOTS]
+    }
+
+    /// Sets the upper layer's root or counter in slot `i` (0..16).
+    pub fn set_user(&mut self, i: usize, value: u64) -> Result<()> {
+        self.check_writable()?;
+        self.sb.user[i % USER_ROOTS] = value;
+        Ok(())
+    }
+
+    /// Metadata blocks changed since the last commit.
+    pub fn dirty_blocks(&self) -> usize {
+        self.dirty_count
+    }
+
+    /// Metadata blocks one commit can hold.
+    pub fn journal_capacity(&self) -> usize {
+        // Header, address blocks and the superblock image take a few slots.
+        let slot = self.sb.journal_slot_blocks as usize;
+        slot - 2 - slot.div_ceil(BLOCK_SIZE / 8)
+    }
+
+    /// True once the transaction has grown to half the journal: commit soon.
+    pub fn should_commit(&self) -> bool {
+        self.dirty_count * 2 >= self.journal_capacity()
+    }
+
+    /// Space figures.
+    pub fn space(&self) -> SpaceStats {
+        SpaceStats {
+            capacity: self.sb.groups * REFCOUNTS_PER_BLOCK,
+            allocated: self.sb.allocated,
+            pending_free: (self.pending_free.len() + self.committing_free.len()) as u64,
+            store_blocks: self.sb.end_block(),
+            max_blocks: self.sb.max_blocks,
+        }
+    }
+
+    /// The working superblock (as it will be committed).
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Every allocatable block with a non-zero count, in address order, with its count.
+    /// Reads every reference-count block: for checkers, not for the I/O path.
+    pub fn all_refcounts(&mut self) -> Result<Vec<(BlockAddr, u32)>> {
+        let mut out = Vec::new();
+        for g in 0..self.sb.groups {
+            let rc = BlockAddr(self.sb.groups_start + g * GROUP_BLOCKS);
+            let b = self.read(rc, &REFCOUNT_KIND)?;
+            for i in 0..REFCOUNTS_PER_BLOCK as usize {
+                let at = META_HEADER_LEN + i * 4;
+                let c = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                if c != 0 {
+                    out.push((BlockAddr(rc.0 + 1 + i as u64), c));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the reference count of `addr` outright (for repair tools only).
+    pub fn set_refcount(&mut self, addr: BlockAddr, count: u32) -> Result<()> {
+        let (rc, at) = self.refcount_slot(addr)?;
+        let b = self.write(rc, &REFCOUNT_KIND)?;
+        let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        b[at..at + 4].copy_from_slice(&count.to_le_bytes());
+        match (old, count) {
+            (0, c) if c > 0 => self.sb.allocated += 1,
+            (o, 0) if o > 0 => {
+                self.sb.allocated -= 1;
+                self.pending_free.insert(addr.0);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sealed copies of every dirty block, with the version each was at.
+    pub(crate) fn dirty_images(&self) -> Vec<(BlockAddr, Box<Block>, u64)> {
+        let mut out: Vec<_> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&a, e)| {
+                let mut img = e.data.clone();
+                (e.kind.seal)(&mut img, BlockAddr(a));
+                (BlockAddr(a), img, e.version)
+            })
+            .collect();
+        out.sort_by_key(|(a, _, _)| *a);
+        out
+    }
+
+    /// Marks blocks clean whose version has not changed since their images were taken.
+    pub(crate) fn mark_clean(&mut self, written: &[(BlockAddr, u64)]) {
+        for (a, v) in written {
+            if let Some(e) = self.cache.get_mut(&a.0)
+                && e.dirty
+                && e.version == *v
+            {
+                e.dirty = false;
+                self.dirty_count -= 1;
+            }
+        }
+    }
+
+    /// Throws away every uncommitted change.
+    pub(crate) fn discard_changes(&mut self) {
+        self.cache.retain(|_, e| !e.dirty);
+        self.dirty_count = 0;
+        self.pending_free.clear();
+        self.sb = self.committed.clone();
+        self.end_block.store(self.sb.end_block(), Ordering::Release);
+    }
+
+    /// True if anything changed since the last commit.
+    pub fn has_changes(&self) -> bool {
+        self.dirty_count > 0 || !self.pending_free.is_empty() || self.sb != self.committed
+    }
+}

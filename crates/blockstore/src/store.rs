@@ -1,0 +1,432 @@
+//! An open block store: creation, opening with journal recovery, commits and data I/O.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use crate::backend::{Backend, FileBackend};
+use crate::format::{GROUP_BLOCKS, USER_ROOTS};
+use crate::journal;
+use crate::meta::Meta;
+use crate::superblock::Superblock;
+use crate::{BLOCK_SIZE, Block, BlockAddr, Result, StoreError};
+
+/// Choices made when a store is created.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Blocks in each of the two journal slots; bounds the metadata one commit may change.
+    pub journal_slot_blocks: u64,
+    /// Largest size of the store in blocks (0: as large as the file system or device allows).
+    pub max_blocks: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        // 2 × 32 MiB of journal: a commit may change 8 000 metadata blocks, which covers an
+        // import of about 10 GiB of fresh data between commits.
+        CreateOptions { journal_slot_blocks: 8192, max_blocks: 0 }
+    }
+}
+
+/// Choices made when a store is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Refuse every change; take a shared lock instead of an exclusive one.
+    pub read_only: bool,
+    /// Metadata blocks kept in memory (4 KiB each) beyond those changed since the last commit.
+    pub cache_blocks: usize,
+    /// Wait for another process's lock instead of failing at once.
+    pub wait_for_lock: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { read_only: false, cache_blocks: 65536, wait_for_lock: false }
+    }
+}
+
+/// What opening the store found in the journal.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Generation of the journal record replayed, if one was.
+    pub replayed: Option<u64>,
+    /// Block images written back to their homes.
+    pub blocks_replayed: usize,
+    /// Problems found and worked around (a damaged superblock copy, say).
+    pub warnings: Vec<String>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Generation now durable.
+    pub generation: u64,
+    /// Metadata blocks journaled (0 if nothing had changed and only data was synced).
+    pub blocks: usize,
+}
+
+/// One Parallax block store: 4 KiB blocks, reference counts, atomic journaled commits.
+///
+/// Metadata is changed under [`BlockStore::lock`] and becomes durable, all together, at
+/// [`BlockStore::commit`]. Data blocks are read and written directly with the `*_data` calls.
+pub struct BlockStore {
+    backend: Arc<dyn Backend>,
+    meta: Mutex<Meta>,
+    commit_lock: Mutex<()>,
+    io_gate: RwLock<()>,
+    groups_start: u64,
+    end_block: Arc<AtomicU64>,
+    recovery: Recovery,
+    _lock: Option<File>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut u);
+    }
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    for (i, b) in t.to_le_bytes().iter().enumerate() {
+        u[i] ^= b;
+    }
+    u
+}
+
+impl BlockStore {
+    /// Writes a new, empty store onto `backend` and opens it.
+    pub fn create(backend: Arc<dyn Backend>, create: &CreateOptions, open: &OpenOptions) -> Result<BlockStore> {
+        let slot = create.journal_slot_blocks;
+        if !(16..=(1 << 24)).contains(&slot) {
+            return Err(StoreError::Damaged(format!("journal slot of {slot} blocks: choose 16 to 16777216")));
+        }
+        let groups_start = 2 + 2 * slot;
+        if create.max_blocks != 0 && create.max_blocks < groups_start + GROUP_BLOCKS {
+            return Err(StoreError::NoSpace {
+                detail: format!("a store needs at least {} blocks", groups_start + GROUP_BLOCKS),
+            });
+        }
+        backend
+            .reserve(groups_start * BLOCK_SIZE as u64)
+            .map_err(|e| StoreError::NoSpace { detail: format!("cannot reserve the journal: {e}") })?;
+        let now = now_secs();
+        let sb = Superblock {
+            generation: 0,
+            uuid: random_uuid(),
+            journal_start: 2,
+            journal_slot_blocks: slot,
+            groups_start,
+            groups: 0,
+            max_blocks: create.max_blocks,
+            allocated: 0,
+            alloc_cursor: groups_start + 1,
+            created_time: now,
+            commit_time: now,
+            user: [0; USER_ROOTS],
+        };
+        // Clear both journal headers so nothing older is mistaken for a record of this store.
+        let zero = [0u8; BLOCK_SIZE];
+        for s in 0..2 {
+            backend
+                .write_at((2 + s * slot) * BLOCK_SIZE as u64, &zero)
+                .map_err(|e| StoreError::io("clearing the journal", e))?;
+        }
+        for copy in 0..2u32 {
+            backend
+                .write_at(copy as u64 * BLOCK_SIZE as u64, sb.encode(copy).as_slice())
+                .map_err(|e| StoreError::io("writing the superblock", e))?;
+        }
+        backend.sync().map_err(|e| StoreError::io("syncing the new store", e))?;
+        BlockStore::open(backend, open)
+    }
+
+    /// Opens the store on `backend`, replaying the journal if the last commit's blocks may not
+    /// all have reached their homes.
+    pub fn open(backend: Arc<dyn Backend>, opts: &OpenOptions) -> Result<BlockStore> {
+        let mut recovery = Recovery::default();
+        let mut best: Option<Superblock> = None;
+        let mut errors = Vec::new();
+        for copy in 0..2u64 {
+            let mut b = [0u8; BLOCK_SIZE];
+            backend
+                .read_at(copy * BLOCK_SIZE as u64, &mut b)
+                .map_err(|e| StoreError::io("reading the superblock", e))?;
+            match Superblock::decode(&b, BlockAddr(copy)) {
+                Ok(sb) => {
+                    if best.as_ref().is_none_or(|x| sb.generation > x.generation) {
+                        best = Some(sb);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let Some(mut sb) = best else {
+            // Neither copy is usable: report the most telling reason.
+            let e = errors
+                .into_iter()
+                .find(|e| !matches!(e, StoreError::NotAStore(_)))
+                .unwrap_or_else(|| StoreError::NotAStore("no Parallax superblock in block 0 or 1".into()));
+            return Err(e);
+        };
+        for e in errors {
+            recovery.warnings.push(format!("one superblock copy is unusable: {e}"));
+        }
+        let mut newest: Option<journal::Record> = None;
+        for slot in 0..2 {
+            if let Some(r) = journal::read_slot(&*backend, sb.journal_start, sb.journal_slot_blocks, slot)?
+                && newest.as_ref().is_none_or(|n| r.generation > n.generation)
+            {
+                newest = Some(r);
+            }
+        }
+        let mut overlay = std::collections::HashMap::new();
+        match newest {
+            Some(rec) if rec.generation >= sb.generation => {
+                let (last_addr, last_img) =
+                    rec.images.last().ok_or_else(|| StoreError::Damaged("empty journal record".into()))?;
+                let rec_sb = Superblock::decode(last_img, *last_addr)?;
+                if rec_sb.generation != rec.generation || rec_sb.uuid != sb.uuid {
+                    return Err(StoreError::Damaged(format!(
+                        "journal record {} does not belong to this store's superblock",
+                        rec.generation
+                    )));
+                }
+                for (addr, _) in &rec.images {
+                    if addr.0 >= 2 && addr.0 < rec_sb.groups_start || addr.0 >= rec_sb.end_block() {
+                        return Err(StoreError::Damaged(format!(
+                            "journal record names block {addr} outside the store"
+                        )));
+                    }
+                }
+                if opts.read_only {
+                    for (addr, img) in rec.images.iter() {
+                        overlay.insert(addr.0, img.clone());
+                    }
+                } else {
+                    for (addr, img) in &rec.images {
+                        backend
+                            .write_at(addr.byte_offset(), img.as_slice())
+                            .map_err(|e| StoreError::io("replaying the journal", e))?;
+                    }
+                    backend.sync().map_err(|e| StoreError::io("syncing the replayed journal", e))?;
+                }
+                recovery.replayed = Some(rec.generation);
+                recovery.blocks_replayed = rec.images.len();
+                sb = rec_sb;
+            }
+            _ if sb.generation > 0 => {
+                recovery.warnings.push(format!(
+                    "the journal holds no intact record of generation {}; using the superblock as it stands",
+                    sb.generation
+                ));
+            }
+            _ => {}
+        }
+        let end = sb.end_block();
+        let groups_start = sb.groups_start;
+        let end_block = Arc::new(AtomicU64::new(end));
+        let mut meta = Meta::new(backend.clone(), sb, opts.cache_blocks, opts.read_only, end_block.clone());
+        meta.overlay = overlay;
+        Ok(BlockStore {
+            backend,
+            meta: Mutex::new(meta),
+            commit_lock: Mutex::new(()),
+            io_gate: RwLock::new(()),
+            groups_start,
+            end_block,
+            recovery,
+            _lock: None,
+        })
+    }
+
+    /// Opens the store in the file or block device at `path`, creating a file store there with
+    /// `create` if nothing exists yet. The store is locked: exclusively for writing, shared for
+    /// reading; another process's conflicting lock gives [`StoreError::Locked`].
+    pub fn open_path(path: &Path, opts: &OpenOptions, create: Option<&CreateOptions>) -> Result<BlockStore> {
+        let exists = path.exists();
+        if !exists && create.is_none() {
+            return Err(StoreError::io(
+                format!("opening {}", path.display()),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no store there"),
+            ));
+        }
+        let writable = !opts.read_only || !exists;
+        let fb = FileBackend::open(path, writable, !exists)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        let lock_file = fb.file().try_clone().map_err(|e| StoreError::io("duplicating the store's handle", e))?;
+        let shared = opts.read_only && exists;
+        let locked = match (shared, opts.wait_for_lock) {
+            (true, true) => lock_file.lock_shared().map(|_| true),
+            (false, true) => lock_file.lock().map(|_| true),
+            (true, false) => match lock_file.try_lock_shared() {
+                Ok(()) => Ok(true),
+                Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+                Err(std::fs::TryLockError::Error(e)) => Err(e),
+            },
+            (false, false) => match lock_file.try_lock() {
+                Ok(()) => Ok(true),
+                Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+                Err(std::fs::TryLockError::Error(e)) => Err(e),
+            },
+        }
+        .map_err(|e| StoreError::io("locking the store", e))?;
+        if !locked {
+            return Err(StoreError::Locked {
+                path: path.display().to_string(),
+                detail: if shared { "it is being changed".into() } else { "it is open elsewhere".into() },
+            });
+        }
+        let backend: Arc<dyn Backend> = Arc::new(fb);
+        let empty = exists && std::fs::metadata(path).map(|m| m.len() == 0 && m.file_type().is_file()).unwrap_or(false);
+        let mut store = match create {
+            Some(c) if !exists || empty => BlockStore::create(backend, c, opts)?,
+            _ => BlockStore::open(backend, opts)?,
+        };
+        store._lock = Some(lock_file);
+        Ok(store)
+    }
+
+    /// What opening the store found and repaired from the journal.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Locks the metadata for reading or changing it. Hold it briefly: I/O waits on it.
+    pub fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock()
+    }
+
+    /// A guard to hold while reading or writing data blocks found through metadata: blocks
+    /// freed meanwhile are not handed out again until every guard taken before is dropped.
+    pub fn io_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read()
+    }
+
+    /// Makes every metadata change so far durable, atomically, along with every completed
+    /// data write. On an I/O error the store refuses further use until reopened.
+    pub fn commit(&self) -> Result<CommitInfo> {
+        let _serial = self.commit_lock.lock();
+        let (images, generation, sb_snapshot) = {
+            let mut m = self.meta.lock();
+            if m.poisoned {
+                return Err(StoreError::Poisoned);
+            }
+            if m.read_only {
+                return Err(StoreError::ReadOnly);
+            }
+            if !m.has_changes() {
+                let generation = m.committed.generation;
+                drop(m);
+                self.backend.sync().map_err(|e| self.poison(StoreError::io("syncing data", e)))?;
+                return Ok(CommitInfo { generation, blocks: 0 });
+            }
+            let images = m.dirty_images();
+            let need = journal::record_blocks(images.len() + 1);
+            if need as u64 > m.sb.journal_slot_blocks {
+                return Err(StoreError::TransactionTooLarge {
+                    blocks: need,
+                    capacity: m.sb.journal_slot_blocks as usize,
+                });
+            }
+            m.sb.generation += 1;
+            m.sb.commit_time = now_secs();
+            let frees = std::mem::take(&mut m.pending_free);
+            m.committing_free.extend(frees);
+            (images, m.sb.generation, m.sb.clone())
+        };
+        let copy = (generation % 2) as u32;
+        let sb_image = sb_snapshot.encode(copy);
+        let mut record: Vec<(BlockAddr, &Block)> = images.iter().map(|(a, img, _)| (*a, &**img)).collect();
+        record.push((BlockAddr(copy as u64), &sb_image));
+        let durable = journal::write_record(
+            &*self.backend,
+            sb_snapshot.journal_start,
+            sb_snapshot.journal_slot_blocks,
+            generation,
+            &record,
+        )
+        .and_then(|_| self.backend.sync().map_err(|e| StoreError::io("syncing the journal", e)));
+        if let Err(e) = durable {
+            return Err(self.poison(e));
+        }
+        {
+            let mut m = self.meta.lock();
+            for (addr, img) in &record {
+                if let Err(e) = self.backend.write_at(addr.byte_offset(), img.as_slice()) {
+                    drop(m);
+                    return Err(self.poison(StoreError::io("writing committed blocks home", e)));
+                }
+            }
+            let written: Vec<(BlockAddr, u64)> = images.iter().map(|(a, _, v)| (*a, *v)).collect();
+            m.mark_clean(&written);
+            m.committed = sb_snapshot.clone();
+        }
+        // Blocks freed by this commit may be reused once no reader that found them is left.
+        let _drain = self.io_gate.write();
+        self.meta.lock().committing_free.clear();
+        Ok(CommitInfo { generation, blocks: images.len() })
+    }
+
+    fn poison(&self, e: StoreError) -> StoreError {
+        self.meta.lock().poisoned = true;
+        tracing::error!("commit failed, store needs reopening: {e}");
+        e
+    }
+
+    /// Throws away every metadata change since the last commit.
+    pub fn abort(&self) {
+        let _serial = self.commit_lock.lock();
+        let mut m = self.meta.lock();
+        m.discard_changes();
+    }
+
+    fn check_data_range(&self, addr: BlockAddr, offset: usize, len: usize) -> Result<()> {
+        let end = self.end_block.load(Ordering::Acquire);
+        let blocks = (offset + len).div_ceil(BLOCK_SIZE).max(1) as u64;
+        if addr.0 <= self.groups_start || addr.0 + blocks > end {
+            return Err(StoreError::OutOfRange(addr));
+        }
+        let first = (addr.0 - self.groups_start) % GROUP_BLOCKS;
+        // A run may not cover a reference-count block.
+        if first == 0 || first + blocks > GROUP_BLOCKS {
+            return Err(StoreError::OutOfRange(addr));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of data starting `offset` bytes into block `addr` (the range
+    /// may span consecutive blocks of one group).
+    pub fn read_data(&self, addr: BlockAddr, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check_data_range(addr, offset, buf.len())?;
+        self.backend
+            .read_at(addr.byte_offset() + offset as u64, buf)
+            .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
+    }
+
+    /// Writes `data` starting `offset` bytes into block `addr` (may span consecutive blocks).
+    pub fn write_data(&self, addr: BlockAddr, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_data_range(addr, offset, data.len())?;
+        self.backend.write_at(addr.byte_offset() + offset as u64, data).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) => StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") },
+            _ => StoreError::io(format!("writing data block {addr}"), e),
+        })
+    }
+
+    /// Makes completed data writes durable without committing metadata.
+    pub fn sync_data(&self) -> Result<()> {
+        self.backend.sync().map_err(|e| StoreError::io("syncing data", e))
+    }
+
+    /// The backend, for tools that inspect raw blocks.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+}

@@ -1,0 +1,191 @@
+//! Accepting connections on a listener, one thread per connection, with a shutdown handle.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::{ExportProvider, Limits, NbdStream, serve_connection};
+
+/// How often the accept loop looks at the shutdown flag when no client is connecting.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// A running NBD server: an accept thread plus one thread per connection.
+///
+/// [`Server::shutdown`] stops accepting and ends every connection after its in-flight requests
+/// are answered; [`Server::wait`] (or dropping the server) waits for all threads.
+pub struct Server {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    provider: Arc<dyn ExportProvider>,
+    limits: Limits,
+    stopping: AtomicBool,
+    conns: Mutex<Registry>,
+    idle: Condvar,
+}
+
+/// Live connections, each with a way to stop reading from it.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    live: HashMap<u64, Box<dyn Fn() + Send>>,
+}
+
+impl Server {
+    /// Serves clients accepted on `listener` (TCP, with `TCP_NODELAY`) from a background thread.
+    pub fn spawn_tcp(listener: TcpListener, provider: Arc<dyn ExportProvider>, limits: Limits) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        Server::spawn(provider, limits, move || {
+            let (s, peer) = listener.accept()?;
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            debug!(%peer, "accepted TCP connection");
+            Ok(s)
+        })
+    }
+
+    /// Serves clients accepted on a Unix-domain `listener` from a background thread.
+    pub fn spawn_unix(listener: UnixListener, provider: Arc<dyn ExportProvider>, limits: Limits) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        Server::spawn(provider, limits, move || {
+            let (s, _) = listener.accept()?;
+            s.set_nonblocking(false)?;
+            debug!("accepted Unix connection");
+            Ok(s)
+        })
+    }
+
+    fn spawn<S, A>(provider: Arc<dyn ExportProvider>, limits: Limits, accept: A) -> io::Result<Server>
+    where
+        S: NbdStream + 'static,
+        A: FnMut() -> io::Result<S> + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            provider,
+            limits: limits.normalized(),
+            stopping: AtomicBool::new(false),
+            conns: Mutex::new(Registry::default()),
+            idle: Condvar::new(),
+        });
+        let sh = shared.clone();
+        let acceptor = thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(&sh, accept))?;
+        Ok(Server { shared, acceptor: Some(acceptor) })
+    }
+
+    /// Number of connections being served right now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.conns.lock().live.len()
+    }
+
+    /// Stops accepting and tells every connection to stop reading requests; requests already
+    /// received are still answered. Returns at once; see [`Server::wait`].
+    pub fn shutdown(&self) {
+        let reg = self.shared.conns.lock();
+        if !self.shared.stopping.swap(true, Ordering::AcqRel) {
+            info!(connections = reg.live.len(), "NBD server shutting down");
+        }
+        for stop in reg.live.values() {
+            stop();
+        }
+    }
+
+    /// Shuts down (if not yet done) and waits until the accept thread and every connection
+    /// thread have finished.
+    pub fn wait(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.shutdown();
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let mut reg = self.shared.conns.lock();
+        while !reg.live.is_empty() {
+            self.shared.idle.wait(&mut reg);
+        }
+    }
+}
+
+impl Drop for Server {
+    /// Same as [`Server::wait`].
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn accept_loop<S, A>(shared: &Arc<Shared>, mut accept: A)
+where
+    S: NbdStream + 'static,
+    A: FnMut() -> io::Result<S>,
+{
+    while !shared.stopping.load(Ordering::Acquire) {
+        match accept() {
+            Ok(stream) => start_connection(shared, stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // E.g. out of file descriptors: back off rather than spin.
+                warn!(error = %e, "accept failed");
+                thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+    debug!("NBD accept loop stopped");
+}
+
+fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S) {
+    let control = match stream.clone_stream() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "could not clone an accepted stream; dropping it");
+            return;
+        }
+    };
+    let id = {
+        let mut reg = shared.conns.lock();
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        if reg.live.len() >= shared.limits.max_connections {
+            warn!(max = shared.limits.max_connections, "too many NBD connections; refusing one");
+            let _ = stream.shutdown_stream(Shutdown::Both);
+            return;
+        }
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.live.insert(
+            id,
+            Box::new(move || {
+                let _ = control.shutdown_stream(Shutdown::Read);
+            }),
+        );
+        id
+    };
+    let sh = shared.clone();
+    let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
+        match serve_connection(stream, &*sh.provider, &sh.limits) {
+            Ok(()) => debug!(id, "NBD connection closed"),
+            Err(e) => info!(id, error = %e, "NBD connection ended with an error"),
+        }
+        let mut reg = sh.conns.lock();
+        reg.live.remove(&id);
+        sh.idle.notify_all();
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "could not start a connection thread");
+        let mut reg = shared.conns.lock();
+        reg.live.remove(&id);
+        shared.idle.notify_all();
+    }
+}

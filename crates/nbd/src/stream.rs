@@ -1,0 +1,115 @@
+//! One connection: splitting the stream, the handshake deadline, then transmission.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use crate::{ExportProvider, Limits, NbdError, handshake, transmission};
+
+/// A socket-like byte stream that can be split into independent reading and writing handles.
+///
+/// Implemented for [`TcpStream`] and [`UnixStream`].
+pub trait NbdStream: Read + Write + Send + Sized {
+    /// Another handle to the same stream (like `TcpStream::try_clone`).
+    fn clone_stream(&self) -> io::Result<Self>;
+    /// Sets the timeout of blocking reads (`None`: wait forever).
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Sets the timeout of blocking writes (`None`: wait forever).
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Shuts down one or both directions; wakes threads blocked on the stream.
+    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()>;
+}
+
+impl NbdStream for TcpStream {
+    fn clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
+        self.shutdown(how)
+    }
+}
+
+impl NbdStream for UnixStream {
+    fn clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
+        self.shutdown(how)
+    }
+}
+
+/// Reads from the stream, failing with `TimedOut` once the deadline (if any) has passed.
+pub(crate) struct DeadlineReader<S> {
+    inner: S,
+    deadline: Option<Instant>,
+}
+
+impl<S: NbdStream> Read for DeadlineReader<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.inner.set_read_deadline(Some(left))?;
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Size of the buffers in front of the socket.
+const STREAM_BUFFER: usize = 64 << 10;
+
+/// Serves one client on `stream` until it disconnects, then closes the stream.
+///
+/// Runs the handshake (bounded by `limits.handshake_timeout`), then executes requests on a small
+/// pool of worker threads, replying possibly out of order. Returns `Ok` when the client ends the
+/// session cleanly (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing between messages) and an error
+/// when it breaks the protocol or the stream fails; requests already received are always
+/// finished first.
+pub fn serve_connection<S: NbdStream>(
+    stream: S,
+    provider: &dyn ExportProvider,
+    limits: &Limits,
+) -> Result<(), NbdError> {
+    let limits = limits.normalized();
+    let control = parking_lot::Mutex::new(stream.clone_stream()?);
+    let writer = stream.clone_stream()?;
+    control.lock().set_write_deadline(Some(limits.reply_timeout))?;
+    let mut reader = BufReader::with_capacity(
+        STREAM_BUFFER,
+        DeadlineReader { inner: stream, deadline: Some(Instant::now() + limits.handshake_timeout) },
+    );
+    let mut writer = BufWriter::with_capacity(STREAM_BUFFER, writer);
+
+    let result = match handshake::negotiate(&mut reader, &mut writer, provider, &limits) {
+        Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+            Err(NbdError::HandshakeTimeout(limits.handshake_timeout))
+        }
+        Err(e) => Err(e),
+        Ok(None) => Ok(()),
+        Ok(Some(session)) => {
+            reader.get_mut().deadline = None;
+            control.lock().set_read_deadline(None)?;
+            let shut = || {
+                let _ = control.lock().shutdown_stream(Shutdown::Both);
+            };
+            transmission::serve(&mut reader, writer, &session, &limits, &shut)
+        }
+    };
+    let _ = control.lock().shutdown_stream(Shutdown::Both);
+    result
+}

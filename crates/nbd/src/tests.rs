@@ -1,0 +1,815 @@
+//! Protocol tests: a scripted client drives raw bytes over a `UnixStream::pair()`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use blockdev::{BlockDevice, DevResult, Extent, MemDisk};
+use parking_lot::Mutex;
+
+use crate::wire::{self, Request};
+use crate::{ExportInfo, ExportProvider, Limits, NbdError, OpenError, serve_connection};
+
+const DISK_SIZE: u64 = 1 << 20;
+
+/// Exports "disk" (read-write MemDisk), "ro" (read-only), "slow" (a [`SlowDisk`]), refuses
+/// "busy" by policy and knows nothing else.
+struct TestExports {
+    disks: HashMap<String, Arc<dyn BlockDevice>>,
+}
+
+impl TestExports {
+    fn new(slow: Arc<SlowDisk>) -> Arc<Self> {
+        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+        disks.insert("disk".into(), Arc::new(MemDisk::new(DISK_SIZE)));
+        disks.insert("ro".into(), Arc::new(MemDisk::new(DISK_SIZE).into_read_only()));
+        disks.insert("slow".into(), slow);
+        Arc::new(TestExports { disks })
+    }
+}
+
+impl ExportProvider for TestExports {
+    fn list(&self) -> Vec<ExportInfo> {
+        vec![ExportInfo::new("disk", "the test disk"), ExportInfo::new("ro", "")]
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        if name == "busy" {
+            return Err(OpenError::Refused("open for writing elsewhere".into()));
+        }
+        self.disks.get(name).cloned().ok_or_else(|| OpenError::Unknown(format!("no export {name:?}")))
+    }
+}
+
+/// A MemDisk that sleeps in chosen operations and logs when they start and end.
+struct SlowDisk {
+    inner: MemDisk,
+    read_delay_at: Option<(u64, Duration)>,
+    write_delay: Duration,
+    log: Mutex<Vec<String>>,
+}
+
+impl SlowDisk {
+    fn new(read_delay_at: Option<(u64, Duration)>, write_delay: Duration) -> Arc<Self> {
+        Arc::new(SlowDisk { inner: MemDisk::new(DISK_SIZE), read_delay_at, write_delay, log: Mutex::new(Vec::new()) })
+    }
+}
+
+impl BlockDevice for SlowDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        if let Some((at, d)) = self.read_delay_at
+            && at == offset
+        {
+            thread::sleep(d);
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        self.log.lock().push(format!("write-start {offset}"));
+        thread::sleep(self.write_delay);
+        let r = self.inner.write_at(offset, data, fua);
+        self.log.lock().push(format!("write-end {offset}"));
+        r
+    }
+    fn flush(&self) -> DevResult<()> {
+        self.log.lock().push("flush".into());
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.inner.discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+}
+
+type ServerThread = JoinHandle<Result<(), NbdError>>;
+
+fn start_with(provider: Arc<dyn ExportProvider>, limits: Limits) -> (Client, ServerThread) {
+    let (client, server) = UnixStream::pair().expect("socketpair");
+    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    (Client { s: client }, t)
+}
+
+fn start() -> (Client, ServerThread) {
+    start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), Limits::default())
+}
+
+fn join(t: ServerThread) -> Result<(), NbdError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !t.is_finished() {
+        assert!(Instant::now() < deadline, "server thread did not finish");
+        thread::sleep(Duration::from_millis(5));
+    }
+    t.join().expect("server thread panicked")
+}
+
+struct Client {
+    s: UnixStream,
+}
+
+struct Chunk {
+    flags: u16,
+    typ: u16,
+    handle: u64,
+    payload: Vec<u8>,
+}
+
+impl Client {
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).expect("read from server");
+        b
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.read_n(2).try_into().unwrap())
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.read_n(4).try_into().unwrap())
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.read_n(8).try_into().unwrap())
+    }
+
+    /// True if the server closed the stream (EOF or reset) without sending anything more.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+
+    fn greet(&mut self, client_flags: u32) {
+        assert_eq!(self.u64(), wire::NBD_MAGIC);
+        assert_eq!(self.u64(), wire::IHAVEOPT);
+        assert_eq!(self.u16(), wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES);
+        self.s.write_all(&client_flags.to_be_bytes()).unwrap();
+    }
+
+    fn send_opt(&mut self, opt: u32, data: &[u8]) {
+        let mut b = wire::IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Sends an option and collects replies up to the final one: (reply type, data) pairs.
+    fn opt(&mut self, opt: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        self.send_opt(opt, data);
+        let mut out = Vec::new();
+        loop {
+            assert_eq!(self.u64(), wire::OPT_REPLY_MAGIC);
+            assert_eq!(self.u32(), opt);
+            let typ = self.u32();
+            let len = self.u32() as usize;
+            let d = self.read_n(len);
+            out.push((typ, d));
+            if typ == wire::REP_ACK || typ & (1 << 31) != 0 {
+                return out;
+            }
+        }
+    }
+
+    /// Full handshake with NBD_OPT_GO; returns (size, transmission flags).
+    fn go(&mut self, name: &str, structured: bool, meta: bool) -> (u64, u16) {
+        self.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+        if structured {
+            assert_eq!(self.opt(wire::OPT_STRUCTURED_REPLY, &[])[0].0, wire::REP_ACK);
+        }
+        if meta {
+            let r = self.opt(wire::OPT_SET_META_CONTEXT, &meta_data(name, &["base:allocation"]));
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].0, wire::REP_META_CONTEXT);
+        }
+        let replies = self.opt(wire::OPT_GO, &go_data(name, &[]));
+        assert_eq!(replies.last().unwrap().0, wire::REP_ACK, "GO failed: {replies:?}");
+        let export = replies.iter().find(|(t, d)| *t == wire::REP_INFO && d[0..2] == [0, 0]).expect("INFO_EXPORT");
+        let size = u64::from_be_bytes(export.1[2..10].try_into().unwrap());
+        let flags = u16::from_be_bytes(export.1[10..12].try_into().unwrap());
+        (size, flags)
+    }
+
+    fn req(&mut self, typ: u16, flags: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = Request { flags, typ, handle, offset, len }.encode().to_vec();
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Reads a simple reply header: (error, handle).
+    fn simple(&mut self) -> (u32, u64) {
+        assert_eq!(self.u32(), wire::SIMPLE_REPLY_MAGIC);
+        (self.u32(), self.u64())
+    }
+
+    fn chunk(&mut self) -> Chunk {
+        assert_eq!(self.u32(), wire::STRUCTURED_REPLY_MAGIC);
+        let flags = self.u16();
+        let typ = self.u16();
+        let handle = self.u64();
+        let len = self.u32() as usize;
+        Chunk { flags, typ, handle, payload: self.read_n(len) }
+    }
+
+    fn disc(&mut self) {
+        self.req(wire::CMD_DISC, 0, 0, 0, 0, &[]);
+    }
+}
+
+fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+// ---------------------------------------------------------------- handshake
+
+#[test]
+fn unknown_client_flags_disconnect() {
+    let (mut c, t) = start();
+    c.greet(1 << 5);
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::BadClientFlags(0x20))));
+}
+
+#[test]
+fn bad_option_magic_disconnects() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    c.s.write_all(&[0u8; 16]).unwrap();
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::BadMagic { got: 0, .. })));
+}
+
+#[test]
+fn giant_option_length_disconnects_without_reading_it() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    let mut b = wire::IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&wire::OPT_GO.to_be_bytes());
+    b.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
+    c.s.write_all(&b).unwrap();
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::OptionTooLarge { len: 0xffff_fff0, .. })));
+}
+
+#[test]
+fn list_unknown_options_and_abort() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    let r = c.opt(wire::OPT_LIST, &[]);
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0].0, wire::REP_SERVER);
+    assert_eq!(&r[0].1[0..4], &4u32.to_be_bytes());
+    assert_eq!(&r[0].1[4..8], b"disk");
+    assert_eq!(&r[0].1[8..], b"the test disk");
+    assert_eq!(&r[1].1[4..], b"ro");
+    assert_eq!(r[2].0, wire::REP_ACK);
+    assert_eq!(c.opt(wire::OPT_LIST, b"x")[0].0, wire::REP_ERR_INVALID);
+    assert_eq!(c.opt(99, b"whatever")[0].0, wire::REP_ERR_UNSUP);
+    assert_eq!(c.opt(wire::OPT_STARTTLS, &[])[0].0, wire::REP_ERR_UNSUP);
+    assert_eq!(c.opt(wire::OPT_STRUCTURED_REPLY, b"x")[0].0, wire::REP_ERR_INVALID);
+    assert_eq!(c.opt(wire::OPT_ABORT, &[])[0].0, wire::REP_ACK);
+    assert!(c.closed());
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn info_reports_errors_and_details() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+    let r = c.opt(wire::OPT_INFO, &go_data("nope", &[]));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, wire::REP_ERR_UNKNOWN);
+    assert_eq!(r[0].1, b"no export \"nope\"");
+    assert_eq!(c.opt(wire::OPT_GO, &go_data("busy", &[]))[0].0, wire::REP_ERR_POLICY);
+    // Name length pointing past the data; request count inconsistent with the length.
+    assert_eq!(c.opt(wire::OPT_GO, &[0, 0, 1, 0, b'd', 0, 0])[0].0, wire::REP_ERR_INVALID);
+    let mut bad = go_data("disk", &[]);
+    bad[8..10].copy_from_slice(&5u16.to_be_bytes());
+    assert_eq!(c.opt(wire::OPT_GO, &bad)[0].0, wire::REP_ERR_INVALID);
+
+    let r = c.opt(wire::OPT_INFO, &go_data("disk", &[wire::INFO_NAME, wire::INFO_DESCRIPTION, 0x4242]));
+    let find = |typ: u16| r.iter().find(|(t, d)| *t == wire::REP_INFO && d[0..2] == typ.to_be_bytes()).map(|x| &x.1);
+    let export = find(wire::INFO_EXPORT).expect("export info");
+    assert_eq!(export.len(), 12);
+    assert_eq!(&export[2..10], &DISK_SIZE.to_be_bytes());
+    let flags = u16::from_be_bytes([export[10], export[11]]);
+    assert_eq!(flags & wire::TF_READ_ONLY, 0);
+    assert_ne!(flags & wire::TF_SEND_FLUSH, 0);
+    assert_eq!(flags & wire::TF_SEND_DF, 0, "DF needs structured replies");
+    assert_eq!(flags & wire::TF_CAN_MULTI_CONN, 0);
+    let bs = find(wire::INFO_BLOCK_SIZE).expect("block size info");
+    assert_eq!(&bs[2..], [1u32.to_be_bytes(), 4096u32.to_be_bytes(), (32u32 << 20).to_be_bytes()].concat());
+    assert_eq!(&find(wire::INFO_NAME).unwrap()[2..], b"disk");
+    assert_eq!(&find(wire::INFO_DESCRIPTION).unwrap()[2..], b"the test disk");
+    assert_eq!(r.last().unwrap().0, wire::REP_ACK);
+
+    let r = c.opt(wire::OPT_INFO, &go_data("ro", &[]));
+    let flags = u16::from_be_bytes([r[0].1[10], r[0].1[11]]);
+    assert_ne!(flags & wire::TF_READ_ONLY, 0);
+    assert_eq!(flags & (wire::TF_SEND_FLUSH | wire::TF_SEND_TRIM | wire::TF_SEND_WRITE_ZEROES), 0);
+    drop(c);
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn export_name_with_and_without_zeroes() {
+    for no_zeroes in [false, true] {
+        let (mut c, t) = start();
+        c.greet(wire::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { wire::FLAG_C_NO_ZEROES } else { 0 });
+        c.send_opt(wire::OPT_EXPORT_NAME, b"disk");
+        assert_eq!(c.u64(), DISK_SIZE);
+        let flags = c.u16();
+        assert_ne!(flags & wire::TF_HAS_FLAGS, 0);
+        if !no_zeroes {
+            assert_eq!(c.read_n(124), vec![0u8; 124]);
+        }
+        // The next bytes must be a reply to our request, proving the framing is right.
+        c.req(wire::CMD_READ, 0, 77, 0, 512, &[]);
+        assert_eq!(c.simple(), (0, 77));
+        assert_eq!(c.read_n(512), vec![0u8; 512]);
+        c.disc();
+        assert!(c.closed());
+        assert!(join(t).is_ok());
+    }
+}
+
+#[test]
+fn export_name_unknown_disconnects() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    c.send_opt(wire::OPT_EXPORT_NAME, b"nope");
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::ExportRefused { .. })));
+}
+
+#[test]
+fn meta_context_negotiation() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    let set = meta_data("disk", &["base:allocation", "x-unknown:thing"]);
+    assert_eq!(c.opt(wire::OPT_SET_META_CONTEXT, &set)[0].0, wire::REP_ERR_INVALID);
+    assert_eq!(c.opt(wire::OPT_STRUCTURED_REPLY, &[])[0].0, wire::REP_ACK);
+    // Truncated query.
+    let mut bad = meta_data("disk", &["base:allocation"]);
+    bad.truncate(bad.len() - 3);
+    assert_eq!(c.opt(wire::OPT_SET_META_CONTEXT, &bad)[0].0, wire::REP_ERR_INVALID);
+    // Listing: everything, the base: wildcard, and an unknown namespace.
+    for (queries, found) in [(&[][..], true), (&["base:"][..], true), (&["qemu:dirty-bitmap:x"][..], false)] {
+        let r = c.opt(wire::OPT_LIST_META_CONTEXT, &meta_data("disk", queries));
+        if found {
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].0, wire::REP_META_CONTEXT);
+            assert_eq!(&r[0].1[4..], b"base:allocation");
+        } else {
+            assert_eq!(r.len(), 1);
+        }
+        assert_eq!(r.last().unwrap().0, wire::REP_ACK);
+    }
+    let r = c.opt(wire::OPT_SET_META_CONTEXT, &set);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0, wire::REP_META_CONTEXT);
+    let id = u32::from_be_bytes(r[0].1[0..4].try_into().unwrap());
+    assert_eq!(&r[0].1[4..], b"base:allocation");
+    let r = c.opt(wire::OPT_GO, &go_data("disk", &[]));
+    assert_eq!(r.last().unwrap().0, wire::REP_ACK);
+    c.req(wire::CMD_BLOCK_STATUS, 0, 1, 0, 8192, &[]);
+    let ch = c.chunk();
+    assert_eq!(ch.typ, wire::REPLY_TYPE_BLOCK_STATUS);
+    assert_eq!(&ch.payload[0..4], &id.to_be_bytes());
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn meta_context_for_another_export_is_not_used() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    c.opt(wire::OPT_STRUCTURED_REPLY, &[]);
+    c.opt(wire::OPT_SET_META_CONTEXT, &meta_data("ro", &["base:allocation"]));
+    c.opt(wire::OPT_GO, &go_data("disk", &[]));
+    c.req(wire::CMD_BLOCK_STATUS, 0, 1, 0, 8192, &[]);
+    let ch = c.chunk();
+    assert_eq!(ch.typ, wire::REPLY_TYPE_ERROR);
+    assert_eq!(&ch.payload[0..4], &wire::EINVAL.to_be_bytes());
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn handshake_times_out() {
+    let limits = Limits { handshake_timeout: Duration::from_millis(200), ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+    let started = Instant::now();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    // Dribble a partial option header and then stall.
+    c.s.write_all(&wire::IHAVEOPT.to_be_bytes()[..3]).unwrap();
+    assert!(c.closed());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(matches!(join(t), Err(NbdError::HandshakeTimeout(_))));
+}
+
+// ---------------------------------------------------------------- transmission
+
+#[test]
+fn simple_replies_and_errors() {
+    let (mut c, t) = start();
+    let (size, flags) = c.go("disk", false, false);
+    assert_eq!(size, DISK_SIZE);
+    assert_eq!(flags & wire::TF_SEND_DF, 0);
+    // Unaligned write and read back.
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    c.req(wire::CMD_WRITE, wire::CMD_FLAG_FUA, 1, 1000, 3000, &data);
+    assert_eq!(c.simple(), (0, 1));
+    c.req(wire::CMD_READ, 0, 2, 1000, 3000, &[]);
+    assert_eq!(c.simple(), (0, 2));
+    assert_eq!(c.read_n(3000), data);
+    // Read past the end: EINVAL and no payload.
+    c.req(wire::CMD_READ, 0, 3, DISK_SIZE - 512, 1024, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 3));
+    // Offset overflow.
+    c.req(wire::CMD_READ, 0, 4, u64::MAX - 10, 512, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 4));
+    // Write past the end: ENOSPC, payload consumed.
+    c.req(wire::CMD_WRITE, 0, 5, DISK_SIZE - 512, 1024, &[9u8; 1024]);
+    assert_eq!(c.simple(), (wire::ENOSPC, 5));
+    // Oversized read: EINVAL, the stream goes on.
+    c.req(wire::CMD_READ, 0, 6, 0, (32 << 20) + 1, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 6));
+    // Unknown command and unknown flags.
+    c.req(42, 0, 7, 0, 0, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 7));
+    c.req(wire::CMD_WRITE, 0x8000, 8, 0, 16, &[1u8; 16]);
+    assert_eq!(c.simple(), (wire::EINVAL, 8));
+    c.req(wire::CMD_READ, wire::CMD_FLAG_DF, 9, 0, 16, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 9));
+    // Block status without structured replies.
+    c.req(wire::CMD_BLOCK_STATUS, 0, 10, 0, 4096, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 10));
+    // Flush, trim, write zeroes.
+    c.req(wire::CMD_FLUSH, 0, 11, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 11));
+    c.req(wire::CMD_WRITE_ZEROES, 0, 12, 1000, 1000, &[]);
+    assert_eq!(c.simple(), (0, 12));
+    c.req(wire::CMD_WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FUA, 13, 2000, 500, &[]);
+    assert_eq!(c.simple(), (0, 13));
+    c.req(wire::CMD_WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FAST_ZERO, 14, 0, 4096, &[]);
+    assert_eq!(c.simple(), (wire::ENOTSUP, 14));
+    c.req(wire::CMD_WRITE_ZEROES, 0, 15, DISK_SIZE, 1, &[]);
+    assert_eq!(c.simple(), (wire::ENOSPC, 15));
+    c.req(wire::CMD_TRIM, 0, 16, 3000, 1000, &[]);
+    assert_eq!(c.simple(), (0, 16));
+    c.req(wire::CMD_TRIM, 0, 17, DISK_SIZE, 4096, &[]);
+    assert_eq!(c.simple(), (wire::EINVAL, 17));
+    c.req(wire::CMD_READ, 0, 18, 1000, 3000, &[]);
+    assert_eq!(c.simple(), (0, 18));
+    let got = c.read_n(3000);
+    assert!(got[..1500].iter().all(|&b| b == 0), "zeroed range");
+    assert_eq!(&got[1500..2000], &data[1500..2000]);
+    assert!(got[2000..].iter().all(|&b| b == 0), "trimmed range");
+    // Zero-length read.
+    c.req(wire::CMD_READ, 0, 19, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 19));
+    c.disc();
+    assert!(c.closed());
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let (mut c, t) = start();
+    let (_, flags) = c.go("ro", false, false);
+    assert_ne!(flags & wire::TF_READ_ONLY, 0);
+    c.req(wire::CMD_WRITE, 0, 1, 0, 512, &[1u8; 512]);
+    assert_eq!(c.simple(), (wire::EPERM, 1));
+    c.req(wire::CMD_TRIM, 0, 2, 0, 512, &[]);
+    assert_eq!(c.simple(), (wire::EPERM, 2));
+    c.req(wire::CMD_WRITE_ZEROES, 0, 3, 0, 512, &[]);
+    assert_eq!(c.simple(), (wire::EPERM, 3));
+    c.req(wire::CMD_FLUSH, 0, 4, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 4));
+    c.req(wire::CMD_READ, 0, 5, 0, 512, &[]);
+    assert_eq!(c.simple(), (0, 5));
+    assert_eq!(c.read_n(512), vec![0u8; 512]);
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn structured_reads_send_holes_and_errors() {
+    let (mut c, t) = start();
+    let (_, flags) = c.go("disk", true, true);
+    assert_ne!(flags & wire::TF_SEND_DF, 0);
+    c.req(wire::CMD_WRITE, 0, 1, 4096, 4096, &[0xabu8; 4096]);
+    assert_eq!(c.simple(), (0, 1));
+
+    c.req(wire::CMD_READ, 0, 2, 0, 16384, &[]);
+    let mut covered = Vec::new();
+    loop {
+        let ch = c.chunk();
+        assert_eq!(ch.handle, 2);
+        let offset = u64::from_be_bytes(ch.payload[0..8].try_into().unwrap());
+        match ch.typ {
+            wire::REPLY_TYPE_OFFSET_HOLE => {
+                let len = u32::from_be_bytes(ch.payload[8..12].try_into().unwrap());
+                covered.push((offset, u64::from(len), true));
+            }
+            wire::REPLY_TYPE_OFFSET_DATA => {
+                assert!(ch.payload[8..].iter().all(|&b| b == 0xab));
+                covered.push((offset, (ch.payload.len() - 8) as u64, false));
+            }
+            other => panic!("unexpected chunk type {other}"),
+        }
+        if ch.flags & wire::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(covered, vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true)]);
+
+    // DF: exactly one data chunk with the zeroes spelled out.
+    c.req(wire::CMD_READ, wire::CMD_FLAG_DF, 3, 0, 16384, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.typ, ch.flags, ch.handle), (wire::REPLY_TYPE_OFFSET_DATA, wire::REPLY_FLAG_DONE, 3));
+    assert_eq!(ch.payload.len(), 8 + 16384);
+    assert!(ch.payload[8..8 + 4096].iter().all(|&b| b == 0));
+    assert!(ch.payload[8 + 4096..8 + 8192].iter().all(|&b| b == 0xab));
+
+    // Errors come as an error chunk, never as a simple reply to READ.
+    c.req(wire::CMD_READ, 0, 4, DISK_SIZE, 512, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.typ, ch.flags, ch.handle), (wire::REPLY_TYPE_ERROR, wire::REPLY_FLAG_DONE, 4));
+    assert_eq!(&ch.payload[0..4], &wire::EINVAL.to_be_bytes());
+    let msg_len = u16::from_be_bytes([ch.payload[4], ch.payload[5]]) as usize;
+    assert_eq!(ch.payload.len(), 6 + msg_len);
+    assert!(msg_len > 0);
+
+    c.req(wire::CMD_READ, 0, 5, 0, 0, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.typ, ch.flags, ch.handle), (wire::REPLY_TYPE_NONE, wire::REPLY_FLAG_DONE, 5));
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+fn block_status(c: &mut Client, handle: u64, flags: u16, offset: u64, len: u32) -> Vec<(u32, u32)> {
+    c.req(wire::CMD_BLOCK_STATUS, flags, handle, offset, len, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.typ, ch.flags, ch.handle), (wire::REPLY_TYPE_BLOCK_STATUS, wire::REPLY_FLAG_DONE, handle));
+    assert_eq!((ch.payload.len() - 4) % 8, 0);
+    ch.payload[4..]
+        .chunks(8)
+        .map(|d| (u32::from_be_bytes(d[0..4].try_into().unwrap()), u32::from_be_bytes(d[4..8].try_into().unwrap())))
+        .collect()
+}
+
+#[test]
+fn block_status_reports_allocation() {
+    let (mut c, t) = start();
+    c.go("disk", true, true);
+    c.req(wire::CMD_WRITE, 0, 1, 8192, 4096, &[1u8; 4096]);
+    assert_eq!(c.simple(), (0, 1));
+    assert_eq!(block_status(&mut c, 2, 0, 0, 65536), vec![(8192, 3), (4096, 0), (65536 - 12288, 3)]);
+    assert_eq!(block_status(&mut c, 3, wire::CMD_FLAG_REQ_ONE, 0, 65536), vec![(8192, 3)]);
+    assert_eq!(block_status(&mut c, 4, wire::CMD_FLAG_REQ_ONE, 100, 1000), vec![(1000, 3)]);
+    assert_eq!(block_status(&mut c, 5, 0, 9000, 100), vec![(100, 0)]);
+    c.req(wire::CMD_BLOCK_STATUS, 0, 6, DISK_SIZE - 4096, 8192, &[]);
+    let ch = c.chunk();
+    assert_eq!(ch.typ, wire::REPLY_TYPE_ERROR);
+    assert_eq!(&ch.payload[0..4], &wire::EINVAL.to_be_bytes());
+    c.req(wire::CMD_BLOCK_STATUS, 0, 7, 0, 0, &[]);
+    assert_eq!(c.chunk().typ, wire::REPLY_TYPE_ERROR);
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn bad_request_magic_disconnects() {
+    let (mut c, t) = start();
+    c.go("disk", false, false);
+    let mut b = Request { flags: 0, typ: wire::CMD_READ, handle: 1, offset: 0, len: 512 }.encode();
+    b[0] ^= 0xff;
+    c.s.write_all(&b).unwrap();
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::BadMagic { .. })));
+}
+
+#[test]
+fn giant_write_disconnects() {
+    let (mut c, t) = start();
+    c.go("disk", true, false);
+    c.req(wire::CMD_WRITE, 0, 1, 0, u32::MAX, &[0u8; 100]);
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::RequestTooLarge { len: u32::MAX, .. })));
+}
+
+#[test]
+fn truncated_write_payload_is_an_error_not_a_hang() {
+    let (mut c, t) = start();
+    c.go("disk", false, false);
+    c.req(wire::CMD_WRITE, 0, 1, 0, 4096, &[0u8; 100]);
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(join(t), Err(NbdError::Io(_))));
+}
+
+#[test]
+fn flush_waits_for_earlier_writes() {
+    let slow = SlowDisk::new(None, Duration::from_millis(200));
+    let (mut c, t) = start_with(TestExports::new(slow.clone()), Limits::default());
+    c.go("slow", false, false);
+    c.req(wire::CMD_WRITE, 0, 1, 0, 4096, &[1u8; 4096]);
+    c.req(wire::CMD_FLUSH, 0, 2, 0, 0, &[]);
+    let mut handles = vec![c.simple(), c.simple()];
+    handles.sort();
+    assert_eq!(handles, vec![(0, 1), (0, 2)]);
+    assert_eq!(*slow.log.lock(), vec!["write-start 0", "write-end 0", "flush"]);
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn replies_may_overtake_slow_requests() {
+    let slow = SlowDisk::new(Some((0, Duration::from_millis(300))), Duration::ZERO);
+    let (mut c, t) = start_with(TestExports::new(slow), Limits::default());
+    c.go("slow", false, false);
+    c.req(wire::CMD_READ, 0, 1, 0, 512, &[]);
+    c.req(wire::CMD_READ, 0, 2, 4096, 512, &[]);
+    assert_eq!(c.simple(), (0, 2));
+    c.read_n(512);
+    assert_eq!(c.simple(), (0, 1));
+    c.read_n(512);
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn disconnect_finishes_in_flight_requests() {
+    let slow = SlowDisk::new(None, Duration::from_millis(200));
+    let (mut c, t) = start_with(TestExports::new(slow.clone()), Limits::default());
+    c.go("slow", false, false);
+    c.req(wire::CMD_WRITE, 0, 1, 8192, 512, &[7u8; 512]);
+    c.disc();
+    assert_eq!(c.simple(), (0, 1));
+    assert!(c.closed());
+    assert!(join(t).is_ok());
+    let mut buf = [0u8; 512];
+    slow.inner.read_at(8192, &mut buf).unwrap();
+    assert_eq!(buf, [7u8; 512]);
+}
+
+#[test]
+fn in_flight_limit_is_respected() {
+    // One worker, one request in flight: a slow write delays the next request's reply.
+    let slow = SlowDisk::new(None, Duration::from_millis(150));
+    let limits = Limits { max_in_flight_per_conn: 1, workers_per_conn: 1, ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::new(slow), limits);
+    c.go("slow", false, false);
+    let started = Instant::now();
+    for h in 0..3 {
+        c.req(wire::CMD_WRITE, 0, h, h * 4096, 512, &[1u8; 512]);
+    }
+    for h in 0..3 {
+        assert_eq!(c.simple(), (0, h));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(440));
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn limits_are_normalized() {
+    let l = Limits {
+        max_connections: 0,
+        max_in_flight_per_conn: 0,
+        workers_per_conn: 0,
+        max_request_bytes: 1,
+        max_buffered_bytes_per_conn: 0,
+        handshake_timeout: Duration::ZERO,
+        reply_timeout: Duration::ZERO,
+    }
+    .normalized();
+    assert_eq!((l.max_connections, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1));
+    assert_eq!(l.max_request_bytes, 64 << 10);
+    assert_eq!(l.max_buffered_bytes_per_conn, 64 << 10);
+    assert!(!l.handshake_timeout.is_zero());
+}
+
+// ---------------------------------------------------------------- Server
+
+#[test]
+fn server_limits_connections_and_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let slow = SlowDisk::new(None, Duration::from_millis(300));
+    let limits = Limits { max_connections: 1, ..Limits::default() };
+    let server = crate::Server::spawn_unix(listener, TestExports::new(slow.clone()), limits).unwrap();
+
+    let connect = || {
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Client { s }
+    };
+    let mut c1 = connect();
+    c1.go("slow", false, false);
+    assert_eq!(server.active_connections(), 1);
+    let mut c2 = connect();
+    assert!(c2.closed(), "second connection must be refused");
+
+    c1.req(wire::CMD_WRITE, 0, 1, 0, 512, &[3u8; 512]);
+    thread::sleep(Duration::from_millis(50));
+    server.shutdown();
+    // The in-flight write is still answered, then the connection closes.
+    assert_eq!(c1.simple(), (0, 1));
+    assert!(c1.closed());
+    server.wait();
+    assert!(slow.log.lock().contains(&"write-end 0".to_string()));
+    // The listener is gone: nobody accepts any more.
+    assert!(UnixStream::connect(&path).is_err());
+}
+
+// ---------------------------------------------------------------- fuzzing
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn run(prefix: impl FnOnce(&mut Client), junk: &[u8]) {
+        let limits = Limits { handshake_timeout: Duration::from_secs(2), ..Limits::default() };
+        let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+        prefix(&mut c);
+        // Drain whatever the server says so it never blocks on a full socket.
+        let mut reader = c.s.try_clone().unwrap();
+        let drain = thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+        });
+        let _ = c.s.write_all(junk);
+        let _ = c.s.shutdown(std::net::Shutdown::Write);
+        let _ = join(t);
+        let _ = drain.join();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_during_handshake(junk in proptest::collection::vec(any::<u8>(), 0..512)) {
+            run(|_| {}, &junk);
+        }
+
+        #[test]
+        fn random_options(opts in proptest::collection::vec((0u32..16, proptest::collection::vec(any::<u8>(), 0..64)), 0..8)) {
+            let mut bytes = wire::FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+            for (opt, data) in opts {
+                bytes.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
+                bytes.extend_from_slice(&opt.to_be_bytes());
+                bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                bytes.extend_from_slice(&data);
+            }
+            run(|c| { c.read_n(18); }, &bytes);
+        }
+
+        #[test]
+        fn random_requests(reqs in proptest::collection::vec((0u16..10, 0u16..32, 0u64..(2 * DISK_SIZE), 0u32..70_000), 0..16)) {
+            let mut bytes = Vec::new();
+            for (i, (typ, flags, offset, len)) in reqs.into_iter().enumerate() {
+                bytes.extend_from_slice(&Request { flags, typ, handle: i as u64, offset, len }.encode());
+                if typ == wire::CMD_WRITE {
+                    bytes.resize(bytes.len() + len as usize, 0x5a);
+                }
+            }
+            run(|c| { c.go("disk", true, true); }, &bytes);
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! Tree operations: lookup, copy-on-write mapping, unmap, fork, release, walks and diff.
+
+use blockstore::{BlockAddr, Meta, Result, StoreError};
+
+use crate::node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
+
+/// Virtual blocks one tree addresses (2³⁶: 256 TiB of 4 KiB blocks).
+pub const MAX_BLOCKS: u64 = 1 << (9 * LEVELS);
+
+/// Where a virtual block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Nothing is mapped: the block reads as zeros.
+    Unmapped,
+    /// Mapped to `addr`; `writable` is true when every entry on the path has its writable bit
+    /// set, i.e. the block may be overwritten in place.
+    Mapped {
+        /// The store block holding the data.
+        addr: BlockAddr,
+        /// True if this tree alone owns the block.
+        writable: bool,
+    },
+}
+
+/// A run of consecutive virtual blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First virtual block.
+    pub start: u64,
+    /// Number of blocks.
+    pub len: u64,
+}
+
+/// Blocks one entry at `level` covers.
+fn span(level: u32) -> u64 {
+    1u64 << (9 * level)
+}
+
+fn index(vblock: u64, level: u32) -> usize {
+    ((vblock >> (9 * level)) & (ENTRIES as u64 - 1)) as usize
+}
+
+fn check_vblock(vblock: u64) -> Result<()> {
+    if vblock >= MAX_BLOCKS {
+        return Err(StoreError::Damaged(format!("virtual block {vblock} is beyond the tree's {MAX_BLOCKS} blocks")));
+    }
+    Ok(())
+}
+
+fn read_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<Box<blockstore::Block>> {
+    let b = meta.read(addr, &NODE_KIND)?;
+    if Node::level(b) != level {
+        return Err(StoreError::Corrupt {
+            kind: NODE_KIND.name,
+            addr,
+            reason: format!("node has level {} where level {level} belongs", Node::level(b)),
+        });
+    }
+    Ok(Box::new(*b))
+}
+
+fn entry_at(meta: &mut Meta, node: BlockAddr, level: u32, i: usize) -> Result<Entry> {
+    let b = meta.read(node, &NODE_KIND)?;
+    if Node::level(b) != level {
+        return Err(StoreError::Corrupt {
+            kind: NODE_KIND.name,
+            addr: node,
+            reason: format!("node has level {} where level {level} belongs", Node::level(b)),
+        });
+    }
+    Ok(Node::entry(b, i))
+}
+
+fn set_entry(meta: &mut Meta, node: BlockAddr, i: usize, e: Entry) -> Result<()> {
+    let b = meta.write(node, &NODE_KIND)?;
+    Node::set_entry(b, i, e);
+    Ok(())
+}
+
+fn new_node(meta: &mut Meta, level: u32) -> Result<BlockAddr> {
+    let a = meta.alloc_meta(&NODE_KIND)?;
+    Node::init(meta.write(a, &NODE_KIND)?, level);
+    Ok(a)
+}
+
+/// Creates an empty tree; returns its root (owned by the caller, reference count 1).
+pub fn create(meta: &mut Meta) -> Result<BlockAddr> {
+    new_node(meta, LEVELS - 1)
+}
+
+/// Finds where `vblock` lives. Reads only cached or on-disk nodes; changes nothing.
+pub fn lookup(meta: &mut Meta, root: BlockAddr, vblock: u64) -> Result<Mapping> {
+    check_vblock(vblock)?;
+    let mut node = root;
+    let mut writable = true;
+    for level in (0..LEVELS).rev() {
+        let e = entry_at(meta, node, level, index(vblock, level))?;
+        if e.is_empty() {
+            return Ok(Mapping::Unmapped);
+        }
+        writable &= e.writable;
+        if level == 0 {
+            return Ok(Mapping::Mapped { addr: e.addr, writable });
+        }
+        node = e.addr;
+    }
+    Ok(Mapping::Unmapped)
+}
+
+/// Makes the child behind entry `i` of private node `parent` (at `level`) private too: claims it
+/// if nothing else references it, copies it otherwise. Returns the private child.
+fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) -> Result<BlockAddr> {
+    let e = entry_at(meta, parent, level, i)?;
+    let child_level = level - 1;
+    if e.is_empty() {
+        let n = new_node(meta, child_level)?;
+        set_entry(meta, parent, i, Entry { addr: n, writable: true })?;
+        return Ok(n);
+    }
+    if e.writable {
+        return Ok(e.addr);
+    }
+    if meta.refcount(e.addr)? == 1 {
+        // Only we reference it now, so we may take it over instead of copying (safe for
+        // metadata, which changes atomically at commit). Its own writable bits date from before
+        // it was shared and may be stale — a copy made meanwhile added references to its
+        // children — so clear them all: each child is then checked when first written.
+        read_node(meta, e.addr, child_level)?;
+        let b = meta.write(e.addr, &NODE_KIND)?;
+        for k in 0..ENTRIES {
+            let ce = Node::entry(b, k);
+            if ce.writable {
+                Node::set_entry(b, k, Entry { addr: ce.addr, writable: false });
+            }
+        }
+        set_entry(meta, parent, i, Entry { addr: e.addr, writable: true })?;
+        return Ok(e.addr);
+    }
+    let old = read_node(meta, e.addr, child_level)?;
+    let copy = new_node(meta, child_level)?;
+    let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
+    Node::init(&mut fresh, child_level);
+    for k in 0..ENTRIES {
+        let ce = Node::entry(&old, k);
+        if !ce.is_empty() {
+            meta.incref(ce.addr)?;
+            Node::set_entry(&mut fresh, k, Entry { addr: ce.addr, writable: false });
+        }
+    }
+    *meta.write(copy, &NODE_KIND)? = *fresh;
+    meta.decref(e.addr)?;
+    set_entry(meta, parent, i, Entry { addr: copy, writable: true })?;
+    Ok(copy)
+}
+
+/// Maps `vblock` to data block `addr` (whose reference the tree takes over), copying shared
+/// nodes on the path first. Returns the data block previously mapped there, whose reference
+/// has been dropped (it may now be free).
+pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Result<Option<BlockAddr>> {
+    check_vblock(vblock)?;
+    let mut node = root;
+    for level in (1..LEVELS).rev() {
+        node = make_child_private(meta, node, level, index(vblock, level))?;
+    }
+    let i = index(vblock, 0);
+    let old = entry_at(meta, node, 0, i)?;
+    set_entry(meta, node, i, Entry { addr, writable: true })?;
+    if old.is_empty() {
+        Ok(None)
+    } else {
+        meta.decref(old.addr)?;
+        Ok(Some(old.addr))
+    }
+}
+
+/// Drops one reference to data block `addr`; returns 1 if that freed it.
+fn release_data(meta: &mut Meta, addr: BlockAddr) -> Result<u64> {
+    Ok(u64::from(meta.decref(addr)? == 0))
+}
+
+/// Drops one reference to the tree at `root` and frees every block only it referenced.
+/// Time is proportional to what the tree alone owned. Returns the blocks freed.
+pub fn release(meta: &mut Meta, root: BlockAddr) -> Result<u64> {
+    release_node(meta, root, LEVELS - 1)
+}
+
+fn release_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<u64> {
+    if meta.refcount(addr)? > 1 {
+        meta.decref(addr)?;
+        return Ok(0);
+    }
+    let node = read_node(meta, addr, level)?;
+    meta.decref(addr)?;
+    let mut freed = 1;
+    for k in 0..ENTRIES {
+        let e = Node::entry(&node, k);
+        if e.is_empty() {
+            continue;
+        }
+        freed += if level == 0 { release_data(meta, e.addr)? } else { release_node(meta, e.addr, level - 1)? };
+    }
+    Ok(freed)
+}
+
+/// A new root sharing everything `root` maps: a copy of the root with every writable bit clear,
+/// each child gaining a reference. This is how snapshots and clones start. Cost: one node.
+pub fn fork(meta: &mut Meta, root: BlockAddr) -> Result<BlockAddr> {
+    let old = read_node(meta, root, LEVELS - 1)?;
+    let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
+    Node::init(&mut fresh, LEVELS - 1);
+    for k in 0..ENTRIES {
+        let e = Node::entry(&old, k);
+        if !e.is_empty() {
+            meta.incref(e.addr)?;
+            Node::set_entry(&mut fresh, k, Entry { addr: e.addr, writable: false });
+        }
+    }
+    let copy = new_node(meta, LEVELS - 1)?;
+    *meta.write(copy, &NODE_KIND)? = *fresh;
+    Ok(copy)
+}
+
+/// Unmaps every virtual block in `[start, end)`. Whole shared subtrees are dropped without
+/// being copied. Returns the store blocks freed (data and nodes).
+pub fn unmap(meta: &mut Meta, root: BlockAddr, start: u64, end: u64) -> Result<u64> {
+    let end = end.min(MAX_BLOCKS);
+    if start >= end {
+        return Ok(0);
+    }
+    unmap_in(meta, root, LEVELS - 1, 0, start, end)
+}
+
+fn unmap_in(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64, end: u64) -> Result<u64> {
+    let s = span(level);
+    let first = ((start.max(base) - base) / s) as usize;
+    let last = ((end.min(base + s * ENTRIES as u64) - base - 1) / s) as usize;
+    let mut freed = 0;
+    for i in first..=last {
+        let e = entry_at(meta, node, level, i)?;
+        if e.is_empty() {
+            continue;
+        }
+        let cbase = base + i as u64 * s;
+        let whole = start <= cbase && cbase + s <= end;
+        if whole || level == 0 {
+            set_entry(meta, node, i, Entry::EMPTY)?;
+            freed += if level == 0 { release_data(meta, e.addr)? } else { release_node(meta, e.addr, level - 1)? };
+        } else {
+            if !any_mapped(meta, e.addr, level - 1, cbase, start, end)? {
+                continue;
+            }
+            let child = make_child_private(meta, node, level, i)?;
+            freed += unmap_in(meta, child, level - 1, cbase, start, end)?;
+            if Node::is_empty(meta.read(child, &NODE_KIND)?) {
+                set_entry(meta, node, i, Entry::EMPTY)?;
+                freed += release_node(meta, child, level - 1)?;
+            }
+        }
+    }
+    Ok(freed)
+}
+
+fn any_mapped(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64, end: u64) -> Result<bool> {
+    let mut found = false;
+    walk(meta, node, level, base, start, end, &mut |_, _| {
+        found = true;
+        false
+    })?;
+    Ok(found)
+}
+
+/// Calls `f(vblock, data_addr)` for mapped blocks in order until it returns false.
+/// Returns false if stopped early.
+fn walk(
+    meta: &mut Meta,
+    node: BlockAddr,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    f: &mut dyn FnMut(u64, BlockAddr) -> bool,
+) -> Result<bool> {
+    let s = span(level);
+    if end <= base || start >= base + s * ENTRIES as u64 {
+        return Ok(true);
+    }
+    let first = ((start.max(base) - base) / s) as usize;
+    let last = ((end.min(base + s * ENTRIES as u64) - base - 1) / s) as usize;
+    let n = read_node(meta, node, level)?;
+    for i in first..=last {
+        let e = Node::entry(&n, i);
+        if e.is_empty() {
+            continue;
+        }
+        let cbase = base + i as u64 * s;
+        let go_on = if level == 0 { f(cbase, e.addr) } else { walk(meta, e.addr, level - 1, cbase, start, end, f)? };
+        if !go_on {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The mapped runs of virtual blocks in `[start, end)`, in order, adjacent blocks merged.
+pub fn mapped_runs(meta: &mut Meta, root: BlockAddr, start: u64, end: u64) -> Result<Vec<Run>> {
+    let mut runs: Vec<Run> = Vec::new();
+    walk(meta, root, LEVELS - 1, 0, start, end.min(MAX_BLOCKS), &mut |v, _| {
+        match runs.last_mut() {
+            Some(r) if r.start + r.len == v => r.len += 1,
+            _ => runs.push(Run { start: v, len: 1 }),
+        }
+        true
+    })?;
+    Ok(runs)
+}
+
+/// The runs of virtual blocks whose mapping differs between trees `a` and `b`, in order.
+/// Subtrees the two trees share are skipped unread, so the cost follows the changed part.
+pub fn diff(meta: &mut Meta, a: BlockAddr, b: BlockAddr) -> Result<Vec<Run>> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut push = |v: u64, len: u64| match runs.last_mut() {
+        Some(r) if r.start + r.len == v => r.len += len,
+        _ => runs.push(Run { start: v, len }),
+    };
+    diff_nodes(meta, Some(a), Some(b), LEVELS - 1, 0, &mut push)?;
+    Ok(runs)
+}
+
+fn diff_nodes(
+    meta: &mut Meta,
+    a: Option<BlockAddr>,
+    b: Option<BlockAddr>,
+    level: u32,
+    base: u64,
+    push: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    if a == b {
+        return Ok(());
+    }
+    let na = match a {
+        Some(x) => Some(read_node(meta, x, level)?),
+        None => None,
+    };
+    let nb = match b {
+        Some(x) => Some(read_node(meta, x, level)?),
+        None => None,
+    };
+    let s = span(level);
+    for i in 0..ENTRIES {
+        let ea = na.as_ref().map(|n| Node::entry(n, i)).filter(|e| !e.is_empty()).map(|e| e.addr);
+        let eb = nb.as_ref().map(|n| Node::entry(n, i)).filter(|e| !e.is_empty()).map(|e| e.addr);
+        if ea == eb {
+            continue;
+        }
+        let cbase = base + i as u64 * s;
+        if level == 0 {
+            push(cbase, 1);
+        } else {
+            diff_nodes(meta, ea, eb, level - 1, cbase, push)?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`visit_nodes`] reports for each block reachable from a root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    /// A node at a level; its entries are reported next unless the callback returned false.
+    Node {
+        /// The node.
+        addr: BlockAddr,
+        /// Its level.
+        level: u32,
+    },
+    /// A data block referenced from a leaf.
+    Data {
+        /// The data block.
+        addr: BlockAddr,
+    },
+}
+
+/// Walks the tree at `root` depth first, calling `f` for every node and every data reference.
+/// When `f` returns false for a node, its children are skipped (visit shared nodes once).
+pub fn visit_nodes(meta: &mut Meta, root: BlockAddr, f: &mut dyn FnMut(Visit) -> bool) -> Result<()> {
+    visit(meta, root, LEVELS - 1, f)
+}
+
+fn visit(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(Visit) -> bool) -> Result<()> {
+    if !f(Visit::Node { addr, level }) {
+        return Ok(());
+    }
+    let n = read_node(meta, addr, level)?;
+    for i in 0..ENTRIES {
+        let e = Node::entry(&n, i);
+        if e.is_empty() {
+            continue;
+        }
+        if level == 0 {
+            f(Visit::Data { addr: e.addr });
+        } else {
+            visit(meta, e.addr, level - 1, f)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The VDI layer's error type.
+
+use blockstore::StoreError;
+
+use crate::{SnapshotId, VdiId};
+
+/// Everything that can go wrong in the VDI layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VdiError {
+    /// The block store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No VDI has that id or name.
+    #[error("no VDI named '{0}' (see `vdi list`)")]
+    UnknownVdi(String),
+    /// No live snapshot has that id.
+    #[error("no snapshot {0} (see `vdi snap-list VDI`)")]
+    UnknownSnapshot(SnapshotId),
+    /// The snapshot was deleted.
+    #[error("snapshot {0} was deleted")]
+    SnapshotDeleted(SnapshotId),
+    /// A VDI already has that name.
+    #[error("a VDI named '{0}' already exists; choose another name or delete it first")]
+    NameTaken(String),
+    /// The name is empty, too long or has control characters.
+    #[error("invalid VDI name '{0}': use 1 to 255 bytes of printable characters")]
+    BadName(String),
+    /// An image is larger than the VDI.
+    #[error("the image is {image} bytes but VDI {vdi} is only {size} bytes; create a larger VDI")]
+    ImageTooLarge {
+        /// The VDI.
+        vdi: VdiId,
+        /// Its size.
+        size: u64,
+        /// The image's size.
+        image: u64,
+    },
+    /// A size is out of range.
+    #[error("invalid size {0}: a VDI holds 1 byte to 256 TiB, in whole 512-byte sectors")]
+    BadSize(u64),
+    /// The VDI or snapshot is in use (open for I/O) and cannot be deleted now.
+    #[error("{0} is in use by a running export; stop using it first")]
+    InUse(String),
+    /// Another writer has the VDI open.
+    #[error("VDI {0} is already open for writing")]
+    Busy(VdiId),
+    /// The VDI has no size yet (created without --size and never filled).
+    #[error("VDI {0} has no size yet: fill it from an image or create it with a size")]
+    NoSize(VdiId),
+    /// An I/O error on a file outside the store (an image being imported, say).
+    #[error("{op}: {source}")]
+    File {
+        /// What was being done, with the path.
+        op: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry's structure is damaged.
+    #[error("registry damaged: {0}")]
+    Damaged(String),
+}
+
+/// Result type of the VDI layer.
+pub type Result<T, E = VdiError> = std::result::Result<T, E>;
+
+impl VdiError {
+    /// True for a full store, for callers that map errors to ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, VdiError::Store(StoreError::NoSpace { .. }))
+    }
+}
+
+impl From<VdiError> for blockdev::DevError {
+    fn from(e: VdiError) -> Self {
+        match e {
+            VdiError::Store(StoreError::NoSpace { .. }) => blockdev::DevError::NoSpace,
+            VdiError::Store(StoreError::ReadOnly) => blockdev::DevError::ReadOnly,
+            other => blockdev::DevError::Io(other.to_string()),
+        }
+    }
+}

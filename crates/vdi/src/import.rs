@@ -1,0 +1,328 @@
+//! Import from raw images or devices, export to them, and comparison.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use blockstore::{BLOCK_SIZE, BlockAddr};
+
+use crate::registry::{Registry, Source, write_record};
+use crate::{Result, VdiError, VdiId};
+
+const CHUNK: usize = 1 << 20;
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ImportStats {
+    /// Size of the image in bytes.
+    pub image_bytes: u64,
+    /// Bytes read from the image (holes are not read).
+    pub bytes_read: u64,
+    /// 4 KiB blocks stored.
+    pub blocks_written: u64,
+    /// All-zero blocks that were read and not stored.
+    pub zero_blocks: u64,
+    /// Bytes skipped as holes without reading.
+    pub hole_bytes: u64,
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ExportStats {
+    /// Size of the exported image.
+    pub bytes: u64,
+    /// Bytes of data written (the rest is holes).
+    pub data_bytes: u64,
+}
+
+/// The outcome of comparing a VDI or snapshot with an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Comparison {
+    /// First byte offset where they differ, or `None` if identical. Where one is longer, the
+    /// extra part must read as zeros to count as identical.
+    pub first_difference: Option<u64>,
+    /// Size of the VDI or snapshot.
+    pub source_size: u64,
+    /// Size of the image.
+    pub image_size: u64,
+}
+
+fn file_err(op: String) -> impl FnOnce(std::io::Error) -> VdiError {
+    move |source| VdiError::File { op, source }
+}
+
+/// Size of a regular file or block device.
+pub fn image_size(f: &File, path: &Path) -> Result<u64> {
+    let mut f = f;
+    f.seek(SeekFrom::End(0)).map_err(file_err(format!("finding the size of {}", path.display())))
+}
+
+/// The next data region at or after `pos`: `(start, end)`, or `None` past the last one.
+fn next_data(f: &File, pos: u64, size: u64) -> Option<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own with plain integer arguments; errors are checked.
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let err = std::io::Error::last_os_error();
+        // ENXIO: no data after pos. Anything else (e.g. a device or pipe): treat all as data.
+        return if err.raw_os_error() == Some(libc::ENXIO) { None } else { Some((pos, size)) };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    let end = if end < 0 { size } else { (end as u64).min(size) };
+    Some((start as u64, end))
+}
+
+impl Registry {
+    /// Makes VDI `id` equal to the image at `path`, byte for byte. Holes and all-zero blocks
+    /// are not stored. The import is atomic: it is built as a separate tree and swapped in at
+    /// the end; a failure (a full store, say) or a crash leaves the VDI as it was.
+    /// `progress(done, total)` is called as bytes are processed.
+    pub fn fill(self: &Arc<Self>, id: VdiId, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<ImportStats> {
+        let f = File::open(path).map_err(file_err(format!("opening {}", path.display())))?;
+        let size = image_size(&f, path)?;
+        let live = self.state.lock().vdi(id)?.live.clone();
+        if live.open.load(Ordering::Acquire) > 0 {
+            return Err(VdiError::InUse(format!("VDI {id}")));
+        }
+        let _quiet = live.io.write();
+        let vdi_size = live.size.load(Ordering::Acquire);
+        let new_size = if vdi_size == 0 { size.div_ceil(512) * 512 } else { vdi_size };
+        if new_size == 0 {
+            return Err(VdiError::BadSize(0));
+        }
+        if size > new_size {
+            return Err(VdiError::ImageTooLarge { vdi: id, size: vdi_size, image: size });
+        }
+        if new_size > crate::MAX_VDI_SIZE {
+            return Err(VdiError::BadSize(new_size));
+        }
+        // Start the new tree and record it as pending, so a crash cannot leak it.
+        let tree = self.transact(|st, meta| {
+            let t = radix::create(meta)?;
+            let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+            v.pending_root = t;
+            write_record(meta, id, v)?;
+            Ok(t)
+        })?;
+        let mut stats = ImportStats { image_bytes: size, ..Default::default() };
+        match self.import_into(&f, path, size, tree, &mut stats, progress) {
+            Ok(()) => {
+                self.transact(|st, meta| {
+                    let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+                    let old = BlockAddr(v.live.root.swap(tree.0, Ordering::AcqRel));
+                    v.live.size.store(new_size, Ordering::Release);
+                    v.pending_root = BlockAddr::NONE;
+                    write_record(meta, id, v)?;
+                    radix::release(meta, old)?;
+                    Ok(())
+                })?;
+                Ok(stats)
+            }
+            Err(e) => {
+                // Drop everything the import wrote; the VDI keeps its old tree.
+                let cleanup = self.transact(|st, meta| {
+                    let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+                    if !v.pending_root.is_none() {
+                        radix::release(meta, v.pending_root)?;
+                        v.pending_root = BlockAddr::NONE;
+                        write_record(meta, id, v)?;
+                    }
+                    Ok(())
+                });
+                if let Err(c) = cleanup {
+                    tracing::error!("could not drop the failed import of VDI {id}: {c}; it is dropped at next open");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn import_into(
+        &self,
+        f: &File,
+        path: &Path,
+        size: u64,
+        tree: BlockAddr,
+        stats: &mut ImportStats,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let store = &self.store;
+        let mut buf = vec![0u8; CHUNK];
+        let mut out = vec![0u8; CHUNK];
+        let mut pos = 0u64;
+        while pos < size {
+            let Some((ds, de)) = next_data(f, pos, size) else {
+                stats.hole_bytes += size - pos;
+                break;
+            };
+            // Work in whole blocks: round the region out to 4 KiB.
+            let ds = ds / BS * BS;
+            let de = de.div_ceil(BS) * BS;
+            stats.hole_bytes += ds.saturating_sub(pos);
+            let mut at = ds.max(pos);
+            while at < de.min(size.div_ceil(BS) * BS) {
+                let want = ((de - at) as usize).min(CHUNK);
+                let n = read_full(f, at, &mut buf[..want]).map_err(file_err(format!("reading {}", path.display())))?;
+                if n == 0 {
+                    break;
+                }
+                stats.bytes_read += n as u64;
+                let blocks = n.div_ceil(BLOCK_SIZE);
+                buf[n..blocks * BLOCK_SIZE].fill(0);
+                self.store_chunk(tree, at / BS, &buf[..blocks * BLOCK_SIZE], &mut out, stats)?;
+                at += (blocks * BLOCK_SIZE) as u64;
+                progress(at.min(size), size);
+                if store.lock().should_commit() {
+                    store.commit()?;
+                }
+            }
+            pos = at.max(de);
+        }
+        progress(size, size);
+        Ok(())
+    }
+
+    /// Stores the non-zero blocks of `chunk` (starting at virtual block `first`) in `tree`,
+    /// writing runs of consecutive new blocks with one call.
+    fn store_chunk(
+        &self,
+        tree: BlockAddr,
+        first: u64,
+        chunk: &[u8],
+        out: &mut [u8],
+        stats: &mut ImportStats,
+    ) -> Result<()> {
+        let store = &self.store;
+        let nonzero: Vec<usize> = chunk
+            .chunks_exact(BLOCK_SIZE)
+            .enumerate()
+            .filter(|(_, b)| b.iter().any(|&x| x != 0))
+            .map(|(i, _)| i)
+            .collect();
+        stats.zero_blocks += (chunk.len() / BLOCK_SIZE - nonzero.len()) as u64;
+        let mut k = 0;
+        while k < nonzero.len() {
+            let (addr, got) = store.lock().alloc_run((nonzero.len() - k) as u64)?;
+            let got = got as usize;
+            for j in 0..got {
+                let i = nonzero[k + j];
+                out[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].copy_from_slice(&chunk[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+            }
+            let written = store.write_data(addr, 0, &out[..got * BLOCK_SIZE]);
+            let mut meta = store.lock();
+            if let Err(e) = written {
+                for j in 0..got {
+                    meta.decref(BlockAddr(addr.0 + j as u64))?;
+                }
+                return Err(e.into());
+            }
+            crate::io::map_run(&mut meta, tree, (0..got).map(|j| first + nonzero[k + j] as u64), addr)?;
+            stats.blocks_written += got as u64;
+            k += got;
+        }
+        Ok(())
+    }
+
+    /// Writes a VDI or snapshot into `out` as a raw image. A regular file is written sparsely
+    /// (holes and zero blocks are skipped and the file is truncated to size); anything else
+    /// (a pipe, a device) gets every byte.
+    pub fn export(
+        self: &Arc<Self>,
+        src: Source,
+        out: &mut File,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ExportStats> {
+        let dev = self.open_source(src)?;
+        let size = dev.size();
+        let seekable = out.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let mut stats = ExportStats { bytes: size, data_bytes: 0 };
+        let werr = || file_err("writing the export".to_string());
+        if seekable {
+            out.set_len(0).map_err(werr())?;
+            out.set_len(size).map_err(werr())?;
+        }
+        let extents = dev.extents(0, size).map_err(|e| VdiError::Damaged(e.to_string()))?;
+        let mut buf = vec![0u8; CHUNK];
+        let zeros = vec![0u8; CHUNK];
+        for ext in extents {
+            let mut at = ext.offset;
+            let end = ext.offset + ext.len;
+            while at < end {
+                let n = ((end - at) as usize).min(CHUNK);
+                if ext.kind == blockdev::ExtentKind::Hole {
+                    if !seekable {
+                        out.write_all(&zeros[..n]).map_err(werr())?;
+                    }
+                } else {
+                    dev.read_at(at, &mut buf[..n]).map_err(|e| VdiError::Damaged(e.to_string()))?;
+                    if seekable {
+                        // Skip zero blocks to keep the file sparse.
+                        for (i, b) in buf[..n].chunks(BLOCK_SIZE).enumerate() {
+                            if b.iter().any(|&x| x != 0) {
+                                out.write_all_at(b, at + (i * BLOCK_SIZE) as u64).map_err(werr())?;
+                                stats.data_bytes += b.len() as u64;
+                            }
+                        }
+                    } else {
+                        out.write_all(&buf[..n]).map_err(werr())?;
+                        stats.data_bytes += n as u64;
+                    }
+                }
+                at += n as u64;
+                progress(at, size);
+            }
+        }
+        out.flush().map_err(werr())?;
+        Ok(stats)
+    }
+
+    /// Compares a VDI or snapshot with the image at `path`.
+    pub fn compare(self: &Arc<Self>, src: Source, path: &Path) -> Result<Comparison> {
+        let dev = self.open_source(src)?;
+        let f = File::open(path).map_err(file_err(format!("opening {}", path.display())))?;
+        let image_size = image_size(&f, path)?;
+        let source_size = dev.size();
+        let total = source_size.max(image_size);
+        let mut a = vec![0u8; CHUNK];
+        let mut b = vec![0u8; CHUNK];
+        let mut at = 0u64;
+        while at < total {
+            let n = ((total - at) as usize).min(CHUNK);
+            a[..n].fill(0);
+            b[..n].fill(0);
+            if at < source_size {
+                let m = ((source_size - at) as usize).min(n);
+                dev.read_at(at, &mut a[..m]).map_err(|e| VdiError::Damaged(e.to_string()))?;
+            }
+            if at < image_size {
+                let m = ((image_size - at) as usize).min(n);
+                read_full(&f, at, &mut b[..m]).map_err(file_err(format!("reading {}", path.display())))?;
+            }
+            if a[..n] != b[..n] {
+                let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
+                return Ok(Comparison { first_difference: Some(at + i as u64), source_size, image_size });
+            }
+            at += n as u64;
+        }
+        Ok(Comparison { first_difference: None, source_size, image_size })
+    }
+}
+
+fn read_full(f: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,420 @@
+//! Reading and writing VDIs and snapshots: the [`blockdev::BlockDevice`] implementations.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use blockdev::{BlockDevice, DevError, DevResult, Extent, ExtentKind, check_range};
+use blockstore::{BLOCK_SIZE, BlockAddr, BlockStore};
+use radix::Mapping;
+
+use crate::registry::{Registry, Source, VdiLive};
+use crate::{Result, SnapshotId, VdiError, VdiId};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// One block-sized piece of a request.
+#[derive(Clone, Copy)]
+struct Piece {
+    vblock: u64,
+    /// Offset inside the block.
+    at: usize,
+    /// Offset inside the caller's buffer.
+    buf: usize,
+    len: usize,
+}
+
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let abs = offset + pos as u64;
+        let at = (abs % BS) as usize;
+        let n = (BLOCK_SIZE - at).min(len - pos);
+        let p = Piece { vblock: abs / BS, at, buf: pos, len: n };
+        pos += n;
+        Some(p)
+    })
+}
+
+/// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
+fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let _gate = store.io_guard();
+    let list: Vec<Piece> = pieces(offset, buf.len()).collect();
+    let maps: Vec<Mapping> = {
+        let mut meta = store.lock();
+        list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
+    };
+    let mut i = 0;
+    while i < list.len() {
+        match maps[i] {
+            Mapping::Unmapped => {
+                let p = list[i];
+                buf[p.buf..p.buf + p.len].fill(0);
+                i += 1;
+            }
+            Mapping::Mapped { addr, .. } => {
+                // Extend over following pieces stored in the following blocks.
+                let mut j = i + 1;
+                while j < list.len()
+                    && matches!(maps[j], Mapping::Mapped { addr: a, .. } if a.0 == addr.0 + (j - i) as u64)
+                {
+                    j += 1;
+                }
+                let (p0, pl) = (list[i], list[j - 1]);
+                store.read_data(addr, p0.at, &mut buf[p0.buf..pl.buf + pl.len])?;
+                i = j;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Byte extents of `[offset, offset+len)` of the tree at `root`.
+fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let end = offset + len;
+    let runs = {
+        let mut meta = store.lock();
+        radix::mapped_runs(&mut meta, root, offset / BS, end.div_ceil(BS))?
+    };
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |o: u64, l: u64, kind: ExtentKind| {
+        if l == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(x) if x.kind == kind && x.offset + x.len == o => x.len += l,
+            _ => out.push(Extent { offset: o, len: l, kind }),
+        }
+    };
+    let mut pos = offset;
+    for r in runs {
+        let s = (r.start * BS).max(offset);
+        let e = ((r.start + r.len) * BS).min(end);
+        push(pos, s.saturating_sub(pos), ExtentKind::Hole);
+        push(s, e - s, ExtentKind::Data);
+        pos = e;
+    }
+    push(pos, end - pos, ExtentKind::Hole);
+    Ok(out)
+}
+
+/// Maps virtual blocks `vblocks` to the consecutive new blocks starting at `first`. If mapping
+/// fails part way, the blocks not yet mapped are freed again.
+pub(crate) fn map_run(
+    meta: &mut blockstore::Meta,
+    root: BlockAddr,
+    vblocks: impl ExactSizeIterator<Item = u64>,
+    first: BlockAddr,
+) -> Result<()> {
+    let n = vblocks.len() as u64;
+    for (k, vb) in vblocks.enumerate() {
+        if let Err(e) = radix::map(meta, root, vb, BlockAddr(first.0 + k as u64)) {
+            for j in k as u64..n {
+                meta.decref(BlockAddr(first.0 + j))?;
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// A VDI opened for I/O. Dropping it releases the VDI (and its writer claim).
+pub struct VdiDisk {
+    reg: Arc<Registry>,
+    live: Arc<VdiLive>,
+    writable: bool,
+}
+
+/// A snapshot opened for reading. It cannot be deleted while open.
+pub struct SnapshotDisk {
+    reg: Arc<Registry>,
+    id: SnapshotId,
+    root: BlockAddr,
+    size: u64,
+    open: Arc<AtomicUsize>,
+}
+
+impl Registry {
+    /// Opens VDI `id` for I/O. At most one writable handle exists per VDI at a time; a second
+    /// gets [`VdiError::Busy`]. Read-only handles may be opened alongside.
+    pub fn open_vdi(self: &Arc<Self>, id: VdiId, writable: bool) -> Result<VdiDisk> {
+        let live = self.state.lock().vdi(id)?.live.clone();
+        if writable {
+            if self.store.lock().is_read_only() {
+                return Err(VdiError::Store(blockstore::StoreError::ReadOnly));
+            }
+            if live.writer.swap(true, Ordering::AcqRel) {
+                return Err(VdiError::Busy(id));
+            }
+        }
+        live.open.fetch_add(1, Ordering::AcqRel);
+        Ok(VdiDisk { reg: self.clone(), live, writable })
+    }
+
+    /// Opens snapshot `sid` for reading.
+    pub fn open_snapshot(self: &Arc<Self>, sid: SnapshotId) -> Result<SnapshotDisk> {
+        let st = self.state.lock();
+        let s = st.snap(sid)?;
+        s.open.fetch_add(1, Ordering::AcqRel);
+        Ok(SnapshotDisk { reg: self.clone(), id: sid, root: s.root, size: s.size, open: s.open.clone() })
+    }
+
+    /// Opens a VDI (read-only view) or a snapshot for reading.
+    pub fn open_source(self: &Arc<Self>, src: Source) -> Result<Box<dyn BlockDevice>> {
+        Ok(match src {
+            Source::Vdi(id) => Box::new(self.open_vdi(id, false)?),
+            Source::Snapshot(s) => Box::new(self.open_snapshot(s)?),
+        })
+    }
+}
+
+impl Drop for VdiDisk {
+    fn drop(&mut self) {
+        self.live.open.fetch_sub(1, Ordering::AcqRel);
+        if self.writable {
+            self.live.writer.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for SnapshotDisk {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl SnapshotDisk {
+    /// The snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.id
+    }
+}
+
+impl VdiDisk {
+    /// The VDI's id.
+    pub fn id(&self) -> VdiId {
+        self.live.id
+    }
+
+    fn store(&self) -> &BlockStore {
+        &self.reg.store
+    }
+
+    fn root(&self) -> BlockAddr {
+        BlockAddr(self.live.root.load(Ordering::Acquire))
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> DevResult<()> {
+        if !self.writable {
+            return Err(DevError::ReadOnly);
+        }
+        check_range(offset, len, self.size())
+    }
+
+    /// Writes with the VDI's I/O lock already held (shared or exclusive).
+    fn write_locked(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let store = self.store();
+        let root = self.root();
+        let _gate = store.io_guard();
+        let list: Vec<Piece> = pieces(offset, data.len()).collect();
+        let maps: Vec<Mapping> = {
+            let mut meta = store.lock();
+            list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
+        };
+        let mut shared = Vec::new();
+        for (p, m) in list.iter().zip(&maps) {
+            match m {
+                Mapping::Mapped { addr, writable: true } => {
+                    store.write_data(*addr, p.at, &data[p.buf..p.buf + p.len])?;
+                }
+                _ => shared.push(*p),
+            }
+        }
+        if !shared.is_empty() {
+            let _cow = self.live.cow.lock();
+            self.write_new_blocks(root, &shared, data)?;
+        }
+        Ok(())
+    }
+
+    /// Writes pieces whose blocks are unmapped or shared: each gets a fresh block, written in
+    /// full (merged with the old contents for partial pieces) before the tree points at it.
+    fn write_new_blocks(&self, root: BlockAddr, list: &[Piece], data: &[u8]) -> Result<()> {
+        let store = self.store();
+        // Someone may have made these private while we waited for the lock.
+        let maps: Vec<Mapping> = {
+            let mut meta = store.lock();
+            list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
+        };
+        let mut i = 0;
+        while i < list.len() {
+            if let Mapping::Mapped { addr, writable: true } = maps[i] {
+                let p = list[i];
+                store.write_data(addr, p.at, &data[p.buf..p.buf + p.len])?;
+                i += 1;
+                continue;
+            }
+            // A run of consecutive virtual blocks needing new blocks.
+            let mut j = i + 1;
+            while j < list.len()
+                && list[j].vblock == list[j - 1].vblock + 1
+                && !matches!(maps[j], Mapping::Mapped { writable: true, .. })
+            {
+                j += 1;
+            }
+            let (first, got) = store.lock().alloc_run((j - i) as u64)?;
+            let n = got as usize;
+            let mut buf = vec![0u8; n * BLOCK_SIZE];
+            for k in 0..n {
+                let p = list[i + k];
+                let block = &mut buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+                if p.len < BLOCK_SIZE
+                    && let Mapping::Mapped { addr, .. } = maps[i + k]
+                {
+                    store.read_data(addr, 0, block)?;
+                }
+                block[p.at..p.at + p.len].copy_from_slice(&data[p.buf..p.buf + p.len]);
+            }
+            let written = store.write_data(first, 0, &buf);
+            let mut meta = store.lock();
+            if let Err(e) = written {
+                for k in 0..got {
+                    meta.decref(BlockAddr(first.0 + k))?;
+                }
+                return Err(e.into());
+            }
+            map_run(&mut meta, root, list[i..i + n].iter().map(|p| p.vblock), first)?;
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn commit_if_large(&self) -> Result<()> {
+        let should = self.store().lock().should_commit();
+        if should {
+            self.store().commit()?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps whole blocks and zeroes partial edges, with the I/O lock held exclusively.
+    fn discard_locked(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset + len;
+        let first_whole = offset.div_ceil(BS);
+        let end_whole = end / BS;
+        if first_whole >= end_whole {
+            self.zero_if_mapped(offset, len)?;
+            return Ok(());
+        }
+        self.zero_if_mapped(offset, first_whole * BS - offset)?;
+        self.zero_if_mapped(end_whole * BS, end - end_whole * BS)?;
+        let mut meta = self.store().lock();
+        radix::unmap(&mut meta, self.root(), first_whole, end_whole)?;
+        Ok(())
+    }
+
+    fn zero_if_mapped(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let m = radix::lookup(&mut self.store().lock(), self.root(), offset / BS)?;
+        if matches!(m, Mapping::Mapped { .. }) {
+            self.write_locked(offset, &vec![0u8; len as usize])?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for VdiDisk {
+    fn size(&self) -> u64 {
+        self.live.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        !self.writable
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        let _io = self.live.io.read();
+        Ok(read_tree(self.store(), self.root(), offset, buf)?)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        self.check_write(offset, data.len() as u64)?;
+        {
+            let _io = self.live.io.read();
+            self.write_locked(offset, data)?;
+        }
+        if fua {
+            self.store().commit().map_err(VdiError::from)?;
+        } else {
+            self.commit_if_large()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> DevResult<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.store().commit().map_err(VdiError::from)?;
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.check_write(offset, len)?;
+        {
+            let _io = self.live.io.write();
+            self.discard_locked(offset, len)?;
+        }
+        self.commit_if_large()?;
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        let _io = self.live.io.read();
+        Ok(tree_extents(self.store(), self.root(), offset, len)?)
+    }
+}
+
+impl BlockDevice for SnapshotDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        Ok(read_tree(&self.reg.store, self.root, offset, buf)?)
+    }
+
+    fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> DevResult<()> {
+        Err(DevError::ReadOnly)
+    }
+
+    fn flush(&self) -> DevResult<()> {
+        Ok(())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> DevResult<()> {
+        Err(DevError::ReadOnly)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        Ok(tree_extents(&self.reg.store, self.root, offset, len)?)
+    }
+}

@@ -1,0 +1,700 @@
+//! The VDI registry: every VDI's record and snapshot log, loaded at open and kept in memory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use blockstore::{BlockAddr, BlockStore, Meta};
+use parking_lot::{Mutex, RwLock};
+use zerocopy::FromBytes;
+use zerocopy::little_endian::{U32, U64};
+
+use crate::disk::*;
+use crate::{Result, SnapshotId, VdiError, VdiId};
+
+/// Largest VDI: what a radix tree addresses.
+pub const MAX_VDI_SIZE: u64 = radix::MAX_BLOCKS * blockstore::BLOCK_SIZE as u64;
+
+/// A VDI as `vdi list` and `vdi info` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VdiInfo {
+    /// Its id.
+    pub id: VdiId,
+    /// Its name.
+    pub name: String,
+    /// Virtual size in bytes (0: not set yet).
+    pub size: u64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// The snapshot it was created from.
+    pub parent: Option<SnapshotId>,
+    /// Snapshots not deleted.
+    pub snapshots: usize,
+    /// Root block of the live tree.
+    pub root: u64,
+}
+
+/// A snapshot as `vdi snap-list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub id: SnapshotId,
+    /// The VDI it was taken of.
+    pub vdi: VdiId,
+    /// When it was taken, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// Root block of its tree.
+    pub root: u64,
+    /// The VDI's size when it was taken.
+    pub size: u64,
+    /// True once deleted.
+    pub deleted: bool,
+}
+
+/// What a diff or an export reads: a snapshot, or a VDI as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The live VDI.
+    Vdi(VdiId),
+    /// A snapshot.
+    Snapshot(SnapshotId),
+}
+
+/// State shared by every open handle of one VDI.
+pub(crate) struct VdiLive {
+    pub(crate) id: VdiId,
+    pub(crate) root: AtomicU64,
+    pub(crate) size: AtomicU64,
+    /// Read for data I/O; write for changes to the tree's shape (snapshot, unmap, fill).
+    pub(crate) io: RwLock<()>,
+    /// Serialises copy-on-write and allocation paths of this VDI.
+    pub(crate) cow: Mutex<()>,
+    pub(crate) writer: AtomicBool,
+    pub(crate) open: AtomicUsize,
+}
+
+pub(crate) struct VdiEntry {
+    pub(crate) record: BlockAddr,
+    pub(crate) name: String,
+    pub(crate) created_ns: u64,
+    pub(crate) parent: Option<SnapshotId>,
+    pub(crate) log: Vec<BlockAddr>,
+    pub(crate) pending_root: BlockAddr,
+    pub(crate) live: Arc<VdiLive>,
+}
+
+pub(crate) struct SnapEntry {
+    pub(crate) vdi: VdiId,
+    pub(crate) root: BlockAddr,
+    pub(crate) time_ns: u64,
+    pub(crate) size: u64,
+    pub(crate) deleted: bool,
+    pub(crate) log_block: BlockAddr,
+    pub(crate) slot: usize,
+    pub(crate) open: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) vdis: BTreeMap<VdiId, VdiEntry>,
+    pub(crate) snaps: BTreeMap<SnapshotId, SnapEntry>,
+    pub(crate) registry_blocks: Vec<BlockAddr>,
+}
+
+/// Every VDI and snapshot in one block store.
+pub struct Registry {
+    pub(crate) store: Arc<BlockStore>,
+    pub(crate) state: Mutex<State>,
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn damaged(what: impl Into<String>) -> VdiError {
+    VdiError::Damaged(what.into())
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > NAME_MAX || name.chars().any(|c| c.is_control()) || name.contains('@') {
+        return Err(VdiError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 || size > MAX_VDI_SIZE || !size.is_multiple_of(512) {
+        return Err(VdiError::BadSize(size));
+    }
+    Ok(())
+}
+
+impl State {
+    fn name_taken(&self, name: &str, except: Option<VdiId>) -> bool {
+        self.vdis.iter().any(|(id, v)| v.name == name && Some(*id) != except)
+    }
+
+    pub(crate) fn vdi(&self, id: VdiId) -> Result<&VdiEntry> {
+        self.vdis.get(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))
+    }
+
+    pub(crate) fn snap(&self, id: SnapshotId) -> Result<&SnapEntry> {
+        match self.snaps.get(&id) {
+            None => Err(VdiError::UnknownSnapshot(id)),
+            Some(s) if s.deleted => Err(VdiError::SnapshotDeleted(id)),
+            Some(s) => Ok(s),
+        }
+    }
+}
+
+/// Writes a VDI's record block from its in-memory entry.
+pub(crate) fn write_record(meta: &mut Meta, id: VdiId, v: &VdiEntry) -> Result<()> {
+    let b = meta.write(v.record, &RECORD_KIND)?;
+    let r = RecordDisk::mut_from_bytes(b.as_mut_slice()).map_err(|_| damaged("record layout"))?;
+    r.id = U64::new(id.0 as u64);
+    r.size = U64::new(v.live.size.load(Ordering::Acquire));
+    r.root = U64::new(v.live.root.load(Ordering::Acquire));
+    r.pending_root = U64::new(v.pending_root.0);
+    r.created_ns = U64::new(v.created_ns);
+    r.parent_snapshot = U64::new(v.parent.map_or(0, |s| s.0));
+    r.log_head = U64::new(v.log.first().map_or(0, |a| a.0));
+    r.log_tail = U64::new(v.log.last().map_or(0, |a| a.0));
+    r.name_len = U32::new(v.name.len() as u32);
+    r.flags = U32::new(0);
+    r.name = [0; 256];
+    r.name[..v.name.len()].copy_from_slice(v.name.as_bytes());
+    Ok(())
+}
+
+impl Registry {
+    /// Loads the registry of `store` (an empty store has an empty registry). An import that a
+    /// crash interrupted is rolled back here.
+    pub fn open(store: Arc<BlockStore>) -> Result<Arc<Registry>> {
+        let state = {
+            let mut meta = store.lock();
+            load_state(&mut meta)?
+        };
+        let reg = Arc::new(Registry { store, state: Mutex::new(state) });
+        reg.drop_interrupted_imports()?;
+        Ok(reg)
+    }
+
+    /// The block store under the registry.
+    pub fn store(&self) -> &Arc<BlockStore> {
+        &self.store
+    }
+
+    fn drop_interrupted_imports(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        let pending: Vec<VdiId> = st.vdis.iter().filter(|(_, v)| !v.pending_root.is_none()).map(|(k, _)| *k).collect();
+        if pending.is_empty() || self.store.lock().is_read_only() {
+            return Ok(());
+        }
+        for id in pending {
+            tracing::warn!("VDI {id}: an import was interrupted; dropping what it had written");
+            let mut meta = self.store.lock();
+            let v = st.vdis.get_mut(&id).ok_or_else(|| damaged("vdi vanished"))?;
+            radix::release(&mut meta, v.pending_root)?;
+            v.pending_root = BlockAddr::NONE;
+            write_record(&mut meta, id, v)?;
+        }
+        drop(st);
+        self.store.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` on the locked state and metadata; commits if it succeeded, rolls the metadata
+    /// back if it failed. For whole-registry operations only, never on the I/O path.
+    pub(crate) fn transact<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
+        let mut attempts = 0;
+        let (out, clean_start) = loop {
+            let mut st = self.state.lock();
+            let mut meta = self.store.lock();
+            // Start from a committed state when we can, so a failure can be rolled back without
+            // touching anyone else's changes.
+            if meta.has_changes() && attempts < 3 && !meta.is_read_only() {
+                attempts += 1;
+                drop(meta);
+                drop(st);
+                self.store.commit()?;
+                continue;
+            }
+            let clean_start = !meta.has_changes();
+            break (f(&mut st, &mut meta), clean_start);
+        };
+        match out {
+            Ok(v) => {
+                self.store.commit()?;
+                Ok(v)
+            }
+            Err(e) if clean_start => {
+                // Roll back this operation's metadata and reload the in-memory registry.
+                self.store.abort();
+                let mut st = self.state.lock();
+                let mut meta = self.store.lock();
+                let fresh = load_state(&mut meta)?;
+                carry_live_handles(&mut st, fresh);
+                Err(e)
+            }
+            Err(e) => {
+                tracing::error!("operation failed midway while other changes were pending: {e}; run `vdi check`");
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolves a VDI named by id ("3") or by name ("golden"). An id wins over a name.
+    pub fn resolve(&self, name_or_id: &str) -> Result<VdiId> {
+        let st = self.state.lock();
+        if let Ok(id) = name_or_id.parse::<VdiId>()
+            && st.vdis.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        st.vdis
+            .iter()
+            .find(|(_, v)| v.name == name_or_id)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| VdiError::UnknownVdi(name_or_id.to_string()))
+    }
+
+    /// Creates an empty VDI. Without a size it takes the size of its first import.
+    pub fn create_vdi(&self, name: &str, size: Option<u64>) -> Result<VdiId> {
+        check_name(name)?;
+        if let Some(s) = size {
+            check_size(s)?;
+        }
+        self.transact(|st, meta| {
+            if st.name_taken(name, None) {
+                return Err(VdiError::NameTaken(name.into()));
+            }
+            let root = radix::create(meta)?;
+            add_vdi(st, meta, name, size.unwrap_or(0), root, None)
+        })
+    }
+
+    /// Creates a VDI that starts as a copy of snapshot `from`, sharing all of its blocks.
+    pub fn clone_snapshot(&self, name: &str, from: SnapshotId) -> Result<VdiId> {
+        check_name(name)?;
+        self.transact(|st, meta| {
+            if st.name_taken(name, None) {
+                return Err(VdiError::NameTaken(name.into()));
+            }
+            let (root, size) = {
+                let s = st.snap(from)?;
+                (s.root, s.size)
+            };
+            let new_root = radix::fork(meta, root)?;
+            add_vdi(st, meta, name, size, new_root, Some(from))
+        })
+    }
+
+    /// Every VDI, by id.
+    pub fn list(&self) -> Vec<VdiInfo> {
+        let st = self.state.lock();
+        st.vdis.keys().filter_map(|id| info_of(&st, *id).ok()).collect()
+    }
+
+    /// One VDI.
+    pub fn info(&self, id: VdiId) -> Result<VdiInfo> {
+        info_of(&self.state.lock(), id)
+    }
+
+    /// Store blocks mapped by the VDI's live tree (its used size is this × 4096).
+    pub fn mapped_blocks(&self, src: Source) -> Result<u64> {
+        let root = self.root_of(src)?;
+        let mut meta = self.store.lock();
+        Ok(radix::mapped_runs(&mut meta, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum())
+    }
+
+    pub(crate) fn root_of(&self, src: Source) -> Result<BlockAddr> {
+        let st = self.state.lock();
+        Ok(match src {
+            Source::Vdi(id) => BlockAddr(st.vdi(id)?.live.root.load(Ordering::Acquire)),
+            Source::Snapshot(s) => st.snap(s)?.root,
+        })
+    }
+
+    /// Size in bytes of a VDI or snapshot.
+    pub fn size_of(&self, src: Source) -> Result<u64> {
+        let st = self.state.lock();
+        Ok(match src {
+            Source::Vdi(id) => st.vdi(id)?.live.size.load(Ordering::Acquire),
+            Source::Snapshot(s) => st.snap(s)?.size,
+        })
+    }
+
+    /// Takes a snapshot of VDI `id`: its current tree becomes the snapshot, and the VDI gets a
+    /// new writable root sharing everything. Writes acknowledged before this call are in the
+    /// snapshot. Costs one node and one log entry, whatever the size or snapshot count.
+    pub fn snapshot(&self, id: VdiId) -> Result<SnapshotId> {
+        let live = self.state.lock().vdi(id)?.live.clone();
+        // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes.
+        let _quiet = live.io.write();
+        self.transact(|st, meta| take_snapshot(st, meta, id))
+    }
+
+    /// Snapshots of VDI `id`, oldest first, deleted ones included.
+    pub fn snapshots(&self, id: VdiId) -> Result<Vec<SnapshotInfo>> {
+        let st = self.state.lock();
+        st.vdi(id)?;
+        Ok(st.snaps.iter().filter(|(_, s)| s.vdi == id).map(|(sid, s)| snap_info(*sid, s)).collect())
+    }
+
+    /// Every snapshot in the store, deleted ones included.
+    pub fn all_snapshots(&self) -> Vec<SnapshotInfo> {
+        self.state.lock().snaps.iter().map(|(sid, s)| snap_info(*sid, s)).collect()
+    }
+
+    /// One snapshot (deleted ones included).
+    pub fn snapshot_info(&self, sid: SnapshotId) -> Result<SnapshotInfo> {
+        let st = self.state.lock();
+        st.snaps.get(&sid).map(|s| snap_info(sid, s)).ok_or(VdiError::UnknownSnapshot(sid))
+    }
+
+    /// Deletes a snapshot, freeing the blocks only it held. VDIs cloned from it keep working.
+    pub fn delete_snapshot(&self, sid: SnapshotId) -> Result<u64> {
+        self.transact(|st, meta| {
+            let s = st.snap(sid)?;
+            if s.open.load(Ordering::Acquire) > 0 {
+                return Err(VdiError::InUse(format!("snapshot {sid}")));
+            }
+            let (root, log_block, slot) = (s.root, s.log_block, s.slot);
+            let freed = radix::release(meta, root)?;
+            mark_snap_deleted(meta, log_block, slot)?;
+            if let Some(s) = st.snaps.get_mut(&sid) {
+                s.deleted = true;
+            }
+            Ok(freed)
+        })
+    }
+
+    /// Deletes a VDI and all its snapshots, freeing the blocks nothing else references.
+    /// Returns the blocks freed.
+    pub fn delete_vdi(&self, id: VdiId) -> Result<u64> {
+        self.transact(|st, meta| {
+            let v = st.vdi(id)?;
+            if v.live.open.load(Ordering::Acquire) > 0 {
+                return Err(VdiError::InUse(format!("VDI {id}")));
+            }
+            let busy = st.snaps.iter().any(|(_, s)| s.vdi == id && s.open.load(Ordering::Acquire) > 0);
+            if busy {
+                return Err(VdiError::InUse(format!("a snapshot of VDI {id}")));
+            }
+            let v = st.vdis.remove(&id).ok_or_else(|| damaged("vdi vanished"))?;
+            let mut freed = radix::release(meta, BlockAddr(v.live.root.load(Ordering::Acquire)))?;
+            if !v.pending_root.is_none() {
+                freed += radix::release(meta, v.pending_root)?;
+            }
+            let sids: Vec<SnapshotId> = st.snaps.iter().filter(|(_, s)| s.vdi == id).map(|(k, _)| *k).collect();
+            for sid in sids {
+                if let Some(s) = st.snaps.remove(&sid)
+                    && !s.deleted
+                {
+                    freed += radix::release(meta, s.root)?;
+                }
+            }
+            for b in &v.log {
+                freed += u64::from(meta.decref(*b)? == 0);
+            }
+            freed += u64::from(meta.decref(v.record)? == 0);
+            set_registry_slot(st, meta, id, BlockAddr::NONE)?;
+            Ok(freed)
+        })
+    }
+
+    /// Renames a VDI.
+    pub fn rename(&self, id: VdiId, new_name: &str) -> Result<()> {
+        check_name(new_name)?;
+        self.transact(|st, meta| {
+            if st.name_taken(new_name, Some(id)) {
+                return Err(VdiError::NameTaken(new_name.into()));
+            }
+            let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+            v.name = new_name.to_string();
+            write_record(meta, id, v)
+        })
+    }
+
+    /// The runs of 4 KiB blocks that differ between two snapshots or a snapshot and a VDI,
+    /// as (first byte, length in bytes). Shared subtrees are skipped unread.
+    pub fn diff(&self, a: Source, b: Source) -> Result<Vec<(u64, u64)>> {
+        let (ra, rb) = (self.root_of(a)?, self.root_of(b)?);
+        let mut meta = self.store.lock();
+        let runs = radix::diff(&mut meta, ra, rb)?;
+        let bs = blockstore::BLOCK_SIZE as u64;
+        Ok(runs.into_iter().map(|r| (r.start * bs, r.len * bs)).collect())
+    }
+}
+
+fn carry_live_handles(st: &mut State, mut fresh: State) {
+    // Open handles keep their shared state; only the persistent fields are reloaded.
+    for (id, v) in fresh.vdis.iter_mut() {
+        if let Some(old) = st.vdis.get(id) {
+            old.live.root.store(v.live.root.load(Ordering::Acquire), Ordering::Release);
+            old.live.size.store(v.live.size.load(Ordering::Acquire), Ordering::Release);
+            v.live = old.live.clone();
+        }
+    }
+    for (id, s) in fresh.snaps.iter_mut() {
+        if let Some(old) = st.snaps.get(id) {
+            s.open = old.open.clone();
+        }
+    }
+    *st = fresh;
+}
+
+fn info_of(st: &State, id: VdiId) -> Result<VdiInfo> {
+    let v = st.vdi(id)?;
+    Ok(VdiInfo {
+        id,
+        name: v.name.clone(),
+        size: v.live.size.load(Ordering::Acquire),
+        created_ns: v.created_ns,
+        parent: v.parent,
+        snapshots: st.snaps.values().filter(|s| s.vdi == id && !s.deleted).count(),
+        root: v.live.root.load(Ordering::Acquire),
+    })
+}
+
+fn snap_info(id: SnapshotId, s: &SnapEntry) -> SnapshotInfo {
+    SnapshotInfo { id, vdi: s.vdi, time_ns: s.time_ns, root: s.root.0, size: s.size, deleted: s.deleted }
+}
+
+fn new_live(id: VdiId, root: BlockAddr, size: u64) -> Arc<VdiLive> {
+    Arc::new(VdiLive {
+        id,
+        root: AtomicU64::new(root.0),
+        size: AtomicU64::new(size),
+        io: RwLock::new(()),
+        cow: Mutex::new(()),
+        writer: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+    })
+}
+
+fn add_vdi(
+    st: &mut State,
+    meta: &mut Meta,
+    name: &str,
+    size: u64,
+    root: BlockAddr,
+    parent: Option<SnapshotId>,
+) -> Result<VdiId> {
+    let next = meta.user(USER_NEXT_VDI);
+    let id = VdiId(u32::try_from(next).map_err(|_| damaged("VDI ids exhausted"))?);
+    meta.set_user(USER_NEXT_VDI, next + 1)?;
+    let record = meta.alloc_meta(&RECORD_KIND)?;
+    let entry = VdiEntry {
+        record,
+        name: name.to_string(),
+        created_ns: now_ns(),
+        parent,
+        log: Vec::new(),
+        pending_root: BlockAddr::NONE,
+        live: new_live(id, root, size),
+    };
+    write_record(meta, id, &entry)?;
+    st.vdis.insert(id, entry);
+    set_registry_slot(st, meta, id, record)?;
+    Ok(id)
+}
+
+fn set_registry_slot(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAddr) -> Result<()> {
+    let block_index = id.0 as usize / REGISTRY_SLOTS;
+    while st.registry_blocks.len() <= block_index {
+        let b = meta.alloc_meta(&REGISTRY_KIND)?;
+        let first_id = (st.registry_blocks.len() * REGISTRY_SLOTS) as u64;
+        {
+            let r = RegistryDisk::mut_from_bytes(meta.write(b, &REGISTRY_KIND)?.as_mut_slice())
+                .map_err(|_| damaged("registry layout"))?;
+            r.first_id = U64::new(first_id);
+        }
+        match st.registry_blocks.last() {
+            None => meta.set_user(USER_REGISTRY, b.0)?,
+            Some(&prev) => {
+                let r = RegistryDisk::mut_from_bytes(meta.write(prev, &REGISTRY_KIND)?.as_mut_slice())
+                    .map_err(|_| damaged("registry layout"))?;
+                r.next = U64::new(b.0);
+            }
+        }
+        st.registry_blocks.push(b);
+    }
+    let b = st.registry_blocks[block_index];
+    let r = RegistryDisk::mut_from_bytes(meta.write(b, &REGISTRY_KIND)?.as_mut_slice())
+        .map_err(|_| damaged("registry layout"))?;
+    r.records[id.0 as usize % REGISTRY_SLOTS] = U64::new(record.0);
+    Ok(())
+}
+
+fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId) -> Result<SnapshotId> {
+    let sid = SnapshotId(meta.user(USER_NEXT_SNAPSHOT).max(1));
+    meta.set_user(USER_NEXT_SNAPSHOT, sid.0 + 1)?;
+    let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+    let old_root = BlockAddr(v.live.root.load(Ordering::Acquire));
+    let size = v.live.size.load(Ordering::Acquire);
+    let new_root = radix::fork(meta, old_root)?;
+    let time_ns = now_ns();
+    // Append to the log's last block, or start a new block when it is full (or absent).
+    let tail_full = match v.log.last() {
+        None => true,
+        Some(&t) => {
+            SnapLogDisk::ref_from_bytes(meta.read(t, &SNAPLOG_KIND)?.as_slice())
+                .map_err(|_| damaged("log layout"))?
+                .count
+                .get() as usize
+                >= SNAPLOG_SLOTS
+        }
+    };
+    if tail_full {
+        let nb = meta.alloc_meta(&SNAPLOG_KIND)?;
+        {
+            let l = SnapLogDisk::mut_from_bytes(meta.write(nb, &SNAPLOG_KIND)?.as_mut_slice())
+                .map_err(|_| damaged("log layout"))?;
+            l.vdi = U64::new(id.0 as u64);
+        }
+        if let Some(&t) = v.log.last() {
+            let l = SnapLogDisk::mut_from_bytes(meta.write(t, &SNAPLOG_KIND)?.as_mut_slice())
+                .map_err(|_| damaged("log layout"))?;
+            l.next = U64::new(nb.0);
+        }
+        v.log.push(nb);
+    }
+    let tail = *v.log.last().ok_or_else(|| damaged("empty log"))?;
+    let slot = {
+        let l = SnapLogDisk::mut_from_bytes(meta.write(tail, &SNAPLOG_KIND)?.as_mut_slice())
+            .map_err(|_| damaged("log layout"))?;
+        let slot = l.count.get() as usize;
+        l.entries[slot] = SnapEntryDisk {
+            id: U64::new(sid.0),
+            root: U64::new(old_root.0),
+            time_ns: U64::new(time_ns),
+            size: U64::new(size),
+            flags: U64::new(0),
+        };
+        l.count = U32::new(slot as u32 + 1);
+        slot
+    };
+    v.live.root.store(new_root.0, Ordering::Release);
+    write_record(meta, id, v)?;
+    st.snaps.insert(
+        sid,
+        SnapEntry {
+            vdi: id,
+            root: old_root,
+            time_ns,
+            size,
+            deleted: false,
+            log_block: tail,
+            slot,
+            open: Arc::new(AtomicUsize::new(0)),
+        },
+    );
+    Ok(sid)
+}
+
+fn mark_snap_deleted(meta: &mut Meta, log_block: BlockAddr, slot: usize) -> Result<()> {
+    let l = SnapLogDisk::mut_from_bytes(meta.write(log_block, &SNAPLOG_KIND)?.as_mut_slice())
+        .map_err(|_| damaged("log layout"))?;
+    let f = l.entries[slot].flags.get();
+    l.entries[slot].flags = U64::new(f | SNAP_DELETED);
+    Ok(())
+}
+
+/// Reads the whole registry from the store.
+pub(crate) fn load_state(meta: &mut Meta) -> Result<State> {
+    let mut st = State::default();
+    let mut next = BlockAddr(meta.user(USER_REGISTRY));
+    let mut expected_first = 0u64;
+    while !next.is_none() {
+        if st.registry_blocks.len() > (1 << 23) {
+            return Err(damaged("the registry chain loops"));
+        }
+        let (records, nb, first) = {
+            let r = RegistryDisk::ref_from_bytes(meta.read(next, &REGISTRY_KIND)?.as_slice())
+                .map_err(|_| damaged("registry layout"))?;
+            (r.records.map(|x| x.get()), r.next.get(), r.first_id.get())
+        };
+        if first != expected_first {
+            return Err(damaged(format!("registry block {next} covers ids from {first}, expected {expected_first}")));
+        }
+        st.registry_blocks.push(next);
+        for (i, rec) in records.iter().enumerate() {
+            if *rec != 0 {
+                let id = VdiId((first + i as u64) as u32);
+                load_vdi(&mut st, meta, id, BlockAddr(*rec))?;
+            }
+        }
+        expected_first += REGISTRY_SLOTS as u64;
+        next = BlockAddr(nb);
+    }
+    Ok(st)
+}
+
+fn load_vdi(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAddr) -> Result<()> {
+    let (size, root, pending, created_ns, parent, log_head, name) = {
+        let r = RecordDisk::ref_from_bytes(meta.read(record, &RECORD_KIND)?.as_slice())
+            .map_err(|_| damaged("record layout"))?;
+        if r.id.get() != id.0 as u64 {
+            return Err(damaged(format!("record block {record} is for VDI {}, registered as {id}", r.id.get())));
+        }
+        let len = (r.name_len.get() as usize).min(NAME_MAX);
+        let name = String::from_utf8_lossy(&r.name[..len]).into_owned();
+        (
+            r.size.get(),
+            r.root.get(),
+            r.pending_root.get(),
+            r.created_ns.get(),
+            r.parent_snapshot.get(),
+            r.log_head.get(),
+            name,
+        )
+    };
+    if root == 0 {
+        return Err(damaged(format!("VDI {id} has no root")));
+    }
+    let mut log = Vec::new();
+    let mut next = BlockAddr(log_head);
+    while !next.is_none() {
+        if log.len() > (1 << 24) {
+            return Err(damaged(format!("snapshot log of VDI {id} loops")));
+        }
+        let l = SnapLogDisk::ref_from_bytes(meta.read(next, &SNAPLOG_KIND)?.as_slice())
+            .map_err(|_| damaged("log layout"))?;
+        if l.vdi.get() != id.0 as u64 {
+            return Err(damaged(format!("snapshot log block {next} belongs to VDI {}, not {id}", l.vdi.get())));
+        }
+        let count = (l.count.get() as usize).min(SNAPLOG_SLOTS);
+        for (slot, e) in l.entries[..count].iter().enumerate() {
+            st.snaps.insert(
+                SnapshotId(e.id.get()),
+                SnapEntry {
+                    vdi: id,
+                    root: BlockAddr(e.root.get()),
+                    time_ns: e.time_ns.get(),
+                    size: e.size.get(),
+                    deleted: e.flags.get() & SNAP_DELETED != 0,
+                    log_block: next,
+                    slot,
+                    open: Arc::new(AtomicUsize::new(0)),
+                },
+            );
+        }
+        log.push(next);
+        next = BlockAddr(l.next.get());
+    }
+    st.vdis.insert(
+        id,
+        VdiEntry {
+            record,
+            name,
+            created_ns,
+            parent: if parent == 0 { None } else { Some(SnapshotId(parent)) },
+            log,
+            pending_root: BlockAddr(pending),
+            live: new_live(id, BlockAddr(root), size),
+        },
+    );
+    Ok(())
+}
