@@ -354,6 +354,7 @@ fn fio_random_write_verify() {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--size=64M",
             "--output-format=json",
         ],
