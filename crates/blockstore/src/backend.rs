@@ -25,6 +25,9 @@ pub trait Backend: Send + Sync {
     fn reserve(&self, len: u64) -> io::Result<()>;
     /// The largest size the medium can have (a block device's size; `u64::MAX` for a file).
     fn capacity(&self) -> u64;
+    /// The current size of the medium in bytes (a truncated store is caught by comparing it
+    /// with the size the superblock records).
+    fn size(&self) -> io::Result<u64>;
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -42,5 +45,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn capacity(&self) -> u64 {
         (**self).capacity()
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
     }
 }

@@ -231,6 +231,13 @@ impl BlockStore {
             _ => {}
         }
         let end = sb.end_block();
+        let have = backend.size().map_err(|e| StoreError::io("finding the store's size", e))?;
+        if have < end * BLOCK_SIZE as u64 {
+            return Err(StoreError::Damaged(format!(
+                "the store is truncated: it holds {have} bytes but its superblock describes {} bytes",
+                end * BLOCK_SIZE as u64
+            )));
+        }
         let groups_start = sb.groups_start;
         let end_block = Arc::new(AtomicU64::new(end));
         let mut meta = Meta::new(backend.clone(), sb, opts.cache_blocks, opts.read_only, end_block.clone());

@@ -107,4 +107,8 @@ impl Backend for FileBackend {
     fn capacity(&self) -> u64 {
         if self.is_device { self.device_size } else { u64::MAX }
     }
+
+    fn size(&self) -> io::Result<u64> {
+        if self.is_device { Ok(self.device_size) } else { Ok(self.file.metadata()?.len()) }
+    }
 }

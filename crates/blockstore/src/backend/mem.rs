@@ -125,14 +125,9 @@ impl MemBackend {
         s.unsynced.clear();
     }
 
-    /// Current size in bytes.
-    pub fn len(&self) -> u64 {
-        self.state.lock().current.len() as u64
-    }
-
-    /// True if nothing was ever written.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// A copy of what would survive a power cut now.
+    pub fn durable_image(&self) -> Vec<u8> {
+        self.state.lock().durable.clone()
     }
 }
 
@@ -175,11 +170,26 @@ impl Backend for MemBackend {
     }
 
     fn reserve(&self, len: u64) -> io::Result<()> {
-        if len > self.capacity { Err(io::Error::from_raw_os_error(libc::ENOSPC)) } else { Ok(()) }
+        if len > self.capacity {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        // Like fallocate: the medium grows (with zeros) and the new size is durable.
+        let mut s = self.state.lock();
+        if (s.current.len() as u64) < len {
+            s.current.resize(len as usize, 0);
+        }
+        if (s.durable.len() as u64) < len {
+            s.durable.resize(len as usize, 0);
+        }
+        Ok(())
     }
 
     fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.state.lock().current.len() as u64)
     }
 }
 
@@ -201,9 +211,9 @@ impl<B: Backend> FaultyBackend<B> {
         if ok { Ok(()) } else { Err(io::Error::other("injected fault: the disk stopped accepting writes")) }
     }
 
-    /// True once the budget is spent.
-    pub fn exhausted(&self) -> bool {
-        self.budget.load(Ordering::Acquire) == 0
+    /// Writes and syncs still allowed.
+    pub fn remaining(&self) -> u64 {
+        self.budget.load(Ordering::Acquire)
     }
 }
 
@@ -224,5 +234,8 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     }
     fn capacity(&self) -> u64 {
         self.inner.capacity()
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
     }
 }
