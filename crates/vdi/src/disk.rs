@@ -88,12 +88,14 @@ pub struct SnapEntryDisk {
     pub time_ns: U64,
     /// The VDI's size when it was taken.
     pub size: U64,
-    /// Bit 0: deleted (root released).
+    /// Bit 0: deleted (root released); bit 1: taken by a schedule.
     pub flags: U64,
 }
 
 /// Flag of a deleted snapshot.
 pub const SNAP_DELETED: u64 = 1;
+/// Flag of a snapshot taken by a schedule (subject to retention) rather than by hand.
+pub const SNAP_AUTOMATIC: u64 = 2;
 
 /// A snapshot-log block: up to 101 snapshots of one VDI, oldest first, chained.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

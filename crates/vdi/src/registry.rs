@@ -50,6 +50,8 @@ pub struct SnapshotInfo {
     pub size: u64,
     /// True once deleted.
     pub deleted: bool,
+    /// True if a schedule took it (retention may delete it).
+    pub automatic: bool,
 }
 
 /// What a diff or an export reads: a snapshot, or a VDI as it is now.
@@ -90,6 +92,7 @@ pub(crate) struct SnapEntry {
     pub(crate) time_ns: u64,
     pub(crate) size: u64,
     pub(crate) deleted: bool,
+    pub(crate) automatic: bool,
     pub(crate) log_block: BlockAddr,
     pub(crate) slot: usize,
     pub(crate) open: Arc<AtomicUsize>,
@@ -329,10 +332,15 @@ impl Registry {
     /// new writable root sharing everything. Writes acknowledged before this call are in the
     /// snapshot. Costs one node and one log entry, whatever the size or snapshot count.
     pub fn snapshot(&self, id: VdiId) -> Result<SnapshotId> {
+        self.snapshot_with(id, false)
+    }
+
+    /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
+    pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
         let live = self.state.lock().vdi(id)?.live.clone();
         // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes.
         let _quiet = live.io.write();
-        self.transact(|st, meta| take_snapshot(st, meta, id))
+        self.transact(|st, meta| take_snapshot(st, meta, id, automatic))
     }
 
     /// Snapshots of VDI `id`, oldest first, deleted ones included.
@@ -459,7 +467,15 @@ fn info_of(st: &State, id: VdiId) -> Result<VdiInfo> {
 }
 
 fn snap_info(id: SnapshotId, s: &SnapEntry) -> SnapshotInfo {
-    SnapshotInfo { id, vdi: s.vdi, time_ns: s.time_ns, root: s.root.0, size: s.size, deleted: s.deleted }
+    SnapshotInfo {
+        id,
+        vdi: s.vdi,
+        time_ns: s.time_ns,
+        root: s.root.0,
+        size: s.size,
+        deleted: s.deleted,
+        automatic: s.automatic,
+    }
 }
 
 fn new_live(id: VdiId, root: BlockAddr, size: u64) -> Arc<VdiLive> {
@@ -528,7 +544,7 @@ fn set_registry_slot(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAd
     Ok(())
 }
 
-fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId) -> Result<SnapshotId> {
+fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) -> Result<SnapshotId> {
     let sid = SnapshotId(meta.user(USER_NEXT_SNAPSHOT).max(1));
     meta.set_user(USER_NEXT_SNAPSHOT, sid.0 + 1)?;
     let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
@@ -571,7 +587,7 @@ fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId) -> Result<SnapshotI
             root: U64::new(old_root.0),
             time_ns: U64::new(time_ns),
             size: U64::new(size),
-            flags: U64::new(0),
+            flags: U64::new(if automatic { SNAP_AUTOMATIC } else { 0 }),
         };
         l.count = U32::new(slot as u32 + 1);
         slot
@@ -586,6 +602,7 @@ fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId) -> Result<SnapshotI
             time_ns,
             size,
             deleted: false,
+            automatic,
             log_block: tail,
             slot,
             open: Arc::new(AtomicUsize::new(0)),
@@ -675,6 +692,7 @@ fn load_vdi(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAddr) -> Re
                     time_ns: e.time_ns.get(),
                     size: e.size.get(),
                     deleted: e.flags.get() & SNAP_DELETED != 0,
+                    automatic: e.flags.get() & SNAP_AUTOMATIC != 0,
                     log_block: next,
                     slot,
                     open: Arc::new(AtomicUsize::new(0)),

@@ -1,0 +1,196 @@
+//! The daemon's settings: command-line flags, optionally merged over a TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags of `parallaxd`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "parallaxd",
+    version,
+    about = "Serve Parallax VDIs to virtual machines over NBD",
+    after_help = "Examples:\n  parallaxd --store /var/lib/parallax/blockstore.dat\n  parallaxd --store ./blockstore.dat --nbd 127.0.0.1:10809 --snapshot-every 10s --keep 60\n\nExports: each VDI by name and by id (read-write, one writer at a time) and each snapshot\nread-only as NAME@SNAPSHOT. `vdi` commands on the same store go through the daemon."
+)]
+pub struct Flags {
+    /// The block store (file or block device); created if missing.
+    #[arg(long, env = "PARALLAX_STORE", default_value = "blockstore.dat")]
+    pub store: PathBuf,
+    /// TCP address for NBD clients ("none" to disable).
+    #[arg(long)]
+    pub nbd: Option<String>,
+    /// Unix socket for NBD clients.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    /// Allow a non-loopback NBD address (NBD has no authentication: use a trusted network).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// TOML file with the same settings (flags win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Take a snapshot of every served VDI this often (e.g. 10ms, 30s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub snapshot_every: Option<Duration>,
+    /// Only schedule snapshots of these VDIs (name or id; repeatable). Default: all.
+    #[arg(long = "snapshot-vdi")]
+    pub snapshot_vdis: Vec<String>,
+    /// Keep at most this many scheduled snapshots per VDI.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Delete scheduled snapshots older than this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub keep_for: Option<Duration>,
+    /// Metadata blocks to cache in memory (4 KiB each).
+    #[arg(long)]
+    pub cache_blocks: Option<usize>,
+}
+
+/// The same settings as a TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    store: Option<PathBuf>,
+    nbd: Option<String>,
+    nbd_socket: Option<PathBuf>,
+    allow_remote: Option<bool>,
+    snapshot_every: Option<String>,
+    snapshot_vdis: Option<Vec<String>>,
+    keep: Option<usize>,
+    keep_for: Option<String>,
+    cache_blocks: Option<usize>,
+}
+
+/// A snapshot schedule and its retention.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Interval between snapshots.
+    pub every: Duration,
+    /// VDIs to snapshot (names or ids); empty means all.
+    pub vdis: Vec<String>,
+    /// Scheduled snapshots kept per VDI (newest first), if limited.
+    pub keep: Option<usize>,
+    /// Age after which scheduled snapshots are deleted, if limited.
+    pub keep_for: Option<Duration>,
+}
+
+/// The daemon's resolved settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The block store.
+    pub store: PathBuf,
+    /// TCP address for NBD, if any.
+    pub nbd: Option<SocketAddr>,
+    /// Unix socket for NBD, if any.
+    pub nbd_socket: Option<PathBuf>,
+    /// Snapshot schedule, if any.
+    pub schedule: Option<Schedule>,
+    /// Metadata cache size in blocks.
+    pub cache_blocks: usize,
+}
+
+fn duration(s: &str, what: &str) -> Result<Duration> {
+    humantime::parse_duration(s).with_context(|| format!("{what}: '{s}' is not a duration like 10ms, 30s or 1h"))
+}
+
+impl Config {
+    /// Resolves flags over the optional file.
+    pub fn from_flags(flags: Flags) -> Result<Config> {
+        let file = match &flags.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let store = if flags.store != Path::new("blockstore.dat") {
+            flags.store.clone()
+        } else {
+            file.store.unwrap_or(flags.store)
+        };
+        let allow_remote = flags.allow_remote || file.allow_remote.unwrap_or(false);
+        let nbd_text = flags.nbd.or(file.nbd).unwrap_or_else(|| "127.0.0.1:10809".to_string());
+        let nbd = if nbd_text == "none" {
+            None
+        } else {
+            let addr: SocketAddr = nbd_text
+                .parse()
+                .with_context(|| format!("--nbd '{nbd_text}' is not an address like 127.0.0.1:10809"))?;
+            if !addr.ip().is_loopback() && !allow_remote {
+                bail!(
+                    "--nbd {addr} is not a loopback address; NBD has no authentication, so pass --allow-remote if this network is trusted"
+                );
+            }
+            Some(addr)
+        };
+        let every = match (flags.snapshot_every, &file.snapshot_every) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(duration(s, "snapshot_every")?),
+            _ => None,
+        };
+        let keep_for = match (flags.keep_for, &file.keep_for) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(duration(s, "keep_for")?),
+            _ => None,
+        };
+        if let Some(e) = every
+            && e < Duration::from_millis(10)
+        {
+            bail!("--snapshot-every {e:?} is below the 10ms minimum");
+        }
+        let schedule = every.map(|every| Schedule {
+            every,
+            vdis: if flags.snapshot_vdis.is_empty() {
+                file.snapshot_vdis.unwrap_or_default()
+            } else {
+                flags.snapshot_vdis
+            },
+            keep: flags.keep.or(file.keep),
+            keep_for,
+        });
+        Ok(Config {
+            store,
+            nbd,
+            nbd_socket: flags.nbd_socket.or(file.nbd_socket),
+            schedule,
+            cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing the config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("parallaxd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn remote_address_needs_allow_remote() {
+        assert!(Config::from_flags(flags(&["--nbd", "0.0.0.0:10809"])).is_err());
+        assert!(Config::from_flags(flags(&["--nbd", "0.0.0.0:10809", "--allow-remote"])).is_ok());
+        assert!(Config::from_flags(flags(&["--nbd", "[::1]:10809"])).is_ok());
+    }
+
+    #[test]
+    fn schedule_below_10ms_is_refused_and_file_values_apply() {
+        assert!(Config::from_flags(flags(&["--snapshot-every", "5ms"])).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "store = \"/x/s.dat\"\nsnapshot_every = \"20ms\"\nkeep = 3\nnbd = \"none\"\n").unwrap();
+        let c = Config::from_flags(flags(&["--config", p.to_str().unwrap()])).unwrap();
+        assert_eq!(c.store, PathBuf::from("/x/s.dat"));
+        assert!(c.nbd.is_none());
+        let s = c.schedule.unwrap();
+        assert_eq!(s.every, Duration::from_millis(20));
+        assert_eq!(s.keep, Some(3));
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        assert!(Config::from_flags(flags(&["--config", p.to_str().unwrap()])).is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! The daemon's life: open the store, serve, and shut down cleanly.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use blockstore::{BlockStore, CreateOptions, OpenOptions};
+use nbd::{Limits, Server};
+use vdi::Registry;
+
+use crate::config::Config;
+use crate::exports::VdiExports;
+
+/// Hooks that let the daemon serve `vdi` commands on a control socket; supplied by `main`
+/// so this crate does not depend on the command-line tool.
+pub type ControlHook = Box<dyn FnOnce(Arc<Registry>, Arc<AtomicBool>) -> Result<Option<std::thread::JoinHandle<()>>>>;
+
+/// Runs the daemon until `stop` is set, then finishes in-flight requests, commits and returns.
+pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) -> Result<()> {
+    let opts = OpenOptions { read_only: false, cache_blocks: config.cache_blocks, wait_for_lock: false };
+    let store = BlockStore::open_path(&config.store, &opts, Some(&CreateOptions::default()))
+        .with_context(|| format!("opening the store {}", config.store.display()))?;
+    for w in &store.recovery().warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(g) = store.recovery().replayed {
+        tracing::info!("replayed journal record {g} ({} blocks)", store.recovery().blocks_replayed);
+    }
+    let reg = Registry::open(Arc::new(store)).context("loading the VDI registry")?;
+    let mut damaged = HashMap::new();
+    for (id, e) in reg.damaged_vdis() {
+        tracing::error!("VDI {id} is damaged and will not be served: {e}");
+        damaged.insert(id, e.to_string());
+    }
+    let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
+    let mut servers = Vec::new();
+    if let Some(addr) = config.nbd {
+        let l = TcpListener::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?;
+        tracing::info!("serving NBD on {}", l.local_addr()?);
+        servers.push(Server::spawn_tcp(l, provider.clone(), Limits::default())?);
+    }
+    if let Some(path) = &config.nbd_socket {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?;
+        tracing::info!("serving NBD on unix socket {}", path.display());
+        servers.push(Server::spawn_unix(l, provider.clone(), Limits::default())?);
+    }
+    let control_thread = match control {
+        Some(hook) => hook(reg.clone(), stop.clone())?,
+        None => None,
+    };
+    let schedule_thread = config.schedule.clone().map(|s| {
+        tracing::info!("snapshots every {:?} (keep {:?}, keep for {:?})", s.every, s.keep, s.keep_for);
+        let (reg, stop) = (reg.clone(), stop.clone());
+        std::thread::spawn(move || crate::schedule::run(reg, s, stop))
+    });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!("parallaxd ready: {} VDIs in {}", reg.list().len(), config.store.display());
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("stopping: finishing in-flight requests");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    for s in &servers {
+        s.shutdown();
+    }
+    for s in servers {
+        s.wait();
+    }
+    if let Some(t) = schedule_thread {
+        let _ = t.join();
+    }
+    if let Some(t) = control_thread {
+        let _ = t.join();
+    }
+    if let Some(path) = &config.nbd_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    let info = reg.store().commit().context("final commit")?;
+    tracing::info!("committed generation {}; bye", info.generation);
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Starts a real `parallaxd` process on a temporary store for tests with real NBD clients.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockstore::{BlockStore, CreateOptions, OpenOptions};
+use vdi::Registry;
+
+pub const MIB: u64 = 1 << 20;
+
+/// A client program must be installed; CI installs them all.
+pub fn need(program: &str) {
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file())).unwrap_or(false);
+    if !found {
+        panic!("{program} is not installed (apt-get install libnbd-bin nbdkit fio qemu-utils python3-libnbd)");
+    }
+}
+
+/// Runs a command and returns its output; panics with everything it printed on failure.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command with /usr/bin first on PATH (Debian's python has the nbd module).
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let path = format!("/usr/bin:/usr/sbin:{}", std::env::var("PATH").unwrap_or_default());
+    Command::new(program).args(args).env("PATH", path).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+/// Opens the store directly (the daemon must not be running) to set it up or inspect it.
+pub fn with_registry<T>(store: &Path, f: impl FnOnce(&Arc<Registry>) -> T) -> T {
+    let s = BlockStore::open_path(store, &OpenOptions::default(), Some(&CreateOptions::default())).expect("open store");
+    let reg = Registry::open(Arc::new(s)).expect("registry");
+    f(&reg)
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub port: u16,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Daemon {
+    /// A fresh store with one VDI "disk" of `size` bytes, not yet served.
+    pub fn prepare(size: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("blockstore.dat");
+        with_registry(&store, |r| r.create_vdi("disk", Some(size)).expect("create"));
+        (dir, store)
+    }
+
+    /// Starts parallaxd on `store` with extra flags and waits until it accepts connections.
+    pub fn start(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let socket = dir.path().join("nbd.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
+            .arg("--store")
+            .arg(&store)
+            .arg("--nbd")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--nbd-socket")
+            .arg(&socket)
+            .args(extra)
+            .env("PARALLAX_RUN_DIR", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start parallaxd");
+        let d = Daemon { dir, store, port, socket, child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "parallaxd did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The NBD URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, export)
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status code and the temp dir.
+    pub fn stop(mut self) -> (i32, tempfile::TempDir, PathBuf) {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "parallaxd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        (code, dir, self.store.clone())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
