@@ -1,0 +1,329 @@
+//! The command line: every subcommand, flag and help text, as clap definitions.
+//!
+//! Arguments that name files carry a `ValueHint` of `FilePath`/`AnyPath`: the control-socket
+//! client uses it to find the path arguments it must make absolute before forwarding.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
+use clap_complete::Shell;
+
+/// The store used when neither `--store` nor `PARALLAX_STORE` names one.
+pub const DEFAULT_STORE: &str = "./blockstore.dat";
+
+const TOP_HELP: &str = "\
+Workflow (a store file is created on first use; pick it with --store or PARALLAX_STORE):
+  truncate -s 2G image && mkfs.ext4 -q image      # a raw disk image to import
+  debugfs -w -R \"write /etc/services services\" image
+  vdi create \"My new FC3 VDI\"                     # prints the new VDI's id, e.g. 0
+  vdi fill 0 ./image                              # import (sparse); size taken from the image
+  vdi validate 0 ./image                          # 'identical', or the first differing offset
+  vdi snap 0                                      # prints the new snapshot's id, e.g. 1
+  vdi snap-list 0                                 # snapshots of VDI 0
+  vdi create \"FC3 - Copy 1\" --from 1              # a clone of snapshot 1 (copy-on-write)
+  vdi list                                        # every VDI
+  vdi tree                                        # VDIs, snapshots and clones as a tree
+
+A VDI is named by id or by name. A snapshot is named by the id `vdi snap` printed; where a
+VDI is expected, write @ID or VDI@ID (or pass --snapshot) to mean a snapshot instead.
+When parallaxd serves the store, every command goes through the daemon automatically.
+Exit status: 0 success, 1 'no' (validate found a difference, check found problems),
+2 a usage or user error, 3 a failure of the store or the system. See docs/cli.md.";
+
+/// `vdi`: manage the virtual disk images (VDIs) of a Parallax block store.
+#[derive(Debug, Parser)]
+#[command(name = "vdi", version, about = "Manage the VDIs (virtual disk images) of a Parallax block store")]
+#[command(after_help = TOP_HELP, propagate_version = true)]
+pub struct Cli {
+    /// The block store file or device.
+    #[arg(long, global = true, env = "PARALLAX_STORE", default_value = DEFAULT_STORE, value_name = "PATH",
+          value_hint = ValueHint::FilePath, display_order = 100)]
+    pub store: PathBuf,
+
+    /// Wait for another process using the store instead of failing at once.
+    #[arg(long, global = true, display_order = 101)]
+    pub wait: bool,
+
+    /// Show sizes as exact byte counts instead of KiB/MiB/GiB.
+    #[arg(long, global = true, display_order = 102)]
+    pub bytes: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an empty store, optionally with a size limit (other commands create one on demand).
+    #[command(after_help = "Example:\n  vdi --store /srv/vdis.store init --max-size 64G")]
+    Init(InitArgs),
+    /// Create a VDI (empty, or a clone of a snapshot with --from) and print its id.
+    #[command(after_help = "Examples:\n  vdi create \"My new FC3 VDI\"            # size set by the first fill\n  \
+                            vdi create scratch --size 10G\n  vdi create \"FC3 - Copy 1\" --from 1     # clone of snapshot 1")]
+    Create(CreateArgs),
+    /// List every VDI: id, name, size, space used, snapshots, parent snapshot.
+    #[command(after_help = "Examples:\n  vdi list\n  vdi list --json | jq '.[].name'")]
+    List(JsonArg),
+    /// Import a raw disk image into a VDI, replacing its contents (atomic, sparse).
+    #[command(visible_alias = "import")]
+    #[command(after_help = "Example:\n  vdi fill 0 ./image\n\nHoles and all-zero blocks are not stored. \
+                            If the import fails (e.g. the store is full) the VDI is left as it was.")]
+    Fill(FillArgs),
+    /// Compare a VDI or snapshot with a raw image; exit 1 if they differ.
+    #[command(after_help = "Examples:\n  vdi validate 0 ./image\n  vdi validate @1 ./image      # snapshot 1")]
+    Validate(ValidateArgs),
+    /// Take a snapshot of a VDI and print the snapshot's id.
+    #[command(after_help = "Example:\n  vdi snap 0")]
+    Snap(VdiArg),
+    /// List the snapshots of a VDI: id, time, root block, size, space used.
+    #[command(after_help = "Examples:\n  vdi snap-list 0\n  vdi snap-list golden --all --json")]
+    SnapList(SnapListArgs),
+    /// Show VDIs, their snapshots and the clones made from them as a tree.
+    #[command(after_help = "Examples:\n  vdi tree\n  vdi tree --format dot > vdis.dot\n  \
+                            vdi tree --format svg -o vdis.svg      # needs Graphviz (apt-get install graphviz)")]
+    Tree(TreeArgs),
+    /// Show one VDI or snapshot in detail; without an argument, the store's space.
+    #[command(after_help = "Examples:\n  vdi info 0\n  vdi info @1 --json\n  vdi info")]
+    Info(InfoArgs),
+    /// Rename a VDI.
+    #[command(after_help = "Example:\n  vdi rename 0 golden")]
+    Rename(RenameArgs),
+    /// Delete a VDI and all its snapshots (clones made from them keep working).
+    #[command(after_help = "Example:\n  vdi delete \"FC3 - Copy 1\"")]
+    Delete(VdiArg),
+    /// Delete a snapshot (clones made from it keep working).
+    #[command(after_help = "Example:\n  vdi snap-delete 1")]
+    SnapDelete(SnapArg),
+    /// Write a VDI or snapshot out as a raw image (sparse), or to stdout with '-'.
+    #[command(after_help = "Examples:\n  vdi export 0 disk.img\n  vdi export @1 snap1.img         # snapshot 1\n  \
+                            vdi export 1 - --snapshot | gzip > snap1.img.gz")]
+    Export(ExportArgs),
+    /// List the byte ranges that differ between two snapshots, or a snapshot and a live VDI.
+    #[command(after_help = "Examples:\n  vdi diff 1 2             # snapshot 1 vs snapshot 2\n  \
+                            vdi diff 1               # snapshot 1 vs its VDI as it is now\n  \
+                            vdi diff 1 --vdi clone   # snapshot 1 vs VDI 'clone' as it is now")]
+    Diff(DiffArgs),
+    /// Check the whole store's consistency (exit 1 if problems are found).
+    #[command(after_help = "Examples:\n  vdi check\n  vdi check --repair     # fix reference counts and leaks")]
+    Check(CheckArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  vdi completions bash > /etc/bash_completion.d/vdi\n  \
+                            vdi completions zsh > \"${fpath[1]}/_vdi\"\n  vdi completions fish > ~/.config/fish/completions/vdi.fish")]
+    Completions(CompletionsArgs),
+}
+
+impl Command {
+    /// True for commands that change the store (they open it exclusively).
+    pub fn writes(&self) -> bool {
+        match self {
+            Command::Init(_)
+            | Command::Create(_)
+            | Command::Fill(_)
+            | Command::Snap(_)
+            | Command::Rename(_)
+            | Command::Delete(_)
+            | Command::SnapDelete(_) => true,
+            Command::Check(c) => c.repair,
+            Command::List(_)
+            | Command::Validate(_)
+            | Command::SnapList(_)
+            | Command::Tree(_)
+            | Command::Info(_)
+            | Command::Export(_)
+            | Command::Diff(_)
+            | Command::Completions(_) => false,
+        }
+    }
+
+    /// True for commands that may create the store file when it does not exist yet.
+    pub fn creates_store(&self) -> bool {
+        matches!(self, Command::Init(_) | Command::Create(_))
+    }
+}
+
+/// `vdi init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Largest size the store may grow to (e.g. 64G); unlimited by default.
+    #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size_arg)]
+    pub max_size: Option<u64>,
+    /// Size of each of the two journal slots (default 32M, less for small stores).
+    #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size_arg)]
+    pub journal: Option<u64>,
+}
+
+/// `vdi create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the new VDI (1 to 255 bytes, no control characters, no '@').
+    pub name: String,
+    /// Virtual size, e.g. 2G, 512M, 4096 (K/M/G/T are binary: 1K = 1024 bytes).
+    #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size_arg, conflicts_with = "from")]
+    pub size: Option<u64>,
+    /// Make the VDI a copy-on-write clone of this snapshot (ID or VDI@ID).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
+}
+
+/// A `--json` flag alone.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON (field names in docs/cli.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One VDI argument.
+#[derive(Debug, Args)]
+pub struct VdiArg {
+    /// The VDI, by id or name.
+    pub vdi: String,
+}
+
+/// One snapshot argument.
+#[derive(Debug, Args)]
+pub struct SnapArg {
+    /// The snapshot id (as `vdi snap` and `vdi snap-list` print it), or VDI@ID.
+    pub snapshot: String,
+}
+
+/// `vdi fill`.
+#[derive(Debug, Args)]
+pub struct FillArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// The raw image file or block device to import.
+    #[arg(value_hint = ValueHint::FilePath)]
+    pub image: PathBuf,
+}
+
+/// `vdi validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot.
+    pub source: String,
+    /// The raw image to compare with.
+    #[arg(value_hint = ValueHint::FilePath)]
+    pub image: PathBuf,
+    /// SOURCE is a snapshot id.
+    #[arg(long, short = 's')]
+    pub snapshot: bool,
+}
+
+/// `vdi snap-list`.
+#[derive(Debug, Args)]
+pub struct SnapListArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// Include deleted snapshots.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output formats of `vdi tree`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TreeFormat {
+    /// Indented text.
+    Text,
+    /// Graphviz DOT source.
+    Dot,
+    /// SVG drawn by Graphviz `dot`.
+    Svg,
+    /// PNG drawn by Graphviz `dot`.
+    Png,
+}
+
+/// `vdi tree`.
+#[derive(Debug, Args)]
+pub struct TreeArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = TreeFormat::Text)]
+    pub format: TreeFormat,
+    /// Write to this file instead of stdout.
+    #[arg(long, short = 'o', value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub output: Option<PathBuf>,
+    /// Include deleted snapshots that nothing was cloned from.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `vdi info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot; none for the whole store.
+    pub source: Option<String>,
+    /// SOURCE is a snapshot id.
+    #[arg(long, short = 's')]
+    pub snapshot: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vdi rename`.
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// Its new name.
+    pub new_name: String,
+}
+
+/// `vdi export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot.
+    pub source: String,
+    /// The file to write (created or overwritten, sparse), or '-' for stdout.
+    #[arg(value_hint = ValueHint::FilePath)]
+    pub output: PathBuf,
+    /// SOURCE is a snapshot id.
+    #[arg(long, short = 's')]
+    pub snapshot: bool,
+}
+
+/// `vdi diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older snapshot (ID, @ID or VDI@ID).
+    pub from: String,
+    /// The newer snapshot; if omitted, the live VDI (the snapshot's own, or --vdi).
+    #[arg(conflicts_with = "vdi")]
+    pub to: Option<String>,
+    /// Compare with this live VDI instead (e.g. a clone of FROM).
+    #[arg(long, value_name = "VDI")]
+    pub vdi: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vdi check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Fix wrong reference counts and leaked blocks (opens the store for writing).
+    #[arg(long)]
+    pub repair: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vdi completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: Shell,
+}
+
+/// The clap command, built (globals propagated), for introspection.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    cmd
+}

@@ -1,0 +1,160 @@
+//! The commands, written once against an open registry and borrowed output streams, so the
+//! same code runs in the `vdi` process and, through the control socket, inside parallaxd.
+
+mod check;
+mod diff;
+mod image;
+mod show;
+mod snapshot;
+mod tree;
+mod vdi_cmds;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vdi::{Registry, SnapshotId, Source, VdiId};
+
+use crate::args::{Cli, Command};
+use crate::error::{CmdResult, EXIT_USER, Failure};
+
+/// What a command runs with.
+pub struct Ctx<'a> {
+    /// The open registry.
+    pub reg: &'a Arc<Registry>,
+    /// Where results go.
+    pub out: &'a mut dyn Write,
+    /// Where progress, warnings and errors go.
+    pub err: &'a mut dyn Write,
+    /// Draw progress bars on `err`.
+    pub err_is_terminal: bool,
+    /// Width of the terminal `err` is on.
+    pub term_width: u16,
+    /// Show sizes as exact byte counts (`--bytes`).
+    pub exact: bool,
+}
+
+impl Ctx<'_> {
+    /// Writes `text` to the output stream.
+    pub fn print(&mut self, text: &str) -> Result<(), Failure> {
+        self.out.write_all(text.as_bytes()).map_err(output_error)
+    }
+
+    /// Writes `value` to the output as pretty JSON and a newline.
+    pub fn print_json<T: serde::Serialize>(&mut self, value: &T) -> Result<(), Failure> {
+        let mut s = serde_json::to_string_pretty(value).map_err(|e| Failure::system(e.to_string()))?;
+        s.push('\n');
+        self.print(&s)
+    }
+}
+
+/// An error writing the command's output (e.g. a closed pipe).
+pub fn output_error(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Failure::system("the output was closed before the command finished (broken pipe)")
+    } else {
+        Failure::system(format!("writing the output: {e}"))
+    }
+}
+
+/// Runs the parsed command line against `ctx.reg`. `init` is refused here: the store is
+/// already open.
+pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
+    match &cli.command {
+        Command::Init(_) => Err(Failure::user(
+            "the store already exists and is open (by parallaxd); `vdi init` only creates new stores",
+        )),
+        Command::Create(a) => vdi_cmds::create(ctx, a),
+        Command::List(a) => show::list(ctx, a.json),
+        Command::Fill(a) => image::fill(ctx, a),
+        Command::Validate(a) => image::validate(ctx, a),
+        Command::Snap(a) => snapshot::snap(ctx, &a.vdi),
+        Command::SnapList(a) => snapshot::list(ctx, a),
+        Command::Tree(a) => tree::tree(ctx, a),
+        Command::Info(a) => show::info(ctx, a),
+        Command::Rename(a) => vdi_cmds::rename(ctx, a),
+        Command::Delete(a) => vdi_cmds::delete(ctx, &a.vdi),
+        Command::SnapDelete(a) => snapshot::delete(ctx, &a.snapshot),
+        Command::Export(a) => image::export(ctx, a),
+        Command::Diff(a) => diff::diff(ctx, a),
+        Command::Check(a) => check::check(ctx, a),
+        Command::Completions(a) => completions(ctx.out, a.shell),
+    }
+}
+
+/// Prints the completion script for `shell`.
+pub fn completions(out: &mut dyn Write, shell: clap_complete::Shell) -> CmdResult {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "vdi", &mut buf);
+    out.write_all(&buf).map_err(output_error)?;
+    Ok(0)
+}
+
+/// Resolves a VDI named by id or name.
+pub fn resolve_vdi(reg: &Registry, name: &str) -> Result<VdiId, Failure> {
+    Ok(reg.resolve(name)?)
+}
+
+/// Parses a snapshot id: `ID` or `@ID`.
+pub fn parse_snapshot(text: &str) -> Result<SnapshotId, Failure> {
+    let t = text.strip_prefix('@').unwrap_or(text);
+    t.parse::<SnapshotId>().map_err(|e| Failure { code: EXIT_USER, message: e })
+}
+
+/// A snapshot that exists (deleted or not), written `ID`, `@ID` or `VDI@ID` (the name
+/// parallaxd exports snapshots under; the VDI must be the snapshot's own).
+pub fn snapshot_ref(reg: &Registry, text: &str) -> Result<SnapshotId, Failure> {
+    let (vdi, id) = match text.split_once('@') {
+        Some((v, id)) if !v.is_empty() => (Some(v), id),
+        _ => (None, text),
+    };
+    let sid = parse_snapshot(id)?;
+    let info = reg.snapshot_info(sid)?;
+    if let Some(v) = vdi {
+        let owner = resolve_vdi(reg, v)?;
+        if owner != info.vdi {
+            return Err(Failure::user(format!(
+                "snapshot {sid} is a snapshot of VDI {}, not of '{v}' (see `vdi snap-list {v}`)",
+                info.vdi
+            )));
+        }
+    }
+    Ok(sid)
+}
+
+/// A snapshot (as [`snapshot_ref`]) that must not be deleted.
+pub fn live_snapshot(reg: &Registry, text: &str) -> Result<SnapshotId, Failure> {
+    let sid = snapshot_ref(reg, text)?;
+    if reg.snapshot_info(sid)?.deleted {
+        return Err(vdi::VdiError::SnapshotDeleted(sid).into());
+    }
+    Ok(sid)
+}
+
+/// A VDI (id or name) or, written `@ID`/`VDI@ID` or with `snapshot` set, a snapshot.
+pub fn parse_source(reg: &Registry, text: &str, snapshot: bool) -> Result<Source, Failure> {
+    if snapshot || text.contains('@') {
+        Ok(Source::Snapshot(live_snapshot(reg, text)?))
+    } else {
+        Ok(Source::Vdi(resolve_vdi(reg, text)?))
+    }
+}
+
+/// "VDI 3 ('name')" or "snapshot 5 (of VDI 3)".
+pub fn describe(reg: &Registry, src: Source) -> String {
+    match src {
+        Source::Vdi(id) => match reg.info(id) {
+            Ok(v) => format!("VDI {id} ('{}')", v.name),
+            Err(_) => format!("VDI {id}"),
+        },
+        Source::Snapshot(s) => match reg.snapshot_info(s) {
+            Ok(i) => format!("snapshot {s} (of VDI {})", i.vdi),
+            Err(_) => format!("snapshot {s}"),
+        },
+    }
+}
+
+/// Bytes of data mapped by a VDI or snapshot (blocks shared with others included).
+pub fn used_bytes(reg: &Registry, src: Source) -> Result<u64, Failure> {
+    Ok(reg.mapped_blocks(src)? * blockstore::BLOCK_SIZE as u64)
+}

@@ -1,0 +1,110 @@
+//! `vdi snap`, `vdi snap-list` and `vdi snap-delete`.
+
+use serde::Serialize;
+use vdi::Source;
+
+use super::{Ctx, resolve_vdi, snapshot_ref, used_bytes};
+use crate::args::SnapListArgs;
+use crate::error::CmdResult;
+use crate::format::{self, Align, Table};
+
+/// `vdi snap VDI`: prints the new snapshot's id.
+pub fn snap(ctx: &mut Ctx<'_>, name: &str) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, name)?;
+    let sid = ctx.reg.snapshot(id)?;
+    ctx.print(&format!("{sid}\n"))?;
+    Ok(0)
+}
+
+/// One snapshot in `snap-list --json`.
+#[derive(Debug, Serialize)]
+pub struct SnapJson {
+    /// Snapshot id.
+    pub id: u64,
+    /// VDI it was taken of.
+    pub vdi: u32,
+    /// When it was taken, RFC 3339 local time.
+    pub time: String,
+    /// When it was taken, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// Root block of its tree.
+    pub root: u64,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes of data it maps (shared blocks included); null once deleted.
+    pub used: Option<u64>,
+    /// True once deleted.
+    pub deleted: bool,
+    /// True if parallaxd's schedule took it (retention may delete it); false if taken by hand.
+    pub automatic: bool,
+}
+
+/// `vdi snap-list VDI`.
+pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, &a.vdi)?;
+    let mut rows = Vec::new();
+    for s in ctx.reg.snapshots(id)? {
+        if s.deleted && !a.all {
+            continue;
+        }
+        let used = if s.deleted { None } else { Some(used_bytes(ctx.reg, Source::Snapshot(s.id))?) };
+        rows.push(SnapJson {
+            id: s.id.0,
+            vdi: s.vdi.0,
+            time: format::rfc3339(s.time_ns),
+            time_ns: s.time_ns,
+            root: s.root,
+            size: s.size,
+            used,
+            deleted: s.deleted,
+            automatic: s.automatic,
+        });
+    }
+    if a.json {
+        ctx.print_json(&rows)?;
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        ctx.print(&format!("VDI {id} has no snapshots; take one with `vdi snap {id}`\n"))?;
+        return Ok(0);
+    }
+    let mut cols = vec![
+        ("ID", Align::Right),
+        ("TIME", Align::Left),
+        ("ROOT", Align::Right),
+        ("SIZE", Align::Right),
+        ("USED", Align::Right),
+        ("TAKEN", Align::Left),
+    ];
+    if a.all {
+        cols.push(("STATE", Align::Left));
+    }
+    let mut t = Table::new(&cols);
+    for r in &rows {
+        let mut cells = vec![
+            r.id.to_string(),
+            format::local_time(r.time_ns),
+            r.root.to_string(),
+            format::size(r.size, ctx.exact),
+            r.used.map_or_else(|| "-".to_string(), |u| format::size(u, ctx.exact)),
+            if r.automatic { "scheduled" } else { "by hand" }.to_string(),
+        ];
+        if a.all {
+            cells.push(if r.deleted { "deleted" } else { "live" }.to_string());
+        }
+        t.row(cells);
+    }
+    ctx.print(&t.render())?;
+    Ok(0)
+}
+
+/// `vdi snap-delete SNAPSHOT`.
+pub fn delete(ctx: &mut Ctx<'_>, text: &str) -> CmdResult {
+    let sid = snapshot_ref(ctx.reg, text)?;
+    let freed = ctx.reg.delete_snapshot(sid)?;
+    ctx.print(&format!(
+        "deleted snapshot {sid}; freed {}\n",
+        format::size(freed * blockstore::BLOCK_SIZE as u64, ctx.exact)
+    ))?;
+    Ok(0)
+}

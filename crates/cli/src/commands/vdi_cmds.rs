@@ -1,0 +1,42 @@
+//! Commands that make, rename and delete VDIs.
+
+use super::{Ctx, live_snapshot, resolve_vdi};
+use crate::args::{CreateArgs, RenameArgs};
+use crate::error::CmdResult;
+use crate::format;
+
+/// `vdi create NAME [--size SIZE | --from SNAPSHOT]`: prints the new VDI's id.
+pub fn create(ctx: &mut Ctx<'_>, a: &CreateArgs) -> CmdResult {
+    let id = match &a.from {
+        Some(from) => {
+            let sid = live_snapshot(ctx.reg, from)?;
+            ctx.reg.clone_snapshot(&a.name, sid)?
+        }
+        None => ctx.reg.create_vdi(&a.name, a.size)?,
+    };
+    ctx.print(&format!("{id}\n"))?;
+    Ok(0)
+}
+
+/// `vdi rename VDI NEW_NAME`.
+pub fn rename(ctx: &mut Ctx<'_>, a: &RenameArgs) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, &a.vdi)?;
+    let old = ctx.reg.info(id)?.name;
+    ctx.reg.rename(id, &a.new_name)?;
+    ctx.print(&format!("renamed VDI {id} from '{old}' to '{}'\n", a.new_name))?;
+    Ok(0)
+}
+
+/// `vdi delete VDI`: deletes it and its snapshots.
+pub fn delete(ctx: &mut Ctx<'_>, name: &str) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, name)?;
+    let info = ctx.reg.info(id)?;
+    let freed = ctx.reg.delete_vdi(id)?;
+    ctx.print(&format!(
+        "deleted VDI {id} ('{}') and its {} snapshot(s); freed {}\n",
+        info.name,
+        info.snapshots,
+        format::size(freed * blockstore::BLOCK_SIZE as u64, ctx.exact)
+    ))?;
+    Ok(0)
+}

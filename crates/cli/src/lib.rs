@@ -1,0 +1,152 @@
+//! The `vdi` command-line tool of Parallax, as a library.
+//!
+//! - The binary (`src/main.rs`) calls [`main_with_args`]: parse the command line, forward it to
+//!   parallaxd if the daemon serves the store ([`control`]), else open the store and run it.
+//! - parallaxd serves the control socket with [`control::serve_control`] and runs each request
+//!   with [`execute`] (or [`control::registry_handler`], which wraps it) on the registry it
+//!   already has open.
+//!
+//! Commands are written once ([`commands`]) against an open registry and borrowed streams.
+
+#![warn(missing_docs)]
+
+pub mod args;
+pub mod commands;
+pub mod control;
+pub mod error;
+pub mod format;
+pub mod progress;
+pub mod store;
+pub mod tree;
+
+use std::ffi::OsString;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::sync::Arc;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::commands::Ctx;
+use crate::error::Failure;
+
+/// Terminal width assumed where it cannot be asked (a client's stderr, in the daemon).
+const DEFAULT_WIDTH: u16 = 100;
+
+/// Runs one `vdi` command line against an already-open registry: what parallaxd calls for each
+/// control-socket request. `args` are the arguments after the program name; `--store` and
+/// `--wait` are accepted and ignored; `init` is refused (the store exists). Results go to
+/// `stdout`, errors and progress (drawn only if `stderr_is_terminal`) to `stderr`. Returns the
+/// exit code: 0 success, 1 "no" (validate/check), 2 user error, 3 store or system failure.
+pub fn execute(
+    reg: &Arc<vdi::Registry>,
+    args: Vec<String>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    stderr_is_terminal: bool,
+) -> i32 {
+    execute_with_width(reg, args, stdout, stderr, stderr_is_terminal, DEFAULT_WIDTH)
+}
+
+/// [`execute`], drawing progress bars `term_width` columns wide (see [`terminal_width`]).
+pub fn execute_with_width(
+    reg: &Arc<vdi::Registry>,
+    args: Vec<String>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    stderr_is_terminal: bool,
+    term_width: u16,
+) -> i32 {
+    let argv = std::iter::once("vdi".to_string()).chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let text = e.render().to_string();
+            let target: &mut dyn Write = if e.use_stderr() { stderr } else { stdout };
+            let _ = target.write_all(text.as_bytes());
+            let _ = target.flush();
+            return e.exit_code();
+        }
+    };
+    run_parsed(reg, &cli, stdout, stderr, stderr_is_terminal, term_width)
+}
+
+/// Runs a parsed command on `reg`, printing a failure as `vdi: error: …`.
+fn run_parsed(
+    reg: &Arc<vdi::Registry>,
+    cli: &Cli,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    stderr_is_terminal: bool,
+    term_width: u16,
+) -> i32 {
+    let mut out = BufWriter::with_capacity(64 * 1024, stdout);
+    let result = {
+        let mut ctx =
+            Ctx { reg, out: &mut out, err: stderr, err_is_terminal: stderr_is_terminal, term_width, exact: cli.bytes };
+        commands::run(&mut ctx, cli)
+    };
+    let flushed = out.flush().map_err(commands::output_error);
+    match result.and_then(|code| flushed.map(|_| code)) {
+        Ok(code) => code,
+        Err(f) => report(stderr, &f),
+    }
+}
+
+fn report(stderr: &mut dyn Write, f: &Failure) -> i32 {
+    let _ = writeln!(stderr, "vdi: error: {}", f.message);
+    let _ = stderr.flush();
+    f.code
+}
+
+/// Width in columns of the terminal `fd` is on, or a default if it is not a terminal.
+pub fn terminal_width(fd: impl std::os::fd::AsFd) -> u16 {
+    match rustix::termios::tcgetwinsize(fd) {
+        Ok(w) if w.ws_col >= 20 => w.ws_col,
+        _ => DEFAULT_WIDTH,
+    }
+}
+
+/// The `vdi` program: `args` is the whole command line, program name first. Returns the exit
+/// code.
+pub fn main_with_args(args: Vec<OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    if let Command::Completions(c) = &cli.command {
+        return match commands::completions(&mut stdout, c.shell) {
+            Ok(code) => code,
+            Err(f) => report(&mut stderr, &f),
+        };
+    }
+    if let Some(code) = control::try_forward(&cli.store, args.get(1..).unwrap_or_default()) {
+        return code;
+    }
+    let opened = match store::open(&cli.store, &cli.command, cli.wait, &mut stderr) {
+        Ok(o) => o,
+        Err(f) => return report(&mut stderr, &f),
+    };
+    if let Command::Init(_) = cli.command {
+        let space = opened.reg.store().lock().space();
+        let limit = if space.max_blocks == 0 {
+            "no size limit".to_string()
+        } else {
+            format!("size limit {}", format::human_size(space.max_blocks * blockstore::BLOCK_SIZE as u64))
+        };
+        let _ = writeln!(stdout, "created store {} ({limit})", cli.store.display());
+        return 0;
+    }
+    let tty = stderr.is_terminal();
+    let width = terminal_width(&stderr);
+    let code = run_parsed(&opened.reg, &cli, &mut stdout, &mut stderr, tty, width);
+    if code != 0 && opened.created {
+        // The command that would have been the store's first failed: leave no empty store.
+        store::remove_new_store(&cli.store, opened.was_empty_file);
+    }
+    code
+}

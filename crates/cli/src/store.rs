@@ -1,0 +1,104 @@
+//! Opening the store for the `vdi` binary: shared for reading, exclusive for writing, created
+//! on first use by the commands that make things, waiting for the lock with `--wait`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use blockstore::{BlockStore, CreateOptions, OpenOptions, StoreError};
+use vdi::Registry;
+
+use crate::args::{Command, InitArgs};
+use crate::error::Failure;
+
+/// An open store, and whether this run created it.
+pub struct Opened {
+    /// The registry on the store.
+    pub reg: Arc<Registry>,
+    /// True if the store file did not exist (or was empty) before.
+    pub created: bool,
+    /// True if the store was created in an existing empty file.
+    pub was_empty_file: bool,
+}
+
+/// Journal slot size for a new store: the default, but at most 1/32 of a size limit (not less
+/// than 1 MiB), so that small stores are mostly data.
+fn create_options(init: Option<&InitArgs>) -> Result<CreateOptions, Failure> {
+    let bs = blockstore::BLOCK_SIZE as u64;
+    let mut c = CreateOptions::default();
+    let Some(init) = init else { return Ok(c) };
+    if let Some(max) = init.max_size {
+        c.max_blocks = max / bs;
+        c.journal_slot_blocks = (c.max_blocks / 32).clamp(256, c.journal_slot_blocks);
+    }
+    if let Some(j) = init.journal {
+        c.journal_slot_blocks = j / bs;
+        if !(16..=(1 << 24)).contains(&c.journal_slot_blocks) {
+            return Err(Failure::user("--journal must be between 64K and 64G"));
+        }
+    }
+    Ok(c)
+}
+
+/// Opens the store at `path` as `command` needs it. Recovery warnings go to `err`.
+pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> Result<Opened, Failure> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).ok();
+    let empty = meta.as_ref().is_some_and(|m| m.is_file() && m.len() == 0);
+    let exists = meta.is_some() && !empty;
+    let init = match command {
+        Command::Init(a) => Some(a),
+        _ => None,
+    };
+    if init.is_some() && exists {
+        return Err(Failure::user(format!(
+            "{shown} already exists; `vdi init` only creates new stores (remove the file first, or choose another path)"
+        )));
+    }
+    if !exists && !command.creates_store() {
+        return Err(Failure::user(format!(
+            "no store at {shown}: `vdi create NAME` makes one there, or point --store (or PARALLAX_STORE) at an \
+             existing store"
+        )));
+    }
+    let create = if exists { None } else { Some(create_options(init)?) };
+    let mut opts = OpenOptions { read_only: !command.writes(), wait_for_lock: false, ..OpenOptions::default() };
+    let store = match BlockStore::open_path(path, &opts, create.as_ref()) {
+        Err(StoreError::Locked { .. }) if wait => {
+            let _ = writeln!(err, "vdi: waiting for {shown}: another process is using it");
+            opts.wait_for_lock = true;
+            BlockStore::open_path(path, &opts, create.as_ref())
+        }
+        other => other,
+    };
+    let store = match store {
+        Ok(s) => s,
+        Err(e) => {
+            if !exists && !matches!(e, StoreError::Locked { .. }) {
+                remove_new_store(path, empty);
+            }
+            if create.is_some() && matches!(e, StoreError::NoSpace { .. }) {
+                return Err(Failure::user(format!(
+                    "cannot create the store {shown}: {e}; choose a larger --max-size (or a smaller --journal)"
+                )));
+            }
+            return Err(Failure::from(e).context(format!("cannot open the store {shown}")));
+        }
+    };
+    for w in &store.recovery().warnings {
+        let _ = writeln!(err, "vdi: warning: {shown}: {w}");
+    }
+    let reg = Registry::open(Arc::new(store))
+        .map_err(|e| Failure::from(e).context(format!("cannot read the VDIs of {shown}")))?;
+    Ok(Opened { reg, created: !exists, was_empty_file: empty })
+}
+
+/// Removes a store this run created, after the command that needed it failed: a failed first
+/// `vdi create` leaves nothing behind. A file that existed empty is emptied again.
+pub fn remove_new_store(path: &Path, was_empty_file: bool) {
+    if was_empty_file {
+        let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
