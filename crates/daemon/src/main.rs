@@ -27,7 +27,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    match daemon::run(config, stop, None) {
+    let store = config.store.clone();
+    let control: daemon::service::ControlHook = Box::new(move |reg, stop| {
+        // The store must exist before its canonical path (and so the socket name) is known.
+        Ok(Some(cli::control::spawn_control(&store, reg, stop)?))
+    });
+    match daemon::run(config, stop, Some(control)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
