@@ -1,1 +1,85 @@
-fn main() {}
+//! `cargo xtask`: developer tasks for the Parallax workspace.
+//!
+//! * `cargo xtask bench-nbd [--quick]`: fio over NBD against parallaxd, qemu-nbd (qcow2 and raw)
+//!   and nbdkit's memory plugin, printed as a Markdown table.
+//! * `cargo xtask bench-import [--quick]`: `vdi fill` against `qemu-img convert` and `cp`.
+
+mod fio;
+mod import;
+mod nbd;
+mod report;
+mod servers;
+mod sys;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks for the Parallax workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The tasks.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Benchmark parallaxd against qemu-nbd (qcow2, raw) and nbdkit memory with fio over NBD.
+    BenchNbd(BenchNbdArgs),
+    /// Benchmark `vdi fill` against `qemu-img convert -O qcow2` and `cp --sparse=always`.
+    BenchImport(BenchImportArgs),
+}
+
+/// Flags of `bench-nbd`.
+#[derive(Debug, Args)]
+pub struct BenchNbdArgs {
+    /// Small disks and ~2 s runs (about a minute in all; for CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Size of each served disk (K/M/G binary). Default 1G, or 128M with --quick.
+    #[arg(long, value_parser = sys::parse_size)]
+    pub size: Option<u64>,
+    /// Seconds per fio workload. Default 10, or 2 with --quick.
+    #[arg(long)]
+    pub runtime: Option<u64>,
+    /// Bytes written before measuring parallaxd's peak RSS. Default 4G, or 512M with --quick.
+    #[arg(long, value_parser = sys::parse_size)]
+    pub rss_write: Option<u64>,
+    /// Use the binaries already in target/release instead of running `cargo build --release`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// Flags of `bench-import`.
+#[derive(Debug, Args)]
+pub struct BenchImportArgs {
+    /// Use a 256M image (for CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Size of the ext4 image (K/M/G binary). Default 2G, or 256M with --quick.
+    #[arg(long, value_parser = sys::parse_size)]
+    pub size: Option<u64>,
+    /// Timed runs of each tool (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+    /// Use the binaries already in target/release instead of running `cargo build --release`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BenchNbd(a) => nbd::run(&a),
+        Command::BenchImport(a) => import::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
