@@ -51,17 +51,19 @@ fn snapshots(c: &mut Criterion) {
             b.iter(|| black_box(reg.snapshot(id).expect("snapshot")))
         });
     }
-    let dir = tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into()))
-        .expect("tempdir");
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into())).expect("tempdir");
     let reg = file_registry(dir.path());
     let id = populated(&reg);
-    g.bench_function("file store with fsync, 1 existing", |b| b.iter(|| black_box(reg.snapshot(id).expect("snapshot"))));
+    g.bench_function("file store with fsync, 1 existing", |b| {
+        b.iter(|| black_box(reg.snapshot(id).expect("snapshot")))
+    });
     g.finish();
 }
 
 fn writes(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into()))
-        .expect("tempdir");
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into())).expect("tempdir");
     let reg = file_registry(dir.path());
     let id = populated(&reg);
     let dev = reg.open_vdi(id, true).expect("open");
@@ -69,7 +71,9 @@ fn writes(c: &mut Criterion) {
     let mut g = c.benchmark_group("write 4 KiB");
     g.throughput(Throughput::Bytes(4096));
     dev.write_at(0, &block, false).expect("first write");
-    g.bench_function("private block (in place)", |b| b.iter(|| dev.write_at(0, black_box(&block), false).expect("write")));
+    g.bench_function("private block (in place)", |b| {
+        b.iter(|| dev.write_at(0, black_box(&block), false).expect("write"))
+    });
     // Each iteration writes a block that a fresh snapshot shares: the copy-on-write path.
     let mut n = 0u64;
     g.bench_function("shared block (copy on write)", |b| {
@@ -89,8 +93,8 @@ fn writes(c: &mut Criterion) {
 }
 
 fn import(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into()))
-        .expect("tempdir");
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("PARALLAX_BENCH_DIR").unwrap_or_else(|| ".".into())).expect("tempdir");
     let image = dir.path().join("image.raw");
     let size = 256u64 << 20;
     {

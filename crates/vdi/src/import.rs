@@ -13,7 +13,8 @@ use blockstore::{BLOCK_SIZE, BlockAddr};
 use crate::registry::{Registry, Source, write_record};
 use crate::{Result, VdiError, VdiId};
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 4 << 20;
+static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
 const BS: u64 = BLOCK_SIZE as u64;
 
 /// What an import did.
@@ -154,7 +155,6 @@ impl Registry {
     ) -> Result<()> {
         let store = &self.store;
         let mut buf = vec![0u8; CHUNK];
-        let mut out = vec![0u8; CHUNK];
         let mut pos = 0u64;
         while pos < size {
             let Some((ds, de)) = next_data(f, pos, size) else {
@@ -175,7 +175,7 @@ impl Registry {
                 stats.bytes_read += n as u64;
                 let blocks = n.div_ceil(BLOCK_SIZE);
                 buf[n..blocks * BLOCK_SIZE].fill(0);
-                self.store_chunk(tree, at / BS, &buf[..blocks * BLOCK_SIZE], &mut out, stats)?;
+                self.store_chunk(tree, at / BS, &buf[..blocks * BLOCK_SIZE], stats)?;
                 at += (blocks * BLOCK_SIZE) as u64;
                 progress(at.min(size), size);
                 if store.lock().should_commit() {
@@ -188,43 +188,39 @@ impl Registry {
         Ok(())
     }
 
-    /// Stores the non-zero blocks of `chunk` (starting at virtual block `first`) in `tree`,
-    /// writing runs of consecutive new blocks with one call.
-    fn store_chunk(
-        &self,
-        tree: BlockAddr,
-        first: u64,
-        chunk: &[u8],
-        out: &mut [u8],
-        stats: &mut ImportStats,
-    ) -> Result<()> {
+    /// Stores the non-zero blocks of `chunk` (starting at virtual block `first`) in `tree`.
+    /// Each run of consecutive non-zero blocks is written straight from `chunk`, one call per
+    /// run of consecutive new blocks.
+    fn store_chunk(&self, tree: BlockAddr, first: u64, chunk: &[u8], stats: &mut ImportStats) -> Result<()> {
         let store = &self.store;
-        let nonzero: Vec<usize> = chunk
-            .chunks_exact(BLOCK_SIZE)
-            .enumerate()
-            .filter(|(_, b)| b.iter().any(|&x| x != 0))
-            .map(|(i, _)| i)
-            .collect();
-        stats.zero_blocks += (chunk.len() / BLOCK_SIZE - nonzero.len()) as u64;
-        let mut k = 0;
-        while k < nonzero.len() {
-            let (addr, got) = store.lock().alloc_run((nonzero.len() - k) as u64)?;
-            let got = got as usize;
-            for j in 0..got {
-                let i = nonzero[k + j];
-                out[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].copy_from_slice(&chunk[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+        let blocks: Vec<&[u8]> = chunk.chunks_exact(BLOCK_SIZE).collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            if blocks[i] == ZERO_BLOCK.as_slice() {
+                stats.zero_blocks += 1;
+                i += 1;
+                continue;
             }
-            let written = store.write_data(addr, 0, &out[..got * BLOCK_SIZE]);
-            let mut meta = store.lock();
-            if let Err(e) = written {
-                for j in 0..got {
-                    meta.decref(BlockAddr(addr.0 + j as u64))?;
+            let mut end = i + 1;
+            while end < blocks.len() && blocks[end] != ZERO_BLOCK.as_slice() {
+                end += 1;
+            }
+            // Blocks i..end are data: allocate and write them in as few runs as possible.
+            while i < end {
+                let (addr, got) = store.lock().alloc_run((end - i) as u64)?;
+                let got = got as usize;
+                let written = store.write_data(addr, 0, &chunk[i * BLOCK_SIZE..(i + got) * BLOCK_SIZE]);
+                let mut meta = store.lock();
+                if let Err(e) = written {
+                    for j in 0..got {
+                        meta.decref(BlockAddr(addr.0 + j as u64))?;
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
+                crate::io::map_run(&mut meta, tree, (0..got).map(|j| first + (i + j) as u64), addr)?;
+                stats.blocks_written += got as u64;
+                i += got;
             }
-            crate::io::map_run(&mut meta, tree, (0..got).map(|j| first + nonzero[k + j] as u64), addr)?;
-            stats.blocks_written += got as u64;
-            k += got;
         }
         Ok(())
     }
