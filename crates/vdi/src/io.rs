@@ -321,13 +321,14 @@ impl VdiDisk {
         Ok(())
     }
 
+    /// Zeroes `[offset, offset+len)` in the blocks that are mapped (unmapped ones read as
+    /// zeros already). The range may touch two blocks.
     fn zero_if_mapped(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let m = radix::lookup(&mut self.store().lock(), self.root(), offset / BS)?;
-        if matches!(m, Mapping::Mapped { .. }) {
-            self.write_locked(offset, &vec![0u8; len as usize])?;
+        for p in pieces(offset, len as usize) {
+            let m = radix::lookup(&mut self.store().lock(), self.root(), p.vblock)?;
+            if matches!(m, Mapping::Mapped { .. }) {
+                self.write_locked(p.vblock * BS + p.at as u64, &vec![0u8; p.len])?;
+            }
         }
         Ok(())
     }

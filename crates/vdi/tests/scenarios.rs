@@ -32,3 +32,18 @@ fn clone_survives_deletion_of_its_snapshot_and_new_vdis_reuse_space() {
     want[0] = 2;
     assert_eq!(got, want, "origin");
 }
+
+/// Found by the property test in CI: a discard covering the ends of two blocks and no whole
+/// block must still zero the mapped one.
+#[test]
+fn discard_across_two_partial_blocks_zeroes_both() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let a = reg.create_vdi("a", Some(SIZE)).unwrap();
+    let dev = reg.open_vdi(a, true).unwrap();
+    dev.write_at(504 * 512, &[1u8; 512], false).unwrap();
+    // Block 62 (sectors 496..504) is unmapped; block 63 holds the written sector.
+    dev.discard(497 * 512, 8 * 512).unwrap();
+    let got = read_sectors(&dev);
+    let want = vec![0u8; SECTORS];
+    assert_eq!(got, want);
+}
