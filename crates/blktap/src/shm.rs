@@ -1,0 +1,118 @@
+//! A shared memory region: the only `unsafe` code of the crate.
+//!
+//! The other side of the region (the guest, or a simulated frontend in another process) may
+//! change any byte at any time. So the region is never handed out as a Rust reference to plain
+//! bytes: control words are accessed as atomics, everything else is copied in or out with
+//! volatile accesses, and every access is bounds-checked.
+
+use std::fs::File;
+use std::sync::atomic::AtomicU32;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::{Error, Result};
+
+/// A mapped region of memory shared with a peer.
+#[derive(Debug)]
+pub struct SharedMem {
+    map: MmapRaw,
+}
+
+impl SharedMem {
+    /// Maps `len` bytes of anonymous memory (private to this process; for in-process tests).
+    pub fn anonymous(len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::BadRegionSize(len));
+        }
+        let map = MmapOptions::new().len(len).map_anon()?;
+        Ok(Self { map: map.into() })
+    }
+
+    /// Maps `len` bytes of `file` from byte `offset` (a multiple of the page size), shared with
+    /// every other process mapping the same file.
+    pub fn from_file(file: &File, offset: u64, len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::BadRegionSize(len));
+        }
+        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
+        Ok(Self { map })
+    }
+
+    /// Length of the region in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if the region is empty (never, for a region built by this type).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::OutOfBounds { offset, len, region: self.len() }),
+        }
+    }
+
+    /// The 32-bit word at `offset` (a multiple of 4) as an atomic shared with the peer.
+    pub fn atomic_u32(&self, offset: usize) -> Result<&AtomicU32> {
+        self.check(offset, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(Error::OutOfBounds { offset, len: 4, region: self.len() });
+        }
+        // SAFETY: `offset..offset + 4` is inside the mapping (checked above) and 4-aligned (the
+        // mapping is page-aligned and `offset` is a multiple of 4). `AtomicU32` has the size and alignment
+        // of `u32`, and every bit pattern is valid. The mapping lives as long as `self`, which
+        // bounds the returned reference. Concurrent access from the peer is exactly what atomics
+        // are for; we never create a non-atomic reference to these bytes.
+        Ok(unsafe { &*(self.map.as_mut_ptr().add(offset) as *const AtomicU32) })
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the region. Each byte is read exactly once.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len())?;
+        let base = self.map.as_ptr();
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `offset + i < offset + buf.len() <= self.len()` (checked above), so the
+            // pointer is inside the live mapping; `u8` has no alignment or validity constraints.
+            // Volatile because the peer may write concurrently: the compiler must neither
+            // re-read nor assume the value.
+            *b = unsafe { base.add(offset + i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the region at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check(offset, data.len())?;
+        let base = self.map.as_mut_ptr();
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: in bounds of the live, writable mapping (checked above); `u8` has no
+            // alignment constraints. Volatile so the store really reaches shared memory.
+            unsafe { base.add(offset + i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn bounds_are_checked() {
+        let m = SharedMem::anonymous(4096).unwrap();
+        let mut b = [0u8; 8];
+        assert!(m.read(4090, &mut b).is_err());
+        assert!(m.read(usize::MAX, &mut b).is_err());
+        assert!(m.write(4089, &b).is_err());
+        assert!(m.atomic_u32(4094).is_err());
+        assert!(m.atomic_u32(2).is_err());
+        assert!(m.read(4088, &mut b).is_ok());
+        m.write(16, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(m.atomic_u32(16).unwrap().load(Ordering::Relaxed), 0x0403_0201);
+        assert!(SharedMem::anonymous(0).is_err());
+    }
+}
