@@ -23,5 +23,5 @@ pub use addr::{BLOCK_SIZE, Block, BlockAddr};
 pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
 pub use error::{Result, StoreError};
 pub use meta::{Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
-pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery};
+pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery, is_blank};
 pub use superblock::Superblock;

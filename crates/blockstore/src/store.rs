@@ -101,6 +101,25 @@ fn random_uuid() -> [u8; 16] {
     u
 }
 
+/// True if `path` is an empty regular file, or a block device whose first two blocks (where
+/// the superblocks go) are all zeros: a place a new store may be created without destroying
+/// anything. A device holding anything else is never formatted implicitly.
+pub fn is_blank(path: &Path) -> bool {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let Ok(meta) = std::fs::metadata(path) else { return false };
+    if meta.file_type().is_file() {
+        return meta.len() == 0;
+    }
+    if !meta.file_type().is_block_device() {
+        return false;
+    }
+    let mut head = vec![0u8; 2 * BLOCK_SIZE];
+    match File::open(path).and_then(|f| f.read_exact_at(&mut head, 0)) {
+        Ok(()) => head.iter().all(|&b| b == 0),
+        Err(_) => false,
+    }
+}
+
 impl BlockStore {
     /// Writes a new, empty store onto `backend` and opens it.
     pub fn create(backend: Arc<dyn Backend>, create: &CreateOptions, open: &OpenOptions) -> Result<BlockStore> {
@@ -292,7 +311,7 @@ impl BlockStore {
             });
         }
         let backend: Arc<dyn Backend> = Arc::new(fb);
-        let empty = exists && std::fs::metadata(path).map(|m| m.len() == 0 && m.file_type().is_file()).unwrap_or(false);
+        let empty = exists && is_blank(path);
         let mut store = match create {
             Some(c) if !exists || empty => BlockStore::create(backend, c, opts)?,
             _ => BlockStore::open(backend, opts)?,

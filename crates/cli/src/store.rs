@@ -44,7 +44,8 @@ fn create_options(init: Option<&InitArgs>) -> Result<CreateOptions, Failure> {
 pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> Result<Opened, Failure> {
     let shown = path.display();
     let meta = std::fs::metadata(path).ok();
-    let empty = meta.as_ref().is_some_and(|m| m.is_file() && m.len() == 0);
+    // An empty file, or a block device whose superblock area is zeros, may be made a store.
+    let empty = meta.is_some() && blockstore::is_blank(path);
     let exists = meta.is_some() && !empty;
     let init = match command {
         Command::Init(a) => Some(a),
@@ -96,7 +97,14 @@ pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> 
 /// Removes a store this run created, after the command that needed it failed: a failed first
 /// `vdi create` leaves nothing behind. A file that existed empty is emptied again.
 pub fn remove_new_store(path: &Path, was_empty_file: bool) {
-    if was_empty_file {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    if is_device {
+        // Blank the superblock area again, as it was.
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = f.write_all_at(&[0u8; 2 * blockstore::BLOCK_SIZE], 0).and_then(|_| f.sync_all());
+        }
+    } else if was_empty_file {
         let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(path);
     } else {
         let _ = std::fs::remove_file(path);
