@@ -53,73 +53,51 @@ pub enum Body {
     },
 }
 
+/// Decodes `slot` with one ABI's discard, indirect and segment request types: the two ABIs
+/// differ only in layout, not in the fields taken.
+macro_rules! decode_as {
+    ($slot:expr, $operation:expr, $discard:ty, $indirect:ty, $request:ty) => {
+        match $operation {
+            OP_DISCARD => {
+                let (d, _) = <$discard>::read_from_prefix($slot).ok()?;
+                Some(BlkRequest {
+                    operation: $operation,
+                    id: d.id,
+                    body: Body::Discard { flag: d.flag, sector_number: d.sector_number, nr_sectors: d.nr_sectors },
+                })
+            }
+            OP_INDIRECT => {
+                let (r, _) = <$indirect>::read_from_prefix($slot).ok()?;
+                Some(BlkRequest {
+                    operation: $operation,
+                    id: r.id,
+                    body: Body::Indirect {
+                        indirect_op: r.indirect_op,
+                        nr_segments: r.nr_segments,
+                        sector_number: r.sector_number,
+                        indirect_grefs: r.indirect_grefs,
+                    },
+                })
+            }
+            _ => {
+                let (r, _) = <$request>::read_from_prefix($slot).ok()?;
+                Some(BlkRequest {
+                    operation: $operation,
+                    id: r.id,
+                    body: Body::Segments { nr_segments: r.nr_segments, sector_number: r.sector_number, seg: r.seg },
+                })
+            }
+        }
+    };
+}
+
 /// Decodes a slot copied out of the ring. `slot` must be at least the ABI's slot size long
 /// (shorter slices yield `None`). Every field is read from this private copy exactly once.
 pub fn decode(abi: Abi, slot: &[u8]) -> Option<BlkRequest> {
     let operation = *slot.first()?;
     match abi {
-        Abi::X86_64 => match operation {
-            OP_DISCARD => {
-                let (d, _) = DiscardRequest::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: d.id,
-                    body: Body::Discard { flag: d.flag, sector_number: d.sector_number, nr_sectors: d.nr_sectors },
-                })
-            }
-            OP_INDIRECT => {
-                let (r, _) = IndirectRequest::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: r.id,
-                    body: Body::Indirect {
-                        indirect_op: r.indirect_op,
-                        nr_segments: r.nr_segments,
-                        sector_number: r.sector_number,
-                        indirect_grefs: r.indirect_grefs,
-                    },
-                })
-            }
-            _ => {
-                let (r, _) = Request::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: r.id,
-                    body: Body::Segments { nr_segments: r.nr_segments, sector_number: r.sector_number, seg: r.seg },
-                })
-            }
-        },
-        Abi::X86_32 => match operation {
-            OP_DISCARD => {
-                let (d, _) = X86_32DiscardRequest::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: d.id,
-                    body: Body::Discard { flag: d.flag, sector_number: d.sector_number, nr_sectors: d.nr_sectors },
-                })
-            }
-            OP_INDIRECT => {
-                let (r, _) = X86_32IndirectRequest::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: r.id,
-                    body: Body::Indirect {
-                        indirect_op: r.indirect_op,
-                        nr_segments: r.nr_segments,
-                        sector_number: r.sector_number,
-                        indirect_grefs: r.indirect_grefs,
-                    },
-                })
-            }
-            _ => {
-                let (r, _) = X86_32Request::read_from_prefix(slot).ok()?;
-                Some(BlkRequest {
-                    operation,
-                    id: r.id,
-                    body: Body::Segments { nr_segments: r.nr_segments, sector_number: r.sector_number, seg: r.seg },
-                })
-            }
-        },
+        Abi::X86_64 => decode_as!(slot, operation, DiscardRequest, IndirectRequest, Request),
+        Abi::X86_32 => decode_as!(slot, operation, X86_32DiscardRequest, X86_32IndirectRequest, X86_32Request),
     }
 }
 
