@@ -42,7 +42,19 @@ impl VdiExports {
             Some((v, s)) => (v, Some(s)),
             None => (name, None),
         };
-        let id = self.reg.resolve(vdi_part).map_err(|e| OpenError::Unknown(e.to_string()))?;
+        let id = match self.reg.resolve(vdi_part) {
+            Ok(id) => id,
+            Err(e) => {
+                // A damaged VDI has no readable name; refuse it by id with the reason.
+                let damaged = self.damaged.lock();
+                return Err(match vdi_part.parse::<VdiId>().ok().and_then(|id| damaged.get(&id).map(|r| (id, r))) {
+                    Some((id, reason)) => {
+                        OpenError::Refused(format!("VDI {id} is damaged and not served: {reason}; run `vdi check`"))
+                    }
+                    None => OpenError::Unknown(e.to_string()),
+                });
+            }
+        };
         if let Some(reason) = self.damaged.lock().get(&id) {
             return Err(OpenError::Refused(format!("VDI {id} is damaged and not served: {reason}; run `vdi check`")));
         }

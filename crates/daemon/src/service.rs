@@ -34,7 +34,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
     let mut damaged = HashMap::new();
     for (id, e) in reg.damaged_vdis() {
         tracing::error!("VDI {id} is damaged and will not be served: {e}");
-        damaged.insert(id, e.to_string());
+        damaged.insert(id, e);
     }
     let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
     let mut servers = Vec::new();

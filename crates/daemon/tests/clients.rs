@@ -240,3 +240,36 @@ fn scheduled_snapshots_are_taken_and_retention_keeps_the_newest() {
         assert!(r.check(false).unwrap().is_clean());
     });
 }
+
+#[test]
+fn a_damaged_vdi_is_refused_and_the_others_are_served() {
+    need("qemu-io");
+    need("nbdinfo");
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let root = with_registry(&store, |r| {
+        let id = r.create_vdi("victim", Some(16 * MIB)).unwrap();
+        let dev = r.open_vdi(id, true).unwrap();
+        dev.write_at(0, &[7u8; 4096], false).unwrap();
+        dev.flush().unwrap();
+        drop(dev);
+        // A later commit, so the newest journal record does not carry the root (opening
+        // replays the newest record, which would repair the damage below).
+        r.create_vdi("bystander", Some(MIB)).unwrap();
+        r.info(id).unwrap().root
+    });
+    // Flip a byte in the victim's root node.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&store).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, root * 4096 + 100).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], root * 4096 + 100).unwrap();
+    }
+    let d = Daemon::start(dir, store, &[]);
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 3 0 4096", "-c", "read -P 3 0 4096"]);
+    let out = run("nbdinfo", &[&d.uri("victim")]);
+    assert!(!out.status.success(), "a damaged VDI must not be served");
+    let out = run("nbdinfo", &[&d.uri("1")]);
+    assert!(!out.status.success(), "not by id either");
+    assert_eq!(d.stop().0, 0);
+}

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use blockstore::{BlockAddr, StoreError};
+use blockstore::BlockAddr;
 use radix::Visit;
 
 use crate::registry::{Registry, load_state};
@@ -118,6 +118,10 @@ impl Registry {
         let mut readable = disk_state.is_some();
         if let Some(state) = &disk_state {
             report.vdis = state.vdis.len();
+            for (id, why) in &state.damaged {
+                readable = false;
+                report.problems.push(Problem::Damaged { context: format!("VDI {id}"), detail: why.clone() });
+            }
             for b in &state.registry_blocks {
                 *found.entry(b.0).or_default() += 1;
             }
@@ -206,14 +210,14 @@ impl Registry {
     }
 
     /// The VDI ids in the store whose trees are damaged: the daemon refuses to serve those.
-    pub fn damaged_vdis(&self) -> Vec<(VdiId, StoreError)> {
+    pub fn damaged_vdis(&self) -> Vec<(VdiId, String)> {
         let ids: Vec<VdiId> = self.list().into_iter().map(|v| v.id).collect();
-        let mut out = Vec::new();
+        let mut out = self.damaged();
         for id in ids {
             let Ok(root) = self.root_of(crate::Source::Vdi(id)) else { continue };
             let mut meta = self.store.lock();
             if let Err(e) = radix::visit_nodes(&mut meta, root, &mut |_| true) {
-                out.push((id, e));
+                out.push((id, e.to_string()));
             }
         }
         out

@@ -103,6 +103,9 @@ pub(crate) struct State {
     pub(crate) vdis: BTreeMap<VdiId, VdiEntry>,
     pub(crate) snaps: BTreeMap<SnapshotId, SnapEntry>,
     pub(crate) registry_blocks: Vec<BlockAddr>,
+    /// VDIs whose record or snapshot log could not be read, with the reason: left out of
+    /// everything else (their blocks stay allocated), reported by `check`.
+    pub(crate) damaged: BTreeMap<VdiId, String>,
 }
 
 /// Every VDI and snapshot in one block store.
@@ -302,6 +305,12 @@ impl Registry {
     /// One VDI.
     pub fn info(&self, id: VdiId) -> Result<VdiInfo> {
         info_of(&self.state.lock(), id)
+    }
+
+    /// VDIs whose record or snapshot log is damaged, with what is wrong: they are left out of
+    /// [`Registry::list`] and cannot be opened; `check` reports them.
+    pub fn damaged(&self) -> Vec<(VdiId, String)> {
+        self.state.lock().damaged.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// Store blocks mapped by the VDI's live tree (its used size is this × 4096).
@@ -640,7 +649,13 @@ pub(crate) fn load_state(meta: &mut Meta) -> Result<State> {
         for (i, rec) in records.iter().enumerate() {
             if *rec != 0 {
                 let id = VdiId((first + i as u64) as u32);
-                load_vdi(&mut st, meta, id, BlockAddr(*rec))?;
+                if let Err(e) = load_vdi(&mut st, meta, id, BlockAddr(*rec)) {
+                    // One damaged VDI must not take the others down with it.
+                    tracing::error!("VDI {id} is damaged and left out: {e}");
+                    st.snaps.retain(|_, s| s.vdi != id);
+                    st.vdis.remove(&id);
+                    st.damaged.insert(id, e.to_string());
+                }
             }
         }
         expected_first += REGISTRY_SLOTS as u64;

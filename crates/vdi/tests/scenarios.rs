@@ -47,3 +47,31 @@ fn discard_across_two_partial_blocks_zeroes_both() {
     let want = vec![0u8; SECTORS];
     assert_eq!(got, want);
 }
+
+/// A damaged VDI record leaves that VDI out, reported, and the others usable.
+#[test]
+fn a_damaged_record_spares_the_other_vdis() {
+    let mem = MemBackend::new();
+    let reg = new_store(Arc::new(mem.clone()));
+    let a = reg.create_vdi("a", Some(SIZE)).unwrap();
+    let _b = reg.create_vdi("b", Some(SIZE)).unwrap();
+    reg.open_vdi(a, true).unwrap().write_at(0, &[5u8; 4096], false).unwrap();
+    reg.store().commit().unwrap();
+    reg.create_vdi("c", Some(SIZE)).unwrap(); // the newest journal record no longer holds b's record
+    drop(reg);
+    let image = mem.durable_image();
+    let record = image
+        .chunks(4096)
+        .position(|b| &b[0..4] == b"VDIR" && u64::from_le_bytes(b[16..24].try_into().unwrap()) == 1)
+        .expect("VDI 1's record");
+    mem.corrupt(record as u64 * 4096 + 200, &[0xee]);
+    let reg = reopen(Arc::new(mem.clone()));
+    let ids: Vec<u32> = reg.list().iter().map(|v| v.id.0).collect();
+    assert_eq!(ids, vec![0, 2]);
+    assert_eq!(reg.damaged().len(), 1);
+    assert!(reg.damaged()[0].1.contains("checksum"), "{:?}", reg.damaged());
+    let report = reg.check(true).unwrap();
+    assert!(report.problems.iter().any(|p| p.to_string().contains("VDI 1")), "{:?}", report.problems);
+    assert_eq!(report.repaired, 0, "nothing is repaired by guessing while a VDI is unreadable");
+    assert_eq!(read_sectors(&reg.open_vdi(a, false).unwrap())[..8], [5u8; 8]);
+}

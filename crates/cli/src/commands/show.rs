@@ -50,6 +50,9 @@ fn size_cell(size: Option<u64>, exact: bool) -> String {
 /// `vdi list`.
 pub fn list(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     let rows: Vec<VdiJson> = ctx.reg.list().iter().map(|v| vdi_json(ctx.reg, v)).collect::<Result<_, _>>()?;
+    for (id, why) in ctx.reg.damaged() {
+        let _ = writeln!(ctx.err, "vdi: VDI {id} is damaged and not listed: {why}; run `vdi check`");
+    }
     if json {
         ctx.print_json(&rows)?;
         return Ok(0);
