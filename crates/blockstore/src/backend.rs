@@ -20,9 +20,12 @@ pub trait Backend: Send + Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
-    /// Ensures the first `len` bytes have space reserved, so later writes there cannot fail for
-    /// lack of space. Fails with `ENOSPC` (or `EFBIG`) when they cannot be had.
-    fn reserve(&self, len: u64) -> io::Result<()>;
+    /// Makes the medium at least `len` bytes long; new bytes read as zeros. On a file this
+    /// reserves no space (the file grows sparsely). Fails with `ENOSPC` past a device's end.
+    fn extend(&self, len: u64) -> io::Result<()>;
+    /// Guarantees space for `[offset, offset + len)`, so later writes there cannot fail for lack
+    /// of space (`fallocate` on a file). Fails with `ENOSPC` when the space cannot be had.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The largest size the medium can have (a block device's size; `u64::MAX` for a file).
     fn capacity(&self) -> u64;
     /// The current size of the medium in bytes (a truncated store is caught by comparing it
@@ -40,8 +43,11 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
     }
-    fn reserve(&self, len: u64) -> io::Result<()> {
-        (**self).reserve(len)
+    fn extend(&self, len: u64) -> io::Result<()> {
+        (**self).extend(len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).reserve(offset, len)
     }
     fn capacity(&self) -> u64 {
         (**self).capacity()

@@ -14,6 +14,16 @@ use crate::format::{
 use crate::superblock::Superblock;
 use crate::{BLOCK_SIZE, Block, BlockAddr, Result, StoreError};
 
+/// Maps an I/O error from growing or reserving space to [`StoreError::NoSpace`] where it is one.
+fn no_space(what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |e| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => {
+            StoreError::NoSpace { detail: format!("{what}: the file system is full: {e}") }
+        }
+        _ => StoreError::io(what, e),
+    }
+}
+
 /// How one kind of metadata block is checked when read and sealed when committed.
 #[derive(Debug)]
 pub struct MetaKind {
@@ -190,8 +200,14 @@ impl Meta {
     }
 
     /// Allocates a new metadata block of `kind` with reference count 1, all zeros and dirty.
+    /// Its space on the medium is reserved, so writing it home after a commit cannot fail for
+    /// lack of space.
     pub fn alloc_meta(&mut self, kind: &'static MetaKind) -> Result<BlockAddr> {
         let (addr, _) = self.alloc_run(1)?;
+        if let Err(e) = self.backend.reserve(addr.byte_offset(), BLOCK_SIZE as u64) {
+            self.decref(addr)?;
+            return Err(no_space("cannot reserve a metadata block")(e));
+        }
         let version = self.next_version;
         self.next_version += 1;
         self.evict_if_full();
@@ -278,13 +294,14 @@ impl Meta {
             new_end.checked_mul(BLOCK_SIZE as u64).filter(|&b| b <= self.backend.capacity()).ok_or_else(|| {
                 StoreError::NoSpace { detail: format!("the device holds {} bytes", self.backend.capacity()) }
             })?;
-        self.backend.reserve(bytes).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => {
-                StoreError::NoSpace { detail: format!("the file system cannot grow the store: {e}") }
-            }
-            _ => StoreError::io("reserving space for a new allocation group", e),
-        })?;
         let rc_addr = self.sb.end_block();
+        // The file grows sparsely; only the reference-count block's space is reserved here.
+        // Metadata blocks reserve theirs when allocated; a data write that finds no space
+        // fails cleanly and its block is freed.
+        self.backend
+            .extend(bytes)
+            .and_then(|_| self.backend.reserve(rc_addr * BLOCK_SIZE as u64, BLOCK_SIZE as u64))
+            .map_err(no_space("cannot grow the store"))?;
         let version = self.next_version;
         self.next_version += 1;
         self.sb.groups += 1;

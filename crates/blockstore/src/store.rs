@@ -133,9 +133,11 @@ impl BlockStore {
                 detail: format!("a store needs at least {} blocks", groups_start + GROUP_BLOCKS),
             });
         }
+        let fixed = groups_start * BLOCK_SIZE as u64;
         backend
-            .reserve(groups_start * BLOCK_SIZE as u64)
-            .map_err(|e| StoreError::NoSpace { detail: format!("cannot reserve the journal: {e}") })?;
+            .extend(fixed)
+            .and_then(|_| backend.reserve(0, fixed))
+            .map_err(|e| StoreError::NoSpace { detail: format!("cannot reserve the superblocks and journal: {e}") })?;
         let now = now_secs();
         let sb = Superblock {
             generation: 0,

@@ -15,6 +15,7 @@ pub struct FileBackend {
     path: PathBuf,
     is_device: bool,
     device_size: u64,
+    /// Length the file is known to have reached.
     reserved: AtomicU64,
 }
 
@@ -79,28 +80,36 @@ impl Backend for FileBackend {
         if self.is_device { self.file.sync_all() } else { self.file.sync_data() }
     }
 
-    fn reserve(&self, len: u64) -> io::Result<()> {
+    fn extend(&self, len: u64) -> io::Result<()> {
         if self.is_device {
             return if len <= self.device_size { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::ENOSPC)) };
         }
-        let have = self.reserved.load(Ordering::Acquire);
-        if len <= have {
-            return Ok(());
+        if len > self.reserved.load(Ordering::Acquire) {
+            if self.file.metadata()?.len() < len {
+                self.file.set_len(len)?;
+            }
+            self.reserved.fetch_max(len, Ordering::AcqRel);
         }
-        let off = have as libc::off_t;
-        let add = (len - have) as libc::off_t;
+        Ok(())
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_device {
+            return if offset.saturating_add(len) <= self.device_size {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            };
+        }
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, add) };
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
         if rc != 0 {
             let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                // Filesystems without fallocate: extend the file; space is then not guaranteed.
-                self.file.set_len(len)?;
-            } else {
+            // A file system without fallocate cannot promise space; writes report ENOSPC then.
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
                 return Err(err);
             }
         }
-        self.reserved.fetch_max(len, Ordering::AcqRel);
         Ok(())
     }
 

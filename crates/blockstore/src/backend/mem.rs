@@ -169,11 +169,11 @@ impl Backend for MemBackend {
         Ok(())
     }
 
-    fn reserve(&self, len: u64) -> io::Result<()> {
+    fn extend(&self, len: u64) -> io::Result<()> {
         if len > self.capacity {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        // Like fallocate: the medium grows (with zeros) and the new size is durable.
+        // Like ftruncate: the medium grows with zeros and the new size is durable.
         let mut s = self.state.lock();
         if (s.current.len() as u64) < len {
             s.current.resize(len as usize, 0);
@@ -182,6 +182,14 @@ impl Backend for MemBackend {
             s.durable.resize(len as usize, 0);
         }
         Ok(())
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.saturating_add(len) > self.capacity {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        } else {
+            Ok(())
+        }
     }
 
     fn capacity(&self) -> u64 {
@@ -229,8 +237,11 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.spend()?;
         self.inner.sync()
     }
-    fn reserve(&self, len: u64) -> io::Result<()> {
-        self.inner.reserve(len)
+    fn extend(&self, len: u64) -> io::Result<()> {
+        self.inner.extend(len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.reserve(offset, len)
     }
     fn capacity(&self) -> u64 {
         self.inner.capacity()
