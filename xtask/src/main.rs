@@ -3,13 +3,18 @@
 //! * `cargo xtask bench-nbd [--quick]`: fio over NBD against parallaxd, qemu-nbd (qcow2 and raw)
 //!   and nbdkit's memory plugin, printed as a Markdown table.
 //! * `cargo xtask bench-import [--quick]`: `vdi fill` against `qemu-img convert` and `cp`.
+//! * `cargo xtask vm-demo [--guests N] [--keep]`: N QEMU guests boot from clones of one golden
+//!   image over NBD; checks each clone kept only its own writes (docs/vm-demo.md).
 
 mod fio;
+mod fuzz;
 mod import;
 mod nbd;
 mod report;
 mod servers;
 mod sys;
+mod torture;
+mod vm_demo;
 
 use std::process::ExitCode;
 
@@ -30,6 +35,12 @@ enum Command {
     BenchNbd(BenchNbdArgs),
     /// Benchmark `vdi fill` against `qemu-img convert -O qcow2` and `cp --sparse=always`.
     BenchImport(BenchImportArgs),
+    /// Boot N QEMU guests from clones of one golden image over NBD and check each kept its own writes.
+    VmDemo(vm_demo::VmDemoArgs),
+    /// SIGKILL parallaxd under a writing client, restart, and verify no flushed write is lost.
+    Torture(torture::TortureArgs),
+    /// Run each fuzz target (fuzz/, cargo-fuzz) for a while; fail on any crash.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Flags of `bench-nbd`.
@@ -74,6 +85,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BenchNbd(a) => nbd::run(&a),
         Command::BenchImport(a) => import::run(&a),
+        Command::VmDemo(a) => vm_demo::run(&a),
+        Command::Torture(a) => torture::run(&a),
+        Command::Fuzz(a) => fuzz::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,113 @@
+//! parallaxd on the demo's store, on a free loopback port, stopped with SIGTERM (must exit 0).
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sys;
+
+/// A running parallaxd.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The NBD port on 127.0.0.1.
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts parallaxd on `store` (control sockets in `run_dir`), logging to `log`.
+    pub fn start(parallaxd: &Path, store: &Path, run_dir: &Path, log: &Path) -> Result<Daemon> {
+        let port = sys::free_port()?;
+        let logf = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let errf = logf.try_clone().context("cannot open the parallaxd log")?;
+        let mut cmd = Command::new(parallaxd);
+        cmd.arg("--store").arg(store).args(["--nbd", &format!("127.0.0.1:{port}")]);
+        cmd.env("PARALLAX_RUN_DIR", run_dir).env("PARALLAX_LOG", "warn");
+        let what = sys::describe(&cmd);
+        eprintln!("vm-demo: starting {what}");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(errf)
+            .spawn()
+            .with_context(|| format!("cannot start `{what}`"))?;
+        let mut d = Daemon { child: Some(child), port, log: log.to_path_buf() };
+        d.wait_listening()?;
+        Ok(d)
+    }
+
+    fn wait_listening(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.check_alive()?;
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("parallaxd is not listening on port {} after 30 s; log:\n{}", self.port, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fails if parallaxd has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let Some(c) = self.child.as_mut() else { bail!("parallaxd was already stopped") };
+        if let Some(st) = c.try_wait().context("cannot poll parallaxd")? {
+            self.child = None;
+            bail!("parallaxd exited unexpectedly ({st}); log:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// SIGTERM; parallaxd must exit with status 0 within 30 s.
+    pub fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { bail!("parallaxd was already stopped") };
+        let st = terminate(&mut child)?;
+        if !st.success() {
+            bail!("parallaxd did not exit 0 on SIGTERM ({st}); log:\n{}", self.log_tail());
+        }
+        eprintln!("vm-demo: parallaxd stopped cleanly (exit 0)");
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read the log: {e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = terminate(&mut c);
+        }
+    }
+}
+
+/// SIGTERM, then wait up to 30 s; SIGKILL and fail if still running.
+fn terminate(child: &mut Child) -> Result<ExitStatus> {
+    if let Some(st) = child.try_wait()? {
+        return Ok(st);
+    }
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    // SAFETY: kill(2) on our own child, not yet reaped (try_wait returned None).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("parallaxd still running 30 s after SIGTERM (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
