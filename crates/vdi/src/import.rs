@@ -154,36 +154,38 @@ impl Registry {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         let store = &self.store;
-        let mut buf = vec![0u8; CHUNK];
-        let mut pos = 0u64;
-        while pos < size {
-            let Some((ds, de)) = next_data(f, pos, size) else {
-                stats.hole_bytes += size - pos;
-                break;
-            };
-            // Work in whole blocks: round the region out to 4 KiB.
-            let ds = ds / BS * BS;
-            let de = de.div_ceil(BS) * BS;
-            stats.hole_bytes += ds.saturating_sub(pos);
-            let mut at = ds.max(pos);
-            while at < de.min(size.div_ceil(BS) * BS) {
-                let want = ((de - at) as usize).min(CHUNK);
-                let n = read_full(f, at, &mut buf[..want]).map_err(file_err(format!("reading {}", path.display())))?;
-                if n == 0 {
-                    break;
-                }
-                stats.bytes_read += n as u64;
-                let blocks = n.div_ceil(BLOCK_SIZE);
-                buf[n..blocks * BLOCK_SIZE].fill(0);
-                self.store_chunk(tree, at / BS, &buf[..blocks * BLOCK_SIZE], stats)?;
-                at += (blocks * BLOCK_SIZE) as u64;
-                progress(at.min(size), size);
-                if store.lock().should_commit() {
-                    store.commit()?;
-                }
-            }
-            pos = at.max(de);
+        // A reader thread fills buffers while this thread stores the previous one: reading
+        // the image and writing the store overlap. Two buffers in flight bound the memory.
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<std::io::Result<Chunk>>(1);
+        let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD);
+        for _ in 0..READ_AHEAD {
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
         }
+        let mut covered = 0u64;
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || read_chunks(f, size, &empty_rx, &full_tx));
+            let result = (|| -> Result<()> {
+                for chunk in full_rx.iter() {
+                    let chunk = chunk.map_err(file_err(format!("reading {}", path.display())))?;
+                    stats.bytes_read += chunk.read as u64;
+                    let blocks = chunk.read.div_ceil(BLOCK_SIZE);
+                    covered += (blocks * BLOCK_SIZE) as u64;
+                    self.store_chunk(tree, chunk.at / BS, &chunk.buf[..blocks * BLOCK_SIZE], stats)?;
+                    progress((chunk.at + (blocks * BLOCK_SIZE) as u64).min(size), size);
+                    let _ = empty_tx.send(chunk.buf);
+                    if store.lock().should_commit() {
+                        store.commit()?;
+                    }
+                }
+                Ok(())
+            })();
+            // Stop the reader early on an error: it ends when the channels close.
+            drop(empty_tx);
+            drop(full_rx);
+            result
+        })?;
+        // Everything not read was skipped as a hole.
+        stats.hole_bytes = (size.div_ceil(BS) * BS).saturating_sub(covered);
         progress(size, size);
         Ok(())
     }
@@ -307,6 +309,56 @@ impl Registry {
             at += n as u64;
         }
         Ok(Comparison { first_difference: None, source_size, image_size })
+    }
+}
+
+/// A piece of the image read by the reader thread.
+struct Chunk {
+    /// Byte offset in the image (a multiple of 4096).
+    at: u64,
+    /// Bytes read; the buffer is zero-padded to whole blocks.
+    read: usize,
+    /// The buffer, returned to the reader once stored.
+    buf: Vec<u8>,
+}
+
+/// Buffers of `CHUNK` bytes circulating between the reader thread and the importer.
+const READ_AHEAD: usize = 2;
+
+/// Reads the data regions of the image (holes skipped with SEEK_DATA/SEEK_HOLE) into buffers
+/// taken from `empty`, in order, and sends them on `full`. Stops when either channel closes.
+fn read_chunks(
+    f: &File,
+    size: u64,
+    empty: &crossbeam_channel::Receiver<Vec<u8>>,
+    full: &crossbeam_channel::Sender<std::io::Result<Chunk>>,
+) {
+    let end = size.div_ceil(BS) * BS;
+    let mut pos = 0u64;
+    while pos < size {
+        let Some((ds, de)) = next_data(f, pos, size) else { return };
+        // Work in whole blocks: round the region out to 4 KiB.
+        let (ds, de) = (ds / BS * BS, de.div_ceil(BS) * BS);
+        let mut at = ds.max(pos);
+        while at < de.min(end) {
+            let Ok(mut buf) = empty.recv() else { return };
+            let want = ((de.min(end) - at) as usize).min(CHUNK);
+            let n = match read_full(f, at, &mut buf[..want]) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = full.send(Err(e));
+                    return;
+                }
+            };
+            let blocks = n.div_ceil(BLOCK_SIZE);
+            buf[n..blocks * BLOCK_SIZE].fill(0);
+            if full.send(Ok(Chunk { at, read: n, buf })).is_err() {
+                return;
+            }
+            at += (blocks * BLOCK_SIZE) as u64;
+        }
+        pos = at.max(de);
     }
 }
 
