@@ -42,7 +42,10 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 
 /// Opens the store directly (the daemon must not be running) to set it up or inspect it.
 pub fn with_registry<T>(store: &Path, f: impl FnOnce(&Arc<Registry>) -> T) -> T {
-    let s = BlockStore::open_path(store, &OpenOptions::default(), Some(&CreateOptions::default())).expect("open store");
+    // Wait for the lock: a child process forked by a parallel test may hold a copy of our
+    // previous descriptor for an instant (until its exec closes it).
+    let opts = OpenOptions { wait_for_lock: true, ..OpenOptions::default() };
+    let s = BlockStore::open_path(store, &opts, Some(&CreateOptions::default())).expect("open store");
     let reg = Registry::open(Arc::new(s)).expect("registry");
     f(&reg)
 }
@@ -94,6 +97,21 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// The daemon's resident memory now, in bytes (VmRSS).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// The NBD URI of an export.

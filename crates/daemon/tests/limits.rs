@@ -1,0 +1,117 @@
+//! Resource exhaustion: idle connections, a client that never reads its replies, and a full
+//! store. The daemon's memory stays bounded and other clients keep being served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+/// Opens a transmission-phase connection by hand (fixed newstyle, NBD_OPT_EXPORT_NAME).
+fn raw_connect(port: u16, export: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    s.write_all(b"IHAVEOPT").unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap(); // NBD_OPT_EXPORT_NAME
+    s.write_all(&(export.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(export.as_bytes()).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).expect("export size and flags");
+    s
+}
+
+fn read_request(handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+#[test]
+fn hundreds_of_idle_connections_do_not_exhaust_the_daemon() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let d = Daemon::start(dir, store, &[]);
+    let before = d.rss();
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", d.port)) {
+            idle.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = d.rss();
+    eprintln!("idle connections: {} accepted or refused, RSS {} -> {} KiB", idle.len(), before >> 10, during >> 10);
+    assert!(during < before + 64 * MIB, "600 idle connections took {} MiB", (during - before) >> 20);
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    // Served again once they are gone.
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 9 0 4096", "-c", "read -P 9 0 4096"]);
+    assert_eq!(d.stop().0, 0);
+}
+
+#[test]
+fn a_client_that_never_reads_replies_is_bounded() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(64 * MIB);
+    with_registry(&store, |r| r.create_vdi("other", Some(16 * MIB)).unwrap());
+    let d = Daemon::start(dir, store, &[]);
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 1 0 64M"]);
+    let before = d.rss();
+    let mut slow = raw_connect(d.port, "0");
+    slow.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // 200 reads of 32 MiB (6.4 GiB of replies) that are never read.
+    let mut sent = 0;
+    for h in 0..200u64 {
+        if slow.write_all(&read_request(h, 0, 32 << 20)).is_err() {
+            break; // the server stopped reading requests: back-pressure works too
+        }
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let during = d.rss();
+    eprintln!("slow reader: {sent} reads of 32 MiB unread, RSS {} -> {} KiB", before >> 10, during >> 10);
+    assert!(sent > 0);
+    assert!(
+        during < before + 400 * MIB,
+        "a client not reading {sent} replies of 32 MiB grew the daemon by {} MiB",
+        (during - before) >> 20
+    );
+    // Other clients are still served meanwhile.
+    run_ok("qemu-io", &["-f", "raw", &d.uri("other"), "-c", "write -P 2 0 1M", "-c", "read -P 2 0 1M"]);
+    drop(slow);
+    assert_eq!(d.stop().0, 0);
+}
+
+#[test]
+fn a_full_store_answers_enospc_and_stays_consistent() {
+    need("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("blockstore.dat");
+    {
+        let opts = blockstore::OpenOptions::default();
+        let create = blockstore::CreateOptions { journal_slot_blocks: 256, max_blocks: 8192 }; // 32 MiB
+        let s = blockstore::BlockStore::open_path(&store, &opts, Some(&create)).unwrap();
+        let reg = vdi::Registry::open(std::sync::Arc::new(s)).unwrap();
+        reg.create_vdi("disk", Some(256 * MIB)).unwrap();
+    }
+    let d = Daemon::start(dir, store, &[]);
+    let out = run("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 5 0 64M"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left on device"), "{text}");
+    // What fitted is there; the daemon keeps serving and flushing.
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "read -P 5 0 1M", "-c", "flush"]);
+    let (code, _dir, store) = d.stop();
+    assert_eq!(code, 0);
+    with_registry(&store, |r| assert!(r.check(false).unwrap().is_clean()));
+}
