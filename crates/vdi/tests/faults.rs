@@ -346,14 +346,27 @@ fn damage_to_any_metadata_block_is_reported_never_silent() {
 #[test]
 fn truncated_store_is_refused() {
     let (mem, _) = populated();
-    let len = mem.durable_image().len() as u64;
-    for cut in [len - 4096, len / 2, 8192, 100] {
+    let image = mem.durable_image();
+    let len = image.len() as u64;
+    // Cut at the start of every metadata block (every structure: superblocks, journal records,
+    // reference counts, registry, records, logs, radix nodes), inside a block, and at the end.
+    let data = data_blocks(&mem);
+    let mut cuts: Vec<u64> = (0..len / 4096)
+        .filter(|b| !data.contains(b) && image[*b as usize * 4096..(*b as usize + 1) * 4096].iter().any(|&x| x != 0))
+        .map(|b| b * 4096)
+        .collect();
+    assert!(cuts.len() > 10, "only {} metadata blocks", cuts.len());
+    cuts.extend([100, 4096 + 17, len - 1]);
+    for cut in cuts {
         let m = MemBackend::new();
-        m.corrupt(0, &mem.durable_image());
-        m.truncate(cut);
-        let err = BlockStore::open(Arc::new(m), &open_options()).err().expect("truncated store must not open");
+        m.corrupt(0, &image[..cut as usize]);
+        let err = BlockStore::open(Arc::new(m), &open_options()).err();
+        let err = err.unwrap_or_else(|| panic!("a store cut at byte {cut} of {len} must not open"));
         let msg = err.to_string();
-        assert!(msg.contains("truncated") || msg.contains("superblock") || msg.contains("Parallax"), "{msg}");
+        assert!(
+            msg.contains("truncated") || msg.contains("superblock") || msg.contains("Parallax"),
+            "cut {cut}: {msg}"
+        );
     }
 }
 
