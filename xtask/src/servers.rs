@@ -192,7 +192,7 @@ impl Drop for Server {
 }
 
 /// SIGTERM, then wait up to 30 s; SIGKILL and fail if it is still running.
-fn terminate(child: &mut Child) -> Result<ExitStatus> {
+pub(crate) fn terminate(child: &mut Child) -> Result<ExitStatus> {
     if let Some(st) = child.try_wait()? {
         return Ok(st);
     }

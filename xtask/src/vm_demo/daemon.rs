@@ -3,11 +3,12 @@
 use std::fs::File;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::servers::terminate;
 use crate::sys;
 
 /// A running parallaxd.
@@ -87,27 +88,5 @@ impl Drop for Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = terminate(&mut c);
         }
-    }
-}
-
-/// SIGTERM, then wait up to 30 s; SIGKILL and fail if still running.
-fn terminate(child: &mut Child) -> Result<ExitStatus> {
-    if let Some(st) = child.try_wait()? {
-        return Ok(st);
-    }
-    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
-    // SAFETY: kill(2) on our own child, not yet reaped (try_wait returned None).
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("parallaxd still running 30 s after SIGTERM (killed)");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
