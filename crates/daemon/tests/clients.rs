@@ -156,22 +156,7 @@ fn vdi_commands_go_through_the_daemon_while_fio_writes() {
     need("fio");
     let (dir, store) = Daemon::prepare(64 * MIB);
     let d = Daemon::start(dir, store, &[]);
-    let vdi_bin = std::path::Path::new(env!("CARGO_BIN_EXE_parallaxd")).with_file_name("vdi");
-    assert!(vdi_bin.exists(), "build the vdi binary too (cargo test --workspace builds it)");
-    let vdi = |args: &[&str]| {
-        let out = std::process::Command::new(&vdi_bin)
-            .arg("--store")
-            .arg(&d.store)
-            .args(args)
-            .env("PARALLAX_RUN_DIR", d.dir.path())
-            .output()
-            .expect("run vdi");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let vdi = |args: &[&str]| d.vdi(args);
     let uri = format!("--uri={}", d.uri("disk"));
     let mut fio = std::process::Command::new("fio")
         .args([

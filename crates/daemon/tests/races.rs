@@ -11,22 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn vdi(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_parallaxd")).with_file_name("vdi");
-    let out = Command::new(bin)
-        .arg("--store")
-        .arg(&d.store)
-        .args(args)
-        .env("PARALLAX_RUN_DIR", d.dir.path())
-        .output()
-        .expect("run vdi");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn vdi_commands_race_each_other_and_guest_io() {
     need("fio");
@@ -58,12 +42,12 @@ fn vdi_commands_race_each_other_and_guest_io() {
         threads.push(std::thread::spawn(move || {
             let mut snaps = Vec::new();
             while !stop.load(Ordering::Acquire) {
-                let (code, out, err) = vdi(&d, &["snap", "disk"]);
+                let (code, out, err) = d.vdi(&["snap", "disk"]);
                 assert_eq!(code, 0, "snap: {err}");
                 snaps.push(out);
                 if snaps.len() > 3 {
                     let old = snaps.remove(0);
-                    let (code, _, err) = vdi(&d, &["snap-delete", &old]);
+                    let (code, _, err) = d.vdi(&["snap-delete", &old]);
                     assert_eq!(code, 0, "snap-delete {old}: {err}");
                 }
                 ops.fetch_add(1, Ordering::Relaxed);
@@ -78,23 +62,23 @@ fn vdi_commands_race_each_other_and_guest_io() {
             while !stop.load(Ordering::Acquire) {
                 i += 1;
                 let name = format!("t{t}-{i}");
-                let (code, _, err) = vdi(&d, &["create", &name, "--size", "8M"]);
+                let (code, _, err) = d.vdi(&["create", &name, "--size", "8M"]);
                 assert_eq!(code, 0, "create {name}: {err}");
-                let (code, list, err) = vdi(&d, &["snap-list", "disk", "--json"]);
+                let (code, list, err) = d.vdi(&["snap-list", "disk", "--json"]);
                 assert_eq!(code, 0, "snap-list: {err}");
                 let v: serde_json::Value = serde_json::from_str(&list).expect("JSON");
                 if let Some(s) = v.as_array().and_then(|a| a.iter().rev().find(|s| s["deleted"] == false)) {
                     let sid = s["id"].to_string();
                     let clone = format!("c{t}-{i}");
                     // The snapshot may be deleted meanwhile: then a clear error, not damage.
-                    let (code, _, err) = vdi(&d, &["create", &clone, "--from", &sid]);
+                    let (code, _, err) = d.vdi(&["create", &clone, "--from", &sid]);
                     assert!(code == 0 || err.contains("snapshot"), "clone from {sid}: {code} {err}");
                     if code == 0 {
-                        let (code, _, err) = vdi(&d, &["delete", &clone]);
+                        let (code, _, err) = d.vdi(&["delete", &clone]);
                         assert_eq!(code, 0, "delete {clone}: {err}");
                     }
                 }
-                let (code, _, err) = vdi(&d, &["delete", &name]);
+                let (code, _, err) = d.vdi(&["delete", &name]);
                 assert_eq!(code, 0, "delete {name}: {err}");
                 ops.fetch_add(1, Ordering::Relaxed);
             }
@@ -114,7 +98,7 @@ fn vdi_commands_race_each_other_and_guest_io() {
     }
     assert!(status.success(), "fio verify failed while vdi commands raced");
     assert!(ops.load(Ordering::Relaxed) >= 6, "the loops barely ran");
-    let (code, out, err) = vdi(&d, &["check"]);
+    let (code, out, err) = d.vdi(&["check"]);
     assert_eq!(code, 0, "check through the daemon: {out}{err}");
     let d = Arc::try_unwrap(d).ok().expect("threads done");
     let (code, _dir, store) = d.stop();

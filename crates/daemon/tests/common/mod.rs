@@ -114,6 +114,25 @@ impl Daemon {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// Runs the real `vdi` binary on this daemon's store (it finds the daemon's control socket
+    /// from the store path); returns the exit code, stdout (trimmed) and stderr.
+    pub fn vdi(&self, args: &[&str]) -> (i32, String, String) {
+        let bin = Path::new(env!("CARGO_BIN_EXE_parallaxd")).with_file_name("vdi");
+        assert!(bin.exists(), "build the vdi binary too (cargo test --workspace builds it)");
+        let out = Command::new(bin)
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .env("PARALLAX_RUN_DIR", self.dir.path())
+            .output()
+            .expect("run vdi");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// The NBD URI of an export.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://127.0.0.1:{}/{}", self.port, export)
