@@ -151,17 +151,9 @@ impl Server {
     }
 
     fn wait_listening(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            self.check_alive()?;
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("not listening on port {} after 30 s; its log:\n{}", self.port, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        let timeout = wait_listening(port, || self.check_alive());
+        timeout.map_err(|e| anyhow::anyhow!("{e}; its log:\n{}", self.log_tail()))
     }
 
     /// Sends SIGTERM and waits up to 30 s. parallaxd must exit with status 0; the peers may also
@@ -188,6 +180,22 @@ impl Drop for Server {
         if let Some(mut c) = self.child.take() {
             let _ = terminate(&mut c);
         }
+    }
+}
+
+/// Waits up to 30 s until something accepts connections on 127.0.0.1:`port`, failing early
+/// if `alive` says the process died.
+pub(crate) fn wait_listening(port: u16, mut alive: impl FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        alive()?;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on port {port} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,10 +1,8 @@
 //! parallaxd on the demo's store, on a free loopback port, stopped with SIGTERM (must exit 0).
 
 use std::fs::File;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -42,17 +40,9 @@ impl Daemon {
     }
 
     fn wait_listening(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            self.check_alive()?;
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("parallaxd is not listening on port {} after 30 s; log:\n{}", self.port, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        let timeout = crate::servers::wait_listening(port, || self.check_alive());
+        timeout.map_err(|e| anyhow::anyhow!("parallaxd: {e}; log:\n{}", self.log_tail()))
     }
 
     /// Fails if parallaxd has exited.
