@@ -40,6 +40,12 @@ pub enum Error {
     /// A message from the peer process does not follow the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer closed its end of the connection.
+    #[error("the peer went away")]
+    PeerGone,
+    /// The backend refused to attach the disk.
+    #[error("refused by the backend: {0}")]
+    Refused(String),
     /// An operating-system call failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -50,6 +50,11 @@ impl FrontRing {
         self.size
     }
 
+    /// The guest ABI of the slots.
+    pub fn abi(&self) -> Abi {
+        self.abi
+    }
+
     fn word(&self, offset: usize) -> Result<&AtomicU32> {
         self.mem.atomic_u32(offset)
     }

@@ -13,22 +13,34 @@
 //!   notification hold-off).
 //! * [`grant`] — the grant-table abstraction and a simulated grant table over shared memory.
 //! * [`engine`] — validation and dispatch of requests to a block device.
-//! * [`front`] — a simulated frontend half of the ring, for tests and the example.
+//! * [`event`] — event channels (the notifications between the two halves).
+//! * [`server`] — serving one ring with many requests in flight on a worker pool.
+//! * [`sim`] — the simulated transport: grant memory in a sealed memfd, handshake and
+//!   notifications over a Unix socket, for frontends running as separate processes.
+//! * [`front`] — the frontend half of the ring, for simulated guests.
+//! * [`guest`] — a simulated `blkfront`: operations to requests, many in flight.
+//! * [`workload`] — the data patterns and verification model of the simulated guests.
 //!
-//! The `blktap-sim-frontend` binary runs a simulated frontend in its own process (ring and
-//! grant pages in a shared file, notifications over a Unix socket) for the cross-process test.
+//! * `xen` (feature `xen`) — the real transport: gntdev, evtchn and the xenstore handshake.
 //!
-//! Nothing here talks to a real hypervisor yet: grants and event channels are simulated.
+//! The `blktap-sim-frontend` binary is a simulated guest (`blkfront`) in its own process.
 
 #![deny(missing_docs)]
 
 pub mod abi;
 pub mod engine;
 mod error;
+pub mod event;
 pub mod front;
 pub mod grant;
+pub mod guest;
 pub mod request;
 pub mod ring;
+pub mod server;
 pub mod shm;
+pub mod sim;
+pub mod workload;
+#[cfg(feature = "xen")]
+pub mod xen;
 
 pub use error::{Error, Result};

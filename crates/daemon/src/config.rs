@@ -13,7 +13,7 @@ use serde::Deserialize;
 #[command(
     name = "parallaxd",
     version,
-    about = "Serve Parallax VDIs to virtual machines over NBD",
+    about = "Serve Parallax VDIs to virtual machines over NBD and the blkif ring",
     after_help = "Examples:\n  parallaxd --store /var/lib/parallax/blockstore.dat\n  parallaxd --store ./blockstore.dat --nbd 127.0.0.1:10809 --snapshot-every 10s --keep 60\n\nExports: each VDI by name and by id (read-write, one writer at a time) and each snapshot\nread-only as NAME@SNAPSHOT. `vdi` commands on the same store go through the daemon."
 )]
 pub struct Flags {
@@ -26,6 +26,12 @@ pub struct Flags {
     /// Unix socket for NBD clients.
     #[arg(long)]
     pub nbd_socket: Option<PathBuf>,
+    /// Unix socket where simulated Xen guests (blkfront processes) attach over the blkif ring.
+    #[arg(long)]
+    pub ring_socket: Option<PathBuf>,
+    /// Worker threads per ring (requests of one guest executed concurrently).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub ring_workers: Option<u16>,
     /// Allow a non-loopback NBD address (NBD has no authentication: use a trusted network).
     #[arg(long)]
     pub allow_remote: bool,
@@ -56,6 +62,8 @@ struct FileConfig {
     store: Option<PathBuf>,
     nbd: Option<String>,
     nbd_socket: Option<PathBuf>,
+    ring_socket: Option<PathBuf>,
+    ring_workers: Option<u16>,
     allow_remote: Option<bool>,
     snapshot_every: Option<String>,
     snapshot_vdis: Option<Vec<String>>,
@@ -86,6 +94,10 @@ pub struct Config {
     pub nbd: Option<SocketAddr>,
     /// Unix socket for NBD, if any.
     pub nbd_socket: Option<PathBuf>,
+    /// Unix socket for simulated blkif guests, if any.
+    pub ring_socket: Option<PathBuf>,
+    /// Worker threads per ring.
+    pub ring_workers: usize,
     /// Snapshot schedule, if any.
     pub schedule: Option<Schedule>,
     /// Metadata cache size in blocks.
@@ -152,6 +164,8 @@ impl Config {
             store,
             nbd,
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
+            ring_socket: flags.ring_socket.or(file.ring_socket),
+            ring_workers: usize::from(flags.ring_workers.or(file.ring_workers).unwrap_or(4).clamp(1, 64)),
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
         })

@@ -32,7 +32,9 @@ impl VdiExports {
         VdiExports { reg, damaged: Mutex::new(damaged) }
     }
 
-    fn open_inner(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+    /// Opens the device an export name stands for (a VDI read-write, `NAME@ID` read-only), or
+    /// says why not. Shared by every transport.
+    pub fn open_device(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
         if name.is_empty() {
             return Err(OpenError::Unknown(
                 "no default export: name a VDI (see `vdi list` or `nbdinfo --list`)".into(),
@@ -105,7 +107,7 @@ impl ExportProvider for VdiExports {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
-        let r = self.open_inner(name);
+        let r = self.open_device(name);
         match &r {
             Ok(_) => tracing::info!(export = name, "export opened"),
             Err(e) => tracing::warn!(export = name, "export refused: {}", e.message()),

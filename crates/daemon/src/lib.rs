@@ -1,8 +1,9 @@
-//! `parallaxd`: owns a Parallax block store and serves its VDIs to virtual machines over NBD,
-//! takes scheduled snapshots, and runs `vdi` commands sent to its control socket.
+//! `parallaxd`: owns a Parallax block store and serves its VDIs to virtual machines over NBD
+//! and over the blkif shared ring (simulated Xen guests), takes scheduled snapshots, and runs `vdi` commands sent to its control socket.
 
 pub mod config;
 pub mod exports;
+pub mod rings;
 pub mod schedule;
 pub mod service;
 

@@ -14,6 +14,7 @@ use vdi::Registry;
 
 use crate::config::Config;
 use crate::exports::VdiExports;
+use crate::rings::RingService;
 
 /// Hooks that let the daemon serve `vdi` commands on a control socket; supplied by `main`
 /// so this crate does not depend on the command-line tool.
@@ -49,6 +50,14 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
         tracing::info!("serving NBD on unix socket {}", path.display());
         servers.push(Server::spawn_unix(l, provider.clone(), Limits::default())?);
     }
+    let rings = match &config.ring_socket {
+        Some(path) => {
+            let r = RingService::spawn(path, provider.clone(), config.ring_workers, stop.clone())?;
+            tracing::info!("serving blkif rings on unix socket {}", path.display());
+            Some(r)
+        }
+        None => None,
+    };
     let control_thread = match control {
         Some(hook) => hook(reg.clone(), stop.clone())?,
         None => None,
@@ -70,6 +79,9 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
     }
     for s in servers {
         s.wait();
+    }
+    if let Some(r) = rings {
+        r.wait();
     }
     if let Some(t) = schedule_thread {
         let _ = t.join();

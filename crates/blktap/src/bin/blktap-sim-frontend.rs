@@ -1,84 +1,335 @@
-//! A simulated blkfront in its own process, for testing the backend across a process boundary.
+//! A simulated guest (`blkfront`) in its own process: attaches to a backend's ring socket,
+//! then either runs a verified random workload or a benchmark.
 //!
-//! Usage: `blktap-sim-frontend <shared-file> <unix-socket> <rounds>`
+//! ```text
+//! blktap-sim-frontend --socket PATH --vdi NAME [--guest N] [--seed S] [--ops N] [--depth D]
+//!                     [--ring-order K] [--abi x86_64|x86_32] [--no-final-check]
+//! blktap-sim-frontend --socket PATH --vdi NAME --bench randread|randwrite|seqread|seqwrite
+//!                     [--bs BYTES] [--depth D] [--seconds S]
+//! ```
 //!
-//! The shared file holds the ring (page 0) then 8 grant pages (gref k = file page k + 1). The
-//! process initialises the ring, then each round writes 4 pages of a pattern to the disk and
-//! reads them back into 4 other pages, notifying the backend over the socket when the ring's
-//! hold-off logic says so (one byte per notification, in both directions). Exits 0 if every
-//! response is OKAY and the data read back matches.
+//! Verify mode expects the disk to start as the golden image of `blktap::workload` and checks
+//! every read against its model of what this guest wrote; at the end it reads the whole disk
+//! back. It prints one JSON line (counts and the model's digest) and exits 0, or prints what
+//! went wrong (naming any other guest's data it saw) and exits 1.
 
-use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use blktap::abi::{Abi, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment};
-use blktap::front::FrontRing;
-use blktap::shm::SharedMem;
-use zerocopy::IntoBytes;
+use blktap::abi::{Abi, RSP_OKAY, SECTOR_SIZE};
+use blktap::guest::{Completion, Guest, GuestOp};
+use blktap::sim::{FrontendOptions, SimFrontend, parse_protocol};
+use blktap::workload::Model;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn request(op: u8, id: u64, sector: u64, gref: u32) -> Vec<u8> {
-    let mut r = Request { operation: op, nr_segments: 1, id, sector_number: sector, ..Default::default() };
-    r.seg[0] = Segment { gref, first_sect: 0, last_sect: 7, pad: 0 };
-    r.as_bytes().to_vec()
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    socket: PathBuf,
+    vdi: String,
+    guest: u32,
+    seed: u64,
+    ops: u64,
+    depth: usize,
+    ring_order: u32,
+    abi: Abi,
+    final_check: bool,
+    bench: Option<String>,
+    bs: usize,
+    seconds: f64,
 }
 
-fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let [_, file, sock, rounds] = args.as_slice() else {
-        return Err("usage: blktap-sim-frontend <shared-file> <unix-socket> <rounds>".into());
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        socket: PathBuf::new(),
+        vdi: String::new(),
+        guest: 0,
+        seed: 1,
+        ops: 2000,
+        depth: 32,
+        ring_order: 0,
+        abi: Abi::X86_64,
+        final_check: true,
+        bench: None,
+        bs: 4096,
+        seconds: 5.0,
     };
-    let rounds: u64 = rounds.parse()?;
-    let f = OpenOptions::new().read(true).write(true).open(file)?;
-    let ring = Arc::new(SharedMem::from_file(&f, 0, PAGE_SIZE)?);
-    let pages = SharedMem::from_file(&f, PAGE_SIZE as u64, 8 * PAGE_SIZE)?;
-    let mut front = FrontRing::init(ring, Abi::X86_64)?;
-    let mut sock = UnixStream::connect(sock)?;
-    let mut id = 0u64;
-    for round in 0..rounds {
-        for g in 0..4usize {
-            let byte = (round as u8).wrapping_mul(31).wrapping_add(g as u8);
-            pages.write(g * PAGE_SIZE, &[byte; PAGE_SIZE])?;
-            pages.write((g + 4) * PAGE_SIZE, &[0; PAGE_SIZE])?;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--no-final-check" {
+            a.final_check = false;
+            continue;
         }
-        let base = (round % 16) * 32;
-        for g in 0..4u32 {
-            id += 1;
-            front.put_request(&request(OP_WRITE, id, base + g as u64 * 8, g))?;
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--socket" => a.socket = value.into(),
+            "--vdi" => a.vdi = value,
+            "--guest" => a.guest = value.parse()?,
+            "--seed" => a.seed = value.parse()?,
+            "--ops" => a.ops = value.parse()?,
+            "--depth" => a.depth = value.parse()?,
+            "--ring-order" => a.ring_order = value.parse()?,
+            "--abi" => a.abi = parse_protocol(&format!("{value}-abi")).ok_or("--abi is x86_64 or x86_32")?,
+            "--bench" => a.bench = Some(value),
+            "--bs" => a.bs = value.parse()?,
+            "--seconds" => a.seconds = value.parse()?,
+            _ => return Err(format!("unknown flag {flag}").into()),
         }
-        for g in 0..4u32 {
-            id += 1;
-            front.put_request(&request(OP_READ, id, base + g as u64 * 8, g + 4))?;
-        }
-        if front.push_requests_and_check_notify()? {
-            sock.write_all(&[1])?;
-        }
-        let mut got = 0;
-        while got < 8 {
-            while let Some((_, _, status)) = front.take_response()? {
-                if status != RSP_OKAY {
-                    return Err(format!("round {round}: status {status}").into());
+    }
+    if a.socket.as_os_str().is_empty() || a.vdi.is_empty() {
+        return Err("usage: blktap-sim-frontend --socket PATH --vdi NAME [options]".into());
+    }
+    if a.depth == 0 || a.bs == 0 || !a.bs.is_multiple_of(SECTOR_SIZE) {
+        return Err("--depth must be positive and --bs a positive multiple of 512".into());
+    }
+    Ok(a)
+}
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn connect(a: &Args) -> Res<Guest> {
+    let data_pages = (a.depth as u32 + 1) * 260;
+    let opts = FrontendOptions { vdi: a.vdi.clone(), ring_page_order: a.ring_order, data_pages, protocol: a.abi };
+    let front = SimFrontend::connect(&a.socket, &opts)?;
+    Ok(Guest::new(front))
+}
+
+#[derive(Default)]
+struct Counts {
+    reads: u64,
+    writes: u64,
+    barriers: u64,
+    flushes: u64,
+    discards: u64,
+    bytes: u64,
+}
+
+/// What a request in flight covers, and the version a write carries.
+struct InFlight {
+    start: u64,
+    end: u64,
+    version: u64,
+}
+
+fn overlaps(busy: &HashMap<u64, InFlight>, start: u64, end: u64) -> bool {
+    busy.values().any(|f| f.start < end && start < f.end)
+}
+
+fn verify(a: &Args) -> Res<()> {
+    let mut guest = connect(a)?;
+    let sectors = guest.sectors();
+    if guest.read_only() {
+        return Err("the disk is read-only; verify mode writes".into());
+    }
+    let mut model = Model::new(a.guest, sectors);
+    let mut rng = Rng(a.seed ^ (u64::from(a.guest) << 32));
+    let mut busy: HashMap<u64, InFlight> = HashMap::new();
+    let mut counts = Counts::default();
+    let (mut issued, mut version) = (0u64, 0u64);
+    let small = 64u64.min(sectors);
+    let large = u64::from(guest.max_sectors()).min(sectors);
+    while issued < a.ops || guest.in_flight() > 0 {
+        while issued < a.ops && guest.in_flight() < a.depth {
+            let kind = rng.below(100);
+            let len = if kind >= 95 { 1 + rng.below(large) } else { 1 + rng.below(small) };
+            let start = rng.below(sectors - len + 1);
+            let end = start + len;
+            if (75..82).contains(&kind) {
+                let op = GuestOp::Flush;
+                if !guest.can_submit(&op) {
+                    break;
                 }
-                got += 1;
+                let id = guest.submit(op)?;
+                busy.insert(id, InFlight { start: 0, end: 0, version: 0 });
+                issued += 1;
+                continue;
             }
-            if got < 8 && !front.final_check_for_responses()? {
-                let mut b = [0u8; 1];
-                if sock.read(&mut b)? == 0 {
-                    return Err("backend went away".into());
-                }
+            if overlaps(&busy, start, end) {
+                break;
             }
+            version += 1;
+            let op = match kind {
+                0..40 => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: false },
+                40..75 | 95.. => GuestOp::Read { sector: start, sectors: len as u32 },
+                82..90 => GuestOp::Discard { sector: start, sectors: len },
+                _ => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: true },
+            };
+            if !guest.can_submit(&op) {
+                break;
+            }
+            let id = guest.submit(op)?;
+            busy.insert(id, InFlight { start, end, version });
+            issued += 1;
         }
-        for g in 0..4usize {
-            let (mut a, mut b) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
-            pages.read(g * PAGE_SIZE, &mut a)?;
-            pages.read((g + 4) * PAGE_SIZE, &mut b)?;
-            if a != b {
-                return Err(format!("round {round}: page {g} read back differs").into());
+        for c in guest.complete(TIMEOUT)? {
+            let f = busy.remove(&c.id).ok_or("completion of an unknown request")?;
+            account(&mut model, &mut counts, &c, &f)?;
+        }
+    }
+    let c = guest.run(GuestOp::Flush, TIMEOUT)?;
+    if c.status != RSP_OKAY {
+        return Err(format!("final flush failed with status {}", c.status).into());
+    }
+    if a.final_check {
+        full_read_check(&mut guest, &model)?;
+    }
+    println!(
+        "{{\"guest\":{},\"ops\":{},\"reads\":{},\"writes\":{},\"barriers\":{},\"flushes\":{},\"discards\":{},\"bytes\":{},\"digest\":\"{:016x}\"}}",
+        a.guest,
+        issued,
+        counts.reads,
+        counts.writes,
+        counts.barriers,
+        counts.flushes,
+        counts.discards,
+        counts.bytes,
+        model.digest()
+    );
+    Ok(())
+}
+
+fn account(model: &mut Model, counts: &mut Counts, c: &Completion, f: &InFlight) -> Res<()> {
+    if c.status != RSP_OKAY {
+        return Err(format!("{:?} failed with status {}", describe(&c.op), c.status).into());
+    }
+    let len = f.end - f.start;
+    match &c.op {
+        GuestOp::Read { sector, .. } => {
+            counts.reads += 1;
+            counts.bytes += len * SECTOR_SIZE as u64;
+            model.check(*sector, c.data.as_deref().ok_or("read without data")?)?;
+        }
+        GuestOp::Write { sector, barrier, .. } => {
+            if *barrier {
+                counts.barriers += 1;
+            } else {
+                counts.writes += 1;
             }
+            counts.bytes += len * SECTOR_SIZE as u64;
+            model.wrote(*sector, len, f.version);
+        }
+        GuestOp::Discard { sector, sectors } => {
+            counts.discards += 1;
+            model.discarded(*sector, *sectors);
+        }
+        GuestOp::Flush => counts.flushes += 1,
+    }
+    Ok(())
+}
+
+fn describe(op: &GuestOp) -> String {
+    match op {
+        GuestOp::Read { sector, sectors } => format!("read of {sectors} sectors at {sector}"),
+        GuestOp::Write { sector, barrier, .. } => {
+            format!("{} at {sector}", if *barrier { "barrier write" } else { "write" })
+        }
+        GuestOp::Flush => "flush".into(),
+        GuestOp::Discard { sector, sectors } => format!("discard of {sectors} sectors at {sector}"),
+    }
+}
+
+/// Reads the whole disk back with many large reads in flight and checks every sector.
+fn full_read_check(guest: &mut Guest, model: &Model) -> Res<()> {
+    let chunk = u64::from(guest.max_sectors()).min(1024);
+    let mut next = 0u64;
+    let total = guest.sectors();
+    while next < total || guest.in_flight() > 0 {
+        while next < total {
+            let n = chunk.min(total - next);
+            let op = GuestOp::Read { sector: next, sectors: n as u32 };
+            if !guest.can_submit(&op) {
+                break;
+            }
+            guest.submit(op)?;
+            next += n;
+        }
+        for c in guest.complete(TIMEOUT)? {
+            let GuestOp::Read { sector, .. } = c.op else { continue };
+            if c.status != RSP_OKAY {
+                return Err(format!("final read at {sector} failed with status {}", c.status).into());
+            }
+            model.check(sector, c.data.as_deref().ok_or("read without data")?)?;
         }
     }
     Ok(())
+}
+
+fn bench(a: &Args, kind: &str) -> Res<()> {
+    let mut guest = connect(a)?;
+    let bs_sectors = (a.bs / SECTOR_SIZE) as u64;
+    let total = guest.sectors() / bs_sectors;
+    if total == 0 {
+        return Err("disk smaller than one block".into());
+    }
+    let (write, random) = match kind {
+        "randread" => (false, true),
+        "randwrite" => (true, true),
+        "seqread" => (false, false),
+        "seqwrite" => (true, false),
+        _ => return Err(format!("unknown benchmark {kind}").into()),
+    };
+    let data = vec![0x5au8; a.bs];
+    let mut rng = Rng(a.seed);
+    let (mut next, mut done, mut bytes) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.seconds);
+    while Instant::now() < deadline || guest.in_flight() > 0 {
+        while Instant::now() < deadline && guest.in_flight() < a.depth {
+            let block = if random { rng.below(total) } else { next % total };
+            next += 1;
+            let sector = block * bs_sectors;
+            let op = if write {
+                GuestOp::Write { sector, data: data.clone(), barrier: false }
+            } else {
+                GuestOp::Read { sector, sectors: bs_sectors as u32 }
+            };
+            if !guest.can_submit(&op) {
+                break;
+            }
+            guest.submit(op)?;
+        }
+        for c in guest.complete(TIMEOUT)? {
+            if c.status != RSP_OKAY {
+                return Err(format!("{} failed with status {}", describe(&c.op), c.status).into());
+            }
+            done += 1;
+            bytes += a.bs as u64;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"bench\":\"{kind}\",\"bs\":{},\"depth\":{},\"ops\":{done},\"seconds\":{secs:.3},\"iops\":{:.0},\"mib_s\":{:.1}}}",
+        a.bs,
+        a.depth,
+        done as f64 / secs,
+        bytes as f64 / secs / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
+fn main() {
+    let result = parse_args().and_then(|a| match a.bench.clone() {
+        Some(kind) => bench(&a, &kind),
+        None => verify(&a),
+    });
+    if let Err(e) = result {
+        eprintln!("blktap-sim-frontend: {e}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,361 @@
+//! A simulated guest's block frontend: turns reads, writes, flushes and discards into ring
+//! requests over granted pages, with many requests in flight, the way Linux `blkfront` does.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use zerocopy::IntoBytes;
+
+use crate::abi::{
+    Abi, DiscardRequest, IndirectRequest, MAX_SEGMENTS, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
+    OP_WRITE_BARRIER, PAGE_SIZE, Request, SECTOR_SIZE, Segment, X86_32DiscardRequest, X86_32IndirectRequest,
+    X86_32Request,
+};
+use crate::engine::SEGMENTS_PER_INDIRECT_PAGE;
+use crate::event::{EventChannel, Wake};
+use crate::sim::SimFrontend;
+use crate::{Error, Result};
+
+/// One operation of a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestOp {
+    /// Read `sectors` sectors from `sector`.
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        sectors: u32,
+    },
+    /// Write `data` (whole sectors) at `sector`; `barrier` sends it as `WRITE_BARRIER`.
+    Write {
+        /// First sector.
+        sector: u64,
+        /// The bytes, a multiple of 512.
+        data: Vec<u8>,
+        /// Ordered against every other request, and durable.
+        barrier: bool,
+    },
+    /// Make completed writes durable.
+    Flush,
+    /// Drop `sectors` sectors from `sector` (they read back as zeros from Parallax).
+    Discard {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        sectors: u64,
+    },
+}
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request id returned by [`Guest::submit`].
+    pub id: u64,
+    /// The operation as submitted (write data is dropped).
+    pub op: GuestOp,
+    /// `BLKIF_RSP_*`.
+    pub status: i16,
+    /// For a successful read: the bytes read.
+    pub data: Option<Vec<u8>>,
+}
+
+struct Pending {
+    op: GuestOp,
+    pages: Vec<u32>,
+    first_byte: usize,
+}
+
+/// A frontend with a pool of grant pages and requests in flight.
+pub struct Guest {
+    front: SimFrontend,
+    free_pages: Vec<u32>,
+    pending: HashMap<u64, Pending>,
+    next_id: u64,
+    unpublished: bool,
+}
+
+/// Sectors one request can carry with `segments` segments, at most.
+pub fn max_request_sectors(segments: usize) -> u32 {
+    // A transfer that does not start on a page boundary needs one page more.
+    ((segments - 1) * PAGE_SIZE / SECTOR_SIZE) as u32
+}
+
+impl Guest {
+    /// A guest over an attached frontend; its data pages are the grant pool.
+    pub fn new(front: SimFrontend) -> Self {
+        let pages = front.memory.len() / PAGE_SIZE;
+        let free_pages = (front.first_data_gref..pages as u32).rev().collect();
+        Self { front, free_pages, pending: HashMap::new(), next_id: 1, unpublished: false }
+    }
+
+    /// Disk size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.front.disk.sectors
+    }
+
+    /// The backend says the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        self.front.disk.read_only
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Largest read or write one request may carry, in sectors.
+    pub fn max_sectors(&self) -> u32 {
+        let indirect = self.front.disk.max_indirect_segments as usize;
+        max_request_sectors(indirect.max(MAX_SEGMENTS))
+    }
+
+    fn pages_needed(op: &GuestOp) -> usize {
+        match op {
+            GuestOp::Read { sector, sectors } => Self::span(*sector, u64::from(*sectors)),
+            GuestOp::Write { sector, data, .. } => Self::span(*sector, (data.len() / SECTOR_SIZE) as u64),
+            GuestOp::Flush | GuestOp::Discard { .. } => 0,
+        }
+    }
+
+    fn span(sector: u64, sectors: u64) -> usize {
+        let first = (sector % 8) as usize * SECTOR_SIZE;
+        (first + sectors as usize * SECTOR_SIZE).div_ceil(PAGE_SIZE)
+    }
+
+    /// True if `op` can be submitted now (a ring slot and enough grant pages are free).
+    pub fn can_submit(&self, op: &GuestOp) -> bool {
+        let pages = Self::pages_needed(op);
+        let indirect = usize::from(pages > MAX_SEGMENTS);
+        self.front.ring.free_requests() > 0 && self.free_pages.len() >= pages + indirect
+    }
+
+    /// Puts `op` on the ring (unpublished until [`Guest::push`]) and returns its id.
+    pub fn submit(&mut self, op: GuestOp) -> Result<u64> {
+        if !self.can_submit(&op) {
+            return Err(Error::Protocol("no free ring slot or grant page".into()));
+        }
+        let abi = self.front.ring.abi();
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut pages = Vec::new();
+        let mut first_byte = 0;
+        let bytes = match &op {
+            GuestOp::Flush => segment_request(abi, OP_FLUSH_DISKCACHE, id, 0, &[]),
+            GuestOp::Discard { sector, sectors } => discard_request(abi, id, *sector, *sectors),
+            GuestOp::Read { sector, sectors } => {
+                first_byte = (sector % 8) as usize * SECTOR_SIZE;
+                let segs = self.grant(*sector, *sectors as usize * SECTOR_SIZE, &mut pages, None)?;
+                self.rw_request(abi, OP_READ, id, *sector, &segs, &mut pages)?
+            }
+            GuestOp::Write { sector, data, barrier } => {
+                if data.is_empty() || !data.len().is_multiple_of(SECTOR_SIZE) {
+                    return Err(Error::Protocol("write of a partial sector".into()));
+                }
+                first_byte = (sector % 8) as usize * SECTOR_SIZE;
+                let segs = self.grant(*sector, data.len(), &mut pages, Some(data))?;
+                let opcode = if *barrier { OP_WRITE_BARRIER } else { OP_WRITE };
+                self.rw_request(abi, opcode, id, *sector, &segs, &mut pages)?
+            }
+        };
+        self.front.ring.put_request(&bytes)?;
+        self.unpublished = true;
+        let op = match op {
+            GuestOp::Write { sector, data, barrier } => {
+                GuestOp::Write { sector, data: Vec::with_capacity(data.len()), barrier }
+            }
+            other => other,
+        };
+        self.pending.insert(id, Pending { op, pages, first_byte });
+        Ok(id)
+    }
+
+    /// Takes grant pages for a transfer of `len` bytes starting at `sector`, copying `data` in.
+    fn grant(&mut self, sector: u64, len: usize, pages: &mut Vec<u32>, data: Option<&Vec<u8>>) -> Result<Vec<Segment>> {
+        let mut segs = Vec::new();
+        let mut offset = (sector % 8) as usize * SECTOR_SIZE;
+        let mut done = 0;
+        while done < len {
+            let gref = self.free_pages.pop().ok_or_else(|| Error::Protocol("out of grant pages".into()))?;
+            pages.push(gref);
+            let n = (PAGE_SIZE - offset).min(len - done);
+            if let Some(d) = data {
+                self.front.memory.write(gref as usize * PAGE_SIZE + offset, &d[done..done + n])?;
+            }
+            segs.push(Segment {
+                gref,
+                first_sect: (offset / SECTOR_SIZE) as u8,
+                last_sect: ((offset + n) / SECTOR_SIZE - 1) as u8,
+                pad: 0,
+            });
+            done += n;
+            offset = 0;
+        }
+        Ok(segs)
+    }
+
+    fn rw_request(
+        &mut self,
+        abi: Abi,
+        op: u8,
+        id: u64,
+        sector: u64,
+        segs: &[Segment],
+        pages: &mut Vec<u32>,
+    ) -> Result<Vec<u8>> {
+        if segs.len() <= MAX_SEGMENTS {
+            return Ok(segment_request(abi, op, id, sector, segs));
+        }
+        if op == OP_WRITE_BARRIER || segs.len() > SEGMENTS_PER_INDIRECT_PAGE {
+            return Err(Error::Protocol("request too large".into()));
+        }
+        let gref = self.free_pages.pop().ok_or_else(|| Error::Protocol("out of grant pages".into()))?;
+        pages.push(gref);
+        self.front.memory.write(gref as usize * PAGE_SIZE, segs.as_bytes())?;
+        Ok(indirect_request(abi, op, id, sector, segs.len() as u16, gref))
+    }
+
+    /// Publishes submitted requests and notifies the backend if it asked.
+    pub fn push(&mut self) -> Result<()> {
+        if self.unpublished {
+            self.unpublished = false;
+            if self.front.ring.push_requests_and_check_notify()? {
+                self.front.events.notify()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes, then collects finished operations, waiting up to `timeout` for at least one
+    /// if none is ready.
+    pub fn complete(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
+        self.push()?;
+        let mut out = Vec::new();
+        loop {
+            while let Some((id, _, status)) = self.front.ring.take_response()? {
+                out.push(self.finish(id, status)?);
+            }
+            if !out.is_empty() || self.pending.is_empty() {
+                return Ok(out);
+            }
+            if self.front.ring.final_check_for_responses()? {
+                continue;
+            }
+            match self.front.events.wait(timeout)? {
+                Wake::Notified => {}
+                Wake::TimedOut => {
+                    if self.front.ring.final_check_for_responses()? {
+                        continue;
+                    }
+                    return Err(Error::Protocol(format!(
+                        "no response within {timeout:?} with {} requests in flight",
+                        self.pending.len()
+                    )));
+                }
+                Wake::Closed => return Err(Error::PeerGone),
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u64, status: i16) -> Result<Completion> {
+        let p = self.pending.remove(&id).ok_or_else(|| Error::Protocol(format!("response for unknown id {id}")))?;
+        let data = match (&p.op, status) {
+            (GuestOp::Read { sectors, .. }, 0) => {
+                let len = *sectors as usize * SECTOR_SIZE;
+                let mut buf = vec![0u8; len];
+                let mut offset = p.first_byte;
+                let mut done = 0;
+                for &gref in &p.pages {
+                    if done == len {
+                        break;
+                    }
+                    let n = (PAGE_SIZE - offset).min(len - done);
+                    self.front.memory.read(gref as usize * PAGE_SIZE + offset, &mut buf[done..done + n])?;
+                    done += n;
+                    offset = 0;
+                }
+                Some(buf)
+            }
+            _ => None,
+        };
+        self.free_pages.extend(p.pages);
+        Ok(Completion { id, op: p.op, status, data })
+    }
+
+    /// Submits one operation and waits for it (no other request may be in flight).
+    pub fn run(&mut self, op: GuestOp, timeout: Duration) -> Result<Completion> {
+        let id = self.submit(op)?;
+        loop {
+            for c in self.complete(timeout)? {
+                if c.id == id {
+                    return Ok(c);
+                }
+            }
+        }
+    }
+}
+
+fn segment_request(abi: Abi, op: u8, id: u64, sector: u64, segs: &[Segment]) -> Vec<u8> {
+    let mut seg = [Segment::default(); MAX_SEGMENTS];
+    seg[..segs.len()].copy_from_slice(segs);
+    let nr = segs.len() as u8;
+    match abi {
+        Abi::X86_64 => Request { operation: op, nr_segments: nr, id, sector_number: sector, seg, ..Default::default() }
+            .as_bytes()
+            .to_vec(),
+        Abi::X86_32 => X86_32Request { operation: op, nr_segments: nr, handle: 0, id, sector_number: sector, seg }
+            .as_bytes()
+            .to_vec(),
+    }
+}
+
+fn discard_request(abi: Abi, id: u64, sector: u64, sectors: u64) -> Vec<u8> {
+    match abi {
+        Abi::X86_64 => DiscardRequest {
+            operation: OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: sectors,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+        Abi::X86_32 => X86_32DiscardRequest {
+            operation: OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: sectors,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+    }
+}
+
+fn indirect_request(abi: Abi, op: u8, id: u64, sector: u64, nr: u16, gref: u32) -> Vec<u8> {
+    let mut grefs = [0u32; crate::abi::MAX_INDIRECT_PAGES];
+    grefs[0] = gref;
+    match abi {
+        Abi::X86_64 => IndirectRequest {
+            operation: OP_INDIRECT,
+            indirect_op: op,
+            nr_segments: nr,
+            id,
+            sector_number: sector,
+            indirect_grefs: grefs,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+        Abi::X86_32 => X86_32IndirectRequest {
+            operation: OP_INDIRECT,
+            indirect_op: op,
+            nr_segments: nr,
+            id,
+            sector_number: sector,
+            indirect_grefs: grefs,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+    }
+}

@@ -1,0 +1,187 @@
+//! Serving one ring with many requests in flight.
+//!
+//! A [`RingServer`] owns a dispatcher (the thread that calls [`RingServer::run`]) and a small
+//! pool of worker threads of its own, so a slow VDI stalls only its own ring. The dispatcher
+//! copies requests out of the ring and hands them to the workers; each worker executes a request
+//! against the device, writes its response into the next response slot and notifies the
+//! frontend when the ring's hold-off logic asks for it. Responses are produced in completion
+//! order, which blkif allows (the `id` pairs them with requests).
+//!
+//! A `WRITE_BARRIER` is an ordering point: the dispatcher waits until every earlier request has
+//! been answered, executes the barrier itself, and only then takes later requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use blockdev::BlockDevice;
+use crossbeam_channel::bounded;
+use parking_lot::{Condvar, Mutex};
+
+use crate::Result;
+use crate::abi::{OP_WRITE_BARRIER, RSP_OKAY};
+use crate::engine::Engine;
+use crate::event::{EventChannel, Wake};
+use crate::grant::GrantTable;
+use crate::request::BlkRequest;
+use crate::ring::BackRing;
+
+/// How a ring is served.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Worker threads executing requests of this ring concurrently (at least 1).
+    pub workers: usize,
+    /// How often the dispatcher wakes without a notification to look at the stop flag.
+    pub poll_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { workers: 4, poll_interval: Duration::from_millis(100) }
+    }
+}
+
+/// Counters of a served ring.
+#[derive(Debug, Default)]
+pub struct RingStats {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Requests answered with a status other than `BLKIF_RSP_OKAY`.
+    pub failed: AtomicU64,
+    /// Notifications sent to the frontend.
+    pub notifications: AtomicU64,
+}
+
+/// Why a ring stopped being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The stop flag was raised; every request taken was answered.
+    Stopped,
+    /// The frontend closed its event channel; every request taken was answered.
+    PeerGone,
+}
+
+/// Serves a ring until it is stopped, the frontend goes away, or the ring breaks.
+pub struct RingServer<D, G, E> {
+    ring: Mutex<BackRing>,
+    engine: Engine<D, G>,
+    events: E,
+    in_flight: Mutex<u32>,
+    drained: Condvar,
+    stats: Arc<RingStats>,
+    options: ServerOptions,
+}
+
+impl<D, G, E> RingServer<D, G, E>
+where
+    D: BlockDevice,
+    G: GrantTable + Send + Sync,
+    E: EventChannel,
+{
+    /// A server for `ring`, executing requests with `engine` and talking over `events`.
+    pub fn new(ring: BackRing, engine: Engine<D, G>, events: E, options: ServerOptions) -> Self {
+        Self {
+            ring: Mutex::new(ring),
+            engine,
+            events,
+            in_flight: Mutex::new(0),
+            drained: Condvar::new(),
+            stats: Arc::new(RingStats::default()),
+            options,
+        }
+    }
+
+    /// The counters, readable while the ring is served.
+    pub fn stats(&self) -> Arc<RingStats> {
+        self.stats.clone()
+    }
+
+    /// Serves the ring on the calling thread (plus the worker pool) until `stop` is raised or
+    /// the frontend goes away. Requests already taken off the ring are always answered before
+    /// this returns. Errors if the frontend broke the ring protocol.
+    pub fn run(&self, stop: &AtomicBool) -> Result<Ended> {
+        let workers = self.options.workers.max(1);
+        let capacity = self.ring.lock().size() as usize;
+        let (tx, rx) = bounded::<BlkRequest>(capacity);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let rx = rx.clone();
+                s.spawn(move || {
+                    for req in rx {
+                        let status = self.engine.handle(&req);
+                        self.respond(&req, status);
+                        self.finished_one();
+                    }
+                });
+            }
+            drop(rx);
+            let ended = self.dispatch(stop, |req| {
+                *self.in_flight.lock() += 1;
+                // The workers only stop when `tx` is dropped, so sending cannot fail.
+                let _ = tx.send(req);
+            });
+            drop(tx);
+            ended
+        })
+    }
+
+    fn dispatch(&self, stop: &AtomicBool, mut submit: impl FnMut(BlkRequest)) -> Result<Ended> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(Ended::Stopped);
+            }
+            let next = self.ring.lock().next_request();
+            match next {
+                Ok(Some(req)) if req.operation == OP_WRITE_BARRIER => {
+                    self.wait_drained();
+                    let status = self.engine.handle(&req);
+                    self.respond(&req, status);
+                }
+                Ok(Some(req)) => submit(req),
+                Ok(None) => {
+                    if self.ring.lock().final_check_for_requests()? {
+                        continue;
+                    }
+                    match self.events.wait(self.options.poll_interval)? {
+                        Wake::Notified | Wake::TimedOut => {}
+                        Wake::Closed => return Ok(Ended::PeerGone),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn respond(&self, req: &BlkRequest, status: i16) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if status != RSP_OKAY {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let notify = {
+            let mut ring = self.ring.lock();
+            // Every response answers a request taken off this ring, so there is always a slot;
+            // a failure here means shared memory vanished, and the frontend learns by timeout.
+            ring.put_response(req.id, req.operation, status).and_then(|()| ring.push_responses_and_check_notify())
+        };
+        if let Ok(true) = notify {
+            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            // A frontend that went away is noticed by the dispatcher's wait.
+            let _ = self.events.notify();
+        }
+    }
+
+    fn finished_one(&self) {
+        let mut n = self.in_flight.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    fn wait_drained(&self) {
+        let mut n = self.in_flight.lock();
+        while *n > 0 {
+            self.drained.wait(&mut n);
+        }
+    }
+}
