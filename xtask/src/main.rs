@@ -5,12 +5,17 @@
 //! * `cargo xtask bench-import [--quick]`: `vdi fill` against `qemu-img convert` and `cp`.
 //! * `cargo xtask vm-demo [--guests N] [--keep]`: N QEMU guests boot from clones of one golden
 //!   image over NBD; checks each clone kept only its own writes (docs/vm-demo.md).
+//! * `cargo xtask ring-test [--guests N]`: N simulated Xen guests over the blkif ring on clones
+//!   of one golden VDI, every read verified; `cargo xtask bench-ring [--quick]`: the ring beside
+//!   NBD on the same daemon.
 
 mod fio;
 mod fuzz;
 mod import;
 mod nbd;
+mod parallaxd;
 mod report;
+mod ring;
 mod servers;
 mod sys;
 mod torture;
@@ -39,6 +44,10 @@ enum Command {
     VmDemo(vm_demo::VmDemoArgs),
     /// SIGKILL parallaxd under a writing client, restart, and verify no flushed write is lost.
     Torture(torture::TortureArgs),
+    /// N simulated Xen guests on clones of one golden VDI over the blkif ring, verified.
+    RingTest(ring::RingTestArgs),
+    /// 4 KiB random and 64 KiB sequential I/O through the simulated ring beside NBD.
+    BenchRing(ring::BenchRingArgs),
     /// Run each fuzz target (fuzz/, cargo-fuzz) for a while; fail on any crash.
     Fuzz(fuzz::FuzzArgs),
 }
@@ -88,6 +97,8 @@ fn main() -> ExitCode {
         Command::VmDemo(a) => vm_demo::run(&a),
         Command::Torture(a) => torture::run(&a),
         Command::Fuzz(a) => fuzz::run(&a),
+        Command::RingTest(a) => ring::run_test(&a),
+        Command::BenchRing(a) => ring::run_bench(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

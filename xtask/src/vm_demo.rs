@@ -4,7 +4,6 @@
 //! the golden snapshot is untouched and the store grew by the guests' writes, not by N images. A
 //! second boot finds the markers. See docs/vm-demo.md.
 
-mod daemon;
 mod guest;
 mod image;
 mod setup;
@@ -16,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
+use crate::parallaxd::Daemon;
 use crate::sys;
-use daemon::Daemon;
 use guest::{Boot, Outcome};
 
 /// Size of the golden ext4 image.
@@ -169,7 +168,7 @@ fn boot_round<'a>(
     boot: &dyn Fn(&'static str, u16) -> Boot<'a>,
 ) -> Result<Vec<Outcome>> {
     let log = demo.work.join(format!("parallaxd-{round}.log"));
-    let mut d = Daemon::start(parallaxd, &demo.vdi.store, &demo.vdi.run_dir, &log)?;
+    let mut d = Daemon::start(parallaxd, &demo.vdi.store, &demo.vdi.run_dir, &log, &[])?;
     let outcomes = guest::boot_all(&boot(round, d.port), names)?;
     d.check_alive()?;
     d.stop()?;

@@ -1,5 +1,6 @@
-//! parallaxd on the demo's store, on a free loopback port, stopped with SIGTERM (must exit 0).
+//! parallaxd on a task's store, on a free loopback port, stopped with SIGTERM (must exit 0).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,16 +19,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts parallaxd on `store` (control sockets in `run_dir`), logging to `log`.
-    pub fn start(parallaxd: &Path, store: &Path, run_dir: &Path, log: &Path) -> Result<Daemon> {
+    /// Starts parallaxd on `store` (control sockets in `run_dir`), logging to `log`, with
+    /// `extra` flags; waits until it serves NBD.
+    pub fn start(parallaxd: &Path, store: &Path, run_dir: &Path, log: &Path, extra: &[&OsStr]) -> Result<Daemon> {
         let port = sys::free_port()?;
         let logf = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let errf = logf.try_clone().context("cannot open the parallaxd log")?;
         let mut cmd = Command::new(parallaxd);
-        cmd.arg("--store").arg(store).args(["--nbd", &format!("127.0.0.1:{port}")]);
+        cmd.arg("--store").arg(store).args(["--nbd", &format!("127.0.0.1:{port}")]).args(extra);
         cmd.env("PARALLAX_RUN_DIR", run_dir).env("PARALLAX_LOG", "warn");
         let what = sys::describe(&cmd);
-        eprintln!("vm-demo: starting {what}");
+        eprintln!("xtask: starting {what}");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(logf)
@@ -62,11 +64,12 @@ impl Daemon {
         if !st.success() {
             bail!("parallaxd did not exit 0 on SIGTERM ({st}); log:\n{}", self.log_tail());
         }
-        eprintln!("vm-demo: parallaxd stopped cleanly (exit 0)");
+        eprintln!("xtask: parallaxd stopped cleanly (exit 0)");
         Ok(())
     }
 
-    fn log_tail(&self) -> String {
+    /// The last lines of parallaxd's log.
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read the log: {e})"));
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
