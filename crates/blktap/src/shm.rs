@@ -73,12 +73,29 @@ impl SharedMem {
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len())?;
         let base = self.map.as_ptr();
-        for (i, b) in buf.iter_mut().enumerate() {
+        let mut i = 0;
+        // Bytes up to the first 8-aligned address, then whole words, then the tail.
+        let head = (base as usize + offset).wrapping_neg() % 8;
+        while i < buf.len() && i < head {
             // SAFETY: `offset + i < offset + buf.len() <= self.len()` (checked above), so the
             // pointer is inside the live mapping; `u8` has no alignment or validity constraints.
             // Volatile because the peer may write concurrently: the compiler must neither
             // re-read nor assume the value.
-            *b = unsafe { base.add(offset + i).read_volatile() };
+            buf[i] = unsafe { base.add(offset + i).read_volatile() };
+            i += 1;
+        }
+        while buf.len() - i >= 8 {
+            // SAFETY: `offset + i + 8 <= self.len()` (checked above and by the loop condition);
+            // the address is 8-aligned (the head loop stopped there) and any bit pattern is a
+            // valid `u64`. Volatile for the same reason as above.
+            let w = unsafe { (base.add(offset + i) as *const u64).read_volatile() };
+            buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+            i += 8;
+        }
+        while i < buf.len() {
+            // SAFETY: in bounds (checked above); see the first loop.
+            buf[i] = unsafe { base.add(offset + i).read_volatile() };
+            i += 1;
         }
         Ok(())
     }
@@ -87,10 +104,26 @@ impl SharedMem {
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check(offset, data.len())?;
         let base = self.map.as_mut_ptr();
-        for (i, b) in data.iter().enumerate() {
+        let head = (base as usize + offset).wrapping_neg() % 8;
+        let mut i = 0;
+        while i < data.len() && i < head {
             // SAFETY: in bounds of the live, writable mapping (checked above); `u8` has no
             // alignment constraints. Volatile so the store really reaches shared memory.
-            unsafe { base.add(offset + i).write_volatile(*b) };
+            unsafe { base.add(offset + i).write_volatile(data[i]) };
+            i += 1;
+        }
+        while data.len() - i >= 8 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&data[i..i + 8]);
+            // SAFETY: `offset + i + 8 <= self.len()` (checked above and by the loop condition)
+            // and the address is 8-aligned (the head loop stopped there).
+            unsafe { (base.add(offset + i) as *mut u64).write_volatile(u64::from_ne_bytes(w)) };
+            i += 8;
+        }
+        while i < data.len() {
+            // SAFETY: in bounds (checked above); see the first loop.
+            unsafe { base.add(offset + i).write_volatile(data[i]) };
+            i += 1;
         }
         Ok(())
     }
@@ -114,5 +147,25 @@ mod tests {
         m.write(16, &[1, 2, 3, 4]).unwrap();
         assert_eq!(m.atomic_u32(16).unwrap().load(Ordering::Relaxed), 0x0403_0201);
         assert!(SharedMem::anonymous(0).is_err());
+    }
+
+    #[test]
+    fn copies_at_every_alignment_and_length() {
+        let m = SharedMem::anonymous(4096).unwrap();
+        let pattern: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+        for offset in 0..17 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100, 200] {
+                m.write(0, &[0u8; 300]).unwrap();
+                m.write(offset, &pattern[..len]).unwrap();
+                let mut all = vec![0u8; 300];
+                m.read(0, &mut all).unwrap();
+                assert!(all[..offset].iter().all(|&b| b == 0), "{offset} {len}");
+                assert_eq!(&all[offset..offset + len], &pattern[..len], "{offset} {len}");
+                assert!(all[offset + len..].iter().all(|&b| b == 0), "{offset} {len}");
+                let mut back = vec![0u8; len];
+                m.read(offset, &mut back).unwrap();
+                assert_eq!(back, &pattern[..len]);
+            }
+        }
     }
 }
