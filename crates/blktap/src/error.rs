@@ -28,6 +28,9 @@ pub enum Error {
         /// Size of the region.
         region: usize,
     },
+    /// A write to a region mapped read-only.
+    #[error("the shared region is mapped read-only")]
+    ReadOnlyRegion,
     /// A shared region has the wrong size for its use.
     #[error("bad shared region size {0} bytes")]
     BadRegionSize(usize),

@@ -16,6 +16,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct SharedMem {
     map: MmapRaw,
+    writable: bool,
 }
 
 impl SharedMem {
@@ -25,7 +26,7 @@ impl SharedMem {
             return Err(Error::BadRegionSize(len));
         }
         let map = MmapOptions::new().len(len).map_anon()?;
-        Ok(Self { map: map.into() })
+        Ok(Self { map: map.into(), writable: true })
     }
 
     /// Maps `len` bytes of `file` from byte `offset` (a multiple of the page size), shared with
@@ -35,7 +36,22 @@ impl SharedMem {
             return Err(Error::BadRegionSize(len));
         }
         let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
-        Ok(Self { map })
+        Ok(Self { map, writable: true })
+    }
+
+    /// Maps `len` bytes of `file` from byte `offset` read-only ([`SharedMem::write`] and
+    /// [`SharedMem::atomic_u32`] then fail). For grants the peer only lets us read.
+    pub fn from_file_read_only(file: &File, offset: u64, len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::BadRegionSize(len));
+        }
+        let map = MmapOptions::new().offset(offset).len(len).map_raw_read_only(file)?;
+        Ok(Self { map, writable: false })
+    }
+
+    /// True if the region may be written.
+    pub fn writable(&self) -> bool {
+        self.writable
     }
 
     /// Length of the region in bytes.
@@ -55,9 +71,16 @@ impl SharedMem {
         }
     }
 
+    fn check_writable(&self, offset: usize, len: usize) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnlyRegion);
+        }
+        self.check(offset, len)
+    }
+
     /// The 32-bit word at `offset` (a multiple of 4) as an atomic shared with the peer.
     pub fn atomic_u32(&self, offset: usize) -> Result<&AtomicU32> {
-        self.check(offset, 4)?;
+        self.check_writable(offset, 4)?;
         if !offset.is_multiple_of(4) {
             return Err(Error::OutOfBounds { offset, len: 4, region: self.len() });
         }
@@ -102,7 +125,7 @@ impl SharedMem {
 
     /// Copies `data` into the region at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        self.check(offset, data.len())?;
+        self.check_writable(offset, data.len())?;
         let base = self.map.as_mut_ptr();
         let head = (base as usize + offset).wrapping_neg() % 8;
         let mut i = 0;
@@ -147,6 +170,19 @@ mod tests {
         m.write(16, &[1, 2, 3, 4]).unwrap();
         assert_eq!(m.atomic_u32(16).unwrap().load(Ordering::Relaxed), 0x0403_0201);
         assert!(SharedMem::anonymous(0).is_err());
+    }
+
+    #[test]
+    fn read_only_regions_refuse_writes() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[5u8; 8192]).unwrap();
+        let m = SharedMem::from_file_read_only(&f, 4096, 4096).unwrap();
+        assert!(!m.writable());
+        let mut b = [0u8; 16];
+        m.read(4080, &mut b).unwrap();
+        assert_eq!(b, [5u8; 16]);
+        assert!(matches!(m.write(0, &[1]), Err(Error::ReadOnlyRegion)));
+        assert!(matches!(m.atomic_u32(0), Err(Error::ReadOnlyRegion)));
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct Flags {
     /// Worker threads per ring (requests of one guest executed concurrently).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub ring_workers: Option<u16>,
+    /// Serve Xen guests from dom0: the backend half of blkif over xenstore, gntdev and evtchn
+    /// (needs a build with `--features xen`; see docs/xen.md).
+    #[arg(long)]
+    pub xen: bool,
     /// Allow a non-loopback NBD address (NBD has no authentication: use a trusted network).
     #[arg(long)]
     pub allow_remote: bool,
@@ -64,6 +68,7 @@ struct FileConfig {
     nbd_socket: Option<PathBuf>,
     ring_socket: Option<PathBuf>,
     ring_workers: Option<u16>,
+    xen: Option<bool>,
     allow_remote: Option<bool>,
     snapshot_every: Option<String>,
     snapshot_vdis: Option<Vec<String>>,
@@ -98,6 +103,8 @@ pub struct Config {
     pub ring_socket: Option<PathBuf>,
     /// Worker threads per ring.
     pub ring_workers: usize,
+    /// Serve real Xen guests (feature `xen`).
+    pub xen: bool,
     /// Snapshot schedule, if any.
     pub schedule: Option<Schedule>,
     /// Metadata cache size in blocks.
@@ -165,11 +172,21 @@ impl Config {
             nbd,
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
             ring_socket: flags.ring_socket.or(file.ring_socket),
+            xen: xen_enabled(flags.xen || file.xen.unwrap_or(false))?,
             ring_workers: usize::from(flags.ring_workers.or(file.ring_workers).unwrap_or(4).clamp(1, 64)),
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
         })
     }
+}
+
+fn xen_enabled(wanted: bool) -> Result<bool> {
+    if wanted && !cfg!(feature = "xen") {
+        bail!(
+            "--xen: this parallaxd was built without Xen support; build it with `cargo build --release --features xen`"
+        );
+    }
+    Ok(wanted)
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {

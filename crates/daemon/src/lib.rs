@@ -6,6 +6,7 @@ pub mod exports;
 pub mod rings;
 pub mod schedule;
 pub mod service;
+pub mod xen;
 
 pub use config::Config;
 pub use service::run;

@@ -58,6 +58,8 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
         }
         None => None,
     };
+    let xen_thread =
+        if config.xen { Some(crate::xen::spawn(provider.clone(), config.ring_workers, stop.clone())?) } else { None };
     let control_thread = match control {
         Some(hook) => hook(reg.clone(), stop.clone())?,
         None => None,
@@ -82,6 +84,9 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
     }
     if let Some(r) = rings {
         r.wait();
+    }
+    if let Some(t) = xen_thread {
+        let _ = t.join();
     }
     if let Some(t) = schedule_thread {
         let _ = t.join();

@@ -1,0 +1,181 @@
+//! The blkif backend: finds the devices the toolstack created for us in xenstore and runs the
+//! handshake of each ([`super::device`]), polling every `poll_interval` (the synchronous
+//! xenstore client has no watches).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use blockdev::BlockDevice;
+
+use super::connect::Connector;
+use super::device::Device;
+use super::keys::{backend_root, number};
+use super::ring_thread::RingThread;
+use super::store::XenStore;
+use crate::Result;
+use crate::abi::Abi;
+use crate::server::ServerOptions;
+
+/// Opens the disk named by a device's `params` (without the `parallax:` prefix).
+pub trait DiskOpener: Send + Sync {
+    /// The disk for `target` (a VDI name or id), or why it cannot be served.
+    fn open(&self, target: &str) -> std::result::Result<Arc<dyn BlockDevice>, String>;
+}
+
+impl<F> DiskOpener for F
+where
+    F: Fn(&str) -> std::result::Result<Arc<dyn BlockDevice>, String> + Send + Sync,
+{
+    fn open(&self, target: &str) -> std::result::Result<Arc<dyn BlockDevice>, String> {
+        self(target)
+    }
+}
+
+/// How the backend runs.
+#[derive(Debug, Clone)]
+pub struct XenBackendOptions {
+    /// Our domain id (0 in dom0; a driver domain's id otherwise).
+    pub backend_domid: u32,
+    /// How often xenstore is polled for new devices and state changes.
+    pub poll_interval: Duration,
+    /// How each ring is served.
+    pub server: ServerOptions,
+}
+
+impl Default for XenBackendOptions {
+    fn default() -> Self {
+        Self { backend_domid: 0, poll_interval: Duration::from_millis(100), server: ServerOptions::default() }
+    }
+}
+
+/// Something that happened to a device, for the caller's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The disk was opened and the features published (state InitWait).
+    Opened {
+        /// The backend directory.
+        device: String,
+        /// The disk opened.
+        target: String,
+    },
+    /// The frontend's ring is served (state Connected).
+    Connected {
+        /// The backend directory.
+        device: String,
+        /// Pages of the ring.
+        ring_pages: usize,
+        /// The ABI of the ring.
+        protocol: Abi,
+    },
+    /// The device was closed and its disk released (state Closed).
+    Closed {
+        /// The backend directory.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// The device failed; the error is also published in xenstore.
+    Failed {
+        /// The backend directory.
+        device: String,
+        /// What went wrong.
+        error: String,
+    },
+    /// The device's directory disappeared; its ring (if any) is stopped.
+    Removed {
+        /// The backend directory.
+        device: String,
+    },
+}
+
+impl fmt::Display for BackendEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Opened { device, target } => write!(f, "{device}: opened {target}, waiting for the frontend"),
+            Self::Connected { device, ring_pages, protocol } => {
+                write!(f, "{device}: connected ({ring_pages}-page ring, {protocol:?})")
+            }
+            Self::Closed { device, reason } => write!(f, "{device}: closed ({reason})"),
+            Self::Failed { device, error } => write!(f, "{device}: failed: {error}"),
+            Self::Removed { device } => write!(f, "{device}: removed"),
+        }
+    }
+}
+
+/// The devices below the backend root: `(frontend domid, devid)` pairs. Names that are not
+/// numbers are not devices and are skipped.
+fn scan(store: &impl XenStore, root: &str) -> Result<BTreeSet<(u32, u32)>> {
+    let mut found = BTreeSet::new();
+    for front in store.directory(root)? {
+        let Some(domid) = number::<u32>(&front) else { continue };
+        for dev in store.directory(&format!("{root}/{front}"))? {
+            if let Some(devid) = number::<u32>(&dev) {
+                found.insert((domid, devid));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Runs the backend until `stop` is raised: serves every blkif device the toolstack creates
+/// under `/local/domain/<backend_domid>/backend/vbd`. Problems of one device are published in
+/// its directory and reported to `observe`; they never affect other devices. Errors only if
+/// xenstore itself cannot be read. On return every ring is stopped and its device Closed.
+pub fn run<S: XenStore, C: Connector>(
+    store: &S,
+    connector: &C,
+    opener: Arc<dyn DiskOpener>,
+    opts: &XenBackendOptions,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(&BackendEvent),
+) -> Result<()> {
+    let root = backend_root(opts.backend_domid);
+    let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
+    let mut draining: Vec<RingThread> = Vec::new();
+    let result = loop {
+        if stop.load(Ordering::Acquire) {
+            break Ok(());
+        }
+        let present = match scan(store, &root) {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
+        devices.retain(|key, dev| {
+            if present.contains(key) {
+                return true;
+            }
+            draining.extend(dev.take_ring());
+            observe(&BackendEvent::Removed { device: dev.dir().to_string() });
+            false
+        });
+        for &(domid, devid) in &present {
+            if let std::collections::btree_map::Entry::Vacant(slot) = devices.entry((domid, devid)) {
+                let dir = format!("{root}/{domid}/{devid}");
+                slot.insert(Device::discover(store, dir, domid, devid, opener.as_ref(), observe));
+            }
+        }
+        for dev in devices.values_mut() {
+            dev.step(store, connector, opener.as_ref(), opts, observe);
+        }
+        let mut still = Vec::new();
+        for ring in draining.drain(..) {
+            if ring.is_finished() {
+                let _ = ring.join();
+            } else {
+                still.push(ring);
+            }
+        }
+        draining = still;
+        std::thread::sleep(opts.poll_interval);
+    };
+    for (_, dev) in std::mem::take(&mut devices) {
+        dev.shutdown(store);
+    }
+    for ring in draining {
+        let _ = ring.join();
+    }
+    result
+}

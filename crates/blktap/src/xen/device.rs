@@ -1,0 +1,316 @@
+//! The backend state machine of one blkif device (one directory
+//! `/local/domain/<backend>/backend/vbd/<frontend>/<devid>`), advanced one step per poll.
+//!
+//! ```text
+//!  discovered ──open disk, publish features──▶ InitWait ──frontend 3/4: map ring──▶ Connected
+//!      │ open fails                               │ frontend 5/6/gone                │ frontend 5/6/1/gone,
+//!      ▼                                          ▼                                  ▼ ring ends
+//!   Failed (state 5, hotplug-error) ──frontend 5/6──▶ Closed (state 6, disk dropped) ◀── Stopping
+//!                                                     │ frontend back to 1 (reconnect)
+//!                                                     └──────────▶ InitWait
+//! ```
+//!
+//! Everything read from the frontend's directory is untrusted: bad values fail this device
+//! only (`error` key, state 5 Closing, like Linux's `xenbus_dev_fatal`).
+
+use std::sync::Arc;
+
+use blockdev::BlockDevice;
+
+use super::backend::{BackendEvent, DiskOpener, XenBackendOptions};
+use super::connect::{Connector, RingSpec};
+use super::keys::{BackendConfig, RingRequest, XenbusState, read_state};
+use super::readonly::ReadOnlyDisk;
+use super::ring_thread::RingThread;
+use super::store::XenStore;
+use crate::engine::MAX_INDIRECT_SEGMENTS;
+use crate::server::Ended;
+use crate::sim::{MAX_RING_PAGE_ORDER, VDISK_READONLY};
+use crate::{Error, Result};
+
+/// Where a device is in the handshake.
+enum Phase {
+    /// Features published, state InitWait: waiting for the frontend's ring.
+    Waiting { disk: Arc<dyn BlockDevice> },
+    /// The ring is served.
+    Connected { ring: RingThread },
+    /// The ring was asked to stop; then the backend state becomes `then`.
+    Stopping { ring: RingThread, then: XenbusState, reason: String },
+    /// State Closed, no disk held. Reopened if the frontend starts over.
+    Closed,
+    /// Failed and reported (state Closing); waits for the frontend to close.
+    Failed,
+}
+
+impl std::fmt::Debug for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Waiting { .. } => "Waiting",
+            Self::Connected { .. } => "Connected",
+            Self::Stopping { .. } => "Stopping",
+            Self::Closed => "Closed",
+            Self::Failed => "Failed",
+        })
+    }
+}
+
+/// One device of the backend.
+#[derive(Debug)]
+pub struct Device {
+    dir: String,
+    frontend_id: u32,
+    devid: u32,
+    config: Option<BackendConfig>,
+    phase: Phase,
+}
+
+type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
+
+impl Device {
+    /// A device found at `dir`: opens its disk and publishes its features, or reports why not.
+    pub fn discover(
+        store: &impl XenStore,
+        dir: String,
+        frontend_id: u32,
+        devid: u32,
+        opener: &dyn DiskOpener,
+        observe: Observer<'_>,
+    ) -> Self {
+        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed };
+        dev.open(store, opener, true, observe);
+        dev
+    }
+
+    /// The backend directory of the device.
+    pub fn dir(&self) -> &str {
+        &self.dir
+    }
+
+    fn write(&self, store: &impl XenStore, key: &str, value: &str) -> Result<()> {
+        store.write(&format!("{}/{key}", self.dir), value)
+    }
+
+    /// Writes our state, unless the toolstack already removed the directory (a write would
+    /// bring it back).
+    fn set_state(&self, store: &impl XenStore, state: XenbusState) -> Result<()> {
+        if store.read(&self.dir)?.is_some() {
+            self.write(store, "state", state.value())?;
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, store: &impl XenStore, opener: &dyn DiskOpener, first: bool, observe: Observer<'_>) {
+        match self.try_open(store, opener, first) {
+            Ok((disk, target)) => {
+                self.phase = Phase::Waiting { disk };
+                observe(&BackendEvent::Opened { device: self.dir.clone(), target });
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = self.write(store, "hotplug-error", &msg);
+                let _ = self.set_state(store, XenbusState::Closing);
+                self.phase = Phase::Failed;
+                observe(&BackendEvent::Failed { device: self.dir.clone(), error: msg });
+            }
+        }
+    }
+
+    fn try_open(
+        &mut self,
+        store: &impl XenStore,
+        opener: &dyn DiskOpener,
+        first: bool,
+    ) -> Result<(Arc<dyn BlockDevice>, String)> {
+        let config = BackendConfig::read(store, &self.dir, self.frontend_id)?;
+        if first && read_state(store, &config.frontend)? == Some(XenbusState::Connected) {
+            // Its ring was served by an earlier backend; the ring indices and in-flight
+            // requests are unknown, so it cannot be taken over safely.
+            return Err(Error::Refused("frontend already connected to an earlier backend; reconnect it".into()));
+        }
+        let disk =
+            opener.open(&config.target).map_err(|e| Error::Refused(format!("cannot open {}: {e}", config.target)))?;
+        let disk: Arc<dyn BlockDevice> =
+            if config.read_only && !disk.read_only() { Arc::new(ReadOnlyDisk(disk)) } else { disk };
+        let target = config.target.clone();
+        self.publish_features(store, &config)?;
+        self.config = Some(config);
+        self.write(store, "state", XenbusState::InitWait.value())?;
+        Ok((disk, target))
+    }
+
+    fn publish_features(&self, store: &impl XenStore, config: &BackendConfig) -> Result<()> {
+        let _ = store.rm(&format!("{}/hotplug-error", self.dir));
+        let _ = store.rm(&format!("{}/error", self.dir));
+        self.write(store, "feature-flush-cache", "1")?;
+        self.write(store, "feature-barrier", "1")?;
+        if config.discard {
+            self.write(store, "feature-discard", "1")?;
+            self.write(store, "discard-granularity", "4096")?;
+            self.write(store, "discard-alignment", "0")?;
+        } else {
+            self.write(store, "feature-discard", "0")?;
+        }
+        self.write(store, "feature-max-indirect-segments", &MAX_INDIRECT_SEGMENTS.to_string())?;
+        self.write(store, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())
+    }
+
+    /// Advances the device by one step after looking at the frontend.
+    pub fn step<C: Connector>(
+        &mut self,
+        store: &impl XenStore,
+        connector: &C,
+        opener: &dyn DiskOpener,
+        opts: &XenBackendOptions,
+        observe: Observer<'_>,
+    ) {
+        let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else {
+            return; // Failed before the toolstack's keys could be read: nothing to watch.
+        };
+        let front = match read_state(store, &frontend) {
+            Ok(s) => s,
+            Err(e @ Error::Protocol(_)) => return self.fail(store, e, observe),
+            Err(_) => return, // xenstore trouble: try again at the next poll
+        };
+        let closing = matches!(front, None | Some(XenbusState::Closing | XenbusState::Closed));
+        match std::mem::replace(&mut self.phase, Phase::Failed) {
+            Phase::Waiting { disk } => {
+                self.phase = Phase::Waiting { disk: disk.clone() };
+                if closing {
+                    self.close(store, "frontend closed before connecting", observe);
+                } else if matches!(front, Some(XenbusState::Initialised | XenbusState::Connected)) {
+                    self.connect(store, connector, disk, opts, observe);
+                }
+            }
+            Phase::Connected { ring } => {
+                if ring.is_finished() {
+                    self.phase = Phase::Closed;
+                    match ring.join() {
+                        Ok(Ended::PeerGone) | Ok(Ended::Stopped) => self.close(store, "frontend went away", observe),
+                        Err(e) => self.fail(store, e, observe),
+                    }
+                } else if closing || front == Some(XenbusState::Initialising) {
+                    ring.stop();
+                    let reason = format!("frontend state {}", front.map_or("gone", XenbusState::value));
+                    self.phase = Phase::Stopping { ring, then: XenbusState::Closed, reason };
+                } else {
+                    self.phase = Phase::Connected { ring };
+                }
+            }
+            Phase::Stopping { ring, then, reason } => {
+                if !ring.is_finished() {
+                    self.phase = Phase::Stopping { ring, then, reason };
+                    return;
+                }
+                let outcome = ring.join();
+                self.phase = Phase::Closed;
+                match (then, outcome) {
+                    (XenbusState::Closed, Ok(_)) => self.close(store, &reason, observe),
+                    (_, Err(e)) => self.fail(store, e, observe),
+                    _ => {
+                        self.phase = Phase::Failed;
+                        let _ = self.set_state(store, then);
+                    }
+                }
+            }
+            Phase::Closed => {
+                self.phase = Phase::Closed;
+                let online = store.read(&format!("{}/online", self.dir)).ok().flatten();
+                if front == Some(XenbusState::Initialising) && online.as_deref().map(str::trim_ascii) != Some("0") {
+                    self.open(store, opener, false, observe);
+                }
+            }
+            Phase::Failed => {
+                self.phase = Phase::Failed;
+                if closing {
+                    self.close(store, "frontend closed after a failure", observe);
+                }
+            }
+        }
+    }
+
+    fn connect<C: Connector>(
+        &mut self,
+        store: &impl XenStore,
+        connector: &C,
+        disk: Arc<dyn BlockDevice>,
+        opts: &XenBackendOptions,
+        observe: Observer<'_>,
+    ) {
+        let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else { return };
+        let started = (|| {
+            let req = RingRequest::read(store, &frontend)?;
+            let spec = RingSpec {
+                frontend_id: self.frontend_id,
+                ring_refs: req.ring_refs,
+                event_channel: req.event_channel,
+                protocol: req.protocol,
+            };
+            let conn = connector.connect(&spec)?;
+            self.write(store, "sectors", &(disk.size() / 512).to_string())?;
+            self.write(store, "sector-size", "512")?;
+            self.write(store, "physical-sector-size", "4096")?;
+            let info = if disk.read_only() { VDISK_READONLY } else { 0 };
+            self.write(store, "info", &info.to_string())?;
+            let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
+            let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
+            Ok::<_, Error>((ring, spec.ring_refs.len(), spec.protocol))
+        })();
+        match started {
+            Ok((ring, pages, protocol)) => {
+                self.phase = Phase::Connected { ring };
+                match self.write(store, "state", XenbusState::Connected.value()) {
+                    Ok(()) => {
+                        observe(&BackendEvent::Connected { device: self.dir.clone(), ring_pages: pages, protocol })
+                    }
+                    Err(e) => self.fail(store, e, observe),
+                }
+            }
+            Err(e) => self.fail(store, e, observe),
+        }
+    }
+
+    /// Reports `error`, stops the ring if there is one, and moves to Closing.
+    fn fail(&mut self, store: &impl XenStore, error: Error, observe: Observer<'_>) {
+        let msg = error.to_string();
+        let _ = self.write(store, "error", &msg);
+        observe(&BackendEvent::Failed { device: self.dir.clone(), error: msg.clone() });
+        match std::mem::replace(&mut self.phase, Phase::Failed) {
+            Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
+                ring.stop();
+                self.phase = Phase::Stopping { ring, then: XenbusState::Closing, reason: msg };
+            }
+            _ => {
+                let _ = self.set_state(store, XenbusState::Closing);
+            }
+        }
+    }
+
+    /// Drops the disk and moves to Closed (the ring, if any, has already ended).
+    fn close(&mut self, store: &impl XenStore, reason: &str, observe: Observer<'_>) {
+        self.phase = Phase::Closed;
+        let _ = self.set_state(store, XenbusState::Closed);
+        observe(&BackendEvent::Closed { device: self.dir.clone(), reason: reason.to_string() });
+    }
+
+    /// Takes the ring thread out of the device (when its directory vanished), asking it to
+    /// stop; the disk is dropped with the device.
+    pub fn take_ring(&mut self) -> Option<RingThread> {
+        match std::mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
+                ring.stop();
+                Some(ring)
+            }
+            _ => None,
+        }
+    }
+
+    /// Stops the device for a backend shutdown: waits for its ring and writes state Closed.
+    pub fn shutdown(mut self, store: &impl XenStore) {
+        if let Some(ring) = self.take_ring() {
+            let _ = ring.join();
+        }
+        if self.config.is_some() {
+            let _ = self.set_state(store, XenbusState::Closed);
+        }
+    }
+}

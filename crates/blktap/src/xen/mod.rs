@@ -1,0 +1,52 @@
+//! The real-Xen transport (feature `xen`): grant mapping through `/dev/xen/gntdev`, event
+//! channels through `/dev/xen/evtchn`, and the backend half of the xenstore handshake.
+//!
+//! * [`ioctl`] — the `_IOC` request encoding of the Xen devices.
+//! * [`gntdev`] — [`XenGrantTable`]: the frontend's granted pages.
+//! * [`evtchn`] — [`XenEventChannel`]: notifications to and from the frontend.
+//! * [`store`] — [`XenStore`]: xenstore access (the real one, or [`MemStore`] in memory).
+//! * [`keys`] — the xenstore keys of a blkif device, parsed and checked.
+//! * [`connect`] — [`Connector`]: turning the frontend's ring keys into a served ring.
+//! * `device`, `ring_thread`, `readonly` — one device's state machine, its ring thread, and a
+//!   read-only view of a disk.
+//! * [`backend`] — [`run`]: the polling loop over all devices.
+//!
+//! None of this has run against a real hypervisor: the handshake is tested against
+//! [`MemStore`] and simulated grants and event channels; see `docs/xen.md`.
+
+pub mod backend;
+pub mod connect;
+mod device;
+pub mod evtchn;
+pub mod gntdev;
+pub mod ioctl;
+pub mod keys;
+mod readonly;
+mod ring_thread;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+pub use backend::{BackendEvent, DiskOpener, XenBackendOptions, run};
+pub use connect::{Connection, Connector, RingSpec, XenConnector};
+pub use evtchn::XenEventChannel;
+pub use gntdev::XenGrantTable;
+pub use store::{MemStore, XenStore};
+
+use crate::Result;
+
+/// Runs the backend in dom0 (or a driver domain) against the real xenstore (the
+/// `$XENSTORED_PATH` socket, `/run/xenstored/socket`, or the xenbus device), `/dev/xen/gntdev`
+/// and `/dev/xen/evtchn`, until `stop` is raised.
+pub fn run_dom0(
+    opener: Arc<dyn DiskOpener>,
+    opts: &XenBackendOptions,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(&BackendEvent),
+) -> Result<()> {
+    let store = xenstore_rs::unix::XsUnix::new()?;
+    run(&store, &XenConnector, opener, opts, stop, observe)
+}

@@ -1,0 +1,58 @@
+//! A read-only view of a disk, for devices the toolstack attached with `mode=r`.
+
+use std::sync::Arc;
+
+use blockdev::{BlockDevice, DevError, DevResult, Extent};
+
+/// Serves reads of the inner disk and refuses every change.
+pub struct ReadOnlyDisk(pub Arc<dyn BlockDevice>);
+
+impl BlockDevice for ReadOnlyDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> DevResult<()> {
+        Err(DevError::ReadOnly)
+    }
+    fn flush(&self) -> DevResult<()> {
+        // Nothing of ours to make durable.
+        Ok(())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> DevResult<()> {
+        Err(DevError::ReadOnly)
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> DevResult<()> {
+        Err(DevError::ReadOnly)
+    }
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        self.0.extents(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockdev::MemDisk;
+
+    #[test]
+    fn refuses_changes() {
+        let inner: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
+        inner.write_at(0, &[7; 512], false).unwrap();
+        let d = ReadOnlyDisk(inner);
+        assert!(d.read_only());
+        let mut b = [0u8; 512];
+        d.read_at(0, &mut b).unwrap();
+        assert_eq!(b, [7; 512]);
+        assert!(matches!(d.write_at(0, &b, false), Err(DevError::ReadOnly)));
+        assert!(matches!(d.discard(0, 4096), Err(DevError::ReadOnly)));
+    }
+}

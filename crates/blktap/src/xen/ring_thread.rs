@@ -1,0 +1,63 @@
+//! One served ring on its own thread (plus the server's worker pool), with its own stop flag,
+//! so a slow disk stalls only its own ring.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use blockdev::BlockDevice;
+
+use super::connect::Connection;
+use crate::engine::Engine;
+use crate::event::EventChannel;
+use crate::grant::GrantTable;
+use crate::server::{Ended, RingServer, ServerOptions};
+use crate::{Error, Result};
+
+/// A ring being served by a [`RingServer`] on a thread of its own.
+#[derive(Debug)]
+pub struct RingThread {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<Ended>>,
+}
+
+impl RingThread {
+    /// Starts serving `conn` against `disk` on a new thread called `name`.
+    pub fn spawn<G, E>(
+        name: String,
+        conn: Connection<G, E>,
+        disk: Arc<dyn BlockDevice>,
+        options: ServerOptions,
+    ) -> Result<Self>
+    where
+        G: GrantTable + Send + Sync + 'static,
+        E: EventChannel + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let Connection { ring, grants, events } = conn;
+            RingServer::new(ring, Engine::new(disk, grants), events, options).run(&flag)
+        })?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Asks the server to stop (it answers the requests it already took first).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// True once the server has returned.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the server to return, and says how it ended. Dropping the server releases
+    /// the ring mapping, the event channel and the server's reference to the disk.
+    pub fn join(self) -> Result<Ended> {
+        match self.handle.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Protocol("the ring server thread panicked".into())),
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The handshake end to end: an in-memory xenstore, simulated grants and event channels, a
+//! fake toolstack and a fake frontend that serves I/O through the ring.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use blockdev::{BlockDevice, MemDisk};
+use parking_lot::Mutex;
+use zerocopy::IntoBytes;
+
+use super::*;
+use crate::abi::{Abi, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment, X86_32Request};
+use crate::event::{EventChannel, SocketEvents};
+use crate::front::FrontRing;
+use crate::grant::SimGrantTable;
+use crate::ring::BackRing;
+use crate::server::ServerOptions;
+use crate::shm::SharedMem;
+use crate::{Error, Result};
+
+const DISK_BYTES: u64 = 8 << 20;
+const DATA_PAGES: u32 = 4;
+
+/// A guest's grantable memory and the event channel ports it allocated.
+struct SimDomain {
+    file: File,
+    pages: u32,
+    ports: HashMap<u32, UnixStream>,
+}
+
+/// Connects rings against simulated domains: grant `k` is page `k` of the domain's file.
+#[derive(Default)]
+struct SimConnector {
+    domains: Mutex<HashMap<u32, SimDomain>>,
+}
+
+impl Connector for SimConnector {
+    type Grants = SimGrantTable;
+    type Events = SocketEvents;
+
+    fn connect(&self, spec: &RingSpec) -> Result<Connection<SimGrantTable, SocketEvents>> {
+        let mut domains = self.domains.lock();
+        let dom = domains.get_mut(&spec.frontend_id).ok_or_else(|| Error::Protocol("unknown domain".into()))?;
+        let first = spec.ring_refs[0];
+        for (i, &r) in spec.ring_refs.iter().enumerate() {
+            if r >= dom.pages || r != first + i as u32 {
+                return Err(Error::BadGrant(r));
+            }
+        }
+        let n = spec.ring_refs.len();
+        let ring = SharedMem::from_file(&dom.file, u64::from(first) * PAGE_SIZE as u64, n * PAGE_SIZE)?;
+        let all = SharedMem::from_file(&dom.file, 0, dom.pages as usize * PAGE_SIZE)?;
+        let stream = dom.ports.remove(&spec.event_channel).ok_or_else(|| Error::Protocol("port not bound".into()))?;
+        Ok(Connection {
+            ring: BackRing::new(Arc::new(ring), spec.protocol)?,
+            grants: SimGrantTable::new(Arc::new(all))?,
+            events: SocketEvents::new(stream),
+        })
+    }
+}
+
+fn back_dir(front: u32, devid: u32) -> String {
+    format!("/local/domain/0/backend/vbd/{front}/{devid}")
+}
+
+fn front_dir(front: u32, devid: u32) -> String {
+    format!("/local/domain/{front}/device/vbd/{devid}")
+}
+
+/// What `xl block-attach` writes.
+fn toolstack_add(store: &MemStore, front: u32, devid: u32, params: &str, mode: &str) {
+    let b = back_dir(front, devid);
+    let f = front_dir(front, devid);
+    for (k, v) in [
+        ("frontend", f.as_str()),
+        ("frontend-id", &front.to_string()),
+        ("params", params),
+        ("mode", mode),
+        ("online", "1"),
+        ("type", "phy"),
+        ("state", "1"),
+    ] {
+        store.write(&format!("{b}/{k}"), v).unwrap();
+    }
+    for (k, v) in [("backend", b.as_str()), ("backend-id", "0"), ("virtual-device", &devid.to_string()), ("state", "1")]
+    {
+        store.write(&format!("{f}/{k}"), v).unwrap();
+    }
+}
+
+fn toolstack_remove(store: &MemStore, front: u32, devid: u32) {
+    store.rm(&back_dir(front, devid)).unwrap();
+    store.rm(&front_dir(front, devid)).unwrap();
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_state(store: &MemStore, dir: &str, state: &str) {
+    wait_until(&format!("{dir}/state = {state}"), || {
+        store.read(&format!("{dir}/state")).unwrap().as_deref() == Some(state)
+    });
+}
+
+/// A fake blkfront: its memory, ring and event channel.
+struct Front {
+    mem: Arc<SharedMem>,
+    ring: FrontRing,
+    events: SocketEvents,
+    data_gref: u32,
+    abi: Abi,
+}
+
+impl Front {
+    /// Sets up memory and ring, registers them with the connector and publishes the ring keys
+    /// the way blkfront does, then switches to Initialised.
+    fn connect(store: &MemStore, conn: &SimConnector, front: u32, devid: u32, order: u32, abi: Abi) -> Self {
+        let ring_pages = 1u32 << order;
+        let pages = ring_pages + DATA_PAGES;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(u64::from(pages) * PAGE_SIZE as u64).unwrap();
+        let ring_mem = Arc::new(SharedMem::from_file(&file, 0, ring_pages as usize * PAGE_SIZE).unwrap());
+        let mem = Arc::new(SharedMem::from_file(&file, 0, pages as usize * PAGE_SIZE).unwrap());
+        let ring = FrontRing::init(ring_mem, abi).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let port = 10 + devid;
+        let mut domains = conn.domains.lock();
+        let dom = domains.entry(front).or_insert_with(|| SimDomain { file, pages, ports: HashMap::new() });
+        assert_eq!(dom.pages, pages, "one layout per simulated domain");
+        dom.ports.insert(port, theirs);
+        drop(domains);
+        let f = front_dir(front, devid);
+        if order == 0 {
+            store.write(&format!("{f}/ring-ref"), "0").unwrap();
+        } else {
+            store.write(&format!("{f}/ring-page-order"), &order.to_string()).unwrap();
+            for i in 0..ring_pages {
+                store.write(&format!("{f}/ring-ref{i}"), &i.to_string()).unwrap();
+            }
+        }
+        store.write(&format!("{f}/event-channel"), &port.to_string()).unwrap();
+        store.write(&format!("{f}/protocol"), crate::sim::protocol_name(abi)).unwrap();
+        store.write(&format!("{f}/state"), "3").unwrap();
+        Self { mem, ring, events: SocketEvents::new(ours), data_gref: ring_pages, abi }
+    }
+
+    /// One 4 KiB request on data page `page`; returns its status.
+    fn io(&mut self, op: u8, id: u64, sector: u64, page: u32) -> i16 {
+        let mut seg = [Segment::default(); 11];
+        seg[0] = Segment { gref: self.data_gref + page, first_sect: 0, last_sect: 7, pad: 0 };
+        let bytes = match self.abi {
+            Abi::X86_64 => {
+                Request { operation: op, nr_segments: 1, id, sector_number: sector, seg, ..Default::default() }
+                    .as_bytes()
+                    .to_vec()
+            }
+            Abi::X86_32 => X86_32Request { operation: op, nr_segments: 1, handle: 0, id, sector_number: sector, seg }
+                .as_bytes()
+                .to_vec(),
+        };
+        self.ring.put_request(&bytes).unwrap();
+        if self.ring.push_requests_and_check_notify().unwrap() {
+            self.events.notify().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((rid, _, status)) = self.ring.take_response().unwrap() {
+                assert_eq!(rid, id);
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no response to request {id}");
+            let _ = self.events.wait(Duration::from_millis(20));
+        }
+    }
+
+    fn page_offset(&self, page: u32) -> usize {
+        (self.data_gref + page) as usize * PAGE_SIZE
+    }
+
+    fn write_and_read_back(&mut self, sector: u64, seed: u8) {
+        let pattern: Vec<u8> = (0..PAGE_SIZE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        self.mem.write(self.page_offset(0), &pattern).unwrap();
+        assert_eq!(self.io(OP_WRITE, 1, sector, 0), RSP_OKAY);
+        assert_eq!(self.io(OP_READ, 2, sector, 1), RSP_OKAY);
+        let mut back = vec![0u8; PAGE_SIZE];
+        self.mem.read(self.page_offset(1), &mut back).unwrap();
+        assert_eq!(back, pattern);
+    }
+}
+
+/// Opens "1" (kept weakly so the test can see it dropped) and "ro"; refuses anything else.
+struct Opener {
+    disk: Mutex<Weak<dyn BlockDevice>>,
+}
+
+impl DiskOpener for Opener {
+    fn open(&self, target: &str) -> std::result::Result<Arc<dyn BlockDevice>, String> {
+        match target {
+            "1" => {
+                let d: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(DISK_BYTES));
+                *self.disk.lock() = Arc::downgrade(&d);
+                Ok(d)
+            }
+            "ro" => Ok(Arc::new(MemDisk::new(DISK_BYTES).into_read_only())),
+            "2" => Ok(Arc::new(MemDisk::new(DISK_BYTES))),
+            other => Err(format!("no VDI named '{other}'")),
+        }
+    }
+}
+
+fn options() -> XenBackendOptions {
+    XenBackendOptions {
+        backend_domid: 0,
+        poll_interval: Duration::from_millis(5),
+        server: ServerOptions { workers: 2, poll_interval: Duration::from_millis(10) },
+    }
+}
+
+/// Runs the backend on a thread for the duration of `body`.
+fn with_backend(body: impl FnOnce(&MemStore, &SimConnector, &Opener, &Mutex<Vec<BackendEvent>>)) {
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    let opener = Arc::new(Opener { disk: Mutex::new(Weak::<MemDisk>::new()) });
+    let events = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let backend = s.spawn(|| {
+            let opener: Arc<dyn DiskOpener> = opener.clone();
+            run(&store, &conn, opener, &options(), &stop, &mut |e| events.lock().push(e.clone()))
+        });
+        body(&store, &conn, &opener, &events);
+        stop.store(true, Ordering::Release);
+        backend.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn handshake_connects_serves_and_closes() {
+    with_backend(|store, conn, opener, events| {
+        let b = back_dir(5, 768);
+        toolstack_add(store, 5, 768, "parallax:1", "w");
+        wait_state(store, &b, "2");
+        let key = |k: &str| store.read(&format!("{b}/{k}")).unwrap();
+        for (k, v) in [
+            ("feature-flush-cache", "1"),
+            ("feature-barrier", "1"),
+            ("feature-discard", "1"),
+            ("discard-granularity", "4096"),
+            ("discard-alignment", "0"),
+            ("feature-max-indirect-segments", "256"),
+            ("max-ring-page-order", "4"),
+        ] {
+            assert_eq!(key(k).as_deref(), Some(v), "{k}");
+        }
+        assert_eq!(key("sectors"), None, "disk facts come with Connected");
+
+        let mut front = Front::connect(store, conn, 5, 768, 0, Abi::X86_64);
+        wait_state(store, &b, "4");
+        assert_eq!(key("sectors"), Some((DISK_BYTES / 512).to_string()));
+        assert_eq!(key("sector-size").as_deref(), Some("512"));
+        assert_eq!(key("physical-sector-size").as_deref(), Some("4096"));
+        assert_eq!(key("info").as_deref(), Some("0"));
+        front.write_and_read_back(8, 3);
+        // The data really reached the disk the opener handed out.
+        let disk = opener.disk.lock().upgrade().unwrap();
+        let mut first = [0u8; 2];
+        disk.read_at(8 * 512, &mut first).unwrap();
+        assert_eq!(first, [3, 34]);
+        drop(disk);
+
+        store.write(&format!("{}/state", front_dir(5, 768)), "5").unwrap();
+        wait_state(store, &b, "6");
+        wait_until("the disk to be released", || opener.disk.lock().upgrade().is_none());
+        toolstack_remove(store, 5, 768);
+        wait_until("removal", || events.lock().iter().any(|e| matches!(e, BackendEvent::Removed { .. })));
+        let seen = events.lock().clone();
+        assert!(matches!(seen[0], BackendEvent::Opened { ref target, .. } if target == "1"), "{seen:?}");
+        assert!(matches!(seen[1], BackendEvent::Connected { ring_pages: 1, protocol: Abi::X86_64, .. }), "{seen:?}");
+        assert!(matches!(seen[2], BackendEvent::Closed { .. }), "{seen:?}");
+    });
+}
+
+#[test]
+fn hostile_or_broken_devices_fail_alone() {
+    with_backend(|store, conn, _opener, events| {
+        // A: ring order above what we offer.
+        toolstack_add(store, 7, 768, "parallax:2", "w");
+        // B: a ring-ref that is not a number.
+        toolstack_add(store, 7, 832, "2", "w");
+        // C: a VDI that does not exist.
+        toolstack_add(store, 8, 768, "parallax:nosuch", "w");
+        // D: a ring grant the domain never made.
+        toolstack_add(store, 9, 768, "parallax:2", "w");
+        // E: a good 4-page ring of a 32-bit guest, next to all of them.
+        toolstack_add(store, 10, 768, "parallax:2", "w");
+        // F: attached read-only.
+        toolstack_add(store, 11, 768, "parallax:2", "r");
+
+        wait_state(store, &back_dir(8, 768), "5");
+        let err = store.read(&format!("{}/hotplug-error", back_dir(8, 768))).unwrap().unwrap();
+        assert!(err.contains("nosuch"), "{err}");
+        for (f, d) in [(7, 768), (7, 832), (9, 768), (10, 768), (11, 768)] {
+            wait_state(store, &back_dir(f, d), "2");
+        }
+
+        let fa = front_dir(7, 768);
+        store.write(&format!("{fa}/ring-ref"), "0").unwrap();
+        store.write(&format!("{fa}/ring-page-order"), "9").unwrap();
+        store.write(&format!("{fa}/event-channel"), "3").unwrap();
+        store.write(&format!("{fa}/state"), "3").unwrap();
+        let fb = front_dir(7, 832);
+        store.write(&format!("{fb}/ring-ref"), "abc").unwrap();
+        store.write(&format!("{fb}/event-channel"), "4").unwrap();
+        store.write(&format!("{fb}/state"), "3").unwrap();
+        let _d = Front::connect(store, conn, 9, 768, 0, Abi::X86_64);
+        store.write(&format!("{}/ring-ref", front_dir(9, 768)), "4000").unwrap();
+        let mut e = Front::connect(store, conn, 10, 768, 2, Abi::X86_32);
+        let mut f = Front::connect(store, conn, 11, 768, 0, Abi::X86_64);
+
+        for (fr, dv, needle) in [(7, 768, "ring-page-order"), (7, 832, "abc"), (9, 768, "4000")] {
+            let dir = back_dir(fr, dv);
+            wait_state(store, &dir, "5");
+            let msg = store.read(&format!("{dir}/error")).unwrap().unwrap_or_default();
+            assert!(msg.contains(needle), "{dir}: {msg}");
+        }
+        wait_state(store, &back_dir(10, 768), "4");
+        wait_state(store, &back_dir(11, 768), "4");
+        e.write_and_read_back(100, 9);
+        assert_eq!(store.read(&format!("{}/info", back_dir(11, 768))).unwrap().as_deref(), Some("4"));
+        assert_ne!(f.io(OP_WRITE, 7, 0, 0), RSP_OKAY, "a read-only disk refuses writes");
+        assert_eq!(f.io(OP_READ, 8, 0, 1), RSP_OKAY);
+
+        // The failed frontends close; their backends follow to Closed.
+        store.write(&format!("{fa}/state"), "6").unwrap();
+        wait_state(store, &back_dir(7, 768), "6");
+        // A frontend that vanishes (guest destroyed) while connected: the ring stops.
+        toolstack_remove(store, 10, 768);
+        let gone = BackendEvent::Removed { device: back_dir(10, 768) };
+        wait_until("removal of the connected device", || events.lock().contains(&gone));
+        // The healthy read-only device is still served.
+        assert_eq!(f.io(OP_READ, 9, 8, 1), RSP_OKAY);
+    });
+}
+
+#[test]
+fn a_frontend_that_was_connected_before_is_not_taken_over() {
+    with_backend(|store, _conn, _opener, _events| {
+        toolstack_add(store, 12, 768, "parallax:2", "w");
+        // Pretend an earlier backend connected it, then this backend started.
+        store.write(&format!("{}/state", front_dir(12, 768)), "4").unwrap();
+        let b = back_dir(12, 768);
+        wait_until("a verdict", || store.read(&format!("{b}/state")).unwrap().as_deref() != Some("1"));
+        assert_eq!(store.read(&format!("{b}/state")).unwrap().as_deref(), Some("5"));
+        assert!(store.read(&format!("{b}/hotplug-error")).unwrap().unwrap().contains("earlier backend"));
+    });
+}
+
+#[test]
+fn shutdown_closes_connected_devices() {
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    let stop = AtomicBool::new(false);
+    toolstack_add(&store, 13, 768, "2", "w");
+    let opener: Arc<dyn DiskOpener> =
+        Arc::new(|_: &str| Ok(Arc::new(MemDisk::new(DISK_BYTES)) as Arc<dyn BlockDevice>));
+    std::thread::scope(|s| {
+        let backend = s.spawn(|| run(&store, &conn, opener, &options(), &stop, &mut |_| {}));
+        wait_state(&store, &back_dir(13, 768), "2");
+        let mut front = Front::connect(&store, &conn, 13, 768, 1, Abi::X86_64);
+        wait_state(&store, &back_dir(13, 768), "4");
+        front.write_and_read_back(0, 1);
+        stop.store(true, Ordering::Release);
+        backend.join().unwrap().unwrap();
+    });
+    assert_eq!(store.read(&format!("{}/state", back_dir(13, 768))).unwrap().as_deref(), Some("6"));
+}
