@@ -14,7 +14,7 @@ use clap::Args;
 use crate::sys;
 
 /// The fuzz targets, in run order.
-pub const TARGETS: [&str; 4] = ["store_image", "nbd_session", "blkif_request", "cli_ids"];
+pub const TARGETS: [&str; 5] = ["store_image", "nbd_session", "blkif_request", "ring_handshake", "cli_ids"];
 
 /// Flags of `fuzz`.
 #[derive(Debug, Args)]
