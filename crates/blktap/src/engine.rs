@@ -79,7 +79,7 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
         while handled < ring.size() {
             let Some(req) = ring.next_request()? else { break };
             let status = self.handle(&req);
-            ring.put_response(req.id, req.operation, status)?;
+            ring.put_response(req.id, req.response_operation(), status)?;
             handled += 1;
         }
         let notify = handled > 0 && ring.push_responses_and_check_notify()?;
@@ -104,6 +104,18 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
                 if n > MAX_SEGMENTS {
                     return RSP_ERROR;
                 }
+                if n == 0 {
+                    // An empty flush: Linux blkfront leaves `sector_number` as the block layer's
+                    // (sector_t)-1, and takes an error as "flush unsupported" for good. So the
+                    // sector is ignored, and a read-only disk has nothing to flush.
+                    if self.dev.read_only() {
+                        return RSP_OKAY;
+                    }
+                    return match self.dev.flush() {
+                        Ok(()) => RSP_OKAY,
+                        Err(e) => status_of(&e),
+                    };
+                }
                 let plan = match self.plan(true, sector_number, &seg[..n]) {
                     Ok(p) => p,
                     Err(s) => return s,
@@ -111,7 +123,7 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
                 if let Err(e) = self.dev.flush() {
                     return status_of(&e);
                 }
-                if n == 0 { RSP_OKAY } else { self.execute(true, true, &plan) }
+                self.execute(true, true, &plan)
             }
             (OP_DISCARD, Body::Discard { sector_number, nr_sectors, .. }) => self.discard(sector_number, nr_sectors),
             (OP_INDIRECT, Body::Indirect { indirect_op, nr_segments, sector_number, indirect_grefs }) => {

@@ -61,6 +61,8 @@ pub struct Completion {
 
 struct Pending {
     op: GuestOp,
+    /// The `operation` the response must carry.
+    response_op: u8,
     pages: Vec<u32>,
     first_byte: usize,
 }
@@ -136,37 +138,61 @@ impl Guest {
         }
         let abi = self.front.ring.abi();
         let id = self.next_id;
-        self.next_id += 1;
         let mut pages = Vec::new();
         let mut first_byte = 0;
-        let bytes = match &op {
-            GuestOp::Flush => segment_request(abi, OP_FLUSH_DISKCACHE, id, 0, &[]),
-            GuestOp::Discard { sector, sectors } => discard_request(abi, id, *sector, *sectors),
-            GuestOp::Read { sector, sectors } => {
-                first_byte = (sector % 8) as usize * SECTOR_SIZE;
-                let segs = self.grant(*sector, *sectors as usize * SECTOR_SIZE, &mut pages, None)?;
-                self.rw_request(abi, OP_READ, id, *sector, &segs, &mut pages)?
-            }
-            GuestOp::Write { sector, data, barrier } => {
-                if data.is_empty() || !data.len().is_multiple_of(SECTOR_SIZE) {
-                    return Err(Error::Protocol("write of a partial sector".into()));
-                }
-                first_byte = (sector % 8) as usize * SECTOR_SIZE;
-                let segs = self.grant(*sector, data.len(), &mut pages, Some(data))?;
-                let opcode = if *barrier { OP_WRITE_BARRIER } else { OP_WRITE };
-                self.rw_request(abi, opcode, id, *sector, &segs, &mut pages)?
+        let built = self.build(abi, id, &op, &mut pages, &mut first_byte);
+        let bytes = match built.and_then(|b| self.front.ring.put_request(&b).map(|()| b)) {
+            Ok(b) => b,
+            Err(e) => {
+                // Nothing was published: the pages go back to the pool.
+                self.free_pages.extend(pages);
+                return Err(e);
             }
         };
-        self.front.ring.put_request(&bytes)?;
+        self.next_id += 1;
         self.unpublished = true;
+        let response_op = match (bytes[0], &op) {
+            (OP_INDIRECT, GuestOp::Read { .. }) => OP_READ,
+            (OP_INDIRECT, _) => OP_WRITE,
+            (code, _) => code,
+        };
         let op = match op {
             GuestOp::Write { sector, data, barrier } => {
                 GuestOp::Write { sector, data: Vec::with_capacity(data.len()), barrier }
             }
             other => other,
         };
-        self.pending.insert(id, Pending { op, pages, first_byte });
+        self.pending.insert(id, Pending { op, response_op, pages, first_byte });
         Ok(id)
+    }
+
+    /// The request bytes of `op`, taking and filling grant pages.
+    fn build(
+        &mut self,
+        abi: Abi,
+        id: u64,
+        op: &GuestOp,
+        pages: &mut Vec<u32>,
+        first_byte: &mut usize,
+    ) -> Result<Vec<u8>> {
+        Ok(match op {
+            GuestOp::Flush => segment_request(abi, OP_FLUSH_DISKCACHE, id, 0, &[]),
+            GuestOp::Discard { sector, sectors } => discard_request(abi, id, *sector, *sectors),
+            GuestOp::Read { sector, sectors } => {
+                *first_byte = (sector % 8) as usize * SECTOR_SIZE;
+                let segs = self.grant(*sector, *sectors as usize * SECTOR_SIZE, pages, None)?;
+                self.rw_request(abi, OP_READ, id, *sector, &segs, pages)?
+            }
+            GuestOp::Write { sector, data, barrier } => {
+                if data.is_empty() || !data.len().is_multiple_of(SECTOR_SIZE) {
+                    return Err(Error::Protocol("write of a partial sector".into()));
+                }
+                *first_byte = (sector % 8) as usize * SECTOR_SIZE;
+                let segs = self.grant(*sector, data.len(), pages, Some(data))?;
+                let opcode = if *barrier { OP_WRITE_BARRIER } else { OP_WRITE };
+                self.rw_request(abi, opcode, id, *sector, &segs, pages)?
+            }
+        })
     }
 
     /// Takes grant pages for a transfer of `len` bytes starting at `sector`, copying `data` in.
@@ -231,8 +257,8 @@ impl Guest {
         self.push()?;
         let mut out = Vec::new();
         loop {
-            while let Some((id, _, status)) = self.front.ring.take_response()? {
-                out.push(self.finish(id, status)?);
+            while let Some((id, operation, status)) = self.front.ring.take_response()? {
+                out.push(self.finish(id, operation, status)?);
             }
             if !out.is_empty() || self.pending.is_empty() {
                 return Ok(out);
@@ -256,8 +282,15 @@ impl Guest {
         }
     }
 
-    fn finish(&mut self, id: u64, status: i16) -> Result<Completion> {
+    fn finish(&mut self, id: u64, operation: u8, status: i16) -> Result<Completion> {
         let p = self.pending.remove(&id).ok_or_else(|| Error::Protocol(format!("response for unknown id {id}")))?;
+        if operation != p.response_op {
+            // Linux blkfront treats this as a broken backend and disables the disk.
+            return Err(Error::Protocol(format!(
+                "response to request {id} has operation {operation}, expected {}",
+                p.response_op
+            )));
+        }
         let data = match (&p.op, status) {
             (GuestOp::Read { sectors, .. }, 0) => {
                 let len = *sectors as usize * SECTOR_SIZE;

@@ -19,6 +19,18 @@ pub struct BlkRequest {
     pub body: Body,
 }
 
+impl BlkRequest {
+    /// The `operation` to put in this request's response: the request's own, except for
+    /// INDIRECT, answered with the operation it carries (`indirect_op`), as Linux blkback does
+    /// and blkfront checks.
+    pub fn response_operation(&self) -> u8 {
+        match self.body {
+            Body::Indirect { indirect_op, .. } => indirect_op,
+            _ => self.operation,
+        }
+    }
+}
+
 /// The operation-specific part of a [`BlkRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {

@@ -10,6 +10,7 @@
 //! A `WRITE_BARRIER` is an ordering point: the dispatcher waits until every earlier request has
 //! been answered, executes the barrier itself, and only then takes later requests.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use crossbeam_channel::bounded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::Result;
-use crate::abi::{OP_WRITE_BARRIER, RSP_OKAY};
+use crate::abi::{OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
 use crate::engine::Engine;
 use crate::event::{EventChannel, Wake};
 use crate::grant::GrantTable;
@@ -72,6 +73,15 @@ pub struct RingServer<D, G, E> {
     options: ServerOptions,
 }
 
+/// Counts a request as finished when dropped, even if its execution unwound.
+struct InFlightGuard<'a, D: BlockDevice, G: GrantTable + Send + Sync, E: EventChannel>(&'a RingServer<D, G, E>);
+
+impl<D: BlockDevice, G: GrantTable + Send + Sync, E: EventChannel> Drop for InFlightGuard<'_, D, G, E> {
+    fn drop(&mut self) {
+        self.0.finished_one();
+    }
+}
+
 impl<D, G, E> RingServer<D, G, E>
 where
     D: BlockDevice,
@@ -108,9 +118,9 @@ where
                 let rx = rx.clone();
                 s.spawn(move || {
                     for req in rx {
-                        let status = self.engine.handle(&req);
+                        let _done = InFlightGuard(self);
+                        let status = self.execute(&req);
                         self.respond(&req, status);
-                        self.finished_one();
                     }
                 });
             }
@@ -134,7 +144,7 @@ where
             match next {
                 Ok(Some(req)) if req.operation == OP_WRITE_BARRIER => {
                     self.wait_drained();
-                    let status = self.engine.handle(&req);
+                    let status = self.execute(&req);
                     self.respond(&req, status);
                 }
                 Ok(Some(req)) => submit(req),
@@ -152,6 +162,18 @@ where
         }
     }
 
+    /// Executes a request; a panic in the device (a bug, never guest input) becomes an error
+    /// response instead of a ring that waits for ever.
+    fn execute(&self, req: &BlkRequest) -> i16 {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.handle(req))) {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::error!(id = req.id, operation = req.operation, "request panicked; answered with an error");
+                RSP_ERROR
+            }
+        }
+    }
+
     fn respond(&self, req: &BlkRequest, status: i16) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if status != RSP_OKAY {
@@ -161,7 +183,8 @@ where
             let mut ring = self.ring.lock();
             // Every response answers a request taken off this ring, so there is always a slot;
             // a failure here means shared memory vanished, and the frontend learns by timeout.
-            ring.put_response(req.id, req.operation, status).and_then(|()| ring.push_responses_and_check_notify())
+            ring.put_response(req.id, req.response_operation(), status)
+                .and_then(|()| ring.push_responses_and_check_notify())
         };
         if let Ok(true) = notify {
             self.stats.notifications.fetch_add(1, Ordering::Relaxed);

@@ -22,10 +22,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, fcntl_get_seals, memfd_create};
+use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, fcntl_get_seals, fstatfs, memfd_create};
 use rustix::io::Errno;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
@@ -47,6 +47,9 @@ pub const MAX_RING_PAGE_ORDER: u32 = 4;
 /// How long the backend waits for a frontend's attach line.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 4096;
+
+/// `TMPFS_MAGIC` of statfs(2): plain memfds live on the kernel's internal tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 /// `VDISK_READONLY`: bit of the `info` key for a read-only disk.
 pub const VDISK_READONLY: u32 = 4;
@@ -177,13 +180,19 @@ impl DiskInfo {
     }
 }
 
-/// Reads bytes until a newline (not included), at most [`MAX_LINE`].
-fn read_line(stream: &UnixStream, mut data: Vec<u8>) -> Result<String> {
+/// Reads bytes until a newline (not included), at most [`MAX_LINE`], all before `deadline`
+/// (a peer trickling one byte at a time cannot hold the reader longer).
+fn read_line(stream: &UnixStream, mut data: Vec<u8>, deadline: Instant) -> Result<String> {
     let mut reader = stream;
     while !data.contains(&b'\n') {
         if data.len() > MAX_LINE {
             return Err(protocol_error("handshake line too long"));
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(protocol_error("handshake timed out"));
+        }
+        stream.set_read_timeout(Some(left))?;
         let mut chunk = [0u8; 256];
         let n = match reader.read(&mut chunk) {
             Ok(0) => return Err(Error::PeerGone),
@@ -262,6 +271,7 @@ pub struct SimBackend {
 impl SimPending {
     /// Reads the attach line and the memory file from a newly connected frontend.
     pub fn read(stream: UnixStream) -> Result<Self> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let mut first = vec![0u8; MAX_LINE];
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -289,7 +299,7 @@ impl SimPending {
             return Err(Error::PeerGone);
         }
         first.truncate(received.bytes);
-        let line = read_line(&stream, first)?;
+        let line = read_line(&stream, first, deadline)?;
         let attach = Attach::parse(&line)?;
         let memory = match fds.len() {
             1 => File::from(fds.remove(0)),
@@ -331,6 +341,12 @@ impl SimPending {
     }
 
     fn map(&self) -> Result<(SharedMem, SharedMem)> {
+        // Only plain shared memory: a hugetlbfs memfd can fault (SIGBUS) after the frontend
+        // punches a hole in it, which F_SEAL_SHRINK does not prevent; tmpfs refills holes.
+        let fs = fstatfs(&self.memory).map_err(|e| Error::Io(e.into()))?;
+        if fs.f_type as i64 != TMPFS_MAGIC {
+            return Err(protocol_error("the grant memory is not a memfd on tmpfs (MFD_HUGETLB is refused)"));
+        }
         let seals = fcntl_get_seals(&self.memory).map_err(|_| protocol_error("the grant memory is not a memfd"))?;
         if !seals.contains(SealFlags::SHRINK) {
             return Err(protocol_error("the grant memory must be sealed against shrinking (F_SEAL_SHRINK)"));
@@ -413,7 +429,9 @@ impl SimFrontend {
         };
         let stream = UnixStream::connect(socket)?;
         send_with_fd(&stream, format!("{}\n", attach.encode()).as_bytes(), file.as_fd())?;
-        let line = read_line(&stream, Vec::new())?;
+        // The backend may take a while to open the VDI; it answers or closes.
+        let line = read_line(&stream, Vec::new(), Instant::now() + Duration::from_secs(60))?;
+        stream.set_read_timeout(None)?;
         let disk = DiskInfo::parse_reply(&line)?;
         Ok(Self { ring, memory, events: SocketEvents::new(stream), disk, first_data_gref: ring_pages })
     }
@@ -447,7 +465,7 @@ mod tests {
         let (front, back) = UnixStream::pair().unwrap();
         send_with_fd(&front, format!("{line}\n").as_bytes(), file.as_fd()).unwrap();
         let r = SimPending::read(back).and_then(|p| p.accept(&DiskInfo::new(1 << 20, false)));
-        let reply = read_line(&front, Vec::new()).unwrap_or_default();
+        let reply = read_line(&front, Vec::new(), Instant::now() + HANDSHAKE_TIMEOUT).unwrap_or_default();
         (r, reply)
     }
 
@@ -469,7 +487,8 @@ mod tests {
         let plain = tempfile::tempfile().unwrap();
         plain.set_len(4 * PAGE_SIZE as u64).unwrap();
         let (r, reply) = attach_with(&plain, "vdi=a ring-ref=0");
-        assert!(r.is_err() && reply.contains("not a memfd"), "{reply}");
+        // On a disk file system it is not tmpfs; on a tmpfs /tmp it carries no seals.
+        assert!(r.is_err() && (reply.contains("not a memfd") || reply.contains("sealed")), "{reply}");
     }
 
     #[test]

@@ -119,6 +119,19 @@ fn bad_handshakes_are_refused_and_the_frontend_told_why() {
     let s = listener.accept(Duration::from_secs(5)).unwrap().unwrap();
     assert!(SimPending::read(s).is_err());
     drop(c);
+    // A client trickling a byte every 300 ms cannot hold the backend past the 5 s deadline.
+    let trickler = UnixStream::connect(&sock).unwrap();
+    let s = listener.accept(Duration::from_secs(5)).unwrap().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let mut t = &trickler;
+        while t.write_all(b"v").is_ok() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let t = std::time::Instant::now();
+    let e = SimPending::read(s).unwrap_err();
+    assert!(e.to_string().contains("timed out") && t.elapsed() < Duration::from_secs(8), "{e} after {:?}", t.elapsed());
+    feeder.join().unwrap();
     // A client that connects and says nothing times out instead of hanging the backend.
     let _silent = UnixStream::connect(&sock).unwrap();
     let s = listener.accept(Duration::from_secs(5)).unwrap().unwrap();

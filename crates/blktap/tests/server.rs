@@ -253,6 +253,47 @@ fn a_frontend_that_goes_away_ends_the_ring() {
     assert_eq!(server.unwrap().join().unwrap(), Ended::PeerGone);
 }
 
+/// A disk whose writes at offset 0 panic (a bug in device code, not guest input).
+struct PanickyDisk(MemDisk);
+
+impl BlockDevice for PanickyDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        assert_ne!(offset, 0, "injected device bug");
+        self.0.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> DevResult<()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.0.discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        self.0.extents(offset, len)
+    }
+}
+
+#[test]
+fn a_panicking_device_answers_an_error_and_the_ring_goes_on() {
+    let mut r = rig(PanickyDisk(MemDisk::new(1 << 20)), 2, 4, Abi::X86_64);
+    r.send(&[write(1, 0, 0), write(2, 8, 1)]);
+    let mut got = r.responses(2);
+    got.sort();
+    assert_eq!(got, vec![(1, OP_WRITE, RSP_ERROR), (2, OP_WRITE, RSP_OKAY)]);
+    // A barrier drains in-flight requests: the panicked one must not count for ever.
+    r.send(&[rw_bytes(Abi::X86_64, OP_WRITE_BARRIER, 3, 16, 1, &[seg(2, 0, 7)])]);
+    assert_eq!(r.responses(1), vec![(3, OP_WRITE_BARRIER, RSP_OKAY)]);
+    assert_eq!(r.finish(), Ended::Stopped);
+}
+
 // ---------- proptest: arbitrary batches served by any number of workers ----------
 
 const SLOTS: u64 = 24; // requests per batch, each with its own disk region and grant pages

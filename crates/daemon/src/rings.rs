@@ -19,6 +19,8 @@ use crate::exports::VdiExports;
 
 /// Most rings served at once; further guests are refused with a message.
 pub const MAX_RINGS: usize = 256;
+/// Most connections still in their handshake (each has at most 5 s); more are closed at once.
+pub const MAX_HANDSHAKES: usize = 32;
 
 /// The ring listener and the threads of its guests.
 pub struct RingService {
@@ -50,6 +52,10 @@ fn accept_loop(listener: SimListener, exports: Arc<VdiExports>, options: ServerO
     while !stop.load(Ordering::Acquire) {
         guests.retain(|g| !g.is_finished());
         let stream = match listener.accept(Duration::from_millis(100)) {
+            Ok(Some(_)) if guests.len() >= MAX_RINGS + MAX_HANDSHAKES => {
+                tracing::warn!("ring socket: {} connections open; closing a new one", guests.len());
+                continue;
+            }
             Ok(Some(s)) => s,
             Ok(None) => continue,
             Err(e) => {
