@@ -133,6 +133,7 @@ fn serve_guest(
             ?ended,
             requests = stats.requests.load(Ordering::Relaxed),
             failed = stats.failed.load(Ordering::Relaxed),
+            notifications = stats.notifications.load(Ordering::Relaxed),
             "ring closed"
         ),
         Err(e) => tracing::error!(vdi, "ring disconnected: {e}"),

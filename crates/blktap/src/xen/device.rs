@@ -20,7 +20,7 @@ use blockdev::BlockDevice;
 use super::backend::{BackendEvent, DiskOpener, XenBackendOptions};
 use super::connect::{Connector, RingSpec};
 use super::keys::{BackendConfig, RingRequest, XenbusState, read_state};
-use super::readonly::ReadOnlyDisk;
+use super::readonly::{NoDiscardDisk, ReadOnlyDisk};
 use super::ring_thread::RingThread;
 use super::store::XenStore;
 use crate::engine::MAX_INDIRECT_SEGMENTS;
@@ -131,6 +131,7 @@ impl Device {
             opener.open(&config.target).map_err(|e| Error::Refused(format!("cannot open {}: {e}", config.target)))?;
         let disk: Arc<dyn BlockDevice> =
             if config.read_only && !disk.read_only() { Arc::new(ReadOnlyDisk(disk)) } else { disk };
+        let disk: Arc<dyn BlockDevice> = if config.discard { disk } else { Arc::new(NoDiscardDisk(disk)) };
         let target = config.target.clone();
         self.publish_features(store, &config)?;
         self.config = Some(config);
