@@ -20,7 +20,7 @@ use crossbeam_channel::bounded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::Result;
-use crate::abi::{OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
+use crate::abi::{OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
 use crate::engine::Engine;
 use crate::event::{EventChannel, Wake};
 use crate::grant::GrantTable;
@@ -147,6 +147,12 @@ where
                     let status = self.execute(&req);
                     self.respond(&req, status);
                 }
+                Ok(Some(req)) if self.is_lone(&req)? => {
+                    // Nothing else in flight or waiting: a hop to a worker would only add
+                    // latency (the queue-depth-1 case).
+                    let status = self.execute(&req);
+                    self.respond(&req, status);
+                }
                 Ok(Some(req)) => submit(req),
                 Ok(None) => {
                     if self.ring.lock().final_check_for_requests()? {
@@ -160,6 +166,14 @@ where
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// True if `req` is a read or write with nothing in flight and nothing else on the ring.
+    fn is_lone(&self, req: &BlkRequest) -> Result<bool> {
+        if !matches!(req.response_operation(), OP_READ | OP_WRITE) || *self.in_flight.lock() > 0 {
+            return Ok(false);
+        }
+        Ok(self.ring.lock().unconsumed_requests()? == 0)
     }
 
     /// Executes a request; a panic in the device (a bug, never guest input) becomes an error
