@@ -68,6 +68,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// SIGKILL: a crash, with no chance to commit or clean up.
+    pub fn kill(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { bail!("parallaxd was already stopped") };
+        child.kill().context("cannot SIGKILL parallaxd")?;
+        child.wait().context("cannot reap parallaxd")?;
+        eprintln!("xtask: parallaxd killed (SIGKILL)");
+        Ok(())
+    }
+
     /// The last lines of parallaxd's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read the log: {e})"));
