@@ -7,12 +7,12 @@ use std::time::Duration;
 use zerocopy::IntoBytes;
 
 use crate::abi::{
-    Abi, DiscardRequest, IndirectRequest, MAX_SEGMENTS, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
-    OP_WRITE_BARRIER, PAGE_SIZE, Request, SECTOR_SIZE, Segment, X86_32DiscardRequest, X86_32IndirectRequest,
-    X86_32Request,
+    Abi, MAX_SEGMENTS, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, PAGE_SIZE, SECTOR_SIZE,
+    Segment,
 };
 use crate::engine::SEGMENTS_PER_INDIRECT_PAGE;
 use crate::event::{EventChannel, Wake};
+use crate::request::{encode_discard, encode_indirect, encode_segments};
 use crate::sim::SimFrontend;
 use crate::{Error, Result};
 
@@ -176,8 +176,8 @@ impl Guest {
         first_byte: &mut usize,
     ) -> Result<Vec<u8>> {
         Ok(match op {
-            GuestOp::Flush => segment_request(abi, OP_FLUSH_DISKCACHE, id, 0, &[]),
-            GuestOp::Discard { sector, sectors } => discard_request(abi, id, *sector, *sectors),
+            GuestOp::Flush => encode_segments(abi, OP_FLUSH_DISKCACHE, id, 0, &[]),
+            GuestOp::Discard { sector, sectors } => encode_discard(abi, id, *sector, *sectors),
             GuestOp::Read { sector, sectors } => {
                 *first_byte = (sector % 8) as usize * SECTOR_SIZE;
                 let segs = self.grant(*sector, *sectors as usize * SECTOR_SIZE, pages, None)?;
@@ -229,7 +229,7 @@ impl Guest {
         pages: &mut Vec<u32>,
     ) -> Result<Vec<u8>> {
         if segs.len() <= MAX_SEGMENTS {
-            return Ok(segment_request(abi, op, id, sector, segs));
+            return Ok(encode_segments(abi, op, id, sector, segs));
         }
         if op == OP_WRITE_BARRIER || segs.len() > SEGMENTS_PER_INDIRECT_PAGE {
             return Err(Error::Protocol("request too large".into()));
@@ -237,7 +237,7 @@ impl Guest {
         let gref = self.free_pages.pop().ok_or_else(|| Error::Protocol("out of grant pages".into()))?;
         pages.push(gref);
         self.front.memory.write(gref as usize * PAGE_SIZE, segs.as_bytes())?;
-        Ok(indirect_request(abi, op, id, sector, segs.len() as u16, gref))
+        Ok(encode_indirect(abi, op, id, sector, segs.len() as u16, gref))
     }
 
     /// Publishes submitted requests and notifies the backend if it asked.
@@ -324,71 +324,5 @@ impl Guest {
                 }
             }
         }
-    }
-}
-
-fn segment_request(abi: Abi, op: u8, id: u64, sector: u64, segs: &[Segment]) -> Vec<u8> {
-    let mut seg = [Segment::default(); MAX_SEGMENTS];
-    seg[..segs.len()].copy_from_slice(segs);
-    let nr = segs.len() as u8;
-    match abi {
-        Abi::X86_64 => Request { operation: op, nr_segments: nr, id, sector_number: sector, seg, ..Default::default() }
-            .as_bytes()
-            .to_vec(),
-        Abi::X86_32 => X86_32Request { operation: op, nr_segments: nr, handle: 0, id, sector_number: sector, seg }
-            .as_bytes()
-            .to_vec(),
-    }
-}
-
-fn discard_request(abi: Abi, id: u64, sector: u64, sectors: u64) -> Vec<u8> {
-    match abi {
-        Abi::X86_64 => DiscardRequest {
-            operation: OP_DISCARD,
-            id,
-            sector_number: sector,
-            nr_sectors: sectors,
-            ..Default::default()
-        }
-        .as_bytes()
-        .to_vec(),
-        Abi::X86_32 => X86_32DiscardRequest {
-            operation: OP_DISCARD,
-            id,
-            sector_number: sector,
-            nr_sectors: sectors,
-            ..Default::default()
-        }
-        .as_bytes()
-        .to_vec(),
-    }
-}
-
-fn indirect_request(abi: Abi, op: u8, id: u64, sector: u64, nr: u16, gref: u32) -> Vec<u8> {
-    let mut grefs = [0u32; crate::abi::MAX_INDIRECT_PAGES];
-    grefs[0] = gref;
-    match abi {
-        Abi::X86_64 => IndirectRequest {
-            operation: OP_INDIRECT,
-            indirect_op: op,
-            nr_segments: nr,
-            id,
-            sector_number: sector,
-            indirect_grefs: grefs,
-            ..Default::default()
-        }
-        .as_bytes()
-        .to_vec(),
-        Abi::X86_32 => X86_32IndirectRequest {
-            operation: OP_INDIRECT,
-            indirect_op: op,
-            nr_segments: nr,
-            id,
-            sector_number: sector,
-            indirect_grefs: grefs,
-            ..Default::default()
-        }
-        .as_bytes()
-        .to_vec(),
     }
 }

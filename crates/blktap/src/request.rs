@@ -1,5 +1,5 @@
 //! Decoding of a request slot (already copied out of shared memory) into an ABI-neutral
-//! [`BlkRequest`], and encoding of responses into a slot.
+//! [`BlkRequest`], and encoding of responses into a slot; for frontends, the reverse.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -118,6 +118,77 @@ pub fn encode_response(abi: Abi, id: u64, operation: u8, status: i16) -> Vec<u8>
     match abi {
         Abi::X86_64 => Response { id, operation, status, ..Default::default() }.as_bytes().to_vec(),
         Abi::X86_32 => X86_32Response { id, operation, pad: 0, status }.as_bytes().to_vec(),
+    }
+}
+
+/// Encodes a READ/WRITE/WRITE_BARRIER/FLUSH request with `segs` (at most 11) in the ABI's
+/// layout (for frontends).
+pub fn encode_segments(abi: Abi, op: u8, id: u64, sector: u64, segs: &[Segment]) -> Vec<u8> {
+    let mut seg = [Segment::default(); MAX_SEGMENTS];
+    seg[..segs.len()].copy_from_slice(segs);
+    let nr = segs.len() as u8;
+    match abi {
+        Abi::X86_64 => Request { operation: op, nr_segments: nr, id, sector_number: sector, seg, ..Default::default() }
+            .as_bytes()
+            .to_vec(),
+        Abi::X86_32 => X86_32Request { operation: op, nr_segments: nr, handle: 0, id, sector_number: sector, seg }
+            .as_bytes()
+            .to_vec(),
+    }
+}
+
+/// Encodes a DISCARD request in the ABI's layout (for frontends).
+pub fn encode_discard(abi: Abi, id: u64, sector: u64, sectors: u64) -> Vec<u8> {
+    match abi {
+        Abi::X86_64 => DiscardRequest {
+            operation: OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: sectors,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+        Abi::X86_32 => X86_32DiscardRequest {
+            operation: OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: sectors,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+    }
+}
+
+/// Encodes an INDIRECT request for `op` with `nr` segments whose array is in grant `gref`
+/// (for frontends).
+pub fn encode_indirect(abi: Abi, op: u8, id: u64, sector: u64, nr: u16, gref: u32) -> Vec<u8> {
+    let mut grefs = [0u32; MAX_INDIRECT_PAGES];
+    grefs[0] = gref;
+    match abi {
+        Abi::X86_64 => IndirectRequest {
+            operation: OP_INDIRECT,
+            indirect_op: op,
+            nr_segments: nr,
+            id,
+            sector_number: sector,
+            indirect_grefs: grefs,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
+        Abi::X86_32 => X86_32IndirectRequest {
+            operation: OP_INDIRECT,
+            indirect_op: op,
+            nr_segments: nr,
+            id,
+            sector_number: sector,
+            indirect_grefs: grefs,
+            ..Default::default()
+        }
+        .as_bytes()
+        .to_vec(),
     }
 }
 

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use blktap::abi::{Abi, DiscardRequest, PAGE_SIZE, Request, Segment, X86_32Request};
+use blktap::abi::{Abi, PAGE_SIZE, Segment};
 use blktap::engine::Engine;
 use blktap::front::FrontRing;
 use blktap::grant::SimGrantTable;
+use blktap::request::{encode_discard, encode_segments};
 use blktap::ring::BackRing;
 use blktap::shm::SharedMem;
 use blockdev::MemDisk;
-use zerocopy::IntoBytes;
 
 pub struct Rig {
     pub front: FrontRing,
@@ -29,27 +29,17 @@ pub fn rig(abi: Abi, start: u32, grant_pages: usize, disk: u64) -> Rig {
     Rig { front, back, engine, pages, abi }
 }
 
-/// Bytes of a segment request in `abi`.
+/// Bytes of a segment request in `abi`, claiming `nr` segments (which may disagree with
+/// `segs`, to build malformed requests).
 pub fn rw_bytes(abi: Abi, op: u8, id: u64, sector: u64, nr: u8, segs: &[Segment]) -> Vec<u8> {
-    let mut seg = [Segment::default(); 11];
-    for (d, s) in seg.iter_mut().zip(segs) {
-        *d = *s;
-    }
-    match abi {
-        Abi::X86_64 => Request { operation: op, nr_segments: nr, id, sector_number: sector, seg, ..Default::default() }
-            .as_bytes()
-            .to_vec(),
-        Abi::X86_32 => X86_32Request { operation: op, nr_segments: nr, handle: 0, id, sector_number: sector, seg }
-            .as_bytes()
-            .to_vec(),
-    }
+    let mut bytes = encode_segments(abi, op, id, sector, &segs[..segs.len().min(11)]);
+    bytes[1] = nr; // nr_segments follows the operation byte in both ABIs
+    bytes
 }
 
 /// Bytes of a native discard request.
 pub fn discard_bytes(id: u64, sector: u64, nr_sectors: u64) -> Vec<u8> {
-    DiscardRequest { operation: blktap::abi::OP_DISCARD, id, sector_number: sector, nr_sectors, ..Default::default() }
-        .as_bytes()
-        .to_vec()
+    encode_discard(Abi::X86_64, id, sector, nr_sectors)
 }
 
 pub fn seg(gref: u32, first: u8, last: u8) -> Segment {
