@@ -6,8 +6,8 @@
 //! * `cargo xtask vm-demo [--guests N] [--keep]`: N QEMU guests boot from clones of one golden
 //!   image over NBD; checks each clone kept only its own writes (docs/vm-demo.md).
 //! * `cargo xtask ring-test [--guests N]`: N simulated Xen guests over the blkif ring on clones
-//!   of one golden VDI, every read verified; `cargo xtask bench-ring [--quick]`: the ring beside
-//!   NBD on the same daemon.
+//!   of one golden VDI, every read verified; `cargo xtask ring-torture [--kills N]`: SIGKILL
+//!   parallaxd under ring guests; `cargo xtask bench-ring [--quick]`: the ring beside NBD.
 
 mod fio;
 mod fuzz;
@@ -46,6 +46,8 @@ enum Command {
     Torture(torture::TortureArgs),
     /// N simulated Xen guests on clones of one golden VDI over the blkif ring, verified.
     RingTest(ring::RingTestArgs),
+    /// SIGKILL parallaxd while simulated guests write through the ring; nothing flushed may be lost.
+    RingTorture(ring::RingTortureArgs),
     /// 4 KiB random and 64 KiB sequential I/O through the simulated ring beside NBD.
     BenchRing(ring::BenchRingArgs),
     /// Run each fuzz target (fuzz/, cargo-fuzz) for a while; fail on any crash.
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
         Command::Fuzz(a) => fuzz::run(&a),
         Command::RingTest(a) => ring::run_test(&a),
         Command::BenchRing(a) => ring::run_bench(&a),
+        Command::RingTorture(a) => ring::run_torture(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use blktap::workload::{Digest, golden_image};
@@ -177,24 +177,48 @@ pub fn run_test(args: &RingTestArgs) -> Result<()> {
     result
 }
 
-fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
-    let n = args.guests as usize;
-    let sectors = args.size / 512;
-    let store = Store::new(&bins.vdi, work)?;
+/// A golden VDI filled with the pattern, its snapshot and N clones of it.
+struct Golden {
+    id: String,
+    snap: String,
+    digest: u64,
+    size: u64,
+    names: Vec<String>,
+}
+
+fn prepare_golden(store: &Store, work: &Path, size: u64, n: usize) -> Result<Golden> {
     let golden_file = work.join("golden.img");
-    let golden = golden_image(sectors);
+    let golden = golden_image(size / 512);
     let mut d = Digest::new();
     d.update(&golden);
-    let golden_digest = d.value();
     std::fs::write(&golden_file, &golden).context("cannot write the golden image")?;
     drop(golden);
-    let golden_id = store.text(&["create", "golden"])?;
-    store.text(&["fill", &golden_id, &golden_file.to_string_lossy()])?;
-    let snap = store.text(&["snap", &golden_id])?;
+    let id = store.text(&["create", "golden"])?;
+    store.text(&["fill", &id, &golden_file.to_string_lossy()])?;
+    let snap = store.text(&["snap", &id])?;
     let names: Vec<String> = (1..=n).map(|k| format!("guest-{k}")).collect();
     for name in &names {
         store.text(&["create", name, "--from", &snap])?;
     }
+    Ok(Golden { id, snap, digest: d.value(), size, names })
+}
+
+/// The golden snapshot and VDI still hold the pattern.
+fn check_golden(store: &Store, g: &Golden) -> Result<()> {
+    for source in [format!("@{}", g.snap), g.id.clone()] {
+        let (got, len) = store.export_digest(&source)?;
+        if got != g.digest || len != g.size {
+            bail!("golden {source} changed: digest {got:016x}, want {:016x}", g.digest);
+        }
+    }
+    Ok(())
+}
+
+fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
+    let n = args.guests as usize;
+    let store = Store::new(&bins.vdi, work)?;
+    let g = prepare_golden(&store, work, args.size, n)?;
+    let (golden_id, snap, names) = (&g.id, &g.snap, &g.names);
     let before = store.allocated()?;
     eprintln!(
         "ring-test: golden VDI {golden_id} ({}), snapshot {snap}, {n} clones; {} ops per guest, {} in flight",
@@ -266,7 +290,7 @@ fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
         elapsed.as_secs_f64(),
         total_ops as f64 / elapsed.as_secs_f64()
     );
-    check_store(&store, &snap, &golden_id, golden_digest, args.size, &digests)?;
+    check_store(&store, &g, &digests)?;
     let after = store.allocated()?;
     eprintln!(
         "ring-test: the store grew by {} for {n} guests (each clone is {}; the golden data stays shared)",
@@ -279,32 +303,20 @@ fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
 
 /// With parallaxd stopped: each clone holds exactly what its guest's model says, the golden
 /// snapshot and VDI still hold the pattern, and the store is consistent.
-fn check_store(
-    store: &Store,
-    snap: &str,
-    golden_id: &str,
-    golden_digest: u64,
-    size: u64,
-    digests: &[(String, String)],
-) -> Result<()> {
+fn check_store(store: &Store, g: &Golden, digests: &[(String, String)]) -> Result<()> {
     let mut failures = Vec::new();
     for (name, want) in digests {
         let (got, len) = store.export_digest(name)?;
-        if len != size || format!("{got:016x}") != *want {
+        if len != g.size || format!("{got:016x}") != *want {
             failures.push(format!("{name}: export digest {got:016x} ({len} bytes) but the guest's model says {want}"));
         }
     }
     if failures.is_empty() {
         eprintln!("ring-test: ok: every clone's export matches its guest's model");
     }
-    let clone_failures = failures.len();
-    for source in [format!("@{snap}"), golden_id.to_string()] {
-        let (got, len) = store.export_digest(&source)?;
-        if got != golden_digest || len != size {
-            failures.push(format!("golden {source} changed: digest {got:016x}, want {golden_digest:016x}"));
-        }
-    }
-    if failures.len() == clone_failures {
+    if let Err(e) = check_golden(store, g) {
+        failures.push(e.to_string());
+    } else {
         eprintln!("ring-test: ok: the golden snapshot and VDI are unchanged");
     }
     store.text(&["check"]).context("`vdi check` found problems")?;
@@ -312,6 +324,149 @@ fn check_store(
     if !failures.is_empty() {
         bail!("{}", failures.join("\n"));
     }
+    Ok(())
+}
+
+/// Flags of `ring-torture`.
+#[derive(Debug, Args)]
+pub struct RingTortureArgs {
+    /// Times parallaxd is SIGKILLed while the guests write.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kills: u32,
+    /// Simulated guests, each on its own clone of the golden VDI.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub guests: u32,
+    /// Size of the golden VDI (K/M/G binary).
+    #[arg(long, default_value = "8M", value_parser = sys::parse_size)]
+    pub size: u64,
+    /// Requests each guest keeps in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub depth: u32,
+    /// Seed of the kill times and the guests' mixes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Keep the scratch directory and print its path.
+    #[arg(long)]
+    pub keep: bool,
+    /// Use the binaries already in target/release instead of running `cargo build --release`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// Runs ring-torture: guests write through the ring while parallaxd is SIGKILLed at random
+/// moments; after each restart every guest checks every sector of its disk holds what its
+/// last completed flush made durable or something it wrote after that.
+pub fn run_torture(args: &RingTortureArgs) -> Result<()> {
+    if args.size < 1 << 20 || !args.size.is_multiple_of(4096) {
+        bail!("--size must be at least 1M and a multiple of 4K");
+    }
+    let bins = binaries(args.no_build)?;
+    let dir = scratch("parallax-ring-torture-")?;
+    let result = torture_in(args, &bins, dir.path());
+    if args.keep || result.is_err() {
+        eprintln!("ring-torture: kept {}", dir.keep().display());
+    }
+    result
+}
+
+/// One round's frontends: (name, process).
+fn start_crash_guests(
+    bins: &Bins,
+    sock: &Path,
+    work: &Path,
+    g: &Golden,
+    round: u64,
+    ops: u64,
+    args: &RingTortureArgs,
+) -> Result<Vec<(String, Child)>> {
+    let mut children = Vec::new();
+    for (k, name) in g.names.iter().enumerate() {
+        let state = work.join(format!("{name}.crash"));
+        let child = Command::new(&bins.frontend)
+            .arg("--socket")
+            .arg(sock)
+            .args(["--vdi", name, "--guest", &(k + 1).to_string()])
+            .args(["--seed", &(args.seed ^ (round << 16) ^ (k as u64 + 1)).to_string()])
+            .args(["--ops", &ops.to_string(), "--depth", &args.depth.to_string()])
+            .args(["--round", &round.to_string()])
+            .arg("--crash-state")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the frontend for {name}"))?;
+        children.push((name.clone(), child));
+    }
+    Ok(children)
+}
+
+/// Waits for a round's frontends; every one must exit 0. Returns how many were killed while
+/// running and the flushes they completed.
+fn wait_crash_guests(children: Vec<(String, Child)>) -> Result<(usize, u64)> {
+    let (mut killed_running, mut flushes) = (0, 0);
+    let mut failures = Vec::new();
+    for (name, child) in children {
+        let out = child.wait_with_output().with_context(|| format!("waiting for {name}'s frontend"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            failures.push(format!("{name}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("{name}'s frontend printed '{stdout}', not a JSON summary"))?;
+        flushes += v.get("flushes").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        if v.get("ran").and_then(serde_json::Value::as_u64) == Some(1) {
+            killed_running += 1;
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{} guests failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    Ok((killed_running, flushes))
+}
+
+fn torture_in(args: &RingTortureArgs, bins: &Bins, work: &Path) -> Result<()> {
+    let store = Store::new(&bins.vdi, work)?;
+    let g = prepare_golden(&store, work, args.size, args.guests as usize)?;
+    eprintln!(
+        "ring-torture: {} guests on {} clones of golden VDI {}, {} kills",
+        args.guests,
+        sys::human(args.size),
+        g.id,
+        args.kills
+    );
+    let mut rng = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let (mut total_killed, mut total_flushes) = (0, 0);
+    for round in 1..=u64::from(args.kills) {
+        let (daemon, sock) = start_daemon(bins, &store, work, 4)?;
+        let children = start_crash_guests(bins, &sock, work, &g, round, u64::MAX / 2, args)?;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let delay = Duration::from_millis(300 + rng % 1700);
+        std::thread::sleep(delay);
+        daemon.kill()?;
+        let (killed, flushes) =
+            wait_crash_guests(children).with_context(|| format!("round {round} (killed after {delay:?})"))?;
+        total_killed += killed;
+        total_flushes += flushes;
+        eprintln!(
+            "ring-torture: kill {round}/{} after {delay:?}: {killed} guests cut short while writing, {flushes} flushes completed (their disks are checked when the next round attaches)",
+            args.kills
+        );
+    }
+    // The last round only settles (checks) each disk and reads it all back, then stops cleanly.
+    let (daemon, sock) = start_daemon(bins, &store, work, 4)?;
+    let children = start_crash_guests(bins, &sock, work, &g, u64::from(args.kills) + 1, 0, args)?;
+    wait_crash_guests(children).context("the final check")?;
+    daemon.stop()?;
+    check_golden(&store, &g)?;
+    store.text(&["check"]).context("`vdi check` found problems")?;
+    eprintln!(
+        "ring-torture: PASSED: {} kills, {total_killed} guest runs cut short, {total_flushes} flushes checked; golden unchanged; vdi check clean",
+        args.kills
+    );
     Ok(())
 }
 

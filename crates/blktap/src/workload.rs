@@ -59,6 +59,140 @@ pub enum Expect {
     Written(u64),
 }
 
+/// The bytes guest `guest`'s `sector` holds when it is `e`.
+pub fn expect_bytes(guest: u32, sector: u64, e: Expect, buf: &mut [u8]) {
+    match e {
+        Expect::Golden => golden_sector(sector, buf),
+        Expect::Zero => buf.fill(0),
+        Expect::Written(v) => guest_sector(guest, sector, v, buf),
+    }
+}
+
+impl Expect {
+    fn code(self) -> u64 {
+        match self {
+            Expect::Golden => 0,
+            Expect::Zero => 1,
+            Expect::Written(v) => v.saturating_add(2),
+        }
+    }
+
+    fn from_code(c: u64) -> Self {
+        match c {
+            0 => Expect::Golden,
+            1 => Expect::Zero,
+            v => Expect::Written(v - 2),
+        }
+    }
+}
+
+/// What a guest's disk may hold if the backend crashes now: per sector, the content made
+/// durable by the last completed flush (or barrier), and every content submitted since.
+#[derive(Debug, Clone)]
+pub struct CrashModel {
+    guest: u32,
+    durable: Vec<Expect>,
+    since: Vec<Vec<Expect>>,
+}
+
+const CRASH_MAGIC: &[u8; 4] = b"PXCM";
+
+impl CrashModel {
+    /// Everything in `model` is durable, nothing submitted since.
+    pub fn durable(model: &Model) -> Self {
+        Self { guest: model.guest, durable: model.sectors.clone(), since: vec![Vec::new(); model.sectors.len()] }
+    }
+
+    /// Records a write (or discard: `Expect::Zero`) of `count` sectors at `sector` submitted.
+    pub fn submitted(&mut self, sector: u64, count: u64, e: Expect) {
+        for s in &mut self.since[sector as usize..(sector + count) as usize] {
+            if !s.contains(&e) {
+                s.push(e);
+            }
+        }
+    }
+
+    /// A flush or barrier completed while nothing else was in flight: `model` is durable.
+    pub fn flushed(&mut self, model: &Model) {
+        self.durable.clone_from(&model.sectors);
+        self.since.iter_mut().for_each(Vec::clear);
+    }
+
+    /// After a crash: which allowed content `data` (read from `sector`) is, or what is wrong.
+    pub fn settle(&self, sector: u64, data: &[u8]) -> Result<Expect, String> {
+        let i = sector as usize;
+        let mut want = [0u8; SECTOR_SIZE];
+        for &e in std::iter::once(&self.durable[i]).chain(&self.since[i]) {
+            expect_bytes(self.guest, sector, e, &mut want);
+            if data == want {
+                return Ok(e);
+            }
+        }
+        expect_bytes(self.guest, sector, self.durable[i], &mut want);
+        Err(format!(
+            "guest {}: after the crash sector {sector} holds {}; durable was {} ({} later writes allowed)",
+            self.guest,
+            describe(data),
+            describe(&want),
+            self.since[i].len()
+        ))
+    }
+
+    /// Writes the model to `path` (atomically: a temporary file renamed over it).
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        w.write_all(CRASH_MAGIC)?;
+        w.write_all(&self.guest.to_le_bytes())?;
+        w.write_all(&(self.durable.len() as u64).to_le_bytes())?;
+        for (d, since) in self.durable.iter().zip(&self.since) {
+            w.write_all(&d.code().to_le_bytes())?;
+            w.write_all(&(since.len() as u32).to_le_bytes())?;
+            for e in since {
+                w.write_all(&e.code().to_le_bytes())?;
+            }
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// Reads a model written by [`CrashModel::save`] for `guest`'s disk of `sectors` sectors.
+    pub fn load(path: &std::path::Path, guest: u32, sectors: u64) -> std::io::Result<Self> {
+        use std::io::{Error, ErrorKind, Read};
+        let bad = |m: &str| Error::new(ErrorKind::InvalidData, format!("{}: {m}", path.display()));
+        let mut r = std::io::BufReader::new(std::fs::File::open(path)?);
+        let mut u32b = [0u8; 4];
+        let mut u64b = [0u8; 8];
+        r.read_exact(&mut u32b)?;
+        if &u32b != CRASH_MAGIC {
+            return Err(bad("not a crash model"));
+        }
+        r.read_exact(&mut u32b)?;
+        r.read_exact(&mut u64b)?;
+        if u32::from_le_bytes(u32b) != guest || u64::from_le_bytes(u64b) != sectors {
+            return Err(bad("for another guest or disk size"));
+        }
+        let mut m = Self { guest, durable: Vec::new(), since: Vec::new() };
+        for _ in 0..sectors {
+            r.read_exact(&mut u64b)?;
+            m.durable.push(Expect::from_code(u64::from_le_bytes(u64b)));
+            r.read_exact(&mut u32b)?;
+            let n = u32::from_le_bytes(u32b);
+            if n > 1 << 20 {
+                return Err(bad("implausible entry count"));
+            }
+            let mut since = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                r.read_exact(&mut u64b)?;
+                since.push(Expect::from_code(u64::from_le_bytes(u64b)));
+            }
+            m.since.push(since);
+        }
+        Ok(m)
+    }
+}
+
 /// Describes what a sector's bytes look like, for error messages.
 pub fn describe(buf: &[u8]) -> String {
     let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or([0; 8]));
@@ -118,11 +252,17 @@ impl Model {
 
     /// The expected bytes of `sector`.
     pub fn expected(&self, sector: u64, buf: &mut [u8]) {
-        match self.sectors[sector as usize] {
-            Expect::Golden => golden_sector(sector, buf),
-            Expect::Zero => buf.fill(0),
-            Expect::Written(v) => guest_sector(self.guest, sector, v, buf),
-        }
+        expect_bytes(self.guest, sector, self.sectors[sector as usize], buf);
+    }
+
+    /// What `sector` should hold.
+    pub fn get(&self, sector: u64) -> Expect {
+        self.sectors[sector as usize]
+    }
+
+    /// Sets what `sector` should hold (after a crash, what it was found to hold).
+    pub fn set(&mut self, sector: u64, e: Expect) {
+        self.sectors[sector as usize] = e;
     }
 
     /// Checks `data`, read from `sector`, against the model; the error says what was seen.
@@ -215,5 +355,31 @@ mod tests {
         // Sectors 24..32 are a hole in the golden image.
         assert!(img[24 * 512..32 * 512].iter().all(|&b| b == 0));
         assert_ne!(m.digest(), Model::new(3, 64).digest());
+    }
+
+    #[test]
+    fn crash_model_allows_durable_or_later_content_and_round_trips() {
+        let mut m = Model::new(2, 32);
+        m.wrote(0, 2, 5);
+        let mut c = CrashModel::durable(&m);
+        c.submitted(0, 1, Expect::Written(6));
+        c.submitted(1, 1, Expect::Zero);
+        let v5 = m.write_data(0, 2, 5);
+        let v6 = m.write_data(0, 1, 6);
+        assert_eq!(c.settle(0, &v5[..512]), Ok(Expect::Written(5)));
+        assert_eq!(c.settle(0, &v6), Ok(Expect::Written(6)));
+        assert_eq!(c.settle(1, &[0u8; 512]), Ok(Expect::Zero));
+        // Golden content where version 5 was made durable is a lost write.
+        let err = c.settle(0, &golden_image(1)).unwrap_err();
+        assert!(err.contains("golden data") && err.contains("version 5"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.state");
+        c.save(&p).unwrap();
+        let back = CrashModel::load(&p, 2, 32).unwrap();
+        assert_eq!(back.settle(0, &v6), Ok(Expect::Written(6)));
+        assert!(CrashModel::load(&p, 3, 32).is_err());
+        m.wrote(0, 1, 6);
+        c.flushed(&m);
+        assert!(c.settle(0, &v5[..512]).is_err(), "version 5 was overwritten durably");
     }
 }

@@ -6,7 +6,15 @@
 //!                     [--ring-order K] [--abi x86_64|x86_32] [--no-final-check]
 //! blktap-sim-frontend --socket PATH --vdi NAME --bench randread|randwrite|seqread|seqwrite
 //!                     [--bs BYTES] [--depth D] [--seconds S]
+//! blktap-sim-frontend --socket PATH --vdi NAME --crash-state FILE --round R [--guest N] ...
 //! ```
+//!
+//! Crash mode (for `cargo xtask ring-torture`): first reads the whole disk and checks every
+//! sector against FILE, the crash model the previous round left (absent: the golden image) —
+//! each must hold what the last completed flush made durable or something written after it —
+//! then runs the random mix until the backend goes away (or `--ops` are done), and saves the
+//! new crash model to FILE. Flushes and barriers wait for the requests in flight, so when one
+//! completes, everything completed before it is durable.
 //!
 //! Verify mode expects the disk to start as the golden image of `blktap::workload` and checks
 //! every read against its model of what this guest wrote; at the end it reads the whole disk
@@ -20,7 +28,7 @@ use std::time::{Duration, Instant};
 use blktap::abi::{Abi, RSP_OKAY, SECTOR_SIZE};
 use blktap::guest::{Completion, Guest, GuestOp};
 use blktap::sim::{FrontendOptions, SimFrontend, parse_protocol};
-use blktap::workload::Model;
+use blktap::workload::{CrashModel, Expect, Model};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -39,6 +47,8 @@ struct Args {
     bench: Option<String>,
     bs: usize,
     seconds: f64,
+    crash_state: Option<PathBuf>,
+    round: u64,
 }
 
 fn parse_args() -> Res<Args> {
@@ -55,6 +65,8 @@ fn parse_args() -> Res<Args> {
         bench: None,
         bs: 4096,
         seconds: 5.0,
+        crash_state: None,
+        round: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +87,8 @@ fn parse_args() -> Res<Args> {
             "--bench" => a.bench = Some(value),
             "--bs" => a.bs = value.parse()?,
             "--seconds" => a.seconds = value.parse()?,
+            "--crash-state" => a.crash_state = Some(value.into()),
+            "--round" => a.round = value.parse()?,
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
@@ -133,55 +147,12 @@ fn overlaps(busy: &HashMap<u64, InFlight>, start: u64, end: u64) -> bool {
 
 fn verify(a: &Args) -> Res<()> {
     let mut guest = connect(a)?;
-    let sectors = guest.sectors();
     if guest.read_only() {
         return Err("the disk is read-only; verify mode writes".into());
     }
-    let mut model = Model::new(a.guest, sectors);
-    let mut rng = Rng(a.seed ^ (u64::from(a.guest) << 32));
-    let mut busy: HashMap<u64, InFlight> = HashMap::new();
+    let mut model = Model::new(a.guest, guest.sectors());
     let mut counts = Counts::default();
-    let (mut issued, mut version) = (0u64, 0u64);
-    let small = 64u64.min(sectors);
-    let large = u64::from(guest.max_sectors()).min(sectors);
-    while issued < a.ops || guest.in_flight() > 0 {
-        while issued < a.ops && guest.in_flight() < a.depth {
-            let kind = rng.below(100);
-            let len = if kind >= 95 { 1 + rng.below(large) } else { 1 + rng.below(small) };
-            let start = rng.below(sectors - len + 1);
-            let end = start + len;
-            if (75..82).contains(&kind) {
-                let op = GuestOp::Flush;
-                if !guest.can_submit(&op) {
-                    break;
-                }
-                let id = guest.submit(op)?;
-                busy.insert(id, InFlight { start: 0, end: 0, version: 0 });
-                issued += 1;
-                continue;
-            }
-            if overlaps(&busy, start, end) {
-                break;
-            }
-            version += 1;
-            let op = match kind {
-                0..40 => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: false },
-                40..75 | 95.. => GuestOp::Read { sector: start, sectors: len as u32 },
-                82..90 => GuestOp::Discard { sector: start, sectors: len },
-                _ => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: true },
-            };
-            if !guest.can_submit(&op) {
-                break;
-            }
-            let id = guest.submit(op)?;
-            busy.insert(id, InFlight { start, end, version });
-            issued += 1;
-        }
-        for c in guest.complete(TIMEOUT)? {
-            let f = busy.remove(&c.id).ok_or("completion of an unknown request")?;
-            account(&mut model, &mut counts, &c, &f)?;
-        }
-    }
+    let issued = run_mix(a, &mut guest, &mut model, &mut counts, 0, None)?;
     let c = guest.run(GuestOp::Flush, TIMEOUT)?;
     if c.status != RSP_OKAY {
         return Err(format!("final flush failed with status {}", c.status).into());
@@ -201,6 +172,176 @@ fn verify(a: &Args) -> Res<()> {
         counts.bytes,
         model.digest()
     );
+    Ok(())
+}
+
+/// Runs `a.ops` requests of the random mix with `a.depth` in flight, checking every read
+/// against `model` and keeping it up to date. Versions start above `version_base`. With a
+/// crash model, every write is recorded when submitted, and flushes and barriers are issued
+/// alone so their completion makes the whole model durable. Returns the requests issued.
+fn run_mix(
+    a: &Args,
+    guest: &mut Guest,
+    model: &mut Model,
+    counts: &mut Counts,
+    version_base: u64,
+    mut crash: Option<&mut CrashModel>,
+) -> Result<u64, blktap::Error> {
+    let sectors = guest.sectors();
+    let mut rng = Rng(a.seed ^ (u64::from(a.guest) << 32));
+    let mut busy: HashMap<u64, InFlight> = HashMap::new();
+    let (mut issued, mut version) = (0u64, version_base);
+    let small = 64u64.min(sectors);
+    let large = u64::from(guest.max_sectors()).min(sectors);
+    // A flush or barrier waiting for the requests in flight (crash mode only).
+    let mut ordering_point = false;
+    while issued < a.ops || guest.in_flight() > 0 {
+        while issued < a.ops && guest.in_flight() < a.depth && !ordering_point {
+            let kind = rng.below(100);
+            let len = if kind >= 95 { 1 + rng.below(large) } else { 1 + rng.below(small) };
+            let start = rng.below(sectors - len + 1);
+            let end = start + len;
+            let alone = crash.is_some() && ((75..82).contains(&kind) || (90..95).contains(&kind));
+            if alone && guest.in_flight() > 0 {
+                ordering_point = true;
+                break;
+            }
+            if (75..82).contains(&kind) {
+                let op = GuestOp::Flush;
+                if !guest.can_submit(&op) {
+                    break;
+                }
+                let id = guest.submit(op)?;
+                busy.insert(id, InFlight { start: 0, end: 0, version: 0 });
+                issued += 1;
+                ordering_point = alone;
+                continue;
+            }
+            if overlaps(&busy, start, end) {
+                break;
+            }
+            version += 1;
+            let op = match kind {
+                0..40 => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: false },
+                40..75 | 95.. => GuestOp::Read { sector: start, sectors: len as u32 },
+                82..90 => GuestOp::Discard { sector: start, sectors: len },
+                _ => GuestOp::Write { sector: start, data: model.write_data(start, len, version), barrier: true },
+            };
+            if !guest.can_submit(&op) {
+                break;
+            }
+            if let Some(c) = crash.as_deref_mut() {
+                match &op {
+                    GuestOp::Write { .. } => c.submitted(start, len, Expect::Written(version)),
+                    GuestOp::Discard { .. } => c.submitted(start, len, Expect::Zero),
+                    _ => {}
+                }
+            }
+            let id = guest.submit(op)?;
+            busy.insert(id, InFlight { start, end, version });
+            issued += 1;
+            ordering_point = alone;
+        }
+        for c in guest.complete(TIMEOUT)? {
+            let f = busy.remove(&c.id).ok_or_else(|| protocol("completion of an unknown request"))?;
+            account(model, counts, &c, &f).map_err(|e| protocol(&e.to_string()))?;
+            let durable_point = matches!(c.op, GuestOp::Flush | GuestOp::Write { barrier: true, .. });
+            if let Some(cm) = crash.as_deref_mut()
+                && durable_point
+                && guest.in_flight() == 0
+            {
+                cm.flushed(model);
+            }
+        }
+        if guest.in_flight() == 0 {
+            ordering_point = false;
+        }
+    }
+    Ok(issued)
+}
+
+fn protocol(msg: &str) -> blktap::Error {
+    blktap::Error::Protocol(msg.to_string())
+}
+
+/// Crash mode: settle the disk against the last crash model, then run until the backend dies.
+fn crash_round(a: &Args, path: &std::path::Path) -> Res<()> {
+    let mut guest = match connect(a) {
+        Ok(g) => g,
+        // Killed before or while attaching: nothing was written this round.
+        Err(e) => return report_killed(a, "attaching", &e.to_string(), 0, 0),
+    };
+    let sectors = guest.sectors();
+    let before = if path.exists() {
+        CrashModel::load(path, a.guest, sectors)?
+    } else {
+        CrashModel::durable(&Model::new(a.guest, sectors))
+    };
+    let mut model = Model::new(a.guest, sectors);
+    match settle(&mut guest, &before, &mut model) {
+        Ok(()) => {}
+        Err(Settle::Gone(e)) => return report_killed(a, "checking the disk", &e, 0, 0),
+        Err(Settle::Wrong(e)) => return Err(e.into()),
+    }
+    // What the restarted backend serves is what it committed: all of it is durable now.
+    let mut crash = CrashModel::durable(&model);
+    let mut counts = Counts::default();
+    let base = a.round << 40;
+    let result = run_mix(a, &mut guest, &mut model, &mut counts, base, Some(&mut crash));
+    crash.save(path)?;
+    match result {
+        Ok(issued) => {
+            println!("{{\"guest\":{},\"killed\":false,\"ops\":{issued},\"flushes\":{}}}", a.guest, counts.flushes);
+            Ok(())
+        }
+        Err(blktap::Error::PeerGone) => report_killed(a, "running", "the backend went away", counts.flushes, 1),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn report_killed(a: &Args, when: &str, why: &str, flushes: u64, ran: u64) -> Res<()> {
+    println!(
+        "{{\"guest\":{},\"killed\":true,\"when\":\"{when}\",\"why\":\"{}\",\"flushes\":{flushes},\"ran\":{ran}}}",
+        a.guest,
+        why.replace(['"', '\\'], "'")
+    );
+    Ok(())
+}
+
+enum Settle {
+    Gone(String),
+    Wrong(String),
+}
+
+/// Reads the whole disk, checks each sector against the crash model and adopts what it holds.
+fn settle(guest: &mut Guest, before: &CrashModel, model: &mut Model) -> Result<(), Settle> {
+    let chunk = u64::from(guest.max_sectors()).min(1024);
+    let total = guest.sectors();
+    let mut next = 0u64;
+    let gone = |e: blktap::Error| match e {
+        blktap::Error::PeerGone => Settle::Gone(e.to_string()),
+        e => Settle::Wrong(e.to_string()),
+    };
+    while next < total || guest.in_flight() > 0 {
+        while next < total {
+            let n = chunk.min(total - next);
+            let op = GuestOp::Read { sector: next, sectors: n as u32 };
+            if !guest.can_submit(&op) {
+                break;
+            }
+            guest.submit(op).map_err(gone)?;
+            next += n;
+        }
+        for c in guest.complete(TIMEOUT).map_err(gone)? {
+            let (GuestOp::Read { sector, .. }, Some(data)) = (&c.op, &c.data) else {
+                return Err(Settle::Wrong(format!("read at {:?} failed with status {}", c.op, c.status)));
+            };
+            for (i, bytes) in data.chunks(SECTOR_SIZE).enumerate() {
+                let s = sector + i as u64;
+                model.set(s, before.settle(s, bytes).map_err(Settle::Wrong)?);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -324,9 +465,10 @@ fn bench(a: &Args, kind: &str) -> Res<()> {
 }
 
 fn main() {
-    let result = parse_args().and_then(|a| match a.bench.clone() {
-        Some(kind) => bench(&a, &kind),
-        None => verify(&a),
+    let result = parse_args().and_then(|a| match (a.bench.clone(), a.crash_state.clone()) {
+        (Some(kind), _) => bench(&a, &kind),
+        (None, Some(path)) => crash_round(&a, &path),
+        (None, None) => verify(&a),
     });
     if let Err(e) = result {
         eprintln!("blktap-sim-frontend: {e}");
