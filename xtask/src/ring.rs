@@ -247,19 +247,11 @@ fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
             .with_context(|| format!("cannot start the frontend for {name}"))?;
         children.push((name.clone(), child));
     }
-    let mut failures = Vec::new();
+    let summaries = wait_guests(children);
     let mut digests = Vec::new();
     let mut total_ops = 0u64;
     let mut total_bytes = 0u64;
-    for (name, child) in children {
-        let out = child.wait_with_output().with_context(|| format!("waiting for {name}'s frontend"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        if !out.status.success() {
-            failures.push(format!("{name}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(stdout.trim())
-            .with_context(|| format!("{name}'s frontend printed '{stdout}', not a JSON summary"))?;
+    for (name, v) in summaries.iter().flatten() {
         let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         total_ops += num("ops");
         total_bytes += num("bytes");
@@ -281,9 +273,7 @@ fn test_in(args: &RingTestArgs, bins: &Bins, work: &Path) -> Result<()> {
     } else {
         daemon.stop()?;
     }
-    if !failures.is_empty() {
-        bail!("{} of {n} guests failed:\n{}", failures.len(), failures.join("\n"));
-    }
+    summaries?;
     eprintln!(
         "ring-test: {n} guests, {total_ops} requests ({}) in {:.1} s including the read-back: {:.0} requests/s",
         sys::human(total_bytes),
@@ -401,11 +391,11 @@ fn start_crash_guests(
     Ok(children)
 }
 
-/// Waits for a round's frontends; every one must exit 0. Returns how many were killed while
-/// running and the flushes they completed.
-fn wait_crash_guests(children: Vec<(String, Child)>) -> Result<(usize, u64)> {
-    let (mut killed_running, mut flushes) = (0, 0);
+/// Waits for every frontend; each must exit 0 and print a JSON summary, returned by name.
+fn wait_guests(children: Vec<(String, Child)>) -> Result<Vec<(String, serde_json::Value)>> {
+    let n = children.len();
     let mut failures = Vec::new();
+    let mut summaries = Vec::new();
     for (name, child) in children {
         let out = child.wait_with_output().with_context(|| format!("waiting for {name}'s frontend"))?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -415,13 +405,23 @@ fn wait_crash_guests(children: Vec<(String, Child)>) -> Result<(usize, u64)> {
         }
         let v: serde_json::Value = serde_json::from_str(stdout.trim())
             .with_context(|| format!("{name}'s frontend printed '{stdout}', not a JSON summary"))?;
+        summaries.push((name, v));
+    }
+    if !failures.is_empty() {
+        bail!("{} of {n} guests failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    Ok(summaries)
+}
+
+/// Waits for a round's crash-mode frontends; returns how many were cut short while running
+/// and the flushes they completed.
+fn wait_crash_guests(children: Vec<(String, Child)>) -> Result<(usize, u64)> {
+    let (mut killed_running, mut flushes) = (0, 0);
+    for (_, v) in wait_guests(children)? {
         flushes += v.get("flushes").and_then(serde_json::Value::as_u64).unwrap_or(0);
         if v.get("ran").and_then(serde_json::Value::as_u64) == Some(1) {
             killed_running += 1;
         }
-    }
-    if !failures.is_empty() {
-        bail!("{} guests failed:\n{}", failures.len(), failures.join("\n"));
     }
     Ok((killed_running, flushes))
 }

@@ -280,8 +280,8 @@ fn crash_round(a: &Args, path: &std::path::Path) -> Res<()> {
     let mut model = Model::new(a.guest, sectors);
     match settle(&mut guest, &before, &mut model) {
         Ok(()) => {}
-        Err(Settle::Gone(e)) => return report_killed(a, "checking the disk", &e, 0, 0),
-        Err(Settle::Wrong(e)) => return Err(e.into()),
+        Err(ReadBack::Gone(e)) => return report_killed(a, "checking the disk", &e, 0, 0),
+        Err(ReadBack::Wrong(e)) => return Err(e.into()),
     }
     // What the restarted backend serves is what it committed: all of it is durable now.
     let mut crash = CrashModel::durable(&model);
@@ -308,19 +308,23 @@ fn report_killed(a: &Args, when: &str, why: &str, flushes: u64, ran: u64) -> Res
     Ok(())
 }
 
-enum Settle {
+/// Why reading the whole disk back stopped.
+enum ReadBack {
+    /// The backend went away.
     Gone(String),
+    /// A read failed or a sector was wrong.
     Wrong(String),
 }
 
-/// Reads the whole disk, checks each sector against the crash model and adopts what it holds.
-fn settle(guest: &mut Guest, before: &CrashModel, model: &mut Model) -> Result<(), Settle> {
+/// Reads the whole disk with many large reads in flight, handing each read's first sector
+/// and bytes to `check`.
+fn read_whole_disk(guest: &mut Guest, mut check: impl FnMut(u64, &[u8]) -> Result<(), String>) -> Result<(), ReadBack> {
     let chunk = u64::from(guest.max_sectors()).min(1024);
     let total = guest.sectors();
     let mut next = 0u64;
-    let gone = |e: blktap::Error| match e {
-        blktap::Error::PeerGone => Settle::Gone(e.to_string()),
-        e => Settle::Wrong(e.to_string()),
+    let failed = |e: blktap::Error| match e {
+        blktap::Error::PeerGone => ReadBack::Gone(e.to_string()),
+        e => ReadBack::Wrong(e.to_string()),
     };
     while next < total || guest.in_flight() > 0 {
         while next < total {
@@ -329,20 +333,28 @@ fn settle(guest: &mut Guest, before: &CrashModel, model: &mut Model) -> Result<(
             if !guest.can_submit(&op) {
                 break;
             }
-            guest.submit(op).map_err(gone)?;
+            guest.submit(op).map_err(failed)?;
             next += n;
         }
-        for c in guest.complete(TIMEOUT).map_err(gone)? {
+        for c in guest.complete(TIMEOUT).map_err(failed)? {
             let (GuestOp::Read { sector, .. }, Some(data)) = (&c.op, &c.data) else {
-                return Err(Settle::Wrong(format!("read at {:?} failed with status {}", c.op, c.status)));
+                return Err(ReadBack::Wrong(format!("{} failed with status {}", describe(&c.op), c.status)));
             };
-            for (i, bytes) in data.chunks(SECTOR_SIZE).enumerate() {
-                let s = sector + i as u64;
-                model.set(s, before.settle(s, bytes).map_err(Settle::Wrong)?);
-            }
+            check(*sector, data).map_err(ReadBack::Wrong)?;
         }
     }
     Ok(())
+}
+
+/// Reads the whole disk, checks each sector against the crash model and adopts what it holds.
+fn settle(guest: &mut Guest, before: &CrashModel, model: &mut Model) -> Result<(), ReadBack> {
+    read_whole_disk(guest, |sector, data| {
+        for (i, bytes) in data.chunks(SECTOR_SIZE).enumerate() {
+            let s = sector + i as u64;
+            model.set(s, before.settle(s, bytes)?);
+        }
+        Ok(())
+    })
 }
 
 fn account(model: &mut Model, counts: &mut Counts, c: &Completion, f: &InFlight) -> Res<()> {
@@ -385,30 +397,12 @@ fn describe(op: &GuestOp) -> String {
     }
 }
 
-/// Reads the whole disk back with many large reads in flight and checks every sector.
+/// Reads the whole disk back and checks every sector against the model.
 fn full_read_check(guest: &mut Guest, model: &Model) -> Res<()> {
-    let chunk = u64::from(guest.max_sectors()).min(1024);
-    let mut next = 0u64;
-    let total = guest.sectors();
-    while next < total || guest.in_flight() > 0 {
-        while next < total {
-            let n = chunk.min(total - next);
-            let op = GuestOp::Read { sector: next, sectors: n as u32 };
-            if !guest.can_submit(&op) {
-                break;
-            }
-            guest.submit(op)?;
-            next += n;
-        }
-        for c in guest.complete(TIMEOUT)? {
-            let GuestOp::Read { sector, .. } = c.op else { continue };
-            if c.status != RSP_OKAY {
-                return Err(format!("final read at {sector} failed with status {}", c.status).into());
-            }
-            model.check(sector, c.data.as_deref().ok_or("read without data")?)?;
-        }
+    match read_whole_disk(guest, |sector, data| model.check(sector, data)) {
+        Ok(()) => Ok(()),
+        Err(ReadBack::Gone(e) | ReadBack::Wrong(e)) => Err(format!("final read-back: {e}").into()),
     }
-    Ok(())
 }
 
 fn bench(a: &Args, kind: &str) -> Res<()> {
