@@ -69,6 +69,9 @@ pub enum StoreError {
     /// The store was opened read-only.
     #[error("the store is open read-only")]
     ReadOnly,
+    /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).
+    #[error("metadata changed outside a transaction")]
+    NoTransaction,
     /// An earlier commit failed; the in-memory state can no longer be trusted.
     #[error("an earlier commit failed; reopen the store to recover from the journal")]
     Poisoned,

@@ -11,8 +11,15 @@ use crate::{BLOCK_SIZE, Block, BlockAddr};
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"PRLXSTOR";
 /// Magic of a journal record header.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"PRLXJRNL";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+///
+/// Version 2 changed no layout; it changed the commit protocol (§5 of docs/format.md: data and
+/// the previous commit's home writes are synced before a record is written, and recovery replays
+/// the two newest records) and gave superblock user slot 15 to the release queue. A version-1
+/// store is upgraded in place the first time it is opened for writing.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads (and upgrades).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Magic of a reference-count block.
 pub const REFCOUNT_MAGIC: u32 = 0x5043_4e54; // "TNCP" on disk: "PCNT" read as LE u32
 /// Counters in one reference-count block.

@@ -8,7 +8,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::backend::Backend;
-use crate::format::{FORMAT_VERSION, JOURNAL_MAGIC, JournalHeaderDisk, block_crc};
+use crate::format::{FORMAT_VERSION, JOURNAL_MAGIC, JournalHeaderDisk, OLDEST_FORMAT_VERSION, block_crc};
 use crate::{BLOCK_SIZE, Block, BlockAddr, StoreError};
 
 const ADDRS_PER_BLOCK: usize = BLOCK_SIZE / 8;
@@ -82,7 +82,7 @@ pub fn read_slot(
         .read_at(start * BLOCK_SIZE as u64, &mut hdr_block)
         .map_err(|e| StoreError::io(format!("reading journal slot {slot}"), e))?;
     let Ok(hdr) = JournalHeaderDisk::ref_from_bytes(hdr_block.as_slice()) else { return Ok(None) };
-    if hdr.magic != JOURNAL_MAGIC || hdr.version.get() != FORMAT_VERSION {
+    if hdr.magic != JOURNAL_MAGIC || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&hdr.version.get()) {
         return Ok(None);
     }
     if hdr.checksum.get() != block_crc(&hdr_block, 12) {

@@ -3,9 +3,10 @@
 //! - Space is cut into 4 KiB blocks named by [`BlockAddr`].
 //! - Every allocatable block has a reference count; a block is free at zero and is only handed
 //!   out again after the commit that freed it is durable.
-//! - Metadata blocks (radix nodes, the VDI registry, reference counts) are changed in memory and
-//!   made durable together by [`BlockStore::commit`], through a two-slot journal: a crash at any
-//!   instant leaves the store exactly as of the last completed commit.
+//! - Metadata blocks (radix nodes, the VDI registry, reference counts) are changed in memory, in
+//!   a [`Transaction`] that rolls back only its own changes, and made durable together by
+//!   [`BlockStore::commit`] through a two-slot journal: a power cut at any instant — unsynced
+//!   writes lost, reordered or torn — leaves the store exactly as of the last completed commit.
 //! - Data blocks are written in place with [`BlockStore::write_data`].
 //!
 //! `docs/format.md` in the repository describes the format byte by byte.
@@ -23,5 +24,5 @@ pub use addr::{BLOCK_SIZE, Block, BlockAddr};
 pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
 pub use error::{Result, StoreError};
 pub use meta::{Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
-pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery, is_blank};
+pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery, Transaction, is_blank};
 pub use superblock::Superblock;

@@ -1,7 +1,9 @@
 //! The metadata state of an open store: the block cache, reference counts and the allocator.
 //!
-//! Everything here runs under the store's metadata lock ([`crate::BlockStore::lock`]). Changes
-//! are made to cached blocks, which stay dirty in memory until a commit journals them.
+//! Everything here runs under the store's metadata lock. Reads go through
+//! [`crate::BlockStore::lock`]; changes only through a [`crate::Transaction`], which records the
+//! state of every block it touches first so that it can roll back exactly its own changes.
+//! Changed blocks stay dirty in memory until a commit journals them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -50,6 +52,23 @@ struct Entry {
     version: u64,
 }
 
+/// What a block was when a transaction first touched it.
+enum Saved {
+    /// Not cached, or cached and clean: the medium holds its state (or it was free).
+    OnMedium,
+    /// Cached with uncommitted changes of earlier transactions.
+    Dirty { data: Box<Block>, kind: &'static MetaKind, version: u64 },
+}
+
+/// The undo log of the open transaction: enough to restore exactly the state before it.
+pub(crate) struct Undo {
+    blocks: HashMap<u64, Saved>,
+    sb: Superblock,
+    freed: Vec<u64>,
+    end_block: u64,
+    dirty_count: usize,
+}
+
 /// Space figures of a store, in blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpaceStats {
@@ -81,6 +100,7 @@ pub struct Meta {
     pub(crate) read_only: bool,
     pub(crate) poisoned: bool,
     end_block: Arc<AtomicU64>,
+    pub(crate) undo: Option<Undo>,
 }
 
 impl Meta {
@@ -106,6 +126,7 @@ impl Meta {
             overlay: HashMap::new(),
             read_only,
             poisoned: false,
+            undo: None,
         }
     }
 
@@ -115,7 +136,74 @@ impl Meta {
 
     fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
-        if self.read_only { Err(StoreError::ReadOnly) } else { Ok(()) }
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        if self.undo.is_none() {
+            return Err(StoreError::NoTransaction);
+        }
+        Ok(())
+    }
+
+    /// Starts recording an undo log (a transaction begins).
+    pub(crate) fn begin_undo(&mut self) {
+        assert!(self.undo.is_none(), "transactions do not nest");
+        self.undo = Some(Undo {
+            blocks: HashMap::new(),
+            sb: self.sb.clone(),
+            freed: Vec::new(),
+            end_block: self.end_block.load(Ordering::Acquire),
+            dirty_count: self.dirty_count,
+        });
+    }
+
+    /// Keeps the open transaction's changes (they become durable at the next commit).
+    pub(crate) fn end_undo(&mut self) {
+        self.undo = None;
+    }
+
+    /// Records the state of `addr` before the open transaction first changes it.
+    fn save_before(&mut self, addr: u64) {
+        let Some(undo) = self.undo.as_mut() else { return };
+        if undo.blocks.contains_key(&addr) {
+            return;
+        }
+        let saved = match self.cache.get(&addr) {
+            Some(e) if e.dirty => Saved::Dirty { data: e.data.clone(), kind: e.kind, version: e.version },
+            _ => Saved::OnMedium,
+        };
+        undo.blocks.insert(addr, saved);
+    }
+
+    /// Puts back everything the open transaction changed, and nothing else: blocks, the
+    /// superblock, blocks it freed and the store's size as seen by data I/O.
+    pub(crate) fn rollback(&mut self) {
+        let Some(undo) = self.undo.take() else { return };
+        for (addr, saved) in undo.blocks {
+            match saved {
+                Saved::OnMedium => {
+                    self.cache.remove(&addr);
+                }
+                Saved::Dirty { data, kind, version } => {
+                    if !self.cache.contains_key(&addr) {
+                        self.clock.push_back(addr);
+                    }
+                    self.cache.insert(addr, Entry { data, kind, dirty: true, referenced: true, version });
+                }
+            }
+        }
+        for a in undo.freed {
+            self.pending_free.remove(&a);
+        }
+        self.sb = undo.sb;
+        self.end_block.store(undo.end_block, Ordering::Release);
+        self.dirty_count = self.cache.values().filter(|e| e.dirty).count();
+        debug_assert_eq!(self.dirty_count, undo.dirty_count, "rollback restores the dirty set");
+    }
+
+    /// Metadata blocks the open transaction has changed so far.
+    pub fn transaction_blocks(&self) -> usize {
+        self.undo.as_ref().map_or(0, |u| u.blocks.len())
     }
 
     /// True if the store was opened read-only.
@@ -186,6 +274,7 @@ impl Meta {
     /// Opens metadata block `addr` for change; it will be journaled at the next commit.
     pub fn write(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&mut Block> {
         self.check_writable()?;
+        self.save_before(addr.0);
         let version = self.next_version;
         self.next_version += 1;
         let entry = self.ensure_cached(addr, kind)?;
@@ -208,6 +297,7 @@ impl Meta {
             self.decref(addr)?;
             return Err(no_space("cannot reserve a metadata block")(e));
         }
+        self.save_before(addr.0);
         let version = self.next_version;
         self.next_version += 1;
         self.evict_if_full();
@@ -302,6 +392,7 @@ impl Meta {
             .extend(bytes)
             .and_then(|_| self.backend.reserve(rc_addr * BLOCK_SIZE as u64, BLOCK_SIZE as u64))
             .map_err(no_space("cannot grow the store"))?;
+        self.save_before(rc_addr);
         let version = self.next_version;
         self.next_version += 1;
         self.sb.groups += 1;
@@ -364,8 +455,11 @@ impl Meta {
         let new = old.checked_sub(1).ok_or_else(|| StoreError::Damaged(format!("block {addr} freed twice")))?;
         b[at..at + 4].copy_from_slice(&new.to_le_bytes());
         if new == 0 {
-            self.sb.allocated -= 1;
-            self.pending_free.insert(addr.0);
+            self.sb.allocated = self.sb.allocated.checked_sub(1).ok_or_else(|| {
+                StoreError::Damaged(format!("freeing block {addr} but the superblock counts no block in use"))
+            })?;
+            self.note_freed(addr.0);
+            self.save_before(addr.0);
             if let Some(e) = self.cache.remove(&addr.0)
                 && e.dirty
             {
@@ -373,6 +467,20 @@ impl Meta {
             }
         }
         Ok(new)
+    }
+
+    /// Marks `addr` free but not reusable before the commit that frees it is durable.
+    fn note_freed(&mut self, addr: u64) {
+        if self.pending_free.insert(addr)
+            && let Some(u) = self.undo.as_mut()
+        {
+            u.freed.push(addr);
+        }
+    }
+
+    /// True if `addr` was freed and its freeing is not durable yet (it must not be used).
+    pub fn is_pending_free(&self, addr: BlockAddr) -> bool {
+        self.pending_free.contains(&addr.0) || self.committing_free.contains(&addr.0)
     }
 
     /// The upper layer's root or counter in slot `i` (0..16).
@@ -447,8 +555,8 @@ impl Meta {
         match (old, count) {
             (0, c) if c > 0 => self.sb.allocated += 1,
             (o, 0) if o > 0 => {
-                self.sb.allocated -= 1;
-                self.pending_free.insert(addr.0);
+                self.sb.allocated = self.sb.allocated.saturating_sub(1);
+                self.note_freed(addr.0);
             }
             _ => {}
         }
@@ -482,15 +590,6 @@ impl Meta {
                 self.dirty_count -= 1;
             }
         }
-    }
-
-    /// Throws away every uncommitted change.
-    pub(crate) fn discard_changes(&mut self) {
-        self.cache.retain(|_, e| !e.dirty);
-        self.dirty_count = 0;
-        self.pending_free.clear();
-        self.sb = self.committed.clone();
-        self.end_block.store(self.sb.end_block(), Ordering::Release);
     }
 
     /// True if anything changed since the last commit.

@@ -1,6 +1,7 @@
 //! An open block store: creation, opening with journal recovery, commits and data I/O.
 
 use std::fs::File;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::backend::{Backend, FileBackend};
-use crate::format::{GROUP_BLOCKS, USER_ROOTS};
+use crate::format::{FORMAT_VERSION, GROUP_BLOCKS, USER_ROOTS};
 use crate::journal;
 use crate::meta::Meta;
 use crate::superblock::Superblock;
@@ -58,6 +59,8 @@ pub struct Recovery {
     pub blocks_replayed: usize,
     /// Problems found and worked around (a damaged superblock copy, say).
     pub warnings: Vec<String>,
+    /// The format version the store had when it was upgraded to the current one at open.
+    pub upgraded_from: Option<u32>,
 }
 
 /// What a commit did.
@@ -71,17 +74,76 @@ pub struct CommitInfo {
 
 /// One Parallax block store: 4 KiB blocks, reference counts, atomic journaled commits.
 ///
-/// Metadata is changed under [`BlockStore::lock`] and becomes durable, all together, at
+/// Metadata is read under [`BlockStore::lock`] and changed only in a [`Transaction`]
+/// ([`BlockStore::begin`]); finished transactions become durable, all together, at
 /// [`BlockStore::commit`]. Data blocks are read and written directly with the `*_data` calls.
 pub struct BlockStore {
     backend: Arc<dyn Backend>,
     meta: Mutex<Meta>,
     commit_lock: Mutex<()>,
+    /// Commits that have taken their snapshot of the metadata (group commit: a flush that finds
+    /// a commit begun after it was called completed needs no commit of its own).
+    commits_begun: AtomicU64,
+    /// The index (in `commits_begun`) and result of the newest completed commit.
+    last_commit: Mutex<(u64, CommitInfo)>,
     io_gate: RwLock<()>,
     groups_start: u64,
     end_block: Arc<AtomicU64>,
     recovery: Recovery,
     _lock: Option<File>,
+}
+
+/// A set of metadata changes that is applied together or not at all, in the manner of redb's
+/// `WriteTransaction`.
+///
+/// It holds the store's metadata lock for its whole life, so nothing outside sees its partial
+/// state, and it records what every block it touches was before, so that dropping it without
+/// [`Transaction::finish`] — on an error, say — rolls back exactly its own changes and nobody
+/// else's. A finished transaction becomes durable with the next [`BlockStore::commit`].
+/// Keep transactions short: every other metadata reader and writer waits for them.
+pub struct Transaction<'a> {
+    meta: MutexGuard<'a, Meta>,
+    finished: bool,
+}
+
+impl Transaction<'_> {
+    /// Keeps the changes. Fails with [`StoreError::TransactionTooLarge`] — and rolls the
+    /// transaction back — if the changes not yet committed would no longer fit one journal
+    /// record: no transaction can leave the store unable to commit.
+    pub fn finish(mut self) -> Result<()> {
+        let capacity = self.meta.journal_capacity();
+        let dirty = self.meta.dirty_blocks();
+        if dirty > capacity {
+            return Err(StoreError::TransactionTooLarge { blocks: dirty, capacity });
+        }
+        self.meta.end_undo();
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Throws the changes away (the same as dropping the transaction).
+    pub fn rollback(self) {}
+}
+
+impl Deref for Transaction<'_> {
+    type Target = Meta;
+    fn deref(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+impl DerefMut for Transaction<'_> {
+    fn deref_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.meta.rollback();
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -140,6 +202,7 @@ impl BlockStore {
             .map_err(|e| StoreError::NoSpace { detail: format!("cannot reserve the superblocks and journal: {e}") })?;
         let now = now_secs();
         let sb = Superblock {
+            version: FORMAT_VERSION,
             generation: 0,
             uuid: random_uuid(),
             journal_start: 2,
@@ -200,47 +263,43 @@ impl BlockStore {
         for e in errors {
             recovery.warnings.push(format!("one superblock copy is unusable: {e}"));
         }
-        let mut newest: Option<journal::Record> = None;
+        let mut records: Vec<journal::Record> = Vec::new();
         for slot in 0..2 {
-            if let Some(r) = journal::read_slot(&*backend, sb.journal_start, sb.journal_slot_blocks, slot)?
-                && newest.as_ref().is_none_or(|n| r.generation > n.generation)
-            {
-                newest = Some(r);
+            if let Some(r) = journal::read_slot(&*backend, sb.journal_start, sb.journal_slot_blocks, slot)? {
+                records.push(r);
             }
         }
+        records.sort_by_key(|r| r.generation);
+        // The newest record is replayed, and the one before it too when it is the previous
+        // generation: its home writes were issued without a sync of their own, so the newest
+        // record may have become durable while some of them were lost (docs/format.md §5).
+        if records.len() == 2 && records[0].generation + 1 != records[1].generation {
+            records.remove(0);
+        }
         let mut overlay = std::collections::HashMap::new();
-        match newest {
-            Some(rec) if rec.generation >= sb.generation => {
-                let (last_addr, last_img) =
-                    rec.images.last().ok_or_else(|| StoreError::Damaged("empty journal record".into()))?;
-                let rec_sb = Superblock::decode(last_img, *last_addr)?;
-                if rec_sb.generation != rec.generation || rec_sb.uuid != sb.uuid {
-                    return Err(StoreError::Damaged(format!(
-                        "journal record {} does not belong to this store's superblock",
-                        rec.generation
-                    )));
+        match records.last() {
+            Some(newest) if newest.generation >= sb.generation => {
+                let mut last_sb = None;
+                for rec in &records {
+                    last_sb = Some(check_record(rec, &sb)?);
                 }
-                for (addr, _) in &rec.images {
-                    if addr.0 >= 2 && addr.0 < rec_sb.groups_start || addr.0 >= rec_sb.end_block() {
-                        return Err(StoreError::Damaged(format!(
-                            "journal record names block {addr} outside the store"
-                        )));
-                    }
-                }
-                if opts.read_only {
-                    for (addr, img) in rec.images.iter() {
-                        overlay.insert(addr.0, img.clone());
-                    }
-                } else {
+                let rec_sb = last_sb.ok_or_else(|| StoreError::Damaged("no journal record to replay".into()))?;
+                for rec in &records {
                     for (addr, img) in &rec.images {
-                        backend
-                            .write_at(addr.byte_offset(), img.as_slice())
-                            .map_err(|e| StoreError::io("replaying the journal", e))?;
+                        if opts.read_only {
+                            overlay.insert(addr.0, img.clone());
+                        } else {
+                            backend
+                                .write_at(addr.byte_offset(), img.as_slice())
+                                .map_err(|e| StoreError::io("replaying the journal", e))?;
+                        }
                     }
+                    recovery.blocks_replayed += rec.images.len();
+                }
+                if !opts.read_only {
                     backend.sync().map_err(|e| StoreError::io("syncing the replayed journal", e))?;
                 }
-                recovery.replayed = Some(rec.generation);
-                recovery.blocks_replayed = rec.images.len();
+                recovery.replayed = Some(newest.generation);
                 sb = rec_sb;
             }
             _ if sb.generation > 0 => {
@@ -261,18 +320,34 @@ impl BlockStore {
         }
         let groups_start = sb.groups_start;
         let end_block = Arc::new(AtomicU64::new(end));
+        let old_version = sb.version;
+        let generation = sb.generation;
         let mut meta = Meta::new(backend.clone(), sb, opts.cache_blocks, opts.read_only, end_block.clone());
         meta.overlay = overlay;
-        Ok(BlockStore {
+        let upgrade = old_version < FORMAT_VERSION && !opts.read_only;
+        if upgrade {
+            // The next commit writes the current version; make it now so the store is never
+            // again opened by a build that follows the old protocol.
+            meta.sb.version = FORMAT_VERSION;
+            recovery.upgraded_from = Some(old_version);
+        }
+        let store = BlockStore {
             backend,
             meta: Mutex::new(meta),
             commit_lock: Mutex::new(()),
+            commits_begun: AtomicU64::new(0),
+            last_commit: Mutex::new((0, CommitInfo { generation, blocks: 0 })),
             io_gate: RwLock::new(()),
             groups_start,
             end_block,
             recovery,
             _lock: None,
-        })
+        };
+        if upgrade {
+            store.commit()?;
+            tracing::info!("upgraded the store from format version {old_version} to {FORMAT_VERSION}");
+        }
+        Ok(store)
     }
 
     /// Opens the store in the file or block device at `path`, creating a file store there with
@@ -327,9 +402,24 @@ impl BlockStore {
         &self.recovery
     }
 
-    /// Locks the metadata for reading or changing it. Hold it briefly: I/O waits on it.
+    /// Locks the metadata for reading. Hold it briefly: I/O waits on it. Changes need a
+    /// [`Transaction`] ([`BlockStore::begin`]); through this guard they fail with
+    /// [`StoreError::NoTransaction`].
     pub fn lock(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock()
+    }
+
+    /// Starts a transaction: the metadata lock is held until it is finished or dropped.
+    pub fn begin(&self) -> Result<Transaction<'_>> {
+        let mut meta = self.meta.lock();
+        if meta.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        if meta.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        meta.begin_undo();
+        Ok(Transaction { meta, finished: false })
     }
 
     /// A guard to hold while reading or writing data blocks found through metadata: blocks
@@ -338,10 +428,27 @@ impl BlockStore {
         self.io_gate.read()
     }
 
-    /// Makes every metadata change so far durable, atomically, along with every completed
-    /// data write. On an I/O error the store refuses further use until reopened.
+    /// Makes every finished transaction so far durable, atomically, along with every completed
+    /// data write. Concurrent callers share commits (group commit): a caller returns as soon as
+    /// a commit that began after its call has completed. On an I/O error the store refuses
+    /// further use until reopened.
+    ///
+    /// The order of writes and syncs is what makes a power cut at any instant safe
+    /// (docs/format.md §5): (1) sync — data written for this commit, new groups and the
+    /// previous commit's home writes become durable before anything can refer to them;
+    /// (2) write the journal record, sync — the commit point; (3) write the blocks home,
+    /// unsynced (the next commit's first sync covers them, and until then recovery replays
+    /// this record too).
     pub fn commit(&self) -> Result<CommitInfo> {
+        let wanted = self.commits_begun.load(Ordering::Acquire) + 1;
         let _serial = self.commit_lock.lock();
+        {
+            let last = self.last_commit.lock();
+            if last.0 >= wanted {
+                return Ok(last.1);
+            }
+        }
+        let index = self.commits_begun.fetch_add(1, Ordering::AcqRel) + 1;
         let (images, generation, sb_snapshot) = {
             let mut m = self.meta.lock();
             if m.poisoned {
@@ -350,20 +457,24 @@ impl BlockStore {
             if m.read_only {
                 return Err(StoreError::ReadOnly);
             }
+            assert!(m.undo.is_none(), "a commit never sees an open transaction");
             if !m.has_changes() {
                 let generation = m.committed.generation;
                 drop(m);
                 self.backend.sync().map_err(|e| self.poison(StoreError::io("syncing data", e)))?;
-                return Ok(CommitInfo { generation, blocks: 0 });
+                let info = CommitInfo { generation, blocks: 0 };
+                *self.last_commit.lock() = (index, info);
+                return Ok(info);
             }
             let images = m.dirty_images();
             let need = journal::record_blocks(images.len() + 1);
-            if need as u64 > m.sb.journal_slot_blocks {
-                return Err(StoreError::TransactionTooLarge {
-                    blocks: need,
-                    capacity: m.sb.journal_slot_blocks as usize,
-                });
-            }
+            // Transactions check this when they finish, so it cannot happen.
+            assert!(
+                need as u64 <= m.sb.journal_slot_blocks,
+                "{} dirty blocks outgrew a journal slot of {} blocks",
+                images.len(),
+                m.sb.journal_slot_blocks
+            );
             m.sb.generation += 1;
             m.sb.commit_time = now_secs();
             let frees = std::mem::take(&mut m.pending_free);
@@ -374,25 +485,32 @@ impl BlockStore {
         let sb_image = sb_snapshot.encode(copy);
         let mut record: Vec<(BlockAddr, &Block)> = images.iter().map(|(a, img, _)| (*a, &**img)).collect();
         record.push((BlockAddr(copy as u64), &sb_image));
-        let durable = journal::write_record(
-            &*self.backend,
-            sb_snapshot.journal_start,
-            sb_snapshot.journal_slot_blocks,
-            generation,
-            &record,
-        )
-        .and_then(|_| self.backend.sync().map_err(|e| StoreError::io("syncing the journal", e)));
+        let durable = self
+            .backend
+            .sync()
+            .map_err(|e| StoreError::io("syncing data before the journal record", e))
+            .and_then(|_| {
+                journal::write_record(
+                    &*self.backend,
+                    sb_snapshot.journal_start,
+                    sb_snapshot.journal_slot_blocks,
+                    generation,
+                    &record,
+                )
+            })
+            .and_then(|_| self.backend.sync().map_err(|e| StoreError::io("syncing the journal", e)));
         if let Err(e) = durable {
             return Err(self.poison(e));
         }
+        // Dirty blocks stay cached (and are never read from the medium) until marked clean
+        // below, so the home writes need no lock.
+        for (addr, img) in &record {
+            if let Err(e) = self.backend.write_at(addr.byte_offset(), img.as_slice()) {
+                return Err(self.poison(StoreError::io("writing committed blocks home", e)));
+            }
+        }
         {
             let mut m = self.meta.lock();
-            for (addr, img) in &record {
-                if let Err(e) = self.backend.write_at(addr.byte_offset(), img.as_slice()) {
-                    drop(m);
-                    return Err(self.poison(StoreError::io("writing committed blocks home", e)));
-                }
-            }
             let written: Vec<(BlockAddr, u64)> = images.iter().map(|(a, _, v)| (*a, *v)).collect();
             m.mark_clean(&written);
             m.committed = sb_snapshot.clone();
@@ -400,20 +518,15 @@ impl BlockStore {
         // Blocks freed by this commit may be reused once no reader that found them is left.
         let _drain = self.io_gate.write();
         self.meta.lock().committing_free.clear();
-        Ok(CommitInfo { generation, blocks: images.len() })
+        let info = CommitInfo { generation, blocks: images.len() };
+        *self.last_commit.lock() = (index, info);
+        Ok(info)
     }
 
     fn poison(&self, e: StoreError) -> StoreError {
         self.meta.lock().poisoned = true;
         tracing::error!("commit failed, store needs reopening: {e}");
         e
-    }
-
-    /// Throws away every metadata change since the last commit.
-    pub fn abort(&self) {
-        let _serial = self.commit_lock.lock();
-        let mut m = self.meta.lock();
-        m.discard_changes();
     }
 
     fn check_data_range(&self, addr: BlockAddr, offset: usize, len: usize) -> Result<()> {
@@ -457,4 +570,24 @@ impl BlockStore {
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
+}
+
+/// Checks a journal record before it is replayed: its last image is this store's superblock of
+/// the record's generation, and every image's home lies inside the store. Returns that
+/// superblock.
+fn check_record(rec: &journal::Record, sb: &Superblock) -> Result<Superblock> {
+    let (last_addr, last_img) = rec.images.last().ok_or_else(|| StoreError::Damaged("empty journal record".into()))?;
+    let rec_sb = Superblock::decode(last_img, *last_addr)?;
+    if rec_sb.generation != rec.generation || rec_sb.uuid != sb.uuid {
+        return Err(StoreError::Damaged(format!(
+            "journal record {} does not belong to this store's superblock",
+            rec.generation
+        )));
+    }
+    for (addr, _) in &rec.images {
+        if addr.0 >= 2 && addr.0 < rec_sb.groups_start || addr.0 >= rec_sb.end_block() {
+            return Err(StoreError::Damaged(format!("journal record names block {addr} outside the store")));
+        }
+    }
+    Ok(rec_sb)
 }

@@ -3,12 +3,16 @@
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use crate::format::{FORMAT_VERSION, GROUP_BLOCKS, SUPERBLOCK_MAGIC, SuperblockDisk, USER_ROOTS, block_crc};
+use crate::format::{
+    FORMAT_VERSION, GROUP_BLOCKS, OLDEST_FORMAT_VERSION, SUPERBLOCK_MAGIC, SuperblockDisk, USER_ROOTS, block_crc,
+};
 use crate::{BLOCK_SIZE, Block, BlockAddr, StoreError};
 
 /// The store's root state: geometry, allocator state and the upper layer's roots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// Format version the copy was written with (a new copy is always [`FORMAT_VERSION`]).
+    pub version: u32,
     /// Commit generation.
     pub generation: u64,
     /// Identity of the store.
@@ -84,7 +88,7 @@ impl Superblock {
                 d.checksum.get()
             )));
         }
-        if d.version.get() != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&d.version.get()) {
             return Err(StoreError::UnsupportedVersion { found: d.version.get(), supported: FORMAT_VERSION });
         }
         if d.block_size.get() != BLOCK_SIZE as u32 || d.group_blocks.get() != GROUP_BLOCKS {
@@ -95,6 +99,7 @@ impl Superblock {
             )));
         }
         let sb = Superblock {
+            version: d.version.get(),
             generation: d.generation.get(),
             uuid: d.uuid,
             journal_start: d.journal_start.get(),

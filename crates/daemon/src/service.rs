@@ -32,6 +32,9 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
         tracing::info!("replayed journal record {g} ({} blocks)", store.recovery().blocks_replayed);
     }
     let reg = Registry::open(Arc::new(store)).context("loading the VDI registry")?;
+    // Deleted VDIs and snapshots are freed in bounded steps while the guests' I/O goes on;
+    // a delete interrupted by a stop or a crash resumes here.
+    let _reclaimer = reg.start_reclaimer();
     let mut damaged = HashMap::new();
     for (id, e) in reg.damaged_vdis() {
         tracing::error!("VDI {id} is damaged and will not be served: {e}");

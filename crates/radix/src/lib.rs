@@ -7,13 +7,21 @@
 //! copied before any change. Reference counts live in the block store and are propagated lazily:
 //! copying a shared node adds one reference to each of its children.
 //!
-//! Every function takes the store's locked metadata ([`blockstore::Meta`]); data blocks are
-//! read and written by the caller.
+//! Every function takes the store's metadata ([`blockstore::Meta`]: a [`blockstore::Transaction`]
+//! for changes, the locked metadata for reads); data blocks are read and written by the caller.
+//! Trees of any size are deleted in bounded steps through the persistent release queue
+//! ([`defer_release`], [`reclaim_step`]).
 
 mod node;
+mod reclaim;
 mod tree;
 
 pub use node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
+pub use reclaim::{
+    QUEUE_ENTRIES, QUEUE_KIND, QUEUE_LEN_SLOT, QUEUE_MAGIC, QUEUE_SLOT, QueueItem, Queued, Reclaimed, defer_node,
+    defer_release, defer_release_block, queue_len, reclaim_step, visit_queue,
+};
 pub use tree::{
     MAX_BLOCKS, Mapping, Run, Visit, create, diff, fork, lookup, map, mapped_runs, release, unmap, visit_nodes,
+    visit_nodes_from, visit_writable,
 };

@@ -118,6 +118,14 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
         return Ok(n);
     }
     if e.writable {
+        // Invariant: a writable entry on a private path names a block this tree alone owns.
+        let count = meta.refcount(e.addr)?;
+        if count != 1 {
+            return Err(StoreError::Damaged(format!(
+                "writable entry {i} of node {parent} names node {} whose reference count is {count}, not 1",
+                e.addr
+            )));
+        }
         return Ok(e.addr);
     }
     if meta.refcount(e.addr)? == 1 {
@@ -158,12 +166,19 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
 /// has been dropped (it may now be free).
 pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Result<Option<BlockAddr>> {
     check_vblock(vblock)?;
+    // Invariant: a block being mapped is allocated to the caller and was not freed meanwhile.
+    if meta.refcount(addr)? != 1 || meta.is_pending_free(addr) {
+        return Err(StoreError::Damaged(format!("mapping block {addr}, which is not a freshly allocated block")));
+    }
     let mut node = root;
     for level in (1..LEVELS).rev() {
         node = make_child_private(meta, node, level, index(vblock, level))?;
     }
     let i = index(vblock, 0);
     let old = entry_at(meta, node, 0, i)?;
+    if old.writable && meta.refcount(old.addr)? != 1 {
+        return Err(StoreError::Damaged(format!("writable leaf entry names shared data block {}", old.addr)));
+    }
     set_entry(meta, node, i, Entry { addr, writable: true })?;
     if old.is_empty() {
         Ok(None)
@@ -178,8 +193,10 @@ fn release_data(meta: &mut Meta, addr: BlockAddr) -> Result<u64> {
     Ok(u64::from(meta.decref(addr)? == 0))
 }
 
-/// Drops one reference to the tree at `root` and frees every block only it referenced.
-/// Time is proportional to what the tree alone owned. Returns the blocks freed.
+/// Drops one reference to the tree at `root` and frees every block only it referenced, in one
+/// transaction. Time and metadata changed are proportional to what the tree alone owned, so
+/// this is for small trees; [`crate::defer_release`] releases a tree of any size in bounded
+/// steps. Returns the blocks freed.
 pub fn release(meta: &mut Meta, root: BlockAddr) -> Result<u64> {
     release_node(meta, root, LEVELS - 1)
 }
@@ -220,8 +237,8 @@ pub fn fork(meta: &mut Meta, root: BlockAddr) -> Result<BlockAddr> {
     Ok(copy)
 }
 
-/// Unmaps every virtual block in `[start, end)`. Whole shared subtrees are dropped without
-/// being copied. Returns the store blocks freed (data and nodes).
+/// Unmaps every virtual block in `[start, end)`. Subtrees wholly inside the range are handed to
+/// the release queue without being read or copied. Returns the data blocks freed at once.
 pub fn unmap(meta: &mut Meta, root: BlockAddr, start: u64, end: u64) -> Result<u64> {
     let end = end.min(MAX_BLOCKS);
     if start >= end {
@@ -242,9 +259,14 @@ fn unmap_in(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64,
         }
         let cbase = base + i as u64 * s;
         let whole = start <= cbase && cbase + s <= end;
-        if whole || level == 0 {
+        if level == 0 {
             set_entry(meta, node, i, Entry::EMPTY)?;
-            freed += if level == 0 { release_data(meta, e.addr)? } else { release_node(meta, e.addr, level - 1)? };
+            freed += release_data(meta, e.addr)?;
+        } else if whole {
+            // A whole subtree goes to the release queue: a discard of any length changes a
+            // bounded number of blocks now, and the subtree is freed in bounded steps later.
+            set_entry(meta, node, i, Entry::EMPTY)?;
+            crate::reclaim::defer_node(meta, e.addr, level - 1)?;
         } else {
             if !any_mapped(meta, e.addr, level - 1, cbase, start, end)? {
                 continue;
@@ -385,12 +407,38 @@ pub fn visit_nodes(meta: &mut Meta, root: BlockAddr, f: &mut dyn FnMut(Visit) ->
     visit(meta, root, LEVELS - 1, f)
 }
 
+/// Walks the children of node `addr` (at `level`) from entry `from` on, as [`visit_nodes`]
+/// does below a node; the node itself is not reported. For a node the release queue has half
+/// released.
+pub fn visit_nodes_from(
+    meta: &mut Meta,
+    addr: BlockAddr,
+    level: u32,
+    from: usize,
+    f: &mut dyn FnMut(Visit) -> bool,
+) -> Result<()> {
+    visit_children(meta, addr, level, from, f)
+}
+
 fn visit(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(Visit) -> bool) -> Result<()> {
     if !f(Visit::Node { addr, level }) {
         return Ok(());
     }
+    visit_children(meta, addr, level, 0, f)
+}
+
+fn visit_children(
+    meta: &mut Meta,
+    addr: BlockAddr,
+    level: u32,
+    from: usize,
+    f: &mut dyn FnMut(Visit) -> bool,
+) -> Result<()> {
+    if level >= LEVELS {
+        return Err(StoreError::Damaged(format!("node {addr} queued with level {level}")));
+    }
     let n = read_node(meta, addr, level)?;
-    for i in 0..ENTRIES {
+    for i in from..ENTRIES {
         let e = Node::entry(&n, i);
         if e.is_empty() {
             continue;
@@ -399,6 +447,27 @@ fn visit(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(Visit) 
             f(Visit::Data { addr: e.addr });
         } else {
             visit(meta, e.addr, level - 1, f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` for every node and data block reached from `root` through writable entries only:
+/// the blocks written in place, which must each have reference count 1.
+pub fn visit_writable(meta: &mut Meta, root: BlockAddr, f: &mut dyn FnMut(BlockAddr)) -> Result<()> {
+    visit_writable_in(meta, root, LEVELS - 1, f)
+}
+
+fn visit_writable_in(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(BlockAddr)) -> Result<()> {
+    let n = read_node(meta, addr, level)?;
+    for i in 0..ENTRIES {
+        let e = Node::entry(&n, i);
+        if e.is_empty() || !e.writable {
+            continue;
+        }
+        f(e.addr);
+        if level > 0 {
+            visit_writable_in(meta, e.addr, level - 1, f)?;
         }
     }
     Ok(())

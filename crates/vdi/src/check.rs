@@ -42,6 +42,16 @@ pub enum Problem {
         /// Count stored.
         stored: u32,
     },
+    /// A block reached from a live VDI through writable entries only — so written in place —
+    /// is shared: its writes would show in another tree.
+    SharedWritable {
+        /// The block.
+        block: u64,
+        /// Its reference count (should be 1).
+        count: u32,
+        /// The VDI.
+        vdi: u32,
+    },
     /// The superblock's count of allocated blocks is wrong.
     AllocatedCount {
         /// Count in the superblock.
@@ -64,6 +74,10 @@ impl std::fmt::Display for Problem {
             Problem::Leaked { block, stored } => {
                 write!(f, "block {block}: marked in use (count {stored}) but nothing references it (leaked)")
             }
+            Problem::SharedWritable { block, count, vdi } => write!(
+                f,
+                "block {block}: VDI {vdi} reaches it through writable entries (written in place) but its reference count is {count}, not 1"
+            ),
             Problem::AllocatedCount { stored, found } => {
                 write!(f, "superblock says {stored} blocks are allocated, the counts say {found}")
             }
@@ -82,6 +96,8 @@ pub struct CheckReport {
     pub nodes: u64,
     /// Distinct data blocks referenced.
     pub data_blocks: u64,
+    /// Entries in the release queue (deleted trees not yet freed).
+    pub pending_reclaim: u64,
     /// Problems found, in words.
     pub problems: Vec<Problem>,
     /// Problems repaired (with `repair`).
@@ -145,6 +161,65 @@ impl Registry {
                     roots.push((format!("snapshot {sid} of VDI {}", s.vdi), s.root));
                 }
             }
+            // The release queue holds one reference per queue block and per entry; a node it has
+            // begun to release still references its children from the cursor on.
+            let mut queued: Vec<(BlockAddr, u32, usize)> = Vec::new();
+            let q = radix::visit_queue(&mut meta, &mut |item| match item {
+                radix::QueueItem::QueueBlock(a) | radix::QueueItem::Entry(radix::Queued::Block(a)) => {
+                    *found.entry(a.0).or_default() += 1;
+                }
+                radix::QueueItem::Entry(radix::Queued::Node { addr, level, cursor }) => {
+                    *found.entry(addr.0).or_default() += 1;
+                    queued.push((addr, level, cursor));
+                }
+            });
+            if let Err(e) = q {
+                readable = false;
+                report.problems.push(Problem::Damaged { context: "release queue".into(), detail: e.to_string() });
+            }
+            report.pending_reclaim = radix::queue_len(&meta);
+            for (addr, level, cursor) in queued {
+                if cursor == 0 && !seen_nodes.insert(addr.0) {
+                    continue;
+                }
+                seen_nodes.insert(addr.0);
+                let mut data: Vec<u64> = Vec::new();
+                let walked = radix::visit_nodes_from(&mut meta, addr, level, cursor, &mut |v| match v {
+                    Visit::Node { addr, .. } => {
+                        *found.entry(addr.0).or_default() += 1;
+                        seen_nodes.insert(addr.0)
+                    }
+                    Visit::Data { addr } => {
+                        data.push(addr.0);
+                        true
+                    }
+                });
+                for d in data {
+                    *found.entry(d).or_default() += 1;
+                }
+                if let Err(e) = walked {
+                    readable = false;
+                    report.problems.push(Problem::Damaged {
+                        context: format!("queued release of node {addr}"),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+            let mut writable_paths: Vec<(VdiId, BlockAddr)> = Vec::new();
+            for (id, v) in &state.vdis {
+                writable_paths.push((*id, BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire))));
+            }
+            for (id, root) in writable_paths {
+                let mut private: Vec<u64> = Vec::new();
+                if radix::visit_writable(&mut meta, root, &mut |a| private.push(a.0)).is_ok() {
+                    for a in private {
+                        let count = meta.refcount(BlockAddr(a)).unwrap_or(0);
+                        if count != 1 {
+                            report.problems.push(Problem::SharedWritable { block: a, count, vdi: id.0 });
+                        }
+                    }
+                }
+            }
             for (what, root) in roots {
                 let mut data: Vec<u64> = Vec::new();
                 let walked = radix::visit_nodes(&mut meta, root, &mut |v| match v {
@@ -199,11 +274,13 @@ impl Registry {
         }
         let unallocated = report.problems.iter().any(|p| matches!(p, Problem::Unallocated { .. }));
         if repair && readable && !unallocated && !fixes.is_empty() {
-            for (a, n) in &fixes {
-                meta.set_refcount(*a, *n)?;
-            }
-            report.repaired = fixes.len();
             drop(meta);
+            let mut txn = self.store.begin()?;
+            for (a, n) in &fixes {
+                txn.set_refcount(*a, *n)?;
+            }
+            txn.finish()?;
+            report.repaired = fixes.len();
             self.store.commit()?;
         }
         Ok(report)

@@ -120,7 +120,7 @@ impl Registry {
                     v.live.size.store(new_size, Ordering::Release);
                     v.pending_root = BlockAddr::NONE;
                     write_record(meta, id, v)?;
-                    radix::release(meta, old)?;
+                    radix::defer_release(meta, old)?;
                     Ok(())
                 })?;
                 Ok(stats)
@@ -130,7 +130,7 @@ impl Registry {
                 let cleanup = self.transact(|st, meta| {
                     let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
                     if !v.pending_root.is_none() {
-                        radix::release(meta, v.pending_root)?;
+                        radix::defer_release(meta, v.pending_root)?;
                         v.pending_root = BlockAddr::NONE;
                         write_record(meta, id, v)?;
                     }
@@ -209,17 +209,13 @@ impl Registry {
             }
             // Blocks i..end are data: allocate and write them in as few runs as possible.
             while i < end {
-                let (addr, got) = store.lock().alloc_run((end - i) as u64)?;
+                let (addr, got) = crate::io::alloc_run(store, (end - i) as u64)?;
                 let got = got as usize;
-                let written = store.write_data(addr, 0, &chunk[i * BLOCK_SIZE..(i + got) * BLOCK_SIZE]);
-                let mut meta = store.lock();
-                if let Err(e) = written {
-                    for j in 0..got {
-                        meta.decref(BlockAddr(addr.0 + j as u64))?;
-                    }
+                if let Err(e) = store.write_data(addr, 0, &chunk[i * BLOCK_SIZE..(i + got) * BLOCK_SIZE]) {
+                    crate::io::free_run(store, addr, got as u64)?;
                     return Err(e.into());
                 }
-                crate::io::map_run(&mut meta, tree, (0..got).map(|j| first + (i + j) as u64), addr)?;
+                crate::io::map_run(store, tree, (0..got).map(|j| first + (i + j) as u64), addr)?;
                 stats.blocks_written += got as u64;
                 i += got;
             }

@@ -106,22 +106,45 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
     Ok(out)
 }
 
-/// Maps virtual blocks `vblocks` to the consecutive new blocks starting at `first`. If mapping
-/// fails part way, the blocks not yet mapped are freed again.
+/// Allocates up to `want` consecutive blocks (at least one), in a transaction of its own.
+pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64)> {
+    let mut txn = store.begin()?;
+    let run = txn.alloc_run(want)?;
+    txn.finish()?;
+    Ok(run)
+}
+
+/// Frees `n` blocks from `first` that were allocated but never mapped.
+pub(crate) fn free_run(store: &BlockStore, first: BlockAddr, n: u64) -> Result<()> {
+    let mut txn = store.begin()?;
+    for k in 0..n {
+        txn.decref(BlockAddr(first.0 + k))?;
+    }
+    txn.finish()?;
+    Ok(())
+}
+
+/// Maps virtual blocks `vblocks` to the consecutive new blocks starting at `first`, in one
+/// transaction: all or nothing. If mapping fails, the transaction rolls back only its own
+/// changes and the blocks are freed again.
 pub(crate) fn map_run(
-    meta: &mut blockstore::Meta,
+    store: &BlockStore,
     root: BlockAddr,
     vblocks: impl ExactSizeIterator<Item = u64>,
     first: BlockAddr,
 ) -> Result<()> {
     let n = vblocks.len() as u64;
-    for (k, vb) in vblocks.enumerate() {
-        if let Err(e) = radix::map(meta, root, vb, BlockAddr(first.0 + k as u64)) {
-            for j in k as u64..n {
-                meta.decref(BlockAddr(first.0 + j))?;
-            }
-            return Err(e.into());
+    let mapped = (|| -> Result<()> {
+        let mut txn = store.begin()?;
+        for (k, vb) in vblocks.enumerate() {
+            radix::map(&mut txn, root, vb, BlockAddr(first.0 + k as u64))?;
         }
+        txn.finish()?;
+        Ok(())
+    })();
+    if let Err(e) = mapped {
+        free_run(store, first, n)?;
+        return Err(e);
     }
     Ok(())
 }
@@ -146,16 +169,18 @@ impl Registry {
     /// Opens VDI `id` for I/O. At most one writable handle exists per VDI at a time; a second
     /// gets [`VdiError::Busy`]. Read-only handles may be opened alongside.
     pub fn open_vdi(self: &Arc<Self>, id: VdiId, writable: bool) -> Result<VdiDisk> {
-        let live = self.state.lock().vdi(id)?.live.clone();
-        if writable {
-            if self.store.lock().is_read_only() {
-                return Err(VdiError::Store(blockstore::StoreError::ReadOnly));
-            }
-            if live.writer.swap(true, Ordering::AcqRel) {
-                return Err(VdiError::Busy(id));
-            }
+        if writable && self.store.lock().is_read_only() {
+            return Err(VdiError::Store(blockstore::StoreError::ReadOnly));
+        }
+        // The open count changes under the registry lock, where delete checks it: a handle can
+        // never outlive its VDI.
+        let st = self.state.lock();
+        let live = st.vdi(id)?.live.clone();
+        if writable && live.writer.swap(true, Ordering::AcqRel) {
+            return Err(VdiError::Busy(id));
         }
         live.open.fetch_add(1, Ordering::AcqRel);
+        drop(st);
         Ok(VdiDisk { reg: self.clone(), live, writable })
     }
 
@@ -270,7 +295,7 @@ impl VdiDisk {
             {
                 j += 1;
             }
-            let (first, got) = store.lock().alloc_run((j - i) as u64)?;
+            let (first, got) = alloc_run(store, (j - i) as u64)?;
             let n = got as usize;
             let mut buf = vec![0u8; n * BLOCK_SIZE];
             for k in 0..n {
@@ -283,15 +308,11 @@ impl VdiDisk {
                 }
                 block[p.at..p.at + p.len].copy_from_slice(&data[p.buf..p.buf + p.len]);
             }
-            let written = store.write_data(first, 0, &buf);
-            let mut meta = store.lock();
-            if let Err(e) = written {
-                for k in 0..got {
-                    meta.decref(BlockAddr(first.0 + k))?;
-                }
+            if let Err(e) = store.write_data(first, 0, &buf) {
+                free_run(store, first, got)?;
                 return Err(e.into());
             }
-            map_run(&mut meta, root, list[i..i + n].iter().map(|p| p.vblock), first)?;
+            map_run(store, root, list[i..i + n].iter().map(|p| p.vblock), first)?;
             i += n;
         }
         Ok(())
@@ -316,8 +337,9 @@ impl VdiDisk {
         }
         self.zero_if_mapped(offset, first_whole * BS - offset)?;
         self.zero_if_mapped(end_whole * BS, end - end_whole * BS)?;
-        let mut meta = self.store().lock();
-        radix::unmap(&mut meta, self.root(), first_whole, end_whole)?;
+        let mut txn = self.store().begin()?;
+        radix::unmap(&mut txn, self.root(), first_whole, end_whole)?;
+        txn.finish()?;
         Ok(())
     }
 
@@ -377,6 +399,7 @@ impl BlockDevice for VdiDisk {
             let _io = self.live.io.write();
             self.discard_locked(offset, len)?;
         }
+        self.reg.reclaim.wake_if_queued(self.store());
         self.commit_if_large()?;
         Ok(())
     }

@@ -21,6 +21,7 @@ mod error;
 mod ids;
 mod import;
 mod io;
+mod reclaim;
 mod registry;
 
 pub use check::{CheckReport, Problem};
@@ -28,4 +29,5 @@ pub use error::{Result, VdiError};
 pub use ids::{SnapshotId, VdiId};
 pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};
+pub use reclaim::{ReclaimStats, Reclaimer};
 pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};

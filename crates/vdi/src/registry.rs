@@ -112,6 +112,7 @@ pub(crate) struct State {
 pub struct Registry {
     pub(crate) store: Arc<BlockStore>,
     pub(crate) state: Mutex<State>,
+    pub(crate) reclaim: Arc<crate::reclaim::Signal>,
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -181,7 +182,7 @@ impl Registry {
             let mut meta = store.lock();
             load_state(&mut meta)?
         };
-        let reg = Arc::new(Registry { store, state: Mutex::new(state) });
+        let reg = Arc::new(Registry { store, state: Mutex::new(state), reclaim: Arc::default() });
         reg.drop_interrupted_imports()?;
         Ok(reg)
     }
@@ -199,52 +200,50 @@ impl Registry {
         }
         for id in pending {
             tracing::warn!("VDI {id}: an import was interrupted; dropping what it had written");
-            let mut meta = self.store.lock();
+            let mut txn = self.store.begin()?;
             let v = st.vdis.get_mut(&id).ok_or_else(|| damaged("vdi vanished"))?;
-            radix::release(&mut meta, v.pending_root)?;
-            v.pending_root = BlockAddr::NONE;
-            write_record(&mut meta, id, v)?;
+            radix::defer_release(&mut txn, v.pending_root)?;
+            let pending = std::mem::replace(&mut v.pending_root, BlockAddr::NONE);
+            if let Err(e) = write_record(&mut txn, id, v).and_then(|_| Ok(txn.finish()?)) {
+                v.pending_root = pending;
+                return Err(e);
+            }
         }
         drop(st);
         self.store.commit()?;
         Ok(())
     }
 
-    /// Runs `f` on the locked state and metadata; commits if it succeeded, rolls the metadata
-    /// back if it failed. For whole-registry operations only, never on the I/O path.
+    /// Runs `f` on the locked registry state in one store transaction and commits it. If `f`
+    /// fails, exactly its own changes are rolled back — while the locks are still held, so no
+    /// other VDI's concurrent writes are touched — and the in-memory registry is reloaded.
+    /// Every operation is bounded (large releases go to the release queue), so a transaction
+    /// never outgrows the journal. For registry operations only, never on the I/O path.
     pub(crate) fn transact<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
-        let mut attempts = 0;
-        let (out, clean_start) = loop {
-            let mut st = self.state.lock();
-            let mut meta = self.store.lock();
-            // Start from a committed state when we can, so a failure can be rolled back without
-            // touching anyone else's changes.
-            if meta.has_changes() && attempts < 3 && !meta.is_read_only() {
-                attempts += 1;
-                drop(meta);
-                drop(st);
-                self.store.commit()?;
-                continue;
-            }
-            let clean_start = !meta.has_changes();
-            break (f(&mut st, &mut meta), clean_start);
-        };
+        // Start with room in the journal for this operation.
+        if self.store.lock().should_commit() {
+            self.store.commit()?;
+        }
+        let mut st = self.state.lock();
+        let mut txn = self.store.begin()?;
+        let out = f(&mut st, &mut txn).and_then(|v| {
+            txn.finish()?;
+            Ok(v)
+        });
         match out {
             Ok(v) => {
+                drop(st);
                 self.store.commit()?;
+                self.reclaim.wake_if_queued(&self.store);
                 Ok(v)
             }
-            Err(e) if clean_start => {
-                // Roll back this operation's metadata and reload the in-memory registry.
-                self.store.abort();
-                let mut st = self.state.lock();
+            Err(e) => {
+                // The transaction was rolled back when it was dropped; bring the in-memory
+                // registry back in line with the metadata (still under the registry lock).
                 let mut meta = self.store.lock();
                 let fresh = load_state(&mut meta)?;
+                drop(meta);
                 carry_live_handles(&mut st, fresh);
-                Err(e)
-            }
-            Err(e) => {
-                tracing::error!("operation failed midway while other changes were pending: {e}; run `vdi check`");
                 Err(e)
             }
         }
@@ -370,26 +369,29 @@ impl Registry {
         st.snaps.get(&sid).map(|s| snap_info(sid, s)).ok_or(VdiError::UnknownSnapshot(sid))
     }
 
-    /// Deletes a snapshot, freeing the blocks only it held. VDIs cloned from it keep working.
-    pub fn delete_snapshot(&self, sid: SnapshotId) -> Result<u64> {
+    /// Deletes a snapshot. VDIs cloned from it keep working. Its tree goes to the release
+    /// queue and the call returns at once, whatever the snapshot's size: the blocks only it
+    /// held are freed by [`Registry::reclaim_step`] (or the background reclaimer).
+    pub fn delete_snapshot(&self, sid: SnapshotId) -> Result<()> {
         self.transact(|st, meta| {
             let s = st.snap(sid)?;
             if s.open.load(Ordering::Acquire) > 0 {
                 return Err(VdiError::InUse(format!("snapshot {sid}")));
             }
             let (root, log_block, slot) = (s.root, s.log_block, s.slot);
-            let freed = radix::release(meta, root)?;
+            radix::defer_release(meta, root)?;
             mark_snap_deleted(meta, log_block, slot)?;
             if let Some(s) = st.snaps.get_mut(&sid) {
                 s.deleted = true;
             }
-            Ok(freed)
+            Ok(())
         })
     }
 
-    /// Deletes a VDI and all its snapshots, freeing the blocks nothing else references.
-    /// Returns the blocks freed.
-    pub fn delete_vdi(&self, id: VdiId) -> Result<u64> {
+    /// Deletes a VDI and all its snapshots. Like [`Registry::delete_snapshot`] it returns at
+    /// once: its trees, records and logs go to the release queue, from which the blocks
+    /// nothing else references are freed in bounded steps.
+    pub fn delete_vdi(&self, id: VdiId) -> Result<()> {
         self.transact(|st, meta| {
             let v = st.vdi(id)?;
             if v.live.open.load(Ordering::Acquire) > 0 {
@@ -400,24 +402,24 @@ impl Registry {
                 return Err(VdiError::InUse(format!("a snapshot of VDI {id}")));
             }
             let v = st.vdis.remove(&id).ok_or_else(|| damaged("vdi vanished"))?;
-            let mut freed = radix::release(meta, BlockAddr(v.live.root.load(Ordering::Acquire)))?;
+            radix::defer_release(meta, BlockAddr(v.live.root.load(Ordering::Acquire)))?;
             if !v.pending_root.is_none() {
-                freed += radix::release(meta, v.pending_root)?;
+                radix::defer_release(meta, v.pending_root)?;
             }
             let sids: Vec<SnapshotId> = st.snaps.iter().filter(|(_, s)| s.vdi == id).map(|(k, _)| *k).collect();
             for sid in sids {
                 if let Some(s) = st.snaps.remove(&sid)
                     && !s.deleted
                 {
-                    freed += radix::release(meta, s.root)?;
+                    radix::defer_release(meta, s.root)?;
                 }
             }
             for b in &v.log {
-                freed += u64::from(meta.decref(*b)? == 0);
+                radix::defer_release_block(meta, *b)?;
             }
-            freed += u64::from(meta.decref(v.record)? == 0);
+            radix::defer_release_block(meta, v.record)?;
             set_registry_slot(st, meta, id, BlockAddr::NONE)?;
-            Ok(freed)
+            Ok(())
         })
     }
 

@@ -340,7 +340,9 @@ fn damage_to_any_metadata_block_is_reported_never_silent() {
     }
     eprintln!("damage cases: {tried} tried, {noticed} reported, the rest proven harmless");
     assert!(tried > 20, "tried {tried}");
-    assert!(noticed * 2 >= tried, "noticed {noticed} of {tried}");
+    // Recovery replays both journal records (format 2), so damage to any block either record
+    // holds is repaired, not reported; every unreported case was read back exactly above.
+    assert!(noticed * 4 >= tried, "noticed {noticed} of {tried}");
 }
 
 #[test]

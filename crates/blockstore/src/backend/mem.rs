@@ -29,14 +29,43 @@ pub enum CrashMode {
     },
 }
 
+/// One change to the medium that a power cut may lose.
+enum Unsynced {
+    /// A write of bytes at an offset.
+    Write(u64, Vec<u8>),
+    /// Growth of the medium to a length (`ftruncate`): lost too unless synced.
+    Extend(u64),
+}
+
+impl Unsynced {
+    /// Applies the change, or its first `keep` bytes, to a durable image.
+    fn apply(&self, image: &mut Vec<u8>, keep: usize) {
+        match self {
+            Unsynced::Write(off, data) => {
+                let data = &data[..keep.min(data.len())];
+                let end = *off as usize + data.len();
+                if image.len() < end {
+                    image.resize(end, 0);
+                }
+                image[*off as usize..end].copy_from_slice(data);
+            }
+            Unsynced::Extend(len) => {
+                if (image.len() as u64) < *len {
+                    image.resize(*len as usize, 0);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct MemState {
     /// What a reader sees now.
     current: Vec<u8>,
     /// What survives a power cut.
     durable: Vec<u8>,
-    /// Writes since the last sync, in order.
-    unsynced: Vec<(u64, Vec<u8>)>,
+    /// Changes since the last sync, in order.
+    unsynced: Vec<Unsynced>,
 }
 
 /// A store in memory that remembers what was synced, so tests can cut the power.
@@ -57,40 +86,38 @@ impl MemBackend {
         MemBackend { state: Arc::default(), capacity }
     }
 
-    /// Simulates a power cut: unsynced writes are treated as `mode` says.
+    /// A medium holding `image`, all of it durable (a crash state to open, say).
+    pub fn from_image(image: Vec<u8>) -> Self {
+        let state = MemState { current: image.clone(), durable: image, unsynced: Vec::new() };
+        MemBackend { state: Arc::new(Mutex::new(state)), capacity: u64::MAX }
+    }
+
+    /// Simulates a power cut: unsynced writes and size changes are treated as `mode` says.
     pub fn crash(&self, mode: CrashMode) {
         let mut s = self.state.lock();
         let unsynced = std::mem::take(&mut s.unsynced);
         let mut image = s.durable.clone();
-        let apply = |image: &mut Vec<u8>, off: u64, data: &[u8]| {
-            let end = off as usize + data.len();
-            if image.len() < end {
-                image.resize(end, 0);
-            }
-            image[off as usize..end].copy_from_slice(data);
-        };
         match mode {
             CrashMode::DropAll => {}
             CrashMode::Prefix { n, torn_sectors } => {
-                for (i, (off, data)) in unsynced.iter().enumerate() {
+                for (i, change) in unsynced.iter().enumerate() {
                     if i < n {
-                        apply(&mut image, *off, data);
+                        change.apply(&mut image, usize::MAX);
                     } else {
-                        let keep = (torn_sectors * 512).min(data.len());
-                        apply(&mut image, *off, &data[..keep]);
+                        change.apply(&mut image, torn_sectors * 512);
                         break;
                     }
                 }
             }
             CrashMode::Subset { seed } => {
                 let mut x = seed | 1;
-                for (off, data) in &unsynced {
+                for change in &unsynced {
                     // xorshift64: a deterministic coin per write.
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
                     if x & 1 == 1 {
-                        apply(&mut image, *off, data);
+                        change.apply(&mut image, usize::MAX);
                     }
                 }
             }
@@ -152,19 +179,15 @@ impl Backend for MemBackend {
             s.current.resize(end as usize, 0);
         }
         s.current[offset as usize..end as usize].copy_from_slice(data);
-        s.unsynced.push((offset, data.to_vec()));
+        s.unsynced.push(Unsynced::Write(offset, data.to_vec()));
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
         let mut s = self.state.lock();
         let unsynced = std::mem::take(&mut s.unsynced);
-        for (off, data) in unsynced {
-            let end = off as usize + data.len();
-            if s.durable.len() < end {
-                s.durable.resize(end, 0);
-            }
-            s.durable[off as usize..end].copy_from_slice(&data);
+        for change in unsynced {
+            change.apply(&mut s.durable, usize::MAX);
         }
         Ok(())
     }
@@ -173,13 +196,11 @@ impl Backend for MemBackend {
         if len > self.capacity {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        // Like ftruncate: the medium grows with zeros and the new size is durable.
+        // Like ftruncate: the medium grows with zeros; the new size is durable only once synced.
         let mut s = self.state.lock();
         if (s.current.len() as u64) < len {
             s.current.resize(len as usize, 0);
-        }
-        if (s.durable.len() as u64) < len {
-            s.durable.resize(len as usize, 0);
+            s.unsynced.push(Unsynced::Extend(len));
         }
         Ok(())
     }

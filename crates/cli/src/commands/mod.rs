@@ -34,6 +34,16 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// What became of the space a delete released: freed now (the store is open by this
+    /// command alone), or left to the daemon's background reclaimer.
+    pub fn reclaim_after_delete(&mut self) -> Result<String, vdi::VdiError> {
+        if self.reg.has_reclaimer() {
+            return Ok(format!("its space is freed in the background ({} entries queued)", self.reg.pending_reclaim()));
+        }
+        let stats = self.reg.reclaim_all(&mut |_, _| {})?;
+        Ok(format!("freed {}", crate::format::size(stats.freed * blockstore::BLOCK_SIZE as u64, self.exact)))
+    }
+
     /// Writes `text` to the output stream.
     pub fn print(&mut self, text: &str) -> Result<(), Failure> {
         self.out.write_all(text.as_bytes()).map_err(output_error)

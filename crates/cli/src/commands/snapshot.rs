@@ -101,10 +101,8 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
 /// `vdi snap-delete SNAPSHOT`.
 pub fn delete(ctx: &mut Ctx<'_>, text: &str) -> CmdResult {
     let sid = snapshot_ref(ctx.reg, text)?;
-    let freed = ctx.reg.delete_snapshot(sid)?;
-    ctx.print(&format!(
-        "deleted snapshot {sid}; freed {}\n",
-        format::size(freed * blockstore::BLOCK_SIZE as u64, ctx.exact)
-    ))?;
+    ctx.reg.delete_snapshot(sid)?;
+    let space = ctx.reclaim_after_delete()?;
+    ctx.print(&format!("deleted snapshot {sid}; {space}\n"))?;
     Ok(0)
 }

@@ -3,7 +3,6 @@
 use super::{Ctx, live_snapshot, resolve_vdi};
 use crate::args::{CreateArgs, RenameArgs};
 use crate::error::CmdResult;
-use crate::format;
 
 /// `vdi create NAME [--size SIZE | --from SNAPSHOT]`: prints the new VDI's id.
 pub fn create(ctx: &mut Ctx<'_>, a: &CreateArgs) -> CmdResult {
@@ -31,12 +30,8 @@ pub fn rename(ctx: &mut Ctx<'_>, a: &RenameArgs) -> CmdResult {
 pub fn delete(ctx: &mut Ctx<'_>, name: &str) -> CmdResult {
     let id = resolve_vdi(ctx.reg, name)?;
     let info = ctx.reg.info(id)?;
-    let freed = ctx.reg.delete_vdi(id)?;
-    ctx.print(&format!(
-        "deleted VDI {id} ('{}') and its {} snapshot(s); freed {}\n",
-        info.name,
-        info.snapshots,
-        format::size(freed * blockstore::BLOCK_SIZE as u64, ctx.exact)
-    ))?;
+    ctx.reg.delete_vdi(id)?;
+    let space = ctx.reclaim_after_delete()?;
+    ctx.print(&format!("deleted VDI {id} ('{}') and its {} snapshot(s); {space}\n", info.name, info.snapshots))?;
     Ok(0)
 }

@@ -1,0 +1,176 @@
+//! Freeing deleted VDIs, snapshots and discarded ranges in bounded steps.
+//!
+//! Deletes only queue their trees (see `radix::defer_release`); the work of freeing them is
+//! done here, one short transaction at a time, so no single operation — however large — holds
+//! the metadata for long or outgrows the journal, and the other VMs' I/O goes on between steps.
+//! The queue is persistent: a crash or restart in the middle resumes where the last commit was.
+
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use blockstore::BlockStore;
+use parking_lot::{Condvar, Mutex};
+
+use crate::Result;
+use crate::registry::Registry;
+
+/// Metadata blocks one reclaim transaction may change: small, so the metadata lock is held
+/// briefly and the step fits the smallest journal.
+const STEP_BLOCKS: usize = 48;
+
+/// Wakes the background reclaimer when something is queued, and tells it to stop.
+#[derive(Default)]
+pub(crate) struct Signal {
+    state: Mutex<SignalState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct SignalState {
+    work: bool,
+    stop: bool,
+    running: bool,
+}
+
+impl Signal {
+    /// Wakes the reclaimer if the release queue holds anything.
+    pub(crate) fn wake_if_queued(&self, store: &BlockStore) {
+        if radix::queue_len(&store.lock()) > 0 {
+            self.state.lock().work = true;
+            self.wake.notify_all();
+        }
+    }
+
+    /// Waits until there is work or a stop request; true means stop.
+    fn wait(&self) -> bool {
+        let mut s = self.state.lock();
+        while !s.work && !s.stop {
+            self.wake.wait(&mut s);
+        }
+        s.work = false;
+        s.stop
+    }
+
+    fn stop(&self) {
+        let mut s = self.state.lock();
+        s.stop = true;
+        s.running = false;
+        drop(s);
+        self.wake.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        self.state.lock().stop
+    }
+}
+
+/// What reclaiming did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimStats {
+    /// Blocks freed.
+    pub freed: u64,
+    /// Entries still in the release queue.
+    pub remaining: u64,
+}
+
+impl Registry {
+    /// True while a background reclaimer ([`Registry::start_reclaimer`]) runs.
+    pub fn has_reclaimer(&self) -> bool {
+        self.reclaim.state.lock().running
+    }
+
+    /// Entries in the release queue: deleted trees and blocks not yet freed (`vdi info`).
+    pub fn pending_reclaim(&self) -> u64 {
+        radix::queue_len(&self.store.lock())
+    }
+
+    /// Frees one bounded step's worth of the release queue, in one transaction. The step is
+    /// durable at the next commit; `reclaim_all` and the background reclaimer commit as they go.
+    pub fn reclaim_step(&self) -> Result<ReclaimStats> {
+        let mut txn = self.store.begin()?;
+        let r = radix::reclaim_step(&mut txn, STEP_BLOCKS)?;
+        txn.finish()?;
+        Ok(ReclaimStats { freed: r.freed, remaining: r.remaining })
+    }
+
+    /// Empties the release queue, committing whenever half the journal is used and at the end.
+    /// `progress(freed, remaining)` is called after every step.
+    pub fn reclaim_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReclaimStats> {
+        let mut total = ReclaimStats { freed: 0, remaining: self.pending_reclaim() };
+        while total.remaining > 0 {
+            let step = self.reclaim_step()?;
+            total.freed += step.freed;
+            total.remaining = step.remaining;
+            progress(total.freed, total.remaining);
+            if self.store.lock().should_commit() {
+                self.store.commit()?;
+            }
+        }
+        self.store.commit()?;
+        Ok(total)
+    }
+
+    /// Starts a thread that empties the release queue whenever something is queued, in
+    /// bounded steps between which other I/O proceeds. It stops when the handle is dropped.
+    pub fn start_reclaimer(self: &Arc<Self>) -> Reclaimer {
+        let signal = self.reclaim.clone();
+        {
+            let mut s = signal.state.lock();
+            s.running = true;
+            s.stop = false;
+        }
+        let weak = Arc::downgrade(self);
+        let thread =
+            std::thread::Builder::new().name("reclaim".into()).spawn(move || reclaimer_loop(&weak, &signal)).ok();
+        // Anything queued before this start (a restart in the middle of a delete) is resumed.
+        self.reclaim.wake_if_queued(&self.store);
+        Reclaimer { signal: self.reclaim.clone(), thread }
+    }
+}
+
+fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
+    while !signal.wait() {
+        loop {
+            let Some(reg) = reg.upgrade() else { return };
+            if signal.stopping() {
+                return;
+            }
+            let done = match reg.reclaim_step() {
+                Ok(step) => {
+                    let commit = step.remaining == 0 || reg.store.lock().should_commit();
+                    if commit && let Err(e) = reg.store.commit() {
+                        tracing::error!("reclaim: commit failed: {e}");
+                        return;
+                    }
+                    if step.freed > 0 || step.remaining == 0 {
+                        tracing::debug!("reclaim: freed {} blocks, {} entries left", step.freed, step.remaining);
+                    }
+                    step.remaining == 0
+                }
+                Err(e) => {
+                    tracing::error!("reclaim stopped: {e}; the queue is kept and retried at the next start");
+                    return;
+                }
+            };
+            if done {
+                break;
+            }
+        }
+    }
+}
+
+/// The background reclaimer of a registry ([`Registry::start_reclaimer`]); dropping it stops
+/// the thread (the queue is kept, and the next start resumes it).
+pub struct Reclaimer {
+    signal: Arc<Signal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Reclaimer {
+    fn drop(&mut self) {
+        self.signal.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
