@@ -223,6 +223,9 @@ impl BlockStore {
                 .write_at((2 + s * slot) * BLOCK_SIZE as u64, &zero)
                 .map_err(|e| StoreError::io("clearing the journal", e))?;
         }
+        // The journal and the store's length are durable before a superblock names them, so
+        // a power cut during creation leaves either no store or a whole one.
+        backend.sync().map_err(|e| StoreError::io("syncing the new store's journal", e))?;
         for copy in 0..2u32 {
             backend
                 .write_at(copy as u64 * BLOCK_SIZE as u64, sb.encode(copy).as_slice())
