@@ -85,6 +85,15 @@ fn run_parsed(
             Ctx { reg, out: &mut out, err: stderr, err_is_terminal: stderr_is_terminal, term_width, exact: cli.bytes };
         commands::run(&mut ctx, cli)
     };
+    // Run by itself (no parallaxd with its background reclaimer), a command frees what it
+    // queued for release — a failed or replaced import's tree, say — before it exits.
+    if !reg.has_reclaimer()
+        && !reg.store().lock().is_read_only()
+        && reg.pending_reclaim() > 0
+        && let Err(e) = reg.reclaim_all(&mut |_, _| {})
+    {
+        let _ = writeln!(stderr, "vdi: warning: freeing deleted space: {e} (it is retried next time)");
+    }
     let flushed = out.flush().map_err(commands::output_error);
     match result.and_then(|code| flushed.map(|_| code)) {
         Ok(code) => code,
