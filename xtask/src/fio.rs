@@ -29,6 +29,8 @@ pub struct Workload {
     pub iodepth: u32,
     /// Which side of fio's report to read.
     pub dir: Dir,
+    /// fio `--fsync=`: an NBD FLUSH after every this many writes (0: never).
+    pub fsync: u32,
 }
 
 impl Workload {
@@ -39,17 +41,33 @@ impl Workload {
 }
 
 /// The measured workloads, in table order.
-pub const WORKLOADS: [Workload; 6] = [
-    Workload { title: "4 KiB random read, QD1", rw: "randread", bs: 4096, iodepth: 1, dir: Dir::Read },
-    Workload { title: "4 KiB random read, QD16", rw: "randread", bs: 4096, iodepth: 16, dir: Dir::Read },
-    Workload { title: "4 KiB random write, QD1", rw: "randwrite", bs: 4096, iodepth: 1, dir: Dir::Write },
-    Workload { title: "4 KiB random write, QD16", rw: "randwrite", bs: 4096, iodepth: 16, dir: Dir::Write },
-    Workload { title: "1 MiB sequential read, QD4", rw: "read", bs: 1 << 20, iodepth: 4, dir: Dir::Read },
-    Workload { title: "1 MiB sequential write, QD4", rw: "write", bs: 1 << 20, iodepth: 4, dir: Dir::Write },
+pub const WORKLOADS: [Workload; 8] = [
+    Workload { title: "4 KiB random read, QD1", rw: "randread", bs: 4096, iodepth: 1, dir: Dir::Read, fsync: 0 },
+    Workload { title: "4 KiB random read, QD16", rw: "randread", bs: 4096, iodepth: 16, dir: Dir::Read, fsync: 0 },
+    Workload { title: "4 KiB random write, QD1", rw: "randwrite", bs: 4096, iodepth: 1, dir: Dir::Write, fsync: 0 },
+    Workload { title: "4 KiB random write, QD16", rw: "randwrite", bs: 4096, iodepth: 16, dir: Dir::Write, fsync: 0 },
+    Workload {
+        title: "4 KiB random write, QD16, FLUSH every 32",
+        rw: "randwrite",
+        bs: 4096,
+        iodepth: 16,
+        dir: Dir::Write,
+        fsync: 32,
+    },
+    Workload {
+        title: "4 KiB random write, QD1, FLUSH every 4",
+        rw: "randwrite",
+        bs: 4096,
+        iodepth: 1,
+        dir: Dir::Write,
+        fsync: 4,
+    },
+    Workload { title: "1 MiB sequential read, QD4", rw: "read", bs: 1 << 20, iodepth: 4, dir: Dir::Read, fsync: 0 },
+    Workload { title: "1 MiB sequential write, QD4", rw: "write", bs: 1 << 20, iodepth: 4, dir: Dir::Write, fsync: 0 },
 ];
 
 /// The sequential write that fills a disk before it is measured (also the RSS workload).
-pub const FILL: Workload = Workload { title: "fill", rw: "write", bs: 1 << 20, iodepth: 4, dir: Dir::Write };
+pub const FILL: Workload = Workload { title: "fill", rw: "write", bs: 1 << 20, iodepth: 4, dir: Dir::Write, fsync: 0 };
 
 /// What one fio run measured.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +103,9 @@ pub fn run(uri: &str, w: &Workload, span: Span) -> Result<Result1> {
         "--output-format=json",
     ]);
     cmd.arg(format!("--output={}", out.display()));
+    if w.fsync > 0 {
+        cmd.arg(format!("--fsync={}", w.fsync));
+    }
     match span {
         Span::Time { size, runtime, ramp } => {
             cmd.args([format!("--size={size}"), "--time_based".into(), format!("--runtime={runtime}")]);

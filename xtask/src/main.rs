@@ -9,6 +9,7 @@
 //!   of one golden VDI, every read verified; `cargo xtask ring-torture [--kills N]`: SIGKILL
 //!   parallaxd under ring guests; `cargo xtask bench-ring [--quick]`: the ring beside NBD.
 
+mod crash_states;
 mod fio;
 mod fuzz;
 mod import;
@@ -52,6 +53,8 @@ enum Command {
     BenchRing(ring::BenchRingArgs),
     /// Run each fuzz target (fuzz/, cargo-fuzz) for a while; fail on any crash.
     Fuzz(fuzz::FuzzArgs),
+    /// Build N power-cut states of scripted workloads from their recorded writes and check each.
+    CrashStates(crash_states::CrashStatesArgs),
 }
 
 /// Flags of `bench-nbd`.
@@ -72,6 +75,10 @@ pub struct BenchNbdArgs {
     /// Use the binaries already in target/release instead of running `cargo build --release`.
     #[arg(long)]
     pub no_build: bool,
+    /// Also measure parallaxd as built from this git revision (a tag, a commit), in the same
+    /// run, and report the ratio against it (built in a worktree under target/baseline).
+    #[arg(long, value_name = "REV")]
+    pub baseline: Option<String>,
 }
 
 /// Flags of `bench-import`.
@@ -102,6 +109,7 @@ fn main() -> ExitCode {
         Command::RingTest(a) => ring::run_test(&a),
         Command::BenchRing(a) => ring::run_bench(&a),
         Command::RingTorture(a) => ring::run_torture(&a),
+        Command::CrashStates(a) => crash_states::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,12 +27,24 @@ pub fn run(a: &BenchNbdArgs) -> Result<()> {
     check_tools()?;
     let bins = sys::release_binaries(&["daemon", "cli"], &["parallaxd", "vdi"], a.no_build)?;
     let bins = Binaries { parallaxd: bins[0].clone(), vdi: bins[1].clone() };
+    let baseline = match &a.baseline {
+        Some(rev) => Some(build_baseline(rev)?),
+        None => None,
+    };
+    let mut kinds = Kind::ALL.to_vec();
+    if baseline.is_some() {
+        kinds.push(Kind::ParallaxdBaseline);
+    }
 
     // results[server][workload]
     let mut results = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in &kinds {
         eprintln!("xtask: {}: filling {} ...", kind.title(), sys::human(size));
-        let mut server = Server::start(kind, size, &bins)?;
+        let server_bins = match (kind, &baseline) {
+            (Kind::ParallaxdBaseline, Some(b)) => b,
+            _ => &bins,
+        };
+        let mut server = Server::start(kind, size, server_bins)?;
         fio::run(&server.uri(), &fio::FILL, Span::Bytes(size))
             .with_context(|| format!("pre-filling {}", kind.title()))?;
         server.check_alive()?;
@@ -64,7 +76,8 @@ pub fn run(a: &BenchNbdArgs) -> Result<()> {
     );
     println!(
         "- Setup: each server on 127.0.0.1 over TCP, one {} disk pre-filled by a 1 MiB sequential fio write; \
-         fio --ioengine=nbd, 1 job, 1 connection, {runtime} s per row{}; no FLUSH/FUA sent by fio.",
+         fio --ioengine=nbd, 1 job, 1 connection, {runtime} s per row{}; FLUSH only where a row says so \
+         (fio --fsync=N).",
         sys::human(size),
         if ramp > 0 { format!(" after {ramp} s warm-up") } else { String::new() },
     );
@@ -75,10 +88,17 @@ pub fn run(a: &BenchNbdArgs) -> Result<()> {
         servers::QEMU_CACHE.join(" ")
     );
     println!();
+    if let Some(rev) = &a.baseline {
+        println!("- Baseline: parallaxd and vdi built from `{rev}` in the same run, on a store it creates itself.");
+        println!();
+    }
     let mut header = vec!["Workload".to_string()];
-    header.extend(Kind::ALL.iter().map(|k| k.title().to_string()));
+    header.extend(kinds.iter().map(|k| k.title().to_string()));
     header.push("parallaxd / qcow2".into());
     header.push("parallaxd / raw".into());
+    if baseline.is_some() {
+        header.push("parallaxd / baseline".into());
+    }
     let mut rows = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let mut row = vec![w.title.to_string()];
@@ -93,6 +113,9 @@ pub fn run(a: &BenchNbdArgs) -> Result<()> {
         let px = results[0][i].iops;
         row.push(report::ratio(px, results[1][i].iops));
         row.push(report::ratio(px, results[2][i].iops));
+        if baseline.is_some() {
+            row.push(report::ratio(px, results[4][i].iops));
+        }
         rows.push(row);
     }
     print!("{}", report::table(&header, &rows));
@@ -106,6 +129,29 @@ pub fn run(a: &BenchNbdArgs) -> Result<()> {
         sys::human(rss_start),
     );
     Ok(())
+}
+
+/// Builds parallaxd and vdi from git revision `rev` in a worktree under target/baseline.
+fn build_baseline(rev: &str) -> Result<Binaries> {
+    let root = sys::workspace_root();
+    let base = root.join("target").join("baseline");
+    let src = base.join("src");
+    let target = base.join("target");
+    std::fs::create_dir_all(&base).context("creating target/baseline")?;
+    if src.exists() {
+        sys::run(Command::new("git").current_dir(&src).args(["checkout", "--detach", "--force", rev]))?;
+    } else {
+        sys::run(Command::new("git").current_dir(&root).arg("worktree").arg("add").arg("--detach").arg(&src).arg(rev))?;
+    }
+    eprintln!("xtask: building the baseline parallaxd from {rev} ...");
+    sys::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&src)
+            .args(["build", "--release", "-p", "daemon", "-p", "cli"])
+            .env("CARGO_TARGET_DIR", &target),
+    )?;
+    let rel = target.join("release");
+    Ok(Binaries { parallaxd: rel.join("parallaxd"), vdi: rel.join("vdi") })
 }
 
 /// Peak RSS of parallaxd after start and after writing `bytes` to a fresh VDI of that size.

@@ -507,7 +507,7 @@ pub fn run_bench(args: &BenchRingArgs) -> Result<()> {
     for w in &RING_WORKLOADS {
         let ring = ring_bench(&bins, &sock, w, args.depth, runtime)?;
         daemon.check_alive()?;
-        let fw = Workload { title: w.title, rw: w.fio_rw, bs: w.bs, iodepth: args.depth, dir: w.dir };
+        let fw = Workload { title: w.title, rw: w.fio_rw, bs: w.bs, iodepth: args.depth, dir: w.dir, fsync: 0 };
         let nbd = fio::run(&uri, &fw, Span::Time { size, runtime, ramp: 0 })?;
         daemon.check_alive()?;
         eprintln!("bench-ring: {}: ring {:.0} IOPS, NBD {:.0} IOPS", w.title, ring.0, nbd.iops);

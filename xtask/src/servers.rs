@@ -22,6 +22,8 @@ pub const QEMU_CACHE: &[&str] = &["--cache=writeback", "--aio=threads"];
 pub enum Kind {
     /// parallaxd serving a VDI of a fresh store.
     Parallaxd,
+    /// parallaxd as built from an earlier revision (`bench-nbd --baseline REV`).
+    ParallaxdBaseline,
     /// `qemu-nbd -f qcow2` on a fresh qcow2 image.
     QemuQcow2,
     /// `qemu-nbd -f raw` on a sparse raw file.
@@ -38,6 +40,7 @@ impl Kind {
     pub fn title(self) -> &'static str {
         match self {
             Kind::Parallaxd => "parallaxd",
+            Kind::ParallaxdBaseline => "parallaxd (baseline)",
             Kind::QemuQcow2 => "qemu-nbd+qcow2",
             Kind::QemuRaw => "qemu-nbd+raw",
             Kind::NbdkitMemory => "nbdkit memory",
@@ -75,7 +78,7 @@ impl Server {
         let addr = format!("127.0.0.1:{port}");
         let port_s = port.to_string();
         let mut cmd = match kind {
-            Kind::Parallaxd => {
+            Kind::Parallaxd | Kind::ParallaxdBaseline => {
                 let store = dir.path().join("blockstore.dat");
                 let run_dir = dir.path().join("run");
                 std::fs::create_dir(&run_dir).context("cannot create the run dir")?;
@@ -163,7 +166,8 @@ impl Server {
         let Some(mut child) = self.child.take() else { bail!("{} was already stopped", kind.title()) };
         let status = terminate(&mut child).with_context(|| format!("stopping {}", kind.title()))?;
         use std::os::unix::process::ExitStatusExt;
-        let clean = status.success() || (kind != Kind::Parallaxd && status.signal() == Some(libc::SIGTERM));
+        let clean = status.success()
+            || (!matches!(kind, Kind::Parallaxd | Kind::ParallaxdBaseline) && status.signal() == Some(libc::SIGTERM));
         if !clean {
             bail!("{} did not stop cleanly on SIGTERM ({status}); its log:\n{}", kind.title(), self.log_tail());
         }

@@ -65,6 +65,8 @@ pub(crate) struct Undo {
     blocks: HashMap<u64, Saved>,
     sb: Superblock,
     freed: Vec<u64>,
+    claimed: Vec<u64>,
+    reserved: Vec<u64>,
     end_block: u64,
     dirty_count: usize,
 }
@@ -96,6 +98,15 @@ pub struct Meta {
     next_version: u64,
     pub(crate) pending_free: HashSet<u64>,
     pub(crate) committing_free: HashSet<u64>,
+    /// Free blocks handed out for data that is being written and not mapped yet: kept from the
+    /// allocator, but their counts stay 0 until the transaction that maps them (so a crash in
+    /// between leaks nothing, and a concurrent check sees nothing amiss).
+    reserved: HashSet<u64>,
+    /// Blocks (and their versions) whose images the running commit is writing: they stay dirty
+    /// until it marks them clean, but the next record needs them only if changed again.
+    in_commit: HashMap<u64, u64>,
+    /// How many of `in_commit` are still at the committed version (not changed since).
+    in_commit_unchanged: usize,
     pub(crate) overlay: HashMap<u64, Box<Block>>,
     pub(crate) read_only: bool,
     pub(crate) poisoned: bool,
@@ -123,6 +134,9 @@ impl Meta {
             next_version: 1,
             pending_free: HashSet::new(),
             committing_free: HashSet::new(),
+            reserved: HashSet::new(),
+            in_commit: HashMap::new(),
+            in_commit_unchanged: 0,
             overlay: HashMap::new(),
             read_only,
             poisoned: false,
@@ -152,6 +166,8 @@ impl Meta {
             blocks: HashMap::new(),
             sb: self.sb.clone(),
             freed: Vec::new(),
+            claimed: Vec::new(),
+            reserved: Vec::new(),
             end_block: self.end_block.load(Ordering::Acquire),
             dirty_count: self.dirty_count,
         });
@@ -160,6 +176,21 @@ impl Meta {
     /// Keeps the open transaction's changes (they become durable at the next commit).
     pub(crate) fn end_undo(&mut self) {
         self.undo = None;
+    }
+
+    /// Notes that `addr` changes (or is freed): if the running commit holds it at the version
+    /// now cached, the next record will need it after all.
+    fn note_change(&mut self, addr: u64) {
+        if let Some(&v) = self.in_commit.get(&addr)
+            && self.cache.get(&addr).is_some_and(|e| e.dirty && e.version == v)
+        {
+            self.in_commit_unchanged -= 1;
+        }
+    }
+
+    /// Metadata blocks the next journal record would hold now.
+    pub fn next_record_blocks(&self) -> usize {
+        self.dirty_count - self.in_commit_unchanged
     }
 
     /// Records the state of `addr` before the open transaction first changes it.
@@ -195,10 +226,25 @@ impl Meta {
         for a in undo.freed {
             self.pending_free.remove(&a);
         }
+        for a in undo.claimed {
+            self.reserved.insert(a);
+        }
+        for a in undo.reserved {
+            self.reserved.remove(&a);
+        }
         self.sb = undo.sb;
         self.end_block.store(undo.end_block, Ordering::Release);
         self.dirty_count = self.cache.values().filter(|e| e.dirty).count();
         debug_assert_eq!(self.dirty_count, undo.dirty_count, "rollback restores the dirty set");
+        self.recount_in_commit();
+    }
+
+    fn recount_in_commit(&mut self) {
+        self.in_commit_unchanged = self
+            .in_commit
+            .iter()
+            .filter(|(a, v)| self.cache.get(a).is_some_and(|e| e.dirty && e.version == **v))
+            .count();
     }
 
     /// Metadata blocks the open transaction has changed so far.
@@ -275,6 +321,7 @@ impl Meta {
     pub fn write(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&mut Block> {
         self.check_writable()?;
         self.save_before(addr.0);
+        self.note_change(addr.0);
         let version = self.next_version;
         self.next_version += 1;
         let entry = self.ensure_cached(addr, kind)?;
@@ -313,13 +360,62 @@ impl Meta {
         Ok(self.alloc_run(1)?.0)
     }
 
+    /// Reserves up to `max` consecutive free blocks for data about to be written, without
+    /// changing any count: the blocks are kept from the allocator until [`Meta::claim`] (in the
+    /// transaction that maps them) or [`Meta::unreserve`]. Nothing durable changes, so a crash
+    /// before the mapping commits leaks nothing. At least one block is reserved or an error
+    /// returned.
+    pub fn reserve_run(&mut self, max: u64) -> Result<(BlockAddr, u64)> {
+        self.check_writable()?;
+        let (first, n) = self.find_run(max, false)?;
+        for a in first.0..first.0 + n {
+            self.reserved.insert(a);
+            if let Some(u) = self.undo.as_mut() {
+                u.reserved.push(a);
+            }
+        }
+        Ok((first, n))
+    }
+
+    /// Gives a reserved block reference count 1 (in the open transaction).
+    pub fn claim(&mut self, addr: BlockAddr) -> Result<()> {
+        let (rc, at) = self.refcount_slot(addr)?;
+        if !self.reserved.contains(&addr.0) {
+            return Err(StoreError::Damaged(format!("claiming block {addr}, which was not reserved")));
+        }
+        let b = self.write(rc, &REFCOUNT_KIND)?;
+        if b[at..at + 4] != [0; 4] {
+            return Err(StoreError::Damaged(format!("reserved block {addr} is in use")));
+        }
+        b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+        self.sb.allocated += 1;
+        self.reserved.remove(&addr.0);
+        if let Some(u) = self.undo.as_mut() {
+            u.claimed.push(addr.0);
+        }
+        Ok(())
+    }
+
+    /// Returns reserved blocks that were not claimed to the allocator.
+    pub fn unreserve(&mut self, first: BlockAddr, n: u64) {
+        for a in first.0..first.0 + n {
+            self.reserved.remove(&a);
+        }
+    }
+
     /// Allocates up to `max` consecutive blocks, each with reference count 1; returns the first
     /// and how many. At least one is allocated or an error returned.
     pub fn alloc_run(&mut self, max: u64) -> Result<(BlockAddr, u64)> {
         self.check_writable()?;
+        self.find_run(max, true)
+    }
+
+    /// Finds up to `max` consecutive usable blocks, growing the store if needed; with `count`,
+    /// gives each reference count 1.
+    fn find_run(&mut self, max: u64, count: bool) -> Result<(BlockAddr, u64)> {
         let max = max.max(1);
         loop {
-            let unusable = (self.pending_free.len() + self.committing_free.len()) as u64;
+            let unusable = (self.pending_free.len() + self.committing_free.len() + self.reserved.len()) as u64;
             if self.sb.allocated + unusable >= self.sb.groups * REFCOUNTS_PER_BLOCK {
                 self.add_group()?;
             }
@@ -328,11 +424,11 @@ impl Meta {
             if start < first || start >= self.sb.end_block() {
                 start = first;
             }
-            if let Some(found) = self.scan_from(start, max)? {
+            if let Some(found) = self.scan_from(start, max, count)? {
                 return Ok(found);
             }
             if start > first
-                && let Some(found) = self.scan_from(first, max)?
+                && let Some(found) = self.scan_from(first, max, count)?
             {
                 return Ok(found);
             }
@@ -342,7 +438,7 @@ impl Meta {
     }
 
     /// Looks for free blocks from `cursor` to the end of the store.
-    fn scan_from(&mut self, cursor: u64, max: u64) -> Result<Option<(BlockAddr, u64)>> {
+    fn scan_from(&mut self, cursor: u64, max: u64, count: bool) -> Result<Option<(BlockAddr, u64)>> {
         let mut group = (cursor - self.sb.groups_start) / GROUP_BLOCKS;
         let mut index = ((cursor - self.sb.groups_start) % GROUP_BLOCKS).max(1) - 1;
         while group < self.sb.groups {
@@ -354,9 +450,14 @@ impl Meta {
                 counts[at..at + 4] == [0; 4]
                     && !self.pending_free.contains(&(base + i))
                     && !self.committing_free.contains(&(base + i))
+                    && !self.reserved.contains(&(base + i))
             };
             if let Some(first) = (index..REFCOUNTS_PER_BLOCK).find(|&i| usable(i)) {
                 let n = (first..REFCOUNTS_PER_BLOCK).take(max as usize).take_while(|&i| usable(i)).count() as u64;
+                if !count {
+                    self.sb.alloc_cursor = base + first + n;
+                    return Ok(Some((BlockAddr(base + first), n)));
+                }
                 let block = self.write(rc_addr, &REFCOUNT_KIND)?;
                 for i in first..first + n {
                     let at = META_HEADER_LEN + i as usize * 4;
@@ -460,6 +561,7 @@ impl Meta {
             })?;
             self.note_freed(addr.0);
             self.save_before(addr.0);
+            self.note_change(addr.0);
             if let Some(e) = self.cache.remove(&addr.0)
                 && e.dirty
             {
@@ -509,7 +611,7 @@ impl Meta {
 
     /// True once the transaction has grown to half the journal: commit soon.
     pub fn should_commit(&self) -> bool {
-        self.dirty_count * 2 >= self.journal_capacity()
+        self.next_record_blocks() * 2 >= self.journal_capacity()
     }
 
     /// Space figures.
@@ -579,8 +681,16 @@ impl Meta {
         out
     }
 
+    /// Notes the images a commit is writing (see [`Meta::next_record_blocks`]).
+    pub(crate) fn begin_commit(&mut self, images: &[(BlockAddr, Box<Block>, u64)]) {
+        self.in_commit = images.iter().map(|(a, _, v)| (a.0, *v)).collect();
+        self.in_commit_unchanged = self.in_commit.len();
+    }
+
     /// Marks blocks clean whose version has not changed since their images were taken.
     pub(crate) fn mark_clean(&mut self, written: &[(BlockAddr, u64)]) {
+        self.in_commit.clear();
+        self.in_commit_unchanged = 0;
         for (a, v) in written {
             if let Some(e) = self.cache.get_mut(&a.0)
                 && e.dirty

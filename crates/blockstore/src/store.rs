@@ -112,7 +112,7 @@ impl Transaction<'_> {
     /// record: no transaction can leave the store unable to commit.
     pub fn finish(mut self) -> Result<()> {
         let capacity = self.meta.journal_capacity();
-        let dirty = self.meta.dirty_blocks();
+        let dirty = self.meta.next_record_blocks();
         if dirty > capacity {
             return Err(StoreError::TransactionTooLarge { blocks: dirty, capacity });
         }
@@ -470,6 +470,7 @@ impl BlockStore {
                 return Ok(info);
             }
             let images = m.dirty_images();
+            m.begin_commit(&images);
             let need = journal::record_blocks(images.len() + 1);
             // Transactions check this when they finish, so it cannot happen.
             assert!(

@@ -65,7 +65,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -74,7 +74,7 @@ impl Rng {
 
     /// A number below `n` (n > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -125,7 +125,7 @@ fn random_tear(rng: &mut Rng, op: &Op) -> Landing {
     if n <= 1 || matches!(op, Op::Extend { .. }) {
         return Landing::Whole;
     }
-    let mut keep: Vec<bool> = (0..n).map(|_| rng.next() & 1 == 1).collect();
+    let mut keep: Vec<bool> = (0..n).map(|_| rng.next_u64() & 1 == 1).collect();
     // A tear keeps some sectors and loses others; make sure it is one.
     keep[0] = true;
     keep[n - 1] = false;
@@ -198,7 +198,7 @@ pub fn for_each_state(log: &[Op], max_states: usize, seed: u64, f: &mut dyn FnMu
             budget -= 1;
             let mut plan: Vec<(usize, Landing)> = Vec::new();
             for &i in &ops {
-                if rng.next() & 1 == 1 {
+                if rng.next_u64() & 1 == 1 {
                     let how =
                         if reorder && rng.below(4) == 0 { random_tear(&mut rng, &log[i]) } else { Landing::Whole };
                     plan.push((i, how));

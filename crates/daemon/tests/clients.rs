@@ -237,9 +237,10 @@ fn a_damaged_vdi_is_refused_and_the_others_are_served() {
         dev.write_at(0, &[7u8; 4096], false).unwrap();
         dev.flush().unwrap();
         drop(dev);
-        // A later commit, so the newest journal record does not carry the root (opening
-        // replays the newest record, which would repair the damage below).
-        r.create_vdi("bystander", Some(MIB)).unwrap();
+        // Two later commits, so no journal record carries the root (opening replays the two
+        // newest records, which would repair the damage below).
+        let b = r.create_vdi("bystander", Some(MIB)).unwrap();
+        r.rename(b, "onlooker").unwrap();
         r.info(id).unwrap().root
     });
     // Flip a byte in the victim's root node.

@@ -18,8 +18,8 @@ mod tree;
 
 pub use node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
 pub use reclaim::{
-    QUEUE_ENTRIES, QUEUE_KIND, QUEUE_LEN_SLOT, QUEUE_MAGIC, QUEUE_SLOT, QueueItem, Queued, Reclaimed, defer_node,
-    defer_release, defer_release_block, queue_len, reclaim_step, visit_queue,
+    QUEUE_ENTRIES, QUEUE_KIND, QUEUE_LEN_SLOT, QUEUE_MAGIC, QUEUE_SLOT, QUEUE_SPARE_SLOT, QueueItem, Queued, Reclaimed,
+    defer_node, defer_release, defer_release_block, ensure_spare, queue_len, reclaim_step, visit_queue,
 };
 pub use tree::{
     MAX_BLOCKS, Mapping, Run, Visit, create, diff, fork, lookup, map, mapped_runs, release, unmap, visit_nodes,

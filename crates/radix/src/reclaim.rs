@@ -18,6 +18,8 @@
 //!
 //! Children are pushed one at a time, so a step changes a handful of blocks however large the
 //! tree, and the stack grows by at most one entry per level of each tree being released.
+//! An emptied queue block is kept as a spare (user slot [`QUEUE_SPARE_SLOT`]) rather than freed,
+//! so queueing works on a store that is full.
 
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
 use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, Result, StoreError};
@@ -28,6 +30,9 @@ use crate::node::{ENTRIES, LEVELS, NODE_KIND, Node};
 pub const QUEUE_SLOT: usize = 15;
 /// Superblock user slot holding the number of entries in the release queue.
 pub const QUEUE_LEN_SLOT: usize = 14;
+/// Superblock user slot holding an empty spare queue block (0: none), so that a delete or a
+/// reclaim step can queue work on a full store.
+pub const QUEUE_SPARE_SLOT: usize = 13;
 /// Magic of a release-queue block, `RELQ` on disk.
 pub const QUEUE_MAGIC: u32 = u32::from_le_bytes(*b"RELQ");
 /// Entries one queue block holds.
@@ -129,10 +134,23 @@ fn push(meta: &mut Meta, q: Queued) -> Result<()> {
     let top = if room {
         top
     } else {
-        let fresh = meta.alloc_meta(&QUEUE_KIND)?;
+        // A new top block: the spare if there is one (so this works on a full store), then
+        // a new spare if space allows.
+        let spare = BlockAddr(meta.user(QUEUE_SPARE_SLOT));
+        let fresh = if spare.is_none() {
+            meta.alloc_meta(&QUEUE_KIND)?
+        } else {
+            meta.set_user(QUEUE_SPARE_SLOT, 0)?;
+            spare
+        };
         let b = meta.write(fresh, &QUEUE_KIND)?;
+        b[META_HEADER_LEN..].fill(0);
         b[BELOW_AT..BELOW_AT + 8].copy_from_slice(&top.0.to_le_bytes());
         meta.set_user(QUEUE_SLOT, fresh.0)?;
+        if !spare.is_none() {
+            // Best effort: a full store simply goes without a spare until a block empties.
+            let _ = ensure_spare(meta);
+        }
         fresh
     };
     let b = meta.write(top, &QUEUE_KIND)?;
@@ -140,6 +158,17 @@ fn push(meta: &mut Meta, q: Queued) -> Result<()> {
     b[ENTRIES_AT + n * 8..ENTRIES_AT + n * 8 + 8].copy_from_slice(&q.encode().to_le_bytes());
     set_count(b, n + 1);
     add_len(meta, 1)
+}
+
+/// Makes sure an empty spare queue block exists, allocating one if needed (fails with
+/// `NoSpace` on a full store).
+pub fn ensure_spare(meta: &mut Meta) -> Result<()> {
+    if meta.user(QUEUE_SPARE_SLOT) != 0 {
+        return Ok(());
+    }
+    let b = meta.alloc_meta(&QUEUE_KIND)?;
+    meta.write(b, &QUEUE_KIND)?;
+    meta.set_user(QUEUE_SPARE_SLOT, b.0)
 }
 
 /// The top entry, if any, with where it lives.
@@ -167,7 +196,13 @@ fn pop(meta: &mut Meta, top: BlockAddr, slot: usize) -> Result<()> {
     if slot == 0 {
         let below = read_u64(meta.read(top, &QUEUE_KIND)?, BELOW_AT);
         meta.set_user(QUEUE_SLOT, below)?;
-        meta.decref(top)?;
+        if meta.user(QUEUE_SPARE_SLOT) == 0 {
+            // Keep the emptied block as the spare.
+            meta.write(top, &QUEUE_KIND)?[META_HEADER_LEN..].fill(0);
+            meta.set_user(QUEUE_SPARE_SLOT, top.0)?;
+        } else {
+            meta.decref(top)?;
+        }
     } else {
         let b = meta.write(top, &QUEUE_KIND)?;
         b[ENTRIES_AT + slot * 8..ENTRIES_AT + slot * 8 + 8].fill(0);
@@ -208,7 +243,15 @@ pub struct Reclaimed {
 pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
     let mut freed = 0;
     while meta.transaction_blocks() < budget {
-        let Some((top, slot, q)) = peek(meta)? else { break };
+        let Some((top, slot, q)) = peek(meta)? else {
+            if queue_len(meta) != 0 {
+                return Err(StoreError::Damaged(format!(
+                    "the release queue's length says {} entries but the queue is empty (run `vdi check`)",
+                    queue_len(meta)
+                )));
+            }
+            break;
+        };
         match q {
             Queued::Block(a) => {
                 pop(meta, top, slot)?;
@@ -253,6 +296,11 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
 /// Calls `f` for every queue block and every entry in the queue, top first, for checkers:
 /// each queue block and each entry holds one reference.
 pub fn visit_queue(meta: &mut Meta, f: &mut dyn FnMut(QueueItem)) -> Result<()> {
+    let spare = BlockAddr(meta.user(QUEUE_SPARE_SLOT));
+    if !spare.is_none() {
+        meta.read(spare, &QUEUE_KIND)?;
+        f(QueueItem::QueueBlock(spare));
+    }
     let mut at = BlockAddr(meta.user(QUEUE_SLOT));
     let mut blocks = 0u64;
     while !at.is_none() {

@@ -111,12 +111,22 @@ impl CheckReport {
     }
 }
 
+fn q_ok(report: &CheckReport) -> bool {
+    !report.problems.iter().any(|p| matches!(p, Problem::Damaged { context, .. } if context == "release queue"))
+}
+
 impl Registry {
     /// Checks the whole store: walks every VDI, snapshot and registry block, counting the
     /// references to every block, and compares with the stored counts. Shared nodes are
     /// visited once. With `repair`, wrong counts and leaks are fixed — only when every tree
     /// could be read, since then the counts found are certain; damage is never guessed at.
     pub fn check(&self, repair: bool) -> Result<CheckReport> {
+        if repair && self.has_reclaimer() {
+            return Err(crate::VdiError::InUse(
+                "the store (served by parallaxd; repair needs it alone: stop parallaxd, then run `vdi check --repair`)"
+                    .into(),
+            ));
+        }
         let mut report = CheckReport::default();
         let st = self.state.lock();
         let mut meta = self.store.lock();
@@ -164,11 +174,15 @@ impl Registry {
             // The release queue holds one reference per queue block and per entry; a node it has
             // begun to release still references its children from the cursor on.
             let mut queued: Vec<(BlockAddr, u32, usize)> = Vec::new();
+            let mut entries = 0u64;
             let q = radix::visit_queue(&mut meta, &mut |item| match item {
-                radix::QueueItem::QueueBlock(a) | radix::QueueItem::Entry(radix::Queued::Block(a)) => {
+                radix::QueueItem::QueueBlock(a) => *found.entry(a.0).or_default() += 1,
+                radix::QueueItem::Entry(radix::Queued::Block(a)) => {
+                    entries += 1;
                     *found.entry(a.0).or_default() += 1;
                 }
                 radix::QueueItem::Entry(radix::Queued::Node { addr, level, cursor }) => {
+                    entries += 1;
                     *found.entry(addr.0).or_default() += 1;
                     queued.push((addr, level, cursor));
                 }
@@ -178,6 +192,12 @@ impl Registry {
                 report.problems.push(Problem::Damaged { context: "release queue".into(), detail: e.to_string() });
             }
             report.pending_reclaim = radix::queue_len(&meta);
+            if q_ok(&report) && entries != report.pending_reclaim {
+                report.problems.push(Problem::Damaged {
+                    context: "release queue".into(),
+                    detail: format!("holds {entries} entries but its length says {}", report.pending_reclaim),
+                });
+            }
             for (addr, level, cursor) in queued {
                 if cursor == 0 && !seen_nodes.insert(addr.0) {
                     continue;

@@ -79,6 +79,15 @@ fn next_data(f: &File, pos: u64, size: u64) -> Option<(u64, u64)> {
     Some((start as u64, end))
 }
 
+/// Holds one count of a VDI's open handles for as long as it lives.
+struct OpenCount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for OpenCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Registry {
     /// Makes VDI `id` equal to the image at `path`, byte for byte. Holes and all-zero blocks
     /// are not stored. The import is atomic: it is built as a separate tree and swapped in at
@@ -87,10 +96,18 @@ impl Registry {
     pub fn fill(self: &Arc<Self>, id: VdiId, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<ImportStats> {
         let f = File::open(path).map_err(file_err(format!("opening {}", path.display())))?;
         let size = image_size(&f, path)?;
-        let live = self.state.lock().vdi(id)?.live.clone();
-        if live.open.load(Ordering::Acquire) > 0 {
-            return Err(VdiError::InUse(format!("VDI {id}")));
-        }
+        // The import counts as an open handle, taken under the registry lock, so the VDI
+        // cannot be deleted (its pending tree released) while the import writes into it.
+        let live = {
+            let st = self.state.lock();
+            let live = st.vdi(id)?.live.clone();
+            if live.open.load(Ordering::Acquire) > 0 {
+                return Err(VdiError::InUse(format!("VDI {id}")));
+            }
+            live.open.fetch_add(1, Ordering::AcqRel);
+            live
+        };
+        let _busy = OpenCount(&live.open);
         let _quiet = live.io.write();
         let vdi_size = live.size.load(Ordering::Acquire);
         let new_size = if vdi_size == 0 { size.div_ceil(512) * 512 } else { vdi_size };

@@ -106,27 +106,25 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
     Ok(out)
 }
 
-/// Allocates up to `want` consecutive blocks (at least one), in a transaction of its own.
+/// Reserves up to `want` consecutive free blocks (at least one) for data about to be written.
+/// No count changes until [`map_run`] claims them, so nothing leaks if the write fails or the
+/// power goes before the mapping commits.
 pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64)> {
     let mut txn = store.begin()?;
-    let run = txn.alloc_run(want)?;
+    let run = txn.reserve_run(want)?;
     txn.finish()?;
     Ok(run)
 }
 
-/// Frees `n` blocks from `first` that were allocated but never mapped.
+/// Returns `n` reserved blocks from `first` that will not be mapped.
 pub(crate) fn free_run(store: &BlockStore, first: BlockAddr, n: u64) -> Result<()> {
-    let mut txn = store.begin()?;
-    for k in 0..n {
-        txn.decref(BlockAddr(first.0 + k))?;
-    }
-    txn.finish()?;
+    store.lock().unreserve(first, n);
     Ok(())
 }
 
-/// Maps virtual blocks `vblocks` to the consecutive new blocks starting at `first`, in one
+/// Claims the reserved blocks from `first` and maps virtual blocks `vblocks` to them, in one
 /// transaction: all or nothing. If mapping fails, the transaction rolls back only its own
-/// changes and the blocks are freed again.
+/// changes and the blocks go back to the allocator.
 pub(crate) fn map_run(
     store: &BlockStore,
     root: BlockAddr,
@@ -137,7 +135,9 @@ pub(crate) fn map_run(
     let mapped = (|| -> Result<()> {
         let mut txn = store.begin()?;
         for (k, vb) in vblocks.enumerate() {
-            radix::map(&mut txn, root, vb, BlockAddr(first.0 + k as u64))?;
+            let block = BlockAddr(first.0 + k as u64);
+            txn.claim(block)?;
+            radix::map(&mut txn, root, vb, block)?;
         }
         txn.finish()?;
         Ok(())

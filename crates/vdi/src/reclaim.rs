@@ -15,8 +15,11 @@ use crate::Result;
 use crate::registry::Registry;
 
 /// Metadata blocks one reclaim transaction may change: small, so the metadata lock is held
-/// briefly and the step fits the smallest journal.
+/// briefly; on a store with a tiny journal, a quarter of what a record holds.
 const STEP_BLOCKS: usize = 48;
+
+/// How long the reclaimer waits after a failed step before trying again (unless woken).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Wakes the background reclaimer when something is queued, and tells it to stop.
 #[derive(Default)]
@@ -49,6 +52,20 @@ impl Signal {
         }
         s.work = false;
         s.stop
+    }
+
+    /// After a failure: waits for a wake-up, a stop request or [`RETRY_AFTER`]; true means stop.
+    fn wait_to_retry(&self) -> bool {
+        let mut s = self.state.lock();
+        if !s.work && !s.stop {
+            self.wake.wait_for(&mut s, RETRY_AFTER);
+        }
+        s.work = false;
+        s.stop
+    }
+
+    fn exited(&self) {
+        self.state.lock().running = false;
     }
 
     fn stop(&self) {
@@ -88,7 +105,8 @@ impl Registry {
     /// durable at the next commit; `reclaim_all` and the background reclaimer commit as they go.
     pub fn reclaim_step(&self) -> Result<ReclaimStats> {
         let mut txn = self.store.begin()?;
-        let r = radix::reclaim_step(&mut txn, STEP_BLOCKS)?;
+        let budget = STEP_BLOCKS.min(txn.journal_capacity() / 4).max(4);
+        let r = radix::reclaim_step(&mut txn, budget)?;
         txn.finish()?;
         Ok(ReclaimStats { freed: r.freed, remaining: r.remaining })
     }
@@ -129,32 +147,45 @@ impl Registry {
 }
 
 fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
-    while !signal.wait() {
-        loop {
-            let Some(reg) = reg.upgrade() else { return };
-            if signal.stopping() {
-                return;
+    let mut stop = signal.wait();
+    while !stop {
+        let Some(registry) = reg.upgrade() else { break };
+        let outcome = reclaim_until_empty(&registry, signal);
+        drop(registry);
+        stop = match outcome {
+            Ok(()) => signal.wait(),
+            Err(e) => {
+                // A full store, a busy journal, damage: keep the queue, try again later.
+                tracing::warn!("reclaim paused: {e}; retrying");
+                signal.wait_to_retry()
             }
-            let done = match reg.reclaim_step() {
-                Ok(step) => {
-                    let commit = step.remaining == 0 || reg.store.lock().should_commit();
-                    if commit && let Err(e) = reg.store.commit() {
-                        tracing::error!("reclaim: commit failed: {e}");
-                        return;
-                    }
-                    if step.freed > 0 || step.remaining == 0 {
-                        tracing::debug!("reclaim: freed {} blocks, {} entries left", step.freed, step.remaining);
-                    }
-                    step.remaining == 0
-                }
-                Err(e) => {
-                    tracing::error!("reclaim stopped: {e}; the queue is kept and retried at the next start");
-                    return;
-                }
-            };
-            if done {
-                break;
+        };
+    }
+    signal.exited();
+}
+
+/// Reclaims, committing as it goes, until the queue is empty or a stop is requested.
+fn reclaim_until_empty(reg: &Registry, signal: &Signal) -> Result<()> {
+    loop {
+        if signal.stopping() {
+            return Ok(());
+        }
+        let step = match reg.reclaim_step() {
+            Ok(step) => step,
+            Err(e) => {
+                // Whatever was freed so far becomes usable once committed.
+                reg.store.commit()?;
+                return Err(e);
             }
+        };
+        if step.remaining == 0 || reg.store.lock().should_commit() {
+            reg.store.commit()?;
+        }
+        if step.freed > 0 {
+            tracing::debug!("reclaim: freed {} blocks, {} entries left", step.freed, step.remaining);
+        }
+        if step.remaining == 0 {
+            return Ok(());
         }
     }
 }

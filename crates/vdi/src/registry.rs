@@ -184,6 +184,14 @@ impl Registry {
         };
         let reg = Arc::new(Registry { store, state: Mutex::new(state), reclaim: Arc::default() });
         reg.drop_interrupted_imports()?;
+        if !reg.store.lock().is_read_only() {
+            // A spare release-queue block lets a delete work even when the store is full.
+            let mut txn = reg.store.begin()?;
+            match radix::ensure_spare(&mut txn) {
+                Ok(()) => txn.finish()?,
+                Err(e) => tracing::warn!("no spare release-queue block: {e}"),
+            }
+        }
         Ok(reg)
     }
 

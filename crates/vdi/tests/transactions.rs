@@ -47,7 +47,7 @@ fn a_delete_far_larger_than_one_commit_succeeds_while_another_vdi_writes() {
         dev.write_at((steps % 256) * 4096, &[steps as u8; 4096], false).unwrap();
         if steps % 16 == 0 {
             dev.flush().unwrap();
-            drop(reg.snapshot(other).unwrap());
+            reg.snapshot(other).unwrap();
             snaps += 1;
         }
         reg.store().commit().unwrap();
@@ -58,7 +58,7 @@ fn a_delete_far_larger_than_one_commit_succeeds_while_another_vdi_writes() {
     assert!(steps > 10, "the release took {steps} steps: not bounded per step");
     let allocated_after = reg.store().lock().space().allocated;
     assert!(
-        allocated_after + 3900 < allocated_before,
+        allocated_after + 3500 < allocated_before,
         "space did not come back: {allocated_before} -> {allocated_after}"
     );
     common::assert_clean(&reg);

@@ -124,6 +124,8 @@ struct StoreJson {
     store_size: u64,
     max_size: Option<u64>,
     pending_free: u64,
+    /// Entries in the release queue: deleted trees and blocks not freed yet.
+    pending_reclaim: u64,
 }
 
 fn clones_of(reg: &Registry, sids: &[u64]) -> Vec<u32> {
@@ -244,6 +246,7 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
         store_size: space.store_blocks * bs,
         max_size: (space.max_blocks != 0).then_some(space.max_blocks * bs),
         pending_free: space.pending_free * bs,
+        pending_reclaim: ctx.reg.pending_reclaim(),
     };
     if json {
         ctx.print_json(&d)?;
@@ -251,12 +254,17 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     }
     let e = ctx.exact;
     let text = format!(
-        "store\n  VDIs:        {}\n  snapshots:   {}\n  allocated:   {}\n  store size:  {}\n  size limit:  {}\n",
+        "store\n  VDIs:        {}\n  snapshots:   {}\n  allocated:   {}\n  store size:  {}\n  size limit:  {}\n  reclaiming:  {}\n",
         d.vdis,
         d.snapshots,
         format::size(d.allocated, e),
         format::size(d.store_size, e),
         d.max_size.map_or_else(|| "none".to_string(), |m| format::size(m, e)),
+        if d.pending_reclaim == 0 {
+            "nothing".to_string()
+        } else {
+            format!("{} deleted trees and blocks still being freed", d.pending_reclaim)
+        },
     );
     ctx.print(&text)?;
     Ok(0)
