@@ -259,6 +259,59 @@ impl Run {
         self.model.barriers.push((s, self.pos()));
     }
 
+    /// Writers on several VDIs at once, one thread each: `rounds` rounds of a few writes to
+    /// random blocks, each thread flushing every other round. The spans of every write and
+    /// flush come from the shared log, so the model holds them to the same rules.
+    pub fn concurrent(&mut self, ids: &[VdiId], rounds: u64) {
+        type Done = (VdiId, Vec<(u64, Content, Span)>, Vec<Span>);
+        let start_version = self.version;
+        let results: Vec<Done> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(k, &id)| {
+                    let reg = self.reg.clone();
+                    let rec = self.recorder.clone();
+                    let tag = self.model.vdis[&id].tag;
+                    let blocks = self.model.vdis[&id].blocks;
+                    let mut rng = Rng::new(self.rng.next_u64() ^ k as u64);
+                    scope.spawn(move || {
+                        let dev = reg.open_vdi(id, true).expect("open for writing");
+                        let mut writes = Vec::new();
+                        let mut flushes = Vec::new();
+                        // Versions far apart per thread, so no two writes share one.
+                        let mut version = start_version + 1_000_000 * (k as u64 + 1);
+                        for round in 0..rounds {
+                            for _ in 0..3 {
+                                version += 1;
+                                let vb = rng.below(blocks as usize) as u64;
+                                let c = Some((tag, version));
+                                let s = rec.position();
+                                dev.write_at(vb * BLOCK_SIZE as u64, &block_bytes(c, vb), false).expect("write");
+                                writes.push((vb, c, (s, rec.position())));
+                            }
+                            if round % 2 == 1 {
+                                let s = rec.position();
+                                dev.flush().expect("flush");
+                                flushes.push((s, rec.position()));
+                            }
+                        }
+                        (id, writes, flushes)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("writer thread")).collect()
+        });
+        for (id, writes, flushes) in results {
+            let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
+            for (vb, c, span) in writes {
+                v.history[vb as usize].push(Change { content: c, span });
+            }
+            self.model.barriers.extend(flushes);
+        }
+        self.version = start_version + 1_000_000 * (ids.len() as u64 + 1);
+    }
+
     /// Imports an image of `blocks` blocks into VDI `id` (an atomic swap of its tree).
     pub fn import(&mut self, id: VdiId, blocks: u64) {
         let tag = self.model.vdis[&id].tag;
@@ -287,7 +340,8 @@ impl Run {
 /// Runs the standard scripted workload: golden image, snapshot, clone, copy-on-write writes to
 /// both, FUA, flushes, discards (single blocks and a whole subtree), a second snapshot,
 /// snapshot delete, bounded reclaim, VDI delete and reclaim, a new VDI reusing the freed
-/// blocks, an import, and unflushed writes at the end.
+/// blocks, two VDIs written and flushed by concurrent threads, an import, and unflushed writes
+/// at the end.
 pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
     let mut r = Run::new(seed, journal_slot_blocks);
     let blocks = 1024;
@@ -330,6 +384,7 @@ pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
         r.write(v, at, n, false);
     }
     r.flush(v);
+    r.concurrent(&[c, v], 8);
     r.import(v, 40);
     r.delete_snapshot(s2);
     r.write(c, 20, 4, false);
