@@ -9,6 +9,7 @@
 //!   of one golden VDI, every read verified; `cargo xtask ring-torture [--kills N]`: SIGKILL
 //!   parallaxd under ring guests; `cargo xtask bench-ring [--quick]`: the ring beside NBD.
 
+mod big_delete;
 mod crash_states;
 mod fio;
 mod fuzz;
@@ -55,6 +56,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Build N power-cut states of scripted workloads from their recorded writes and check each.
     CrashStates(crash_states::CrashStatesArgs),
+    /// Delete a large VDI through parallaxd while another VDI writes; report times and latencies.
+    BigDelete(big_delete::BigDeleteArgs),
 }
 
 /// Flags of `bench-nbd`.
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::BenchRing(a) => ring::run_bench(&a),
         Command::RingTorture(a) => ring::run_torture(&a),
         Command::CrashStates(a) => crash_states::run(&a),
+        Command::BigDelete(a) => big_delete::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,6 +69,19 @@ pub enum StoreError {
     /// The store was opened read-only.
     #[error("the store is open read-only")]
     ReadOnly,
+    /// A metadata block was needed that is not in memory, while the caller asked not to read
+    /// the medium under the metadata lock; [`crate::BlockStore::with_cached`] and
+    /// [`crate::BlockStore::with_transaction`] read it without the lock and retry.
+    #[error("metadata block {addr} ({kind}) is not in memory")]
+    NotCached {
+        /// The block.
+        addr: BlockAddr,
+        /// What kind of block it is.
+        kind: &'static str,
+        /// How to verify it when it is read.
+        #[doc(hidden)]
+        meta_kind: &'static crate::MetaKind,
+    },
     /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).
     #[error("metadata changed outside a transaction")]
     NoTransaction,

@@ -112,6 +112,12 @@ pub struct Meta {
     pub(crate) poisoned: bool,
     end_block: Arc<AtomicU64>,
     pub(crate) undo: Option<Undo>,
+    /// While set, a block that is not cached is not read: the call fails with
+    /// [`StoreError::NotCached`], so the caller can read it without holding the lock.
+    pub(crate) cached_only: bool,
+    /// Counts commits whose home writes are done: a block read from the medium without the
+    /// lock may be cached only if no home write happened meanwhile.
+    pub(crate) home_epoch: u64,
 }
 
 impl Meta {
@@ -141,6 +147,8 @@ impl Meta {
             read_only,
             poisoned: false,
             undo: None,
+            cached_only: false,
+            home_epoch: 0,
         }
     }
 
@@ -268,6 +276,9 @@ impl Meta {
                     reason: format!("address outside the store's {} blocks", self.sb.end_block()),
                 });
             }
+            if self.cached_only && !self.overlay.contains_key(&addr.0) {
+                return Err(StoreError::NotCached { addr, kind: kind.name, meta_kind: kind });
+            }
             let mut data = Box::new([0u8; BLOCK_SIZE]);
             if let Some(img) = self.overlay.get(&addr.0) {
                 data.copy_from_slice(img.as_slice());
@@ -310,6 +321,29 @@ impl Meta {
                 }
             }
         }
+    }
+
+    /// True if block `addr` is in memory.
+    pub fn is_cached(&self, addr: BlockAddr) -> bool {
+        self.cache.contains_key(&addr.0)
+    }
+
+    /// Caches a block read from the medium without the lock, unless it was cached meanwhile or
+    /// a commit wrote blocks home since `epoch` (the read may then be stale). True if cached.
+    pub(crate) fn insert_loaded(
+        &mut self,
+        addr: BlockAddr,
+        kind: &'static MetaKind,
+        data: Box<Block>,
+        epoch: u64,
+    ) -> bool {
+        if self.home_epoch != epoch || self.cache.contains_key(&addr.0) || self.is_pending_free(addr) {
+            return false;
+        }
+        self.evict_if_full();
+        self.cache.insert(addr.0, Entry { data, kind, dirty: false, referenced: true, version: 0 });
+        self.clock.push_back(addr.0);
+        true
     }
 
     /// Reads metadata block `addr` of the given kind (verified when first loaded).
@@ -689,6 +723,7 @@ impl Meta {
 
     /// Marks blocks clean whose version has not changed since their images were taken.
     pub(crate) fn mark_clean(&mut self, written: &[(BlockAddr, u64)]) {
+        self.home_epoch += 1;
         self.in_commit.clear();
         self.in_commit_unchanged = 0;
         for (a, v) in written {

@@ -146,6 +146,9 @@ impl Drop for Transaction<'_> {
     }
 }
 
+/// How often a lookup or transaction is retried after a cache miss before reading under the lock.
+const MISS_RETRIES: usize = 8;
+
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -410,6 +413,73 @@ impl BlockStore {
     /// [`StoreError::NoTransaction`].
     pub fn lock(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock()
+    }
+
+    /// Runs `f` on the locked metadata without reading the medium under the lock: when `f`
+    /// needs a block that is not in memory, the lock is dropped, the block read and verified,
+    /// and `f` run again. For lookups on the I/O path, so one VM's cache miss never stalls the
+    /// others. `f` must not change metadata (use [`BlockStore::with_transaction`]).
+    pub fn with_cached<T>(&self, mut f: impl FnMut(&mut Meta) -> Result<T>) -> Result<T> {
+        for _ in 0..MISS_RETRIES {
+            let mut m = self.meta.lock();
+            m.cached_only = true;
+            let r = f(&mut m);
+            m.cached_only = false;
+            drop(m);
+            match r {
+                Err(StoreError::NotCached { addr, meta_kind, .. }) => self.load(addr, meta_kind)?,
+                other => return other,
+            }
+        }
+        // The cache keeps losing what was loaded (tiny cache, busy store): read under the lock.
+        f(&mut self.meta.lock())
+    }
+
+    /// Runs `f` in a transaction and finishes it, reading blocks that are not in memory without
+    /// the lock: on a miss the transaction is rolled back (only its own changes), the block read
+    /// and `f` run again from the start.
+    pub fn with_transaction<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
+        for attempt in 0..=MISS_RETRIES {
+            let mut txn = self.begin()?;
+            txn.meta.cached_only = attempt < MISS_RETRIES;
+            let r = f(&mut txn);
+            txn.meta.cached_only = false;
+            match r {
+                Ok(v) => {
+                    txn.finish()?;
+                    return Ok(v);
+                }
+                Err(StoreError::NotCached { addr, meta_kind, .. }) => {
+                    drop(txn);
+                    self.load(addr, meta_kind)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Damaged("a transaction kept missing the cache".into()))
+    }
+
+    /// Reads metadata block `addr` into the cache without holding the metadata lock while the
+    /// medium is read. A block that fails verification is left to the locked read, which
+    /// reports the damage.
+    pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind) -> Result<()> {
+        let epoch = {
+            let m = self.meta.lock();
+            if m.is_cached(addr) {
+                return Ok(());
+            }
+            m.home_epoch
+        };
+        let mut data = Box::new([0u8; BLOCK_SIZE]);
+        self.backend
+            .read_at(addr.byte_offset(), data.as_mut_slice())
+            .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
+        let mut m = self.meta.lock();
+        if (kind.verify)(&data, addr).is_err() || !m.insert_loaded(addr, kind, data, epoch) {
+            // Damaged (let the locked read report it) or raced with a commit: read it locked.
+            m.read(addr, kind)?;
+        }
+        Ok(())
     }
 
     /// Starts a transaction: the metadata lock is held until it is finished or dropped.

@@ -38,6 +38,12 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
     })
 }
 
+/// Where each piece lives. Blocks of the tree that are not in memory are read without the
+/// metadata lock ([`BlockStore::with_cached`]), so a cache miss stalls only this request.
+fn lookups(store: &BlockStore, root: BlockAddr, list: &[Piece]) -> Result<Vec<Mapping>> {
+    Ok(store.with_cached(|meta| list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect())?)
+}
+
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
 fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
     if buf.is_empty() {
@@ -45,10 +51,7 @@ fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -
     }
     let _gate = store.io_guard();
     let list: Vec<Piece> = pieces(offset, buf.len()).collect();
-    let maps: Vec<Mapping> = {
-        let mut meta = store.lock();
-        list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
-    };
+    let maps = lookups(store, root, &list)?;
     let mut i = 0;
     while i < list.len() {
         match maps[i] {
@@ -80,10 +83,7 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
         return Ok(Vec::new());
     }
     let end = offset + len;
-    let runs = {
-        let mut meta = store.lock();
-        radix::mapped_runs(&mut meta, root, offset / BS, end.div_ceil(BS))?
-    };
+    let runs = store.with_cached(|meta| radix::mapped_runs(meta, root, offset / BS, end.div_ceil(BS)))?;
     let mut out: Vec<Extent> = Vec::new();
     let mut push = |o: u64, l: u64, kind: ExtentKind| {
         if l == 0 {
@@ -110,10 +110,7 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
 /// No count changes until [`map_run`] claims them, so nothing leaks if the write fails or the
 /// power goes before the mapping commits.
 pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64)> {
-    let mut txn = store.begin()?;
-    let run = txn.reserve_run(want)?;
-    txn.finish()?;
-    Ok(run)
+    Ok(store.with_transaction(|txn| txn.reserve_run(want))?)
 }
 
 /// Returns `n` reserved blocks from `first` that will not be mapped.
@@ -131,20 +128,19 @@ pub(crate) fn map_run(
     vblocks: impl ExactSizeIterator<Item = u64>,
     first: BlockAddr,
 ) -> Result<()> {
+    let vblocks: Vec<u64> = vblocks.collect();
     let n = vblocks.len() as u64;
-    let mapped = (|| -> Result<()> {
-        let mut txn = store.begin()?;
-        for (k, vb) in vblocks.enumerate() {
+    let mapped = store.with_transaction(|txn| {
+        for (k, vb) in vblocks.iter().enumerate() {
             let block = BlockAddr(first.0 + k as u64);
             txn.claim(block)?;
-            radix::map(&mut txn, root, vb, block)?;
+            radix::map(txn, root, *vb, block)?;
         }
-        txn.finish()?;
         Ok(())
-    })();
+    });
     if let Err(e) = mapped {
         free_run(store, first, n)?;
-        return Err(e);
+        return Err(e.into());
     }
     Ok(())
 }
@@ -250,10 +246,7 @@ impl VdiDisk {
         let root = self.root();
         let _gate = store.io_guard();
         let list: Vec<Piece> = pieces(offset, data.len()).collect();
-        let maps: Vec<Mapping> = {
-            let mut meta = store.lock();
-            list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
-        };
+        let maps = lookups(store, root, &list)?;
         let mut shared = Vec::new();
         for (p, m) in list.iter().zip(&maps) {
             match m {
@@ -275,10 +268,7 @@ impl VdiDisk {
     fn write_new_blocks(&self, root: BlockAddr, list: &[Piece], data: &[u8]) -> Result<()> {
         let store = self.store();
         // Someone may have made these private while we waited for the lock.
-        let maps: Vec<Mapping> = {
-            let mut meta = store.lock();
-            list.iter().map(|p| radix::lookup(&mut meta, root, p.vblock)).collect::<Result<_, _>>()?
-        };
+        let maps = lookups(store, root, list)?;
         let mut i = 0;
         while i < list.len() {
             if let Mapping::Mapped { addr, writable: true } = maps[i] {
@@ -337,9 +327,8 @@ impl VdiDisk {
         }
         self.zero_if_mapped(offset, first_whole * BS - offset)?;
         self.zero_if_mapped(end_whole * BS, end - end_whole * BS)?;
-        let mut txn = self.store().begin()?;
-        radix::unmap(&mut txn, self.root(), first_whole, end_whole)?;
-        txn.finish()?;
+        let root = self.root();
+        self.store().with_transaction(|txn| radix::unmap(txn, root, first_whole, end_whole))?;
         Ok(())
     }
 
@@ -347,7 +336,8 @@ impl VdiDisk {
     /// zeros already). The range may touch two blocks.
     fn zero_if_mapped(&self, offset: u64, len: u64) -> Result<()> {
         for p in pieces(offset, len as usize) {
-            let m = radix::lookup(&mut self.store().lock(), self.root(), p.vblock)?;
+            let root = self.root();
+            let m = self.store().with_cached(|meta| radix::lookup(meta, root, p.vblock))?;
             if matches!(m, Mapping::Mapped { .. }) {
                 self.write_locked(p.vblock * BS + p.at as u64, &vec![0u8; p.len])?;
             }

@@ -18,6 +18,10 @@ use crate::registry::Registry;
 /// briefly; on a store with a tiny journal, a quarter of what a record holds.
 const STEP_BLOCKS: usize = 48;
 
+/// The background reclaimer commits once this many metadata blocks wait (or the queue is
+/// empty): small commits, so a guest's FLUSH never waits behind a large reclaim record.
+const COMMIT_BLOCKS: usize = 512;
+
 /// How long the reclaimer waits after a failed step before trying again (unless woken).
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -104,10 +108,9 @@ impl Registry {
     /// Frees one bounded step's worth of the release queue, in one transaction. The step is
     /// durable at the next commit; `reclaim_all` and the background reclaimer commit as they go.
     pub fn reclaim_step(&self) -> Result<ReclaimStats> {
-        let mut txn = self.store.begin()?;
-        let budget = STEP_BLOCKS.min(txn.journal_capacity() / 4).max(4);
-        let r = radix::reclaim_step(&mut txn, budget)?;
-        txn.finish()?;
+        let budget = STEP_BLOCKS.min(self.store.lock().journal_capacity() / 4).max(4);
+        // Nodes not in memory are read without the metadata lock (the step is retried).
+        let r = self.store.with_transaction(|txn| radix::reclaim_step(txn, budget))?;
         Ok(ReclaimStats { freed: r.freed, remaining: r.remaining })
     }
 
@@ -178,7 +181,8 @@ fn reclaim_until_empty(reg: &Registry, signal: &Signal) -> Result<()> {
                 return Err(e);
             }
         };
-        if step.remaining == 0 || reg.store.lock().should_commit() {
+        let waiting = reg.store.lock().next_record_blocks();
+        if step.remaining == 0 || waiting >= COMMIT_BLOCKS || reg.store.lock().should_commit() {
             reg.store.commit()?;
         }
         if step.freed > 0 {

@@ -228,6 +228,14 @@ impl Registry {
     /// Every operation is bounded (large releases go to the release queue), so a transaction
     /// never outgrows the journal. For registry operations only, never on the I/O path.
     pub(crate) fn transact<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
+        let v = self.transact_uncommitted(f)?;
+        self.store.commit()?;
+        Ok(v)
+    }
+
+    /// [`Registry::transact`] without the commit: the change is made and visible, and becomes
+    /// durable at the caller's (or anyone's) next commit.
+    pub(crate) fn transact_uncommitted<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
         // Start with room in the journal for this operation.
         if self.store.lock().should_commit() {
             self.store.commit()?;
@@ -241,7 +249,6 @@ impl Registry {
         match out {
             Ok(v) => {
                 drop(st);
-                self.store.commit()?;
                 self.reclaim.wake_if_queued(&self.store);
                 Ok(v)
             }
@@ -354,9 +361,15 @@ impl Registry {
     /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
     pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
         let live = self.state.lock().vdi(id)?.live.clone();
-        // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes.
-        let _quiet = live.io.write();
-        self.transact(|st, meta| take_snapshot(st, meta, id, automatic))
+        let sid = {
+            // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes
+            // in memory — not during the commit: writes after this point go to the new root,
+            // and the commit below makes the snapshot and them durable together.
+            let _quiet = live.io.write();
+            self.transact_uncommitted(|st, meta| take_snapshot(st, meta, id, automatic))?
+        };
+        self.store.commit()?;
+        Ok(sid)
     }
 
     /// Snapshots of VDI `id`, oldest first, deleted ones included.
