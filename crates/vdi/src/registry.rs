@@ -361,6 +361,10 @@ impl Registry {
     /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
     pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
         let live = self.state.lock().vdi(id)?.live.clone();
+        // Make room in the journal before the VDI's I/O is held off, not while.
+        if self.store.lock().should_commit() {
+            self.store.commit()?;
+        }
         let sid = {
             // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes
             // in memory — not during the commit: writes after this point go to the new root,
