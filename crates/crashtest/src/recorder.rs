@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use blockstore::Backend;
+use blockstore::{Backend, MemBackend};
 use parking_lot::Mutex;
 
 /// One thing a store did to its medium, in the order it did it.
@@ -25,16 +25,19 @@ pub enum Op {
     Sync,
 }
 
-#[derive(Default)]
-struct Inner {
-    current: Vec<u8>,
-    log: Vec<Op>,
+/// A medium in memory that logs every write, size change and sync.
+#[derive(Clone)]
+pub struct Recorder {
+    /// The bytes a reader sees now (what was synced does not matter here: the log says).
+    medium: MemBackend,
+    /// The log; its lock also orders each change with its entry.
+    log: Arc<Mutex<Vec<Op>>>,
 }
 
-/// A medium in memory that logs every write, size change and sync.
-#[derive(Clone, Default)]
-pub struct Recorder {
-    inner: Arc<Mutex<Inner>>,
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder { medium: MemBackend::new(), log: Arc::default() }
+    }
 }
 
 impl Recorder {
@@ -45,47 +48,39 @@ impl Recorder {
 
     /// Number of operations logged so far: a position in the log.
     pub fn position(&self) -> usize {
-        self.inner.lock().log.len()
+        self.log.lock().len()
     }
 
     /// A copy of the log.
     pub fn log(&self) -> Vec<Op> {
-        self.inner.lock().log.clone()
+        self.log.lock().clone()
     }
 }
 
 impl Backend for Recorder {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let s = self.inner.lock();
-        let start = (offset as usize).min(s.current.len());
-        let end = (offset as usize + buf.len()).min(s.current.len());
-        let n = end - start;
-        buf[..n].copy_from_slice(&s.current[start..end]);
-        buf[n..].fill(0);
-        Ok(())
+        self.medium.read_at(offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut s = self.inner.lock();
-        let end = offset as usize + data.len();
-        if s.current.len() < end {
-            s.current.resize(end, 0);
-        }
-        s.current[offset as usize..end].copy_from_slice(data);
-        s.log.push(Op::Write { offset, data: data.to_vec() });
+        let mut log = self.log.lock();
+        self.medium.write_at(offset, data)?;
+        log.push(Op::Write { offset, data: data.to_vec() });
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.inner.lock().log.push(Op::Sync);
+        let mut log = self.log.lock();
+        self.medium.sync()?;
+        log.push(Op::Sync);
         Ok(())
     }
 
     fn extend(&self, len: u64) -> io::Result<()> {
-        let mut s = self.inner.lock();
-        if (s.current.len() as u64) < len {
-            s.current.resize(len as usize, 0);
-            s.log.push(Op::Extend { len });
+        let mut log = self.log.lock();
+        if self.medium.size()? < len {
+            self.medium.extend(len)?;
+            log.push(Op::Extend { len });
         }
         Ok(())
     }
@@ -99,6 +94,6 @@ impl Backend for Recorder {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.inner.lock().current.len() as u64)
+        self.medium.size()
     }
 }

@@ -111,6 +111,30 @@ impl CheckReport {
     }
 }
 
+/// Runs a tree walk that counts one reference for every node and data-block entry it meets,
+/// walking below each node only the first time it is seen.
+fn count_refs(
+    found: &mut BTreeMap<u64, u32>,
+    seen: &mut HashSet<u64>,
+    walk: impl FnOnce(&mut dyn FnMut(Visit) -> bool) -> blockstore::Result<()>,
+) -> blockstore::Result<()> {
+    let mut data: Vec<u64> = Vec::new();
+    let walked = walk(&mut |v| match v {
+        Visit::Node { addr, .. } => {
+            *found.entry(addr.0).or_default() += 1;
+            seen.insert(addr.0)
+        }
+        Visit::Data { addr } => {
+            data.push(addr.0);
+            true
+        }
+    });
+    for d in data {
+        *found.entry(d).or_default() += 1;
+    }
+    walked
+}
+
 fn q_ok(report: &CheckReport) -> bool {
     !report.problems.iter().any(|p| matches!(p, Problem::Damaged { context, .. } if context == "release queue"))
 }
@@ -203,20 +227,9 @@ impl Registry {
                     continue;
                 }
                 seen_nodes.insert(addr.0);
-                let mut data: Vec<u64> = Vec::new();
-                let walked = radix::visit_nodes_from(&mut meta, addr, level, cursor, &mut |v| match v {
-                    Visit::Node { addr, .. } => {
-                        *found.entry(addr.0).or_default() += 1;
-                        seen_nodes.insert(addr.0)
-                    }
-                    Visit::Data { addr } => {
-                        data.push(addr.0);
-                        true
-                    }
+                let walked = count_refs(&mut found, &mut seen_nodes, |f| {
+                    radix::visit_nodes_from(&mut meta, addr, level, cursor, f)
                 });
-                for d in data {
-                    *found.entry(d).or_default() += 1;
-                }
                 if let Err(e) = walked {
                     readable = false;
                     report.problems.push(Problem::Damaged {
@@ -241,20 +254,7 @@ impl Registry {
                 }
             }
             for (what, root) in roots {
-                let mut data: Vec<u64> = Vec::new();
-                let walked = radix::visit_nodes(&mut meta, root, &mut |v| match v {
-                    Visit::Node { addr, .. } => {
-                        *found.entry(addr.0).or_default() += 1;
-                        seen_nodes.insert(addr.0)
-                    }
-                    Visit::Data { addr } => {
-                        data.push(addr.0);
-                        true
-                    }
-                });
-                for d in data {
-                    *found.entry(d).or_default() += 1;
-                }
+                let walked = count_refs(&mut found, &mut seen_nodes, |f| radix::visit_nodes(&mut meta, root, f));
                 if let Err(e) = walked {
                     readable = false;
                     report.problems.push(Problem::Damaged { context: what, detail: e.to_string() });
