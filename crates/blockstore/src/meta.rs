@@ -54,8 +54,10 @@ struct Entry {
 
 /// What a block was when a transaction first touched it.
 enum Saved {
-    /// Not cached, or cached and clean: the medium holds its state (or it was free).
+    /// Not cached: the medium holds its state (or it was free).
     OnMedium,
+    /// Cached and clean: put back as it was, so a rolled-back attempt does not empty the cache.
+    Clean { data: Box<Block>, kind: &'static MetaKind },
     /// Cached with uncommitted changes of earlier transactions.
     Dirty { data: Box<Block>, kind: &'static MetaKind, version: u64 },
 }
@@ -209,7 +211,8 @@ impl Meta {
         }
         let saved = match self.cache.get(&addr) {
             Some(e) if e.dirty => Saved::Dirty { data: e.data.clone(), kind: e.kind, version: e.version },
-            _ => Saved::OnMedium,
+            Some(e) => Saved::Clean { data: e.data.clone(), kind: e.kind },
+            None => Saved::OnMedium,
         };
         undo.blocks.insert(addr, saved);
     }
@@ -222,6 +225,12 @@ impl Meta {
             match saved {
                 Saved::OnMedium => {
                     self.cache.remove(&addr);
+                }
+                Saved::Clean { data, kind } => {
+                    if !self.cache.contains_key(&addr) {
+                        self.clock.push_back(addr);
+                    }
+                    self.cache.insert(addr, Entry { data, kind, dirty: false, referenced: true, version: 0 });
                 }
                 Saved::Dirty { data, kind, version } => {
                     if !self.cache.contains_key(&addr) {
@@ -337,7 +346,11 @@ impl Meta {
         data: Box<Block>,
         epoch: u64,
     ) -> bool {
-        if self.home_epoch != epoch || self.cache.contains_key(&addr.0) || self.is_pending_free(addr) {
+        if self.home_epoch != epoch
+            || self.cache.contains_key(&addr.0)
+            || self.is_pending_free(addr)
+            || self.overlay.contains_key(&addr.0)
+        {
             return false;
         }
         self.evict_if_full();
@@ -354,6 +367,8 @@ impl Meta {
     /// Opens metadata block `addr` for change; it will be journaled at the next commit.
     pub fn write(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<&mut Block> {
         self.check_writable()?;
+        // Loaded (and checked) first, so a failure changes no bookkeeping.
+        self.ensure_cached(addr, kind)?;
         self.save_before(addr.0);
         self.note_change(addr.0);
         let version = self.next_version;

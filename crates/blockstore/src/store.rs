@@ -111,6 +111,7 @@ impl Transaction<'_> {
     /// transaction back — if the changes not yet committed would no longer fit one journal
     /// record: no transaction can leave the store unable to commit.
     pub fn finish(mut self) -> Result<()> {
+        self.meta.cached_only = false;
         let capacity = self.meta.journal_capacity();
         let dirty = self.meta.next_record_blocks();
         if dirty > capacity {
@@ -140,9 +141,26 @@ impl DerefMut for Transaction<'_> {
 
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
+        self.meta.cached_only = false;
         if !self.finished {
             self.meta.rollback();
         }
+    }
+}
+
+/// The locked metadata with `cached_only` set, cleared again on drop (also by a panic).
+struct CachedOnly<'a>(MutexGuard<'a, Meta>);
+
+impl<'a> CachedOnly<'a> {
+    fn new(mut meta: MutexGuard<'a, Meta>) -> Self {
+        meta.cached_only = true;
+        CachedOnly(meta)
+    }
+}
+
+impl Drop for CachedOnly<'_> {
+    fn drop(&mut self) {
+        self.0.cached_only = false;
     }
 }
 
@@ -421,12 +439,7 @@ impl BlockStore {
     /// others. `f` must not change metadata (use [`BlockStore::with_transaction`]).
     pub fn with_cached<T>(&self, mut f: impl FnMut(&mut Meta) -> Result<T>) -> Result<T> {
         for _ in 0..MISS_RETRIES {
-            let mut m = self.meta.lock();
-            m.cached_only = true;
-            let r = f(&mut m);
-            m.cached_only = false;
-            drop(m);
-            match r {
+            match self.try_cached(&mut f) {
                 Err(StoreError::NotCached { addr, meta_kind, .. }) => self.load(addr, meta_kind)?,
                 other => return other,
             }
@@ -435,12 +448,21 @@ impl BlockStore {
         f(&mut self.meta.lock())
     }
 
+    /// One attempt of [`BlockStore::with_cached`]: `f` on the locked metadata, failing with
+    /// [`StoreError::NotCached`] (and reading nothing) if it needs a block not in memory. For
+    /// callers that must drop other guards before [`BlockStore::load`]ing it.
+    pub fn try_cached<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+        let mut m = CachedOnly::new(self.meta.lock());
+        f(&mut m.0)
+    }
+
     /// Runs `f` in a transaction and finishes it, reading blocks that are not in memory without
     /// the lock: on a miss the transaction is rolled back (only its own changes), the block read
     /// and `f` run again from the start.
     pub fn with_transaction<T>(&self, mut f: impl FnMut(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
         for attempt in 0..=MISS_RETRIES {
             let mut txn = self.begin()?;
+            // Cleared again when the transaction finishes or is dropped (even by a panic).
             txn.meta.cached_only = attempt < MISS_RETRIES;
             let r = f(&mut txn);
             txn.meta.cached_only = false;
@@ -463,22 +485,27 @@ impl BlockStore {
     /// medium is read. A block that fails verification is left to the locked read, which
     /// reports the damage.
     pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind) -> Result<()> {
-        let epoch = {
-            let m = self.meta.lock();
-            if m.is_cached(addr) {
+        for _ in 0..3 {
+            let epoch = {
+                let m = self.meta.lock();
+                if m.is_cached(addr) || m.is_pending_free(addr) {
+                    return Ok(());
+                }
+                m.home_epoch
+            };
+            let mut data = Box::new([0u8; BLOCK_SIZE]);
+            self.backend
+                .read_at(addr.byte_offset(), data.as_mut_slice())
+                .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
+            if (kind.verify)(&data, addr).is_err() {
+                break; // damaged: let the locked read report it
+            }
+            if self.meta.lock().insert_loaded(addr, kind, data, epoch) {
                 return Ok(());
             }
-            m.home_epoch
-        };
-        let mut data = Box::new([0u8; BLOCK_SIZE]);
-        self.backend
-            .read_at(addr.byte_offset(), data.as_mut_slice())
-            .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
-        let mut m = self.meta.lock();
-        if (kind.verify)(&data, addr).is_err() || !m.insert_loaded(addr, kind, data, epoch) {
-            // Damaged (let the locked read report it) or raced with a commit: read it locked.
-            m.read(addr, kind)?;
+            // A commit wrote blocks home meanwhile: read again.
         }
+        self.meta.lock().read(addr, kind)?;
         Ok(())
     }
 

@@ -149,7 +149,10 @@ fn push(meta: &mut Meta, q: Queued) -> Result<()> {
         meta.set_user(QUEUE_SLOT, fresh.0)?;
         if !spare.is_none() {
             // Best effort: a full store simply goes without a spare until a block empties.
-            let _ = ensure_spare(meta);
+            match ensure_spare(meta) {
+                Ok(()) | Err(StoreError::NoSpace { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         fresh
     };

@@ -44,14 +44,37 @@ fn lookups(store: &BlockStore, root: BlockAddr, list: &[Piece]) -> Result<Vec<Ma
     Ok(store.with_cached(|meta| list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect())?)
 }
 
+/// Takes the I/O gate (which keeps blocks freed meanwhile from reuse) and looks every piece up.
+/// Metadata that is not in memory is read with neither the metadata lock nor the gate held,
+/// so a cache miss does not hold up a commit (which drains the gate) or other VMs behind it.
+fn gated_lookups<'a>(
+    store: &'a BlockStore,
+    root: BlockAddr,
+    list: &[Piece],
+) -> Result<(parking_lot::RwLockReadGuard<'a, ()>, Vec<Mapping>)> {
+    let lookup_all = |meta: &mut blockstore::Meta| list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect();
+    for _ in 0..8 {
+        let gate = store.io_guard();
+        match store.try_cached(lookup_all) {
+            Err(blockstore::StoreError::NotCached { addr, meta_kind, .. }) => {
+                drop(gate);
+                store.load(addr, meta_kind)?;
+            }
+            other => return Ok((gate, other?)),
+        }
+    }
+    let gate = store.io_guard();
+    let maps = lookups(store, root, list)?;
+    Ok((gate, maps))
+}
+
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
 fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    let _gate = store.io_guard();
     let list: Vec<Piece> = pieces(offset, buf.len()).collect();
-    let maps = lookups(store, root, &list)?;
+    let (_gate, maps) = gated_lookups(store, root, &list)?;
     let mut i = 0;
     while i < list.len() {
         match maps[i] {
@@ -244,9 +267,8 @@ impl VdiDisk {
     fn write_locked(&self, offset: u64, data: &[u8]) -> Result<()> {
         let store = self.store();
         let root = self.root();
-        let _gate = store.io_guard();
         let list: Vec<Piece> = pieces(offset, data.len()).collect();
-        let maps = lookups(store, root, &list)?;
+        let (_gate, maps) = gated_lookups(store, root, &list)?;
         let mut shared = Vec::new();
         for (p, m) in list.iter().zip(&maps) {
             match m {
@@ -293,8 +315,10 @@ impl VdiDisk {
                 let block = &mut buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
                 if p.len < BLOCK_SIZE
                     && let Mapping::Mapped { addr, .. } = maps[i + k]
+                    && let Err(e) = store.read_data(addr, 0, block)
                 {
-                    store.read_data(addr, 0, block)?;
+                    free_run(store, first, got)?;
+                    return Err(e.into());
                 }
                 block[p.at..p.at + p.len].copy_from_slice(&data[p.buf..p.buf + p.len]);
             }
