@@ -72,14 +72,11 @@ pub enum StoreError {
     /// A metadata block was needed that is not in memory, while the caller asked not to read
     /// the medium under the metadata lock; [`crate::BlockStore::with_cached`] and
     /// [`crate::BlockStore::with_transaction`] read it without the lock and retry.
-    #[error("metadata block {addr} ({kind}) is not in memory")]
+    #[error("metadata block {addr} ({}) is not in memory", meta_kind.name)]
     NotCached {
         /// The block.
         addr: BlockAddr,
-        /// What kind of block it is.
-        kind: &'static str,
-        /// How to verify it when it is read.
-        #[doc(hidden)]
+        /// What kind of block it is (how to verify it when it is read).
         meta_kind: &'static crate::MetaKind,
     },
     /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).

@@ -71,6 +71,7 @@ pub(crate) struct Undo {
     reserved: Vec<u64>,
     end_block: u64,
     dirty_count: usize,
+    in_commit_unchanged: usize,
 }
 
 /// Space figures of a store, in blocks.
@@ -180,6 +181,7 @@ impl Meta {
             reserved: Vec::new(),
             end_block: self.end_block.load(Ordering::Acquire),
             dirty_count: self.dirty_count,
+            in_commit_unchanged: self.in_commit_unchanged,
         });
     }
 
@@ -251,17 +253,11 @@ impl Meta {
         }
         self.sb = undo.sb;
         self.end_block.store(undo.end_block, Ordering::Release);
-        self.dirty_count = self.cache.values().filter(|e| e.dirty).count();
-        debug_assert_eq!(self.dirty_count, undo.dirty_count, "rollback restores the dirty set");
-        self.recount_in_commit();
-    }
-
-    fn recount_in_commit(&mut self) {
-        self.in_commit_unchanged = self
-            .in_commit
-            .iter()
-            .filter(|(a, v)| self.cache.get(a).is_some_and(|e| e.dirty && e.version == **v))
-            .count();
+        // No commit can start or end while a transaction holds the lock, so the counters
+        // are exactly what they were when it began.
+        self.dirty_count = undo.dirty_count;
+        self.in_commit_unchanged = undo.in_commit_unchanged;
+        debug_assert_eq!(self.dirty_count, self.cache.values().filter(|e| e.dirty).count());
     }
 
     /// Metadata blocks the open transaction has changed so far.
@@ -286,7 +282,7 @@ impl Meta {
                 });
             }
             if self.cached_only && !self.overlay.contains_key(&addr.0) {
-                return Err(StoreError::NotCached { addr, kind: kind.name, meta_kind: kind });
+                return Err(StoreError::NotCached { addr, meta_kind: kind });
             }
             let mut data = Box::new([0u8; BLOCK_SIZE]);
             if let Some(img) = self.overlay.get(&addr.0) {
@@ -373,14 +369,12 @@ impl Meta {
         self.note_change(addr.0);
         let version = self.next_version;
         self.next_version += 1;
-        let entry = self.ensure_cached(addr, kind)?;
-        let newly_dirty = !entry.dirty;
-        entry.dirty = true;
-        entry.version = version;
-        if newly_dirty {
+        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        if !entry.dirty {
             self.dirty_count += 1;
         }
-        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        entry.dirty = true;
+        entry.version = version;
         Ok(&mut entry.data)
     }
 

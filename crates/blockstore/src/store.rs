@@ -437,23 +437,45 @@ impl BlockStore {
     /// needs a block that is not in memory, the lock is dropped, the block read and verified,
     /// and `f` run again. For lookups on the I/O path, so one VM's cache miss never stalls the
     /// others. `f` must not change metadata (use [`BlockStore::with_transaction`]).
-    pub fn with_cached<T>(&self, mut f: impl FnMut(&mut Meta) -> Result<T>) -> Result<T> {
-        for _ in 0..MISS_RETRIES {
-            match self.try_cached(&mut f) {
-                Err(StoreError::NotCached { addr, meta_kind, .. }) => self.load(addr, meta_kind)?,
-                other => return other,
-            }
-        }
-        // The cache keeps losing what was loaded (tiny cache, busy store): read under the lock.
-        f(&mut self.meta.lock())
+    pub fn with_cached<T>(&self, f: impl FnMut(&mut Meta) -> Result<T>) -> Result<T> {
+        Ok(self.retry_misses(|| (), f)?.1)
     }
 
-    /// One attempt of [`BlockStore::with_cached`]: `f` on the locked metadata, failing with
-    /// [`StoreError::NotCached`] (and reading nothing) if it needs a block not in memory. For
-    /// callers that must drop other guards before [`BlockStore::load`]ing it.
-    pub fn try_cached<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
-        let mut m = CachedOnly::new(self.meta.lock());
-        f(&mut m.0)
+    /// [`BlockStore::with_cached`] holding an [`BlockStore::io_guard`] when `f` succeeds. The
+    /// guard is released while a missing block is read, so a cache miss holds up neither a
+    /// commit (which drains the guards) nor the I/O queued behind that commit.
+    pub fn with_cached_guarded<T>(
+        &self,
+        f: impl FnMut(&mut Meta) -> Result<T>,
+    ) -> Result<(RwLockReadGuard<'_, ()>, T)> {
+        self.retry_misses(|| self.io_guard(), f)
+    }
+
+    /// Runs `f` with `hold()` held and `cached_only` set; on a miss, drops both, reads the
+    /// block and tries again. After [`MISS_RETRIES`] misses (a tiny cache on a busy store) the
+    /// last attempt reads under the lock.
+    fn retry_misses<G, T>(
+        &self,
+        mut hold: impl FnMut() -> G,
+        mut f: impl FnMut(&mut Meta) -> Result<T>,
+    ) -> Result<(G, T)> {
+        for _ in 0..MISS_RETRIES {
+            let held = hold();
+            let attempt = {
+                let mut m = CachedOnly::new(self.meta.lock());
+                f(&mut m.0)
+            };
+            match attempt {
+                Err(StoreError::NotCached { addr, meta_kind }) => {
+                    drop(held);
+                    self.load(addr, meta_kind)?;
+                }
+                other => return Ok((held, other?)),
+            }
+        }
+        let held = hold();
+        let value = f(&mut self.meta.lock())?;
+        Ok((held, value))
     }
 
     /// Runs `f` in a transaction and finishes it, reading blocks that are not in memory without
@@ -471,7 +493,7 @@ impl BlockStore {
                     txn.finish()?;
                     return Ok(v);
                 }
-                Err(StoreError::NotCached { addr, meta_kind, .. }) => {
+                Err(StoreError::NotCached { addr, meta_kind }) => {
                     drop(txn);
                     self.load(addr, meta_kind)?;
                 }

@@ -402,14 +402,15 @@ pub type Verdict = Result<(), String>;
 /// operation completed before the cut is there, nothing that had not started is, and every
 /// sector of every VDI and snapshot holds a version its history allows — never another VDI's
 /// data or a metadata block. With `reclaim`, the release queue is then emptied and the store
-/// checked again.
-pub fn check_state(state: &CrashState, log: &[Op], model: &Model, reclaim: bool) -> Verdict {
+/// checked again. The state's image is consumed.
+pub fn check_state(state: &mut CrashState, log: &[Op], model: &Model, reclaim: bool) -> Verdict {
     let cut = state.cut;
     let done = |span: Span| last_sync_before(log, span.1).is_some_and(|p| p < cut.durable) && span.1 <= cut.horizon;
     let started = |span: Span| span.0 < cut.horizon;
     // Everything that completed before the start of a completed barrier must be durable.
     let required = model.barriers.iter().filter(|b| done(**b)).map(|b| b.0).max().unwrap_or(0);
-    let backend = Arc::new(MemBackend::from_image(state.image.clone()));
+    // The medium takes the image over (a state is checked once; images can be 70 MB).
+    let backend = Arc::new(MemBackend::from_image(std::mem::take(&mut state.image)));
     let store = match BlockStore::open(backend, &OpenOptions::default()) {
         Ok(s) => s,
         // A store whose creation never completed may be anything but a store.

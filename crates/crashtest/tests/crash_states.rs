@@ -20,9 +20,9 @@ fn run_suite(seed: u64, journal_slot_blocks: u64, states: usize) -> (usize, Vec<
     let mut tried = 0usize;
     let mut by_variant: BTreeMap<Variant, (usize, usize)> = BTreeMap::new();
     let mut failures = Vec::new();
-    for_each_state(&log, states, seed, &mut |st: CrashState| {
+    for_each_state(&log, states, seed, &mut |mut st: CrashState| {
         tried += 1;
-        let verdict = check_state(&st, &log, &model, tried.is_multiple_of(8));
+        let verdict = check_state(&mut st, &log, &model, tried.is_multiple_of(8));
         let e = by_variant.entry(st.variant).or_default();
         e.0 += 1;
         if let Err(why) = verdict {
@@ -76,8 +76,8 @@ fn the_checker_catches_a_lost_acknowledged_write() {
     for_each_state(&log, 1, 3, &mut |st| states.push(st));
     let all_synced = log.len();
     let early = states.into_iter().filter(|s| s.variant == Variant::NoneLanded).nth(40).expect("enough windows");
-    let lying = CrashState { cut: Cut { durable: all_synced, horizon: all_synced }, ..early };
-    let verdict = check_state(&lying, &log, &model, false);
+    let mut lying = CrashState { cut: Cut { durable: all_synced, horizon: all_synced }, ..early };
+    let verdict = check_state(&mut lying, &log, &model, false);
     assert!(verdict.is_err(), "a state missing acknowledged writes passed the checker");
     eprintln!("caught, as it should be: {}", verdict.unwrap_err());
 }

@@ -24,7 +24,7 @@
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
 use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, Result, StoreError};
 
-use crate::node::{ENTRIES, LEVELS, NODE_KIND, Node};
+use crate::node::{ENTRIES, LEVELS, Node};
 
 /// Superblock user slot holding the top block of the release queue (0: empty).
 pub const QUEUE_SLOT: usize = 15;
@@ -267,19 +267,17 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
                     continue;
                 }
                 // The queue owns this node alone: nothing else can reach it any more.
-                let node = meta.read(addr, &NODE_KIND)?;
-                if Node::level(node) != level {
-                    return Err(StoreError::Corrupt {
-                        kind: NODE_KIND.name,
-                        addr,
-                        reason: format!("queued as level {level} but the node is level {}", Node::level(node)),
-                    });
-                }
+                let node = crate::tree::node_at(meta, addr, level)?;
                 let next = (cursor..ENTRIES).find(|&k| !Node::entry(node, k).is_empty());
                 let Some(k) = next else {
                     pop(meta, top, slot)?;
+                    // The queue owned this node alone; a count that says otherwise is damage.
                     let left = meta.decref(addr)?;
-                    assert_eq!(left, 0, "a node the release queue owned alone was shared");
+                    if left != 0 {
+                        return Err(StoreError::Damaged(format!(
+                            "node {addr}, which the release queue owned alone, still has {left} references"
+                        )));
+                    }
                     freed += 1;
                     continue;
                 };

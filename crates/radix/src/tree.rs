@@ -47,7 +47,8 @@ fn check_vblock(vblock: u64) -> Result<()> {
     Ok(())
 }
 
-fn read_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<Box<blockstore::Block>> {
+/// The radix node at `addr`, checked to be of `level` (where the tree says it must be).
+pub(crate) fn node_at(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<&blockstore::Block> {
     let b = meta.read(addr, &NODE_KIND)?;
     if Node::level(b) != level {
         return Err(StoreError::Corrupt {
@@ -56,19 +57,15 @@ fn read_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<Box<blockst
             reason: format!("node has level {} where level {level} belongs", Node::level(b)),
         });
     }
-    Ok(Box::new(*b))
+    Ok(b)
+}
+
+fn read_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<Box<blockstore::Block>> {
+    Ok(Box::new(*node_at(meta, addr, level)?))
 }
 
 fn entry_at(meta: &mut Meta, node: BlockAddr, level: u32, i: usize) -> Result<Entry> {
-    let b = meta.read(node, &NODE_KIND)?;
-    if Node::level(b) != level {
-        return Err(StoreError::Corrupt {
-            kind: NODE_KIND.name,
-            addr: node,
-            reason: format!("node has level {} where level {level} belongs", Node::level(b)),
-        });
-    }
-    Ok(Node::entry(b, i))
+    Ok(Node::entry(node_at(meta, node, level)?, i))
 }
 
 fn set_entry(meta: &mut Meta, node: BlockAddr, i: usize, e: Entry) -> Result<()> {

@@ -38,34 +38,25 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = Piece> {
     })
 }
 
+/// Where each piece lives, looked up in `meta`.
+fn lookup_all(meta: &mut blockstore::Meta, root: BlockAddr, list: &[Piece]) -> blockstore::Result<Vec<Mapping>> {
+    list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect()
+}
+
 /// Where each piece lives. Blocks of the tree that are not in memory are read without the
 /// metadata lock ([`BlockStore::with_cached`]), so a cache miss stalls only this request.
 fn lookups(store: &BlockStore, root: BlockAddr, list: &[Piece]) -> Result<Vec<Mapping>> {
-    Ok(store.with_cached(|meta| list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect())?)
+    Ok(store.with_cached(|meta| lookup_all(meta, root, list))?)
 }
 
-/// Takes the I/O gate (which keeps blocks freed meanwhile from reuse) and looks every piece up.
-/// Metadata that is not in memory is read with neither the metadata lock nor the gate held,
-/// so a cache miss does not hold up a commit (which drains the gate) or other VMs behind it.
+/// [`lookups`] holding the I/O gate (which keeps blocks freed meanwhile from reuse); a miss is
+/// read with the gate released ([`BlockStore::with_cached_guarded`]).
 fn gated_lookups<'a>(
     store: &'a BlockStore,
     root: BlockAddr,
     list: &[Piece],
 ) -> Result<(parking_lot::RwLockReadGuard<'a, ()>, Vec<Mapping>)> {
-    let lookup_all = |meta: &mut blockstore::Meta| list.iter().map(|p| radix::lookup(meta, root, p.vblock)).collect();
-    for _ in 0..8 {
-        let gate = store.io_guard();
-        match store.try_cached(lookup_all) {
-            Err(blockstore::StoreError::NotCached { addr, meta_kind, .. }) => {
-                drop(gate);
-                store.load(addr, meta_kind)?;
-            }
-            other => return Ok((gate, other?)),
-        }
-    }
-    let gate = store.io_guard();
-    let maps = lookups(store, root, list)?;
-    Ok((gate, maps))
+    Ok(store.with_cached_guarded(|meta| lookup_all(meta, root, list))?)
 }
 
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
