@@ -82,6 +82,16 @@ pub enum StoreError {
     /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).
     #[error("metadata changed outside a transaction")]
     NoTransaction,
+    /// A [`crate::FrozenView`] is already open: one online check at a time.
+    #[error("another check of this store is running; wait for it to finish")]
+    ViewBusy,
+    /// A [`crate::FrozenView`] was given up while open: the store changed more than it may keep
+    /// (by default 32 Ki metadata blocks changed, or 256 Ki blocks freed), or the space it held
+    /// was needed for a write.
+    #[error(
+        "the store changed too much while it was being checked (the check was given up to keep it running); run the check again when the store is quieter"
+    )]
+    ViewOverrun,
     /// An earlier commit failed; the in-memory state can no longer be trusted.
     #[error("an earlier commit failed; reopen the store to recover from the journal")]
     Poisoned,

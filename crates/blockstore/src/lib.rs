@@ -19,10 +19,12 @@ mod journal;
 mod meta;
 mod store;
 mod superblock;
+mod view;
 
 pub use addr::{BLOCK_SIZE, Block, BlockAddr};
 pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
 pub use error::{Result, StoreError};
 pub use meta::{Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
-pub use store::{BlockStore, CommitInfo, CreateOptions, OpenOptions, Recovery, Transaction, is_blank};
+pub use store::{BlockStore, CommitInfo, CreateOptions, MISS_RETRIES, OpenOptions, Recovery, Transaction, is_blank};
 pub use superblock::Superblock;
+pub use view::{FrozenView, MetaRead};

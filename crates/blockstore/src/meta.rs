@@ -74,6 +74,31 @@ pub(crate) struct Undo {
     in_commit_unchanged: usize,
 }
 
+/// The state of an open [`crate::FrozenView`]: the metadata as it was when the view was taken,
+/// kept as the blocks changed since (their old contents) and the blocks freed since (not handed
+/// out again while the view is open, so their old contents stay on the medium). Only blocks in
+/// use at the view's instant are kept or held: blocks allocated later are not part of it.
+pub(crate) struct Frozen {
+    /// The superblock when the view was taken.
+    pub(crate) sb: Superblock,
+    /// Contents, as of the view, of blocks changed or freed since.
+    pub(crate) saved: HashMap<u64, (Box<Block>, &'static MetaKind)>,
+    /// Blocks in use in the view and freed since, whose freeing is not durable yet.
+    pub(crate) freed_since: HashSet<u64>,
+    /// Blocks in use in the view whose freeing became durable: not reusable until it closes.
+    pub(crate) held_free: HashSet<u64>,
+    /// Most blocks `saved` may hold.
+    pub(crate) kept_limit: usize,
+    /// The view outgrew its limits (or its held blocks were needed) and was given up.
+    pub(crate) overrun: bool,
+}
+
+/// Most changed blocks a frozen view keeps by default (128 MiB) before it is given up.
+pub(crate) const FROZEN_KEPT_BLOCKS: usize = 32 * 1024;
+
+/// Most freed blocks a frozen view holds from reuse (1 GiB of space) before it is given up.
+const FROZEN_HELD_BLOCKS: usize = 256 * 1024;
+
 /// Space figures of a store, in blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpaceStats {
@@ -81,7 +106,7 @@ pub struct SpaceStats {
     pub capacity: u64,
     /// Blocks with a non-zero reference count.
     pub allocated: u64,
-    /// Blocks freed but not reusable until the next commit.
+    /// Blocks freed but not reusable yet: until the next commit, or held for an online check.
     pub pending_free: u64,
     /// Size of the store in blocks, fixed areas included.
     pub store_blocks: u64,
@@ -121,6 +146,8 @@ pub struct Meta {
     /// Counts commits whose home writes are done: a block read from the medium without the
     /// lock may be cached only if no home write happened meanwhile.
     pub(crate) home_epoch: u64,
+    /// The open frozen view, if any.
+    pub(crate) frozen: Option<Frozen>,
 }
 
 impl Meta {
@@ -152,6 +179,7 @@ impl Meta {
             undo: None,
             cached_only: false,
             home_epoch: 0,
+            frozen: None,
         }
     }
 
@@ -203,6 +231,98 @@ impl Meta {
     /// Metadata blocks the next journal record would hold now.
     pub fn next_record_blocks(&self) -> usize {
         self.dirty_count - self.in_commit_unchanged
+    }
+
+    /// True if `addr` was in use at the open frozen view's instant (conservatively: true when
+    /// that cannot be told without reading the medium).
+    fn in_use_in_view(&self, addr: u64) -> bool {
+        let Some(frozen) = self.frozen.as_ref().filter(|f| !f.overrun) else { return false };
+        if addr >= frozen.sb.end_block() {
+            return false; // in a group added since
+        }
+        let Ok((rc, at)) = refcount_slot(&frozen.sb, BlockAddr(addr)) else {
+            return true; // a reference-count block: always part of the view
+        };
+        // A count block not kept is unchanged since the view; every allocation or free since
+        // changed (and so kept) the count block first.
+        let counts = match frozen.saved.get(&rc.0) {
+            Some((data, _)) => data,
+            None => match self.cache.get(&rc.0) {
+                Some(e) => &e.data,
+                None => return true,
+            },
+        };
+        counts[at..at + 4] != [0; 4]
+    }
+
+    /// Keeps the contents of `addr` as of the open frozen view, before it changes or is freed.
+    /// Only cached blocks can change, and a block not yet kept is unchanged since the view.
+    fn preserve_for_view(&mut self, addr: u64) {
+        if !self.in_use_in_view(addr) {
+            return;
+        }
+        let Some(frozen) = self.frozen.as_ref() else { return };
+        if frozen.saved.contains_key(&addr) {
+            return;
+        }
+        let Some(entry) = self.cache.get(&addr) else { return };
+        if frozen.saved.len() >= frozen.kept_limit {
+            self.give_up_view();
+            return;
+        }
+        let copy = (entry.data.clone(), entry.kind);
+        if let Some(f) = self.frozen.as_mut() {
+            f.saved.insert(addr, copy);
+        }
+    }
+
+    /// Drops the open frozen view's kept blocks and releases its held ones; its reads fail
+    /// with [`StoreError::ViewOverrun`] from now on.
+    fn give_up_view(&mut self) {
+        if let Some(f) = self.frozen.as_mut() {
+            tracing::warn!(kept = f.saved.len(), held = f.held_free.len(), "giving up a frozen view (online check)");
+            f.overrun = true;
+            f.saved = HashMap::new();
+            f.freed_since = HashSet::new();
+            f.held_free = HashSet::new();
+        }
+    }
+
+    /// Called when a commit's frees are durable: the blocks become reusable, unless a frozen
+    /// view still needs their old contents.
+    pub(crate) fn release_committed_frees(&mut self) {
+        let freed = std::mem::take(&mut self.committing_free);
+        let Some(f) = self.frozen.as_mut().filter(|f| !f.overrun) else { return };
+        for a in freed {
+            if f.freed_since.remove(&a) {
+                f.held_free.insert(a);
+            }
+        }
+        if f.held_free.len() > FROZEN_HELD_BLOCKS {
+            self.give_up_view();
+        }
+    }
+
+    /// Adds a group; when the store cannot grow and an open frozen view holds freed blocks,
+    /// gives the view up instead, so a check never makes a guest's write fail for space.
+    fn grow(&mut self) -> Result<()> {
+        match self.add_group() {
+            Err(StoreError::NoSpace { .. }) if self.frozen.as_ref().is_some_and(|f| !f.held_free.is_empty()) => {
+                self.give_up_view();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// True if a frozen view keeps `addr` from reuse.
+    fn held_for_view(&self, addr: u64) -> bool {
+        self.frozen.as_ref().is_some_and(|f| f.held_free.contains(&addr))
+    }
+
+    /// The cached copy of `addr`, if any, with its kind (for frozen views).
+    pub(crate) fn cached_entry(&self, addr: u64) -> Option<(&Block, &'static MetaKind)> {
+        self.cache.get(&addr).map(|e| (&*e.data, e.kind))
     }
 
     /// Records the state of `addr` before the open transaction first changes it.
@@ -365,6 +485,7 @@ impl Meta {
         self.check_writable()?;
         // Loaded (and checked) first, so a failure changes no bookkeeping.
         self.ensure_cached(addr, kind)?;
+        self.preserve_for_view(addr.0);
         self.save_before(addr.0);
         self.note_change(addr.0);
         let version = self.next_version;
@@ -458,9 +579,10 @@ impl Meta {
     fn find_run(&mut self, max: u64, count: bool) -> Result<(BlockAddr, u64)> {
         let max = max.max(1);
         loop {
-            let unusable = (self.pending_free.len() + self.committing_free.len() + self.reserved.len()) as u64;
+            let held = self.frozen.as_ref().map_or(0, |f| f.held_free.len());
+            let unusable = (self.pending_free.len() + self.committing_free.len() + self.reserved.len() + held) as u64;
             if self.sb.allocated + unusable >= self.sb.groups * REFCOUNTS_PER_BLOCK {
-                self.add_group()?;
+                self.grow()?;
             }
             let first = self.sb.groups_start + 1;
             let mut start = self.sb.alloc_cursor;
@@ -476,7 +598,7 @@ impl Meta {
                 return Ok(found);
             }
             // Every free block is waiting for a commit: grow instead.
-            self.add_group()?;
+            self.grow()?;
         }
     }
 
@@ -494,6 +616,7 @@ impl Meta {
                     && !self.pending_free.contains(&(base + i))
                     && !self.committing_free.contains(&(base + i))
                     && !self.reserved.contains(&(base + i))
+                    && !self.held_for_view(base + i)
             };
             if let Some(first) = (index..REFCOUNTS_PER_BLOCK).find(|&i| usable(i)) {
                 let n = (first..REFCOUNTS_PER_BLOCK).take(max as usize).take_while(|&i| usable(i)).count() as u64;
@@ -554,26 +677,12 @@ impl Meta {
 
     /// Where the reference count of `addr` lives: (count block, byte offset in it).
     fn refcount_slot(&self, addr: BlockAddr) -> Result<(BlockAddr, usize)> {
-        let bad = |why: &str| StoreError::Damaged(format!("block {addr} {why}"));
-        if addr.0 < self.sb.groups_start {
-            return Err(bad("is in the fixed area and has no reference count"));
-        }
-        let off = addr.0 - self.sb.groups_start;
-        let (group, i) = (off / GROUP_BLOCKS, off % GROUP_BLOCKS);
-        if group >= self.sb.groups {
-            return Err(bad("lies past the end of the store"));
-        }
-        if i == 0 {
-            return Err(bad("is a reference-count block, not an allocatable block"));
-        }
-        Ok((BlockAddr(addr.0 - i), META_HEADER_LEN + (i as usize - 1) * 4))
+        refcount_slot(&self.sb, addr)
     }
 
     /// The reference count of `addr`.
     pub fn refcount(&mut self, addr: BlockAddr) -> Result<u32> {
-        let (rc, at) = self.refcount_slot(addr)?;
-        let b = self.read(rc, &REFCOUNT_KIND)?;
-        Ok(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+        crate::view::MetaRead::refcount(self, addr)
     }
 
     /// Adds one reference to `addr`; returns the new count.
@@ -603,6 +712,7 @@ impl Meta {
                 StoreError::Damaged(format!("freeing block {addr} but the superblock counts no block in use"))
             })?;
             self.note_freed(addr.0);
+            self.preserve_for_view(addr.0);
             self.save_before(addr.0);
             self.note_change(addr.0);
             if let Some(e) = self.cache.remove(&addr.0)
@@ -616,6 +726,11 @@ impl Meta {
 
     /// Marks `addr` free but not reusable before the commit that frees it is durable.
     fn note_freed(&mut self, addr: u64) {
+        if self.in_use_in_view(addr)
+            && let Some(f) = self.frozen.as_mut()
+        {
+            f.freed_since.insert(addr);
+        }
         if self.pending_free.insert(addr)
             && let Some(u) = self.undo.as_mut()
         {
@@ -662,7 +777,9 @@ impl Meta {
         SpaceStats {
             capacity: self.sb.groups * REFCOUNTS_PER_BLOCK,
             allocated: self.sb.allocated,
-            pending_free: (self.pending_free.len() + self.committing_free.len()) as u64,
+            pending_free: (self.pending_free.len()
+                + self.committing_free.len()
+                + self.frozen.as_ref().map_or(0, |f| f.held_free.len())) as u64,
             store_blocks: self.sb.end_block(),
             max_blocks: self.sb.max_blocks,
         }
@@ -676,19 +793,7 @@ impl Meta {
     /// Every allocatable block with a non-zero count, in address order, with its count.
     /// Reads every reference-count block: for checkers, not for the I/O path.
     pub fn all_refcounts(&mut self) -> Result<Vec<(BlockAddr, u32)>> {
-        let mut out = Vec::new();
-        for g in 0..self.sb.groups {
-            let rc = BlockAddr(self.sb.groups_start + g * GROUP_BLOCKS);
-            let b = self.read(rc, &REFCOUNT_KIND)?;
-            for i in 0..REFCOUNTS_PER_BLOCK as usize {
-                let at = META_HEADER_LEN + i * 4;
-                let c = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                if c != 0 {
-                    out.push((BlockAddr(rc.0 + 1 + i as u64), c));
-                }
-            }
-        }
-        Ok(out)
+        crate::view::MetaRead::all_refcounts(self)
     }
 
     /// Sets the reference count of `addr` outright (for repair tools only).
@@ -750,4 +855,22 @@ impl Meta {
     pub fn has_changes(&self) -> bool {
         self.dirty_count > 0 || !self.pending_free.is_empty() || self.sb != self.committed
     }
+}
+
+/// Where the reference count of `addr` lives in a store with superblock `sb`: (count block,
+/// byte offset in it).
+pub(crate) fn refcount_slot(sb: &Superblock, addr: BlockAddr) -> Result<(BlockAddr, usize)> {
+    let bad = |why: &str| StoreError::Damaged(format!("block {addr} {why}"));
+    if addr.0 < sb.groups_start {
+        return Err(bad("is in the fixed area and has no reference count"));
+    }
+    let off = addr.0 - sb.groups_start;
+    let (group, i) = (off / GROUP_BLOCKS, off % GROUP_BLOCKS);
+    if group >= sb.groups {
+        return Err(bad("lies past the end of the store"));
+    }
+    if i == 0 {
+        return Err(bad("is a reference-count block, not an allocatable block"));
+    }
+    Ok((BlockAddr(addr.0 - i), META_HEADER_LEN + (i as usize - 1) * 4))
 }

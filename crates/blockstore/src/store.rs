@@ -124,6 +124,14 @@ impl Transaction<'_> {
 
     /// Throws the changes away (the same as dropping the transaction).
     pub fn rollback(self) {}
+
+    /// With `on`, a block that is not in memory is not read under the lock: the call needing
+    /// it fails with [`StoreError::NotCached`], so the caller can drop the transaction, read
+    /// the block with [`BlockStore::load`] and start again ([`BlockStore::with_transaction`]
+    /// does all that). Cleared when the transaction ends.
+    pub fn set_cached_only(&mut self, on: bool) {
+        self.meta.cached_only = on;
+    }
 }
 
 impl Deref for Transaction<'_> {
@@ -164,8 +172,9 @@ impl Drop for CachedOnly<'_> {
     }
 }
 
-/// How often a lookup or transaction is retried after a cache miss before reading under the lock.
-const MISS_RETRIES: usize = 8;
+/// How often a lookup or transaction is retried after a cache miss (the block read without the
+/// lock in between) before its last attempt reads under the lock.
+pub const MISS_RETRIES: usize = 8;
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -640,7 +649,7 @@ impl BlockStore {
         }
         // Blocks freed by this commit may be reused once no reader that found them is left.
         let _drain = self.io_gate.write();
-        self.meta.lock().committing_free.clear();
+        self.meta.lock().release_committed_frees();
         let info = CommitInfo { generation, blocks: images.len() };
         *self.last_commit.lock() = (index, info);
         Ok(info)

@@ -214,3 +214,114 @@ fn a_version_1_store_is_upgraded() {
     assert_eq!(s.recovery().upgraded_from, None, "upgraded once, durably");
     assert_eq!(s.lock().superblock().version, 2);
 }
+
+#[test]
+fn a_frozen_view_keeps_the_metadata_of_its_instant() {
+    use blockstore::MetaRead;
+    let mem = MemBackend::new();
+    let s = store(&mem, 64, 64);
+    let kept = new_block(&s, 1);
+    let freed = new_block(&s, 2);
+    s.commit().unwrap();
+    // Reopened: nothing cached, so the view reads the medium and `freed` is freed uncached.
+    drop(s);
+    let s = reopen(&mem);
+    // Changed but not committed at the view's instant: only in memory.
+    let dirty = new_block(&s, 3);
+    let mut view = s.freeze().unwrap();
+    assert!(matches!(s.freeze(), Err(StoreError::ViewBusy)), "one view at a time");
+    // After the view: change one block, free two, make it all durable.
+    let mut t = s.begin().unwrap();
+    t.write(kept, &TEST_KIND).unwrap()[100] = 9;
+    t.decref(freed).unwrap();
+    t.decref(dirty).unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    s.commit().unwrap();
+    // Allocate and overwrite data until the allocator has wrapped around the store twice.
+    let groups = s.lock().superblock().groups;
+    while s.lock().superblock().groups < groups + 2 {
+        let mut t = s.begin().unwrap();
+        let (first, n) = t.alloc_run(256).unwrap();
+        t.finish().unwrap();
+        s.commit().unwrap();
+        assert!(!(first.0..first.0 + n).contains(&freed.0), "a block freed while a view is open is reused");
+        s.write_data(first, 0, &vec![0xEE; n as usize * BLOCK_SIZE]).unwrap();
+    }
+    // A block born after the view and freed again is not the view's: not held.
+    let born = new_block(&s, 5);
+    s.commit().unwrap();
+    let mut t = s.begin().unwrap();
+    t.decref(born).unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    s.commit().unwrap();
+    assert_eq!(byte_at(&s, kept), 9, "the live store sees the change");
+    // The view still sees its instant: old contents, the freed block, the old counts.
+    assert_eq!(view.read(kept, &TEST_KIND).unwrap()[100], 1);
+    assert_eq!(view.read(freed, &TEST_KIND).unwrap()[100], 2);
+    assert_eq!(view.read(dirty, &TEST_KIND).unwrap()[100], 3, "never written home, kept when freed");
+    assert_eq!(view.refcount(freed).unwrap(), 1);
+    assert_eq!(view.all_refcounts().unwrap().len(), 3);
+    assert_eq!(view.superblock().allocated, 3);
+    view.still_valid().unwrap();
+    assert_eq!(s.lock().space().pending_free, 2, "the freed blocks are held for the view");
+    drop(view);
+    assert_eq!(s.lock().space().pending_free, 0, "closed: the held block is free again");
+    s.freeze().unwrap();
+}
+
+#[test]
+fn a_frozen_view_past_its_limit_is_given_up_not_trusted() {
+    use blockstore::MetaRead;
+    let mem = MemBackend::new();
+    let s = store(&mem, 64, 256);
+    let blocks: Vec<BlockAddr> = (0..4).map(|i| new_block(&s, i)).collect();
+    s.commit().unwrap();
+    let mut view = s.freeze_with_limit(2).unwrap();
+    let mut t = s.begin().unwrap();
+    for &b in &blocks {
+        t.write(b, &TEST_KIND).unwrap()[100] = 0xAA;
+    }
+    t.finish().unwrap();
+    assert!(matches!(view.read(blocks[0], &TEST_KIND), Err(StoreError::ViewOverrun)));
+    assert!(matches!(view.still_valid(), Err(StoreError::ViewOverrun)));
+    drop(view);
+    s.freeze().unwrap().still_valid().unwrap();
+}
+
+#[test]
+fn a_write_that_needs_the_space_a_view_holds_gives_the_view_up() {
+    let probe = store(&MemBackend::new(), 64, 256);
+    let groups_start = probe.lock().superblock().groups_start;
+    // Room for exactly one allocation group (1 020 blocks), never more.
+    let mem = MemBackend::new();
+    let create = CreateOptions { journal_slot_blocks: 64, max_blocks: groups_start + blockstore::format::GROUP_BLOCKS };
+    let s = BlockStore::create(Arc::new(mem.clone()), &create, &OpenOptions::default()).unwrap();
+    let alloc = |n: u64| -> Vec<BlockAddr> {
+        let mut got = Vec::new();
+        while (got.len() as u64) < n {
+            let mut t = s.begin().unwrap();
+            let (first, k) = t.alloc_run(n - got.len() as u64).unwrap();
+            t.finish().unwrap();
+            s.commit().unwrap();
+            got.extend((first.0..first.0 + k).map(BlockAddr));
+        }
+        got
+    };
+    let used = alloc(1000);
+    let view = s.freeze().unwrap();
+    for chunk in used[..500].chunks(40) {
+        let mut t = s.begin().unwrap();
+        for &b in chunk {
+            t.decref(b).unwrap();
+        }
+        t.finish().unwrap();
+        s.commit().unwrap();
+    }
+    s.commit().unwrap();
+    assert_eq!(s.lock().space().pending_free, 500, "held for the view");
+    // 400 blocks fit only in what the view holds: the write wins, the view is given up.
+    assert_eq!(alloc(400).len(), 400);
+    assert!(matches!(view.still_valid(), Err(StoreError::ViewOverrun)));
+}
