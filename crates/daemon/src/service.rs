@@ -34,12 +34,12 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
     let reg = Registry::open(Arc::new(store)).context("loading the VDI registry")?;
     // Deleted VDIs and snapshots are freed in bounded steps while the guests' I/O goes on;
     // a delete interrupted by a stop or a crash resumes here.
-    let _reclaimer = reg.start_reclaimer();
     let mut damaged = HashMap::new();
-    for (id, e) in reg.damaged_vdis() {
+    for (id, e) in reg.damaged_vdis().context("walking the VDIs' trees")? {
         tracing::error!("VDI {id} is damaged and will not be served: {e}");
         damaged.insert(id, e);
     }
+    let _reclaimer = reg.start_reclaimer();
     let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
     let mut servers = Vec::new();
     if let Some(addr) = config.nbd {

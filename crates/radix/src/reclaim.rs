@@ -22,7 +22,7 @@
 //! so queueing works on a store that is full.
 
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
-use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, Result, StoreError};
+use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, MetaRead, Result, StoreError};
 
 use crate::node::{ENTRIES, LEVELS, Node};
 
@@ -116,7 +116,7 @@ fn set_count(b: &mut [u8], n: usize) {
 }
 
 /// Entries waiting in the release queue.
-pub fn queue_len(meta: &Meta) -> u64 {
+pub fn queue_len<M: MetaRead + ?Sized>(meta: &M) -> u64 {
     meta.user(QUEUE_LEN_SLOT)
 }
 
@@ -296,7 +296,7 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
 
 /// Calls `f` for every queue block and every entry in the queue, top first, for checkers:
 /// each queue block and each entry holds one reference.
-pub fn visit_queue(meta: &mut Meta, f: &mut dyn FnMut(QueueItem)) -> Result<()> {
+pub fn visit_queue<M: MetaRead + ?Sized>(meta: &mut M, f: &mut dyn FnMut(QueueItem)) -> Result<()> {
     let spare = BlockAddr(meta.user(QUEUE_SPARE_SLOT));
     if !spare.is_none() {
         meta.read(spare, &QUEUE_KIND)?;

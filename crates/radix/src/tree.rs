@@ -1,6 +1,6 @@
 //! Tree operations: lookup, copy-on-write mapping, unmap, fork, release, walks and diff.
 
-use blockstore::{BlockAddr, Meta, Result, StoreError};
+use blockstore::{BlockAddr, Meta, MetaRead, Result, StoreError};
 
 use crate::node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
 
@@ -48,7 +48,7 @@ fn check_vblock(vblock: u64) -> Result<()> {
 }
 
 /// The radix node at `addr`, checked to be of `level` (where the tree says it must be).
-pub(crate) fn node_at(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<&blockstore::Block> {
+pub(crate) fn node_at<M: MetaRead + ?Sized>(meta: &mut M, addr: BlockAddr, level: u32) -> Result<&blockstore::Block> {
     let b = meta.read(addr, &NODE_KIND)?;
     if Node::level(b) != level {
         return Err(StoreError::Corrupt {
@@ -60,7 +60,7 @@ pub(crate) fn node_at(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<&b
     Ok(b)
 }
 
-fn read_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<Box<blockstore::Block>> {
+fn read_node<M: MetaRead + ?Sized>(meta: &mut M, addr: BlockAddr, level: u32) -> Result<Box<blockstore::Block>> {
     Ok(Box::new(*node_at(meta, addr, level)?))
 }
 
@@ -400,15 +400,19 @@ pub enum Visit {
 
 /// Walks the tree at `root` depth first, calling `f` for every node and every data reference.
 /// When `f` returns false for a node, its children are skipped (visit shared nodes once).
-pub fn visit_nodes(meta: &mut Meta, root: BlockAddr, f: &mut dyn FnMut(Visit) -> bool) -> Result<()> {
+pub fn visit_nodes<M: MetaRead + ?Sized>(
+    meta: &mut M,
+    root: BlockAddr,
+    f: &mut dyn FnMut(Visit) -> bool,
+) -> Result<()> {
     visit(meta, root, LEVELS - 1, f)
 }
 
 /// Walks the children of node `addr` (at `level`) from entry `from` on, as [`visit_nodes`]
 /// does below a node; the node itself is not reported. For a node the release queue has half
 /// released.
-pub fn visit_nodes_from(
-    meta: &mut Meta,
+pub fn visit_nodes_from<M: MetaRead + ?Sized>(
+    meta: &mut M,
     addr: BlockAddr,
     level: u32,
     from: usize,
@@ -417,15 +421,20 @@ pub fn visit_nodes_from(
     visit_children(meta, addr, level, from, f)
 }
 
-fn visit(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(Visit) -> bool) -> Result<()> {
+fn visit<M: MetaRead + ?Sized>(
+    meta: &mut M,
+    addr: BlockAddr,
+    level: u32,
+    f: &mut dyn FnMut(Visit) -> bool,
+) -> Result<()> {
     if !f(Visit::Node { addr, level }) {
         return Ok(());
     }
     visit_children(meta, addr, level, 0, f)
 }
 
-fn visit_children(
-    meta: &mut Meta,
+fn visit_children<M: MetaRead + ?Sized>(
+    meta: &mut M,
     addr: BlockAddr,
     level: u32,
     from: usize,
@@ -451,11 +460,16 @@ fn visit_children(
 
 /// Calls `f` for every node and data block reached from `root` through writable entries only:
 /// the blocks written in place, which must each have reference count 1.
-pub fn visit_writable(meta: &mut Meta, root: BlockAddr, f: &mut dyn FnMut(BlockAddr)) -> Result<()> {
+pub fn visit_writable<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr, f: &mut dyn FnMut(BlockAddr)) -> Result<()> {
     visit_writable_in(meta, root, LEVELS - 1, f)
 }
 
-fn visit_writable_in(meta: &mut Meta, addr: BlockAddr, level: u32, f: &mut dyn FnMut(BlockAddr)) -> Result<()> {
+fn visit_writable_in<M: MetaRead + ?Sized>(
+    meta: &mut M,
+    addr: BlockAddr,
+    level: u32,
+    f: &mut dyn FnMut(BlockAddr),
+) -> Result<()> {
     let n = read_node(meta, addr, level)?;
     for i in 0..ENTRIES {
         let e = Node::entry(&n, i);

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use blockstore::BlockAddr;
+use blockstore::{BlockAddr, MetaRead};
 use radix::Visit;
 
 use crate::registry::{Registry, load_state};
@@ -139,163 +139,206 @@ fn q_ok(report: &CheckReport) -> bool {
     !report.problems.iter().any(|p| matches!(p, Problem::Damaged { context, .. } if context == "release queue"))
 }
 
+/// What one walk of the metadata found.
+struct Audit {
+    report: CheckReport,
+    /// Counts to set (a leak: 0) to make the stored counts match the references found.
+    fixes: Vec<(BlockAddr, u32)>,
+    /// True if the fixes are certain: every tree was read and no referenced block is free.
+    repairable: bool,
+}
+
+/// Walks the metadata `meta` (a frozen view, or a transaction for repair) and compares the
+/// references found with the stored counts.
+fn audit<M: MetaRead + ?Sized>(meta: &mut M) -> Result<Audit> {
+    let mut report = CheckReport::default();
+    // Re-read the registry from the store itself, not from memory.
+    let disk_state = match load_state(&mut *meta) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            report.problems.push(Problem::Damaged { context: "VDI registry".into(), detail: e.to_string() });
+            None
+        }
+    };
+    let mut found: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut seen_nodes: HashSet<u64> = HashSet::new();
+    let mut readable = disk_state.is_some();
+    if let Some(state) = &disk_state {
+        report.vdis = state.vdis.len();
+        for (id, why) in &state.damaged {
+            readable = false;
+            report.problems.push(Problem::Damaged { context: format!("VDI {id}"), detail: why.clone() });
+        }
+        for b in &state.registry_blocks {
+            *found.entry(b.0).or_default() += 1;
+        }
+        let mut roots: Vec<(String, BlockAddr)> = Vec::new();
+        for (id, v) in &state.vdis {
+            *found.entry(v.record.0).or_default() += 1;
+            for b in &v.log {
+                *found.entry(b.0).or_default() += 1;
+            }
+            roots.push((
+                format!("VDI {id} ('{}')", v.name),
+                BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire)),
+            ));
+            if !v.pending_root.is_none() {
+                roots.push((format!("VDI {id} (interrupted import)"), v.pending_root));
+            }
+        }
+        for (sid, s) in &state.snaps {
+            if !s.deleted {
+                report.snapshots += 1;
+                roots.push((format!("snapshot {sid} of VDI {}", s.vdi), s.root));
+            }
+        }
+        // The release queue holds one reference per queue block and per entry; a node it has
+        // begun to release still references its children from the cursor on.
+        let mut queued: Vec<(BlockAddr, u32, usize)> = Vec::new();
+        let mut entries = 0u64;
+        let q = radix::visit_queue(&mut *meta, &mut |item| match item {
+            radix::QueueItem::QueueBlock(a) => *found.entry(a.0).or_default() += 1,
+            radix::QueueItem::Entry(radix::Queued::Block(a)) => {
+                entries += 1;
+                *found.entry(a.0).or_default() += 1;
+            }
+            radix::QueueItem::Entry(radix::Queued::Node { addr, level, cursor }) => {
+                entries += 1;
+                *found.entry(addr.0).or_default() += 1;
+                queued.push((addr, level, cursor));
+            }
+        });
+        if let Err(e) = q {
+            readable = false;
+            report.problems.push(Problem::Damaged { context: "release queue".into(), detail: e.to_string() });
+        }
+        report.pending_reclaim = radix::queue_len(&*meta);
+        if q_ok(&report) && entries != report.pending_reclaim {
+            report.problems.push(Problem::Damaged {
+                context: "release queue".into(),
+                detail: format!("holds {entries} entries but its length says {}", report.pending_reclaim),
+            });
+        }
+        for (addr, level, cursor) in queued {
+            if cursor == 0 && !seen_nodes.insert(addr.0) {
+                continue;
+            }
+            seen_nodes.insert(addr.0);
+            let walked = count_refs(&mut found, &mut seen_nodes, |f| {
+                radix::visit_nodes_from(&mut *meta, addr, level, cursor, f)
+            });
+            if let Err(e) = walked {
+                readable = false;
+                report.problems.push(Problem::Damaged {
+                    context: format!("queued release of node {addr}"),
+                    detail: e.to_string(),
+                });
+            }
+        }
+        let mut writable_paths: Vec<(VdiId, BlockAddr)> = Vec::new();
+        for (id, v) in &state.vdis {
+            writable_paths.push((*id, BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire))));
+        }
+        for (id, root) in writable_paths {
+            let mut private: Vec<u64> = Vec::new();
+            if radix::visit_writable(&mut *meta, root, &mut |a| private.push(a.0)).is_ok() {
+                for a in private {
+                    match meta.refcount(BlockAddr(a)) {
+                        Ok(1) => {}
+                        Ok(count) => report.problems.push(Problem::SharedWritable { block: a, count, vdi: id.0 }),
+                        Err(e) => report.problems.push(Problem::Damaged {
+                            context: format!("reference count of block {a}"),
+                            detail: e.to_string(),
+                        }),
+                    }
+                }
+            }
+        }
+        for (what, root) in roots {
+            let walked = count_refs(&mut found, &mut seen_nodes, |f| radix::visit_nodes(&mut *meta, root, f));
+            if let Err(e) = walked {
+                readable = false;
+                report.problems.push(Problem::Damaged { context: what, detail: e.to_string() });
+            }
+        }
+    }
+    report.nodes = seen_nodes.len() as u64;
+    report.data_blocks = found.keys().filter(|k| !seen_nodes.contains(k)).count() as u64;
+    let stored = match meta.all_refcounts() {
+        Ok(s) => s,
+        Err(e) => {
+            report.problems.push(Problem::Damaged { context: "reference counts".into(), detail: e.to_string() });
+            return Ok(Audit { report, fixes: Vec::new(), repairable: false });
+        }
+    };
+    let allocated = stored.len() as u64;
+    if meta.superblock().allocated != allocated {
+        report.problems.push(Problem::AllocatedCount { stored: meta.superblock().allocated, found: allocated });
+    }
+    let mut fixes: Vec<(BlockAddr, u32)> = Vec::new();
+    let stored_map: BTreeMap<u64, u32> = stored.iter().map(|(a, c)| (a.0, *c)).collect();
+    for (block, &n) in &found {
+        match stored_map.get(block) {
+            None => report.problems.push(Problem::Unallocated { block: *block, found: n }),
+            Some(&c) if c != n => {
+                report.problems.push(Problem::WrongCount { block: *block, stored: c, found: n });
+                fixes.push((BlockAddr(*block), n));
+            }
+            _ => {}
+        }
+    }
+    for (block, &c) in &stored_map {
+        if !found.contains_key(block) {
+            report.problems.push(Problem::Leaked { block: *block, stored: c });
+            fixes.push((BlockAddr(*block), 0));
+        }
+    }
+    let unallocated = report.problems.iter().any(|p| matches!(p, Problem::Unallocated { .. }));
+    Ok(Audit { report, fixes, repairable: readable && !unallocated })
+}
+
 impl Registry {
     /// Checks the whole store: walks every VDI, snapshot and registry block, counting the
     /// references to every block, and compares with the stored counts. Shared nodes are
-    /// visited once. With `repair`, wrong counts and leaks are fixed — only when every tree
-    /// could be read, since then the counts found are certain; damage is never guessed at.
+    /// visited once.
+    ///
+    /// Without `repair` the check is online: it walks a [`blockstore::FrozenView`] of one
+    /// instant without holding the metadata lock, so guests' I/O, snapshots, deletes and
+    /// commits go on meanwhile (a view given up because the store changed too much is taken
+    /// again, twice). With `repair` — which needs the store to itself, so never under
+    /// parallaxd — it walks and fixes wrong counts and leaks in one transaction, and only when
+    /// every tree could be read: damage is never guessed at.
     pub fn check(&self, repair: bool) -> Result<CheckReport> {
-        if repair && self.has_reclaimer() {
+        if repair {
+            return self.check_and_repair();
+        }
+        let mut attempt = 1;
+        loop {
+            // The metadata as of now, walked without holding the metadata lock.
+            let mut view = self.store.freeze()?;
+            // Race tests pause here: the store must stay fully usable while a check walks it.
+            test_point!("vdi::check::frozen");
+            let audit = audit(&mut view)?;
+            match view.still_valid() {
+                Ok(()) => return Ok(audit.report),
+                Err(e) if attempt < 3 => tracing::warn!("check attempt {attempt}: {e}; checking again"),
+                Err(e) => return Err(e.into()),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// `check(true)`: walk and repair in one transaction.
+    fn check_and_repair(&self) -> Result<CheckReport> {
+        if self.has_reclaimer() {
             return Err(crate::VdiError::InUse(
                 "the store (served by parallaxd; repair needs it alone: stop parallaxd, then run `vdi check --repair`)"
                     .into(),
             ));
         }
-        let mut report = CheckReport::default();
-        let st = self.state.lock();
-        let mut meta = self.store.lock();
-        // Re-read the registry from the store itself, not from memory.
-        let disk_state = match load_state(&mut meta) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                report.problems.push(Problem::Damaged { context: "VDI registry".into(), detail: e.to_string() });
-                None
-            }
-        };
-        drop(st);
-        let mut found: BTreeMap<u64, u32> = BTreeMap::new();
-        let mut seen_nodes: HashSet<u64> = HashSet::new();
-        let mut readable = disk_state.is_some();
-        if let Some(state) = &disk_state {
-            report.vdis = state.vdis.len();
-            for (id, why) in &state.damaged {
-                readable = false;
-                report.problems.push(Problem::Damaged { context: format!("VDI {id}"), detail: why.clone() });
-            }
-            for b in &state.registry_blocks {
-                *found.entry(b.0).or_default() += 1;
-            }
-            let mut roots: Vec<(String, BlockAddr)> = Vec::new();
-            for (id, v) in &state.vdis {
-                *found.entry(v.record.0).or_default() += 1;
-                for b in &v.log {
-                    *found.entry(b.0).or_default() += 1;
-                }
-                roots.push((
-                    format!("VDI {id} ('{}')", v.name),
-                    BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire)),
-                ));
-                if !v.pending_root.is_none() {
-                    roots.push((format!("VDI {id} (interrupted import)"), v.pending_root));
-                }
-            }
-            for (sid, s) in &state.snaps {
-                if !s.deleted {
-                    report.snapshots += 1;
-                    roots.push((format!("snapshot {sid} of VDI {}", s.vdi), s.root));
-                }
-            }
-            // The release queue holds one reference per queue block and per entry; a node it has
-            // begun to release still references its children from the cursor on.
-            let mut queued: Vec<(BlockAddr, u32, usize)> = Vec::new();
-            let mut entries = 0u64;
-            let q = radix::visit_queue(&mut meta, &mut |item| match item {
-                radix::QueueItem::QueueBlock(a) => *found.entry(a.0).or_default() += 1,
-                radix::QueueItem::Entry(radix::Queued::Block(a)) => {
-                    entries += 1;
-                    *found.entry(a.0).or_default() += 1;
-                }
-                radix::QueueItem::Entry(radix::Queued::Node { addr, level, cursor }) => {
-                    entries += 1;
-                    *found.entry(addr.0).or_default() += 1;
-                    queued.push((addr, level, cursor));
-                }
-            });
-            if let Err(e) = q {
-                readable = false;
-                report.problems.push(Problem::Damaged { context: "release queue".into(), detail: e.to_string() });
-            }
-            report.pending_reclaim = radix::queue_len(&meta);
-            if q_ok(&report) && entries != report.pending_reclaim {
-                report.problems.push(Problem::Damaged {
-                    context: "release queue".into(),
-                    detail: format!("holds {entries} entries but its length says {}", report.pending_reclaim),
-                });
-            }
-            for (addr, level, cursor) in queued {
-                if cursor == 0 && !seen_nodes.insert(addr.0) {
-                    continue;
-                }
-                seen_nodes.insert(addr.0);
-                let walked = count_refs(&mut found, &mut seen_nodes, |f| {
-                    radix::visit_nodes_from(&mut meta, addr, level, cursor, f)
-                });
-                if let Err(e) = walked {
-                    readable = false;
-                    report.problems.push(Problem::Damaged {
-                        context: format!("queued release of node {addr}"),
-                        detail: e.to_string(),
-                    });
-                }
-            }
-            let mut writable_paths: Vec<(VdiId, BlockAddr)> = Vec::new();
-            for (id, v) in &state.vdis {
-                writable_paths.push((*id, BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire))));
-            }
-            for (id, root) in writable_paths {
-                let mut private: Vec<u64> = Vec::new();
-                if radix::visit_writable(&mut meta, root, &mut |a| private.push(a.0)).is_ok() {
-                    for a in private {
-                        let count = meta.refcount(BlockAddr(a)).unwrap_or(0);
-                        if count != 1 {
-                            report.problems.push(Problem::SharedWritable { block: a, count, vdi: id.0 });
-                        }
-                    }
-                }
-            }
-            for (what, root) in roots {
-                let walked = count_refs(&mut found, &mut seen_nodes, |f| radix::visit_nodes(&mut meta, root, f));
-                if let Err(e) = walked {
-                    readable = false;
-                    report.problems.push(Problem::Damaged { context: what, detail: e.to_string() });
-                }
-            }
-        }
-        report.nodes = seen_nodes.len() as u64;
-        report.data_blocks = found.keys().filter(|k| !seen_nodes.contains(k)).count() as u64;
-        let stored = match meta.all_refcounts() {
-            Ok(s) => s,
-            Err(e) => {
-                report.problems.push(Problem::Damaged { context: "reference counts".into(), detail: e.to_string() });
-                return Ok(report);
-            }
-        };
-        let allocated = stored.len() as u64;
-        if meta.superblock().allocated != allocated {
-            report.problems.push(Problem::AllocatedCount { stored: meta.superblock().allocated, found: allocated });
-        }
-        let mut fixes: Vec<(BlockAddr, u32)> = Vec::new();
-        let stored_map: BTreeMap<u64, u32> = stored.iter().map(|(a, c)| (a.0, *c)).collect();
-        for (block, &n) in &found {
-            match stored_map.get(block) {
-                None => report.problems.push(Problem::Unallocated { block: *block, found: n }),
-                Some(&c) if c != n => {
-                    report.problems.push(Problem::WrongCount { block: *block, stored: c, found: n });
-                    fixes.push((BlockAddr(*block), n));
-                }
-                _ => {}
-            }
-        }
-        for (block, &c) in &stored_map {
-            if !found.contains_key(block) {
-                report.problems.push(Problem::Leaked { block: *block, stored: c });
-                fixes.push((BlockAddr(*block), 0));
-            }
-        }
-        let unallocated = report.problems.iter().any(|p| matches!(p, Problem::Unallocated { .. }));
-        if repair && readable && !unallocated && !fixes.is_empty() {
-            drop(meta);
-            let mut txn = self.store.begin()?;
+        let mut txn = self.store.begin()?;
+        let Audit { mut report, fixes, repairable } = audit(&mut txn)?;
+        if repairable && !fixes.is_empty() {
             for (a, n) in &fixes {
                 txn.set_refcount(*a, *n)?;
             }
@@ -306,17 +349,27 @@ impl Registry {
         Ok(report)
     }
 
-    /// The VDI ids in the store whose trees are damaged: the daemon refuses to serve those.
-    pub fn damaged_vdis(&self) -> Vec<(VdiId, String)> {
-        let ids: Vec<VdiId> = self.list().into_iter().map(|v| v.id).collect();
-        let mut out = self.damaged();
-        for id in ids {
-            let Ok(root) = self.root_of(crate::Source::Vdi(id)) else { continue };
-            let mut meta = self.store.lock();
-            if let Err(e) = radix::visit_nodes(&mut meta, root, &mut |_| true) {
-                out.push((id, e.to_string()));
+    /// The VDIs whose trees are damaged (and those whose records are): the daemon refuses to
+    /// serve them. Walks a frozen view, so it may run beside I/O; a view given up because the
+    /// store changed too much is taken again, and never counts as damage.
+    pub fn damaged_vdis(&self) -> Result<Vec<(VdiId, String)>> {
+        let mut attempt = 1;
+        loop {
+            let mut view = self.store.freeze()?;
+            let state = load_state(&mut view)?;
+            let mut out: Vec<(VdiId, String)> = state.damaged.iter().map(|(id, why)| (*id, why.clone())).collect();
+            for (id, v) in &state.vdis {
+                let root = BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire));
+                if let Err(e) = radix::visit_nodes(&mut view, root, &mut |_| true) {
+                    out.push((*id, e.to_string()));
+                }
             }
+            match view.still_valid() {
+                Ok(()) => return Ok(out),
+                Err(e) if attempt < 3 => tracing::warn!("walking the VDIs, attempt {attempt}: {e}; again"),
+                Err(e) => return Err(e.into()),
+            }
+            attempt += 1;
         }
-        out
     }
 }

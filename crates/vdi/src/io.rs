@@ -191,6 +191,8 @@ impl Registry {
         }
         live.open.fetch_add(1, Ordering::AcqRel);
         drop(st);
+        // Race tests pause here: a delete now must find the VDI open.
+        test_point!("vdi::open_vdi::counted");
         Ok(VdiDisk { reg: self.clone(), live, writable })
     }
 

@@ -15,6 +15,15 @@
 //! # Ok(()) }
 //! ```
 
+/// A pause or failure point for deterministic race tests (`fail::fail_point!`); compiled out
+/// unless the `failpoints` feature is on, as it is only for the test-support crate's tests.
+macro_rules! test_point {
+    ($($args:tt)*) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($($args)*);
+    };
+}
+
 mod check;
 mod disk;
 mod error;

@@ -42,7 +42,7 @@ struct SignalState {
 impl Signal {
     /// Wakes the reclaimer if the release queue holds anything.
     pub(crate) fn wake_if_queued(&self, store: &BlockStore) {
-        if radix::queue_len(&store.lock()) > 0 {
+        if radix::queue_len(&*store.lock()) > 0 {
             self.state.lock().work = true;
             self.wake.notify_all();
         }
@@ -102,7 +102,7 @@ impl Registry {
 
     /// Entries in the release queue: deleted trees and blocks not yet freed (`vdi info`).
     pub fn pending_reclaim(&self) -> u64 {
-        radix::queue_len(&self.store.lock())
+        radix::queue_len(&*self.store.lock())
     }
 
     /// Frees one bounded step's worth of the release queue, in one transaction. The step is

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use blockstore::{BlockAddr, BlockStore, Meta};
+use blockstore::{BlockAddr, BlockStore, Meta, MetaRead, StoreError};
 use parking_lot::{Mutex, RwLock};
 use zerocopy::FromBytes;
 use zerocopy::little_endian::{U32, U64};
@@ -76,6 +76,7 @@ pub(crate) struct VdiLive {
     pub(crate) open: AtomicUsize,
 }
 
+#[derive(Clone)]
 pub(crate) struct VdiEntry {
     pub(crate) record: BlockAddr,
     pub(crate) name: String,
@@ -86,6 +87,7 @@ pub(crate) struct VdiEntry {
     pub(crate) live: Arc<VdiLive>,
 }
 
+#[derive(Clone)]
 pub(crate) struct SnapEntry {
     pub(crate) vdi: VdiId,
     pub(crate) root: BlockAddr,
@@ -98,7 +100,7 @@ pub(crate) struct SnapEntry {
     pub(crate) open: Arc<AtomicUsize>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct State {
     pub(crate) vdis: BTreeMap<VdiId, VdiEntry>,
     pub(crate) snaps: BTreeMap<SnapshotId, SnapEntry>,
@@ -106,6 +108,34 @@ pub(crate) struct State {
     /// VDIs whose record or snapshot log could not be read, with the reason: left out of
     /// everything else (their blocks stay allocated), reported by `check`.
     pub(crate) damaged: BTreeMap<VdiId, String>,
+}
+
+/// The registry state as it was before a transaction, to put back if it is rolled back: the
+/// maps, and the roots and sizes that open handles share.
+pub(crate) struct Checkpoint {
+    state: State,
+    live: Vec<(Arc<VdiLive>, u64, u64)>,
+}
+
+impl State {
+    /// A copy of the state to [`State::restore`] after a rollback.
+    pub(crate) fn checkpoint(&self) -> Checkpoint {
+        let live = self
+            .vdis
+            .values()
+            .map(|v| (v.live.clone(), v.live.root.load(Ordering::Acquire), v.live.size.load(Ordering::Acquire)))
+            .collect();
+        Checkpoint { state: self.clone(), live }
+    }
+
+    /// Puts the state back as it was at `checkpoint`.
+    pub(crate) fn restore(&mut self, checkpoint: Checkpoint) {
+        for (live, root, size) in checkpoint.live {
+            live.root.store(root, Ordering::Release);
+            live.size.store(size, Ordering::Release);
+        }
+        *self = checkpoint.state;
+    }
 }
 
 /// Every VDI and snapshot in one block store.
@@ -180,7 +210,7 @@ impl Registry {
     pub fn open(store: Arc<BlockStore>) -> Result<Arc<Registry>> {
         let state = {
             let mut meta = store.lock();
-            load_state(&mut meta)?
+            load_state(&mut *meta)?
         };
         let reg = Arc::new(Registry { store, state: Mutex::new(state), reclaim: Arc::default() });
         reg.drop_interrupted_imports()?;
@@ -227,7 +257,7 @@ impl Registry {
     /// other VDI's concurrent writes are touched — and the in-memory registry is reloaded.
     /// Every operation is bounded (large releases go to the release queue), so a transaction
     /// never outgrows the journal. For registry operations only, never on the I/O path.
-    pub(crate) fn transact<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
+    pub(crate) fn transact<T>(&self, f: impl FnMut(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
         let v = self.transact_uncommitted(f)?;
         self.store.commit()?;
         Ok(v)
@@ -235,33 +265,50 @@ impl Registry {
 
     /// [`Registry::transact`] without the commit: the change is made and visible, and becomes
     /// durable at the caller's (or anyone's) next commit.
-    pub(crate) fn transact_uncommitted<T>(&self, f: impl FnOnce(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
+    ///
+    /// The metadata is not read under the locks: when `f` needs a block that is not in memory,
+    /// its transaction is rolled back, the registry state put back as it was, both locks
+    /// dropped, the block read, and `f` run again (the last of [`blockstore::MISS_RETRIES`]
+    /// attempts reads under the lock).
+    pub(crate) fn transact_uncommitted<T>(&self, mut f: impl FnMut(&mut State, &mut Meta) -> Result<T>) -> Result<T> {
         // Start with room in the journal for this operation.
         if self.store.lock().should_commit() {
             self.store.commit()?;
         }
-        let mut st = self.state.lock();
-        let mut txn = self.store.begin()?;
-        let out = f(&mut st, &mut txn).and_then(|v| {
-            txn.finish()?;
-            Ok(v)
-        });
-        match out {
-            Ok(v) => {
-                drop(st);
-                self.reclaim.wake_if_queued(&self.store);
+        for attempt in 0..=blockstore::MISS_RETRIES {
+            let mut st = self.state.lock();
+            let before = st.checkpoint();
+            let mut txn = self.store.begin()?;
+            txn.set_cached_only(attempt < blockstore::MISS_RETRIES);
+            let out = f(&mut st, &mut txn).and_then(|v| {
+                // Race tests make an operation fail here, after it changed metadata.
+                test_point!("vdi::transact::before_finish", |_| Err(damaged("injected failure (test)")));
+                txn.finish()?;
                 Ok(v)
-            }
-            Err(e) => {
-                // The transaction was rolled back when it was dropped; bring the in-memory
-                // registry back in line with the metadata (still under the registry lock).
-                let mut meta = self.store.lock();
-                let fresh = load_state(&mut meta)?;
-                drop(meta);
-                carry_live_handles(&mut st, fresh);
-                Err(e)
+            });
+            match out {
+                Ok(v) => {
+                    drop(st);
+                    self.reclaim.wake_if_queued(&self.store);
+                    return Ok(v);
+                }
+                Err(VdiError::Store(StoreError::NotCached { addr, meta_kind })) => {
+                    // The transaction was rolled back when it was dropped.
+                    st.restore(before);
+                    drop(st);
+                    self.store.load(addr, meta_kind)?;
+                }
+                Err(e) => {
+                    // Race tests pause here: other VDIs' writes made now must survive this failure.
+                    test_point!("vdi::transact::rolled_back");
+                    // The transaction was rolled back when it was dropped; the registry state
+                    // goes back to match it (still under the registry lock).
+                    st.restore(before);
+                    return Err(e);
+                }
             }
         }
+        Err(damaged("a registry operation kept missing the cache"))
     }
 
     /// Resolves a VDI named by id ("3") or by name ("golden"). An id wins over a name.
@@ -472,23 +519,6 @@ impl Registry {
     }
 }
 
-fn carry_live_handles(st: &mut State, mut fresh: State) {
-    // Open handles keep their shared state; only the persistent fields are reloaded.
-    for (id, v) in fresh.vdis.iter_mut() {
-        if let Some(old) = st.vdis.get(id) {
-            old.live.root.store(v.live.root.load(Ordering::Acquire), Ordering::Release);
-            old.live.size.store(v.live.size.load(Ordering::Acquire), Ordering::Release);
-            v.live = old.live.clone();
-        }
-    }
-    for (id, s) in fresh.snaps.iter_mut() {
-        if let Some(old) = st.snaps.get(id) {
-            s.open = old.open.clone();
-        }
-    }
-    *st = fresh;
-}
-
 fn info_of(st: &State, id: VdiId) -> Result<VdiInfo> {
     let v = st.vdi(id)?;
     Ok(VdiInfo {
@@ -656,7 +686,7 @@ fn mark_snap_deleted(meta: &mut Meta, log_block: BlockAddr, slot: usize) -> Resu
 }
 
 /// Reads the whole registry from the store.
-pub(crate) fn load_state(meta: &mut Meta) -> Result<State> {
+pub(crate) fn load_state<M: MetaRead + ?Sized>(meta: &mut M) -> Result<State> {
     let mut st = State::default();
     let mut next = BlockAddr(meta.user(USER_REGISTRY));
     let mut expected_first = 0u64;
@@ -691,7 +721,7 @@ pub(crate) fn load_state(meta: &mut Meta) -> Result<State> {
     Ok(st)
 }
 
-fn load_vdi(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAddr) -> Result<()> {
+fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, record: BlockAddr) -> Result<()> {
     let (size, root, pending, created_ns, parent, log_head, name) = {
         let r = RecordDisk::ref_from_bytes(meta.read(record, &RECORD_KIND)?.as_slice())
             .map_err(|_| damaged("record layout"))?;

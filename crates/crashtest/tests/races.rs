@@ -1,0 +1,305 @@
+//! Deterministic race tests: a thread is held at a named pause point (the `fail` crate, through
+//! `crashtest::pause`) at the instant a race used to bite, the other side of the race runs, and
+//! the outcome is checked. No sleeps and no luck involved. Fail points are process-wide, so every
+//! test here holds `scenario()`: they run one at a time.
+//!
+//! - Finding 3 of the engine-safety review: an operation that fails after changing metadata
+//!   must not undo a write another VM made (and flushed) while it was failing.
+//! - Open against delete: a VDI being opened can never be deleted under the new handle.
+//! - A registry operation that misses the metadata cache reads the medium without holding the
+//!   metadata lock: another VM's writes and flushes go on while it waits for the read.
+//! - The online check: while `vdi check` walks the store, guests write, snapshot, delete,
+//!   reclaim and commit, and the check still reports exactly the instant it froze. A stress
+//!   variant runs checks back to back beside a busy VM and the background reclaimer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockdev::BlockDevice;
+use blockstore::{BlockStore, CreateOptions, MemBackend, OpenOptions};
+use crashtest::pause::{Pause, scenario};
+use vdi::{Registry, VdiError, VdiId};
+
+fn new_registry(mem: &MemBackend) -> Arc<Registry> {
+    let create = CreateOptions { journal_slot_blocks: 1024, max_blocks: 0 };
+    // A small cache: blocks are evicted and read back, freed while not in memory, and so on.
+    let open = OpenOptions { cache_blocks: 64, ..OpenOptions::default() };
+    let store = BlockStore::create(Arc::new(mem.clone()), &create, &open).unwrap();
+    Registry::open(Arc::new(store)).unwrap()
+}
+
+fn reopen(mem: &MemBackend) -> Arc<Registry> {
+    let open = OpenOptions { cache_blocks: 64, ..OpenOptions::default() };
+    Registry::open(Arc::new(BlockStore::open(Arc::new(mem.clone()), &open).unwrap())).unwrap()
+}
+
+fn write_blocks(reg: &Arc<Registry>, id: VdiId, first: u64, n: u64, byte: u8) {
+    write_to(&reg.open_vdi(id, true).unwrap(), first, n, byte);
+}
+
+/// Writes blocks through an open handle (as a running VM does) and flushes.
+fn write_to(dev: &dyn BlockDevice, first: u64, n: u64, byte: u8) {
+    for b in first..first + n {
+        dev.write_at(b * 4096, &[byte; 4096], false).unwrap();
+    }
+    dev.flush().unwrap();
+}
+
+fn read_block(reg: &Arc<Registry>, id: VdiId, block: u64) -> u8 {
+    let mut buf = [0u8; 4096];
+    reg.open_vdi(id, false).unwrap().read_at(block * 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == buf[0]), "block {block} of VDI {id} is torn");
+    buf[0]
+}
+
+fn assert_clean(reg: &Registry, when: &str) {
+    let report = reg.check(false).unwrap();
+    assert!(report.is_clean(), "{when}: {:?}", report.problems);
+}
+
+/// Runs `work` on another thread and waits for it; a watchdog turns a deadlock (the work
+/// blocked behind a lock the paused thread holds) into a failure instead of a hung test.
+fn run_alongside(what: &str, work: impl FnOnce() + Send + 'static) {
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let worker = std::thread::spawn(move || {
+        work();
+        let _ = done_tx.send(());
+    });
+    match done.recv_timeout(Duration::from_secs(120)) {
+        Ok(()) => worker.join().unwrap(),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(worker.join().unwrap_err()),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            panic!("{what} never finished while the other thread was paused: it waits on that thread's lock")
+        }
+    }
+}
+
+#[test]
+fn a_failing_operation_never_undoes_a_write_made_while_it_fails() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let failing = reg.create_vdi("failing", Some(64 << 20)).unwrap();
+    let bystander = reg.create_vdi("bystander", Some(64 << 20)).unwrap();
+    write_blocks(&reg, failing, 0, 8, 1);
+    write_blocks(&reg, bystander, 0, 8, 1);
+    let snaps_before = reg.all_snapshots().len();
+    // Running VMs: their disks are open before the operation starts.
+    let vm_bystander = reg.open_vdi(bystander, true).unwrap();
+    let vm_failing = reg.open_vdi(failing, true).unwrap();
+
+    // The snapshot changes metadata, then fails; it stops after its rollback, where the old
+    // store-wide abort() used to run with the locks already released.
+    fail::cfg("vdi::transact::before_finish", "1*return").unwrap();
+    let paused = Pause::arm("vdi::transact::rolled_back");
+    let op = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.snapshot(failing))
+    };
+    paused.wait_reached();
+    // Meanwhile the bystander VM allocates new blocks, overwrites old ones and flushes: all
+    // acknowledged.
+    // (The snapshotted VDI's own I/O waits for its snapshot, by design; other VMs' must not.)
+    run_alongside("the bystander VM's writes", move || write_to(&vm_bystander, 4, 12, 2));
+    paused.resume();
+    let failed = op.join().unwrap();
+    write_to(&vm_failing, 20, 2, 3);
+    drop(vm_failing);
+    assert!(failed.is_err(), "the injected failure fails the snapshot");
+    assert_eq!(reg.all_snapshots().len(), snaps_before, "the failed snapshot left nothing behind");
+
+    for (b, want) in [(0, 1), (3, 1), (4, 2), (15, 2)] {
+        assert_eq!(read_block(&reg, bystander, b), want, "bystander block {b}");
+    }
+    assert_eq!(read_block(&reg, failing, 20), 3, "a write to the failing VDI itself");
+    assert_clean(&reg, "after the failure");
+    drop(reg);
+    let reg = reopen(&mem);
+    for (b, want) in [(0, 1), (3, 1), (4, 2), (15, 2)] {
+        assert_eq!(read_block(&reg, bystander, b), want, "bystander block {b} after reopening");
+    }
+    assert_eq!(read_block(&reg, failing, 20), 3);
+    assert_clean(&reg, "after reopening");
+}
+
+#[test]
+fn a_vdi_being_opened_cannot_be_deleted_under_its_handle() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let id = reg.create_vdi("vm", Some(16 << 20)).unwrap();
+    // The open stops where the old code had counted nothing yet (the registry lock released).
+    let paused = Pause::arm("vdi::open_vdi::counted");
+    let opener = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.open_vdi(id, true))
+    };
+    paused.wait_reached();
+    let r = reg.clone();
+    run_alongside("the delete", move || {
+        let deleted = r.delete_vdi(id);
+        assert!(matches!(deleted, Err(VdiError::InUse(_))), "delete of a VDI being opened: {deleted:?}");
+    });
+    paused.resume();
+    let dev = opener.join().unwrap().expect("the open succeeds");
+    dev.write_at(0, &[7; 4096], false).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    assert_eq!(read_block(&reg, id, 0), 7);
+    reg.delete_vdi(id).expect("closed: the delete goes through");
+    assert!(reg.open_vdi(id, false).is_err());
+    assert_clean(&reg, "after the delete");
+}
+
+#[test]
+fn the_store_stays_in_use_while_a_check_walks_it() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let a = reg.create_vdi("a", Some(256 << 20)).unwrap();
+    let b = reg.create_vdi("b", Some(256 << 20)).unwrap();
+    write_blocks(&reg, a, 0, 600, 1);
+    write_blocks(&reg, b, 0, 600, 2);
+    let golden = reg.snapshot(a).unwrap();
+    let clone = reg.clone_snapshot("clone", golden).unwrap();
+    write_blocks(&reg, clone, 100, 50, 3);
+    let old_snap = reg.snapshot(b).unwrap();
+    write_blocks(&reg, b, 0, 300, 4);
+    // Written but not flushed: at the check's instant these nodes and counts exist only in
+    // memory, and they are freed (b is deleted) before the check reads them.
+    let vm_b = reg.open_vdi(b, true).unwrap();
+    for blk in 600..700 {
+        vm_b.write_at(blk * 4096, &[9; 4096], false).unwrap();
+    }
+    drop(vm_b);
+    let (vdis, snapshots) = (reg.list().len(), reg.all_snapshots().len());
+
+    let paused = Pause::arm("vdi::check::frozen");
+    let checker = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.check(false))
+    };
+    paused.wait_reached();
+    // Everything that changes metadata, while the check holds its view: overwrites in place,
+    // copy-on-write, snapshots, deleting a snapshot and a whole VDI, freeing their blocks, and
+    // new allocations that must not reuse what the view still shows.
+    let r = reg.clone();
+    run_alongside("guest I/O and registry operations", move || {
+        write_blocks(&r, a, 0, 200, 5);
+        write_blocks(&r, clone, 0, 200, 6);
+        r.snapshot(clone).unwrap();
+        write_blocks(&r, clone, 0, 100, 7);
+        r.delete_snapshot(old_snap).unwrap();
+        r.delete_vdi(b).unwrap();
+        r.reclaim_all(&mut |_, _| {}).unwrap();
+        let c = r.create_vdi("c", Some(256 << 20)).unwrap();
+        write_blocks(&r, c, 0, 3000, 8);
+        r.store().commit().unwrap();
+    });
+    paused.resume();
+    let report = checker.join().unwrap().expect("the check runs");
+    assert!(report.is_clean(), "the check saw a torn state: {:?}", report.problems);
+    assert_eq!((report.vdis, report.snapshots), (vdis, snapshots), "the check saw the instant it froze");
+
+    // And the store as it is now.
+    let now = reg.check(false).unwrap();
+    assert!(now.is_clean(), "{:?}", now.problems);
+    assert_eq!(now.vdis, vdis, "b deleted, c created");
+    assert_eq!(read_block(&reg, clone, 0), 7);
+    assert_eq!(read_block(&reg, clone, 150), 6);
+    assert_eq!(read_block(&reg, clone, 300), 1, "still shared with the golden snapshot");
+}
+
+#[test]
+fn checks_beside_a_busy_vm_and_the_reclaimer_are_always_clean() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let _reclaimer = reg.start_reclaimer();
+    let vm = reg.create_vdi("vm", Some(256 << 20)).unwrap();
+    write_blocks(&reg, vm, 0, 1000, 1);
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(1);
+    let busy = {
+        let reg = reg.clone();
+        std::thread::spawn(move || {
+            let dev = reg.open_vdi(vm, true).unwrap();
+            let mut snaps = Vec::new();
+            for round in 0..40u64 {
+                // Overwrites (copy-on-write after each snapshot) and new blocks.
+                for i in 0..64 {
+                    let blk = (round * 97 + i * 13) % 1600;
+                    dev.write_at(blk * 4096, &[round as u8; 4096], false).unwrap();
+                }
+                if round % 3 == 0 {
+                    dev.flush().unwrap();
+                }
+                snaps.push(reg.snapshot(vm).unwrap());
+                if snaps.len() > 4 {
+                    reg.delete_snapshot(snaps.remove(0)).unwrap();
+                }
+                if round % 10 == 9 {
+                    let clone = reg.clone_snapshot(&format!("c{round}"), snaps[0]).unwrap();
+                    write_blocks(&reg, clone, 0, 50, 0xC0);
+                    reg.delete_vdi(clone).unwrap();
+                }
+            }
+            drop(done_tx);
+        })
+    };
+    let mut checks = 0;
+    while checks < 3 || done.try_recv() == Err(crossbeam_channel::TryRecvError::Empty) {
+        let report = reg.check(false).expect("the check runs");
+        assert!(report.is_clean(), "check {checks} beside a busy VM: {:?}", report.problems);
+        checks += 1;
+    }
+    busy.join().unwrap();
+    eprintln!("{checks} checks ran beside the VM");
+    reg.reclaim_all(&mut |_, _| {}).unwrap();
+    assert_clean(&reg, "at the end");
+}
+
+#[test]
+fn a_registry_operation_reads_missing_metadata_without_the_lock() {
+    let _fp = scenario();
+    use crashtest::pause::ReadGate;
+    let gate = Arc::new(ReadGate::new(MemBackend::new()));
+    let create = CreateOptions { journal_slot_blocks: 1024, max_blocks: 0 };
+    let open = OpenOptions { cache_blocks: 64, ..OpenOptions::default() };
+    let store = BlockStore::create(gate.clone(), &create, &open).unwrap();
+    let reg = Registry::open(Arc::new(store)).unwrap();
+    let renamed = reg.create_vdi("renamed", Some(16 << 20)).unwrap();
+    let busy = reg.create_vdi("busy", Some(4 << 30)).unwrap();
+    let vm = reg.open_vdi(busy, true).unwrap();
+    // Blocks 2 MiB apart: each needs its own tree node, so the small cache turns over and the
+    // other VDI's record is no longer in memory.
+    for i in 0..600u64 {
+        vm.write_at(i * (2 << 20), &[1; 4096], false).unwrap();
+        if i % 100 == 99 {
+            vm.flush().unwrap();
+        }
+    }
+    vm.flush().unwrap();
+    let (go_tx, go) = crossbeam_channel::bounded::<()>(0);
+    let op = {
+        let reg = reg.clone();
+        std::thread::spawn(move || {
+            go.recv().unwrap();
+            reg.rename(renamed, "renamed-2")
+        })
+    };
+    let read = gate.arm(op.thread().id());
+    go_tx.send(()).unwrap();
+    read.wait_reached();
+    // The rename is stuck reading the medium: the VM's writes and flushes must not wait for it.
+    run_alongside("the VM's writes", move || {
+        for i in 0..64u64 {
+            vm.write_at(i * (2 << 20), &[2; 4096], false).unwrap();
+        }
+        vm.flush().unwrap();
+    });
+    read.resume();
+    op.join().unwrap().expect("the rename succeeds after its read");
+    assert_eq!(reg.info(renamed).unwrap().name, "renamed-2");
+    assert_eq!(read_block(&reg, busy, 0), 2);
+    assert_clean(&reg, "after the rename");
+}
