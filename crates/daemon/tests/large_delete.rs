@@ -94,7 +94,8 @@ fn deleting_a_vdi_larger_than_a_commit_through_the_daemon_while_another_writes()
     }
     let after = allocated(&d);
     eprintln!("allocated {before} -> {after} bytes");
-    assert!(after + (100 << 20) < before, "space came back: {before} -> {after}");
+    // 128 MiB of "big" came back, less what fio allocated meanwhile (at most its 32 MiB).
+    assert!(after + (88 << 20) <= before, "space came back: {before} -> {after}");
     let status = fio.wait().unwrap();
     assert!(status.success(), "fio verify failed beside the delete");
     let (code, out, err) = d.vdi(&["check"]);
