@@ -86,6 +86,11 @@ pub struct BlockStore {
     commits_begun: AtomicU64,
     /// The index (in `commits_begun`) and result of the newest completed commit.
     last_commit: Mutex<(u64, CommitInfo)>,
+    /// Data writes completed so far (counted after each returns).
+    data_written: AtomicU64,
+    /// The most of `data_written` a completed sync is known to cover: a flush that finds no
+    /// metadata change and no data write since needs no sync of its own.
+    data_synced: AtomicU64,
     io_gate: RwLock<()>,
     groups_start: u64,
     end_block: Arc<AtomicU64>,
@@ -369,6 +374,8 @@ impl BlockStore {
             meta: Mutex::new(meta),
             commit_lock: Mutex::new(()),
             commits_begun: AtomicU64::new(0),
+            data_written: AtomicU64::new(0),
+            data_synced: AtomicU64::new(0),
             last_commit: Mutex::new((0, CommitInfo { generation, blocks: 0 })),
             io_gate: RwLock::new(()),
             groups_start,
@@ -571,6 +578,19 @@ impl BlockStore {
     /// unsynced (the next commit's first sync covers them, and until then recovery replays
     /// this record too).
     pub fn commit(&self) -> Result<CommitInfo> {
+        // Nothing written since a completed sync and nothing changed: already durable. (Guests
+        // send FLUSH far more often than they write — fio at queue depth 16 with a FLUSH every
+        // 32 writes sends one per three writes — and an idle fdatasync still costs a device
+        // cache flush.)
+        if self.data_written.load(Ordering::Acquire) <= self.data_synced.load(Ordering::Acquire) {
+            let m = self.meta.lock();
+            if m.poisoned {
+                return Err(StoreError::Poisoned);
+            }
+            if !m.read_only && !m.has_changes() {
+                return Ok(CommitInfo { generation: m.committed.generation, blocks: 0 });
+            }
+        }
         let wanted = self.commits_begun.load(Ordering::Acquire) + 1;
         let _serial = self.commit_lock.lock();
         {
@@ -592,7 +612,7 @@ impl BlockStore {
             if !m.has_changes() {
                 let generation = m.committed.generation;
                 drop(m);
-                self.backend.sync().map_err(|e| self.poison(StoreError::io("syncing data", e)))?;
+                self.sync_data_writes().map_err(|e| self.poison(e))?;
                 let info = CommitInfo { generation, blocks: 0 };
                 *self.last_commit.lock() = (index, info);
                 return Ok(info);
@@ -618,9 +638,7 @@ impl BlockStore {
         let mut record: Vec<(BlockAddr, &Block)> = images.iter().map(|(a, img, _)| (*a, &**img)).collect();
         record.push((BlockAddr(copy as u64), &sb_image));
         let durable = self
-            .backend
-            .sync()
-            .map_err(|e| StoreError::io("syncing data before the journal record", e))
+            .sync_data_writes()
             .and_then(|_| {
                 journal::write_record(
                     &*self.backend,
@@ -687,7 +705,10 @@ impl BlockStore {
     /// Writes `data` starting `offset` bytes into block `addr` (may span consecutive blocks).
     pub fn write_data(&self, addr: BlockAddr, offset: usize, data: &[u8]) -> Result<()> {
         self.check_data_range(addr, offset, data.len())?;
-        self.backend.write_at(addr.byte_offset() + offset as u64, data).map_err(|e| match e.raw_os_error() {
+        let written = self.backend.write_at(addr.byte_offset() + offset as u64, data);
+        // Counted even if it failed: part of it may have reached the medium.
+        self.data_written.fetch_add(1, Ordering::AcqRel);
+        written.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") },
             _ => StoreError::io(format!("writing data block {addr}"), e),
         })
@@ -695,7 +716,16 @@ impl BlockStore {
 
     /// Makes completed data writes durable without committing metadata.
     pub fn sync_data(&self) -> Result<()> {
-        self.backend.sync().map_err(|e| StoreError::io("syncing data", e))
+        self.sync_data_writes()
+    }
+
+    /// Syncs the medium and notes which data writes the sync covered: those completed before it
+    /// began.
+    fn sync_data_writes(&self) -> Result<()> {
+        let covered = self.data_written.load(Ordering::Acquire);
+        self.backend.sync().map_err(|e| StoreError::io("syncing data", e))?;
+        self.data_synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
     }
 
     /// The backend, for tools that inspect raw blocks.

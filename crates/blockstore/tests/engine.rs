@@ -191,7 +191,7 @@ fn a_version_1_store_is_upgraded() {
     let s = store(&mem, 64, 256);
     let a = new_block(&s, 9);
     s.commit().unwrap();
-    s.commit().unwrap(); // nothing changed: a sync, which makes the home writes durable
+    s.sync_data().unwrap(); // makes the home writes durable
     drop(s);
     // Rewrite both superblock copies as version 1.
     let image = mem.durable_image();
@@ -324,4 +324,60 @@ fn a_write_that_needs_the_space_a_view_holds_gives_the_view_up() {
     // 400 blocks fit only in what the view holds: the write wins, the view is given up.
     assert_eq!(alloc(400).len(), 400);
     assert!(matches!(view.still_valid(), Err(StoreError::ViewOverrun)));
+}
+
+/// A medium that counts syncs.
+struct CountingSyncs {
+    inner: MemBackend,
+    syncs: std::sync::atomic::AtomicUsize,
+}
+
+impl blockstore::Backend for CountingSyncs {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.sync()
+    }
+    fn extend(&self, len: u64) -> std::io::Result<()> {
+        self.inner.extend(len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.reserve(offset, len)
+    }
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+}
+
+#[test]
+fn a_flush_syncs_only_when_something_was_written_since_the_last_sync() {
+    let medium = Arc::new(CountingSyncs { inner: MemBackend::new(), syncs: Default::default() });
+    let s = BlockStore::create(medium.clone(), &CreateOptions::default(), &OpenOptions::default()).unwrap();
+    let syncs = || medium.syncs.load(std::sync::atomic::Ordering::SeqCst);
+    let mut t = s.begin().unwrap();
+    let data = t.alloc_data().unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    let before = syncs();
+    s.commit().unwrap();
+    s.commit().unwrap();
+    assert_eq!(syncs(), before, "nothing new: no sync");
+    s.write_data(data, 0, &[7; BLOCK_SIZE]).unwrap();
+    s.commit().unwrap();
+    assert_eq!(syncs(), before + 1, "a completed data write is synced by the next flush");
+    s.commit().unwrap();
+    assert_eq!(syncs(), before + 1);
+    let mut t = s.begin().unwrap();
+    t.set_user(5, 1).unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    assert_eq!(syncs(), before + 3, "a metadata change: sync, record, sync");
 }

@@ -340,7 +340,7 @@ impl Run {
 /// Runs the standard scripted workload: golden image, snapshot, clone, copy-on-write writes to
 /// both, FUA, flushes, discards (single blocks and a whole subtree), a second snapshot,
 /// snapshot delete, bounded reclaim, VDI delete and reclaim, a new VDI reusing the freed
-/// blocks, two VDIs written and flushed by concurrent threads, an import, and unflushed writes
+/// blocks, overwrites in place with a flush and a FUA write, two VDIs written and flushed by concurrent threads, an import, and unflushed writes
 /// at the end.
 pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
     let mut r = Run::new(seed, journal_slot_blocks);
@@ -378,12 +378,19 @@ pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
     r.delete_vdi(g);
     r.reclaim(1000);
     let v = r.create("reuser", blocks);
+    let mut written = 0;
     for _ in 0..6 {
         let at = r.below(blocks - 32);
         let n = 8 + r.below(24);
         r.write(v, at, n, false);
+        written = at;
     }
     r.flush(v);
+    // Overwrites in place (the blocks are v's own and written): the flush and the FUA write
+    // change no metadata, so only their syncs make the data durable.
+    r.write(v, written, 4, false);
+    r.flush(v);
+    r.write(v, written + 4, 2, true);
     r.concurrent(&[c, v], 8);
     r.import(v, 40);
     r.delete_snapshot(s2);
