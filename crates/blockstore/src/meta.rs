@@ -79,6 +79,8 @@ pub(crate) struct Undo {
 /// out again while the view is open, so their old contents stay on the medium). Only blocks in
 /// use at the view's instant are kept or held: blocks allocated later are not part of it.
 pub(crate) struct Frozen {
+    /// Which view this is.
+    pub(crate) id: u64,
     /// The superblock when the view was taken.
     pub(crate) sb: Superblock,
     /// Contents, as of the view, of blocks changed or freed since.
@@ -146,8 +148,8 @@ pub struct Meta {
     /// Counts commits whose home writes are done: a block read from the medium without the
     /// lock may be cached only if no home write happened meanwhile.
     pub(crate) home_epoch: u64,
-    /// The open frozen view, if any.
-    pub(crate) frozen: Option<Frozen>,
+    /// The open frozen views.
+    pub(crate) frozen: Vec<Frozen>,
 }
 
 impl Meta {
@@ -179,7 +181,7 @@ impl Meta {
             undo: None,
             cached_only: false,
             home_epoch: 0,
-            frozen: None,
+            frozen: Vec::new(),
         }
     }
 
@@ -233,58 +235,21 @@ impl Meta {
         self.dirty_count - self.in_commit_unchanged
     }
 
-    /// True if `addr` was in use at the open frozen view's instant (conservatively: true when
-    /// that cannot be told without reading the medium).
-    fn in_use_in_view(&self, addr: u64) -> bool {
-        let Some(frozen) = self.frozen.as_ref().filter(|f| !f.overrun) else { return false };
-        if addr >= frozen.sb.end_block() {
-            return false; // in a group added since
-        }
-        let Ok((rc, at)) = refcount_slot(&frozen.sb, BlockAddr(addr)) else {
-            return true; // a reference-count block: always part of the view
-        };
-        // A count block not kept is unchanged since the view; every allocation or free since
-        // changed (and so kept) the count block first.
-        let counts = match frozen.saved.get(&rc.0) {
-            Some((data, _)) => data,
-            None => match self.cache.get(&rc.0) {
-                Some(e) => &e.data,
-                None => return true,
-            },
-        };
-        counts[at..at + 4] != [0; 4]
-    }
-
-    /// Keeps the contents of `addr` as of the open frozen view, before it changes or is freed.
-    /// Only cached blocks can change, and a block not yet kept is unchanged since the view.
+    /// Keeps the contents of `addr` for every open frozen view it belongs to, before it
+    /// changes or is freed. Only cached blocks can change, and a block a view has not kept is
+    /// unchanged since that view's instant.
     fn preserve_for_view(&mut self, addr: u64) {
-        if !self.in_use_in_view(addr) {
-            return;
-        }
-        let Some(frozen) = self.frozen.as_ref() else { return };
-        if frozen.saved.contains_key(&addr) {
-            return;
-        }
-        let Some(entry) = self.cache.get(&addr) else { return };
-        if frozen.saved.len() >= frozen.kept_limit {
-            self.give_up_view();
-            return;
-        }
-        let copy = (entry.data.clone(), entry.kind);
-        if let Some(f) = self.frozen.as_mut() {
-            f.saved.insert(addr, copy);
-        }
-    }
-
-    /// Drops the open frozen view's kept blocks and releases its held ones; its reads fail
-    /// with [`StoreError::ViewOverrun`] from now on.
-    fn give_up_view(&mut self) {
-        if let Some(f) = self.frozen.as_mut() {
-            tracing::warn!(kept = f.saved.len(), held = f.held_free.len(), "giving up a frozen view (online check)");
-            f.overrun = true;
-            f.saved = HashMap::new();
-            f.freed_since = HashSet::new();
-            f.held_free = HashSet::new();
+        let Meta { frozen, cache, .. } = self;
+        let Some(entry) = cache.get(&addr) else { return };
+        for f in frozen.iter_mut() {
+            if f.overrun || f.saved.contains_key(&addr) || !in_use_in_view(f, cache, addr) {
+                continue;
+            }
+            if f.saved.len() >= f.kept_limit {
+                give_up_view(f);
+                continue;
+            }
+            f.saved.insert(addr, (entry.data.clone(), entry.kind));
         }
     }
 
@@ -292,23 +257,26 @@ impl Meta {
     /// view still needs their old contents.
     pub(crate) fn release_committed_frees(&mut self) {
         let freed = std::mem::take(&mut self.committing_free);
-        let Some(f) = self.frozen.as_mut().filter(|f| !f.overrun) else { return };
-        for a in freed {
-            if f.freed_since.remove(&a) {
-                f.held_free.insert(a);
+        for f in self.frozen.iter_mut().filter(|f| !f.overrun) {
+            for a in &freed {
+                if f.freed_since.remove(a) {
+                    f.held_free.insert(*a);
+                }
             }
-        }
-        if f.held_free.len() > FROZEN_HELD_BLOCKS {
-            self.give_up_view();
+            if f.held_free.len() > FROZEN_HELD_BLOCKS {
+                give_up_view(f);
+            }
         }
     }
 
-    /// Adds a group; when the store cannot grow and an open frozen view holds freed blocks,
-    /// gives the view up instead, so a check never makes a guest's write fail for space.
+    /// Adds a group; when the store cannot grow and open frozen views hold freed blocks, gives
+    /// those views up instead, so a check never makes a guest's write fail for space.
     fn grow(&mut self) -> Result<()> {
         match self.add_group() {
-            Err(StoreError::NoSpace { .. }) if self.frozen.as_ref().is_some_and(|f| !f.held_free.is_empty()) => {
-                self.give_up_view();
+            Err(StoreError::NoSpace { .. }) if self.held_blocks() > 0 => {
+                for f in self.frozen.iter_mut().filter(|f| !f.held_free.is_empty()) {
+                    give_up_view(f);
+                }
                 Ok(())
             }
             other => other,
@@ -317,7 +285,12 @@ impl Meta {
 
     /// True if a frozen view keeps `addr` from reuse.
     fn held_for_view(&self, addr: u64) -> bool {
-        self.frozen.as_ref().is_some_and(|f| f.held_free.contains(&addr))
+        self.frozen.iter().any(|f| f.held_free.contains(&addr))
+    }
+
+    /// Blocks frozen views keep from reuse (a block two views hold counts twice).
+    fn held_blocks(&self) -> usize {
+        self.frozen.iter().map(|f| f.held_free.len()).sum()
     }
 
     /// The cached copy of `addr`, if any, with its kind (for frozen views).
@@ -579,7 +552,7 @@ impl Meta {
     fn find_run(&mut self, max: u64, count: bool) -> Result<(BlockAddr, u64)> {
         let max = max.max(1);
         loop {
-            let held = self.frozen.as_ref().map_or(0, |f| f.held_free.len());
+            let held = self.held_blocks();
             let unusable = (self.pending_free.len() + self.committing_free.len() + self.reserved.len() + held) as u64;
             if self.sb.allocated + unusable >= self.sb.groups * REFCOUNTS_PER_BLOCK {
                 self.grow()?;
@@ -726,10 +699,11 @@ impl Meta {
 
     /// Marks `addr` free but not reusable before the commit that frees it is durable.
     fn note_freed(&mut self, addr: u64) {
-        if self.in_use_in_view(addr)
-            && let Some(f) = self.frozen.as_mut()
-        {
-            f.freed_since.insert(addr);
+        let Meta { frozen, cache, .. } = self;
+        for f in frozen.iter_mut() {
+            if !f.overrun && in_use_in_view(f, cache, addr) {
+                f.freed_since.insert(addr);
+            }
         }
         if self.pending_free.insert(addr)
             && let Some(u) = self.undo.as_mut()
@@ -777,9 +751,7 @@ impl Meta {
         SpaceStats {
             capacity: self.sb.groups * REFCOUNTS_PER_BLOCK,
             allocated: self.sb.allocated,
-            pending_free: (self.pending_free.len()
-                + self.committing_free.len()
-                + self.frozen.as_ref().map_or(0, |f| f.held_free.len())) as u64,
+            pending_free: (self.pending_free.len() + self.committing_free.len() + self.held_blocks()) as u64,
             store_blocks: self.sb.end_block(),
             max_blocks: self.sb.max_blocks,
         }
@@ -873,4 +845,35 @@ pub(crate) fn refcount_slot(sb: &Superblock, addr: BlockAddr) -> Result<(BlockAd
         return Err(bad("is a reference-count block, not an allocatable block"));
     }
     Ok((BlockAddr(addr.0 - i), META_HEADER_LEN + (i as usize - 1) * 4))
+}
+
+/// True if `addr` was in use at the instant of `frozen` (conservatively: true when that cannot
+/// be told without reading the medium).
+fn in_use_in_view(frozen: &Frozen, cache: &HashMap<u64, Entry>, addr: u64) -> bool {
+    if addr >= frozen.sb.end_block() {
+        return false; // in a group added since
+    }
+    let Ok((rc, at)) = refcount_slot(&frozen.sb, BlockAddr(addr)) else {
+        return true; // a reference-count block: always part of the view
+    };
+    // A count block not kept is unchanged since the view; every allocation or free since
+    // changed (and so kept) the count block first.
+    let counts = match frozen.saved.get(&rc.0) {
+        Some((data, _)) => data,
+        None => match cache.get(&rc.0) {
+            Some(e) => &e.data,
+            None => return true,
+        },
+    };
+    counts[at..at + 4] != [0; 4]
+}
+
+/// Drops a frozen view's kept blocks and releases its held ones; its reads fail with
+/// [`StoreError::ViewOverrun`] from now on.
+fn give_up_view(f: &mut Frozen) {
+    tracing::warn!(kept = f.saved.len(), held = f.held_free.len(), "giving up a frozen view (online check)");
+    f.overrun = true;
+    f.saved = HashMap::new();
+    f.freed_since = HashSet::new();
+    f.held_free = HashSet::new();
 }

@@ -88,16 +88,23 @@ impl MetaRead for crate::Transaction<'_> {
 }
 
 /// The store's metadata frozen at one instant, for checking a store in use: walks read it
-/// without holding the metadata lock, so guests' I/O, transactions and commits go on. One view
-/// at a time; it is released when dropped. While it is open, blocks freed are not reused, and
+/// without holding the metadata lock, so guests' I/O, transactions and commits go on. Up to
+/// eight views may be open at once (each keeps its own copies); one is released when dropped. While it is open, blocks freed are not reused, and
 /// the old contents of changed metadata blocks are kept in memory. Past its limits (see
 /// [`BlockStore::freeze_with_limit`]), or when a write needs the space it holds, the view is
 /// given up: its reads fail with [`StoreError::ViewOverrun`].
 pub struct FrozenView<'a> {
     store: &'a BlockStore,
+    id: u64,
     sb: Superblock,
     buf: Box<Block>,
 }
+
+/// Most frozen views open at once on one store.
+const MAX_VIEWS: usize = 8;
+
+/// Ids of frozen views (unique in the process).
+static NEXT_VIEW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Where a block of the view was found.
 enum Found {
@@ -109,7 +116,7 @@ enum Found {
 
 impl BlockStore {
     /// Freezes the metadata as of now (between transactions) for a consistent walk that does
-    /// not hold the metadata lock. Fails with [`StoreError::ViewBusy`] if a view is open.
+    /// not hold the metadata lock. Fails with [`StoreError::ViewBusy`] if eight views are open.
     /// Keeps at most 32 Ki changed blocks (128 MiB of memory).
     pub fn freeze(&self) -> Result<FrozenView<'_>> {
         self.freeze_with_limit(FROZEN_KEPT_BLOCKS)
@@ -121,12 +128,14 @@ impl BlockStore {
         if m.poisoned {
             return Err(StoreError::Poisoned);
         }
-        if m.frozen.is_some() {
-            return Err(StoreError::ViewBusy);
+        if m.frozen.len() >= MAX_VIEWS {
+            return Err(StoreError::ViewBusy { max: MAX_VIEWS });
         }
         assert!(m.undo.is_none(), "a transaction holds the lock for its whole life");
         let sb = m.sb.clone();
-        m.frozen = Some(crate::meta::Frozen {
+        let id = NEXT_VIEW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.frozen.push(crate::meta::Frozen {
+            id,
             sb: sb.clone(),
             saved: Default::default(),
             freed_since: Default::default(),
@@ -134,7 +143,7 @@ impl BlockStore {
             kept_limit: kept_blocks,
             overrun: false,
         });
-        Ok(FrozenView { store: self, sb, buf: Box::new([0; BLOCK_SIZE]) })
+        Ok(FrozenView { store: self, id, sb, buf: Box::new([0; BLOCK_SIZE]) })
     }
 }
 
@@ -145,7 +154,11 @@ impl FrozenView<'_> {
         if m.poisoned {
             return Err(StoreError::Poisoned);
         }
-        let frozen = m.frozen.as_ref().ok_or_else(|| StoreError::Damaged("a frozen view lost its state".into()))?;
+        let frozen = m
+            .frozen
+            .iter()
+            .find(|f| f.id == self.id)
+            .ok_or_else(|| StoreError::Damaged("a frozen view lost its state".into()))?;
         if frozen.overrun {
             return Err(StoreError::ViewOverrun);
         }
@@ -199,7 +212,7 @@ impl FrozenView<'_> {
     /// Fails with [`StoreError::ViewOverrun`] if the view was given up: a walk that ends
     /// should ask, since the errors it met on the way may have come from that.
     pub fn still_valid(&self) -> Result<()> {
-        match self.store.lock().frozen.as_ref() {
+        match self.store.lock().frozen.iter().find(|f| f.id == self.id) {
             Some(f) if !f.overrun => Ok(()),
             _ => Err(StoreError::ViewOverrun),
         }
@@ -227,6 +240,6 @@ impl MetaRead for FrozenView<'_> {
 impl Drop for FrozenView<'_> {
     fn drop(&mut self) {
         // Blocks held for the view become reusable.
-        self.store.lock().frozen = None;
+        self.store.lock().frozen.retain(|f| f.id != self.id);
     }
 }

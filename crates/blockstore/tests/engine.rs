@@ -229,7 +229,6 @@ fn a_frozen_view_keeps_the_metadata_of_its_instant() {
     // Changed but not committed at the view's instant: only in memory.
     let dirty = new_block(&s, 3);
     let mut view = s.freeze().unwrap();
-    assert!(matches!(s.freeze(), Err(StoreError::ViewBusy)), "one view at a time");
     // After the view: change one block, free two, make it all durable.
     let mut t = s.begin().unwrap();
     t.write(kept, &TEST_KIND).unwrap()[100] = 9;
@@ -380,4 +379,41 @@ fn a_flush_syncs_only_when_something_was_written_since_the_last_sync() {
     t.finish().unwrap();
     s.commit().unwrap();
     assert_eq!(syncs(), before + 3, "a metadata change: sync, record, sync");
+}
+
+#[test]
+fn views_taken_at_different_instants_each_keep_their_own() {
+    use blockstore::MetaRead;
+    let mem = MemBackend::new();
+    let s = store(&mem, 64, 256);
+    let a = new_block(&s, 1);
+    let gone = new_block(&s, 7);
+    s.commit().unwrap();
+    let set = |v: u8| {
+        let mut t = s.begin().unwrap();
+        t.write(a, &TEST_KIND).unwrap()[100] = v;
+        t.finish().unwrap();
+        s.commit().unwrap();
+    };
+    let mut first = s.freeze().unwrap();
+    set(2);
+    let mut second = s.freeze().unwrap();
+    set(3);
+    let mut t = s.begin().unwrap();
+    t.decref(gone).unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    s.commit().unwrap();
+    assert_eq!(first.read(a, &TEST_KIND).unwrap()[100], 1);
+    assert_eq!(second.read(a, &TEST_KIND).unwrap()[100], 2);
+    assert_eq!(byte_at(&s, a), 3);
+    drop(first);
+    assert_eq!(second.read(a, &TEST_KIND).unwrap()[100], 2, "closing one view leaves the other");
+    assert_eq!(second.read(gone, &TEST_KIND).unwrap()[100], 7);
+    assert_eq!(s.lock().space().pending_free, 1, "still held for the second view");
+    drop(second);
+    assert_eq!(s.lock().space().pending_free, 0);
+    let many: Vec<_> = (0..8).map(|_| s.freeze().unwrap()).collect();
+    assert!(matches!(s.freeze(), Err(StoreError::ViewBusy { max: 8 })));
+    drop(many);
 }

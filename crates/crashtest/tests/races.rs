@@ -8,6 +8,8 @@
 //! - Open against delete: a VDI being opened can never be deleted under the new handle.
 //! - A registry operation that misses the metadata cache reads the medium without holding the
 //!   metadata lock: another VM's writes and flushes go on while it waits for the read.
+//! - Whole-tree walks for `vdi info` and `vdi diff` run on a frozen view: a VM writes while one
+//!   is stopped, and the walk reports the instant it froze.
 //! - The online check: while `vdi check` walks the store, guests write, snapshot, delete,
 //!   reclaim and commit, and the check still reports exactly the instant it froze. A stress
 //!   variant runs checks back to back beside a busy VM and the background reclaimer.
@@ -302,4 +304,55 @@ fn a_registry_operation_reads_missing_metadata_without_the_lock() {
     assert_eq!(reg.info(renamed).unwrap().name, "renamed-2");
     assert_eq!(read_block(&reg, busy, 0), 2);
     assert_clean(&reg, "after the rename");
+}
+
+#[test]
+fn whole_tree_walks_for_info_and_diff_leave_the_store_running() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let id = reg.create_vdi("vm", Some(256 << 20)).unwrap();
+    write_blocks(&reg, id, 0, 100, 1);
+    let snap = reg.snapshot(id).unwrap();
+    write_blocks(&reg, id, 0, 10, 2);
+    let vm = reg.open_vdi(id, true).unwrap();
+    for (what, walk) in [
+        (
+            "mapped_blocks",
+            Box::new(move |r: &Registry| r.mapped_blocks(vdi::Source::Vdi(id)).unwrap())
+                as Box<dyn Fn(&Registry) -> u64 + Send>,
+        ),
+        (
+            "diff",
+            Box::new(move |r: &Registry| {
+                r.diff(vdi::Source::Snapshot(snap), vdi::Source::Vdi(id)).unwrap().iter().map(|(_, l)| l / 4096).sum()
+            }),
+        ),
+    ] {
+        let before = walk(&reg);
+        let paused = Pause::arm("vdi::walk_frozen::frozen");
+        let walker = {
+            let reg = reg.clone();
+            std::thread::spawn(move || walk(&reg))
+        };
+        paused.wait_reached();
+        run_alongside_ref(what, || write_to(&vm, 200, 50, 3));
+        paused.resume();
+        assert_eq!(walker.join().unwrap(), before, "{what} reports the instant it froze");
+    }
+    assert_eq!(reg.mapped_blocks(vdi::Source::Vdi(id)).unwrap(), 150);
+}
+
+/// [`run_alongside`] for work that borrows: the watchdog is a scoped thread.
+fn run_alongside_ref(what: &str, work: impl FnOnce() + Send) {
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            work();
+            let _ = done_tx.send(());
+        });
+        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_secs(120)) {
+            panic!("{what}: the VM's writes never finished while the walk was paused");
+        }
+    });
 }

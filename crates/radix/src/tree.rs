@@ -279,7 +279,14 @@ fn unmap_in(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64,
     Ok(freed)
 }
 
-fn any_mapped(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64, end: u64) -> Result<bool> {
+fn any_mapped<M: MetaRead + ?Sized>(
+    meta: &mut M,
+    node: BlockAddr,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+) -> Result<bool> {
     let mut found = false;
     walk(meta, node, level, base, start, end, &mut |_, _| {
         found = true;
@@ -290,8 +297,8 @@ fn any_mapped(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u6
 
 /// Calls `f(vblock, data_addr)` for mapped blocks in order until it returns false.
 /// Returns false if stopped early.
-fn walk(
-    meta: &mut Meta,
+fn walk<M: MetaRead + ?Sized>(
+    meta: &mut M,
     node: BlockAddr,
     level: u32,
     base: u64,
@@ -321,7 +328,7 @@ fn walk(
 }
 
 /// The mapped runs of virtual blocks in `[start, end)`, in order, adjacent blocks merged.
-pub fn mapped_runs(meta: &mut Meta, root: BlockAddr, start: u64, end: u64) -> Result<Vec<Run>> {
+pub fn mapped_runs<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr, start: u64, end: u64) -> Result<Vec<Run>> {
     let mut runs: Vec<Run> = Vec::new();
     walk(meta, root, LEVELS - 1, 0, start, end.min(MAX_BLOCKS), &mut |v, _| {
         match runs.last_mut() {
@@ -335,7 +342,7 @@ pub fn mapped_runs(meta: &mut Meta, root: BlockAddr, start: u64, end: u64) -> Re
 
 /// The runs of virtual blocks whose mapping differs between trees `a` and `b`, in order.
 /// Subtrees the two trees share are skipped unread, so the cost follows the changed part.
-pub fn diff(meta: &mut Meta, a: BlockAddr, b: BlockAddr) -> Result<Vec<Run>> {
+pub fn diff<M: MetaRead + ?Sized>(meta: &mut M, a: BlockAddr, b: BlockAddr) -> Result<Vec<Run>> {
     let mut runs: Vec<Run> = Vec::new();
     let mut push = |v: u64, len: u64| match runs.last_mut() {
         Some(r) if r.start + r.len == v => r.len += len,
@@ -345,8 +352,8 @@ pub fn diff(meta: &mut Meta, a: BlockAddr, b: BlockAddr) -> Result<Vec<Run>> {
     Ok(runs)
 }
 
-fn diff_nodes(
-    meta: &mut Meta,
+fn diff_nodes<M: MetaRead + ?Sized>(
+    meta: &mut M,
     a: Option<BlockAddr>,
     b: Option<BlockAddr>,
     level: u32,

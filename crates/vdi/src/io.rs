@@ -97,7 +97,17 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
         return Ok(Vec::new());
     }
     let end = offset + len;
-    let runs = store.with_cached(|meta| radix::mapped_runs(meta, root, offset / BS, end.div_ceil(BS)))?;
+    // One leaf's span (2 MiB) per turn of the metadata lock: a large request never holds it for
+    // a long walk. (Runs that cross a leaf boundary are merged below.)
+    const CHUNK: u64 = 512;
+    let (first, last) = (offset / BS, end.div_ceil(BS));
+    let mut runs: Vec<radix::Run> = Vec::new();
+    let mut at = first;
+    while at < last {
+        let stop = ((at / CHUNK + 1) * CHUNK).min(last);
+        runs.extend(store.with_cached(|meta| radix::mapped_runs(meta, root, at, stop))?);
+        at = stop;
+    }
     let mut out: Vec<Extent> = Vec::new();
     let mut push = |o: u64, l: u64, kind: ExtentKind| {
         if l == 0 {

@@ -376,17 +376,29 @@ impl Registry {
 
     /// Store blocks mapped by the VDI's live tree (its used size is this × 4096).
     pub fn mapped_blocks(&self, src: Source) -> Result<u64> {
-        let root = self.root_of(src)?;
-        let mut meta = self.store.lock();
-        Ok(radix::mapped_runs(&mut meta, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum())
+        self.walk_frozen(|view, st| {
+            let root = root_in(st, src)?;
+            Ok(radix::mapped_runs(view, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum())
+        })
     }
 
-    pub(crate) fn root_of(&self, src: Source) -> Result<BlockAddr> {
-        let st = self.state.lock();
-        Ok(match src {
-            Source::Vdi(id) => BlockAddr(st.vdi(id)?.live.root.load(Ordering::Acquire)),
-            Source::Snapshot(s) => st.snap(s)?.root,
-        })
+    /// Runs `f` on a frozen view of the store and the registry as of the view's instant: a
+    /// whole-tree walk that holds no lock, so guests' I/O goes on. A view given up because the
+    /// store changed too much is taken again (three tries).
+    fn walk_frozen<T>(&self, mut f: impl FnMut(&mut blockstore::FrozenView<'_>, &State) -> Result<T>) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            let mut view = self.store.freeze()?;
+            // Race tests pause here: the store must stay usable during the walk.
+            test_point!("vdi::walk_frozen::frozen");
+            let out = load_state(&mut view).and_then(|st| f(&mut view, &st));
+            match view.still_valid() {
+                Ok(()) => return out,
+                Err(e) if attempt < 3 => tracing::warn!("walking a frozen view, attempt {attempt}: {e}; again"),
+                Err(e) => return Err(e.into()),
+            }
+            attempt += 1;
+        }
     }
 
     /// Size in bytes of a VDI or snapshot.
@@ -511,12 +523,18 @@ impl Registry {
     /// The runs of 4 KiB blocks that differ between two snapshots or a snapshot and a VDI,
     /// as (first byte, length in bytes). Shared subtrees are skipped unread.
     pub fn diff(&self, a: Source, b: Source) -> Result<Vec<(u64, u64)>> {
-        let (ra, rb) = (self.root_of(a)?, self.root_of(b)?);
-        let mut meta = self.store.lock();
-        let runs = radix::diff(&mut meta, ra, rb)?;
+        let runs = self.walk_frozen(|view, st| Ok(radix::diff(view, root_in(st, a)?, root_in(st, b)?)?))?;
         let bs = blockstore::BLOCK_SIZE as u64;
         Ok(runs.into_iter().map(|r| (r.start * bs, r.len * bs)).collect())
     }
+}
+
+/// The root of a VDI or snapshot in `st`.
+fn root_in(st: &State, src: Source) -> Result<BlockAddr> {
+    Ok(match src {
+        Source::Vdi(id) => BlockAddr(st.vdi(id)?.live.root.load(Ordering::Acquire)),
+        Source::Snapshot(s) => st.snap(s)?.root,
+    })
 }
 
 fn info_of(st: &State, id: VdiId) -> Result<VdiInfo> {
