@@ -82,12 +82,6 @@ pub enum StoreError {
     /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).
     #[error("metadata changed outside a transaction")]
     NoTransaction,
-    /// Too many [`crate::FrozenView`]s are open (online checks and walks).
-    #[error("{max} online checks or walks of this store are running; wait for one to finish")]
-    ViewBusy {
-        /// Views allowed at once.
-        max: usize,
-    },
     /// A [`crate::FrozenView`] was given up while open: the store changed more than it may keep
     /// (by default 32 Ki metadata blocks changed, or 256 Ki blocks freed), or the space it held
     /// was needed for a write.

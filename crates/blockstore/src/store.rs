@@ -81,6 +81,8 @@ pub struct BlockStore {
     backend: Arc<dyn Backend>,
     meta: Mutex<Meta>,
     commit_lock: Mutex<()>,
+    /// Signalled when a frozen view is closed (a freeze waiting for room may go on).
+    pub(crate) view_closed: parking_lot::Condvar,
     /// Commits that have taken their snapshot of the metadata (group commit: a flush that finds
     /// a commit begun after it was called completed needs no commit of its own).
     commits_begun: AtomicU64,
@@ -373,8 +375,10 @@ impl BlockStore {
             backend,
             meta: Mutex::new(meta),
             commit_lock: Mutex::new(()),
+            view_closed: parking_lot::Condvar::new(),
             commits_begun: AtomicU64::new(0),
-            data_written: AtomicU64::new(0),
+            // Not known synced at open: the first flush syncs.
+            data_written: AtomicU64::new(1),
             data_synced: AtomicU64::new(0),
             last_commit: Mutex::new((0, CommitInfo { generation, blocks: 0 })),
             io_gate: RwLock::new(()),
@@ -716,7 +720,7 @@ impl BlockStore {
 
     /// Makes completed data writes durable without committing metadata.
     pub fn sync_data(&self) -> Result<()> {
-        self.sync_data_writes()
+        self.sync_data_writes().map_err(|e| self.poison(e))
     }
 
     /// Syncs the medium and notes which data writes the sync covered: those completed before it

@@ -89,7 +89,8 @@ impl MetaRead for crate::Transaction<'_> {
 
 /// The store's metadata frozen at one instant, for checking a store in use: walks read it
 /// without holding the metadata lock, so guests' I/O, transactions and commits go on. Up to
-/// eight views may be open at once (each keeps its own copies); one is released when dropped. While it is open, blocks freed are not reused, and
+/// eight views may be open at once (each keeps its own copies; a ninth waits); one is released
+/// when dropped. While it is open, blocks freed are not reused, and
 /// the old contents of changed metadata blocks are kept in memory. Past its limits (see
 /// [`BlockStore::freeze_with_limit`]), or when a write needs the space it holds, the view is
 /// given up: its reads fail with [`StoreError::ViewOverrun`].
@@ -116,7 +117,7 @@ enum Found {
 
 impl BlockStore {
     /// Freezes the metadata as of now (between transactions) for a consistent walk that does
-    /// not hold the metadata lock. Fails with [`StoreError::ViewBusy`] if eight views are open.
+    /// not hold the metadata lock. If eight views are open, waits until one is closed.
     /// Keeps at most 32 Ki changed blocks (128 MiB of memory).
     pub fn freeze(&self) -> Result<FrozenView<'_>> {
         self.freeze_with_limit(FROZEN_KEPT_BLOCKS)
@@ -128,8 +129,9 @@ impl BlockStore {
         if m.poisoned {
             return Err(StoreError::Poisoned);
         }
-        if m.frozen.len() >= MAX_VIEWS {
-            return Err(StoreError::ViewBusy { max: MAX_VIEWS });
+        // Eight walks at once: a ninth waits for one to end.
+        while m.frozen.len() >= MAX_VIEWS {
+            self.view_closed.wait(&mut m);
         }
         assert!(m.undo.is_none(), "a transaction holds the lock for its whole life");
         let sb = m.sb.clone();
@@ -241,5 +243,6 @@ impl Drop for FrozenView<'_> {
     fn drop(&mut self) {
         // Blocks held for the view become reusable.
         self.store.lock().frozen.retain(|f| f.id != self.id);
+        self.store.view_closed.notify_one();
     }
 }

@@ -413,7 +413,17 @@ fn views_taken_at_different_instants_each_keep_their_own() {
     assert_eq!(s.lock().space().pending_free, 1, "still held for the second view");
     drop(second);
     assert_eq!(s.lock().space().pending_free, 0);
-    let many: Vec<_> = (0..8).map(|_| s.freeze().unwrap()).collect();
-    assert!(matches!(s.freeze(), Err(StoreError::ViewBusy { max: 8 })));
-    drop(many);
+    // Eight at once; a ninth waits until one closes.
+    let mut many: Vec<_> = (0..8).map(|_| s.freeze().unwrap()).collect();
+    let (got_tx, got) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let ninth = s.freeze().unwrap();
+            got_tx.send(()).unwrap();
+            drop(ninth);
+        });
+        assert!(got.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "a ninth view waits");
+        many.pop();
+        got.recv_timeout(std::time::Duration::from_secs(60)).expect("the ninth view opens once one closes");
+    });
 }

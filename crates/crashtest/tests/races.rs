@@ -356,3 +356,30 @@ fn run_alongside_ref(what: &str, work: impl FnOnce() + Send) {
         }
     });
 }
+
+#[test]
+fn an_import_whose_swap_fails_leaks_nothing() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let id = reg.create_vdi("vm", Some(16 << 20)).unwrap();
+    write_blocks(&reg, id, 0, 8, 1);
+    reg.store().commit().unwrap();
+    let allocated = reg.store().lock().space().allocated;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.raw");
+    std::fs::write(&image, vec![0xAB; 4 << 20]).unwrap();
+    // The import's first transaction (its new tree) goes through; the swap fails.
+    fail::cfg("vdi::transact::before_finish", "1*off->1*return").unwrap();
+    assert!(reg.fill(id, &image, &mut |_, _| {}).is_err(), "the swap fails");
+    fail::remove("vdi::transact::before_finish");
+    assert_eq!(read_block(&reg, id, 0), 1, "the VDI keeps its old tree");
+    assert_clean(&reg, "after the failed import");
+    reg.reclaim_all(&mut |_, _| {}).unwrap();
+    reg.store().commit().unwrap();
+    assert_eq!(reg.store().lock().space().allocated, allocated, "the imported blocks were freed");
+    // And a later import works.
+    reg.fill(id, &image, &mut |_, _| {}).unwrap();
+    assert_eq!(read_block(&reg, id, 0), 0xAB);
+    assert_clean(&reg, "after the second import");
+}

@@ -124,24 +124,28 @@ impl Registry {
         let tree = self.transact(|st, meta| {
             let t = radix::create(meta)?;
             let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+            if !v.pending_root.is_none() {
+                // An earlier import whose cleanup failed: its tree goes now.
+                radix::defer_release(meta, v.pending_root)?;
+            }
             v.pending_root = t;
             write_record(meta, id, v)?;
             Ok(t)
         })?;
         let mut stats = ImportStats { image_bytes: size, ..Default::default() };
-        match self.import_into(&f, path, size, tree, &mut stats, progress) {
-            Ok(()) => {
-                self.transact(|st, meta| {
-                    let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
-                    let old = BlockAddr(v.live.root.swap(tree.0, Ordering::AcqRel));
-                    v.live.size.store(new_size, Ordering::Release);
-                    v.pending_root = BlockAddr::NONE;
-                    write_record(meta, id, v)?;
-                    radix::defer_release(meta, old)?;
-                    Ok(())
-                })?;
-                Ok(stats)
-            }
+        let swapped = self.import_into(&f, path, size, tree, &mut stats, progress).and_then(|()| {
+            self.transact(|st, meta| {
+                let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+                let old = BlockAddr(v.live.root.swap(tree.0, Ordering::AcqRel));
+                v.live.size.store(new_size, Ordering::Release);
+                v.pending_root = BlockAddr::NONE;
+                write_record(meta, id, v)?;
+                radix::defer_release(meta, old)?;
+                Ok(())
+            })
+        });
+        match swapped {
+            Ok(()) => Ok(stats),
             Err(e) => {
                 // Drop everything the import wrote; the VDI keeps its old tree.
                 let cleanup = self.transact(|st, meta| {

@@ -97,9 +97,10 @@ fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> R
         return Ok(Vec::new());
     }
     let end = offset + len;
-    // One leaf's span (2 MiB) per turn of the metadata lock: a large request never holds it for
-    // a long walk. (Runs that cross a leaf boundary are merged below.)
-    const CHUNK: u64 = 512;
+    // At most one level-1 node's span (1 GiB, 512 leaves) per turn of the metadata lock: a
+    // large request never holds it for a long walk. (Runs that cross a boundary are merged
+    // below.)
+    const CHUNK: u64 = 512 * 512;
     let (first, last) = (offset / BS, end.div_ceil(BS));
     let mut runs: Vec<radix::Run> = Vec::new();
     let mut at = first;

@@ -382,6 +382,21 @@ impl Registry {
         })
     }
 
+    /// [`Registry::mapped_blocks`] of several VDIs and snapshots, all as of one instant (one
+    /// frozen view): `None` for one that did not exist then (deleted meanwhile, say).
+    pub fn mapped_blocks_of(&self, srcs: &[Source]) -> Result<Vec<Option<u64>>> {
+        self.walk_frozen(|view, st| {
+            let mut out = Vec::with_capacity(srcs.len());
+            for src in srcs {
+                out.push(match root_in(st, *src) {
+                    Ok(root) => Some(radix::mapped_runs(view, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum()),
+                    Err(_) => None,
+                });
+            }
+            Ok(out)
+        })
+    }
+
     /// Runs `f` on a frozen view of the store and the registry as of the view's instant: a
     /// whole-tree walk that holds no lock, so guests' I/O goes on. A view given up because the
     /// store changed too much is taken again (three tries).

@@ -168,3 +168,9 @@ pub fn describe(reg: &Registry, src: Source) -> String {
 pub fn used_bytes(reg: &Registry, src: Source) -> Result<u64, Failure> {
     Ok(reg.mapped_blocks(src)? * blockstore::BLOCK_SIZE as u64)
 }
+
+/// [`used_bytes`] of many, as of one instant, in one walk of the store; 0 for one deleted
+/// while the listing ran.
+pub fn used_bytes_of(reg: &Registry, srcs: &[Source]) -> Result<Vec<u64>, Failure> {
+    Ok(reg.mapped_blocks_of(srcs)?.into_iter().map(|b| b.unwrap_or(0) * blockstore::BLOCK_SIZE as u64).collect())
+}

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use vdi::{Registry, Source, VdiId, VdiInfo};
 
-use super::{Ctx, parse_source, used_bytes};
+use super::{Ctx, parse_source, used_bytes, used_bytes_of};
 use crate::args::InfoArgs;
 use crate::error::{CmdResult, Failure};
 use crate::format::{self, Align, Table};
@@ -31,16 +31,20 @@ pub struct VdiJson {
 }
 
 fn vdi_json(reg: &Registry, v: &VdiInfo) -> Result<VdiJson, Failure> {
-    Ok(VdiJson {
+    Ok(vdi_json_used(v, used_bytes(reg, Source::Vdi(v.id))?))
+}
+
+fn vdi_json_used(v: &VdiInfo, used: u64) -> VdiJson {
+    VdiJson {
         id: v.id.0,
         name: v.name.clone(),
         size: (v.size != 0).then_some(v.size),
-        used: used_bytes(reg, Source::Vdi(v.id))?,
+        used,
         snapshots: v.snapshots,
         parent: v.parent.map(|p| p.0),
         created: format::rfc3339(v.created_ns),
         created_ns: v.created_ns,
-    })
+    }
 }
 
 fn size_cell(size: Option<u64>, exact: bool) -> String {
@@ -49,7 +53,9 @@ fn size_cell(size: Option<u64>, exact: bool) -> String {
 
 /// `vdi list`.
 pub fn list(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
-    let rows: Vec<VdiJson> = ctx.reg.list().iter().map(|v| vdi_json(ctx.reg, v)).collect::<Result<_, _>>()?;
+    let vdis = ctx.reg.list();
+    let used = used_bytes_of(ctx.reg, &vdis.iter().map(|v| Source::Vdi(v.id)).collect::<Vec<_>>())?;
+    let rows: Vec<VdiJson> = vdis.iter().zip(used).map(|(v, u)| vdi_json_used(v, u)).collect();
     for (id, why) in ctx.reg.damaged() {
         let _ = writeln!(ctx.err, "vdi: VDI {id} is damaged and not listed: {why}; run `vdi check`");
     }

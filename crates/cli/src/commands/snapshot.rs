@@ -3,7 +3,7 @@
 use serde::Serialize;
 use vdi::Source;
 
-use super::{Ctx, resolve_vdi, snapshot_ref, used_bytes};
+use super::{Ctx, resolve_vdi, snapshot_ref, used_bytes_of};
 use crate::args::SnapListArgs;
 use crate::error::CmdResult;
 use crate::format::{self, Align, Table};
@@ -43,11 +43,11 @@ pub struct SnapJson {
 pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
     let id = resolve_vdi(ctx.reg, &a.vdi)?;
     let mut rows = Vec::new();
-    for s in ctx.reg.snapshots(id)? {
-        if s.deleted && !a.all {
-            continue;
-        }
-        let used = if s.deleted { None } else { Some(used_bytes(ctx.reg, Source::Snapshot(s.id))?) };
+    let snaps: Vec<_> = ctx.reg.snapshots(id)?.into_iter().filter(|s| a.all || !s.deleted).collect();
+    let live: Vec<Source> = snaps.iter().filter(|s| !s.deleted).map(|s| Source::Snapshot(s.id)).collect();
+    let mut used_of = used_bytes_of(ctx.reg, &live)?.into_iter();
+    for s in snaps {
+        let used = if s.deleted { None } else { used_of.next() };
         rows.push(SnapJson {
             id: s.id.0,
             vdi: s.vdi.0,

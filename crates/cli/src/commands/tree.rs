@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use vdi::Source;
 
-use super::{Ctx, output_error, used_bytes};
+use super::{Ctx, output_error, used_bytes_of};
 use crate::args::{TreeArgs, TreeFormat};
 use crate::error::{CmdResult, Failure};
 use crate::tree::Forest;
@@ -14,10 +14,8 @@ use crate::tree::Forest;
 /// `vdi tree`.
 pub fn tree(ctx: &mut Ctx<'_>, a: &TreeArgs) -> CmdResult {
     let vdis = ctx.reg.list();
-    let mut used = BTreeMap::new();
-    for v in &vdis {
-        used.insert(v.id, used_bytes(ctx.reg, Source::Vdi(v.id))?);
-    }
+    let sources: Vec<Source> = vdis.iter().map(|v| Source::Vdi(v.id)).collect();
+    let used: BTreeMap<_, _> = vdis.iter().map(|v| v.id).zip(used_bytes_of(ctx.reg, &sources)?).collect();
     let forest = Forest::new(vdis, ctx.reg.all_snapshots(), used, a.all);
     let bytes = match a.format {
         TreeFormat::Text => forest.render_text(ctx.exact).into_bytes(),
