@@ -239,6 +239,9 @@ impl Meta {
     /// changes or is freed. Only cached blocks can change, and a block a view has not kept is
     /// unchanged since that view's instant.
     fn preserve_for_view(&mut self, addr: u64) {
+        if self.frozen.is_empty() {
+            return;
+        }
         let Meta { frozen, cache, .. } = self;
         let Some(entry) = cache.get(&addr) else { return };
         for f in frozen.iter_mut() {

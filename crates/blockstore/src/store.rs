@@ -505,10 +505,8 @@ impl BlockStore {
         for attempt in 0..=MISS_RETRIES {
             let mut txn = self.begin()?;
             // Cleared again when the transaction finishes or is dropped (even by a panic).
-            txn.meta.cached_only = attempt < MISS_RETRIES;
-            let r = f(&mut txn);
-            txn.meta.cached_only = false;
-            match r {
+            txn.set_cached_only(attempt < MISS_RETRIES);
+            match f(&mut txn) {
                 Ok(v) => {
                     txn.finish()?;
                     return Ok(v);

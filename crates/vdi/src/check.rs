@@ -312,20 +312,8 @@ impl Registry {
         if repair {
             return self.check_and_repair();
         }
-        let mut attempt = 1;
-        loop {
-            // The metadata as of now, walked without holding the metadata lock.
-            let mut view = self.store.freeze()?;
-            // Race tests pause here: the store must stay fully usable while a check walks it.
-            test_point!("vdi::check::frozen");
-            let audit = audit(&mut view)?;
-            match view.still_valid() {
-                Ok(()) => return Ok(audit.report),
-                Err(e) if attempt < 3 => tracing::warn!("check attempt {attempt}: {e}; checking again"),
-                Err(e) => return Err(e.into()),
-            }
-            attempt += 1;
-        }
+        // The metadata as of now, walked without holding the metadata lock.
+        self.with_view("vdi::check::frozen", |view| Ok(audit(view)?.report))
     }
 
     /// `check(true)`: walk and repair in one transaction.
@@ -353,23 +341,15 @@ impl Registry {
     /// serve them. Walks a frozen view, so it may run beside I/O; a view given up because the
     /// store changed too much is taken again, and never counts as damage.
     pub fn damaged_vdis(&self) -> Result<Vec<(VdiId, String)>> {
-        let mut attempt = 1;
-        loop {
-            let mut view = self.store.freeze()?;
-            let state = load_state(&mut view)?;
+        self.walk_frozen(|view, state| {
             let mut out: Vec<(VdiId, String)> = state.damaged.iter().map(|(id, why)| (*id, why.clone())).collect();
             for (id, v) in &state.vdis {
                 let root = BlockAddr(v.live.root.load(std::sync::atomic::Ordering::Acquire));
-                if let Err(e) = radix::visit_nodes(&mut view, root, &mut |_| true) {
+                if let Err(e) = radix::visit_nodes(view, root, &mut |_| true) {
                     out.push((*id, e.to_string()));
                 }
             }
-            match view.still_valid() {
-                Ok(()) => return Ok(out),
-                Err(e) if attempt < 3 => tracing::warn!("walking the VDIs, attempt {attempt}: {e}; again"),
-                Err(e) => return Err(e.into()),
-            }
-            attempt += 1;
-        }
+            Ok(out)
+        })
     }
 }

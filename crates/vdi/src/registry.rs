@@ -376,10 +376,7 @@ impl Registry {
 
     /// Store blocks mapped by the VDI's live tree (its used size is this × 4096).
     pub fn mapped_blocks(&self, src: Source) -> Result<u64> {
-        self.walk_frozen(|view, st| {
-            let root = root_in(st, src)?;
-            Ok(radix::mapped_runs(view, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum())
-        })
+        self.walk_frozen(|view, st| mapped_in(view, root_in(st, src)?))
     }
 
     /// [`Registry::mapped_blocks`] of several VDIs and snapshots, all as of one instant (one
@@ -389,7 +386,7 @@ impl Registry {
             let mut out = Vec::with_capacity(srcs.len());
             for src in srcs {
                 out.push(match root_in(st, *src) {
-                    Ok(root) => Some(radix::mapped_runs(view, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum()),
+                    Ok(root) => Some(mapped_in(view, root)?),
                     Err(_) => None,
                 });
             }
@@ -398,15 +395,27 @@ impl Registry {
     }
 
     /// Runs `f` on a frozen view of the store and the registry as of the view's instant: a
-    /// whole-tree walk that holds no lock, so guests' I/O goes on. A view given up because the
-    /// store changed too much is taken again (three tries).
-    fn walk_frozen<T>(&self, mut f: impl FnMut(&mut blockstore::FrozenView<'_>, &State) -> Result<T>) -> Result<T> {
+    /// whole-tree walk that holds no lock, so guests' I/O goes on.
+    pub(crate) fn walk_frozen<T>(
+        &self,
+        mut f: impl FnMut(&mut blockstore::FrozenView<'_>, &State) -> Result<T>,
+    ) -> Result<T> {
+        self.with_view("vdi::walk_frozen::frozen", |view| load_state(&mut *view).and_then(|st| f(view, &st)))
+    }
+
+    /// Runs `f` on a frozen view of the store; a view given up because the store changed too
+    /// much is taken again (three tries), and what `f` found in it is not trusted. Race tests
+    /// can pause at `point`, right after the view is taken.
+    pub(crate) fn with_view<T>(
+        &self,
+        #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))] point: &'static str,
+        mut f: impl FnMut(&mut blockstore::FrozenView<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut attempt = 1;
         loop {
             let mut view = self.store.freeze()?;
-            // Race tests pause here: the store must stay usable during the walk.
-            test_point!("vdi::walk_frozen::frozen");
-            let out = load_state(&mut view).and_then(|st| f(&mut view, &st));
+            test_point!(point);
+            let out = f(&mut view);
             match view.still_valid() {
                 Ok(()) => return out,
                 Err(e) if attempt < 3 => tracing::warn!("walking a frozen view, attempt {attempt}: {e}; again"),
@@ -542,6 +551,11 @@ impl Registry {
         let bs = blockstore::BLOCK_SIZE as u64;
         Ok(runs.into_iter().map(|r| (r.start * bs, r.len * bs)).collect())
     }
+}
+
+/// Data blocks the tree at `root` maps.
+fn mapped_in<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr) -> Result<u64> {
+    Ok(radix::mapped_runs(meta, root, 0, radix::MAX_BLOCKS)?.iter().map(|r| r.len).sum())
 }
 
 /// The root of a VDI or snapshot in `st`.
