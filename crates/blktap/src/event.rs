@@ -4,7 +4,7 @@
 //! Unix stream socket where each byte is one notification ([`SocketEvents`]). Notifications
 //! carry no data and may be coalesced: a side that is woken always re-reads the ring indices.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ pub trait EventChannel: Send + Sync {
     fn notify(&self) -> Result<()>;
     /// Waits up to `timeout` for a notification from the peer.
     fn wait(&self, timeout: Duration) -> Result<Wake>;
+    /// A descriptor that is readable when a notification (or the peer's going away) is
+    /// waiting, so a server can wait on it beside a stop signal; then [`EventChannel::wait`]
+    /// with a zero timeout consumes it.
+    fn readable_fd(&self) -> BorrowedFd<'_>;
 }
 
 /// A simulated event channel over a connected Unix stream socket: one byte per notification.
@@ -73,6 +77,10 @@ impl EventChannel for SocketEvents {
             Err(Errno::CONNRESET) => Ok(Wake::Closed),
             Err(e) => Err(Error::Io(e.into())),
         }
+    }
+
+    fn readable_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }
 

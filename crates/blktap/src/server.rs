@@ -12,12 +12,13 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockdev::BlockDevice;
 use crossbeam_channel::bounded;
 use parking_lot::{Condvar, Mutex};
+use shutdown::Shutdown;
 
 use crate::Result;
 use crate::abi::{OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
@@ -32,13 +33,11 @@ use crate::ring::BackRing;
 pub struct ServerOptions {
     /// Worker threads executing requests of this ring concurrently (at least 1).
     pub workers: usize,
-    /// How often the dispatcher wakes without a notification to look at the stop flag.
-    pub poll_interval: Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { workers: 4, poll_interval: Duration::from_millis(100) }
+        Self { workers: 4 }
     }
 }
 
@@ -109,7 +108,7 @@ where
     /// Serves the ring on the calling thread (plus the worker pool) until `stop` is raised or
     /// the frontend goes away. Requests already taken off the ring are always answered before
     /// this returns. Errors if the frontend broke the ring protocol.
-    pub fn run(&self, stop: &AtomicBool) -> Result<Ended> {
+    pub fn run(&self, stop: &Shutdown) -> Result<Ended> {
         let workers = self.options.workers.max(1);
         let capacity = self.ring.lock().size() as usize;
         let (tx, rx) = bounded::<BlkRequest>(capacity);
@@ -135,9 +134,9 @@ where
         })
     }
 
-    fn dispatch(&self, stop: &AtomicBool, mut submit: impl FnMut(BlkRequest)) -> Result<Ended> {
+    fn dispatch(&self, stop: &Shutdown, mut submit: impl FnMut(BlkRequest)) -> Result<Ended> {
         loop {
-            if stop.load(Ordering::Acquire) {
+            if stop.is_raised() {
                 return Ok(Ended::Stopped);
             }
             let next = self.ring.lock().next_request();
@@ -158,7 +157,13 @@ where
                     if self.ring.lock().final_check_for_requests()? {
                         continue;
                     }
-                    match self.events.wait(self.options.poll_interval)? {
+                    // Sleep until the frontend notifies us or the stop signal is raised:
+                    // no timeout, so an idle ring costs nothing.
+                    match stop.wait_readable(self.events.readable_fd(), None)? {
+                        shutdown::Ready::Stopped => return Ok(Ended::Stopped),
+                        shutdown::Ready::Readable | shutdown::Ready::TimedOut => {}
+                    }
+                    match self.events.wait(Duration::ZERO)? {
                         Wake::Notified | Wake::TimedOut => {}
                         Wake::Closed => return Ok(Ended::PeerGone),
                     }

@@ -234,6 +234,20 @@ impl SimListener {
             Ok(_) => {}
             Err(e) => return Err(Error::Io(e.into())),
         }
+        self.take()
+    }
+
+    /// Waits, with no timeout, for a frontend to connect or `stop` to be raised (then `None`).
+    /// `None` also when the connection went away before it could be taken: look at `stop`.
+    pub fn accept_until(&self, stop: &shutdown::Shutdown) -> Result<Option<UnixStream>> {
+        match stop.wait_readable(&self.listener, None)? {
+            shutdown::Ready::Readable => self.take(),
+            shutdown::Ready::Stopped | shutdown::Ready::TimedOut => Ok(None),
+        }
+    }
+
+    /// Accepts a connection the listener reported ready, without blocking.
+    fn take(&self) -> Result<Option<UnixStream>> {
         self.listener.set_nonblocking(true)?;
         let r = self.listener.accept();
         self.listener.set_nonblocking(false)?;

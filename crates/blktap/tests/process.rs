@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use blktap::engine::Engine;
@@ -47,13 +47,9 @@ fn serve_one(disk: Arc<MemDisk>, workers: usize, frontend_args: &[&str]) -> (Out
     let pending = SimPending::read(stream).unwrap();
     assert_eq!(pending.attach().vdi, "golden-clone");
     let backend = pending.accept(&DiskInfo::new(disk.size(), false)).unwrap();
-    let server = RingServer::new(
-        backend.ring,
-        Engine::new(disk, backend.grants),
-        backend.events,
-        ServerOptions { workers, ..Default::default() },
-    );
-    let stop = AtomicBool::new(false);
+    let server =
+        RingServer::new(backend.ring, Engine::new(disk, backend.grants), backend.events, ServerOptions { workers });
+    let stop = shutdown::Shutdown::new().unwrap();
     let ended = server.run(&stop).unwrap();
     let requests = server.stats().requests.load(Ordering::Relaxed);
     (child.wait_with_output().unwrap(), ended, requests)

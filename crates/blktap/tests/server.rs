@@ -6,7 +6,6 @@ mod common;
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,7 +117,7 @@ struct Rig {
     front: FrontRing,
     events: SocketEvents,
     pages: Arc<SharedMem>,
-    stop: Arc<AtomicBool>,
+    stop: shutdown::Shutdown,
     server: Option<JoinHandle<Ended>>,
 }
 
@@ -129,8 +128,8 @@ fn rig<D: BlockDevice + 'static>(disk: D, workers: usize, grant_pages: usize, ab
     let back = BackRing::new(ring, abi).unwrap();
     let (fe, be) = UnixStream::pair().unwrap();
     let engine = Engine::new(disk, SimGrantTable::new(pages.clone()).unwrap());
-    let server = RingServer::new(back, engine, SocketEvents::new(be), ServerOptions { workers, ..Default::default() });
-    let stop = Arc::new(AtomicBool::new(false));
+    let server = RingServer::new(back, engine, SocketEvents::new(be), ServerOptions { workers });
+    let stop = shutdown::Shutdown::new().unwrap();
     let s = stop.clone();
     let handle = std::thread::spawn(move || server.run(&s).unwrap());
     Rig { front, events: SocketEvents::new(fe), pages, stop, server: Some(handle) }
@@ -168,7 +167,7 @@ impl Rig {
     }
 
     fn finish(mut self) -> Ended {
-        self.stop.store(true, Ordering::Release);
+        self.stop.trigger();
         self.server.take().unwrap().join().unwrap()
     }
 }
@@ -238,7 +237,7 @@ fn stopping_answers_every_request_taken() {
     let mut r = rig(disk.clone(), 4, 8, Abi::X86_64);
     r.send(&(0..4).map(|i| write(i + 1, i * 8, i as u32)).collect::<Vec<_>>());
     disk.wait_inside(4);
-    r.stop.store(true, Ordering::Release);
+    r.stop.trigger();
     disk.open();
     let got = r.responses(4);
     assert!(got.iter().all(|g| g.2 == RSP_OKAY));

@@ -2,7 +2,7 @@
 //!
 //! - The binary (`src/main.rs`) calls [`main_with_args`]: parse the command line, forward it to
 //!   parallaxd if the daemon serves the store ([`control`]), else open the store and run it.
-//! - parallaxd serves the control socket with [`control::serve_control`] and runs each request
+//! - parallaxd serves the control socket with [`control::serve`] (the `control` crate) and runs each request
 //!   with [`execute`] (or [`control::registry_handler`], which wraps it) on the registry it
 //!   already has open.
 //!

@@ -6,7 +6,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use blockstore::{BlockStore, OpenOptions};
 use cli::control;
@@ -14,7 +13,7 @@ use common::{Env, ext4_image, random_file, same_bytes};
 
 struct Daemon {
     reg: Arc<vdi::Registry>,
-    stop: Arc<AtomicBool>,
+    stop: shutdown::Shutdown,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -23,14 +22,14 @@ impl Daemon {
         let store = BlockStore::open_path(&env.store, &OpenOptions::default(), None).expect("open store");
         let reg = vdi::Registry::open(Arc::new(store)).expect("registry");
         let listener = control::bind_control_socket_in(&env.run_dir, &env.store).expect("bind");
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = shutdown::Shutdown::new().expect("shutdown");
         let (h, s) = (control::registry_handler(reg.clone()), stop.clone());
-        let thread = std::thread::spawn(move || control::serve_control(listener, h, s));
+        let thread = std::thread::spawn(move || control::serve(listener, h, &s));
         Daemon { reg, stop, thread: Some(thread) }
     }
 
     fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.trigger();
         if let Some(t) = self.thread.take() {
             t.join().expect("server thread").expect("serve_control");
         }

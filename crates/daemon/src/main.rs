@@ -1,8 +1,6 @@
 //! `parallaxd`: serve Parallax VDIs over NBD.
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use clap::Parser;
 use daemon::config::{Config, Flags};
@@ -11,6 +9,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let flags = Flags::parse();
     let config = match Config::from_flags(flags) {
@@ -20,10 +19,33 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            eprintln!("parallaxd: cannot handle signal {sig}: {e}");
+    let stop = match shutdown::Shutdown::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("parallaxd: cannot create the stop signal: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SIGTERM and SIGINT raise the stop signal from a thread that blocks on them
+    // (signal-hook's self-pipe), so every waiter wakes at once.
+    let mut signals =
+        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("parallaxd: cannot handle SIGTERM and SIGINT: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    {
+        let stop = stop.clone();
+        let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!("signal {sig}: stopping");
+                stop.trigger();
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("parallaxd: cannot start the signal thread: {e}");
             return ExitCode::FAILURE;
         }
     }

@@ -6,14 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blktap::engine::Engine;
 use blktap::server::{RingServer, ServerOptions};
 use blktap::sim::{DiskInfo, SimListener, SimPending};
+use shutdown::Shutdown;
 
 use crate::exports::VdiExports;
 
@@ -30,9 +30,9 @@ pub struct RingService {
 
 impl RingService {
     /// Listens on `path` and serves guests until `stop` is raised.
-    pub fn spawn(path: &Path, exports: Arc<VdiExports>, workers: usize, stop: Arc<AtomicBool>) -> Result<Self> {
+    pub fn spawn(path: &Path, exports: Arc<VdiExports>, workers: usize, stop: Shutdown) -> Result<Self> {
         let listener = SimListener::bind(path).with_context(|| format!("listening for rings on {}", path.display()))?;
-        let options = ServerOptions { workers, ..ServerOptions::default() };
+        let options = ServerOptions { workers };
         let accept = std::thread::Builder::new()
             .name("ring-accept".into())
             .spawn(move || accept_loop(listener, exports, options, stop))?;
@@ -46,12 +46,13 @@ impl RingService {
     }
 }
 
-fn accept_loop(listener: SimListener, exports: Arc<VdiExports>, options: ServerOptions, stop: Arc<AtomicBool>) {
+/// Accepts guests until `stop` is raised, waiting on the socket and the signal together.
+fn accept_loop(listener: SimListener, exports: Arc<VdiExports>, options: ServerOptions, stop: Shutdown) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut guests: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::Acquire) {
+    while !stop.is_raised() {
         guests.retain(|g| !g.is_finished());
-        let stream = match listener.accept(Duration::from_millis(100)) {
+        let stream = match listener.accept_until(&stop) {
             Ok(Some(_)) if guests.len() >= MAX_RINGS + MAX_HANDSHAKES => {
                 tracing::warn!("ring socket: {} connections open; closing a new one", guests.len());
                 continue;
@@ -60,7 +61,8 @@ fn accept_loop(listener: SimListener, exports: Arc<VdiExports>, options: ServerO
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!("ring socket: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+                // E.g. out of descriptors: back off (a stop ends the wait) rather than spin.
+                stop.wait_timeout(std::time::Duration::from_millis(100));
                 continue;
             }
         };
@@ -91,7 +93,7 @@ fn serve_guest(
     stream: std::os::unix::net::UnixStream,
     exports: &VdiExports,
     options: ServerOptions,
-    stop: &AtomicBool,
+    stop: &Shutdown,
     active: &AtomicUsize,
 ) {
     let pending = match SimPending::read(stream) {

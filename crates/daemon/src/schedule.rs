@@ -1,8 +1,9 @@
 //! Scheduled snapshots and their retention.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use shutdown::Shutdown;
 
 use vdi::{Registry, VdiId};
 
@@ -42,14 +43,13 @@ fn retain(reg: &Registry, schedule: &Schedule, id: VdiId, now_ns: u64) {
     }
 }
 
-/// Runs the schedule until `stop` is set.
-pub fn run(reg: Arc<Registry>, schedule: Schedule, stop: Arc<AtomicBool>) {
+/// Runs the schedule until `stop` is raised: sleeps until the next slot (or the stop), takes
+/// the round, repeats.
+pub fn run(reg: Arc<Registry>, schedule: Schedule, stop: Shutdown) {
     let mut next = Instant::now() + schedule.every;
-    while !stop.load(Ordering::Acquire) {
-        let now = Instant::now();
-        if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(100)));
-            continue;
+    loop {
+        if stop.wait_until(next) {
+            break;
         }
         let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
         tick(&reg, &schedule, wall.unwrap_or(0));

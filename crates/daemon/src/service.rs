@@ -4,12 +4,11 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blockstore::{BlockStore, CreateOptions, OpenOptions};
 use nbd::{Limits, Server};
+use shutdown::Shutdown;
 use vdi::Registry;
 
 use crate::config::Config;
@@ -18,10 +17,10 @@ use crate::rings::RingService;
 
 /// Hooks that let the daemon serve `vdi` commands on a control socket; supplied by `main`
 /// so this crate does not depend on the command-line tool.
-pub type ControlHook = Box<dyn FnOnce(Arc<Registry>, Arc<AtomicBool>) -> Result<Option<std::thread::JoinHandle<()>>>>;
+pub type ControlHook = Box<dyn FnOnce(Arc<Registry>, Shutdown) -> Result<Option<std::thread::JoinHandle<()>>>>;
 
-/// Runs the daemon until `stop` is set, then finishes in-flight requests, commits and returns.
-pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) -> Result<()> {
+/// Runs the daemon until `stop` is raised, then finishes in-flight requests, commits and returns.
+pub fn run(config: Config, stop: Shutdown, control: Option<ControlHook>) -> Result<()> {
     let opts = OpenOptions { read_only: false, cache_blocks: config.cache_blocks, wait_for_lock: false };
     let store = BlockStore::open_path(&config.store, &opts, Some(&CreateOptions::default()))
         .with_context(|| format!("opening the store {}", config.store.display()))?;
@@ -74,9 +73,7 @@ pub fn run(config: Config, stop: Arc<AtomicBool>, control: Option<ControlHook>) 
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!("parallaxd ready: {} VDIs in {}", reg.list().len(), config.store.display());
-    while !stop.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop.wait();
     tracing::info!("stopping: finishing in-flight requests");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     for s in &servers {

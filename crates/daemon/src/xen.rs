@@ -2,7 +2,6 @@
 //! backend, with VDIs opened like every other export (`params` = `parallax:VDI`).
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
 
 use anyhow::Result;
@@ -11,7 +10,7 @@ use crate::exports::VdiExports;
 
 /// Starts the Xen backend on its own thread; it runs until `stop` is raised.
 #[cfg(feature = "xen")]
-pub fn spawn(exports: Arc<VdiExports>, workers: usize, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+pub fn spawn(exports: Arc<VdiExports>, workers: usize, stop: shutdown::Shutdown) -> Result<JoinHandle<()>> {
     use blktap::xen::{DiskOpener, XenBackendOptions, run_dom0};
     let opener: Arc<dyn DiskOpener> =
         Arc::new(move |target: &str| exports.open_device(target).map_err(|e| e.message().to_string()));
@@ -29,6 +28,6 @@ pub fn spawn(exports: Arc<VdiExports>, workers: usize, stop: Arc<AtomicBool>) ->
 
 /// Without the `xen` feature the flag is refused when the configuration is read.
 #[cfg(not(feature = "xen"))]
-pub fn spawn(_exports: Arc<VdiExports>, _workers: usize, _stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+pub fn spawn(_exports: Arc<VdiExports>, _workers: usize, _stop: shutdown::Shutdown) -> Result<JoinHandle<()>> {
     anyhow::bail!("this parallaxd was built without Xen support (cargo build --release --features xen)")
 }

@@ -202,6 +202,35 @@ fn vdi_commands_go_through_the_daemon_while_fio_writes() {
     assert_eq!(code, 0, "check through the daemon: {out}{err}");
 }
 
+/// Every command run through the daemon leaves one INFO line: who, what, how it ended, how long.
+#[test]
+fn each_command_through_the_daemon_is_logged_once() {
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let d = Daemon::start_logged(dir, store, &[]);
+    let (code, out, err) = d.vdi(&["snap", "disk"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = d.vdi(&["info", "no-such-vdi"]);
+    assert_eq!(code, 2);
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" vdi command ")).collect();
+    assert_eq!(lines.len(), 2, "one line per command:\n{log}");
+    let uid = rustix_uid();
+    assert!(lines[0].contains("INFO") && lines[0].contains(" snap disk exit=0"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&format!("uid={uid}")) && lines[0].contains("pid=") && lines[0].contains("ms="),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains(" info no-such-vdi exit=2"), "{}", lines[1]);
+    assert!(out.parse::<u64>().is_ok(), "the snapshot's id: {out}");
+}
+
+fn rustix_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[test]
 fn scheduled_snapshots_are_taken_and_retention_keeps_the_newest() {
     need("qemu-io");

@@ -3,19 +3,15 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpListener};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::{ExportProvider, Limits, NbdStream, serve_connection};
-
-/// How often the accept loop looks at the shutdown flag when no client is connecting.
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
 /// A running NBD server: an accept thread plus one thread per connection.
 ///
@@ -29,7 +25,8 @@ pub struct Server {
 struct Shared {
     provider: Arc<dyn ExportProvider>,
     limits: Limits,
-    stopping: AtomicBool,
+    /// Raised by [`Server::shutdown`]; the accept loop waits on it beside the listener.
+    stopping: shutdown::Shutdown,
     conns: Mutex<Registry>,
     idle: Condvar,
 }
@@ -45,7 +42,8 @@ impl Server {
     /// Serves clients accepted on `listener` (TCP, with `TCP_NODELAY`) from a background thread.
     pub fn spawn_tcp(listener: TcpListener, provider: Arc<dyn ExportProvider>, limits: Limits) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
-        Server::spawn(provider, limits, move || {
+        let readable = OwnedFd::from(listener.try_clone()?);
+        Server::spawn(provider, limits, readable, move || {
             let (s, peer) = listener.accept()?;
             s.set_nonblocking(false)?;
             s.set_nodelay(true)?;
@@ -57,7 +55,8 @@ impl Server {
     /// Serves clients accepted on a Unix-domain `listener` from a background thread.
     pub fn spawn_unix(listener: UnixListener, provider: Arc<dyn ExportProvider>, limits: Limits) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
-        Server::spawn(provider, limits, move || {
+        let readable = OwnedFd::from(listener.try_clone()?);
+        Server::spawn(provider, limits, readable, move || {
             let (s, _) = listener.accept()?;
             s.set_nonblocking(false)?;
             debug!("accepted Unix connection");
@@ -65,7 +64,13 @@ impl Server {
         })
     }
 
-    fn spawn<S, A>(provider: Arc<dyn ExportProvider>, limits: Limits, accept: A) -> io::Result<Server>
+    /// Runs `accept` (non-blocking) each time `readable` (the listener) becomes readable.
+    fn spawn<S, A>(
+        provider: Arc<dyn ExportProvider>,
+        limits: Limits,
+        readable: OwnedFd,
+        accept: A,
+    ) -> io::Result<Server>
     where
         S: NbdStream + 'static,
         A: FnMut() -> io::Result<S> + Send + 'static,
@@ -73,12 +78,13 @@ impl Server {
         let shared = Arc::new(Shared {
             provider,
             limits: limits.normalized(),
-            stopping: AtomicBool::new(false),
+            stopping: shutdown::Shutdown::new()?,
             conns: Mutex::new(Registry::default()),
             idle: Condvar::new(),
         });
         let sh = shared.clone();
-        let acceptor = thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(&sh, accept))?;
+        let acceptor =
+            thread::Builder::new().name("nbd-accept".into()).spawn(move || accept_loop(&sh, &readable, accept))?;
         Ok(Server { shared, acceptor: Some(acceptor) })
     }
 
@@ -91,9 +97,10 @@ impl Server {
     /// received are still answered. Returns at once; see [`Server::wait`].
     pub fn shutdown(&self) {
         let reg = self.shared.conns.lock();
-        if !self.shared.stopping.swap(true, Ordering::AcqRel) {
+        if !self.shared.stopping.is_raised() {
             info!(connections = reg.live.len(), "NBD server shutting down");
         }
+        self.shared.stopping.trigger();
         for stop in reg.live.values() {
             stop();
         }
@@ -124,20 +131,37 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop<S, A>(shared: &Arc<Shared>, mut accept: A)
+/// How long the accept loop backs off after an accept error that would otherwise repeat at
+/// once (out of descriptors); a stop still ends the wait at once.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Accepts clients whenever the listener is readable, until the server is shut down. Waits on
+/// the listener and the stop signal together: no timeout, no polling.
+fn accept_loop<S, A>(shared: &Arc<Shared>, readable: &OwnedFd, mut accept: A)
 where
     S: NbdStream + 'static,
     A: FnMut() -> io::Result<S>,
 {
-    while !shared.stopping.load(Ordering::Acquire) {
+    loop {
+        match shared.stopping.wait_readable(readable, None) {
+            Ok(shutdown::Ready::Stopped) => break,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "waiting for NBD clients failed; the server stops accepting");
+                break;
+            }
+        }
         match accept() {
             Ok(stream) => start_connection(shared, stream),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Another wake-up took it, or the client went away before we got to it.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => {
-                // E.g. out of file descriptors: back off rather than spin.
+                // E.g. out of file descriptors: the listener stays readable, so back off
+                // (ending early on a stop) rather than spin.
                 warn!(error = %e, "accept failed");
-                thread::sleep(ACCEPT_POLL);
+                if shared.stopping.wait_timeout(ACCEPT_BACKOFF) {
+                    break;
+                }
             }
         }
     }
@@ -154,7 +178,7 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S) {
     };
     let id = {
         let mut reg = shared.conns.lock();
-        if shared.stopping.load(Ordering::Acquire) {
+        if shared.stopping.is_raised() {
             return;
         }
         if reg.live.len() >= shared.limits.max_connections {

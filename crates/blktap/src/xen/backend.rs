@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use blockdev::BlockDevice;
@@ -129,14 +128,14 @@ pub fn run<S: XenStore, C: Connector>(
     connector: &C,
     opener: Arc<dyn DiskOpener>,
     opts: &XenBackendOptions,
-    stop: &AtomicBool,
+    stop: &shutdown::Shutdown,
     observe: &mut dyn FnMut(&BackendEvent),
 ) -> Result<()> {
     let root = backend_root(opts.backend_domid);
     let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
     let mut draining: Vec<RingThread> = Vec::new();
     let result = loop {
-        if stop.load(Ordering::Acquire) {
+        if stop.is_raised() {
             break Ok(());
         }
         let present = match scan(store, &root) {
@@ -169,7 +168,9 @@ pub fn run<S: XenStore, C: Connector>(
             }
         }
         draining = still;
-        std::thread::sleep(opts.poll_interval);
+        // xenstore is still scanned every `poll_interval` (watches are the Xen issue's work);
+        // a stop ends the wait at once.
+        stop.wait_timeout(opts.poll_interval);
     };
     for (_, dev) in std::mem::take(&mut devices) {
         dev.shutdown(store);

@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -113,6 +113,10 @@ impl EventChannel for XenEventChannel {
         // Unmask our port so the next notification is delivered.
         (&self.dev).write_all(&self.port.to_ne_bytes())?;
         Ok(Wake::Notified)
+    }
+
+    fn readable_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dev.as_fd()
     }
 }
 

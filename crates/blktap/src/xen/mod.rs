@@ -28,7 +28,6 @@ pub mod store;
 mod tests;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 pub use backend::{BackendEvent, DiskOpener, XenBackendOptions, run};
 pub use connect::{Connection, Connector, RingSpec, XenConnector};
@@ -44,7 +43,7 @@ use crate::Result;
 pub fn run_dom0(
     opener: Arc<dyn DiskOpener>,
     opts: &XenBackendOptions,
-    stop: &AtomicBool,
+    stop: &shutdown::Shutdown,
     observe: &mut dyn FnMut(&BackendEvent),
 ) -> Result<()> {
     let store = xenstore_rs::unix::XsUnix::new()?;

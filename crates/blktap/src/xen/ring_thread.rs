@@ -1,11 +1,11 @@
-//! One served ring on its own thread (plus the server's worker pool), with its own stop flag,
+//! One served ring on its own thread (plus the server's worker pool), with its own stop signal,
 //! so a slow disk stalls only its own ring.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use blockdev::BlockDevice;
+use shutdown::Shutdown;
 
 use super::connect::Connection;
 use crate::engine::Engine;
@@ -17,7 +17,7 @@ use crate::{Error, Result};
 /// A ring being served by a [`RingServer`] on a thread of its own.
 #[derive(Debug)]
 pub struct RingThread {
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     handle: JoinHandle<Result<Ended>>,
 }
 
@@ -33,7 +33,7 @@ impl RingThread {
         G: GrantTable + Send + Sync + 'static,
         E: EventChannel + 'static,
     {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new()?;
         let flag = stop.clone();
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             let Connection { ring, grants, events } = conn;
@@ -44,7 +44,7 @@ impl RingThread {
 
     /// Asks the server to stop (it answers the requests it already took first).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.trigger();
     }
 
     /// True once the server has returned.

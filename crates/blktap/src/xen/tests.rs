@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -221,7 +220,7 @@ fn options() -> XenBackendOptions {
     XenBackendOptions {
         backend_domid: 0,
         poll_interval: Duration::from_millis(5),
-        server: ServerOptions { workers: 2, poll_interval: Duration::from_millis(10) },
+        server: ServerOptions { workers: 2 },
     }
 }
 
@@ -231,14 +230,14 @@ fn with_backend(body: impl FnOnce(&MemStore, &SimConnector, &Opener, &Mutex<Vec<
     let conn = SimConnector::default();
     let opener = Arc::new(Opener { disk: Mutex::new(Weak::<MemDisk>::new()) });
     let events = Mutex::new(Vec::new());
-    let stop = AtomicBool::new(false);
+    let stop = shutdown::Shutdown::new().unwrap();
     std::thread::scope(|s| {
         let backend = s.spawn(|| {
             let opener: Arc<dyn DiskOpener> = opener.clone();
             run(&store, &conn, opener, &options(), &stop, &mut |e| events.lock().push(e.clone()))
         });
         body(&store, &conn, &opener, &events);
-        stop.store(true, Ordering::Release);
+        stop.trigger();
         backend.join().unwrap().unwrap();
     });
 }
@@ -368,7 +367,7 @@ fn a_frontend_that_was_connected_before_is_not_taken_over() {
 fn shutdown_closes_connected_devices() {
     let store = MemStore::new();
     let conn = SimConnector::default();
-    let stop = AtomicBool::new(false);
+    let stop = shutdown::Shutdown::new().unwrap();
     toolstack_add(&store, 13, 768, "2", "w");
     let opener: Arc<dyn DiskOpener> =
         Arc::new(|_: &str| Ok(Arc::new(MemDisk::new(DISK_BYTES)) as Arc<dyn BlockDevice>));
@@ -378,7 +377,7 @@ fn shutdown_closes_connected_devices() {
         let mut front = Front::connect(&store, &conn, 13, 768, 1, Abi::X86_64);
         wait_state(&store, &back_dir(13, 768), "4");
         front.write_and_read_back(0, 1);
-        stop.store(true, Ordering::Release);
+        stop.trigger();
         backend.join().unwrap().unwrap();
     });
     assert_eq!(store.read(&format!("{}/state", back_dir(13, 768))).unwrap().as_deref(), Some("6"));

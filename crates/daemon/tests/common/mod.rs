@@ -75,6 +75,22 @@ impl Daemon {
 
     /// Starts parallaxd on `store` with extra flags and waits until it accepts connections.
     pub fn start(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
+        Self::start_with(dir, store, extra, Stdio::inherit())
+    }
+
+    /// [`Daemon::start`] with the daemon's log (stderr) in `parallaxd.log` of its directory;
+    /// read it with [`Daemon::log`].
+    pub fn start_logged(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("parallaxd.log")).expect("log file");
+        Self::start_with(dir, store, extra, Stdio::from(log))
+    }
+
+    /// What the daemon logged so far (only for [`Daemon::start_logged`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("parallaxd.log")).unwrap_or_default()
+    }
+
+    fn start_with(dir: tempfile::TempDir, store: PathBuf, extra: &[&str], stderr: Stdio) -> Daemon {
         let port = free_port();
         let socket = dir.path().join("nbd.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
@@ -87,12 +103,18 @@ impl Daemon {
             .args(extra)
             .env("PARALLAX_RUN_DIR", dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start parallaxd");
-        let d = Daemon { dir, store, port, socket, child: Some(child) };
+        let mut d = Daemon { dir, store, port, socket, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            // A daemon that failed to start says why on its stderr; fail at once with that.
+            if let Some(c) = d.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("parallaxd exited before listening ({status}): {}", d.log());
+            }
             assert!(Instant::now() < deadline, "parallaxd did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
