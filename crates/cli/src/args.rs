@@ -78,7 +78,9 @@ pub enum Command {
     #[command(after_help = "Example:\n  vdi snap 0")]
     Snap(VdiArg),
     /// List the snapshots of a VDI: id, time, root block, size, space used.
-    #[command(after_help = "Examples:\n  vdi snap-list 0\n  vdi snap-list golden --all --json")]
+    #[command(
+        after_help = "Examples:\n  vdi snap-list 0\n  vdi snap-list golden --all --json\n  vdi snap-list golden --usage"
+    )]
     SnapList(SnapListArgs),
     /// Show VDIs, their snapshots and the clones made from them as a tree.
     #[command(after_help = "Examples:\n  vdi tree\n  vdi tree --format dot > vdis.dot\n  \
@@ -220,6 +222,11 @@ pub struct SnapListArgs {
     /// Include deleted snapshots.
     #[arg(long)]
     pub all: bool,
+    /// Also show each snapshot's space: data it maps (USED) and data only it holds
+    /// (EXCLUSIVE: what deleting it frees). Walks every listed tree; without it the listing
+    /// reads only the snapshot log.
+    #[arg(long)]
+    pub usage: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

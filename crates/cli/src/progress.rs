@@ -93,6 +93,19 @@ impl Progress {
         Progress { bar: Some(bar), buf, last_draw: Cell::new(None) }
     }
 
+    /// A bar labelled `label` counting `total` items called `unit` (trees, say) rather than
+    /// bytes; inert unless `enabled`.
+    pub fn counting(enabled: bool, width: u16, label: &str, total: u64, unit: &str) -> Progress {
+        let p = Progress::new(enabled, width, label, total);
+        if let Some(bar) = &p.bar {
+            let template = format!("{{msg}} [{{wide_bar}}] {{pos}}/{{len}} {unit} ETA {{eta}}");
+            if let Ok(style) = ProgressStyle::with_template(&template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+        }
+        p
+    }
+
     /// Records `done` of `total` bytes and redraws onto `out` if it is time.
     pub fn update(&self, done: u64, total: u64, out: &mut dyn Write) {
         let Some(bar) = &self.bar else { return };
@@ -129,6 +142,15 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_items() {
+        let mut out = Vec::new();
+        let p = Progress::counting(true, 80, "checking", 10, "trees");
+        p.update(10, 10, &mut out);
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("10/10 trees"), "{s:?}");
+    }
 
     #[test]
     fn draws_only_when_enabled() {

@@ -58,7 +58,15 @@ fn classic_workflow_on_a_real_ext4_image() {
     assert_eq!(sj[0]["id"], 1);
     assert_eq!(sj[0]["vdi"], 0);
     assert_eq!(sj[0]["size"], 64u64 << 20);
-    assert_eq!(sj[0]["used"], used);
+    // A plain listing reads only the snapshot log; --usage walks the trees.
+    assert_eq!(sj[0]["used"], Value::Null);
+    assert_eq!(sj[0]["exclusive"], Value::Null);
+    assert!(!sl.contains("USED"), "{sl}");
+    let su = json(&env.ok(&["snap-list", "0", "--usage", "--json"]));
+    assert_eq!(su[0]["used"], used);
+    // Right after the snapshot the VDI shares every block with it: nothing is exclusive.
+    assert_eq!(su[0]["exclusive"], 0);
+    assert!(env.ok(&["snap-list", "0", "--usage"]).contains("EXCLUSIVE"));
     assert_eq!(sj[0]["deleted"], false);
     assert!(sj[0]["time"].as_str().unwrap().len() >= 19);
     assert!(sj[0]["root"].as_u64().unwrap() > 0);

@@ -490,3 +490,47 @@ fn visit_writable_in<M: MetaRead + ?Sized>(
     }
     Ok(())
 }
+
+/// Space a tree maps, and how much of it only this tree references.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Data blocks the tree maps (shared ones included).
+    pub mapped: u64,
+    /// Of those, blocks no other tree references: every node on the path and the data block
+    /// itself have reference count 1. Deleting the tree frees exactly these (and its own
+    /// nodes).
+    pub exclusive: u64,
+}
+
+/// [`Usage`] of the tree at `root`: one walk, reading a reference count per node and per data
+/// block under an unshared node (below a shared node nothing is exclusive).
+pub fn usage<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr) -> Result<Usage> {
+    let mut u = Usage::default();
+    let shared = meta.refcount(root)? > 1;
+    usage_in(meta, root, LEVELS - 1, shared, &mut u)?;
+    Ok(u)
+}
+
+fn usage_in<M: MetaRead + ?Sized>(
+    meta: &mut M,
+    addr: BlockAddr,
+    level: u32,
+    shared: bool,
+    u: &mut Usage,
+) -> Result<()> {
+    let n = read_node(meta, addr, level)?;
+    for i in 0..ENTRIES {
+        let e = Node::entry(&n, i);
+        if e.is_empty() {
+            continue;
+        }
+        let below_shared = shared || meta.refcount(e.addr)? > 1;
+        if level == 0 {
+            u.mapped += 1;
+            u.exclusive += u64::from(!below_shared);
+        } else {
+            usage_in(meta, e.addr, level - 1, below_shared, u)?;
+        }
+    }
+    Ok(())
+}

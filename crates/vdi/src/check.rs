@@ -150,7 +150,7 @@ struct Audit {
 
 /// Walks the metadata `meta` (a frozen view, or a transaction for repair) and compares the
 /// references found with the stored counts.
-fn audit<M: MetaRead + ?Sized>(meta: &mut M) -> Result<Audit> {
+fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64)) -> Result<Audit> {
     let mut report = CheckReport::default();
     // Re-read the registry from the store itself, not from memory.
     let disk_state = match load_state(&mut *meta) {
@@ -254,13 +254,16 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M) -> Result<Audit> {
                 }
             }
         }
-        for (what, root) in roots {
+        let total = roots.len() as u64;
+        for (done, (what, root)) in roots.into_iter().enumerate() {
+            progress(done as u64, total);
             let walked = count_refs(&mut found, &mut seen_nodes, |f| radix::visit_nodes(&mut *meta, root, f));
             if let Err(e) = walked {
                 readable = false;
                 report.problems.push(Problem::Damaged { context: what, detail: e.to_string() });
             }
         }
+        progress(total, total);
     }
     report.nodes = seen_nodes.len() as u64;
     report.data_blocks = found.keys().filter(|k| !seen_nodes.contains(k)).count() as u64;
@@ -309,15 +312,21 @@ impl Registry {
     /// parallaxd — it walks and fixes wrong counts and leaks in one transaction, and only when
     /// every tree could be read: damage is never guessed at.
     pub fn check(&self, repair: bool) -> Result<CheckReport> {
+        self.check_with_progress(repair, &mut |_, _| {})
+    }
+
+    /// [`Registry::check`], calling `progress(trees walked, trees)` as it goes (a view given
+    /// up and taken again starts the count again).
+    pub fn check_with_progress(&self, repair: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport> {
         if repair {
-            return self.check_and_repair();
+            return self.check_and_repair(progress);
         }
         // The metadata as of now, walked without holding the metadata lock.
-        self.with_view("vdi::check::frozen", |view| Ok(audit(view)?.report))
+        self.with_view("vdi::check::frozen", |view| Ok(audit(view, progress)?.report))
     }
 
     /// `check(true)`: walk and repair in one transaction.
-    fn check_and_repair(&self) -> Result<CheckReport> {
+    fn check_and_repair(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport> {
         if self.has_reclaimer() {
             return Err(crate::VdiError::InUse(
                 "the store (served by parallaxd; repair needs it alone: stop parallaxd, then run `vdi check --repair`)"
@@ -325,7 +334,7 @@ impl Registry {
             ));
         }
         let mut txn = self.store.begin()?;
-        let Audit { mut report, fixes, repairable } = audit(&mut txn)?;
+        let Audit { mut report, fixes, repairable } = audit(&mut txn, progress)?;
         if repairable && !fixes.is_empty() {
             for (a, n) in &fixes {
                 txn.set_refcount(*a, *n)?;

@@ -394,6 +394,22 @@ impl Registry {
         })
     }
 
+    /// Mapped and exclusive blocks ([`radix::Usage`]) of several VDIs and snapshots, all as of
+    /// one instant: `None` for one that did not exist then. Walks every tree in full, reading
+    /// reference counts: for `vdi snap-list --usage` and `vdi du`, never for a plain listing.
+    pub fn usage_of(&self, srcs: &[Source]) -> Result<Vec<Option<radix::Usage>>> {
+        self.walk_frozen(|view, st| {
+            let mut out = Vec::with_capacity(srcs.len());
+            for src in srcs {
+                out.push(match root_in(st, *src) {
+                    Ok(root) => Some(radix::usage(view, root)?),
+                    Err(_) => None,
+                });
+            }
+            Ok(out)
+        })
+    }
+
     /// Runs `f` on a frozen view of the store and the registry as of the view's instant: a
     /// whole-tree walk that holds no lock, so guests' I/O goes on.
     pub(crate) fn walk_frozen<T>(

@@ -75,3 +75,35 @@ fn a_damaged_record_spares_the_other_vdis() {
     assert_eq!(report.repaired, 0, "nothing is repaired by guessing while a VDI is unreadable");
     assert_eq!(read_sectors(&reg.open_vdi(a, false).unwrap())[..8], [5u8; 8]);
 }
+
+/// `usage_of`: a snapshot's exclusive blocks are those the VDI has overwritten since (and only
+/// those); a clone's writes are its own.
+#[test]
+fn usage_counts_mapped_and_exclusive_blocks() {
+    use radix::Usage;
+    use vdi::Source;
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let a = reg.create_vdi("a", Some(SIZE)).unwrap();
+    let dev = reg.open_vdi(a, true).unwrap();
+    dev.write_at(0, &vec![1u8; 5 * 4096], false).unwrap();
+    let s1 = reg.snapshot(a).unwrap();
+    let usage =
+        |srcs: &[Source]| -> Vec<Usage> { reg.usage_of(srcs).unwrap().into_iter().map(Option::unwrap).collect() };
+    assert_eq!(usage(&[Source::Snapshot(s1), Source::Vdi(a)]), [Usage { mapped: 5, exclusive: 0 }; 2]);
+    // The VDI overwrites two blocks and writes a new one: the snapshot alone keeps the two
+    // old ones; the VDI alone holds its three.
+    dev.write_at(4096, &vec![2u8; 2 * 4096], false).unwrap();
+    dev.write_at(40 * 4096, &[3u8; 4096], false).unwrap();
+    assert_eq!(
+        usage(&[Source::Snapshot(s1), Source::Vdi(a)]),
+        [Usage { mapped: 5, exclusive: 2 }, Usage { mapped: 6, exclusive: 3 }]
+    );
+    // A second snapshot shares everything with the VDI again.
+    let s2 = reg.snapshot(a).unwrap();
+    assert_eq!(usage(&[Source::Snapshot(s2)]), [Usage { mapped: 6, exclusive: 0 }]);
+    let c = reg.clone_snapshot("c", s2).unwrap();
+    reg.open_vdi(c, true).unwrap().write_at(0, &[4u8; 4096], false).unwrap();
+    assert_eq!(usage(&[Source::Vdi(c)]), [Usage { mapped: 6, exclusive: 1 }]);
+    assert_eq!(reg.usage_of(&[Source::Snapshot(vdi::SnapshotId(999))]).unwrap(), [None]);
+    assert_clean(&reg);
+}

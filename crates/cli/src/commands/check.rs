@@ -20,7 +20,11 @@ struct CheckJson {
 
 /// `vdi check`: exit 0 if the store is consistent (after repair, with `--repair`), 1 if not.
 pub fn check(ctx: &mut Ctx<'_>, a: &CheckArgs) -> CmdResult {
-    let report = ctx.reg.check(a.repair)?;
+    let progress = crate::progress::Progress::counting(ctx.err_is_terminal, ctx.term_width, "checking", 0, "trees");
+    let err = &mut *ctx.err;
+    let report = ctx.reg.check_with_progress(a.repair, &mut |done, total| progress.update(done, total, err));
+    progress.finish(ctx.err);
+    let report = report?;
     // After a repair, what counts is what is still wrong.
     let after = if a.repair && report.repaired > 0 { ctx.reg.check(false)? } else { report.clone() };
     let clean = after.is_clean();

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use vdi::Source;
 
-use super::{Ctx, resolve_vdi, snapshot_ref, used_bytes_of};
+use super::{Ctx, resolve_vdi, snapshot_ref};
 use crate::args::SnapListArgs;
 use crate::error::CmdResult;
 use crate::format::{self, Align, Table};
@@ -31,8 +31,11 @@ pub struct SnapJson {
     pub root: u64,
     /// Virtual size in bytes.
     pub size: u64,
-    /// Bytes of data it maps (shared blocks included); null once deleted.
+    /// Bytes of data it maps (shared blocks included); null once deleted or without `--usage`.
     pub used: Option<u64>,
+    /// Bytes of data only it holds (what deleting it frees); null once deleted or without
+    /// `--usage`.
+    pub exclusive: Option<u64>,
     /// True once deleted.
     pub deleted: bool,
     /// True if parallaxd's schedule took it (retention may delete it); false if taken by hand.
@@ -44,10 +47,16 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
     let id = resolve_vdi(ctx.reg, &a.vdi)?;
     let mut rows = Vec::new();
     let snaps: Vec<_> = ctx.reg.snapshots(id)?.into_iter().filter(|s| a.all || !s.deleted).collect();
-    let live: Vec<Source> = snaps.iter().filter(|s| !s.deleted).map(|s| Source::Snapshot(s.id)).collect();
-    let mut used_of = used_bytes_of(ctx.reg, &live)?.into_iter();
+    // Without --usage the listing is the snapshot log alone: no tree is read.
+    let live: Vec<Source> = if a.usage {
+        snaps.iter().filter(|s| !s.deleted).map(|s| Source::Snapshot(s.id)).collect()
+    } else {
+        Vec::new()
+    };
+    let mut usage_of = ctx.reg.usage_of(&live)?.into_iter();
+    let bytes = |blocks: u64| blocks * blockstore::BLOCK_SIZE as u64;
     for s in snaps {
-        let used = if s.deleted { None } else { used_of.next() };
+        let usage = if s.deleted || !a.usage { None } else { usage_of.next().flatten() };
         rows.push(SnapJson {
             id: s.id.0,
             vdi: s.vdi.0,
@@ -55,7 +64,8 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
             time_ns: s.time_ns,
             root: s.root,
             size: s.size,
-            used,
+            used: usage.map(|u| bytes(u.mapped)),
+            exclusive: usage.map(|u| bytes(u.exclusive)),
             deleted: s.deleted,
             automatic: s.automatic,
         });
@@ -68,27 +78,23 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
         ctx.print(&format!("VDI {id} has no snapshots; take one with `vdi snap {id}`\n"))?;
         return Ok(0);
     }
-    let mut cols = vec![
-        ("ID", Align::Right),
-        ("TIME", Align::Left),
-        ("ROOT", Align::Right),
-        ("SIZE", Align::Right),
-        ("USED", Align::Right),
-        ("TAKEN", Align::Left),
-    ];
+    let mut cols = vec![("ID", Align::Right), ("TIME", Align::Left), ("ROOT", Align::Right), ("SIZE", Align::Right)];
+    if a.usage {
+        cols.extend([("USED", Align::Right), ("EXCLUSIVE", Align::Right)]);
+    }
+    cols.push(("TAKEN", Align::Left));
     if a.all {
         cols.push(("STATE", Align::Left));
     }
     let mut t = Table::new(&cols);
     for r in &rows {
-        let mut cells = vec![
-            r.id.to_string(),
-            format::local_time(r.time_ns),
-            r.root.to_string(),
-            format::size(r.size, ctx.exact),
-            r.used.map_or_else(|| "-".to_string(), |u| format::size(u, ctx.exact)),
-            if r.automatic { "scheduled" } else { "by hand" }.to_string(),
-        ];
+        let mut cells =
+            vec![r.id.to_string(), format::local_time(r.time_ns), r.root.to_string(), format::size(r.size, ctx.exact)];
+        if a.usage {
+            let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |u| format::size(u, ctx.exact));
+            cells.extend([show(r.used), show(r.exclusive)]);
+        }
+        cells.push(if r.automatic { "scheduled" } else { "by hand" }.to_string());
         if a.all {
             cells.push(if r.deleted { "deleted" } else { "live" }.to_string());
         }
