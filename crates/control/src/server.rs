@@ -201,7 +201,7 @@ fn serve_one(stream: UnixStream, handler: &Handler) -> io::Result<()> {
             tracing::error!(uid, pid, command = %what, "a vdi command panicked");
             EXIT_FAILURE
         });
-    let answered = reply(&stream, code);
+    // Logged before the reply, so the line is written by the time the client has its answer.
     tracing::info!(
         uid,
         pid,
@@ -210,5 +210,5 @@ fn serve_one(stream: UnixStream, handler: &Handler) -> io::Result<()> {
         ms = %format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
         "vdi command"
     );
-    answered
+    reply(&stream, code)
 }
