@@ -5,7 +5,9 @@
 //! state of every block it touches first so that it can roll back exactly its own changes.
 //! Changed blocks stay dirty in memory until a commit journals them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -165,17 +167,17 @@ impl Meta {
             backend,
             committed: sb.clone(),
             sb,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             clock: VecDeque::new(),
             cache_limit: cache_limit.max(64),
             dirty_count: 0,
             next_version: 1,
-            pending_free: HashSet::new(),
-            committing_free: HashSet::new(),
-            reserved: HashSet::new(),
-            in_commit: HashMap::new(),
+            pending_free: HashSet::default(),
+            committing_free: HashSet::default(),
+            reserved: HashSet::default(),
+            in_commit: HashMap::default(),
             in_commit_unchanged: 0,
-            overlay: HashMap::new(),
+            overlay: HashMap::default(),
             read_only,
             poisoned: false,
             undo: None,
@@ -204,7 +206,7 @@ impl Meta {
     pub(crate) fn begin_undo(&mut self) {
         assert!(self.undo.is_none(), "transactions do not nest");
         self.undo = Some(Undo {
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             sb: self.sb.clone(),
             freed: Vec::new(),
             claimed: Vec::new(),
@@ -223,6 +225,9 @@ impl Meta {
     /// Notes that `addr` changes (or is freed): if the running commit holds it at the version
     /// now cached, the next record will need it after all.
     fn note_change(&mut self, addr: u64) {
+        if self.in_commit_unchanged == 0 {
+            return;
+        }
         if let Some(&v) = self.in_commit.get(&addr)
             && self.cache.get(&addr).is_some_and(|e| e.dirty && e.version == v)
         {
@@ -393,7 +398,7 @@ impl Meta {
             self.cache.insert(addr.0, Entry { data, kind, dirty: false, referenced: false, version: 0 });
             self.clock.push_back(addr.0);
         }
-        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        let entry = self.cache.get_mut(&addr.0).ok_or_else(|| StoreError::Damaged("cache lost a block".into()))?;
         if !std::ptr::eq(entry.kind, kind) {
             return Err(StoreError::Corrupt {
                 kind: kind.name,
@@ -466,7 +471,7 @@ impl Meta {
         self.note_change(addr.0);
         let version = self.next_version;
         self.next_version += 1;
-        let entry = self.cache.get_mut(&addr.0).ok_or(StoreError::Damaged("cache lost a block".into()))?;
+        let entry = self.cache.get_mut(&addr.0).ok_or_else(|| StoreError::Damaged("cache lost a block".into()))?;
         if !entry.dirty {
             self.dirty_count += 1;
         }
@@ -675,6 +680,38 @@ impl Meta {
         Ok(new)
     }
 
+    /// Adds one reference to each of `addrs` (a block listed twice gains two), opening each
+    /// reference-count block for change once rather than once per address: copying a shared
+    /// radix node adds a reference to each of its up to 512 children, which usually share a few
+    /// count blocks. Fails like [`Meta::incref`]; inside a transaction a failure rolls back.
+    pub fn incref_all(&mut self, addrs: &mut [BlockAddr]) -> Result<()> {
+        addrs.sort_unstable();
+        let mut i = 0;
+        while i < addrs.len() {
+            let (rc, _) = self.refcount_slot(addrs[i])?;
+            let mut j = i + 1;
+            while j < addrs.len() && self.refcount_slot(addrs[j])?.0 == rc {
+                j += 1;
+            }
+            let slots: Vec<usize> =
+                addrs[i..j].iter().map(|a| self.refcount_slot(*a).map(|(_, at)| at)).collect::<Result<_>>()?;
+            let b = self.write(rc, &REFCOUNT_KIND)?;
+            for (k, at) in slots.into_iter().enumerate() {
+                let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let addr = addrs[i + k];
+                if old == 0 {
+                    return Err(StoreError::Damaged(format!("reference added to free block {addr}")));
+                }
+                let new = old
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
+                b[at..at + 4].copy_from_slice(&new.to_le_bytes());
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Drops one reference to `addr`; returns the new count. At zero the block is freed: it can
     /// be reused once the commit that frees it is durable.
     pub fn decref(&mut self, addr: BlockAddr) -> Result<u32> {
@@ -876,7 +913,7 @@ fn in_use_in_view(frozen: &Frozen, cache: &HashMap<u64, Entry>, addr: u64) -> bo
 fn give_up_view(f: &mut Frozen) {
     tracing::warn!(kept = f.saved.len(), held = f.held_free.len(), "giving up a frozen view (online check)");
     f.overrun = true;
-    f.saved = HashMap::new();
-    f.freed_since = HashSet::new();
-    f.held_free = HashSet::new();
+    f.saved = HashMap::default();
+    f.freed_since = HashSet::default();
+    f.held_free = HashSet::default();
 }

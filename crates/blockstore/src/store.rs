@@ -316,7 +316,7 @@ impl BlockStore {
         if records.len() == 2 && records[0].generation + 1 != records[1].generation {
             records.remove(0);
         }
-        let mut overlay = std::collections::HashMap::new();
+        let mut overlay = rustc_hash::FxHashMap::default();
         match records.last() {
             Some(newest) if newest.generation >= sb.generation => {
                 let mut last_sb = None;

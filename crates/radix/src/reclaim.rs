@@ -281,11 +281,28 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
                     freed += 1;
                     continue;
                 };
+                if level == 0 {
+                    // A leaf: drop its data references from the cursor on, as many as the
+                    // budget allows, and move the cursor once.
+                    let entries: Vec<(usize, BlockAddr)> = (k..ENTRIES)
+                        .map(|j| (j, Node::entry(node, j)))
+                        .filter(|(_, e)| !e.is_empty())
+                        .map(|(j, e)| (j, e.addr))
+                        .collect();
+                    let mut cursor = k;
+                    for (j, child) in entries {
+                        if cursor > k && meta.transaction_blocks() >= budget {
+                            break;
+                        }
+                        freed += u64::from(meta.decref(child)? == 0);
+                        cursor = j + 1;
+                    }
+                    replace_top(meta, top, slot, Queued::Node { addr, level, cursor })?;
+                    continue;
+                }
                 let child = Node::entry(node, k).addr;
                 replace_top(meta, top, slot, Queued::Node { addr, level, cursor: k + 1 })?;
-                if level == 0 {
-                    freed += u64::from(meta.decref(child)? == 0);
-                } else {
+                {
                     push(meta, Queued::Node { addr: child, level: level - 1, cursor: 0 })?;
                 }
             }

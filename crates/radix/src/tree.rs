@@ -143,15 +143,7 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
     }
     let old = read_node(meta, e.addr, child_level)?;
     let copy = new_node(meta, child_level)?;
-    let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
-    Node::init(&mut fresh, child_level);
-    for k in 0..ENTRIES {
-        let ce = Node::entry(&old, k);
-        if !ce.is_empty() {
-            meta.incref(ce.addr)?;
-            Node::set_entry(&mut fresh, k, Entry { addr: ce.addr, writable: false });
-        }
-    }
+    let fresh = shared_copy(meta, &old, child_level)?;
     *meta.write(copy, &NODE_KIND)? = *fresh;
     meta.decref(e.addr)?;
     set_entry(meta, parent, i, Entry { addr: copy, writable: true })?;
@@ -183,6 +175,24 @@ pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Re
         meta.decref(old.addr)?;
         Ok(Some(old.addr))
     }
+}
+
+/// The contents of a copy of node `old` (at `level`) that shares its children: every entry
+/// with its writable bit clear, every child one reference richer (count blocks opened once
+/// each, not once per child).
+fn shared_copy(meta: &mut Meta, old: &blockstore::Block, level: u32) -> Result<Box<blockstore::Block>> {
+    let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
+    Node::init(&mut fresh, level);
+    let mut children = Vec::with_capacity(ENTRIES);
+    for k in 0..ENTRIES {
+        let e = Node::entry(old, k);
+        if !e.is_empty() {
+            children.push(e.addr);
+            Node::set_entry(&mut fresh, k, Entry { addr: e.addr, writable: false });
+        }
+    }
+    meta.incref_all(&mut children)?;
+    Ok(fresh)
 }
 
 /// Drops one reference to data block `addr`; returns 1 if that freed it.
@@ -220,15 +230,7 @@ fn release_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<u64> {
 /// each child gaining a reference. This is how snapshots and clones start. Cost: one node.
 pub fn fork(meta: &mut Meta, root: BlockAddr) -> Result<BlockAddr> {
     let old = read_node(meta, root, LEVELS - 1)?;
-    let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
-    Node::init(&mut fresh, LEVELS - 1);
-    for k in 0..ENTRIES {
-        let e = Node::entry(&old, k);
-        if !e.is_empty() {
-            meta.incref(e.addr)?;
-            Node::set_entry(&mut fresh, k, Entry { addr: e.addr, writable: false });
-        }
-    }
+    let fresh = shared_copy(meta, &old, LEVELS - 1)?;
     let copy = new_node(meta, LEVELS - 1)?;
     *meta.write(copy, &NODE_KIND)? = *fresh;
     Ok(copy)

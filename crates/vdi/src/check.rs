@@ -111,17 +111,56 @@ impl CheckReport {
     }
 }
 
+/// References found per block: a dense array over the store's blocks (a check of a store with
+/// millions of mapped blocks adds tens of millions of references; an ordered map made that
+/// most of the check's time), plus an ordered map for addresses outside the store, which
+/// only damage produces.
+struct Tally {
+    base: u64,
+    counts: Vec<u32>,
+    outside: BTreeMap<u64, u32>,
+}
+
+impl Tally {
+    /// For blocks `base..end`.
+    fn new(base: u64, end: u64) -> Self {
+        Tally { base, counts: vec![0; end.saturating_sub(base) as usize], outside: BTreeMap::new() }
+    }
+
+    fn add(&mut self, addr: u64) {
+        match addr.checked_sub(self.base).and_then(|i| self.counts.get_mut(i as usize)) {
+            Some(c) => *c = c.saturating_add(1),
+            None => *self.outside.entry(addr).or_default() += 1,
+        }
+    }
+
+    fn get(&self, addr: u64) -> u32 {
+        match addr.checked_sub(self.base).and_then(|i| self.counts.get(i as usize)) {
+            Some(&c) => c,
+            None => self.outside.get(&addr).copied().unwrap_or(0),
+        }
+    }
+
+    /// Every block with references, in address order.
+    fn nonzero(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let below = self.outside.range(..self.base).map(|(a, c)| (*a, *c));
+        let inside = self.counts.iter().enumerate().filter(|(_, c)| **c != 0).map(|(i, c)| (self.base + i as u64, *c));
+        let above = self.outside.range(self.base..).map(|(a, c)| (*a, *c));
+        below.chain(inside).chain(above)
+    }
+}
+
 /// Runs a tree walk that counts one reference for every node and data-block entry it meets,
 /// walking below each node only the first time it is seen.
 fn count_refs(
-    found: &mut BTreeMap<u64, u32>,
+    found: &mut Tally,
     seen: &mut HashSet<u64>,
     walk: impl FnOnce(&mut dyn FnMut(Visit) -> bool) -> blockstore::Result<()>,
 ) -> blockstore::Result<()> {
     let mut data: Vec<u64> = Vec::new();
     let walked = walk(&mut |v| match v {
         Visit::Node { addr, .. } => {
-            *found.entry(addr.0).or_default() += 1;
+            found.add(addr.0);
             seen.insert(addr.0)
         }
         Visit::Data { addr } => {
@@ -130,7 +169,7 @@ fn count_refs(
         }
     });
     for d in data {
-        *found.entry(d).or_default() += 1;
+        found.add(d);
     }
     walked
 }
@@ -160,7 +199,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             None
         }
     };
-    let mut found: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut found = Tally::new(meta.superblock().groups_start, meta.superblock().end_block());
     let mut seen_nodes: HashSet<u64> = HashSet::new();
     let mut readable = disk_state.is_some();
     if let Some(state) = &disk_state {
@@ -170,13 +209,13 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             report.problems.push(Problem::Damaged { context: format!("VDI {id}"), detail: why.clone() });
         }
         for b in &state.registry_blocks {
-            *found.entry(b.0).or_default() += 1;
+            found.add(b.0);
         }
         let mut roots: Vec<(String, BlockAddr)> = Vec::new();
         for (id, v) in &state.vdis {
-            *found.entry(v.record.0).or_default() += 1;
+            found.add(v.record.0);
             for b in &v.log {
-                *found.entry(b.0).or_default() += 1;
+                found.add(b.0);
             }
             roots.push((
                 format!("VDI {id} ('{}')", v.name),
@@ -197,14 +236,14 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         let mut queued: Vec<(BlockAddr, u32, usize)> = Vec::new();
         let mut entries = 0u64;
         let q = radix::visit_queue(&mut *meta, &mut |item| match item {
-            radix::QueueItem::QueueBlock(a) => *found.entry(a.0).or_default() += 1,
+            radix::QueueItem::QueueBlock(a) => found.add(a.0),
             radix::QueueItem::Entry(radix::Queued::Block(a)) => {
                 entries += 1;
-                *found.entry(a.0).or_default() += 1;
+                found.add(a.0);
             }
             radix::QueueItem::Entry(radix::Queued::Node { addr, level, cursor }) => {
                 entries += 1;
-                *found.entry(addr.0).or_default() += 1;
+                found.add(addr.0);
                 queued.push((addr, level, cursor));
             }
         });
@@ -266,7 +305,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         progress(total, total);
     }
     report.nodes = seen_nodes.len() as u64;
-    report.data_blocks = found.keys().filter(|k| !seen_nodes.contains(k)).count() as u64;
+    report.data_blocks = found.nonzero().filter(|(k, _)| !seen_nodes.contains(k)).count() as u64;
     let stored = match meta.all_refcounts() {
         Ok(s) => s,
         Err(e) => {
@@ -279,21 +318,22 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         report.problems.push(Problem::AllocatedCount { stored: meta.superblock().allocated, found: allocated });
     }
     let mut fixes: Vec<(BlockAddr, u32)> = Vec::new();
-    let stored_map: BTreeMap<u64, u32> = stored.iter().map(|(a, c)| (a.0, *c)).collect();
-    for (block, &n) in &found {
-        match stored_map.get(block) {
-            None => report.problems.push(Problem::Unallocated { block: *block, found: n }),
-            Some(&c) if c != n => {
-                report.problems.push(Problem::WrongCount { block: *block, stored: c, found: n });
-                fixes.push((BlockAddr(*block), n));
+    // `stored` is in address order.
+    let stored_count = |block: u64| stored.binary_search_by_key(&block, |(a, _)| a.0).ok().map(|i| stored[i].1);
+    for (block, n) in found.nonzero() {
+        match stored_count(block) {
+            None => report.problems.push(Problem::Unallocated { block, found: n }),
+            Some(c) if c != n => {
+                report.problems.push(Problem::WrongCount { block, stored: c, found: n });
+                fixes.push((BlockAddr(block), n));
             }
             _ => {}
         }
     }
-    for (block, &c) in &stored_map {
-        if !found.contains_key(block) {
-            report.problems.push(Problem::Leaked { block: *block, stored: c });
-            fixes.push((BlockAddr(*block), 0));
+    for &(block, c) in &stored {
+        if found.get(block.0) == 0 {
+            report.problems.push(Problem::Leaked { block: block.0, stored: c });
+            fixes.push((block, 0));
         }
     }
     let unallocated = report.problems.iter().any(|p| matches!(p, Problem::Unallocated { .. }));

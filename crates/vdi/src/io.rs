@@ -283,7 +283,7 @@ impl VdiDisk {
             }
         }
         if !shared.is_empty() {
-            let _cow = self.live.cow.lock();
+            let _cow = self.live.cow.lock(shared.iter().map(|p| p.vblock));
             self.write_new_blocks(root, &shared, data)?;
         }
         Ok(())

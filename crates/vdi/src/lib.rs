@@ -25,6 +25,7 @@ macro_rules! test_point {
 }
 
 mod check;
+mod cow_locks;
 mod disk;
 mod error;
 mod ids;

@@ -70,8 +70,8 @@ pub(crate) struct VdiLive {
     pub(crate) size: AtomicU64,
     /// Read for data I/O; write for changes to the tree's shape (snapshot, unmap, fill).
     pub(crate) io: RwLock<()>,
-    /// Serialises copy-on-write and allocation paths of this VDI.
-    pub(crate) cow: Mutex<()>,
+    /// Orders copy-on-write of the same blocks of this VDI (and lets other blocks' go on).
+    pub(crate) cow: crate::cow_locks::CowLocks,
     pub(crate) writer: AtomicBool,
     pub(crate) open: AtomicUsize,
 }
@@ -613,7 +613,7 @@ fn new_live(id: VdiId, root: BlockAddr, size: u64) -> Arc<VdiLive> {
         root: AtomicU64::new(root.0),
         size: AtomicU64::new(size),
         io: RwLock::new(()),
-        cow: Mutex::new(()),
+        cow: crate::cow_locks::CowLocks::new(),
         writer: AtomicBool::new(false),
         open: AtomicUsize::new(0),
     })
