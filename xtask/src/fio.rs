@@ -89,6 +89,11 @@ pub enum Span {
 
 /// Runs `w` against the NBD `uri` and returns what fio measured.
 pub fn run(uri: &str, w: &Workload, span: Span) -> Result<Result1> {
+    run_with(uri, w, span, &[])
+}
+
+/// [`run`] with extra fio arguments (`--random_distribution=zipf:1.2`, say).
+pub fn run_with(uri: &str, w: &Workload, span: Span, extra: &[String]) -> Result<Result1> {
     let out_dir = tempfile::tempdir().context("cannot create a temp dir for fio's report")?;
     let out = out_dir.path().join("fio.json");
     let mut cmd = Command::new("fio");
@@ -117,6 +122,7 @@ pub fn run(uri: &str, w: &Workload, span: Span) -> Result<Result1> {
             cmd.arg(format!("--size={size}"));
         }
     }
+    cmd.args(extra);
     let what = sys::describe(&cmd);
     sys::run(&mut cmd)?;
     let text = std::fs::read_to_string(&out).with_context(|| format!("`{what}` wrote no report"))?;
