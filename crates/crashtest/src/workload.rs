@@ -402,6 +402,45 @@ pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
     r
 }
 
+/// Snapshot churn as a 10 ms schedule with retention makes it: a small VDI written a block at a
+/// time, a snapshot after each write and the one before deleted, flushes now and then — more
+/// than a snapshot-log block's worth, so the deletes unlink and free full log blocks — then a
+/// clone of the last snapshot, reclaim, and unflushed writes at the end.
+pub fn snapshot_churn(seed: u64, journal_slot_blocks: u64) -> Run {
+    let mut r = Run::new(seed, journal_slot_blocks);
+    let blocks = 16;
+    let v = r.create("churn", blocks);
+    r.write(v, 0, blocks, false);
+    r.flush(v);
+    let mut previous = None;
+    let rounds = 2 * vdi::SNAPSHOTS_PER_LOG_BLOCK as u64 + 3;
+    for i in 0..rounds {
+        let at = r.below(blocks);
+        r.write(v, at, 1, i % 7 == 6);
+        if i % 3 == 2 {
+            r.flush(v);
+        }
+        let s = r.snapshot(v);
+        if let Some(p) = previous.replace(s) {
+            r.delete_snapshot(p);
+        }
+        if i % 25 == 24 {
+            r.reclaim(4);
+        }
+    }
+    // The freed log blocks took their deleted snapshots with them.
+    let listed = r.reg.snapshots(v).expect("snapshots").len();
+    assert!(listed < vdi::SNAPSHOTS_PER_LOG_BLOCK, "{listed} snapshots still listed: no log block was freed");
+    if let Some(s) = previous {
+        let c = r.clone_snapshot("late-clone", s);
+        r.write(c, 2, 1, false);
+        r.flush(c);
+    }
+    r.reclaim(1000);
+    r.write(v, 5, 2, false);
+    r
+}
+
 /// What checking one crash state found.
 pub type Verdict = Result<(), String>;
 

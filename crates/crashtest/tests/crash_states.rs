@@ -12,8 +12,10 @@ fn states_wanted() -> usize {
     std::env::var("CRASH_STATES").ok().and_then(|s| s.parse().ok()).unwrap_or(2400)
 }
 
-fn run_suite(seed: u64, journal_slot_blocks: u64, states: usize) -> (usize, Vec<String>) {
-    let run = workload::standard(seed, journal_slot_blocks);
+type Workload = fn(u64, u64) -> workload::Run;
+
+fn run_suite(workload: Workload, seed: u64, journal_slot_blocks: u64, states: usize) -> (usize, Vec<String>) {
+    let run = workload(seed, journal_slot_blocks);
     let log = run.recorder.log();
     let model = run.model.clone();
     drop(run);
@@ -52,10 +54,23 @@ fn every_crash_state_of_the_standard_workload_is_consistent() {
     // Two seeds: a tiny journal (many commits, the release queue spread over many of them) and
     // the default one.
     for (seed, journal) in [(1u64, 64u64), (2, 8192)] {
-        let (t, f) = run_suite(seed, journal, wanted / 2);
+        let (t, f) = run_suite(workload::standard, seed, journal, wanted / 2);
         tried += t;
         failures.extend(f);
     }
+    report(wanted, tried, &failures);
+}
+
+/// Snapshot churn: a snapshot per write, the one before deleted, so snapshot-log blocks fill,
+/// empty and are freed at every instant of the power cut.
+#[test]
+fn every_crash_state_of_snapshot_churn_is_consistent() {
+    let wanted = states_wanted() / 6;
+    let (tried, failures) = run_suite(workload::snapshot_churn, 4, 64, wanted);
+    report(wanted, tried, &failures);
+}
+
+fn report(wanted: usize, tried: usize, failures: &[String]) {
     eprintln!("crash states: {tried} tried, {} failed", failures.len());
     for f in failures.iter().take(10) {
         eprintln!("FAILED {f}");

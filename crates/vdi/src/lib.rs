@@ -33,6 +33,7 @@ mod import;
 mod io;
 mod reclaim;
 mod registry;
+mod snap_table;
 
 pub use check::{CheckReport, Problem};
 pub use error::{Result, VdiError};
@@ -41,3 +42,6 @@ pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};
 pub use reclaim::{ReclaimStats, Reclaimer};
 pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};
+
+/// Snapshots one log block holds: deleting all of a full block's snapshots frees it.
+pub const SNAPSHOTS_PER_LOG_BLOCK: usize = disk::SNAPLOG_SLOTS;

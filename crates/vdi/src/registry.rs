@@ -100,10 +100,10 @@ pub(crate) struct SnapEntry {
     pub(crate) open: Arc<AtomicUsize>,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub(crate) struct State {
     pub(crate) vdis: BTreeMap<VdiId, VdiEntry>,
-    pub(crate) snaps: BTreeMap<SnapshotId, SnapEntry>,
+    pub(crate) snaps: crate::snap_table::SnapTable,
     pub(crate) registry_blocks: Vec<BlockAddr>,
     /// VDIs whose record or snapshot log could not be read, with the reason: left out of
     /// everything else (their blocks stay allocated), reported by `check`.
@@ -111,21 +111,36 @@ pub(crate) struct State {
 }
 
 /// The registry state as it was before a transaction, to put back if it is rolled back: the
-/// maps, and the roots and sizes that open handles share.
+/// VDI maps, and the roots and sizes that open handles share. The snapshots are not copied:
+/// their table journals what the transaction changes (O(changes), whatever their number).
 pub(crate) struct Checkpoint {
-    state: State,
+    vdis: BTreeMap<VdiId, VdiEntry>,
+    registry_blocks: Vec<BlockAddr>,
+    damaged: BTreeMap<VdiId, String>,
     live: Vec<(Arc<VdiLive>, u64, u64)>,
 }
 
 impl State {
-    /// A copy of the state to [`State::restore`] after a rollback.
-    pub(crate) fn checkpoint(&self) -> Checkpoint {
+    /// What to [`State::restore`] after a rollback; starts the snapshot table's journal. End
+    /// a transaction that succeeded with [`State::keep`].
+    pub(crate) fn checkpoint(&mut self) -> Checkpoint {
         let live = self
             .vdis
             .values()
             .map(|v| (v.live.clone(), v.live.root.load(Ordering::Acquire), v.live.size.load(Ordering::Acquire)))
             .collect();
-        Checkpoint { state: self.clone(), live }
+        self.snaps.begin();
+        Checkpoint {
+            vdis: self.vdis.clone(),
+            registry_blocks: self.registry_blocks.clone(),
+            damaged: self.damaged.clone(),
+            live,
+        }
+    }
+
+    /// Keeps what the transaction since [`State::checkpoint`] changed.
+    pub(crate) fn keep(&mut self) {
+        self.snaps.keep();
     }
 
     /// Puts the state back as it was at `checkpoint`.
@@ -134,7 +149,10 @@ impl State {
             live.root.store(root, Ordering::Release);
             live.size.store(size, Ordering::Release);
         }
-        *self = checkpoint.state;
+        self.vdis = checkpoint.vdis;
+        self.registry_blocks = checkpoint.registry_blocks;
+        self.damaged = checkpoint.damaged;
+        self.snaps.roll_back();
     }
 }
 
@@ -288,6 +306,7 @@ impl Registry {
             });
             match out {
                 Ok(v) => {
+                    st.keep();
                     drop(st);
                     self.reclaim.wake_if_queued(&self.store);
                     return Ok(v);
@@ -502,12 +521,13 @@ impl Registry {
             if s.open.load(Ordering::Acquire) > 0 {
                 return Err(VdiError::InUse(format!("snapshot {sid}")));
             }
-            let (root, log_block, slot) = (s.root, s.log_block, s.slot);
+            let (root, log_block, slot, vdi) = (s.root, s.log_block, s.slot, s.vdi);
             radix::defer_release(meta, root)?;
             mark_snap_deleted(meta, log_block, slot)?;
             if let Some(s) = st.snaps.get_mut(&sid) {
                 s.deleted = true;
             }
+            drop_dead_log_block(st, meta, vdi, log_block)?;
             Ok(())
         })
     }
@@ -738,6 +758,52 @@ fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) ->
         },
     );
     Ok(sid)
+}
+
+/// Frees snapshot log block `block` of VDI `vdi` once it is full and every snapshot in it is
+/// deleted and no VDI was cloned from one of them: unlinked from the log, freed, its snapshots
+/// forgotten. Without this a 10 ms schedule with retention grew the log (and the registry in
+/// memory) by 100 entries a second forever; with it the log holds the live snapshots, at most
+/// one block of deleted ones per partly deleted block, and deleted snapshots with clones (which
+/// `vdi tree` and `info` still show as parents).
+fn drop_dead_log_block(st: &mut State, meta: &mut Meta, vdi: VdiId, block: BlockAddr) -> Result<()> {
+    let (ids, next) = {
+        let l = SnapLogDisk::ref_from_bytes(meta.read(block, &SNAPLOG_KIND)?.as_slice())
+            .map_err(|_| damaged("log layout"))?;
+        let n = l.count.get() as usize;
+        if n < SNAPLOG_SLOTS || l.entries[..n].iter().any(|e| e.flags.get() & SNAP_DELETED == 0) {
+            return Ok(());
+        }
+        (l.entries[..n].iter().map(|e| SnapshotId(e.id.get())).collect::<Vec<_>>(), BlockAddr(l.next.get()))
+    };
+    if st.vdis.values().any(|v| v.parent.is_some_and(|p| ids.contains(&p))) {
+        return Ok(());
+    }
+    let v = st.vdis.get_mut(&vdi).ok_or_else(|| VdiError::UnknownVdi(vdi.to_string()))?;
+    let Some(at) = v.log.iter().position(|b| *b == block) else {
+        return Err(damaged(format!("snapshot log block {block} is not in the log of VDI {vdi}")));
+    };
+    if at + 1 == v.log.len() {
+        // The tail: the next snapshot is appended to a new block, which this one links to.
+        return Ok(());
+    }
+    if at > 0 {
+        let prev = v.log[at - 1];
+        let l = SnapLogDisk::mut_from_bytes(meta.write(prev, &SNAPLOG_KIND)?.as_mut_slice())
+            .map_err(|_| damaged("log layout"))?;
+        l.next = U64::new(next.0);
+    }
+    v.log.remove(at);
+    // The record names the log's head (and tail).
+    write_record(meta, vdi, v)?;
+    let left = meta.decref(block)?;
+    if left != 0 {
+        return Err(damaged(format!("snapshot log block {block} still has {left} references after its last snapshot")));
+    }
+    for id in ids {
+        st.snaps.remove(&id);
+    }
+    Ok(())
 }
 
 fn mark_snap_deleted(meta: &mut Meta, log_block: BlockAddr, slot: usize) -> Result<()> {
