@@ -1,7 +1,9 @@
 //! The full consistency check: every reachable block counted exactly, nothing leaked, every
 //! metadata block's checksum valid.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashSet as HashSet;
 
 use blockstore::{BlockAddr, MetaRead};
 use radix::Visit;
@@ -157,21 +159,16 @@ fn count_refs(
     seen: &mut HashSet<u64>,
     walk: impl FnOnce(&mut dyn FnMut(Visit) -> bool) -> blockstore::Result<()>,
 ) -> blockstore::Result<()> {
-    let mut data: Vec<u64> = Vec::new();
-    let walked = walk(&mut |v| match v {
+    walk(&mut |v| match v {
         Visit::Node { addr, .. } => {
             found.add(addr.0);
             seen.insert(addr.0)
         }
         Visit::Data { addr } => {
-            data.push(addr.0);
+            found.add(addr.0);
             true
         }
-    });
-    for d in data {
-        found.add(d);
-    }
-    walked
+    })
 }
 
 fn q_ok(report: &CheckReport) -> bool {
@@ -200,7 +197,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         }
     };
     let mut found = Tally::new(meta.superblock().groups_start, meta.superblock().end_block());
-    let mut seen_nodes: HashSet<u64> = HashSet::new();
+    let mut seen_nodes: HashSet<u64> = HashSet::default();
     let mut readable = disk_state.is_some();
     if let Some(state) = &disk_state {
         report.vdis = state.vdis.len();
