@@ -34,7 +34,9 @@ fn an_idle_daemon_does_not_wake_up() {
     let _nbd = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("NBD connection");
     let opts = FrontendOptions { vdi: "disk".into(), ring_page_order: 0, data_pages: 16, protocol: Abi::X86_64 };
     let mut guest = Guest::new(SimFrontend::connect(&sock, &opts).expect("ring guest"));
-    let done = guest.run(GuestOp::Write { sector: 0, data: vec![7; 4096], barrier: false }, Duration::from_secs(20)).expect("write");
+    let done = guest
+        .run(GuestOp::Write { sector: 0, data: vec![7; 4096], barrier: false }, Duration::from_secs(20))
+        .expect("write");
     assert_eq!(done.status, RSP_OKAY);
     // Let start-up settle (the reclaimer's first look, the readiness notification).
     let (code, _, err) = d.vdi(&["list"]);
