@@ -15,6 +15,9 @@ pub struct VdiExports {
     damaged: Mutex<HashMap<VdiId, String>>,
 }
 
+/// How long a second writer waits for the first to let go before it is refused.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn size_text(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
@@ -76,7 +79,9 @@ impl VdiExports {
                         "VDI {id} has no size yet: fill it or create it with --size"
                     )));
                 }
-                match self.reg.open_vdi(id, true) {
+                // A client reconnecting at once after an abrupt close may arrive while the old
+                // connection is still answering its last requests: give that a moment.
+                match self.reg.open_vdi_within(id, true, WRITER_GRACE) {
                     Ok(d) => Ok(Arc::new(d)),
                     Err(VdiError::Busy(_)) => Err(OpenError::Refused(format!(
                         "VDI {id} is already open for writing by another client; one writer at a time"
@@ -96,10 +101,15 @@ impl ExportProvider for VdiExports {
             out.push(ExportInfo::new(v.name.clone(), desc));
             if let Ok(snaps) = self.reg.snapshots(v.id) {
                 for s in snaps.into_iter().filter(|s| !s.deleted) {
-                    out.push(ExportInfo::new(
-                        format!("{}@{}", v.name, s.id),
-                        format!("snapshot {} of VDI {}, read-only", s.id, v.id),
-                    ));
+                    // A snapshot never changes: any number of connections see the same bytes,
+                    // so clients may spread reads over several (NBD_FLAG_CAN_MULTI_CONN).
+                    out.push(ExportInfo {
+                        multi_conn: true,
+                        ..ExportInfo::new(
+                            format!("{}@{}", v.name, s.id),
+                            format!("snapshot {} of VDI {}, read-only", s.id, v.id),
+                        )
+                    });
                 }
             }
         }

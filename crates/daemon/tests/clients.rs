@@ -92,6 +92,13 @@ fn nbdinfo_lists_vdis_and_snapshots_and_maps_holes() {
     let out =
         run_ok("qemu-io", &["-r", "-f", "raw", &d.uri(&format!("disk@{sid}")), "-c", &format!("read -P 1 {MIB} 8192")]);
     assert!(!out.contains("verification failed"), "{out}");
+    // Snapshots never change, so they allow several connections; the writable VDI does not
+    // (one writer at a time).
+    let info = |export: &str| -> serde_json::Value {
+        serde_json::from_str(&run_ok("nbdinfo", &["--json", &d.uri(export)])).expect("JSON")
+    };
+    assert_eq!(info(&format!("disk@{sid}"))["exports"][0]["can_multi_conn"], true);
+    assert_eq!(info("disk")["exports"][0]["can_multi_conn"], false);
 }
 
 #[test]

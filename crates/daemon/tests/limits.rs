@@ -115,3 +115,32 @@ fn a_full_store_answers_enospc_and_stays_consistent() {
     assert_eq!(code, 0);
     with_registry(&store, |r| assert!(r.check(false).unwrap().is_clean()));
 }
+
+/// A client that drops its connection with a write in flight and reconnects at once must get
+/// its VDI back, not "already open for writing": the daemon may still be answering the old
+/// connection's last request, and the new one waits for it to let go. 2,000 times.
+#[test]
+fn a_fast_reconnect_after_an_abrupt_close_gets_the_vdi() {
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let d = Daemon::start(dir, store, &[]);
+    let mut write = Vec::with_capacity(28 + 4096);
+    write.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    write.extend_from_slice(&0u16.to_be_bytes());
+    write.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+    write.extend_from_slice(&7u64.to_be_bytes());
+    write.extend_from_slice(&0u64.to_be_bytes());
+    write.extend_from_slice(&4096u32.to_be_bytes());
+    write.extend_from_slice(&[0x5a; 4096]);
+    for _ in 0..2000 {
+        // raw_connect fails (the daemon closes) if the export is refused.
+        let mut s = raw_connect(d.port, "disk");
+        s.write_all(&write).unwrap();
+        drop(s);
+    }
+    let mut s = raw_connect(d.port, "disk");
+    s.write_all(&read_request(1, 0, 4096)).unwrap();
+    let mut reply = vec![0u8; 16 + 4096];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "read failed");
+    assert!(reply[16..].iter().all(|&b| b == 0x5a), "the writes landed");
+}

@@ -110,7 +110,21 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             return Err(NbdError::BadMagic { expected: wire::IHAVEOPT, got: magic });
         }
         if len > MAX_OPTION_LEN {
-            return Err(NbdError::OptionTooLarge { option, len, max: MAX_OPTION_LEN });
+            // NBD_OPT_EXPORT_NAME has no error reply: all the server can do is close.
+            if option == wire::OPT_EXPORT_NAME {
+                return Err(NbdError::OptionTooLarge { option, len, max: MAX_OPTION_LEN });
+            }
+            // Anything else: skip its data (the stream stays in step) and say why, as
+            // qemu-nbd does; the handshake's deadline still bounds a client that never sends it.
+            discard(r, u64::from(len))?;
+            reply_err(
+                w,
+                option,
+                wire::REP_ERR_TOO_BIG,
+                &format!("option data of {len} bytes is over the limit of {MAX_OPTION_LEN}"),
+            )?;
+            w.flush()?;
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data)?;
@@ -147,6 +161,15 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         outcome?;
         w.flush()?;
     }
+}
+
+/// Reads and drops `len` bytes.
+pub(crate) fn discard<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
+    if copied < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client went away in the middle of its data"));
+    }
+    Ok(())
 }
 
 fn reply<W: Write>(w: &mut W, option: u32, typ: u32, data: &[u8]) -> io::Result<()> {

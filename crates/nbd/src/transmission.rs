@@ -51,6 +51,8 @@ struct Job {
     seq: u64,
     /// Bytes of the connection's buffer budget this job holds.
     cost: u64,
+    /// A write over the size limit whose payload was skipped: answered with EINVAL.
+    oversized: bool,
 }
 
 fn is_write_like(typ: u16) -> bool {
@@ -200,7 +202,18 @@ impl<W: Write + Send> Conn<'_, W> {
                     return Ok(());
                 }
                 wire::CMD_WRITE if req.len > self.max_request => {
-                    return Err(NbdError::RequestTooLarge { len: req.len, max: self.max_request });
+                    // Skip the payload so the stream stays in step, and answer EINVAL (as
+                    // qemu-nbd does) instead of closing on a client that merely asked too much.
+                    crate::handshake::discard(reader, u64::from(req.len))?;
+                    // A job in flight like any other (the worker releases it), holding no bytes.
+                    self.budget.acquire(0);
+                    self.pending_writes.start(seq);
+                    let job = Job { req, payload: Vec::new(), seq, cost: 0, oversized: true };
+                    if tx.send(job).is_err() {
+                        return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
+                    }
+                    seq += 1;
+                    continue;
                 }
                 wire::CMD_WRITE => u64::from(req.len),
                 wire::CMD_READ if req.len <= self.max_request => u64::from(req.len),
@@ -218,7 +231,7 @@ impl<W: Write + Send> Conn<'_, W> {
             if is_write_like(req.typ) {
                 self.pending_writes.start(seq);
             }
-            if tx.send(Job { req, payload, seq, cost }).is_err() {
+            if tx.send(Job { req, payload, seq, cost, oversized: false }).is_err() {
                 return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
             }
             seq += 1;
@@ -245,6 +258,10 @@ impl<W: Write + Send> Conn<'_, W> {
         let r = &job.req;
         match r.typ {
             wire::CMD_READ => self.read(r),
+            wire::CMD_WRITE if job.oversized => {
+                let why = format!("write of {} bytes is over the limit of {}", r.len, self.max_request);
+                self.reply_error(r, Fail::new(wire::EINVAL, why));
+            }
             wire::CMD_WRITE => {
                 let res = self.write(r, &job.payload);
                 self.reply_status(r, res);

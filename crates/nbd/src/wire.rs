@@ -41,6 +41,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// `NBD_REP_ERR_TOO_BIG`: the option's data is larger than the server accepts.
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // Information types of NBD_OPT_INFO / NBD_OPT_GO.
 pub const INFO_EXPORT: u16 = 0;

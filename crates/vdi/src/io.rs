@@ -207,6 +207,28 @@ impl Registry {
         Ok(VdiDisk { reg: self.clone(), live, writable })
     }
 
+    /// [`Registry::open_vdi`], but when another writable handle holds the VDI, waits up to
+    /// `grace` for it to be dropped (woken by the drop, no polling) before answering
+    /// [`VdiError::Busy`]. For a client that reconnects at once after its connection broke:
+    /// the server may still be finishing the old connection's requests when the new one asks.
+    pub fn open_vdi_within(self: &Arc<Self>, id: VdiId, writable: bool, grace: std::time::Duration) -> Result<VdiDisk> {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            match self.open_vdi(id, writable) {
+                Err(VdiError::Busy(_)) if std::time::Instant::now() < deadline => {}
+                other => return other,
+            }
+            let live = self.state.lock().vdi(id)?.live.clone();
+            let mut g = self.writer_gone.0.lock();
+            // Checked under the lock the dropping handle notifies under: no lost wake-up.
+            while live.writer.load(Ordering::Acquire) {
+                if self.writer_gone.1.wait_until(&mut g, deadline).timed_out() {
+                    return Err(VdiError::Busy(id));
+                }
+            }
+        }
+    }
+
     /// Opens snapshot `sid` for reading.
     pub fn open_snapshot(self: &Arc<Self>, sid: SnapshotId) -> Result<SnapshotDisk> {
         let st = self.state.lock();
@@ -229,6 +251,8 @@ impl Drop for VdiDisk {
         self.live.open.fetch_sub(1, Ordering::AcqRel);
         if self.writable {
             self.live.writer.store(false, Ordering::Release);
+            let _g = self.reg.writer_gone.0.lock();
+            self.reg.writer_gone.1.notify_all();
         }
     }
 }

@@ -161,6 +161,8 @@ pub struct Registry {
     pub(crate) store: Arc<BlockStore>,
     pub(crate) state: Mutex<State>,
     pub(crate) reclaim: Arc<crate::reclaim::Signal>,
+    /// Signalled when a writable handle is dropped (see [`Registry::open_vdi_within`]).
+    pub(crate) writer_gone: (Mutex<()>, parking_lot::Condvar),
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -230,7 +232,12 @@ impl Registry {
             let mut meta = store.lock();
             load_state(&mut *meta)?
         };
-        let reg = Arc::new(Registry { store, state: Mutex::new(state), reclaim: Arc::default() });
+        let reg = Arc::new(Registry {
+            store,
+            state: Mutex::new(state),
+            reclaim: Arc::default(),
+            writer_gone: (Mutex::new(()), parking_lot::Condvar::new()),
+        });
         reg.drop_interrupted_imports()?;
         if !reg.store.lock().is_read_only() {
             // A spare release-queue block lets a delete work even when the store is full.
