@@ -159,7 +159,7 @@ pub struct InitArgs {
 /// `vdi create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Name of the new VDI (1 to 255 bytes, no control characters, no '@').
+    /// Name of the new VDI (1 to 255 bytes, no control characters, no '@', not a number).
     pub name: String,
     /// Virtual size, e.g. 2G, 512M, 4096 (K/M/G/T are binary: 1K = 1024 bytes).
     #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size_arg, conflicts_with = "from")]
@@ -167,6 +167,10 @@ pub struct CreateArgs {
     /// Make the VDI a copy-on-write clone of this snapshot (ID or VDI@ID).
     #[arg(long, value_name = "SNAPSHOT")]
     pub from: Option<String>,
+    /// Words after the name (the 2005 tool's `create NAME SNAP_ID ...` form): refused with a
+    /// pointer to `--from` and `--size`.
+    #[arg(hide = true, num_args = 0.., allow_hyphen_values = true)]
+    pub legacy: Vec<String>,
 }
 
 /// A `--json` flag alone.

@@ -38,9 +38,12 @@ pub fn spawn_control(
 pub fn registry_handler(reg: Arc<vdi::Registry>) -> Handler {
     Arc::new(move |req: &Request, _stdin: File, mut stdout: File, mut stderr: File| {
         use std::io::IsTerminal;
-        let tty = stderr.is_terminal();
-        let width = crate::terminal_width(&stderr);
-        crate::execute_with_width(&reg, req.args.clone(), &mut stdout, &mut stderr, tty, width)
+        let term = crate::Terminals {
+            stdout: stdout.is_terminal(),
+            stderr: stderr.is_terminal(),
+            width: crate::terminal_width(&stderr),
+        };
+        crate::execute_on(&reg, req.args.clone(), &mut stdout, &mut stderr, term)
     })
 }
 

@@ -13,6 +13,9 @@ pub const EXIT_NO: i32 = 1;
 pub const EXIT_USER: i32 = 2;
 /// A failure of the store or the system: damaged store, full store, I/O error.
 pub const EXIT_FAILURE: i32 = 3;
+/// The output's reader went away (broken pipe): 128 + SIGPIPE, as a tool killed by the signal
+/// exits, without a message.
+pub const EXIT_BROKEN_PIPE: i32 = 141;
 
 const DAMAGE_HINT: &str =
     "`vdi check` shows the extent of the damage if the store still opens; restore it from a backup";

@@ -47,6 +47,17 @@ pub fn execute(
     execute_with_width(reg, args, stdout, stderr, stderr_is_terminal, DEFAULT_WIDTH)
 }
 
+/// What the command's streams are connected to.
+#[derive(Debug, Clone, Copy)]
+pub struct Terminals {
+    /// stdout is a terminal (binary output to it is refused).
+    pub stdout: bool,
+    /// stderr is a terminal (progress bars are drawn on it).
+    pub stderr: bool,
+    /// Width of the terminal stderr is on (see [`terminal_width`]).
+    pub width: u16,
+}
+
 /// [`execute`], drawing progress bars `term_width` columns wide (see [`terminal_width`]).
 pub fn execute_with_width(
     reg: &Arc<vdi::Registry>,
@@ -55,6 +66,17 @@ pub fn execute_with_width(
     stderr: &mut dyn Write,
     stderr_is_terminal: bool,
     term_width: u16,
+) -> i32 {
+    execute_on(reg, args, stdout, stderr, Terminals { stdout: false, stderr: stderr_is_terminal, width: term_width })
+}
+
+/// [`execute`] with what the streams are connected to.
+pub fn execute_on(
+    reg: &Arc<vdi::Registry>,
+    args: Vec<String>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    term: Terminals,
 ) -> i32 {
     let argv = std::iter::once("vdi".to_string()).chain(args);
     let cli = match Cli::try_parse_from(argv) {
@@ -67,7 +89,7 @@ pub fn execute_with_width(
             return e.exit_code();
         }
     };
-    run_parsed(reg, &cli, stdout, stderr, stderr_is_terminal, term_width)
+    run_parsed(reg, &cli, stdout, stderr, term)
 }
 
 /// Runs a parsed command on `reg`, printing a failure as `vdi: error: …`.
@@ -76,13 +98,19 @@ fn run_parsed(
     cli: &Cli,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
-    stderr_is_terminal: bool,
-    term_width: u16,
+    term: Terminals,
 ) -> i32 {
     let mut out = BufWriter::with_capacity(64 * 1024, stdout);
     let result = {
-        let mut ctx =
-            Ctx { reg, out: &mut out, err: stderr, err_is_terminal: stderr_is_terminal, term_width, exact: cli.bytes };
+        let mut ctx = Ctx {
+            reg,
+            out: &mut out,
+            out_is_terminal: term.stdout,
+            err: stderr,
+            err_is_terminal: term.stderr,
+            term_width: term.width,
+            exact: cli.bytes,
+        };
         commands::run(&mut ctx, cli)
     };
     // Run by itself (no parallaxd with its background reclaimer), a command frees what it
@@ -102,8 +130,11 @@ fn run_parsed(
 }
 
 fn report(stderr: &mut dyn Write, f: &Failure) -> i32 {
-    let _ = writeln!(stderr, "vdi: error: {}", f.message);
-    let _ = stderr.flush();
+    // A reader that went away (`vdi export - | head`) is not an error to report.
+    if !f.message.is_empty() {
+        let _ = writeln!(stderr, "vdi: error: {}", f.message);
+        let _ = stderr.flush();
+    }
     f.code
 }
 
@@ -150,9 +181,8 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
         let _ = writeln!(stdout, "created store {} ({limit})", cli.store.display());
         return 0;
     }
-    let tty = stderr.is_terminal();
-    let width = terminal_width(&stderr);
-    let code = run_parsed(&opened.reg, &cli, &mut stdout, &mut stderr, tty, width);
+    let term = Terminals { stdout: stdout.is_terminal(), stderr: stderr.is_terminal(), width: terminal_width(&stderr) };
+    let code = run_parsed(&opened.reg, &cli, &mut stdout, &mut stderr, term);
     if code != 0 && opened.created {
         // The command that would have been the store's first failed: leave no empty store.
         store::remove_new_store(&cli.store, opened.was_empty_file);

@@ -39,8 +39,8 @@ fn unknown_vdi() {
             (&["fill", "nope", "image"], 2, "no VDI named 'nope'"),
             (&["validate", "nope", "image"], 2, "no VDI named 'nope'"),
             (&["snap", "nope"], 2, "no VDI named 'nope'"),
-            (&["snap-list", "7"], 2, "no VDI named '7'"),
-            (&["delete", "7"], 2, "no VDI named '7'"),
+            (&["snap-list", "7"], 2, "no VDI with id 7"),
+            (&["delete", "7"], 2, "no VDI with id 7"),
             (&["rename", "nope", "other"], 2, "no VDI named 'nope'"),
             (&["export", "nope", "out.img"], 2, "vdi list"),
             (&["diff", "1", "--vdi", "nope"], 2, "no VDI named 'nope'"),
@@ -259,4 +259,58 @@ fn tree_image_formats_need_graphviz() {
 fn export_to_an_unwritable_place() {
     let (env, _) = fixture();
     env.fails(&["export", "golden", "no/such/dir/out.img"], 2, "cannot create");
+}
+
+/// Errors that used to mislead: each now says what is wrong and what to do instead.
+#[test]
+fn errors_say_what_is_wrong() {
+    let (env, _) = fixture();
+    refused_unchanged(
+        &env,
+        &[
+            // A snapshot where a VDI is wanted.
+            (&["snap", "@1"], 2, "'@1' names snapshot 1, not a VDI"),
+            (&["snap", "golden@1"], 2, "names snapshot 1, not a VDI"),
+            // An id no VDI has.
+            (&["info", "99"], 2, "no VDI with id 99"),
+            // Names that could never be used.
+            (&["create", "a@b"], 2, "'@' is not allowed: it separates a VDI from a snapshot id"),
+            (&["create", "7"], 2, "a name cannot be a number"),
+            (&["rename", "golden", "12"], 2, "a name cannot be a number"),
+            // The 2005 tool's form.
+            (&["create", "new", "16", "0"], 2, "--from SNAPSHOT"),
+        ],
+    );
+}
+
+/// `export -` refuses a terminal, and a reader that goes away ends it quietly with the
+/// SIGPIPE status (not "error", not the store-failure code 3).
+#[test]
+fn export_to_a_terminal_is_refused_and_a_closed_pipe_is_quiet() {
+    let (env, _) = fixture();
+    // `script` gives the command a terminal as stdout.
+    let bin = common::vdi_bin();
+    let line = format!("{} --store {} export golden -", bin.display(), env.store.display());
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs the command on a terminal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("not writing") && text.contains("to a terminal"), "{text}");
+    let piped = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "{} --store {} export golden - | head -c 100 >/dev/null; echo ${{PIPESTATUS[0]}}",
+                bin.display(),
+                env.store.display()
+            ),
+        ])
+        .output()
+        .expect("bash");
+    let code = String::from_utf8_lossy(&piped.stdout).trim().to_string();
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert_eq!(code, "141", "exit status of vdi export | head: {code}; stderr: {err}");
+    assert!(!err.contains("error"), "{err}");
 }

@@ -57,8 +57,12 @@ fn main() -> ExitCode {
     match daemon::run(config, stop, Some(control)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("parallaxd: {e:#}");
+            // Once: through the log when errors are logged, else straight to stderr.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("parallaxd: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

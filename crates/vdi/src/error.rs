@@ -11,8 +11,8 @@ pub enum VdiError {
     /// The block store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// No VDI has that id or name.
-    #[error("no VDI named '{0}' (see `vdi list`)")]
+    /// No VDI has that id or name (the text as given).
+    #[error("{}", unknown_vdi(.0))]
     UnknownVdi(String),
     /// No live snapshot has that id.
     #[error("no snapshot {0} (see `vdi snap-list VDI`)")]
@@ -23,9 +23,14 @@ pub enum VdiError {
     /// A VDI already has that name.
     #[error("a VDI named '{0}' already exists; choose another name or delete it first")]
     NameTaken(String),
-    /// The name is empty, too long or has control characters.
-    #[error("invalid VDI name '{0}': use 1 to 255 bytes of printable characters")]
-    BadName(String),
+    /// The name cannot be a VDI's name.
+    #[error("invalid VDI name '{name}': {why}")]
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// An image is larger than the VDI.
     #[error("the image is {image} bytes but VDI {vdi} is only {size} bytes; create a larger VDI")]
     ImageTooLarge {
@@ -80,4 +85,18 @@ impl From<VdiError> for blockdev::DevError {
             other => blockdev::DevError::Io(other.to_string()),
         }
     }
+}
+
+/// Says why `text` names no VDI: a snapshot reference given where a VDI is wanted, an id no VDI
+/// has, or a name no VDI has.
+fn unknown_vdi(text: &str) -> String {
+    if let Some((_, snap)) = text.split_once('@') {
+        return format!(
+            "'{text}' names snapshot {snap}, not a VDI: give a VDI by name or id (see `vdi list`; snapshots: `vdi snap-list VDI`)"
+        );
+    }
+    if text.parse::<VdiId>().is_ok() {
+        return format!("no VDI with id {text} (see `vdi list`)");
+    }
+    format!("no VDI named '{text}' (see `vdi list`)")
 }

@@ -174,10 +174,18 @@ fn damaged(what: impl Into<String>) -> VdiError {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > NAME_MAX || name.chars().any(|c| c.is_control()) || name.contains('@') {
-        return Err(VdiError::BadName(name.to_string()));
-    }
-    Ok(())
+    let why = if name.is_empty() || name.len() > NAME_MAX {
+        "use 1 to 255 bytes"
+    } else if name.chars().any(|c| c.is_control()) {
+        "control characters are not allowed"
+    } else if name.contains('@') {
+        "'@' is not allowed: it separates a VDI from a snapshot id, as in golden@5"
+    } else if name.parse::<VdiId>().is_ok() {
+        "a name cannot be a number: numbers are VDI ids, so the VDI could not be named by it"
+    } else {
+        return Ok(());
+    };
+    Err(VdiError::BadName { name: name.to_string(), why })
 }
 
 fn check_size(size: u64) -> Result<()> {

@@ -80,6 +80,13 @@ pub fn export(ctx: &mut Ctx<'_>, a: &ExportArgs) -> CmdResult {
     if size == 0 {
         return Err(Failure::user(format!("{what} has no size yet: fill it from an image first")));
     }
+    if a.output == Path::new("-") && ctx.out_is_terminal {
+        return Err(Failure::user(format!(
+            "not writing {what}'s {size} bytes of disk image to a terminal: redirect the output \
+             (`vdi export {} - > image.raw`, or `| ...`) or give a file name",
+            a.source
+        )));
+    }
     let progress = Progress::new(ctx.err_is_terminal, ctx.term_width, "exporting", size);
     if a.output == Path::new("-") {
         let r = export_to_stream(ctx, src, size, &progress);

@@ -23,6 +23,8 @@ pub struct Ctx<'a> {
     pub reg: &'a Arc<Registry>,
     /// Where results go.
     pub out: &'a mut dyn Write,
+    /// `out` is a terminal.
+    pub out_is_terminal: bool,
     /// Where progress, warnings and errors go.
     pub err: &'a mut dyn Write,
     /// Draw progress bars on `err`.
@@ -60,7 +62,9 @@ impl Ctx<'_> {
 /// An error writing the command's output (e.g. a closed pipe).
 pub fn output_error(e: std::io::Error) -> Failure {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
-        Failure::system("the output was closed before the command finished (broken pipe)")
+        // The reader went away (`vdi export - | head`): stop quietly with the status a tool
+        // killed by SIGPIPE has, so `set -o pipefail` still sees the output was cut short.
+        Failure { code: crate::error::EXIT_BROKEN_PIPE, message: String::new() }
     } else {
         Failure::system(format!("writing the output: {e}"))
     }

@@ -2,10 +2,19 @@
 
 use super::{Ctx, live_snapshot, resolve_vdi};
 use crate::args::{CreateArgs, RenameArgs};
-use crate::error::CmdResult;
+use crate::error::{CmdResult, Failure};
 
 /// `vdi create NAME [--size SIZE | --from SNAPSHOT]`: prints the new VDI's id.
 pub fn create(ctx: &mut Ctx<'_>, a: &CreateArgs) -> CmdResult {
+    if !a.legacy.is_empty() {
+        return Err(Failure::user(format!(
+            "`vdi create` takes one name, then options; '{}' is not one of them. To start from a \
+             snapshot: `vdi create {} --from SNAPSHOT`; to give a size: `--size 16G` (the 2005 \
+             form `create NAME SNAP_ID` is not supported)",
+            a.legacy.join(" "),
+            a.name
+        )));
+    }
     let id = match &a.from {
         Some(from) => {
             let sid = live_snapshot(ctx.reg, from)?;
