@@ -30,12 +30,23 @@ pub trait EventChannel: Send + Sync {
     /// Notifies the peer. Never blocks; a notification the peer has not yet consumed may absorb
     /// this one.
     fn notify(&self) -> Result<()>;
-    /// Waits up to `timeout` for a notification from the peer.
-    fn wait(&self, timeout: Duration) -> Result<Wake>;
     /// A descriptor that is readable when a notification (or the peer's going away) is
-    /// waiting, so a server can wait on it beside a stop signal; then [`EventChannel::wait`]
-    /// with a zero timeout consumes it.
+    /// waiting, so a server can wait on it beside a stop signal, then [`EventChannel::take`] it.
     fn readable_fd(&self) -> BorrowedFd<'_>;
+    /// Consumes the notifications waiting, without blocking: [`Wake::TimedOut`] if there were
+    /// none.
+    fn take(&self) -> Result<Wake>;
+    /// Waits up to `timeout` for a notification from the peer and consumes it.
+    fn wait(&self, timeout: Duration) -> Result<Wake> {
+        let ts = Timespec::try_from(timeout).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+        let fd = self.readable_fd();
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(Errno::INTR) => Ok(Wake::TimedOut),
+            Ok(_) => self.take(),
+            Err(e) => Err(Error::Io(e.into())),
+        }
+    }
 }
 
 /// A simulated event channel over a connected Unix stream socket: one byte per notification.
@@ -61,14 +72,7 @@ impl EventChannel for SocketEvents {
         }
     }
 
-    fn wait(&self, timeout: Duration) -> Result<Wake> {
-        let ts = Timespec::try_from(timeout).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
-        let mut fds = [PollFd::new(&self.stream, PollFlags::IN)];
-        match poll(&mut fds, Some(&ts)) {
-            Ok(0) | Err(Errno::INTR) => return Ok(Wake::TimedOut),
-            Ok(_) => {}
-            Err(e) => return Err(Error::Io(e.into())),
-        }
+    fn take(&self) -> Result<Wake> {
         let mut buf = [0u8; 64];
         match recv(self.stream.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
             Ok((0, _)) => Ok(Wake::Closed),

@@ -13,7 +13,6 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use blockdev::BlockDevice;
 use crossbeam_channel::bounded;
@@ -163,7 +162,7 @@ where
                         shutdown::Ready::Stopped => return Ok(Ended::Stopped),
                         shutdown::Ready::Readable | shutdown::Ready::TimedOut => {}
                     }
-                    match self.events.wait(Duration::ZERO)? {
+                    match self.events.take()? {
                         Wake::Notified | Wake::TimedOut => {}
                         Wake::Closed => return Ok(Ended::PeerGone),
                     }

@@ -6,10 +6,10 @@
 //! Changed blocks stay dirty in memory until a commit journals them.
 
 use std::collections::VecDeque;
-
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::backend::Backend;
 use crate::format::{
@@ -669,45 +669,21 @@ impl Meta {
     /// Adds one reference to `addr`; returns the new count.
     pub fn incref(&mut self, addr: BlockAddr) -> Result<u32> {
         let (rc, at) = self.refcount_slot(addr)?;
-        let b = self.write(rc, &REFCOUNT_KIND)?;
-        let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        if old == 0 {
-            return Err(StoreError::Damaged(format!("reference added to free block {addr}")));
-        }
-        let new =
-            old.checked_add(1).ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
-        b[at..at + 4].copy_from_slice(&new.to_le_bytes());
-        Ok(new)
+        add_reference(self.write(rc, &REFCOUNT_KIND)?, at, addr)
     }
 
     /// Adds one reference to each of `addrs` (a block listed twice gains two), opening each
     /// reference-count block for change once rather than once per address: copying a shared
     /// radix node adds a reference to each of its up to 512 children, which usually share a few
     /// count blocks. Fails like [`Meta::incref`]; inside a transaction a failure rolls back.
-    pub fn incref_all(&mut self, addrs: &mut [BlockAddr]) -> Result<()> {
-        addrs.sort_unstable();
-        let mut i = 0;
-        while i < addrs.len() {
-            let (rc, _) = self.refcount_slot(addrs[i])?;
-            let mut j = i + 1;
-            while j < addrs.len() && self.refcount_slot(addrs[j])?.0 == rc {
-                j += 1;
+    pub fn incref_all(&mut self, addrs: &[BlockAddr]) -> Result<()> {
+        let mut slots = addrs.iter().map(|&a| Ok((self.refcount_slot(a)?, a))).collect::<Result<Vec<_>>>()?;
+        slots.sort_unstable_by_key(|&((rc, _), _)| rc);
+        for group in slots.chunk_by(|x, y| x.0.0 == y.0.0) {
+            let b = self.write(group[0].0.0, &REFCOUNT_KIND)?;
+            for &((_, at), addr) in group {
+                add_reference(b, at, addr)?;
             }
-            let slots: Vec<usize> =
-                addrs[i..j].iter().map(|a| self.refcount_slot(*a).map(|(_, at)| at)).collect::<Result<_>>()?;
-            let b = self.write(rc, &REFCOUNT_KIND)?;
-            for (k, at) in slots.into_iter().enumerate() {
-                let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                let addr = addrs[i + k];
-                if old == 0 {
-                    return Err(StoreError::Damaged(format!("reference added to free block {addr}")));
-                }
-                let new = old
-                    .checked_add(1)
-                    .ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
-                b[at..at + 4].copy_from_slice(&new.to_le_bytes());
-            }
-            i = j;
         }
         Ok(())
     }
@@ -867,6 +843,17 @@ impl Meta {
     pub fn has_changes(&self) -> bool {
         self.dirty_count > 0 || !self.pending_free.is_empty() || self.sb != self.committed
     }
+}
+
+/// Adds one to the count of `addr` at byte `at` of its count block `b`; returns the new count.
+fn add_reference(b: &mut Block, at: usize, addr: BlockAddr) -> Result<u32> {
+    let old = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if old == 0 {
+        return Err(StoreError::Damaged(format!("reference added to free block {addr}")));
+    }
+    let new = old.checked_add(1).ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
+    b[at..at + 4].copy_from_slice(&new.to_le_bytes());
+    Ok(new)
 }
 
 /// Where the reference count of `addr` lives in a store with superblock `sb`: (count block,

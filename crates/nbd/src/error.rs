@@ -21,7 +21,8 @@ pub enum NbdError {
     /// The client set handshake flags this server did not offer.
     #[error("client sent unknown handshake flags {0:#x}")]
     BadClientFlags(u32),
-    /// An option request announced more data than the server accepts.
+    /// `NBD_OPT_EXPORT_NAME` announced more data than the server accepts (it has no error
+    /// reply, so the connection is closed; other options are answered `NBD_REP_ERR_TOO_BIG`).
     #[error("option {option} announces {len} bytes of data, more than the {max} allowed")]
     OptionTooLarge {
         /// The option number.
@@ -29,14 +30,6 @@ pub enum NbdError {
         /// The announced length.
         len: u32,
         /// The limit.
-        max: u32,
-    },
-    /// A write request announced a payload larger than the limit; the stream cannot continue.
-    #[error("write request of {len} bytes exceeds the {max}-byte limit")]
-    RequestTooLarge {
-        /// The announced length.
-        len: u32,
-        /// The limit (`Limits::max_request_bytes`).
         max: u32,
     },
     /// `NBD_OPT_EXPORT_NAME` named an export the provider refused; the protocol allows no error

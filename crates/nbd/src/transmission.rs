@@ -196,42 +196,37 @@ impl<W: Write + Send> Conn<'_, W> {
             let req = Request::decode(&hdr)
                 .map_err(|got| NbdError::BadMagic { expected: u64::from(wire::REQUEST_MAGIC), got: u64::from(got) })?;
             trace!(?req, "request");
+            // A write over the limit: its payload is skipped so the stream stays in step, and
+            // it is answered EINVAL (as qemu-nbd does) instead of closing on a client that
+            // merely asked too much.
+            let oversized = req.typ == wire::CMD_WRITE && req.len > self.max_request;
             let cost = match req.typ {
                 wire::CMD_DISC => {
                     debug!("client sent NBD_CMD_DISC");
                     return Ok(());
                 }
-                wire::CMD_WRITE if req.len > self.max_request => {
-                    // Skip the payload so the stream stays in step, and answer EINVAL (as
-                    // qemu-nbd does) instead of closing on a client that merely asked too much.
-                    crate::handshake::discard(reader, u64::from(req.len))?;
-                    // A job in flight like any other (the worker releases it), holding no bytes.
-                    self.budget.acquire(0);
-                    self.pending_writes.start(seq);
-                    let job = Job { req, payload: Vec::new(), seq, cost: 0, oversized: true };
-                    if tx.send(job).is_err() {
-                        return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
-                    }
-                    seq += 1;
-                    continue;
-                }
-                wire::CMD_WRITE => u64::from(req.len),
+                wire::CMD_WRITE if !oversized => u64::from(req.len),
                 wire::CMD_READ if req.len <= self.max_request => u64::from(req.len),
                 _ => 0,
             };
             self.budget.acquire(cost);
             let mut payload = Vec::new();
-            if req.typ == wire::CMD_WRITE {
+            let received = if oversized {
+                crate::handshake::discard(reader, u64::from(req.len))
+            } else if req.typ == wire::CMD_WRITE {
                 payload = vec![0u8; req.len as usize];
-                if let Err(e) = reader.read_exact(&mut payload) {
-                    self.budget.release(cost);
-                    return Err(e.into());
-                }
+                reader.read_exact(&mut payload)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = received {
+                self.budget.release(cost);
+                return Err(e.into());
             }
             if is_write_like(req.typ) {
                 self.pending_writes.start(seq);
             }
-            if tx.send(Job { req, payload, seq, cost, oversized: false }).is_err() {
+            if tx.send(Job { req, payload, seq, cost, oversized }).is_err() {
                 return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
             }
             seq += 1;

@@ -302,9 +302,7 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
                 }
                 let child = Node::entry(node, k).addr;
                 replace_top(meta, top, slot, Queued::Node { addr, level, cursor: k + 1 })?;
-                {
-                    push(meta, Queued::Node { addr: child, level: level - 1, cursor: 0 })?;
-                }
+                push(meta, Queued::Node { addr: child, level: level - 1, cursor: 0 })?;
             }
         }
     }

@@ -191,7 +191,7 @@ fn shared_copy(meta: &mut Meta, old: &blockstore::Block, level: u32) -> Result<B
             Node::set_entry(&mut fresh, k, Entry { addr: e.addr, writable: false });
         }
     }
-    meta.incref_all(&mut children)?;
+    meta.incref_all(&children)?;
     Ok(fresh)
 }
 

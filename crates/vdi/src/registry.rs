@@ -416,31 +416,30 @@ impl Registry {
     /// [`Registry::mapped_blocks`] of several VDIs and snapshots, all as of one instant (one
     /// frozen view): `None` for one that did not exist then (deleted meanwhile, say).
     pub fn mapped_blocks_of(&self, srcs: &[Source]) -> Result<Vec<Option<u64>>> {
-        self.walk_frozen(|view, st| {
-            let mut out = Vec::with_capacity(srcs.len());
-            for src in srcs {
-                out.push(match root_in(st, *src) {
-                    Ok(root) => Some(mapped_in(view, root)?),
-                    Err(_) => None,
-                });
-            }
-            Ok(out)
-        })
+        self.per_tree(srcs, |view, root| mapped_in(view, root))
     }
 
     /// Mapped and exclusive blocks ([`radix::Usage`]) of several VDIs and snapshots, all as of
     /// one instant: `None` for one that did not exist then. Walks every tree in full, reading
     /// reference counts: for `vdi snap-list --usage` and `vdi du`, never for a plain listing.
     pub fn usage_of(&self, srcs: &[Source]) -> Result<Vec<Option<radix::Usage>>> {
+        self.per_tree(srcs, |view, root| Ok(radix::usage(view, root)?))
+    }
+
+    /// `f` on the tree of each of `srcs`, all in one frozen view: `None` for a source that did
+    /// not exist at the view's instant.
+    fn per_tree<T>(
+        &self,
+        srcs: &[Source],
+        mut f: impl FnMut(&mut blockstore::FrozenView<'_>, BlockAddr) -> Result<T>,
+    ) -> Result<Vec<Option<T>>> {
         self.walk_frozen(|view, st| {
-            let mut out = Vec::with_capacity(srcs.len());
-            for src in srcs {
-                out.push(match root_in(st, *src) {
-                    Ok(root) => Some(radix::usage(view, root)?),
-                    Err(_) => None,
-                });
-            }
-            Ok(out)
+            srcs.iter()
+                .map(|src| match root_in(st, *src) {
+                    Ok(root) => f(view, root).map(Some),
+                    Err(_) => Ok(None),
+                })
+                .collect()
         })
     }
 

@@ -8,10 +8,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::Duration;
-
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::io::Errno;
 
 use super::ioctl::{check, ioc_none};
 use crate::event::{EventChannel, Wake};
@@ -92,14 +88,7 @@ impl EventChannel for XenEventChannel {
         self.port_ioctl(IOCTL_EVTCHN_NOTIFY).map_err(Error::Io)
     }
 
-    fn wait(&self, timeout: Duration) -> Result<Wake> {
-        let ts = Timespec::try_from(timeout).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
-        let mut fds = [PollFd::new(&self.dev, PollFlags::IN)];
-        match poll(&mut fds, Some(&ts)) {
-            Ok(0) | Err(Errno::INTR) => return Ok(Wake::TimedOut),
-            Ok(_) => {}
-            Err(e) => return Err(Error::Io(e.into())),
-        }
+    fn take(&self) -> Result<Wake> {
         let mut buf = [0u8; 256];
         let n = match (&self.dev).read(&mut buf) {
             Ok(n) => n,
