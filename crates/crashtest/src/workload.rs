@@ -312,6 +312,58 @@ impl Run {
         self.version = start_version + 1_000_000 * (ids.len() as u64 + 1);
     }
 
+    /// Takes a snapshot with a name (the VDI's snapshot-name table is rewritten).
+    pub fn snapshot_named(&mut self, id: VdiId, name: &str) -> SnapshotId {
+        let content = self.latest(id);
+        let s = self.pos();
+        let sid = self.reg.snapshot_named(id, name).expect("named snapshot");
+        let span = (s, self.pos());
+        self.model.snaps.insert(sid, SnapModel { vdi: id, content, created: span, deleted: None });
+        self.model.barriers.push(span);
+        sid
+    }
+
+    /// Rolls VDI `id` back to its snapshot `sid`.
+    pub fn rollback(&mut self, id: VdiId, sid: SnapshotId) {
+        let content = self.model.snaps[&sid].content.clone();
+        let s = self.pos();
+        self.reg.rollback(id, sid).expect("rollback");
+        let span = (s, self.pos());
+        let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
+        for (h, c) in v.history.iter_mut().zip(content) {
+            h.push(Change { content: c, span });
+        }
+        self.model.barriers.push(span);
+    }
+
+    /// Re-imports VDI `id`'s own contents with `changes` blocks changed (some to zeros): the
+    /// import forks the VDI's tree and writes only the changed blocks.
+    pub fn refill(&mut self, id: VdiId, changes: u64) {
+        let tag = self.model.vdis[&id].tag;
+        let mut contents = self.latest(id);
+        for k in 0..changes {
+            let b = self.below(contents.len() as u64) as usize;
+            self.version += 1;
+            contents[b] = if k % 4 == 3 { None } else { Some((tag, self.version)) };
+        }
+        let image: Vec<u8> = contents.iter().enumerate().flat_map(|(b, c)| block_bytes(*c, b as u64)).collect();
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), &image).expect("writing the image");
+        let s = self.pos();
+        let stats = self.reg.fill(id, file.path(), &mut |_, _| {}).expect("re-import");
+        assert!(
+            stats.blocks_written <= changes,
+            "a re-import wrote {} blocks for {changes} changes",
+            stats.blocks_written
+        );
+        let span = (s, self.pos());
+        let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
+        for (h, c) in v.history.iter_mut().zip(contents) {
+            h.push(Change { content: c, span });
+        }
+        self.model.barriers.push(span);
+    }
+
     /// Imports an image of `blocks` blocks into VDI `id` (an atomic swap of its tree).
     pub fn import(&mut self, id: VdiId, blocks: u64) {
         let tag = self.model.vdis[&id].tag;
@@ -438,6 +490,37 @@ pub fn snapshot_churn(seed: u64, journal_slot_blocks: u64) -> Run {
     }
     r.reclaim(1000);
     r.write(v, 5, 2, false);
+    r
+}
+
+/// What an operator does to a golden image and its clones: a named snapshot, a clone re-filled
+/// with a near copy of the golden image (the import forks the clone's tree and writes only the
+/// changed blocks), rollbacks to a named snapshot and to a clone's parent snapshot, a named
+/// snapshot deleted (the name table rewritten and shrunk), reclaim, and unflushed writes.
+pub fn operator_ops(seed: u64, journal_slot_blocks: u64) -> Run {
+    let mut r = Run::new(seed, journal_slot_blocks);
+    let blocks = 256;
+    let g = r.create("golden", blocks);
+    r.write(g, 0, 64, false);
+    r.write(g, 128, 32, false);
+    r.flush(g);
+    let release = r.snapshot_named(g, "release");
+    let c = r.clone_snapshot("vm", release);
+    r.refill(c, 7);
+    r.write(c, 10, 2, false);
+    let mine = r.snapshot_named(c, "mine");
+    r.write(c, 0, 16, false);
+    r.flush(c);
+    r.rollback(c, mine);
+    r.write(c, 3, 1, false);
+    r.flush(c);
+    r.delete_snapshot(mine);
+    r.write(g, 60, 8, true);
+    r.refill(g, 3);
+    r.reclaim(1000);
+    r.rollback(g, release);
+    r.write(g, 200, 4, false);
+    r.write(c, 5, 1, false);
     r
 }
 

@@ -70,6 +70,15 @@ fn every_crash_state_of_snapshot_churn_is_consistent() {
     report(wanted, tried, &failures);
 }
 
+/// Operator operations: named snapshots, a clone re-filled with only its changed blocks, and
+/// rollbacks, cut by the power at every instant.
+#[test]
+fn every_crash_state_of_operator_operations_is_consistent() {
+    let wanted = states_wanted() / 6;
+    let (tried, failures) = run_suite(workload::operator_ops, 5, 64, wanted);
+    report(wanted, tried, &failures);
+}
+
 fn report(wanted: usize, tried: usize, failures: &[String]) {
     eprintln!("crash states: {tried} tried, {} failed", failures.len());
     for f in failures.iter().take(10) {

@@ -211,7 +211,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         let mut roots: Vec<(String, BlockAddr)> = Vec::new();
         for (id, v) in &state.vdis {
             found.add(v.record.0);
-            for b in &v.log {
+            for b in v.log.iter().chain(&v.name_blocks) {
                 found.add(b.0);
             }
             roots.push((

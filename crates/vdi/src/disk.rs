@@ -70,8 +70,11 @@ pub struct RecordDisk {
     pub flags: U32,
     /// The name, UTF-8.
     pub name: [u8; 256],
+    /// First block of the VDI's snapshot-name table (0: no snapshot has a name). Zero in
+    /// stores written before snapshot names existed, which reads as "no names".
+    pub snap_names: U64,
     /// Zero.
-    pub reserved: [u8; 3752],
+    pub reserved: [u8; 3744],
 }
 const _: () = assert!(size_of::<RecordDisk>() == BLOCK_SIZE);
 const _: () = assert!(std::mem::offset_of!(RecordDisk, name) == 88);
@@ -96,6 +99,8 @@ pub struct SnapEntryDisk {
 pub const SNAP_DELETED: u64 = 1;
 /// Flag of a snapshot taken by a schedule (subject to retention) rather than by hand.
 pub const SNAP_AUTOMATIC: u64 = 2;
+/// Flag of a protected snapshot: it (and its VDI) cannot be deleted until unprotected.
+pub const SNAP_PROTECTED: u64 = 4;
 
 /// A snapshot-log block: up to 101 snapshots of one VDI, oldest first, chained.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -117,6 +122,54 @@ pub struct SnapLogDisk {
     pub reserved: [u8; 16],
 }
 const _: () = assert!(size_of::<SnapLogDisk>() == BLOCK_SIZE);
+
+/// Magic of a snapshot-name block ("SNAM").
+pub const SNAPNAMES_MAGIC: u32 = u32::from_le_bytes(*b"SNAM");
+/// Longest snapshot name in bytes.
+pub const SNAP_NAME_MAX: usize = 55;
+/// Names one snapshot-name block holds.
+pub const SNAPNAMES_SLOTS: usize = 63;
+
+/// One named snapshot.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+pub struct SnapNameDisk {
+    /// The snapshot (one of this VDI's, not deleted).
+    pub snapshot: U64,
+    /// Bytes used in `name` (1 to 55).
+    pub len: u8,
+    /// The name, UTF-8, zero-padded.
+    pub name: [u8; SNAP_NAME_MAX],
+}
+
+/// A snapshot-name block: up to 63 names of one VDI's snapshots, chained from the record's
+/// `snap_names`. The whole table is rewritten when a name is given, changed or dropped.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct SnapNamesDisk {
+    /// Block header.
+    pub hdr: MetaHeaderDisk,
+    /// Next name block (0: last).
+    pub next: U64,
+    /// The VDI whose snapshots these are.
+    pub vdi: U64,
+    /// Slots in use.
+    pub count: U32,
+    /// Zero.
+    pub pad: U32,
+    /// The names.
+    pub entries: [SnapNameDisk; SNAPNAMES_SLOTS],
+    /// Zero.
+    pub reserved: [u8; 24],
+}
+const _: () = assert!(size_of::<SnapNamesDisk>() == BLOCK_SIZE);
+
+/// Snapshot-name blocks, as the store checks them.
+pub static SNAPNAMES_KIND: MetaKind = MetaKind {
+    name: "snapshot names",
+    seal: |b, a| seal_meta(b, SNAPNAMES_MAGIC, a),
+    verify: |b, a| verify_meta(b, SNAPNAMES_MAGIC, a),
+};
 
 /// Registry blocks, as the store checks them.
 pub static REGISTRY_KIND: MetaKind = MetaKind {

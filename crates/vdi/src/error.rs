@@ -41,6 +41,58 @@ pub enum VdiError {
         /// The image's size.
         image: u64,
     },
+    /// The name cannot be a snapshot's name.
+    #[error("invalid snapshot name '{name}': {why}")]
+    BadSnapshotName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Another live snapshot of the VDI has that name.
+    #[error("VDI {vdi} already has a snapshot named '{name}' (snapshot {other})")]
+    SnapshotNameTaken {
+        /// The VDI.
+        vdi: VdiId,
+        /// The name.
+        name: String,
+        /// The snapshot that has it.
+        other: SnapshotId,
+    },
+    /// No live snapshot of the VDI has that name.
+    #[error("VDI {vdi} has no snapshot named '{name}' (see `vdi snap-list {vdi}`)")]
+    UnknownSnapshotName {
+        /// The VDI.
+        vdi: VdiId,
+        /// The name.
+        name: String,
+    },
+    /// The snapshot is protected.
+    #[error("snapshot {0} is protected; `vdi snap-unprotect` it first")]
+    Protected(SnapshotId),
+    /// A snapshot of another VDI was given.
+    #[error("snapshot {snapshot} is a snapshot of VDI {owner}, not of VDI {vdi}")]
+    NotItsSnapshot {
+        /// The VDI named.
+        vdi: VdiId,
+        /// The snapshot named.
+        snapshot: SnapshotId,
+        /// The VDI it belongs to.
+        owner: VdiId,
+    },
+    /// A resize would drop data and was not allowed to.
+    #[error("VDI {vdi} is {size} bytes; shrinking it to {wanted} drops everything past that: add --allow-shrink")]
+    ShrinkRefused {
+        /// The VDI.
+        vdi: VdiId,
+        /// Its size.
+        size: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
+    /// A diff stream is malformed, damaged or does not fit the VDI.
+    #[error("bad diff stream: {0}")]
+    BadDiff(String),
     /// A size is out of range.
     #[error("invalid size {0}: a VDI holds 1 byte to 256 TiB, in whole 512-byte sectors")]
     BadSize(u64),

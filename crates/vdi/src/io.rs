@@ -60,7 +60,7 @@ fn gated_lookups<'a>(
 }
 
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
-fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
@@ -92,7 +92,7 @@ fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -
 }
 
 /// Byte extents of `[offset, offset+len)` of the tree at `root`.
-fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> Result<Vec<Extent>> {
+pub(crate) fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len: u64) -> Result<Vec<Extent>> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -483,4 +483,27 @@ impl BlockDevice for SnapshotDisk {
         check_range(offset, len, self.size)?;
         Ok(tree_extents(&self.reg.store, self.root, offset, len)?)
     }
+}
+
+/// Makes bytes `[from, to)` of VDI `live` — past its size, inside the block that straddles
+/// its end — read as zeros, by writing that block anew (the old block's reference is
+/// dropped). For growing a VDI whose size is not a whole number of blocks; the caller holds
+/// the VDI's writer claim and its I/O lock.
+pub(crate) fn zero_beyond_size(store: &BlockStore, live: &VdiLive, from: u64, to: u64) -> Result<()> {
+    let vblock = from / BS;
+    assert!(from <= to && to <= (vblock + 1) * BS, "inside one block");
+    let root = BlockAddr(live.root.load(Ordering::Acquire));
+    let whole = Piece { vblock, at: 0, buf: 0, len: BLOCK_SIZE };
+    if matches!(lookups(store, root, &[whole])?[0], Mapping::Unmapped) {
+        return Ok(());
+    }
+    let mut block = vec![0u8; BLOCK_SIZE];
+    read_tree(store, root, vblock * BS, &mut block)?;
+    block[(from - vblock * BS) as usize..(to - vblock * BS) as usize].fill(0);
+    let (addr, _) = alloc_run(store, 1)?;
+    if let Err(e) = store.write_data(addr, 0, &block) {
+        free_run(store, addr, 1)?;
+        return Err(e.into());
+    }
+    map_run(store, root, std::iter::once(vblock), addr)
 }

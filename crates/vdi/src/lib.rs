@@ -26,17 +26,22 @@ macro_rules! test_point {
 
 mod check;
 mod cow_locks;
+mod diff_stream;
 mod disk;
 mod error;
+mod fill;
 mod ids;
 mod import;
 mod io;
 mod reclaim;
 mod registry;
+mod snap_names;
 mod snap_table;
 
 pub use check::{CheckReport, Problem};
+pub use diff_stream::{DIFF_MAGIC, DIFF_VERSION, DiffStats};
 pub use error::{Result, VdiError};
+pub use fill::{Import, ImportDevice};
 pub use ids::{SnapshotId, VdiId};
 pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};

@@ -52,6 +52,10 @@ pub struct SnapshotInfo {
     pub deleted: bool,
     /// True if a schedule took it (retention may delete it).
     pub automatic: bool,
+    /// True while protected: it cannot be deleted.
+    pub protected: bool,
+    /// Its name, if it was given one.
+    pub name: Option<String>,
 }
 
 /// What a diff or an export reads: a snapshot, or a VDI as it is now.
@@ -83,6 +87,8 @@ pub(crate) struct VdiEntry {
     pub(crate) created_ns: u64,
     pub(crate) parent: Option<SnapshotId>,
     pub(crate) log: Vec<BlockAddr>,
+    /// Blocks of the snapshot-name table, in chain order.
+    pub(crate) name_blocks: Vec<BlockAddr>,
     pub(crate) pending_root: BlockAddr,
     pub(crate) live: Arc<VdiLive>,
 }
@@ -95,6 +101,8 @@ pub(crate) struct SnapEntry {
     pub(crate) size: u64,
     pub(crate) deleted: bool,
     pub(crate) automatic: bool,
+    pub(crate) protected: bool,
+    pub(crate) name: Option<String>,
     pub(crate) log_block: BlockAddr,
     pub(crate) slot: usize,
     pub(crate) open: Arc<AtomicUsize>,
@@ -169,7 +177,7 @@ pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-fn damaged(what: impl Into<String>) -> VdiError {
+pub(crate) fn damaged(what: impl Into<String>) -> VdiError {
     VdiError::Damaged(what.into())
 }
 
@@ -198,6 +206,11 @@ fn check_size(size: u64) -> Result<()> {
 impl State {
     fn name_taken(&self, name: &str, except: Option<VdiId>) -> bool {
         self.vdis.iter().any(|(id, v)| v.name == name && Some(*id) != except)
+    }
+
+    /// The live snapshot of VDI `vdi` named `name`, if any.
+    pub(crate) fn snapshot_named(&self, vdi: VdiId, name: &str) -> Option<SnapshotId> {
+        self.snaps.iter().find(|(_, s)| s.vdi == vdi && !s.deleted && s.name.as_deref() == Some(name)).map(|(k, _)| *k)
     }
 
     pub(crate) fn vdi(&self, id: VdiId) -> Result<&VdiEntry> {
@@ -229,6 +242,7 @@ pub(crate) fn write_record(meta: &mut Meta, id: VdiId, v: &VdiEntry) -> Result<(
     r.flags = U32::new(0);
     r.name = [0; 256];
     r.name[..v.name.len()].copy_from_slice(v.name.as_bytes());
+    r.snap_names = U64::new(v.name_blocks.first().map_or(0, |a| a.0));
     Ok(())
 }
 
@@ -490,8 +504,19 @@ impl Registry {
         self.snapshot_with(id, false)
     }
 
+    /// [`Registry::snapshot`], giving the snapshot a name (unique among the VDI's snapshots;
+    /// see [`Registry::find_snapshot`]).
+    pub fn snapshot_named(&self, id: VdiId, name: &str) -> Result<SnapshotId> {
+        crate::snap_names::check_snapshot_name(name)?;
+        self.snapshot_inner(id, false, Some(name))
+    }
+
     /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
     pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
+        self.snapshot_inner(id, automatic, None)
+    }
+
+    fn snapshot_inner(&self, id: VdiId, automatic: bool, name: Option<&str>) -> Result<SnapshotId> {
         let live = self.state.lock().vdi(id)?.live.clone();
         // Make room in the journal before the VDI's I/O is held off, not while.
         if self.store.lock().should_commit() {
@@ -502,7 +527,19 @@ impl Registry {
             // in memory — not during the commit: writes after this point go to the new root,
             // and the commit below makes the snapshot and them durable together.
             let _quiet = live.io.write();
-            self.transact_uncommitted(|st, meta| take_snapshot(st, meta, id, automatic))?
+            self.transact_uncommitted(|st, meta| {
+                if let Some(n) = name
+                    && let Some(other) = st.snapshot_named(id, n)
+                {
+                    return Err(VdiError::SnapshotNameTaken { vdi: id, name: n.to_string(), other });
+                }
+                let sid = take_snapshot(st, meta, id, automatic)?;
+                if let Some(n) = name {
+                    st.snaps.get_mut(&sid).ok_or_else(|| damaged("new snapshot vanished"))?.name = Some(n.to_string());
+                    crate::snap_names::rewrite(st, meta, id)?;
+                }
+                Ok(sid)
+            })?
         };
         self.store.commit()?;
         Ok(sid)
@@ -535,11 +572,18 @@ impl Registry {
             if s.open.load(Ordering::Acquire) > 0 {
                 return Err(VdiError::InUse(format!("snapshot {sid}")));
             }
-            let (root, log_block, slot, vdi) = (s.root, s.log_block, s.slot, s.vdi);
+            if s.protected {
+                return Err(VdiError::Protected(sid));
+            }
+            let (root, log_block, slot, vdi, named) = (s.root, s.log_block, s.slot, s.vdi, s.name.is_some());
             radix::defer_release(meta, root)?;
             mark_snap_deleted(meta, log_block, slot)?;
             if let Some(s) = st.snaps.get_mut(&sid) {
                 s.deleted = true;
+                s.name = None;
+            }
+            if named {
+                crate::snap_names::rewrite(st, meta, vdi)?;
             }
             drop_dead_log_block(st, meta, vdi, log_block)?;
             Ok(())
@@ -559,6 +603,9 @@ impl Registry {
             if busy {
                 return Err(VdiError::InUse(format!("a snapshot of VDI {id}")));
             }
+            if let Some((sid, _)) = st.snaps.iter().find(|(_, s)| s.vdi == id && !s.deleted && s.protected) {
+                return Err(VdiError::Protected(*sid));
+            }
             let v = st.vdis.remove(&id).ok_or_else(|| damaged("vdi vanished"))?;
             radix::defer_release(meta, BlockAddr(v.live.root.load(Ordering::Acquire)))?;
             if !v.pending_root.is_none() {
@@ -572,7 +619,7 @@ impl Registry {
                     radix::defer_release(meta, s.root)?;
                 }
             }
-            for b in &v.log {
+            for b in v.log.iter().chain(&v.name_blocks) {
                 radix::defer_release_block(meta, *b)?;
             }
             radix::defer_release_block(meta, v.record)?;
@@ -592,6 +639,123 @@ impl Registry {
             v.name = new_name.to_string();
             write_record(meta, id, v)
         })
+    }
+
+    /// The live snapshot of VDI `vdi` named `name`.
+    pub fn find_snapshot(&self, vdi: VdiId, name: &str) -> Result<SnapshotId> {
+        let st = self.state.lock();
+        st.vdi(vdi)?;
+        st.snapshot_named(vdi, name).ok_or_else(|| VdiError::UnknownSnapshotName { vdi, name: name.to_string() })
+    }
+
+    /// Names snapshot `sid` (`None`: drops its name). Names are unique among one VDI's live
+    /// snapshots; a deleted snapshot cannot be named.
+    pub fn name_snapshot(&self, sid: SnapshotId, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name {
+            crate::snap_names::check_snapshot_name(n)?;
+        }
+        self.transact(|st, meta| {
+            let s = st.snap(sid)?;
+            if s.deleted {
+                return Err(VdiError::SnapshotDeleted(sid));
+            }
+            let vdi = s.vdi;
+            if let Some(n) = name
+                && let Some(other) = st.snapshot_named(vdi, n).filter(|o| *o != sid)
+            {
+                return Err(VdiError::SnapshotNameTaken { vdi, name: n.to_string(), other });
+            }
+            st.snaps.get_mut(&sid).ok_or_else(|| damaged("snapshot vanished"))?.name = name.map(str::to_string);
+            crate::snap_names::rewrite(st, meta, vdi)
+        })
+    }
+
+    /// Protects snapshot `sid` from deletion (and its VDI with it), or lifts that.
+    pub fn protect_snapshot(&self, sid: SnapshotId, protect: bool) -> Result<()> {
+        self.transact(|st, meta| {
+            let s = st.snap(sid)?;
+            if s.deleted {
+                return Err(VdiError::SnapshotDeleted(sid));
+            }
+            let (log_block, slot) = (s.log_block, s.slot);
+            let l = SnapLogDisk::mut_from_bytes(meta.write(log_block, &SNAPLOG_KIND)?.as_mut_slice())
+                .map_err(|_| damaged("log layout"))?;
+            let e = &mut l.entries[slot];
+            if e.id.get() != sid.0 {
+                return Err(damaged(format!("snapshot {sid} is not in slot {slot} of log block {log_block}")));
+            }
+            let f = e.flags.get();
+            e.flags = U64::new(if protect { f | SNAP_PROTECTED } else { f & !SNAP_PROTECTED });
+            st.snaps.get_mut(&sid).ok_or_else(|| damaged("snapshot vanished"))?.protected = protect;
+            Ok(())
+        })
+    }
+
+    /// Makes VDI `id` hold what its snapshot `sid` holds, size included, in O(1): the VDI
+    /// gets a new tree sharing the snapshot's, and its current tree is released. The VDI keeps
+    /// its id, name and snapshots. Refused while anything has the VDI open for writing.
+    pub fn rollback(&self, id: VdiId, sid: SnapshotId) -> Result<()> {
+        let live = self.claim_writer(id)?;
+        let _quiet = live.io.write();
+        self.transact(|st, meta| {
+            let s = st.snap(sid)?;
+            if s.deleted {
+                return Err(VdiError::SnapshotDeleted(sid));
+            }
+            if s.vdi != id {
+                return Err(VdiError::NotItsSnapshot { vdi: id, snapshot: sid, owner: s.vdi });
+            }
+            let (root, size) = (s.root, s.size);
+            let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+            let fresh = radix::fork(meta, root)?;
+            let old = BlockAddr(v.live.root.swap(fresh.0, Ordering::AcqRel));
+            v.live.size.store(size, Ordering::Release);
+            write_record(meta, id, v)?;
+            radix::defer_release(meta, old)?;
+            Ok(())
+        })
+    }
+
+    /// Changes VDI `id`'s size to `size` bytes. Growing adds space that reads as zeros;
+    /// shrinking drops everything past the new end, and is refused unless `allow_shrink`.
+    /// Refused while anything has the VDI open for writing.
+    pub fn resize(&self, id: VdiId, size: u64, allow_shrink: bool) -> Result<()> {
+        check_size(size)?;
+        let live = self.claim_writer(id)?;
+        let _quiet = live.io.write();
+        let old = live.size.load(Ordering::Acquire);
+        if size < old && !allow_shrink {
+            return Err(VdiError::ShrinkRefused { vdi: id, size: old, wanted: size });
+        }
+        const BS: u64 = blockstore::BLOCK_SIZE as u64;
+        // Past the old end, a block straddling it may hold bytes from before an earlier
+        // shrink; they must read as zeros once they are inside the VDI again. Zeroed while
+        // still invisible (outside the old size), so a crash at any point is harmless.
+        let straddling = old / BS;
+        if size > old && !old.is_multiple_of(BS) {
+            let upto = size.min((straddling + 1) * BS);
+            crate::io::zero_beyond_size(&self.store, &live, old, upto)?;
+        }
+        self.transact(|st, meta| {
+            let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
+            if size < old {
+                let root = BlockAddr(v.live.root.load(Ordering::Acquire));
+                radix::unmap(meta, root, size.div_ceil(BS), old.div_ceil(BS))?;
+            }
+            v.live.size.store(size, Ordering::Release);
+            write_record(meta, id, v)
+        })
+    }
+
+    /// Claims VDI `id` as its one writer for an operation that replaces its contents; the
+    /// claim ends when the returned guard drops.
+    fn claim_writer(&self, id: VdiId) -> Result<WriterClaim<'_>> {
+        let st = self.state.lock();
+        let live = st.vdi(id)?.live.clone();
+        if live.writer.swap(true, Ordering::AcqRel) {
+            return Err(VdiError::Busy(id));
+        }
+        Ok(WriterClaim { reg: self, live })
     }
 
     /// The runs of 4 KiB blocks that differ between two snapshots or a snapshot and a VDI,
@@ -638,6 +802,30 @@ fn snap_info(id: SnapshotId, s: &SnapEntry) -> SnapshotInfo {
         size: s.size,
         deleted: s.deleted,
         automatic: s.automatic,
+        protected: s.protected,
+        name: s.name.clone(),
+    }
+}
+
+/// A VDI claimed as its one writer by a registry operation ([`Registry::rollback`],
+/// [`Registry::resize`]); releases the claim when dropped.
+struct WriterClaim<'a> {
+    reg: &'a Registry,
+    live: Arc<VdiLive>,
+}
+
+impl std::ops::Deref for WriterClaim<'_> {
+    type Target = VdiLive;
+    fn deref(&self) -> &VdiLive {
+        &self.live
+    }
+}
+
+impl Drop for WriterClaim<'_> {
+    fn drop(&mut self) {
+        self.live.writer.store(false, Ordering::Release);
+        let _g = self.reg.writer_gone.0.lock();
+        self.reg.writer_gone.1.notify_all();
     }
 }
 
@@ -671,6 +859,7 @@ fn add_vdi(
         created_ns: now_ns(),
         parent,
         log: Vec::new(),
+        name_blocks: Vec::new(),
         pending_root: BlockAddr::NONE,
         live: new_live(id, root, size),
     };
@@ -766,6 +955,8 @@ fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) ->
             size,
             deleted: false,
             automatic,
+            protected: false,
+            name: None,
             log_block: tail,
             slot,
             open: Arc::new(AtomicUsize::new(0)),
@@ -865,7 +1056,7 @@ pub(crate) fn load_state<M: MetaRead + ?Sized>(meta: &mut M) -> Result<State> {
 }
 
 fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, record: BlockAddr) -> Result<()> {
-    let (size, root, pending, created_ns, parent, log_head, name) = {
+    let (size, root, pending, created_ns, parent, log_head, name, names_head) = {
         let r = RecordDisk::ref_from_bytes(meta.read(record, &RECORD_KIND)?.as_slice())
             .map_err(|_| damaged("record layout"))?;
         if r.id.get() != id.0 as u64 {
@@ -881,6 +1072,7 @@ fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, recor
             r.parent_snapshot.get(),
             r.log_head.get(),
             name,
+            r.snap_names.get(),
         )
     };
     if root == 0 {
@@ -908,6 +1100,8 @@ fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, recor
                     size: e.size.get(),
                     deleted: e.flags.get() & SNAP_DELETED != 0,
                     automatic: e.flags.get() & SNAP_AUTOMATIC != 0,
+                    protected: e.flags.get() & SNAP_PROTECTED != 0,
+                    name: None,
                     log_block: next,
                     slot,
                     open: Arc::new(AtomicUsize::new(0)),
@@ -917,6 +1111,14 @@ fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, recor
         log.push(next);
         next = BlockAddr(l.next.get());
     }
+    let crate::snap_names::NameTable { blocks: name_blocks, names } =
+        crate::snap_names::load(meta, BlockAddr(names_head), id)?;
+    for (sid, n) in names {
+        match st.snaps.get_mut(&sid) {
+            Some(s) if s.vdi == id && !s.deleted => s.name = Some(n),
+            _ => return Err(damaged(format!("VDI {id} names snapshot {sid}, which is not one of its live snapshots"))),
+        }
+    }
     st.vdis.insert(
         id,
         VdiEntry {
@@ -925,6 +1127,7 @@ fn load_vdi<M: MetaRead + ?Sized>(st: &mut State, meta: &mut M, id: VdiId, recor
             created_ns,
             parent: if parent == 0 { None } else { Some(SnapshotId(parent)) },
             log,
+            name_blocks,
             pending_root: BlockAddr(pending),
             live: new_live(id, BlockAddr(root), size),
         },
