@@ -107,7 +107,7 @@ pub fn run(a: &BigDeleteArgs) -> Result<()> {
     let mut fio_child = bystander(&vm, budget, &during_json)?;
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
-    let said = vdi(vdi_bin, &store, &run_dir, &["delete", "big"])?;
+    let said = vdi(vdi_bin, &store, &run_dir, &["delete", "big", "--yes"])?;
     let delete_returned = t0.elapsed();
     eprintln!("xtask: {said} (returned in {delete_returned:?})");
     let mut snap_worst = Duration::ZERO;

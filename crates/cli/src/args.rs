@@ -25,7 +25,7 @@ Workflow (a store file is created on first use; pick it with --store or PARALLAX
   vdi tree                                        # VDIs, snapshots and clones as a tree
 
 A VDI is named by id or by name. A snapshot is named by the id `vdi snap` printed; where a
-VDI is expected, write @ID or VDI@ID (or pass --snapshot) to mean a snapshot instead.
+VDI is expected, write @ID, VDI@ID or VDI@NAME (or pass --snapshot) to mean a snapshot instead.
 When parallaxd serves the store, every command goes through the daemon automatically.
 Exit status: 0 success, 1 'no' (validate found a difference, check found problems),
 2 a usage or user error, 3 a failure of the store or the system. See docs/cli.md.";
@@ -75,8 +75,35 @@ pub enum Command {
     #[command(after_help = "Examples:\n  vdi validate 0 ./image\n  vdi validate @1 ./image      # snapshot 1")]
     Validate(ValidateArgs),
     /// Take a snapshot of a VDI and print the snapshot's id.
-    #[command(after_help = "Example:\n  vdi snap 0")]
-    Snap(VdiArg),
+    #[command(
+        after_help = "Examples:\n  vdi snap 0\n  vdi snap golden before-upgrade   # named: golden@before-upgrade"
+    )]
+    Snap(SnapTakeArgs),
+    /// Give a snapshot a name, change it, or (with --clear) drop it.
+    #[command(
+        after_help = "Examples:\n  vdi snap-rename golden@5 release-1\n  vdi snap-rename golden@release-1 --clear"
+    )]
+    SnapRename(SnapRenameArgs),
+    /// Protect a snapshot: it, and its VDI, cannot be deleted until unprotected.
+    #[command(after_help = "Example:\n  vdi snap-protect golden@release-1")]
+    SnapProtect(SnapArg),
+    /// Lift a snapshot's protection.
+    #[command(after_help = "Example:\n  vdi snap-unprotect golden@release-1")]
+    SnapUnprotect(SnapArg),
+    /// Make a VDI hold one of its snapshots again (O(1); the VDI keeps its id and snapshots).
+    #[command(after_help = "Example:\n  vdi rollback golden before-upgrade     # or golden@5, or 5")]
+    Rollback(RollbackArgs),
+    /// Change a VDI's size: grow it, or shrink it with --allow-shrink.
+    #[command(
+        after_help = "Examples:\n  vdi resize vm-1 20G\n  vdi resize vm-1 8G --allow-shrink   # drops everything past 8G"
+    )]
+    Resize(ResizeArgs),
+    /// Show where a VDI's or snapshot's data is: extents of data and of holes (qemu-img map).
+    #[command(after_help = "Examples:\n  vdi map golden\n  vdi map golden@5 --json")]
+    Map(MapArgs),
+    /// Space per VDI and snapshot: provisioned, used, and exclusive (what deleting frees).
+    #[command(after_help = "Examples:\n  vdi du\n  vdi du golden --json")]
+    Du(DuArgs),
     /// List the snapshots of a VDI: id, time, root block, size, space used.
     #[command(
         after_help = "Examples:\n  vdi snap-list 0\n  vdi snap-list golden --all --json\n  vdi snap-list golden --usage"
@@ -93,8 +120,11 @@ pub enum Command {
     #[command(after_help = "Example:\n  vdi rename 0 golden")]
     Rename(RenameArgs),
     /// Delete a VDI and all its snapshots (clones made from them keep working).
-    #[command(after_help = "Example:\n  vdi delete \"FC3 - Copy 1\"")]
-    Delete(VdiArg),
+    #[command(
+        after_help = "Examples:\n  vdi delete \"FC3 - Copy 1\"\n  vdi delete golden --yes   # it has snapshots; \
+                            asked on a terminal, required otherwise"
+    )]
+    Delete(DeleteArgs),
     /// Delete a snapshot (clones made from it keep working).
     #[command(after_help = "Example:\n  vdi snap-delete 1")]
     SnapDelete(SnapArg),
@@ -102,6 +132,18 @@ pub enum Command {
     #[command(after_help = "Examples:\n  vdi export 0 disk.img\n  vdi export @1 snap1.img         # snapshot 1\n  \
                             vdi export 1 - --snapshot | gzip > snap1.img.gz")]
     Export(ExportArgs),
+    /// Write the changes between two snapshots (or all of one) as a diff stream, for backup
+    /// or replay on another store with import-diff.
+    #[command(
+        after_help = "Examples:\n  vdi export-diff golden@mon mon.pxdiff                 # all of snapshot 'mon'\n  \
+                            vdi export-diff golden@tue tue.pxdiff --from golden@mon   # only what changed\n  \
+                            vdi export-diff golden@tue - --from golden@mon | ssh backup vdi import-diff - golden"
+    )]
+    ExportDiff(ExportDiffArgs),
+    /// Apply a diff stream to a VDI, atomically (nothing changes unless the whole stream is
+    /// read and its checksum is right).
+    #[command(after_help = "Example:\n  vdi import-diff mon.pxdiff golden && vdi import-diff tue.pxdiff golden")]
+    ImportDiff(ImportDiffArgs),
     /// List the byte ranges that differ between two snapshots, or a snapshot and a live VDI.
     #[command(after_help = "Examples:\n  vdi diff 1 2             # snapshot 1 vs snapshot 2\n  \
                             vdi diff 1               # snapshot 1 vs its VDI as it is now\n  \
@@ -124,6 +166,12 @@ impl Command {
             | Command::Create(_)
             | Command::Fill(_)
             | Command::Snap(_)
+            | Command::SnapRename(_)
+            | Command::SnapProtect(_)
+            | Command::SnapUnprotect(_)
+            | Command::Rollback(_)
+            | Command::Resize(_)
+            | Command::ImportDiff(_)
             | Command::Rename(_)
             | Command::Delete(_)
             | Command::SnapDelete(_) => true,
@@ -135,6 +183,9 @@ impl Command {
             | Command::Info(_)
             | Command::Export(_)
             | Command::Diff(_)
+            | Command::Map(_)
+            | Command::Du(_)
+            | Command::ExportDiff(_)
             | Command::Completions(_) => false,
         }
     }
@@ -164,7 +215,7 @@ pub struct CreateArgs {
     /// Virtual size, e.g. 2G, 512M, 4096 (K/M/G/T are binary: 1K = 1024 bytes).
     #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size_arg, conflicts_with = "from")]
     pub size: Option<u64>,
-    /// Make the VDI a copy-on-write clone of this snapshot (ID or VDI@ID).
+    /// Make the VDI a copy-on-write clone of this snapshot (ID, VDI@ID or VDI@NAME).
     #[arg(long, value_name = "SNAPSHOT")]
     pub from: Option<String>,
     /// Words after the name (the 2005 tool's `create NAME SNAP_ID ...` form): refused with a
@@ -188,10 +239,109 @@ pub struct VdiArg {
     pub vdi: String,
 }
 
+/// `vdi snap`.
+#[derive(Debug, Args)]
+pub struct SnapTakeArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// A name for the snapshot (unique among the VDI's snapshots; 1 to 55 bytes, not a
+    /// number, no '@' or '/'): then `VDI@NAME` names it wherever a snapshot is asked for.
+    pub name: Option<String>,
+}
+
+/// `vdi snap-rename`.
+#[derive(Debug, Args)]
+pub struct SnapRenameArgs {
+    /// The snapshot: ID, @ID, VDI@ID or VDI@NAME.
+    pub snapshot: String,
+    /// Its new name.
+    #[arg(required_unless_present = "clear")]
+    pub name: Option<String>,
+    /// Drop the snapshot's name instead.
+    #[arg(long, conflicts_with = "name")]
+    pub clear: bool,
+}
+
+/// `vdi rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// One of its snapshots: NAME, ID, @ID or VDI@ID/VDI@NAME.
+    pub snapshot: String,
+}
+
+/// `vdi resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// The new size, e.g. 20G (K/M/G/T are binary), in whole 512-byte sectors.
+    #[arg(value_parser = crate::format::parse_size_arg)]
+    pub size: u64,
+    /// Allow a smaller size; everything past it is dropped.
+    #[arg(long)]
+    pub allow_shrink: bool,
+}
+
+/// `vdi export-diff`.
+#[derive(Debug, Args)]
+pub struct ExportDiffArgs {
+    /// Where the diff ends: a snapshot (@ID, VDI@ID, VDI@NAME), or a VDI as it is now.
+    pub source: String,
+    /// The file to write, or '-' for standard output.
+    #[arg(value_hint = ValueHint::FilePath)]
+    pub output: PathBuf,
+    /// The snapshot the diff starts from; without it, the diff holds the whole disk.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
+}
+
+/// `vdi import-diff`.
+#[derive(Debug, Args)]
+pub struct ImportDiffArgs {
+    /// The diff stream to read, or '-' for standard input.
+    #[arg(value_hint = ValueHint::FilePath)]
+    pub input: PathBuf,
+    /// The VDI to apply it to, by id or name.
+    pub vdi: String,
+}
+
+/// `vdi map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// The VDI (id or name), or a snapshot as @ID, VDI@ID or VDI@NAME.
+    pub source: String,
+    /// Print JSON (as `qemu-img map --output=json` does) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vdi du`.
+#[derive(Debug, Args)]
+pub struct DuArgs {
+    /// Only this VDI (id or name) and its snapshots; all VDIs by default.
+    pub vdi: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vdi delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The VDI, by id or name.
+    pub vdi: String,
+    /// Delete it even though it has snapshots, without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
 /// One snapshot argument.
 #[derive(Debug, Args)]
 pub struct SnapArg {
-    /// The snapshot id (as `vdi snap` and `vdi snap-list` print it), or VDI@ID.
+    /// The snapshot: its id (as `vdi snap` and `vdi snap-list` print it), @ID, VDI@ID or
+    /// VDI@NAME.
     pub snapshot: String,
 }
 
@@ -200,15 +350,19 @@ pub struct SnapArg {
 pub struct FillArgs {
     /// The VDI, by id or name.
     pub vdi: String,
-    /// The raw image file or block device to import.
+    /// The image file or block device to import, or '-' for standard input (raw only).
     #[arg(value_hint = ValueHint::FilePath)]
     pub image: PathBuf,
+    /// The image's format; by default it is recognised from its header. Anything but raw is
+    /// converted with qemu-img.
+    #[arg(long, short = 'f', value_enum)]
+    pub format: Option<crate::qemu::ImageFormat>,
 }
 
 /// `vdi validate`.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot.
+    /// The VDI (id or name), or @ID (or VDI@ID, VDI@NAME) for a snapshot.
     pub source: String,
     /// The raw image to compare with.
     #[arg(value_hint = ValueHint::FilePath)]
@@ -266,7 +420,7 @@ pub struct TreeArgs {
 /// `vdi info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot; none for the whole store.
+    /// The VDI (id or name), or @ID (or VDI@ID, VDI@NAME) for a snapshot; none for the whole store.
     pub source: Option<String>,
     /// SOURCE is a snapshot id.
     #[arg(long, short = 's')]
@@ -288,20 +442,23 @@ pub struct RenameArgs {
 /// `vdi export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The VDI (id or name), or @ID (or VDI@ID) for a snapshot.
+    /// The VDI (id or name), or @ID (or VDI@ID, VDI@NAME) for a snapshot.
     pub source: String,
-    /// The file to write (created or overwritten, sparse), or '-' for stdout.
+    /// The file to write (created or overwritten, sparse), or '-' for stdout (raw only).
     #[arg(value_hint = ValueHint::FilePath)]
     pub output: PathBuf,
     /// SOURCE is a snapshot id.
     #[arg(long, short = 's')]
     pub snapshot: bool,
+    /// Format of the file written; anything but raw is written with qemu-img.
+    #[arg(long, short = 'f', value_enum, default_value = "raw")]
+    pub format: crate::qemu::ImageFormat,
 }
 
 /// `vdi diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// The older snapshot (ID, @ID or VDI@ID).
+    /// The older snapshot (ID, @ID, VDI@ID or VDI@NAME).
     pub from: String,
     /// The newer snapshot; if omitted, the live VDI (the snapshot's own, or --vdi).
     #[arg(conflicts_with = "vdi")]

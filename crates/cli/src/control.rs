@@ -36,14 +36,14 @@ pub fn spawn_control(
 
 /// A [`Handler`] that runs each request with [`crate::execute`] on `reg`.
 pub fn registry_handler(reg: Arc<vdi::Registry>) -> Handler {
-    Arc::new(move |req: &Request, _stdin: File, mut stdout: File, mut stderr: File| {
+    Arc::new(move |req: &Request, stdin: File, mut stdout: File, mut stderr: File| {
         use std::io::IsTerminal;
         let term = crate::Terminals {
             stdout: stdout.is_terminal(),
             stderr: stderr.is_terminal(),
             width: crate::terminal_width(&stderr),
         };
-        crate::execute_on(&reg, req.args.clone(), &mut stdout, &mut stderr, term)
+        crate::execute_on(&reg, req.args.clone(), Some(stdin), &mut stdout, &mut stderr, term)
     })
 }
 

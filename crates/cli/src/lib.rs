@@ -16,11 +16,13 @@ pub mod control;
 pub mod error;
 pub mod format;
 pub mod progress;
+pub mod qemu;
 pub mod store;
 pub mod tree;
 
 use std::ffi::OsString;
 use std::io::{BufWriter, IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use clap::Parser;
@@ -67,13 +69,22 @@ pub fn execute_with_width(
     stderr_is_terminal: bool,
     term_width: u16,
 ) -> i32 {
-    execute_on(reg, args, stdout, stderr, Terminals { stdout: false, stderr: stderr_is_terminal, width: term_width })
+    execute_on(
+        reg,
+        args,
+        None,
+        stdout,
+        stderr,
+        Terminals { stdout: false, stderr: stderr_is_terminal, width: term_width },
+    )
 }
 
-/// [`execute`] with what the streams are connected to.
+/// [`execute`] with the command's standard input (for `vdi fill VDI -`) and what the streams
+/// are connected to.
 pub fn execute_on(
     reg: &Arc<vdi::Registry>,
     args: Vec<String>,
+    stdin: Option<std::fs::File>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     term: Terminals,
@@ -89,13 +100,14 @@ pub fn execute_on(
             return e.exit_code();
         }
     };
-    run_parsed(reg, &cli, stdout, stderr, term)
+    run_parsed(reg, &cli, stdin, stdout, stderr, term)
 }
 
 /// Runs a parsed command on `reg`, printing a failure as `vdi: error: …`.
 fn run_parsed(
     reg: &Arc<vdi::Registry>,
     cli: &Cli,
+    stdin: Option<std::fs::File>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     term: Terminals,
@@ -104,6 +116,7 @@ fn run_parsed(
     let result = {
         let mut ctx = Ctx {
             reg,
+            stdin,
             out: &mut out,
             out_is_terminal: term.stdout,
             err: stderr,
@@ -182,7 +195,8 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
         return 0;
     }
     let term = Terminals { stdout: stdout.is_terminal(), stderr: stderr.is_terminal(), width: terminal_width(&stderr) };
-    let code = run_parsed(&opened.reg, &cli, &mut stdout, &mut stderr, term);
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok().map(std::fs::File::from);
+    let code = run_parsed(&opened.reg, &cli, stdin, &mut stdout, &mut stderr, term);
     if code != 0 && opened.created {
         // The command that would have been the store's first failed: leave no empty store.
         store::remove_new_store(&cli.store, opened.was_empty_file);

@@ -212,6 +212,8 @@ mod tests {
             size: 1 << 30,
             deleted,
             automatic: false,
+            protected: false,
+            name: None,
         }
     }
 

@@ -69,6 +69,31 @@ fn commands_go_through_the_daemon_while_it_holds_the_store() {
     env.ok(&["--store", "blockstore.dat", "fill", "clone", "other.img"]);
     assert!(env.ok(&["validate", "clone", "other.img"]).starts_with("identical"));
 
+    // Standard input reaches the daemon: a raw image on a pipe, and a diff stream.
+    let mut child = env
+        .cmd(&["fill", "clone", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(&image).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(&bytes).unwrap());
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.ok(&["validate", "clone", "image"]).starts_with("identical"));
+    // The daemon runs qemu-img for other formats.
+    let qcow = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", "other.img", "other.qcow2"])
+        .current_dir(env.dir.path())
+        .status()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(qcow.success());
+    env.ok(&["fill", "clone", "other.qcow2"]);
+    assert!(env.ok(&["validate", "clone", "other.img"]).starts_with("identical"));
+
     // Exit codes and error messages come back from the daemon.
     env.fails(&["info", "nope"], 2, "no VDI named 'nope'");
     let out = env.run(&["validate", "golden", "other.img"]);

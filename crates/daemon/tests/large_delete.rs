@@ -71,7 +71,7 @@ fn deleting_a_vdi_larger_than_a_commit_through_the_daemon_while_another_writes()
         .spawn()
         .expect("fio");
     let started = Instant::now();
-    let (code, out, err) = d.vdi(&["delete", "big"]);
+    let (code, out, err) = d.vdi(&["delete", "big", "--yes"]);
     assert_eq!(code, 0, "a delete of any size succeeds: {err}");
     assert!(out.contains("freed in the background"), "{out}");
     eprintln!("delete returned in {:?}", started.elapsed());

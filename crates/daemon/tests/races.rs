@@ -74,11 +74,11 @@ fn vdi_commands_race_each_other_and_guest_io() {
                     let (code, _, err) = d.vdi(&["create", &clone, "--from", &sid]);
                     assert!(code == 0 || err.contains("snapshot"), "clone from {sid}: {code} {err}");
                     if code == 0 {
-                        let (code, _, err) = d.vdi(&["delete", &clone]);
+                        let (code, _, err) = d.vdi(&["delete", &clone, "--yes"]);
                         assert_eq!(code, 0, "delete {clone}: {err}");
                     }
                 }
-                let (code, _, err) = d.vdi(&["delete", &name]);
+                let (code, _, err) = d.vdi(&["delete", &name, "--yes"]);
                 assert_eq!(code, 0, "delete {name}: {err}");
                 ops.fetch_add(1, Ordering::Relaxed);
             }

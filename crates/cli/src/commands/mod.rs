@@ -4,8 +4,10 @@
 mod check;
 mod diff;
 mod image;
+mod manage;
 mod show;
 mod snapshot;
+mod space;
 mod tree;
 mod vdi_cmds;
 
@@ -21,6 +23,8 @@ use crate::error::{CmdResult, EXIT_USER, Failure};
 pub struct Ctx<'a> {
     /// The open registry.
     pub reg: &'a Arc<Registry>,
+    /// The command's standard input, if it has one (`vdi fill VDI -`).
+    pub stdin: Option<std::fs::File>,
     /// Where results go.
     pub out: &'a mut dyn Write,
     /// `out` is a terminal.
@@ -81,12 +85,21 @@ pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
         Command::List(a) => show::list(ctx, a.json),
         Command::Fill(a) => image::fill(ctx, a),
         Command::Validate(a) => image::validate(ctx, a),
-        Command::Snap(a) => snapshot::snap(ctx, &a.vdi),
+        Command::Snap(a) => snapshot::snap(ctx, &a.vdi, a.name.as_deref()),
+        Command::SnapRename(a) => manage::snap_rename(ctx, a),
+        Command::SnapProtect(a) => manage::snap_protect(ctx, &a.snapshot, true),
+        Command::SnapUnprotect(a) => manage::snap_protect(ctx, &a.snapshot, false),
+        Command::Rollback(a) => manage::rollback(ctx, a),
+        Command::Resize(a) => manage::resize(ctx, a),
+        Command::Map(a) => space::map(ctx, a),
+        Command::ExportDiff(a) => image::export_diff(ctx, a),
+        Command::ImportDiff(a) => image::import_diff(ctx, a),
+        Command::Du(a) => space::du(ctx, a),
         Command::SnapList(a) => snapshot::list(ctx, a),
         Command::Tree(a) => tree::tree(ctx, a),
         Command::Info(a) => show::info(ctx, a),
         Command::Rename(a) => vdi_cmds::rename(ctx, a),
-        Command::Delete(a) => vdi_cmds::delete(ctx, &a.vdi),
+        Command::Delete(a) => vdi_cmds::delete(ctx, a),
         Command::SnapDelete(a) => snapshot::delete(ctx, &a.snapshot),
         Command::Export(a) => image::export(ctx, a),
         Command::Diff(a) => diff::diff(ctx, a),
@@ -115,13 +128,19 @@ pub fn parse_snapshot(text: &str) -> Result<SnapshotId, Failure> {
     t.parse::<SnapshotId>().map_err(|e| Failure { code: EXIT_USER, message: e })
 }
 
-/// A snapshot that exists (deleted or not), written `ID`, `@ID` or `VDI@ID` (the name
-/// parallaxd exports snapshots under; the VDI must be the snapshot's own).
+/// A snapshot that exists (deleted or not), written `ID`, `@ID`, `VDI@ID` (the name
+/// parallaxd exports snapshots under; the VDI must be the snapshot's own) or `VDI@NAME`.
 pub fn snapshot_ref(reg: &Registry, text: &str) -> Result<SnapshotId, Failure> {
     let (vdi, id) = match text.split_once('@') {
         Some((v, id)) if !v.is_empty() => (Some(v), id),
         _ => (None, text),
     };
+    if let Some(v) = vdi
+        && id.parse::<SnapshotId>().is_err()
+    {
+        let owner = resolve_vdi(reg, v)?;
+        return Ok(reg.find_snapshot(owner, id)?);
+    }
     let sid = parse_snapshot(id)?;
     let info = reg.snapshot_info(sid)?;
     if let Some(v) = vdi {

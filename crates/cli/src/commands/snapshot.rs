@@ -8,10 +8,13 @@ use crate::args::SnapListArgs;
 use crate::error::CmdResult;
 use crate::format::{self, Align, Table};
 
-/// `vdi snap VDI`: prints the new snapshot's id.
-pub fn snap(ctx: &mut Ctx<'_>, name: &str) -> CmdResult {
-    let id = resolve_vdi(ctx.reg, name)?;
-    let sid = ctx.reg.snapshot(id)?;
+/// `vdi snap VDI [NAME]`: prints the new snapshot's id.
+pub fn snap(ctx: &mut Ctx<'_>, vdi: &str, name: Option<&str>) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, vdi)?;
+    let sid = match name {
+        Some(n) => ctx.reg.snapshot_named(id, n)?,
+        None => ctx.reg.snapshot(id)?,
+    };
     ctx.print(&format!("{sid}\n"))?;
     Ok(0)
 }
@@ -40,6 +43,10 @@ pub struct SnapJson {
     pub deleted: bool,
     /// True if parallaxd's schedule took it (retention may delete it); false if taken by hand.
     pub automatic: bool,
+    /// Its name, if it has one.
+    pub name: Option<String>,
+    /// True while protected from deletion.
+    pub protected: bool,
 }
 
 /// `vdi snap-list VDI`.
@@ -68,6 +75,8 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
             exclusive: usage.map(|u| bytes(u.exclusive)),
             deleted: s.deleted,
             automatic: s.automatic,
+            name: s.name.clone(),
+            protected: s.protected,
         });
     }
     if a.json {
@@ -78,7 +87,12 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
         ctx.print(&format!("VDI {id} has no snapshots; take one with `vdi snap {id}`\n"))?;
         return Ok(0);
     }
-    let mut cols = vec![("ID", Align::Right), ("TIME", Align::Left), ("ROOT", Align::Right), ("SIZE", Align::Right)];
+    let named = rows.iter().any(|r| r.name.is_some());
+    let mut cols = vec![("ID", Align::Right)];
+    if named {
+        cols.push(("NAME", Align::Left));
+    }
+    cols.extend([("TIME", Align::Left), ("ROOT", Align::Right), ("SIZE", Align::Right)]);
     if a.usage {
         cols.extend([("USED", Align::Right), ("EXCLUSIVE", Align::Right)]);
     }
@@ -88,13 +102,17 @@ pub fn list(ctx: &mut Ctx<'_>, a: &SnapListArgs) -> CmdResult {
     }
     let mut t = Table::new(&cols);
     for r in &rows {
-        let mut cells =
-            vec![r.id.to_string(), format::local_time(r.time_ns), r.root.to_string(), format::size(r.size, ctx.exact)];
+        let mut cells = vec![r.id.to_string()];
+        if named {
+            cells.push(r.name.clone().unwrap_or_else(|| "-".to_string()));
+        }
+        cells.extend([format::local_time(r.time_ns), r.root.to_string(), format::size(r.size, ctx.exact)]);
         if a.usage {
             let show = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |u| format::size(u, ctx.exact));
             cells.extend([show(r.used), show(r.exclusive)]);
         }
-        cells.push(if r.automatic { "scheduled" } else { "by hand" }.to_string());
+        let taken = if r.automatic { "scheduled" } else { "by hand" };
+        cells.push(if r.protected { format!("{taken}, protected") } else { taken.to_string() });
         if a.all {
             cells.push(if r.deleted { "deleted" } else { "live" }.to_string());
         }

@@ -1,7 +1,7 @@
 //! Commands that make, rename and delete VDIs.
 
 use super::{Ctx, live_snapshot, resolve_vdi};
-use crate::args::{CreateArgs, RenameArgs};
+use crate::args::{CreateArgs, DeleteArgs, RenameArgs};
 use crate::error::{CmdResult, Failure};
 
 /// `vdi create NAME [--size SIZE | --from SNAPSHOT]`: prints the new VDI's id.
@@ -35,12 +35,39 @@ pub fn rename(ctx: &mut Ctx<'_>, a: &RenameArgs) -> CmdResult {
     Ok(0)
 }
 
-/// `vdi delete VDI`: deletes it and its snapshots.
-pub fn delete(ctx: &mut Ctx<'_>, name: &str) -> CmdResult {
-    let id = resolve_vdi(ctx.reg, name)?;
+/// `vdi delete VDI [--yes]`: deletes it and its snapshots. A VDI with snapshots is deleted
+/// only with `--yes`, or after a "yes" typed on the terminal the command runs on.
+pub fn delete(ctx: &mut Ctx<'_>, a: &DeleteArgs) -> CmdResult {
+    let id = resolve_vdi(ctx.reg, &a.vdi)?;
     let info = ctx.reg.info(id)?;
+    if info.snapshots > 0 && !a.yes {
+        let question = format!(
+            "VDI {id} ('{}') has {} snapshot(s); deleting it deletes them too. Delete? [y/N] ",
+            info.name, info.snapshots
+        );
+        if !confirm(ctx, &question)? {
+            return Err(Failure::user(format!(
+                "not deleted: VDI {id} ('{}') has {} snapshot(s); add --yes to delete it and them",
+                info.name, info.snapshots
+            )));
+        }
+    }
     ctx.reg.delete_vdi(id)?;
     let space = ctx.reclaim_after_delete()?;
     ctx.print(&format!("deleted VDI {id} ('{}') and its {} snapshot(s); {space}\n", info.name, info.snapshots))?;
     Ok(0)
+}
+
+/// Asks `question` on the command's terminal and reads the answer; false (without asking)
+/// if standard input is not a terminal.
+fn confirm(ctx: &mut Ctx<'_>, question: &str) -> Result<bool, Failure> {
+    use std::io::{BufRead, IsTerminal};
+    let Some(stdin) = ctx.stdin.as_ref().filter(|f| f.is_terminal()) else { return Ok(false) };
+    let _ = ctx.err.write_all(question.as_bytes());
+    let _ = ctx.err.flush();
+    let mut answer = String::new();
+    std::io::BufReader::new(stdin)
+        .read_line(&mut answer)
+        .map_err(|e| Failure::system(format!("reading the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES"))
 }

@@ -1,0 +1,270 @@
+//! What an operator coming from qemu-img, rbd or lvm-thin reaches for, through the real `vdi`
+//! binary and real qemu-img: other image formats, re-fills that keep sharing, pipes, rollback,
+//! snapshot names and protection, resize, map, du and diff streams replayed on a second store.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
+}
+
+fn qemu_img(args: &[&str], dir: &Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img must be installed (qemu-utils); the README's test command checks for it");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 16 MiB raw image: 3 MiB of random data at 1 MiB, 64 KiB at 9 MiB, the rest a hole.
+fn base_image(env: &Env, name: &str) {
+    let path = env.path(name);
+    random_file(&env.path("part1"), 3 << 20, 11);
+    random_file(&env.path("part2"), 64 << 10, 12);
+    let mut img = vec![0u8; 16 << 20];
+    img[1 << 20..4 << 20].copy_from_slice(&std::fs::read(env.path("part1")).unwrap());
+    img[9 << 20..(9 << 20) + (64 << 10)].copy_from_slice(&std::fs::read(env.path("part2")).unwrap());
+    std::fs::write(&path, img).unwrap();
+}
+
+#[test]
+fn images_in_other_formats_are_converted_on_import_and_export() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    base_image(&env, "base.raw");
+    for (fmt, opts) in
+        [("qcow2", None), ("vmdk", None), ("vhdx", None), ("vdi", None), ("vpc", Some("subformat=fixed"))]
+    {
+        let file = format!("base.{fmt}");
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if let Some(o) = opts {
+            args.extend(["-o", o]);
+        }
+        args.extend(["base.raw", &file]);
+        qemu_img(&args, dir);
+        env.ok(&["create", fmt]);
+        let out = env.ok(&["fill", fmt, &file]);
+        assert!(out.contains("filled"), "{out}");
+        // The VDI holds the disk, not the container's bytes.
+        let v = env.ok(&["validate", fmt, "base.raw"]);
+        assert!(v.starts_with("identical"), "{fmt}: {v}");
+        // The VDI takes the image's virtual size (VHD rounds it up to its disk geometry).
+        let size = json(&env.ok(&["info", fmt, "--json"]))["size"].as_u64().unwrap();
+        let virtual_size =
+            json(&qemu_img(&["info", "--output=json", "-f", fmt, &file], dir))["virtual-size"].as_u64().unwrap();
+        assert_eq!(size, virtual_size, "{fmt}");
+    }
+    // --format raw imports the container's bytes as they are.
+    env.ok(&["create", "as-raw"]);
+    env.ok(&["fill", "as-raw", "base.qcow2", "--format", "raw"]);
+    assert!(env.ok(&["validate", "as-raw", "base.qcow2"]).starts_with("identical"));
+    // Export to qcow2 and vmdk, checked by qemu-img itself.
+    for fmt in ["qcow2", "vmdk"] {
+        let out = format!("out.{fmt}");
+        env.ok(&["export", "qcow2", &out, "--format", fmt]);
+        let info = json(&qemu_img(&["info", "--output=json", &out], dir));
+        assert_eq!(info["format"], fmt);
+        qemu_img(&["compare", "-f", "raw", "-F", fmt, "base.raw", &out], dir);
+    }
+    // A qcow2 image on a pipe cannot be converted: refused, not imported as raw bytes.
+    let mut child = env
+        .cmd(&["fill", "as-raw", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let qcow = std::fs::read(env.path("base.qcow2")).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&qcow);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qcow2 image"));
+    assert!(env.ok(&["check", "--json"]).contains("\"clean\": true"));
+}
+
+/// Runs `vdi ARGS` with `input` on a pipe as its standard input.
+fn with_pipe(env: &Env, args: &[&str], input: Vec<u8>) -> String {
+    let mut child = env.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success(), "vdi {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn fill_reads_standard_input_and_pipes() {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    let img = std::fs::read(env.path("base.raw")).unwrap();
+    env.ok(&["create", "a"]);
+    with_pipe(&env, &["fill", "a", "-"], img.clone());
+    assert!(env.ok(&["validate", "a", "base.raw"]).starts_with("identical"));
+    env.ok(&["create", "b"]);
+    with_pipe(&env, &["fill", "b", "/dev/stdin"], img);
+    assert!(env.ok(&["validate", "b", "base.raw"]).starts_with("identical"));
+}
+
+#[test]
+fn a_clone_refilled_with_a_near_copy_of_its_parent_keeps_sharing() {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    env.ok(&["create", "golden"]);
+    env.ok(&["fill", "golden", "base.raw"]);
+    let snap = env.ok(&["snap", "golden", "release"]).trim().to_string();
+    env.ok(&["create", "vm", "--from", "golden@release"]);
+    // The new image differs in two places: 8 KiB at 2 MiB and one byte at 9 MiB.
+    let mut img = std::fs::read(env.path("base.raw")).unwrap();
+    img[2 << 20..(2 << 20) + 8192].fill(0x5a);
+    img[(9 << 20) + 77] ^= 0xff;
+    std::fs::write(env.path("next.raw"), &img).unwrap();
+    env.ok(&["fill", "vm", "next.raw"]);
+    let diff = json(&env.ok(&["diff", &snap, "--vdi", "vm", "--json"]));
+    let ranges = diff["ranges"].as_array().unwrap_or_else(|| panic!("{diff}"));
+    assert_eq!(ranges.len(), 2, "{diff}");
+    assert_eq!(diff["changed_bytes"], 3 * 4096, "{diff}");
+    let du = json(&env.ok(&["du", "vm", "--json"]));
+    let live = du.as_array().unwrap().iter().find(|r| r["snapshot"].is_null()).unwrap().clone();
+    assert_eq!(live["exclusive"], 3 * 4096, "the clone owns only what changed: {du}");
+    // The same image again writes nothing.
+    let again = env.ok(&["fill", "vm", "next.raw"]);
+    assert!(again.contains("wrote 0 B (0 blocks)"), "{again}");
+    assert_eq!(json(&env.ok(&["diff", &snap, "--vdi", "vm", "--json"]))["changed_bytes"], 3 * 4096);
+    assert!(env.ok(&["validate", "vm", "next.raw"]).starts_with("identical"));
+}
+
+#[test]
+fn rollback_names_protection_resize_and_delete_confirmation() {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    env.ok(&["create", "db"]);
+    env.ok(&["fill", "db", "base.raw"]);
+    let id = json(&env.ok(&["info", "db", "--json"]))["id"].clone();
+    let s = env.ok(&["snap", "db", "before-upgrade"]).trim().to_string();
+    env.fails(&["snap", "db", "before-upgrade"], 2, "already has a snapshot named");
+    env.fails(&["snap", "db", "42"], 2, "cannot be a number");
+    // Names work wherever a snapshot goes.
+    let info = json(&env.ok(&["info", "db@before-upgrade", "--json"]));
+    assert_eq!(info["id"].to_string(), s, "{info}");
+    // Change the VDI, then roll it back.
+    random_file(&env.path("junk"), 1 << 20, 99);
+    env.ok(&["fill", "db", "junk"]);
+    assert_eq!(env.run(&["validate", "db", "base.raw"]).status.code(), Some(1), "the fill changed the VDI");
+    let out = env.ok(&["rollback", "db", "before-upgrade"]);
+    assert!(out.contains("rolled"), "{out}");
+    assert!(env.ok(&["validate", "db", "base.raw"]).starts_with("identical"));
+    assert_eq!(json(&env.ok(&["info", "db", "--json"]))["id"], id, "rollback keeps the VDI's id");
+    // Protected snapshots hold off deletion of themselves and their VDI.
+    env.ok(&["snap-protect", "db@before-upgrade"]);
+    env.fails(&["snap-delete", "db@before-upgrade"], 2, "protected");
+    env.fails(&["delete", "db", "--yes"], 2, "protected");
+    env.ok(&["snap-unprotect", "db@before-upgrade"]);
+    // Renaming and clearing names.
+    env.ok(&["snap-rename", "db@before-upgrade", "v1"]);
+    assert_eq!(json(&env.ok(&["snap-list", "db", "--json"]))[0]["name"], "v1");
+    // Resize: grow freely, shrink only when allowed.
+    env.ok(&["resize", "db", "32M"]);
+    assert_eq!(json(&env.ok(&["info", "db", "--json"]))["size"], 32u64 << 20);
+    env.fails(&["resize", "db", "2M"], 2, "--allow-shrink");
+    env.ok(&["resize", "db", "2M", "--allow-shrink"]);
+    env.ok(&["resize", "db", "16M"]);
+    let back = env.path("back.raw");
+    env.ok(&["export", "db", "back.raw"]);
+    let got = std::fs::read(&back).unwrap();
+    let want = std::fs::read(env.path("base.raw")).unwrap();
+    assert_eq!(got[..2 << 20], want[..2 << 20]);
+    assert!(got[2 << 20..].iter().all(|&b| b == 0), "the shrink dropped what lay past 2M");
+    // A VDI with snapshots is not deleted without --yes when nobody can be asked.
+    env.fails(&["delete", "db"], 2, "add --yes");
+    assert!(env.ok(&["delete", "db", "--yes"]).contains("deleted VDI"));
+    assert!(env.ok(&["check", "--json"]).contains("\"clean\": true"));
+}
+
+#[test]
+fn map_agrees_with_qemu_img_map_of_the_export() {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    env.ok(&["create", "a"]);
+    env.ok(&["fill", "a", "base.raw"]);
+    let ours = json(&env.ok(&["map", "a", "--json"]));
+    let data: Vec<(u64, u64)> = ours
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(1 << 20, 3 << 20), (9 << 20, 64 << 10)]);
+    env.ok(&["export", "a", "out.raw"]);
+    let theirs = json(&qemu_img(&["map", "--output=json", "-f", "raw", "out.raw"], env.dir.path()));
+    let theirs: Vec<(u64, u64)> = theirs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, theirs);
+}
+
+#[test]
+fn export_diff_and_import_diff_replay_a_backup_on_a_second_store() {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    env.ok(&["create", "db"]);
+    env.ok(&["fill", "db", "base.raw"]);
+    env.ok(&["snap", "db", "mon"]);
+    let mut img = std::fs::read(env.path("base.raw")).unwrap();
+    img[5 << 20..(5 << 20) + 4096].fill(7);
+    img[1 << 20..(1 << 20) + 4096].fill(0);
+    std::fs::write(env.path("tue.raw"), &img).unwrap();
+    env.ok(&["fill", "db", "tue.raw"]);
+    env.ok(&["snap", "db", "tue"]);
+    env.ok(&["export-diff", "db@mon", "mon.pxdiff"]);
+    let incr = env.cmd(&["export-diff", "db@tue", "-", "--from", "db@mon"]).output().unwrap();
+    assert!(incr.status.success(), "{}", String::from_utf8_lossy(&incr.stderr));
+    assert!(
+        incr.stdout.len() < 16 << 10,
+        "the incremental diff carries only what changed: {} bytes",
+        incr.stdout.len()
+    );
+
+    let backup = Env::new();
+    backup.ok(&["create", "db"]);
+    let err = with_pipe_fails(&backup, &["import-diff", "-", "db"], incr.stdout.clone());
+    assert!(err.contains("no snapshot named 'mon'"), "{err}");
+    backup.ok(&["import-diff", &env.path("mon.pxdiff").display().to_string(), "db"]);
+    with_pipe(&backup, &["import-diff", "-", "db"], incr.stdout);
+    for snap in ["db@mon", "db@tue", "db"] {
+        env.ok(&["export", snap, "a.raw"]);
+        backup.ok(&["export", snap, "b.raw"]);
+        assert!(same_bytes(&env.path("a.raw"), &backup.path("b.raw")), "{snap} differs on the second store");
+    }
+    assert!(backup.ok(&["check", "--json"]).contains("\"clean\": true"));
+}
+
+fn with_pipe_fails(env: &Env, args: &[&str], input: Vec<u8>) -> String {
+    let mut child = env.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert_eq!(out.status.code(), Some(2), "vdi {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
