@@ -14,13 +14,13 @@ use serde::Deserialize;
     name = "parallaxd",
     version,
     about = "Serve Parallax VDIs to virtual machines over NBD and the blkif ring",
-    after_help = "Examples:\n  parallaxd --store /var/lib/parallax/blockstore.dat\n  parallaxd --store ./blockstore.dat --nbd 127.0.0.1:10809 --snapshot-every 10s --keep 60\n\nExports: each VDI by name and by id (read-write, one writer at a time) and each snapshot\nread-only as NAME@SNAPSHOT. `vdi` commands on the same store go through the daemon."
+    after_help = "Examples:\n  parallaxd --store /var/lib/parallax/blockstore.dat\n  parallaxd --store ./blockstore.dat --nbd 127.0.0.1:10809 --snapshot-every 10s --keep 60\n\nExports: each VDI by name and by id (read-write, one writer at a time) and each snapshot\nread-only as NAME@SNAPSHOT. `vdi` commands on the same store go through the daemon.\n\nLogging: PARALLAX_LOG sets the level or a filter (error, warn, info [default], debug, trace;\nor e.g. `info,nbd=debug`); logs go to stderr, coloured only on a terminal."
 )]
 pub struct Flags {
     /// The block store (file or block device); created if missing.
     #[arg(long, env = "PARALLAX_STORE", default_value = "blockstore.dat")]
     pub store: PathBuf,
-    /// TCP address for NBD clients ("none" to disable).
+    /// TCP address for NBD clients [default: 127.0.0.1:10809] ("none" to disable).
     #[arg(long)]
     pub nbd: Option<String>,
     /// Unix socket for NBD clients.

@@ -20,7 +20,30 @@ use crate::rings::RingService;
 pub type ControlHook = Box<dyn FnOnce(Arc<Registry>, Shutdown) -> Result<Option<std::thread::JoinHandle<()>>>>;
 
 /// Runs the daemon until `stop` is raised, then finishes in-flight requests, commits and returns.
+///
+/// A store this call created is removed again (an empty file it found is emptied again) if the
+/// daemon fails before it is ready: a start that fails (a port in use, say) leaves nothing behind.
 pub fn run(config: Config, stop: Shutdown, control: Option<ControlHook>) -> Result<()> {
+    let before = std::fs::metadata(&config.store).ok().map(|m| m.is_file() && m.len() == 0);
+    let mut ready = false;
+    let result = serve(&config, stop, control, &mut ready);
+    if result.is_err() && !ready {
+        match before {
+            None => {
+                if std::fs::remove_file(&config.store).is_ok() {
+                    tracing::info!("removed the store {} this failed start created", config.store.display());
+                }
+            }
+            Some(true) => {
+                let _ = std::fs::OpenOptions::new().write(true).open(&config.store).and_then(|f| f.set_len(0));
+            }
+            Some(false) => {}
+        }
+    }
+    result
+}
+
+fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &mut bool) -> Result<()> {
     let opts = OpenOptions { read_only: false, cache_blocks: config.cache_blocks, wait_for_lock: false };
     let store = BlockStore::open_path(&config.store, &opts, Some(&CreateOptions::default()))
         .with_context(|| format!("opening the store {}", config.store.display()))?;
@@ -71,6 +94,7 @@ pub fn run(config: Config, stop: Shutdown, control: Option<ControlHook>) -> Resu
         let (reg, stop) = (reg.clone(), stop.clone());
         std::thread::spawn(move || crate::schedule::run(reg, s, stop))
     });
+    *ready = true;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!("parallaxd ready: {} VDIs in {}", reg.list().len(), config.store.display());
     stop.wait();

@@ -21,5 +21,17 @@ fn a_port_in_use_fails_the_start_with_one_message() {
         assert!(!out.status.success(), "{err}");
         assert_eq!(err.matches("listening for NBD on").count(), 1, "said once (PARALLAX_LOG={log}):\n{err}");
         assert!(err.contains("Address already in use") || err.contains("in use"), "{err}");
+        assert!(!store.exists(), "the failed start left the store it created behind");
     }
+    // A store that was there before is left alone.
+    std::fs::write(&store, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
+        .arg("--store")
+        .arg(&store)
+        .args(["--nbd", &addr])
+        .env("PARALLAX_RUN_DIR", dir.path())
+        .output()
+        .expect("run parallaxd");
+    assert!(!out.status.success());
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 0, "an empty file given as the store is left empty");
 }

@@ -1,7 +1,7 @@
 //! Diff streams: the blocks that changed between two snapshots, written so that another store
 //! can replay them (`vdi export-diff` / `vdi import-diff`, as `rbd export-diff` does).
 //!
-//! The format (all integers little-endian; docs/format.md, "Diff streams"):
+//! The format (all integers little-endian; docs/format.md §7.2):
 //!
 //! ```text
 //! magic   "PXDIFF\r\n" then u32 version (1)
