@@ -101,6 +101,12 @@ pub enum Command {
     /// Show where a VDI's or snapshot's data is: extents of data and of holes (qemu-img map).
     #[command(after_help = "Examples:\n  vdi map golden\n  vdi map golden@5 --json")]
     Map(MapArgs),
+    /// I/O counters per VDI and per client (kept by parallaxd): operations, bytes, errors,
+    /// latency; with --watch, rates every few seconds.
+    #[command(
+        after_help = "Examples:\n  vdi stats\n  vdi stats golden --json\n  vdi stats --watch 2      # rates every 2 s until interrupted"
+    )]
+    Stats(StatsArgs),
     /// Space per VDI and snapshot: provisioned, used, and exclusive (what deleting frees).
     #[command(after_help = "Examples:\n  vdi du\n  vdi du golden --json")]
     Du(DuArgs),
@@ -184,6 +190,7 @@ impl Command {
             | Command::Export(_)
             | Command::Diff(_)
             | Command::Map(_)
+            | Command::Stats(_)
             | Command::Du(_)
             | Command::ExportDiff(_)
             | Command::Completions(_) => false,
@@ -315,6 +322,22 @@ pub struct MapArgs {
     /// Print JSON (as `qemu-img map --output=json` does) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `vdi stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only this VDI (id or name) and its clients.
+    pub vdi: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+    /// Print rates every SECONDS (default 2) until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<f64>,
+    /// With --watch, stop after this many reports.
+    #[arg(long, requires = "watch")]
+    pub count: Option<u64>,
 }
 
 /// `vdi du`.

@@ -142,6 +142,11 @@ impl Table {
     }
 }
 
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,39 @@ pub fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64, Failure> {
         .ok_or_else(|| Failure::system("qemu-img info did not report a virtual size"))
 }
 
+/// Refuses an image whose format was only recognised (not named with `--format`) if it would
+/// make qemu-img read other files: a qcow2 (or other) backing file, or a VMDK descriptor's
+/// extents. A raw disk a guest wrote can start with such a header; importing it must not read
+/// a host file the guest named. Naming the format says the image is trusted to be what it
+/// looks like.
+pub fn refuse_external_files(path: &Path, format: ImageFormat) -> Result<(), Failure> {
+    let mut cmd = qemu_img();
+    cmd.args(["info", "--output=json", "-f", format.qemu_name()]).arg(path);
+    let out = run(cmd, &format!("reading {} as {}", path.display(), format.qemu_name()))?;
+    let v: serde_json::Value = serde_json::from_slice(&out)
+        .map_err(|e| Failure::system(format!("qemu-img info gave output that is not JSON: {e}")))?;
+    let backing = v.get("full-backing-filename").or_else(|| v.get("backing-filename")).and_then(|b| b.as_str());
+    let extents: Vec<String> = v
+        .pointer("/format-specific/data/extents")
+        .and_then(|e| e.as_array())
+        .map(|list| {
+            list.iter().filter_map(|x| x.get("filename").and_then(|f| f.as_str()).map(str::to_string)).collect()
+        })
+        .unwrap_or_default();
+    let own = std::fs::canonicalize(path).ok();
+    let elsewhere = extents.into_iter().find(|f| std::fs::canonicalize(f).ok() != own);
+    match backing.map(str::to_string).or(elsewhere) {
+        None => Ok(()),
+        Some(file) => Err(Failure::user(format!(
+            "{} looks like a {} image that reads another file ({file}); if it is one, say so with \
+             `--format {}` (the other file is read too); to import its bytes as they are, `--format raw`",
+            path.display(),
+            format.qemu_name(),
+            format.qemu_name()
+        ))),
+    }
+}
+
 /// Serves one device as the default export of a private NBD socket while `body` runs with
 /// the socket's `nbd+unix` URI; the server is stopped (and its connections ended) afterwards.
 fn with_private_export<T>(

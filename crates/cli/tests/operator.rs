@@ -75,6 +75,17 @@ fn images_in_other_formats_are_converted_on_import_and_export() {
         assert_eq!(info["format"], fmt);
         qemu_img(&["compare", "-f", "raw", "-F", fmt, "base.raw", &out], dir);
     }
+    // An image that would make qemu-img read another file (a backing file a guest could have
+    // written into a raw disk's first sector) is refused unless its format is named.
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "over.qcow2"], dir);
+    env.ok(&["create", "over"]);
+    env.fails(&["fill", "over", "over.qcow2"], 2, "reads another file");
+    env.ok(&["fill", "over", "over.qcow2", "--format", "qcow2"]);
+    assert!(env.ok(&["validate", "over", "base.raw"]).starts_with("identical"));
+    // Exporting to a path that is a pipe (/dev/stdout) works like '-'.
+    let piped = env.cmd(&["export", "over", "/dev/stdout"]).stdout(Stdio::piped()).output().unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert!(piped.stdout == std::fs::read(env.path("base.raw")).unwrap(), "the export on stdout differs");
     // A qcow2 image on a pipe cannot be converted: refused, not imported as raw bytes.
     let mut child = env
         .cmd(&["fill", "as-raw", "-"])

@@ -57,6 +57,10 @@ pub struct Flags {
     /// Metadata blocks to cache in memory (4 KiB each).
     #[arg(long)]
     pub cache_blocks: Option<usize>,
+    /// Serve Prometheus metrics (per-VDI I/O counters and latency, clients, space) over HTTP
+    /// at this address, path /metrics (loopback unless --allow-remote).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// The same settings as a TOML file.
@@ -75,6 +79,7 @@ struct FileConfig {
     keep: Option<usize>,
     keep_for: Option<String>,
     cache_blocks: Option<usize>,
+    metrics: Option<String>,
 }
 
 /// A snapshot schedule and its retention.
@@ -109,6 +114,8 @@ pub struct Config {
     pub schedule: Option<Schedule>,
     /// Metadata cache size in blocks.
     pub cache_blocks: usize,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics: Option<SocketAddr>,
 }
 
 fn duration(s: &str, what: &str) -> Result<Duration> {
@@ -141,6 +148,18 @@ impl Config {
                 );
             }
             Some(addr)
+        };
+        let metrics = match flags.metrics.or(file.metrics) {
+            None => None,
+            Some(text) => {
+                let addr: SocketAddr = text
+                    .parse()
+                    .with_context(|| format!("--metrics '{text}' is not an address like 127.0.0.1:9311"))?;
+                if !addr.ip().is_loopback() && !allow_remote {
+                    bail!("--metrics {addr} is not a loopback address; pass --allow-remote if this network is trusted");
+                }
+                Some(addr)
+            }
         };
         let every = match (flags.snapshot_every, &file.snapshot_every) {
             (Some(d), _) => Some(d),
@@ -176,6 +195,7 @@ impl Config {
             ring_workers: usize::from(flags.ring_workers.or(file.ring_workers).unwrap_or(4).clamp(1, 64)),
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
+            metrics,
         })
     }
 }

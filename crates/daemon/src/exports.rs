@@ -35,9 +35,29 @@ impl VdiExports {
         VdiExports { reg, damaged: Mutex::new(damaged) }
     }
 
-    /// Opens the device an export name stands for (a VDI read-write, `NAME@ID` read-only), or
-    /// says why not. Shared by every transport.
+    /// Opens the device an export name stands for (a VDI read-write, `NAME@ID` or
+    /// `NAME@SNAPSHOT-NAME` read-only) for `client` (how the transport reached it), or says why
+    /// not. Shared by every transport. The open and, when the device is dropped, the close are
+    /// logged with the client and its totals.
+    pub fn open_device_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        let disk = match self.open_disk(name) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(export = name, client, "export refused: {}", e.message());
+                return Err(e);
+            }
+        };
+        disk.set_client(client);
+        tracing::info!(export = name, client, writable = !disk.read_only(), "client attached");
+        Ok(Arc::new(Attached { disk, export: name.to_string() }))
+    }
+
+    /// [`VdiExports::open_device_for`] for a client that has no better description.
     pub fn open_device(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        self.open_device_for(name, "local")
+    }
+
+    fn open_disk(&self, name: &str) -> Result<Disk, OpenError> {
         if name.is_empty() {
             return Err(OpenError::Unknown(
                 "no default export: name a VDI (see `vdi list` or `nbdinfo --list`)".into(),
@@ -65,13 +85,16 @@ impl VdiExports {
         }
         match snap_part {
             Some(s) => {
-                let sid: SnapshotId = s.parse().map_err(OpenError::Unknown)?;
+                let sid: SnapshotId = match s.parse() {
+                    Ok(sid) => sid,
+                    Err(_) => self.reg.find_snapshot(id, s).map_err(|e| OpenError::Unknown(e.to_string()))?,
+                };
                 let info = self.reg.snapshot_info(sid).map_err(|e| OpenError::Unknown(e.to_string()))?;
                 if info.vdi != id {
                     return Err(OpenError::Unknown(format!("snapshot {sid} is not a snapshot of VDI {id}")));
                 }
                 let disk = self.reg.open_snapshot(sid).map_err(|e| OpenError::Unknown(e.to_string()))?;
-                Ok(Arc::new(disk))
+                Ok(Disk::Snapshot(disk))
             }
             None => {
                 if self.reg.size_of(vdi::Source::Vdi(id)).unwrap_or(0) == 0 {
@@ -82,7 +105,7 @@ impl VdiExports {
                 // A client reconnecting at once after an abrupt close may arrive while the old
                 // connection is still answering its last requests: give that a moment.
                 match self.reg.open_vdi_within(id, true, WRITER_GRACE) {
-                    Ok(d) => Ok(Arc::new(d)),
+                    Ok(d) => Ok(Disk::Vdi(d)),
                     Err(VdiError::Busy(_)) => Err(OpenError::Refused(format!(
                         "VDI {id} is already open for writing by another client; one writer at a time"
                     ))),
@@ -117,11 +140,107 @@ impl ExportProvider for VdiExports {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
-        let r = self.open_device(name);
-        match &r {
-            Ok(_) => tracing::info!(export = name, "export opened"),
-            Err(e) => tracing::warn!(export = name, "export refused: {}", e.message()),
+        self.open_device(name)
+    }
+
+    fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        self.open_device_for(name, client)
+    }
+}
+
+/// A VDI or snapshot handle.
+enum Disk {
+    Vdi(vdi::VdiDisk),
+    Snapshot(vdi::SnapshotDisk),
+}
+
+impl Disk {
+    fn dev(&self) -> &dyn BlockDevice {
+        match self {
+            Disk::Vdi(d) => d,
+            Disk::Snapshot(d) => d,
         }
-        r
+    }
+
+    fn set_client(&self, client: &str) {
+        match self {
+            Disk::Vdi(d) => d.set_client(client),
+            Disk::Snapshot(d) => d.set_client(client),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.dev().read_only()
+    }
+
+    fn report(&self) -> vdi::HandleReport {
+        match self {
+            Disk::Vdi(d) => d.io_report(),
+            Disk::Snapshot(d) => d.io_report(),
+        }
+    }
+}
+
+/// An export opened by one client: the device, and a log line with its totals when it closes.
+struct Attached {
+    disk: Disk,
+    export: String,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let r = self.disk.report();
+        let io = &r.io;
+        tracing::info!(
+            export = %self.export,
+            client = %r.client,
+            seconds = format_args!("{:.1}", r.open_seconds),
+            reads = io.reads,
+            writes = io.writes,
+            flushes = io.flushes,
+            discards = io.discards,
+            read_bytes = io.read_bytes,
+            write_bytes = io.write_bytes,
+            errors = io.errors,
+            "client detached"
+        );
+    }
+}
+
+impl BlockDevice for Attached {
+    fn size(&self) -> u64 {
+        self.disk.dev().size()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.disk.dev().block_size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.dev().read_only()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> blockdev::DevResult<()> {
+        self.disk.dev().read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> blockdev::DevResult<()> {
+        self.disk.dev().write_at(offset, data, fua)
+    }
+
+    fn flush(&self) -> blockdev::DevResult<()> {
+        self.disk.dev().flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> blockdev::DevResult<()> {
+        self.disk.dev().discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> blockdev::DevResult<()> {
+        self.disk.dev().write_zeroes(offset, len)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> blockdev::DevResult<Vec<blockdev::Extent>> {
+        self.disk.dev().extents(offset, len)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod exports;
+pub mod metrics;
 pub mod rings;
 pub mod schedule;
 pub mod service;

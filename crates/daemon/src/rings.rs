@@ -109,7 +109,7 @@ fn serve_guest(
         return;
     }
     let vdi = pending.attach().vdi.clone();
-    let dev = match exports.open_device(&vdi) {
+    let dev = match exports.open_device_for(&vdi, "blkif ring (simulated guest)") {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(vdi, "ring refused: {}", e.message());

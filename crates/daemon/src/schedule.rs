@@ -9,50 +9,110 @@ use vdi::{Registry, VdiId};
 
 use crate::config::Schedule;
 
+/// What one round of the schedule did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Round {
+    /// Snapshots taken.
+    pub taken: usize,
+    /// Snapshots retention deleted.
+    pub deleted: usize,
+    /// Snapshots that failed.
+    pub failed: usize,
+}
+
+/// A schedule this frequent logs each snapshot at DEBUG and a summary every minute at INFO;
+/// a slower one logs each snapshot and deletion at INFO.
+const QUIET_BELOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Takes one round of scheduled snapshots and applies retention. Returns snapshots taken.
 pub fn tick(reg: &Registry, schedule: &Schedule, now_ns: u64) -> usize {
+    tick_round(reg, schedule, now_ns).taken
+}
+
+/// [`tick`], saying what it did.
+pub fn tick_round(reg: &Registry, schedule: &Schedule, now_ns: u64) -> Round {
+    let loud = schedule.every >= QUIET_BELOW;
     let ids: Vec<VdiId> = if schedule.vdis.is_empty() {
         reg.list().into_iter().filter(|v| v.size > 0).map(|v| v.id).collect()
     } else {
         schedule.vdis.iter().filter_map(|n| reg.resolve(n).ok()).collect()
     };
-    let mut taken = 0;
+    let mut round = Round::default();
     for id in ids {
         match reg.snapshot_with(id, true) {
-            Ok(_) => taken += 1,
-            Err(e) => tracing::warn!("scheduled snapshot of VDI {id} failed: {e}"),
+            Ok(sid) => {
+                round.taken += 1;
+                if loud {
+                    tracing::info!(vdi = %id, snapshot = %sid, "scheduled snapshot taken");
+                } else {
+                    tracing::debug!(vdi = %id, snapshot = %sid, "scheduled snapshot taken");
+                }
+            }
+            Err(e) => {
+                round.failed += 1;
+                tracing::warn!("scheduled snapshot of VDI {id} failed: {e}");
+            }
         }
-        retain(reg, schedule, id, now_ns);
+        round.deleted += retain(reg, schedule, id, now_ns, loud);
     }
-    taken
+    round
 }
 
-/// Deletes scheduled snapshots of `id` beyond `keep` or older than `keep_for`.
-fn retain(reg: &Registry, schedule: &Schedule, id: VdiId, now_ns: u64) {
-    let Ok(snaps) = reg.snapshots(id) else { return };
+/// Deletes scheduled snapshots of `id` beyond `keep` or older than `keep_for`; returns how
+/// many.
+fn retain(reg: &Registry, schedule: &Schedule, id: VdiId, now_ns: u64, loud: bool) -> usize {
+    let Ok(snaps) = reg.snapshots(id) else { return 0 };
+    let mut deleted = 0;
     let mut auto: Vec<_> = snaps.into_iter().filter(|s| s.automatic && !s.deleted).collect();
     auto.sort_by_key(|s| std::cmp::Reverse(s.id));
     for (i, s) in auto.iter().enumerate() {
         let too_many = schedule.keep.is_some_and(|k| i >= k);
         let too_old = schedule.keep_for.is_some_and(|t| now_ns.saturating_sub(s.time_ns) > t.as_nanos() as u64);
-        if (too_many || too_old)
-            && let Err(e) = reg.delete_snapshot(s.id)
-        {
-            tracing::debug!("retention could not delete snapshot {}: {e}", s.id);
+        if !(too_many || too_old) {
+            continue;
+        }
+        match reg.delete_snapshot(s.id) {
+            Ok(()) => {
+                deleted += 1;
+                let why = if too_many { "beyond --keep" } else { "older than --keep-for" };
+                if loud {
+                    tracing::info!(vdi = %id, snapshot = %s.id, "scheduled snapshot deleted ({why})");
+                } else {
+                    tracing::debug!(vdi = %id, snapshot = %s.id, "scheduled snapshot deleted ({why})");
+                }
+            }
+            // Open by a reader (an export of it): retried next round.
+            Err(e) => tracing::debug!("retention could not delete snapshot {}: {e}", s.id),
         }
     }
+    deleted
 }
 
 /// Runs the schedule until `stop` is raised: sleeps until the next slot (or the stop), takes
 /// the round, repeats.
 pub fn run(reg: Arc<Registry>, schedule: Schedule, stop: Shutdown) {
+    const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
     let mut next = Instant::now() + schedule.every;
+    let mut summary = (Instant::now(), Round::default());
     loop {
         if stop.wait_until(next) {
             break;
         }
         let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
-        tick(&reg, &schedule, wall.unwrap_or(0));
+        let r = tick_round(&reg, &schedule, wall.unwrap_or(0));
+        summary.1.taken += r.taken;
+        summary.1.deleted += r.deleted;
+        summary.1.failed += r.failed;
+        if schedule.every < QUIET_BELOW && summary.0.elapsed() >= SUMMARY_EVERY {
+            let s = summary.1;
+            tracing::info!(
+                taken = s.taken,
+                deleted = s.deleted,
+                failed = s.failed,
+                "scheduled snapshots in the last minute"
+            );
+            summary = (Instant::now(), Round::default());
+        }
         next += schedule.every;
         if next < Instant::now() {
             // Fell behind (a slow commit): skip missed slots rather than bursting.

@@ -89,6 +89,10 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         Some(hook) => hook(reg.clone(), stop.clone())?,
         None => None,
     };
+    let metrics_thread = match config.metrics {
+        Some(addr) => Some(crate::metrics::spawn(addr, reg.clone(), stop.clone())?),
+        None => None,
+    };
     let schedule_thread = config.schedule.clone().map(|s| {
         tracing::info!("snapshots every {:?} (keep {:?}, keep for {:?})", s.every, s.keep, s.keep_for);
         let (reg, stop) = (reg.clone(), stop.clone());
@@ -113,6 +117,9 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         let _ = t.join();
     }
     if let Some(t) = schedule_thread {
+        let _ = t.join();
+    }
+    if let Some(t) = metrics_thread {
         let _ = t.join();
     }
     if let Some(t) = control_thread {

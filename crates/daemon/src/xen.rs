@@ -12,8 +12,9 @@ use crate::exports::VdiExports;
 #[cfg(feature = "xen")]
 pub fn spawn(exports: Arc<VdiExports>, workers: usize, stop: shutdown::Shutdown) -> Result<JoinHandle<()>> {
     use blktap::xen::{DiskOpener, XenBackendOptions, run_dom0};
-    let opener: Arc<dyn DiskOpener> =
-        Arc::new(move |target: &str| exports.open_device(target).map_err(|e| e.message().to_string()));
+    let opener: Arc<dyn DiskOpener> = Arc::new(move |target: &str| {
+        exports.open_device_for(target, "xen blkback").map_err(|e| e.message().to_string())
+    });
     let mut opts = XenBackendOptions::default();
     opts.server.workers = workers;
     let handle = std::thread::Builder::new().name("xen-backend".into()).spawn(move || {

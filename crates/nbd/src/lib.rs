@@ -121,6 +121,14 @@ pub trait ExportProvider: Send + Sync {
     /// Opens export `name`. The empty name means "the default export"; the provider decides
     /// whether there is one.
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError>;
+
+    /// [`ExportProvider::open`] for a known client: the server passes how it reached the
+    /// client (`tcp:ADDR:PORT`, or `unix:pid=PID,uid=UID`), for the provider's counters and
+    /// logs. By default the client is ignored.
+    fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        let _ = client;
+        self.open(name)
+    }
 }
 
 /// Resource bounds for the server; every queue and buffer is bounded by these.

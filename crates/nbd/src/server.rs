@@ -48,7 +48,7 @@ impl Server {
             s.set_nonblocking(false)?;
             s.set_nodelay(true)?;
             debug!(%peer, "accepted TCP connection");
-            Ok(s)
+            Ok((s, format!("tcp:{peer}")))
         })
     }
 
@@ -59,8 +59,13 @@ impl Server {
         Server::spawn(provider, limits, readable, move || {
             let (s, _) = listener.accept()?;
             s.set_nonblocking(false)?;
-            debug!("accepted Unix connection");
-            Ok(s)
+            // The peer's process, as the kernel recorded it at connect time.
+            let client = match rustix::net::sockopt::socket_peercred(&s) {
+                Ok(c) => format!("unix:pid={},uid={}", c.pid.as_raw_nonzero(), c.uid.as_raw()),
+                Err(_) => "unix".to_string(),
+            };
+            debug!(%client, "accepted Unix connection");
+            Ok((s, client))
         })
     }
 
@@ -73,7 +78,7 @@ impl Server {
     ) -> io::Result<Server>
     where
         S: NbdStream + 'static,
-        A: FnMut() -> io::Result<S> + Send + 'static,
+        A: FnMut() -> io::Result<(S, String)> + Send + 'static,
     {
         let shared = Arc::new(Shared {
             provider,
@@ -140,7 +145,7 @@ const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100
 fn accept_loop<S, A>(shared: &Arc<Shared>, readable: &OwnedFd, mut accept: A)
 where
     S: NbdStream + 'static,
-    A: FnMut() -> io::Result<S>,
+    A: FnMut() -> io::Result<(S, String)>,
 {
     loop {
         match shared.stopping.wait_readable(readable, None) {
@@ -152,7 +157,7 @@ where
             }
         }
         match accept() {
-            Ok(stream) => start_connection(shared, stream),
+            Ok((stream, client)) => start_connection(shared, stream, client),
             // Another wake-up took it, or the client went away before we got to it.
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => {
@@ -168,7 +173,7 @@ where
     debug!("NBD accept loop stopped");
 }
 
-fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S) {
+fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, client: String) {
     let control = match stream.clone_stream() {
         Ok(c) => c,
         Err(e) => {
@@ -198,7 +203,8 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S) {
     };
     let sh = shared.clone();
     let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-        match serve_connection(stream, &*sh.provider, &sh.limits) {
+        let provider = ForClient { inner: &*sh.provider, client: &client };
+        match serve_connection(stream, &provider, &sh.limits) {
             Ok(()) => debug!(id, "NBD connection closed"),
             Err(e) => info!(id, error = %e, "NBD connection ended with an error"),
         }
@@ -211,5 +217,25 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S) {
         let mut reg = shared.conns.lock();
         reg.live.remove(&id);
         shared.idle.notify_all();
+    }
+}
+
+/// The server's provider as one connection sees it: every open names the client.
+struct ForClient<'a> {
+    inner: &'a dyn ExportProvider,
+    client: &'a str,
+}
+
+impl ExportProvider for ForClient<'_> {
+    fn list(&self) -> Vec<crate::ExportInfo> {
+        self.inner.list()
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn blockdev::BlockDevice>, crate::OpenError> {
+        self.inner.open_for(name, self.client)
+    }
+
+    fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn blockdev::BlockDevice>, crate::OpenError> {
+        self.inner.open_for(name, client)
     }
 }

@@ -606,7 +606,11 @@ impl BlockDevice for ImportDevice {
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
         check_range(offset, len, self.size)?;
-        self.with(|i| i.write_zeroes(offset, len))
+        self.with(|i| {
+            // What the converter says is zeros, it did not send: the image's holes.
+            i.stats.hole_bytes += len;
+            i.write_zeroes(offset, len)
+        })
     }
 
     fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use blockdev::{BlockDevice, DevError, DevResult, Extent, ExtentKind, check_range};
 use blockstore::{BLOCK_SIZE, BlockAddr, BlockStore};
 use radix::Mapping;
 
+use crate::io_stats::{HandleReport, HandleStats, IoOp, handle_report};
 use crate::registry::{Registry, Source, VdiLive};
 use crate::{Result, SnapshotId, VdiError, VdiId};
 
@@ -175,6 +177,7 @@ pub struct VdiDisk {
     reg: Arc<Registry>,
     live: Arc<VdiLive>,
     writable: bool,
+    handle: Arc<HandleStats>,
 }
 
 /// A snapshot opened for reading. It cannot be deleted while open.
@@ -184,6 +187,7 @@ pub struct SnapshotDisk {
     root: BlockAddr,
     size: u64,
     open: Arc<AtomicUsize>,
+    handle: Arc<HandleStats>,
 }
 
 impl Registry {
@@ -204,7 +208,8 @@ impl Registry {
         drop(st);
         // Race tests pause here: a delete now must find the VDI open.
         test_point!("vdi::open_vdi::counted");
-        Ok(VdiDisk { reg: self.clone(), live, writable })
+        let handle = self.handles.register(Source::Vdi(id), writable);
+        Ok(VdiDisk { reg: self.clone(), live, writable, handle })
     }
 
     /// [`Registry::open_vdi`], but when another writable handle holds the VDI, waits up to
@@ -234,7 +239,10 @@ impl Registry {
         let st = self.state.lock();
         let s = st.snap(sid)?;
         s.open.fetch_add(1, Ordering::AcqRel);
-        Ok(SnapshotDisk { reg: self.clone(), id: sid, root: s.root, size: s.size, open: s.open.clone() })
+        let (root, size, open) = (s.root, s.size, s.open.clone());
+        drop(st);
+        let handle = self.handles.register(Source::Snapshot(sid), false);
+        Ok(SnapshotDisk { reg: self.clone(), id: sid, root, size, open, handle })
     }
 
     /// Opens a VDI (read-only view) or a snapshot for reading.
@@ -268,12 +276,49 @@ impl SnapshotDisk {
     pub fn id(&self) -> SnapshotId {
         self.id
     }
+
+    /// Says who uses this handle (e.g. `tcp:127.0.0.1:50312`), for `vdi stats` and metrics.
+    pub fn set_client(&self, client: &str) {
+        *self.handle.client.lock() = client.to_string();
+    }
+
+    /// What this handle did so far.
+    pub fn io_report(&self) -> HandleReport {
+        handle_report(&self.handle)
+    }
+
+    fn meter<T>(&self, op: IoOp, bytes: usize, f: impl FnOnce() -> DevResult<T>) -> DevResult<T> {
+        let t = Instant::now();
+        let r = f();
+        self.handle.counters.record(op, bytes as u64, t.elapsed(), r.is_ok());
+        r
+    }
 }
 
 impl VdiDisk {
     /// The VDI's id.
     pub fn id(&self) -> VdiId {
         self.live.id
+    }
+
+    /// Says who uses this handle (e.g. `tcp:127.0.0.1:50312`), for `vdi stats` and metrics.
+    pub fn set_client(&self, client: &str) {
+        *self.handle.client.lock() = client.to_string();
+    }
+
+    /// What this handle did so far.
+    pub fn io_report(&self) -> HandleReport {
+        handle_report(&self.handle)
+    }
+
+    /// Runs one operation, counting it for this handle and for the VDI.
+    fn meter<T>(&self, op: IoOp, bytes: usize, f: impl FnOnce() -> DevResult<T>) -> DevResult<T> {
+        let t = Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        self.handle.counters.record(op, bytes as u64, took, r.is_ok());
+        self.live.stats.record(op, bytes as u64, took, r.is_ok());
+        r
     }
 
     fn store(&self) -> &BlockStore {
@@ -408,42 +453,51 @@ impl BlockDevice for VdiDisk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        let _io = self.live.io.read();
-        Ok(read_tree(self.store(), self.root(), offset, buf)?)
+        let n = buf.len();
+        self.meter(IoOp::Read, n, || {
+            check_range(offset, n as u64, self.size())?;
+            let _io = self.live.io.read();
+            Ok(read_tree(self.store(), self.root(), offset, buf)?)
+        })
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
-        self.check_write(offset, data.len() as u64)?;
-        {
-            let _io = self.live.io.read();
-            self.write_locked(offset, data)?;
-        }
-        if fua {
-            self.store().commit().map_err(VdiError::from)?;
-        } else {
-            self.commit_if_large()?;
-        }
-        Ok(())
+        self.meter(IoOp::Write, data.len(), || {
+            self.check_write(offset, data.len() as u64)?;
+            {
+                let _io = self.live.io.read();
+                self.write_locked(offset, data)?;
+            }
+            if fua {
+                self.store().commit().map_err(VdiError::from)?;
+            } else {
+                self.commit_if_large()?;
+            }
+            Ok(())
+        })
     }
 
     fn flush(&self) -> DevResult<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        self.store().commit().map_err(VdiError::from)?;
-        Ok(())
+        self.meter(IoOp::Flush, 0, || {
+            if !self.writable {
+                return Ok(());
+            }
+            self.store().commit().map_err(VdiError::from)?;
+            Ok(())
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check_write(offset, len)?;
-        {
-            let _io = self.live.io.write();
-            self.discard_locked(offset, len)?;
-        }
-        self.reg.reclaim.wake_if_queued(self.store());
-        self.commit_if_large()?;
-        Ok(())
+        self.meter(IoOp::Discard, 0, || {
+            self.check_write(offset, len)?;
+            {
+                let _io = self.live.io.write();
+                self.discard_locked(offset, len)?;
+            }
+            self.reg.reclaim.wake_if_queued(self.store());
+            self.commit_if_large()?;
+            Ok(())
+        })
     }
 
     fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
@@ -463,8 +517,11 @@ impl BlockDevice for SnapshotDisk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        Ok(read_tree(&self.reg.store, self.root, offset, buf)?)
+        let n = buf.len();
+        self.meter(IoOp::Read, n, || {
+            check_range(offset, n as u64, self.size)?;
+            Ok(read_tree(&self.reg.store, self.root, offset, buf)?)
+        })
     }
 
     fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> DevResult<()> {

@@ -33,6 +33,7 @@ mod fill;
 mod ids;
 mod import;
 mod io;
+mod io_stats;
 mod reclaim;
 mod registry;
 mod snap_names;
@@ -45,6 +46,7 @@ pub use fill::{Import, ImportDevice};
 pub use ids::{SnapshotId, VdiId};
 pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};
+pub use io_stats::{HandleReport, IoOp, IoSnapshot, LATENCY_BOUNDS_US, VdiIoReport};
 pub use reclaim::{ReclaimStats, Reclaimer};
 pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};
 

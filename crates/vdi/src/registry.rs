@@ -78,6 +78,8 @@ pub(crate) struct VdiLive {
     pub(crate) cow: crate::cow_locks::CowLocks,
     pub(crate) writer: AtomicBool,
     pub(crate) open: AtomicUsize,
+    /// I/O counters of every handle of this VDI, since the registry was opened.
+    pub(crate) stats: crate::io_stats::IoCounters,
 }
 
 #[derive(Clone)]
@@ -171,6 +173,8 @@ pub struct Registry {
     pub(crate) reclaim: Arc<crate::reclaim::Signal>,
     /// Signalled when a writable handle is dropped (see [`Registry::open_vdi_within`]).
     pub(crate) writer_gone: (Mutex<()>, parking_lot::Condvar),
+    /// Open handles and their I/O counters.
+    pub(crate) handles: crate::io_stats::Handles,
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -259,6 +263,7 @@ impl Registry {
             state: Mutex::new(state),
             reclaim: Arc::default(),
             writer_gone: (Mutex::new(()), parking_lot::Condvar::new()),
+            handles: Default::default(),
         });
         reg.drop_interrupted_imports()?;
         if !reg.store.lock().is_read_only() {
@@ -838,6 +843,7 @@ fn new_live(id: VdiId, root: BlockAddr, size: u64) -> Arc<VdiLive> {
         cow: crate::cow_locks::CowLocks::new(),
         writer: AtomicBool::new(false),
         open: AtomicUsize::new(0),
+        stats: Default::default(),
     })
 }
 

@@ -36,7 +36,13 @@ pub fn fill(ctx: &mut Ctx<'_>, a: &FillArgs) -> CmdResult {
         } else {
             let format = match a.format {
                 Some(f) => f,
-                None => qemu::sniff_file(&a.image).map_err(unchanged)?,
+                None => {
+                    let found = qemu::sniff_file(&a.image).map_err(unchanged)?;
+                    if found != ImageFormat::Raw {
+                        qemu::refuse_external_files(&a.image, found).map_err(unchanged)?;
+                    }
+                    found
+                }
             };
             if format == ImageFormat::Raw {
                 let progress = Progress::new(ctx.err_is_terminal, ctx.term_width, "importing", meta.len());
@@ -175,12 +181,19 @@ pub fn export(ctx: &mut Ctx<'_>, a: &ExportArgs) -> CmdResult {
     let result = ctx.reg.export(src, &mut file, &mut |done, total| progress.update(done, total, err));
     progress.finish(ctx.err);
     let stats = result.map_err(|e| Failure::from(e).context(format!("exporting {what} to {out}")))?;
-    file.sync_all().map_err(|e| Failure::system(format!("syncing {out}: {e}")))?;
-    ctx.print(&format!(
+    sync_output(&file, &out)?;
+    let summary = format!(
         "exported {what} to {out}: {} ({} of data)\n",
         format::size(stats.bytes, ctx.exact),
         format::size(stats.data_bytes, ctx.exact)
-    ))?;
+    );
+    // Written to a path that is our own output (`/dev/stdout` on a pipe): the summary must not
+    // land inside the image.
+    if file.metadata().is_ok_and(|m| m.is_file()) {
+        ctx.print(&summary)?;
+    } else {
+        let _ = ctx.err.write_all(summary.as_bytes());
+    }
     Ok(0)
 }
 
@@ -245,7 +258,7 @@ pub fn export_diff(ctx: &mut Ctx<'_>, a: &ExportDiffArgs) -> CmdResult {
         let mut file = File::create(&a.output).map_err(|e| Failure::user(format!("cannot create {out}: {e}")))?;
         let stats =
             reg.export_diff(from, to, &mut file).map_err(|e| Failure::from(e).context(format!("writing {out}")))?;
-        file.sync_all().map_err(|e| Failure::system(format!("syncing {out}: {e}")))?;
+        sync_output(&file, &out)?;
         stats
     };
     // The summary goes to stderr: stdout may be the stream itself.
@@ -288,4 +301,15 @@ pub fn import_diff(ctx: &mut Ctx<'_>, a: &ImportDiffArgs) -> CmdResult {
         stats.to_name.map(|n| format!("; took snapshot '{n}'")).unwrap_or_default()
     ))?;
     Ok(0)
+}
+
+/// Makes a written file durable; a pipe or terminal named as a path (`/dev/stdout`) has nothing
+/// to sync.
+fn sync_output(file: &File, name: &str) -> Result<(), Failure> {
+    match file.metadata() {
+        Ok(m) if m.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
+            file.sync_all().map_err(|e| Failure::system(format!("syncing {name}: {e}")))
+        }
+        _ => Ok(()),
+    }
 }

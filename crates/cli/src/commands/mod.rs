@@ -8,6 +8,7 @@ mod manage;
 mod show;
 mod snapshot;
 mod space;
+mod stats;
 mod tree;
 mod vdi_cmds;
 
@@ -95,6 +96,7 @@ pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
         Command::ExportDiff(a) => image::export_diff(ctx, a),
         Command::ImportDiff(a) => image::import_diff(ctx, a),
         Command::Du(a) => space::du(ctx, a),
+        Command::Stats(a) => stats::stats(ctx, a),
         Command::SnapList(a) => snapshot::list(ctx, a),
         Command::Tree(a) => tree::tree(ctx, a),
         Command::Info(a) => show::info(ctx, a),

@@ -117,6 +117,8 @@ struct SnapshotDetailJson {
     used: Option<u64>,
     deleted: bool,
     automatic: bool,
+    name: Option<String>,
+    protected: bool,
     clones: Vec<u32>,
 }
 
@@ -215,6 +217,8 @@ fn snapshot_info(ctx: &mut Ctx<'_>, sid: vdi::SnapshotId, json: bool) -> CmdResu
         used,
         deleted: s.deleted,
         automatic: s.automatic,
+        name: s.name.clone(),
+        protected: s.protected,
         clones: clones_of(ctx.reg, &[sid.0]),
     };
     if json {
@@ -224,10 +228,17 @@ fn snapshot_info(ctx: &mut Ctx<'_>, sid: vdi::SnapshotId, json: bool) -> CmdResu
     let e = ctx.exact;
     let clones = d.clones.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
     let text = format!(
-        "snapshot {}{}\n  of VDI:     {} ('{}')\n  taken:      {}{}\n  size:       {}\n  used:       {}\n  \
+        "snapshot {}{}{}\n  of VDI:     {} ('{}')\n  taken:      {}{}\n  size:       {}\n  used:       {}\n  \
          clones:     {}\n  root block: {}\n",
         d.id,
-        if d.deleted { " (deleted)" } else { "" },
+        d.name.as_ref().map(|n| format!(" '{n}'")).unwrap_or_default(),
+        if d.deleted {
+            " (deleted)"
+        } else if d.protected {
+            " (protected)"
+        } else {
+            ""
+        },
         d.vdi,
         d.vdi_name,
         format::local_time(d.time_ns),

@@ -40,6 +40,10 @@ pub fn rename(ctx: &mut Ctx<'_>, a: &RenameArgs) -> CmdResult {
 pub fn delete(ctx: &mut Ctx<'_>, a: &DeleteArgs) -> CmdResult {
     let id = resolve_vdi(ctx.reg, &a.vdi)?;
     let info = ctx.reg.info(id)?;
+    // Refused anyway: say so before asking.
+    if let Some(p) = ctx.reg.snapshots(id)?.iter().find(|s| !s.deleted && s.protected) {
+        return Err(vdi::VdiError::Protected(p.id).into());
+    }
     if info.snapshots > 0 && !a.yes {
         let question = format!(
             "VDI {id} ('{}') has {} snapshot(s); deleting it deletes them too. Delete? [y/N] ",
