@@ -14,11 +14,13 @@ mod crash_states;
 mod fio;
 mod fuzz;
 mod import;
+mod install;
 mod nbd;
 mod parallaxd;
 mod report;
 mod ring;
 mod servers;
+mod setup;
 mod snapshots;
 mod sys;
 mod torture;
@@ -61,6 +63,12 @@ enum Command {
     BigDelete(big_delete::BigDeleteArgs),
     /// What frequent snapshots cost: `vdi snap` latency, fio with 10 ms snapshots, snap-list and check.
     BenchSnapshots(snapshots::BenchSnapshotsArgs),
+    /// The README's test command: install what the tests drive (as root), then `cargo test --workspace`.
+    Test(setup::TestArgs),
+    /// Install the release binaries, man pages, completions, the systemd unit and a sample config.
+    Install(install::InstallArgs),
+    /// Write the man pages (vdi.1, vdi-*.1, parallaxd.8).
+    Man(install::ManArgs),
 }
 
 /// Flags of `bench-nbd`.
@@ -118,6 +126,9 @@ fn main() -> ExitCode {
         Command::CrashStates(a) => crash_states::run(&a),
         Command::BigDelete(a) => big_delete::run(&a),
         Command::BenchSnapshots(a) => snapshots::run(&a),
+        Command::Test(a) => setup::run(&a),
+        Command::Install(a) => install::run(&a),
+        Command::Man(a) => install::run_man(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

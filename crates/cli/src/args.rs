@@ -162,6 +162,10 @@ pub enum Command {
     #[command(after_help = "Examples:\n  vdi completions bash > /etc/bash_completion.d/vdi\n  \
                             vdi completions zsh > \"${fpath[1]}/_vdi\"\n  vdi completions fish > ~/.config/fish/completions/vdi.fish")]
     Completions(CompletionsArgs),
+    /// Print the names shell completion offers (VDIs, and VDI@SNAPSHOT for named snapshots),
+    /// one per line; nothing if the store does not exist. Used by the completion scripts.
+    #[command(name = "__names", hide = true)]
+    Names,
 }
 
 impl Command {
@@ -193,7 +197,8 @@ impl Command {
             | Command::Stats(_)
             | Command::Du(_)
             | Command::ExportDiff(_)
-            | Command::Completions(_) => false,
+            | Command::Completions(_)
+            | Command::Names => false,
         }
     }
 

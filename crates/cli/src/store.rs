@@ -65,6 +65,19 @@ pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> 
     let create = if exists { None } else { Some(create_options(init)?) };
     let mut opts = OpenOptions { read_only: !command.writes(), wait_for_lock: false, ..OpenOptions::default() };
     let store = match BlockStore::open_path(path, &opts, create.as_ref()) {
+        // A daemon holds its store until it stops: waiting would never end, and the command
+        // should have gone through it. Say why it did not.
+        Err(StoreError::Locked { .. }) if let Some(d) = daemon_holding(path) => {
+            return Err(Failure::user(format!(
+                "parallaxd (pid {}, running as uid {}) serves {shown}, but its control socket is not \
+                 reachable from here ({}): run vdi as uid {} or as root, or set PARALLAX_RUN_DIR to the \
+                 daemon's run directory",
+                d.pid,
+                d.uid,
+                crate::control::control_socket_path(path).display(),
+                d.uid
+            )));
+        }
         Err(StoreError::Locked { .. }) if wait => {
             let _ = writeln!(err, "vdi: waiting for {shown}: another process is using it");
             opts.wait_for_lock = true;
@@ -109,4 +122,35 @@ pub fn remove_new_store(path: &Path, was_empty_file: bool) {
     } else {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The process holding a store's lock.
+struct Holder {
+    pid: u32,
+    uid: u32,
+}
+
+/// The parallaxd process holding the lock on the store at `path`, found in /proc/locks (the
+/// lock is a flock; the kernel lists its owner's pid with the file's device and inode).
+fn daemon_holding(path: &Path) -> Option<Holder> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let want = format!("{:02x}:{:02x}:{}", rustix::fs::major(dev), rustix::fs::minor(dev), meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 24488 fe:00:10551476 0 EOF"
+        if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want.as_str()) {
+            return None;
+        }
+        let pid: u32 = f.get(4)?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "parallaxd" {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()?;
+        Some(Holder { pid, uid })
+    })
 }

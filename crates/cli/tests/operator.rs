@@ -279,3 +279,42 @@ fn with_pipe_fails(env: &Env, args: &[&str], input: Vec<u8>) -> String {
     assert_eq!(out.status.code(), Some(2), "vdi {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8(out.stderr).unwrap()
 }
+
+#[test]
+fn bash_completion_offers_the_stores_vdi_and_snapshot_names() {
+    let env = Env::new();
+    env.ok(&["create", "golden-image", "--size", "1M"]);
+    env.ok(&["create", "scratch", "--size", "1M"]);
+    env.ok(&["snap", "golden-image", "release-1"]);
+    let script = env.ok(&["completions", "bash"]);
+    std::fs::write(env.path("vdi.bash"), script).unwrap();
+    let bin_dir = vdi_bin().parent().unwrap().display().to_string();
+    let complete = |line: &str| -> Vec<String> {
+        let words: Vec<&str> = line.split(' ').collect();
+        let cmd = format!(
+            "source vdi.bash; PATH={bin_dir}:$PATH; COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_LINE='{line}'; \
+             COMP_POINT=${{#COMP_LINE}}; _vdi_with_names vdi '{cur}' '{prev}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            words = words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+            cword = words.len() - 1,
+            cur = words[words.len() - 1],
+            prev = words[words.len() - 2],
+        );
+        let out = Command::new("bash")
+            .args(["-c", &cmd])
+            .current_dir(env.dir.path())
+            .env("PARALLAX_STORE", &env.store)
+            .env("PARALLAX_RUN_DIR", &env.run_dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    };
+    let got = complete("vdi info gol");
+    assert!(got.contains(&"golden-image".to_string()), "{got:?}");
+    assert!(got.contains(&"golden-image@release-1".to_string()), "{got:?}");
+    assert!(!got.contains(&"scratch".to_string()), "{got:?}");
+    let got = complete("vdi snap-list s");
+    assert!(got.contains(&"scratch".to_string()), "{got:?}");
+    // Subcommands still complete.
+    let got = complete("vdi rollb");
+    assert!(got.contains(&"rollback".to_string()), "{got:?}");
+}

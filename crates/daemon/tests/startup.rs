@@ -35,3 +35,53 @@ fn a_port_in_use_fails_the_start_with_one_message() {
     assert!(!out.status.success());
     assert_eq!(std::fs::metadata(&store).unwrap().len(), 0, "an empty file given as the store is left empty");
 }
+
+/// A `vdi` that cannot reach the daemon's control socket (another user, another run directory)
+/// is told who holds the store, at once, even with --wait (waiting for a daemon never ends).
+#[test]
+fn a_vdi_that_cannot_reach_the_daemon_is_told_so_and_does_not_wait_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.dat");
+    // Killed however the test ends.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let daemon = Running(
+        Command::new(env!("CARGO_BIN_EXE_parallaxd"))
+            .arg("--store")
+            .arg(&store)
+            .args(["--nbd", "none"])
+            .env("PARALLAX_RUN_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Ready when its control socket is there.
+    let started = std::time::Instant::now();
+    while !std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.path().extension().is_some_and(|x| x == "sock")) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "parallaxd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let vdi = std::path::Path::new(env!("CARGO_BIN_EXE_parallaxd")).with_file_name("vdi");
+    let elsewhere = dir.path().join("elsewhere");
+    let t = std::time::Instant::now();
+    // Under timeout(1): a vdi that waits forever fails the test (exit 124) instead of hanging it.
+    let out = Command::new("timeout")
+        .arg("10")
+        .arg(&vdi)
+        .arg("--store")
+        .arg(&store)
+        .args(["--wait", "list"])
+        .env("PARALLAX_RUN_DIR", &elsewhere)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("parallaxd (pid {}", daemon.0.id())) && err.contains("control socket"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "it waited");
+}

@@ -107,15 +107,61 @@ pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
         Command::Diff(a) => diff::diff(ctx, a),
         Command::Check(a) => check::check(ctx, a),
         Command::Completions(a) => completions(ctx.out, a.shell),
+        Command::Names => names(ctx),
     }
 }
 
-/// Prints the completion script for `shell`.
+/// Prints the completion script for `shell`: clap's (subcommands and flags) and, for bash and
+/// fish, a hook that offers the store's VDI and snapshot names (`vdi __names`) for arguments.
 pub fn completions(out: &mut dyn Write, shell: clap_complete::Shell) -> CmdResult {
     let mut cmd = <Cli as clap::CommandFactory>::command();
     let mut buf = Vec::new();
     clap_complete::generate(shell, &mut cmd, "vdi", &mut buf);
+    match shell {
+        clap_complete::Shell::Bash => buf.extend_from_slice(BASH_NAMES.as_bytes()),
+        clap_complete::Shell::Fish => buf.extend_from_slice(FISH_NAMES.as_bytes()),
+        _ => {}
+    }
     out.write_all(&buf).map_err(output_error)?;
+    Ok(0)
+}
+
+/// Bash: after clap's completion, an argument that is not a flag also gets the store's names
+/// (the store named by --store on the line, else PARALLAX_STORE, else the default).
+const BASH_NAMES: &str = r#"
+_vdi_with_names() {
+    _vdi "$@"
+    local cur="${COMP_WORDS[COMP_CWORD]}" i store=()
+    [[ $COMP_CWORD -ge 2 && "$cur" != -* ]] || return 0
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        [[ "${COMP_WORDS[i]}" == --store ]] && store=(--store "${COMP_WORDS[i+1]}")
+    done
+    local names
+    names=$(vdi "${store[@]}" __names 2>/dev/null) || return 0
+    local IFS=$'
+'
+    COMPREPLY+=($(compgen -W "$names" -- "$cur"))
+}
+complete -F _vdi_with_names -o nosort -o bashdefault -o default vdi
+"#;
+
+/// Fish: the store's names for any argument after the subcommand.
+const FISH_NAMES: &str = r#"
+complete -c vdi -n 'not __fish_use_subcommand' -f -a '(vdi __names 2>/dev/null)'
+"#;
+
+/// `vdi __names`: VDI names and ids, and `VDI@NAME` of every named snapshot.
+fn names(ctx: &mut Ctx<'_>) -> CmdResult {
+    let mut out = String::new();
+    for v in ctx.reg.list() {
+        out.push_str(&format!("{}\n", v.name));
+        for s in ctx.reg.snapshots(v.id)?.into_iter().filter(|s| !s.deleted) {
+            if let Some(n) = s.name {
+                out.push_str(&format!("{}@{n}\n", v.name));
+            }
+        }
+    }
+    ctx.print(&out)?;
     Ok(0)
 }
 
