@@ -54,9 +54,13 @@ fn images_in_other_formats_are_converted_on_import_and_export() {
         env.ok(&["create", fmt]);
         let out = env.ok(&["fill", fmt, &file]);
         assert!(out.contains("filled"), "{out}");
-        // The VDI holds the disk, not the container's bytes.
+        // The VDI holds the disk, not the container's bytes: qemu-img itself compares the
+        // image with the VDI's raw export.
         let v = env.ok(&["validate", fmt, "base.raw"]);
         assert!(v.starts_with("identical"), "{fmt}: {v}");
+        let back = format!("{fmt}.back.raw");
+        env.ok(&["export", fmt, &back]);
+        qemu_img(&["compare", "-f", fmt, "-F", "raw", &file, &back], dir);
         // The VDI takes the image's virtual size (VHD rounds it up to its disk geometry).
         let size = json(&env.ok(&["info", fmt, "--json"]))["size"].as_u64().unwrap();
         let virtual_size =
@@ -83,38 +87,41 @@ fn images_in_other_formats_are_converted_on_import_and_export() {
     env.ok(&["fill", "over", "over.qcow2", "--format", "qcow2"]);
     assert!(env.ok(&["validate", "over", "base.raw"]).starts_with("identical"));
     // Exporting to a path that is a pipe (/dev/stdout) works like '-'.
-    let piped = env.cmd(&["export", "over", "/dev/stdout"]).stdout(Stdio::piped()).output().unwrap();
-    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
-    assert!(piped.stdout == std::fs::read(env.path("base.raw")).unwrap(), "the export on stdout differs");
+    let exported = env.cmd(&["export", "over", "/dev/stdout"]).stdout(Stdio::piped()).output().unwrap();
+    assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
+    assert!(exported.stdout == std::fs::read(env.path("base.raw")).unwrap(), "the export on stdout differs");
     // A qcow2 image on a pipe cannot be converted: refused, not imported as raw bytes.
-    let mut child = env
-        .cmd(&["fill", "as-raw", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let qcow = std::fs::read(env.path("base.qcow2")).unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&qcow);
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
+    let out = piped(&env, &["fill", "as-raw", "-"], std::fs::read(env.path("base.qcow2")).unwrap());
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("qcow2 image"));
     assert!(env.ok(&["check", "--json"]).contains("\"clean\": true"));
 }
 
 /// Runs `vdi ARGS` with `input` on a pipe as its standard input.
-fn with_pipe(env: &Env, args: &[&str], input: Vec<u8>) -> String {
+fn piped(env: &Env, args: &[&str], input: Vec<u8>) -> std::process::Output {
     let mut child = env.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    // The command may stop reading early (a refused stream): a broken pipe is its answer.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
     let out = child.wait_with_output().unwrap();
     feeder.join().unwrap();
+    out
+}
+
+/// [`piped`], which must succeed; returns stdout.
+fn with_pipe(env: &Env, args: &[&str], input: Vec<u8>) -> String {
+    let out = piped(env, args, input);
     assert!(out.status.success(), "vdi {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// [`piped`], which must fail with a user error; returns stderr.
+fn with_pipe_fails(env: &Env, args: &[&str], input: Vec<u8>) -> String {
+    let out = piped(env, args, input);
+    assert_eq!(out.status.code(), Some(2), "vdi {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
 }
 
 #[test]
@@ -266,18 +273,6 @@ fn export_diff_and_import_diff_replay_a_backup_on_a_second_store() {
         assert!(same_bytes(&env.path("a.raw"), &backup.path("b.raw")), "{snap} differs on the second store");
     }
     assert!(backup.ok(&["check", "--json"]).contains("\"clean\": true"));
-}
-
-fn with_pipe_fails(env: &Env, args: &[&str], input: Vec<u8>) -> String {
-    let mut child = env.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    assert_eq!(out.status.code(), Some(2), "vdi {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8(out.stderr).unwrap()
 }
 
 #[test]

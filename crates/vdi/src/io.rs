@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 use blockdev::{BlockDevice, DevError, DevResult, Extent, ExtentKind, check_range};
 use blockstore::{BLOCK_SIZE, BlockAddr, BlockStore};
@@ -279,7 +278,7 @@ impl SnapshotDisk {
 
     /// Says who uses this handle (e.g. `tcp:127.0.0.1:50312`), for `vdi stats` and metrics.
     pub fn set_client(&self, client: &str) {
-        *self.handle.client.lock() = client.to_string();
+        self.handle.set_client(client);
     }
 
     /// What this handle did so far.
@@ -288,10 +287,7 @@ impl SnapshotDisk {
     }
 
     fn meter<T>(&self, op: IoOp, bytes: usize, f: impl FnOnce() -> DevResult<T>) -> DevResult<T> {
-        let t = Instant::now();
-        let r = f();
-        self.handle.counters.record(op, bytes as u64, t.elapsed(), r.is_ok());
-        r
+        self.handle.meter(None, op, bytes, f)
     }
 }
 
@@ -303,7 +299,7 @@ impl VdiDisk {
 
     /// Says who uses this handle (e.g. `tcp:127.0.0.1:50312`), for `vdi stats` and metrics.
     pub fn set_client(&self, client: &str) {
-        *self.handle.client.lock() = client.to_string();
+        self.handle.set_client(client);
     }
 
     /// What this handle did so far.
@@ -313,12 +309,7 @@ impl VdiDisk {
 
     /// Runs one operation, counting it for this handle and for the VDI.
     fn meter<T>(&self, op: IoOp, bytes: usize, f: impl FnOnce() -> DevResult<T>) -> DevResult<T> {
-        let t = Instant::now();
-        let r = f();
-        let took = t.elapsed();
-        self.handle.counters.record(op, bytes as u64, took, r.is_ok());
-        self.live.stats.record(op, bytes as u64, took, r.is_ok());
-        r
+        self.handle.meter(Some(&self.live.stats), op, bytes, f)
     }
 
     fn store(&self) -> &BlockStore {

@@ -133,6 +133,29 @@ pub(crate) struct HandleStats {
     pub(crate) counters: IoCounters,
 }
 
+impl HandleStats {
+    pub(crate) fn set_client(&self, client: &str) {
+        *self.client.lock() = client.to_string();
+    }
+
+    /// Runs one operation `f`, counting it for this handle and in `also` (its VDI's counters).
+    pub(crate) fn meter<T, E>(
+        &self,
+        also: Option<&IoCounters>,
+        op: IoOp,
+        bytes: usize,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let t = Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        for c in std::iter::once(&self.counters).chain(also) {
+            c.record(op, bytes as u64, took, r.is_ok());
+        }
+        r
+    }
+}
+
 /// What one handle did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HandleReport {
