@@ -36,6 +36,15 @@ fn base_image(env: &Env, name: &str) {
     std::fs::write(&path, img).unwrap();
 }
 
+/// A scratch store with VDI `name` filled from `base.raw` ([`base_image`]).
+fn filled(name: &str) -> Env {
+    let env = Env::new();
+    base_image(&env, "base.raw");
+    env.ok(&["create", name]);
+    env.ok(&["fill", name, "base.raw"]);
+    env
+}
+
 #[test]
 fn images_in_other_formats_are_converted_on_import_and_export() {
     let env = Env::new();
@@ -139,10 +148,7 @@ fn fill_reads_standard_input_and_pipes() {
 
 #[test]
 fn a_clone_refilled_with_a_near_copy_of_its_parent_keeps_sharing() {
-    let env = Env::new();
-    base_image(&env, "base.raw");
-    env.ok(&["create", "golden"]);
-    env.ok(&["fill", "golden", "base.raw"]);
+    let env = filled("golden");
     let snap = env.ok(&["snap", "golden", "release"]).trim().to_string();
     env.ok(&["create", "vm", "--from", "golden@release"]);
     // The new image differs in two places: 8 KiB at 2 MiB and one byte at 9 MiB.
@@ -167,10 +173,7 @@ fn a_clone_refilled_with_a_near_copy_of_its_parent_keeps_sharing() {
 
 #[test]
 fn rollback_names_protection_resize_and_delete_confirmation() {
-    let env = Env::new();
-    base_image(&env, "base.raw");
-    env.ok(&["create", "db"]);
-    env.ok(&["fill", "db", "base.raw"]);
+    let env = filled("db");
     let id = json(&env.ok(&["info", "db", "--json"]))["id"].clone();
     let s = env.ok(&["snap", "db", "before-upgrade"]).trim().to_string();
     env.fails(&["snap", "db", "before-upgrade"], 2, "already has a snapshot named");
@@ -214,10 +217,7 @@ fn rollback_names_protection_resize_and_delete_confirmation() {
 
 #[test]
 fn map_agrees_with_qemu_img_map_of_the_export() {
-    let env = Env::new();
-    base_image(&env, "base.raw");
-    env.ok(&["create", "a"]);
-    env.ok(&["fill", "a", "base.raw"]);
+    let env = filled("a");
     let ours = json(&env.ok(&["map", "a", "--json"]));
     let data: Vec<(u64, u64)> = ours
         .as_array()
@@ -241,10 +241,7 @@ fn map_agrees_with_qemu_img_map_of_the_export() {
 
 #[test]
 fn export_diff_and_import_diff_replay_a_backup_on_a_second_store() {
-    let env = Env::new();
-    base_image(&env, "base.raw");
-    env.ok(&["create", "db"]);
-    env.ok(&["fill", "db", "base.raw"]);
+    let env = filled("db");
     env.ok(&["snap", "db", "mon"]);
     let mut img = std::fs::read(env.path("base.raw")).unwrap();
     img[5 << 20..(5 << 20) + 4096].fill(7);
