@@ -123,35 +123,69 @@ pub fn virtual_size(path: &Path, format: ImageFormat) -> Result<u64, Failure> {
 }
 
 /// Refuses an image whose format was only recognised (not named with `--format`) if it would
-/// make qemu-img read other files: a qcow2 (or other) backing file, or a VMDK descriptor's
-/// extents. A raw disk a guest wrote can start with such a header; importing it must not read
-/// a host file the guest named. Naming the format says the image is trusted to be what it
-/// looks like.
+/// make qemu-img read other files: a qcow2 backing file or external data file, a VMDK
+/// descriptor's extents. A raw disk a guest wrote can start with such a header; importing it
+/// must not read a host file the guest named. Naming the format says the image is trusted to
+/// be what it looks like.
+///
+/// qcow2 and text VMDK descriptors are judged from their own bytes (qemu-img would open the
+/// files they name — a FIFO there would hang the probe); a binary VMDK is asked of
+/// `qemu-img info`. VHDX, VDI and VPC images name no other file qemu opens.
 pub fn refuse_external_files(path: &Path, format: ImageFormat) -> Result<(), Failure> {
-    let mut cmd = qemu_img();
-    cmd.args(["info", "--output=json", "-f", format.qemu_name()]).arg(path);
-    let out = run(cmd, &format!("reading {} as {}", path.display(), format.qemu_name()))?;
-    let v: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| Failure::system(format!("qemu-img info gave output that is not JSON: {e}")))?;
-    let backing = v.get("full-backing-filename").or_else(|| v.get("backing-filename")).and_then(|b| b.as_str());
-    let extents: Vec<String> = v
-        .pointer("/format-specific/data/extents")
-        .and_then(|e| e.as_array())
-        .map(|list| {
-            list.iter().filter_map(|x| x.get("filename").and_then(|f| f.as_str()).map(str::to_string)).collect()
-        })
-        .unwrap_or_default();
-    let own = std::fs::canonicalize(path).ok();
-    let elsewhere = extents.into_iter().find(|f| std::fs::canonicalize(f).ok() != own);
-    match backing.map(str::to_string).or(elsewhere) {
-        None => Ok(()),
-        Some(file) => Err(Failure::user(format!(
-            "{} looks like a {} image that reads another file ({file}); if it is one, say so with \
+    use std::os::unix::fs::FileExt;
+    let refuse = |what: &str| -> Result<(), Failure> {
+        Err(Failure::user(format!(
+            "{} looks like a {} image that reads another file ({what}); if it is one, say so with \
              `--format {}` (the other file is read too); to import its bytes as they are, `--format raw`",
             path.display(),
             format.qemu_name(),
             format.qemu_name()
-        ))),
+        )))
+    };
+    let f = std::fs::File::open(path).map_err(|e| Failure::user(format!("cannot open {}: {e}", path.display())))?;
+    let mut head = [0u8; 512];
+    let n = f.read_at(&mut head, 0).map_err(|e| Failure::user(format!("cannot read {}: {e}", path.display())))?;
+    let head = &head[..n];
+    let be64 = |at: usize| head.get(at..at + 8).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
+    let be32 = |at: usize| head.get(at..at + 4).map_or(0, |b| u32::from_be_bytes(b.try_into().unwrap_or([0; 4])));
+    match format {
+        ImageFormat::Qcow2 => {
+            // Header: version at 4, backing_file_offset at 8, backing_file_size at 16; from
+            // version 3, incompatible_features at 72, whose bit 2 is "external data file".
+            if be64(8) != 0 && be32(16) != 0 {
+                return refuse("a backing file");
+            }
+            if be32(4) >= 3 && be64(72) & (1 << 2) != 0 {
+                return refuse("an external data file");
+            }
+            Ok(())
+        }
+        ImageFormat::Vmdk if head.starts_with(b"# Disk DescriptorFile") => {
+            refuse("the extent files its descriptor names")
+        }
+        ImageFormat::Vmdk => {
+            let mut cmd = qemu_img();
+            cmd.args(["info", "--output=json", "-f", "vmdk"]).arg(path);
+            let out = run(cmd, &format!("reading {} as vmdk", path.display()))?;
+            let v: serde_json::Value = serde_json::from_slice(&out)
+                .map_err(|e| Failure::system(format!("qemu-img info gave output that is not JSON: {e}")))?;
+            if v.get("backing-filename").is_some() {
+                return refuse("a parent image");
+            }
+            let own = std::fs::canonicalize(path).ok();
+            let other = v
+                .pointer("/format-specific/data/extents")
+                .and_then(|e| e.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.get("filename").and_then(|f| f.as_str()))
+                .find(|f| std::fs::canonicalize(f).ok() != own);
+            match other {
+                Some(file) => refuse(file),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
     }
 }
 

@@ -95,6 +95,14 @@ fn images_in_other_formats_are_converted_on_import_and_export() {
     env.fails(&["fill", "over", "over.qcow2"], 2, "reads another file");
     env.ok(&["fill", "over", "over.qcow2", "--format", "qcow2"]);
     assert!(env.ok(&["validate", "over", "base.raw"]).starts_with("identical"));
+    // The same for an external data file, and for a VMDK descriptor (which names its extents;
+    // judged from its own bytes, so a FIFO among them cannot hang the probe).
+    std::fs::write(env.path("host-secret"), b"a host file the image names").unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "data_file=host-secret,data_file_raw=on", "df.qcow2", "1M"], dir);
+    env.fails(&["fill", "over", "df.qcow2"], 2, "external data file");
+    qemu_img(&["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "flat.vmdk", "1M"], dir);
+    env.fails(&["fill", "over", "flat.vmdk"], 2, "extent files");
+    assert!(env.ok(&["validate", "over", "base.raw"]).starts_with("identical"), "refusals change nothing");
     // Exporting to a path that is a pipe (/dev/stdout) works like '-'.
     let exported = env.cmd(&["export", "over", "/dev/stdout"]).stdout(Stdio::piped()).output().unwrap();
     assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));

@@ -86,7 +86,12 @@ impl Registry {
         let dev = self.open_source(to)?;
         let size = dev.size();
         let name_of = |s: SnapshotId| self.snapshot_info(s).ok().and_then(|i| i.name);
-        let from_name = from.and_then(name_of);
+        // The importer finds the base by name: a diff from an unnamed snapshot would look
+        // like a whole disk and apply on top of anything.
+        let from_name = match from {
+            None => None,
+            Some(f) => Some(name_of(f).ok_or(VdiError::UnnamedBase(f))?),
+        };
         let to_name = match to {
             Source::Snapshot(s) => name_of(s),
             Source::Vdi(_) => None,
@@ -193,6 +198,8 @@ impl Registry {
                     r.get(&mut name)?;
                     let name = String::from_utf8(name)
                         .map_err(|_| VdiError::BadDiff("a snapshot name that is not UTF-8".into()))?;
+                    // Checked now, before anything is written, not when the snapshot is taken.
+                    crate::snap_names::check_snapshot_name(&name)?;
                     if tag == b'f' {
                         self.find_snapshot(id, &name)?;
                         stats.from_name = Some(name);
@@ -223,6 +230,12 @@ impl Registry {
                             "range {off}+{len} is out of order, empty or past the disk's end"
                         )));
                     }
+                    // A stream from nothing describes the whole disk: its ranges tile it.
+                    if stats.from_name.is_none() && off != last_end {
+                        return Err(VdiError::BadDiff(format!(
+                            "a stream with no starting snapshot leaves bytes {last_end}..{off} undescribed"
+                        )));
+                    }
                     last_end = off + len;
                     if tag == b'z' {
                         imp.write_zeroes(off, len)?;
@@ -242,6 +255,11 @@ impl Registry {
                     if want != crc_before {
                         return Err(VdiError::BadDiff("checksum mismatch: the stream is damaged".into()));
                     }
+                    // Two streams run together (`cat a b`) must not apply the first alone.
+                    let mut more = [0u8; 1];
+                    if r.inner.read(&mut more).map_err(in_err)? != 0 {
+                        return Err(VdiError::BadDiff("bytes follow the end record".into()));
+                    }
                     break;
                 }
                 other => {
@@ -250,15 +268,18 @@ impl Registry {
             }
         }
         let size = size.ok_or_else(|| VdiError::BadDiff("no size record".into()))?;
+        if stats.from_name.is_none() && last_end != size {
+            return Err(VdiError::BadDiff(format!(
+                "a stream with no starting snapshot leaves bytes {last_end}..{size} undescribed"
+            )));
+        }
         let import = match import {
             Some(i) => i,
             None => self.begin_import_resized(id, size)?,
         };
-        import.commit(size)?;
+        // The data and the ending snapshot land together: nothing writes between them.
+        import.commit_and_snapshot(size, stats.to_name.as_deref())?;
         stats.size = size;
-        if let Some(n) = &stats.to_name {
-            self.snapshot_named(id, n)?;
-        }
         Ok(stats)
     }
 }

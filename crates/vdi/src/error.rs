@@ -24,7 +24,7 @@ pub enum VdiError {
     #[error("a VDI named '{0}' already exists; choose another name or delete it first")]
     NameTaken(String),
     /// The name cannot be a VDI's name.
-    #[error("invalid VDI name '{name}': {why}")]
+    #[error("invalid VDI name '{}': {why}", name.escape_debug())]
     BadName {
         /// The name given.
         name: String,
@@ -42,7 +42,7 @@ pub enum VdiError {
         image: u64,
     },
     /// The name cannot be a snapshot's name.
-    #[error("invalid snapshot name '{name}': {why}")]
+    #[error("invalid snapshot name '{}': {why}", name.escape_debug())]
     BadSnapshotName {
         /// The name given.
         name: String,
@@ -93,6 +93,12 @@ pub enum VdiError {
     /// A diff stream is malformed, damaged or does not fit the VDI.
     #[error("bad diff stream: {0}")]
     BadDiff(String),
+    /// An incremental diff was asked from a snapshot without a name.
+    #[error(
+        "snapshot {0} has no name: an incremental diff names its base so it applies only on top of it; \
+         name it first (`vdi snap-rename @{0} NAME`), on both stores"
+    )]
+    UnnamedBase(SnapshotId),
     /// A size is out of range.
     #[error("invalid size {0}: a VDI holds 1 byte to 256 TiB, in whole 512-byte sectors")]
     BadSize(u64),

@@ -135,11 +135,14 @@ impl Import {
         self.live.id
     }
 
+    /// Refuses writes that end past the VDI. Writes go in whole blocks, so a VDI whose size
+    /// ends inside a block may be written to that block's end (its bytes past the size are
+    /// never shown); whether the image itself fits is checked on its real size.
     fn check_fits(&self, end: u64) -> Result<()> {
-        if end > crate::MAX_VDI_SIZE {
+        if end > crate::MAX_VDI_SIZE.div_ceil(BS) * BS {
             return Err(VdiError::BadSize(end));
         }
-        if self.vdi_size != 0 && end > self.vdi_size {
+        if self.vdi_size != 0 && end > self.vdi_size.div_ceil(BS) * BS {
             return Err(VdiError::ImageTooLarge { vdi: self.live.id, size: self.vdi_size, image: end });
         }
         Ok(())
@@ -270,7 +273,20 @@ impl Import {
     /// of 512; the VDI's own size if it had one, which must then be at least as large).
     /// Everything past the image's end must already read as zeros (see
     /// [`Import::write_zeroes`]).
-    pub fn commit(mut self, size: u64) -> Result<ImportStats> {
+    pub fn commit(self, size: u64) -> Result<ImportStats> {
+        self.commit_and_snapshot(size, None).map(|(stats, _)| stats)
+    }
+
+    /// [`Import::commit`] and, in the same transaction (so nothing can write between them),
+    /// a snapshot of the result named `name`, if given (checked before anything changes).
+    pub fn commit_and_snapshot(
+        mut self,
+        size: u64,
+        name: Option<&str>,
+    ) -> Result<(ImportStats, Option<crate::SnapshotId>)> {
+        if let Some(n) = name {
+            crate::snap_names::check_snapshot_name(n)?;
+        }
         if size == 0 || !size.is_multiple_of(512) || size > crate::MAX_VDI_SIZE {
             return Err(VdiError::BadSize(size));
         }
@@ -280,17 +296,31 @@ impl Import {
         let id = self.live.id;
         let tree = self.tree;
         let _quiet = self.live.io.write();
-        self.reg.transact(|st, meta| {
+        let snapshot = self.reg.transact(|st, meta| {
+            if let Some(n) = name
+                && let Some(other) = st.snapshot_named(id, n)
+            {
+                return Err(VdiError::SnapshotNameTaken { vdi: id, name: n.to_string(), other });
+            }
             let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
             let old = BlockAddr(v.live.root.swap(tree.0, Ordering::AcqRel));
             v.live.size.store(size, Ordering::Release);
             v.pending_root = BlockAddr::NONE;
             write_record(meta, id, v)?;
             radix::defer_release(meta, old)?;
-            Ok(())
+            match name {
+                None => Ok(None),
+                Some(n) => {
+                    let sid = crate::registry::take_snapshot(st, meta, id, false)?;
+                    st.snaps.get_mut(&sid).ok_or_else(|| VdiError::Damaged("new snapshot vanished".into()))?.name =
+                        Some(n.to_string());
+                    crate::snap_names::rewrite(st, meta, id)?;
+                    Ok(Some(sid))
+                }
+            }
         })?;
         self.finished = true;
-        Ok(self.stats)
+        Ok((self.stats, snapshot))
     }
 }
 
@@ -385,6 +415,10 @@ impl Registry {
         }
         let mut import = self.begin_import(id)?;
         let image_bytes = fill_raw(&mut import, input, name, progress)?;
+        // A stream's size is known only now.
+        if import.vdi_size() != 0 && image_bytes > import.vdi_size() {
+            return Err(VdiError::ImageTooLarge { vdi: id, size: import.vdi_size(), image: image_bytes });
+        }
         let size = if import.vdi_size() == 0 { image_bytes.div_ceil(512) * 512 } else { import.vdi_size() };
         if size == 0 {
             return Err(VdiError::BadSize(0));
@@ -565,9 +599,10 @@ impl ImportDevice {
         let mut import =
             self.import.lock().take().ok_or_else(|| VdiError::Damaged("import already finished".into()))?;
         let size = if import.vdi_size() == 0 { self.size.div_ceil(512) * 512 } else { import.vdi_size() };
-        let covered = self.size.div_ceil(BS) * BS;
-        if size > covered {
-            import.write_zeroes(covered, size - covered)?;
+        // The converter wrote the image's bytes and no further: the rest of the VDI, from
+        // the image's exact end, reads as zeros.
+        if size > self.size {
+            import.write_zeroes(self.size, size - self.size)?;
         }
         import.stats.image_bytes = self.size;
         import.commit(size)

@@ -188,8 +188,10 @@ pub(crate) fn damaged(what: impl Into<String>) -> VdiError {
 fn check_name(name: &str) -> Result<()> {
     let why = if name.is_empty() || name.len() > NAME_MAX {
         "use 1 to 255 bytes"
-    } else if name.chars().any(|c| c.is_control()) {
-        "control characters are not allowed"
+    } else if name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+        "control characters (and text-direction overrides) are not allowed"
+    } else if name.trim().is_empty() {
+        "a name cannot be only spaces"
     } else if name.contains('@') {
         "'@' is not allowed: it separates a VDI from a snapshot id, as in golden@5"
     } else if name.parse::<VdiId>().is_ok() {
@@ -198,6 +200,12 @@ fn check_name(name: &str) -> Result<()> {
         return Ok(());
     };
     Err(VdiError::BadName { name: name.to_string(), why })
+}
+
+/// Unicode characters that reorder how text is shown (U+202A–U+202E, U+2066–U+2069): a name
+/// holding one can look like another in a listing.
+pub(crate) fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn check_size(size: u64) -> Result<()> {
@@ -902,7 +910,7 @@ fn set_registry_slot(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAd
     Ok(())
 }
 
-fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) -> Result<SnapshotId> {
+pub(crate) fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) -> Result<SnapshotId> {
     let sid = SnapshotId(meta.user(USER_NEXT_SNAPSHOT).max(1));
     meta.set_user(USER_NEXT_SNAPSHOT, sid.0 + 1)?;
     let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;

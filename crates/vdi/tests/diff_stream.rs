@@ -86,3 +86,76 @@ fn a_damaged_or_truncated_stream_changes_nothing() {
     b.import_diff(target, &mut &full[..]).unwrap();
     assert_eq!(read_all(&b, Source::Vdi(target)), read_all(&a, Source::Snapshot(s)));
 }
+
+/// Rebuilds a stream's end record over `body` (everything before it).
+fn seal(body: &[u8]) -> Vec<u8> {
+    let mut s = body.to_vec();
+    s.push(b'e');
+    s.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    s
+}
+
+fn header(records: &[u8]) -> Vec<u8> {
+    let mut s = vdi::DIFF_MAGIC.to_vec();
+    s.extend_from_slice(&vdi::DIFF_VERSION.to_le_bytes());
+    s.extend_from_slice(records);
+    s
+}
+
+fn name_rec(tag: u8, name: &[u8]) -> Vec<u8> {
+    let mut r = vec![tag];
+    r.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    r.extend_from_slice(name);
+    r
+}
+
+fn range_rec(tag: u8, off: u64, data: &[u8], len: u64) -> Vec<u8> {
+    let mut r = vec![tag];
+    r.extend_from_slice(&off.to_le_bytes());
+    r.extend_from_slice(&len.to_le_bytes());
+    r.extend_from_slice(data);
+    r
+}
+
+#[test]
+fn streams_that_would_apply_wrongly_are_refused_before_anything_changes() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let id = reg.create_vdi("t", Some(SIZE)).unwrap();
+    reg.open_vdi(id, true).unwrap().write_at(0, &vec![5u8; SIZE as usize], false).unwrap();
+    let before = read_all(&reg, Source::Vdi(id));
+    let size = [vec![b's'], SIZE.to_le_bytes().to_vec()].concat();
+    let block = vec![9u8; 4096];
+    let whole = [range_rec(b'w', 0, &block, 4096), range_rec(b'z', 4096, &[], SIZE - 4096)].concat();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // An invalid ending name: refused before the data is written.
+        ("invalid snapshot name", seal(&header(&[name_rec(b't', b"x/y"), size.clone(), whole.clone()].concat()))),
+        ("invalid snapshot name", seal(&header(&[name_rec(b't', b"42"), size.clone(), whole.clone()].concat()))),
+        // No starting snapshot, but only one block described: not a whole disk.
+        ("undescribed", seal(&header(&[size.clone(), range_rec(b'w', 0, &block, 4096)].concat()))),
+        ("undescribed", seal(&header(&[size.clone(), range_rec(b'w', 8192, &block, 4096)].concat()))),
+        // A valid stream followed by more bytes (two streams run together).
+        ("follow the end", [seal(&header(&[size.clone(), whole.clone()].concat())), b"more".to_vec()].concat()),
+    ];
+    for (why, stream) in cases {
+        let err = reg.import_diff(id, &mut &stream[..]).unwrap_err();
+        assert!(err.to_string().contains(why), "{why}: {err}");
+        assert_eq!(read_all(&reg, Source::Vdi(id)), before, "{why}: the VDI changed");
+        assert!(reg.snapshots(id).unwrap().is_empty());
+    }
+    // The same whole-disk stream, well formed, applies.
+    reg.import_diff(id, &mut &seal(&header(&[size, whole].concat()))[..]).unwrap();
+    assert_eq!(&read_all(&reg, Source::Vdi(id))[..4096], &block[..]);
+    reg.reclaim_all(&mut |_, _| {}).unwrap();
+    assert_clean(&reg);
+}
+
+#[test]
+fn an_incremental_diff_needs_a_named_base() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let id = reg.create_vdi("v", Some(SIZE)).unwrap();
+    let s1 = reg.snapshot(id).unwrap();
+    reg.open_vdi(id, true).unwrap().write_at(4096, &[1u8; 4096], false).unwrap();
+    let s2 = reg.snapshot(id).unwrap();
+    let err = reg.export_diff(Some(s1), Source::Snapshot(s2), &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, VdiError::UnnamedBase(s) if s == s1), "{err}");
+}

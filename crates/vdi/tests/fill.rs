@@ -130,3 +130,38 @@ fn an_import_that_fails_leaves_the_vdi_and_its_sharing_as_they_were() {
     reg.reclaim_all(&mut |_, _| {}).unwrap();
     assert_clean(&reg);
 }
+
+#[test]
+fn a_vdi_whose_size_ends_inside_a_block_can_be_filled_again_and_again() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let size = 64 * 4096 + 512;
+    let id = reg.create_vdi("odd", Some(size as u64)).unwrap();
+    let img: Vec<u8> = (0..size).map(|i| (i / 512 % 251) as u8 + 1).collect();
+    let file = write_image(&img);
+    reg.fill(id, file.path(), &mut |_, _| {}).unwrap();
+    let again = reg.fill(id, file.path(), &mut |_, _| {}).unwrap();
+    assert_eq!(again.blocks_written, 0);
+    assert_eq!(contents(&reg, id), img);
+    // One byte more than the VDI is refused, with the image's real size.
+    let mut big = img.clone();
+    big.push(1);
+    let err = reg.fill(id, write_image(&big).path(), &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains(&format!("{} bytes", size + 1)), "{err}");
+    assert_clean(&reg);
+}
+
+#[test]
+fn a_converter_that_writes_a_short_image_leaves_zeros_after_its_exact_end() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let id = reg.create_vdi("a", Some(SIZE)).unwrap();
+    reg.open_vdi(id, true).unwrap().write_at(0, &vec![0xaa; SIZE as usize], false).unwrap();
+    // The image ends 512 bytes into its fifth block; the converter writes just that much.
+    let image = 4 * 4096 + 512;
+    let dev = vdi::ImportDevice::new(reg.begin_import(id).unwrap(), image).unwrap();
+    dev.write_at(0, &vec![0x11; image as usize], false).unwrap();
+    dev.finish().unwrap();
+    let got = contents(&reg, id);
+    assert!(got[..image as usize].iter().all(|&b| b == 0x11));
+    assert!(got[image as usize..].iter().all(|&b| b == 0), "old bytes survive past the image's end");
+    assert_clean(&reg);
+}
