@@ -57,6 +57,14 @@ pub struct Flags {
     /// Metadata blocks to cache in memory (4 KiB each).
     #[arg(long)]
     pub cache_blocks: Option<usize>,
+    /// NBD sessions served at once (connections past the handshake); beyond it a client is
+    /// refused with a message [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// NBD connections still in their handshake at once; when full, a newcomer replaces the
+    /// oldest one that has had a second [default: 128].
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
     /// Serve Prometheus metrics (per-VDI I/O counters and latency, clients, space) over HTTP
     /// at this address, path /metrics (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR")]
@@ -80,6 +88,8 @@ struct FileConfig {
     keep_for: Option<String>,
     cache_blocks: Option<usize>,
     metrics: Option<String>,
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
 }
 
 /// A snapshot schedule and its retention.
@@ -116,6 +126,8 @@ pub struct Config {
     pub cache_blocks: usize,
     /// Address of the Prometheus endpoint, if any.
     pub metrics: Option<SocketAddr>,
+    /// Bounds of the NBD servers.
+    pub nbd_limits: nbd::Limits,
 }
 
 fn duration(s: &str, what: &str) -> Result<Duration> {
@@ -196,6 +208,14 @@ impl Config {
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
             metrics,
+            nbd_limits: {
+                let d = nbd::Limits::default();
+                nbd::Limits {
+                    max_connections: flags.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
+                    max_handshakes: flags.max_handshakes.or(file.max_handshakes).unwrap_or(d.max_handshakes),
+                    ..d
+                }
+            },
         })
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use blockstore::{BlockStore, CreateOptions, OpenOptions};
-use nbd::{Limits, Server};
+use nbd::Server;
 use shutdown::Shutdown;
 use vdi::Registry;
 
@@ -67,13 +67,13 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     if let Some(addr) = config.nbd {
         let l = TcpListener::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?;
         tracing::info!("serving NBD on {}", l.local_addr()?);
-        servers.push(Server::spawn_tcp(l, provider.clone(), Limits::default())?);
+        servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
     }
     if let Some(path) = &config.nbd_socket {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?;
         tracing::info!("serving NBD on unix socket {}", path.display());
-        servers.push(Server::spawn_unix(l, provider.clone(), Limits::default())?);
+        servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
     }
     let rings = match &config.ring_socket {
         Some(path) => {

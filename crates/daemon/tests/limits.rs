@@ -60,6 +60,27 @@ fn hundreds_of_idle_connections_do_not_exhaust_the_daemon() {
     assert_eq!(d.stop().0, 0);
 }
 
+/// The measurement: 64 sockets that never finished the handshake, or 64 idle clients
+/// past it, used to refuse everyone else. Now 200 of each are there while a real client is
+/// served.
+#[test]
+fn idle_clients_do_not_lock_others_out() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let d = Daemon::start(dir, store, &[]);
+    // 200 sessions past the handshake (read-only snapshot exports allow many), idle.
+    let (code, _, err) = d.vdi(&["snap", "disk", "base"]);
+    assert_eq!(code, 0, "{err}");
+    let sessions: Vec<TcpStream> = (0..200).map(|_| raw_connect(d.port, "disk@base")).collect();
+    // 200 sockets that connect and say nothing.
+    let silent: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(("127.0.0.1", d.port)).ok()).collect();
+    // Past the handshake grace, a real client gets in and is served.
+    std::thread::sleep(Duration::from_millis(1100));
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 5 0 4096", "-c", "read -P 5 0 4096"]);
+    drop((sessions, silent));
+    assert_eq!(d.stop().0, 0);
+}
+
 #[test]
 fn a_client_that_never_reads_replies_is_bounded() {
     need("qemu-io");

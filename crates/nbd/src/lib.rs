@@ -58,7 +58,7 @@ use blockdev::BlockDevice;
 
 pub use error::NbdError;
 pub use server::Server;
-pub use stream::{NbdStream, serve_connection};
+pub use stream::{NbdStream, serve_connection, serve_connection_then};
 
 /// What the daemon tells the server about one export, for `NBD_OPT_LIST` and `NBD_OPT_INFO`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -134,8 +134,17 @@ pub trait ExportProvider: Send + Sync {
 /// Resource bounds for the server; every queue and buffer is bounded by these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections a [`Server`] serves at once; further ones are closed on accept.
+    /// Sessions (connections past the handshake) a [`Server`] serves at once; a client that
+    /// asks for an export beyond this is refused with a message (`NBD_REP_ERR_POLICY`). Idle
+    /// VMs hold sessions legitimately, so this is large.
     pub max_connections: usize,
+    /// Connections still in the handshake at once. When a new client finds them all taken, the
+    /// oldest handshake that has run for at least [`Limits::handshake_grace`] is dropped to make
+    /// room (a client that connects and says nothing cannot lock others out); if none has, the
+    /// new client is closed.
+    pub max_handshakes: usize,
+    /// How long a handshake is safe from being dropped for a newcomer.
+    pub handshake_grace: Duration,
     /// Requests of one connection queued or executing at once.
     pub max_in_flight_per_conn: usize,
     /// Threads executing the requests of one connection.
@@ -154,7 +163,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 64,
+            max_connections: 1024,
+            max_handshakes: 128,
+            handshake_grace: Duration::from_secs(1),
             max_in_flight_per_conn: 64,
             workers_per_conn: 4,
             max_request_bytes: 32 << 20,
@@ -171,6 +182,8 @@ impl Limits {
         let max_request_bytes = self.max_request_bytes.clamp(64 << 10, 1 << 30);
         Limits {
             max_connections: self.max_connections.max(1),
+            max_handshakes: self.max_handshakes.max(1),
+            handshake_grace: self.handshake_grace,
             max_in_flight_per_conn: self.max_in_flight_per_conn.max(1),
             workers_per_conn: self.workers_per_conn.clamp(1, 256),
             max_request_bytes,

@@ -11,7 +11,7 @@ use std::thread::{self, JoinHandle};
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::{ExportProvider, Limits, NbdStream, serve_connection};
+use crate::{ExportProvider, Limits, NbdStream};
 
 /// A running NBD server: an accept thread plus one thread per connection.
 ///
@@ -31,11 +31,46 @@ struct Shared {
     idle: Condvar,
 }
 
-/// Live connections, each with a way to stop reading from it.
+/// Live connections, each with a way to stop it and where it is in its life.
 #[derive(Default)]
 struct Registry {
     next_id: u64,
-    live: HashMap<u64, Box<dyn Fn() + Send>>,
+    live: HashMap<u64, Conn>,
+}
+
+/// One live connection.
+struct Conn {
+    /// Shuts its socket down: `Read` to stop taking requests (in-flight ones are still
+    /// answered), `Both` to end a handshake at once.
+    stop: Box<dyn Fn(Shutdown) + Send>,
+    /// Past the handshake: a session.
+    serving: bool,
+    /// Dropped to make room for a newcomer; its thread is finishing.
+    evicted: bool,
+    /// When it was accepted.
+    since: std::time::Instant,
+}
+
+impl Registry {
+    fn sessions(&self) -> usize {
+        self.live.values().filter(|c| c.serving).count()
+    }
+
+    /// The oldest connection still in its handshake (not evicted), and how many there are.
+    fn handshakes(&self) -> (usize, Option<(u64, std::time::Instant)>) {
+        let mut n = 0;
+        let mut oldest: Option<(u64, std::time::Instant)> = None;
+        for (id, c) in &self.live {
+            if c.serving || c.evicted {
+                continue;
+            }
+            n += 1;
+            if oldest.is_none_or(|(_, t)| c.since < t) {
+                oldest = Some((*id, c.since));
+            }
+        }
+        (n, oldest)
+    }
 }
 
 impl Server {
@@ -106,8 +141,8 @@ impl Server {
             info!(connections = reg.live.len(), "NBD server shutting down");
         }
         self.shared.stopping.trigger();
-        for stop in reg.live.values() {
-            stop();
+        for c in reg.live.values() {
+            (c.stop)(Shutdown::Read);
         }
     }
 
@@ -186,25 +221,53 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, cli
         if shared.stopping.is_raised() {
             return;
         }
-        if reg.live.len() >= shared.limits.max_connections {
-            warn!(max = shared.limits.max_connections, "too many NBD connections; refusing one");
-            let _ = stream.shutdown_stream(Shutdown::Both);
-            return;
+        let (handshaking, oldest) = reg.handshakes();
+        if handshaking >= shared.limits.max_handshakes {
+            // Full of handshakes: the oldest makes room if it has had its grace; a client that
+            // connects and says nothing cannot keep others out.
+            match oldest.filter(|(_, since)| since.elapsed() >= shared.limits.handshake_grace) {
+                Some((old, since)) => {
+                    if let Some(c) = reg.live.get_mut(&old) {
+                        c.evicted = true;
+                        (c.stop)(Shutdown::Both);
+                    }
+                    warn!(
+                        max = shared.limits.max_handshakes,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "NBD handshakes full: dropped the oldest unfinished one for a new client"
+                    );
+                }
+                None => {
+                    warn!(max = shared.limits.max_handshakes, "NBD handshakes full; refusing a new client");
+                    let _ = stream.shutdown_stream(Shutdown::Both);
+                    return;
+                }
+            }
         }
         let id = reg.next_id;
         reg.next_id += 1;
         reg.live.insert(
             id,
-            Box::new(move || {
-                let _ = control.shutdown_stream(Shutdown::Read);
-            }),
+            Conn {
+                stop: Box::new(move |how| {
+                    let _ = control.shutdown_stream(how);
+                }),
+                serving: false,
+                evicted: false,
+                since: std::time::Instant::now(),
+            },
         );
         id
     };
     let sh = shared.clone();
     let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-        let provider = ForClient { inner: &*sh.provider, client: &client };
-        match serve_connection(stream, &provider, &sh.limits) {
+        let provider = ForClient { inner: &*sh.provider, client: &client, shared: &sh };
+        let session_started = || {
+            if let Some(c) = sh.conns.lock().live.get_mut(&id) {
+                c.serving = true;
+            }
+        };
+        match crate::stream::serve_connection_then(stream, &provider, &sh.limits, &session_started) {
             Ok(()) => debug!(id, "NBD connection closed"),
             Err(e) => info!(id, error = %e, "NBD connection ended with an error"),
         }
@@ -220,10 +283,12 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, cli
     }
 }
 
-/// The server's provider as one connection sees it: every open names the client.
+/// The server's provider as one connection sees it: every open names the client, and none
+/// is granted while the server serves its limit of sessions.
 struct ForClient<'a> {
     inner: &'a dyn ExportProvider,
     client: &'a str,
+    shared: &'a Shared,
 }
 
 impl ExportProvider for ForClient<'_> {
@@ -232,10 +297,17 @@ impl ExportProvider for ForClient<'_> {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn blockdev::BlockDevice>, crate::OpenError> {
-        self.inner.open_for(name, self.client)
+        self.open_for(name, self.client)
     }
 
     fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn blockdev::BlockDevice>, crate::OpenError> {
+        let max = self.shared.limits.max_connections;
+        if self.shared.conns.lock().sessions() >= max {
+            warn!(max, client, "NBD sessions full; refusing an export");
+            return Err(crate::OpenError::Refused(format!(
+                "the server already serves its limit of {max} connections; try again later"
+            )));
+        }
         self.inner.open_for(name, client)
     }
 }

@@ -85,6 +85,17 @@ pub fn serve_connection<S: NbdStream>(
     provider: &dyn ExportProvider,
     limits: &Limits,
 ) -> Result<(), NbdError> {
+    serve_connection_then(stream, provider, limits, &|| {})
+}
+
+/// [`serve_connection`], calling `session_started` once the handshake has ended with an
+/// export open (the server counts sessions apart from handshakes).
+pub fn serve_connection_then<S: NbdStream>(
+    stream: S,
+    provider: &dyn ExportProvider,
+    limits: &Limits,
+    session_started: &dyn Fn(),
+) -> Result<(), NbdError> {
     let limits = limits.normalized();
     let control = parking_lot::Mutex::new(stream.clone_stream()?);
     let writer = stream.clone_stream()?;
@@ -102,6 +113,7 @@ pub fn serve_connection<S: NbdStream>(
         Err(e) => Err(e),
         Ok(None) => Ok(()),
         Ok(Some(session)) => {
+            session_started();
             reader.get_mut().deadline = None;
             control.lock().set_read_deadline(None)?;
             let shut = || {

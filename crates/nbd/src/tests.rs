@@ -739,6 +739,8 @@ fn in_flight_limit_is_respected() {
 fn limits_are_normalized() {
     let l = Limits {
         max_connections: 0,
+        max_handshakes: 0,
+        handshake_grace: Duration::ZERO,
         max_in_flight_per_conn: 0,
         workers_per_conn: 0,
         max_request_bytes: 1,
@@ -747,7 +749,7 @@ fn limits_are_normalized() {
         reply_timeout: Duration::ZERO,
     }
     .normalized();
-    assert_eq!((l.max_connections, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1));
+    assert_eq!((l.max_connections, l.max_handshakes, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1, 1));
     assert_eq!(l.max_request_bytes, 64 << 10);
     assert_eq!(l.max_buffered_bytes_per_conn, 64 << 10);
     assert!(!l.handshake_timeout.is_zero());
@@ -772,8 +774,13 @@ fn server_limits_connections_and_shuts_down_gracefully() {
     let mut c1 = connect();
     c1.go("slow", false, false);
     assert_eq!(server.active_connections(), 1);
+    // A second client may handshake, but gets no export while the one session runs.
     let mut c2 = connect();
-    assert!(c2.closed(), "second connection must be refused");
+    c2.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+    let replies = c2.opt(wire::OPT_GO, &go_data("slow", &[]));
+    assert_eq!(replies.last().unwrap().0, wire::REP_ERR_POLICY, "{replies:?}");
+    assert!(String::from_utf8_lossy(&replies.last().unwrap().1).contains("limit of 1"), "{replies:?}");
+    drop(c2);
 
     c1.req(wire::CMD_WRITE, 0, 1, 0, 512, &[3u8; 512]);
     thread::sleep(Duration::from_millis(50));
@@ -785,6 +792,47 @@ fn server_limits_connections_and_shuts_down_gracefully() {
     assert!(slow.log.lock().contains(&"write-end 0".to_string()));
     // The listener is gone: nobody accepts any more.
     assert!(UnixStream::connect(&path).is_err());
+}
+
+/// Clients that connect and never finish the handshake cannot lock others out: when the
+/// handshake slots are full, a newcomer takes the place of the oldest one past its grace.
+#[test]
+fn idle_handshakes_make_room_for_new_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let limits = Limits {
+        max_handshakes: 8,
+        handshake_grace: Duration::from_millis(200),
+        handshake_timeout: Duration::from_secs(600),
+        ..Limits::default()
+    };
+    let server =
+        crate::Server::spawn_unix(listener, TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits).unwrap();
+    // 8 silent clients fill the handshake slots; while they are young, a ninth is closed.
+    let silent: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    let started = std::time::Instant::now();
+    while server.active_connections() < 8 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the silent clients were not accepted");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut early = Client { s: UnixStream::connect(&path).unwrap() };
+    early.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(early.closed(), "a newcomer within the grace is refused");
+    // Past the grace, each newcomer gets in (20 of them, one after the other) and is served.
+    thread::sleep(Duration::from_millis(250));
+    for _ in 0..20 {
+        let mut c = Client { s: UnixStream::connect(&path).unwrap() };
+        c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.go("slow", false, false);
+        c.req(wire::CMD_READ, 0, 7, 0, 512, &[]);
+        assert_eq!(c.simple(), (0, 7));
+        let mut data = [0u8; 512];
+        c.s.read_exact(&mut data).unwrap();
+    }
+    drop(silent);
+    server.shutdown();
+    server.wait();
 }
 
 // ---------------------------------------------------------------- fuzzing
