@@ -70,6 +70,41 @@ impl<S: NbdStream> Read for DeadlineReader<S> {
     }
 }
 
+/// Writes replies, failing with `TimedOut` once one reply (everything from its first write to
+/// the flush that ends it) has taken longer than `limit`. The socket's own send timeout bounds
+/// each wait for buffer space; a client that takes a few bytes now and then would satisfy that
+/// forever (a Unix socket even restarts it inside one `send`). So each `send` is given at most
+/// [`DEADLINE_STEP`] bytes and the reply's age is checked between them: the whole reply is
+/// bounded, at the cost of a system call per 256 KiB, not per write.
+pub(crate) struct DeadlineWriter<S> {
+    inner: S,
+    limit: Duration,
+    /// When the reply being written started; `None` between replies.
+    busy_since: Option<Instant>,
+}
+
+impl<S: Write> Write for DeadlineWriter<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let since = *self.busy_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client has not taken a reply in {:?}", self.limit),
+            ));
+        }
+        self.inner.write(&buf[..buf.len().min(DEADLINE_STEP)])
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()?;
+        self.busy_since = None;
+        Ok(())
+    }
+}
+
+/// Most bytes handed to one `send` by [`DeadlineWriter`].
+const DEADLINE_STEP: usize = 256 << 10;
+
 /// Size of the buffers in front of the socket.
 const STREAM_BUFFER: usize = 64 << 10;
 
@@ -104,7 +139,10 @@ pub fn serve_connection_then<S: NbdStream>(
         STREAM_BUFFER,
         DeadlineReader { inner: stream, deadline: Some(Instant::now() + limits.handshake_timeout) },
     );
-    let mut writer = BufWriter::with_capacity(STREAM_BUFFER, writer);
+    let mut writer = BufWriter::with_capacity(
+        STREAM_BUFFER,
+        DeadlineWriter { inner: writer, limit: limits.reply_timeout, busy_since: None },
+    );
 
     let result = match handshake::negotiate(&mut reader, &mut writer, provider, &limits) {
         Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {

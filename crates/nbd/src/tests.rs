@@ -794,6 +794,32 @@ fn server_limits_connections_and_shuts_down_gracefully() {
     assert!(UnixStream::connect(&path).is_err());
 }
 
+/// A client that takes its reply a few bytes at a time keeps each `send` making progress, so the
+/// socket's per-send timeout never fires; the whole reply has a deadline all the same.
+#[test]
+fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
+    let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+    c.go("slow", false, false);
+    let len = (DISK_SIZE as u32).min(4 << 20);
+    c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
+    // 4 KiB every 50 ms: 80 KiB/s, so the 4 MiB reply would take close to a minute.
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the trickling client was never cut off");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(got < len as usize, "the whole reply arrived");
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off only after {:?}", started.elapsed());
+    assert!(join(t).is_err(), "the connection ends with the timeout as its error");
+}
+
 /// Clients that connect and never finish the handshake cannot lock others out: when the
 /// handshake slots are full, a newcomer takes the place of the oldest one past its grace.
 #[test]
