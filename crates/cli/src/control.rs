@@ -27,15 +27,17 @@ pub fn spawn_control(
     let path = control_socket_path(store);
     tracing::info!("serving vdi commands on {}", path.display());
     std::thread::Builder::new().name("vdi-control-accept".into()).spawn(move || {
-        if let Err(e) = serve(listener, registry_handler(reg), &stop) {
+        if let Err(e) = serve(listener, registry_handler(reg, stop.clone()), &stop) {
             tracing::error!("control socket {}: {e}", path.display());
         }
         let _ = std::fs::remove_file(&path);
     })
 }
 
-/// A [`Handler`] that runs each request with [`crate::execute`] on `reg`.
-pub fn registry_handler(reg: Arc<vdi::Registry>) -> Handler {
+/// A [`Handler`] that runs each request with [`crate::execute`] on `reg`. A command that runs
+/// until told otherwise (`vdi stats --watch`) ends when `stop` is raised, so it never holds up
+/// the daemon's shutdown.
+pub fn registry_handler(reg: Arc<vdi::Registry>, stop: shutdown::Shutdown) -> Handler {
     Arc::new(move |req: &Request, stdin: File, mut stdout: File, mut stderr: File| {
         use std::io::IsTerminal;
         let term = crate::Terminals {
@@ -43,7 +45,7 @@ pub fn registry_handler(reg: Arc<vdi::Registry>) -> Handler {
             stderr: stderr.is_terminal(),
             width: crate::terminal_width(&stderr),
         };
-        crate::execute_on(&reg, req.args.clone(), Some(stdin), &mut stdout, &mut stderr, term)
+        crate::execute_on(&reg, req.args.clone(), Some(stdin), Some(stop.clone()), &mut stdout, &mut stderr, term)
     })
 }
 

@@ -73,18 +73,20 @@ pub fn execute_with_width(
         reg,
         args,
         None,
+        None,
         stdout,
         stderr,
         Terminals { stdout: false, stderr: stderr_is_terminal, width: term_width },
     )
 }
 
-/// [`execute`] with the command's standard input (for `vdi fill VDI -`) and what the streams
-/// are connected to.
+/// [`execute`] with the command's standard input (for `vdi fill VDI -`), the signal that ends
+/// long-running commands (the daemon's stop), and what the streams are connected to.
 pub fn execute_on(
     reg: &Arc<vdi::Registry>,
     args: Vec<String>,
     stdin: Option<std::fs::File>,
+    stop: Option<shutdown::Shutdown>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     term: Terminals,
@@ -100,7 +102,7 @@ pub fn execute_on(
             return e.exit_code();
         }
     };
-    run_parsed(reg, &cli, stdin, stdout, stderr, term)
+    run_parsed(reg, &cli, stdin, stop, stdout, stderr, term)
 }
 
 /// Runs a parsed command on `reg`, printing a failure as `vdi: error: …`.
@@ -108,6 +110,7 @@ fn run_parsed(
     reg: &Arc<vdi::Registry>,
     cli: &Cli,
     stdin: Option<std::fs::File>,
+    stop: Option<shutdown::Shutdown>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     term: Terminals,
@@ -117,6 +120,7 @@ fn run_parsed(
         let mut ctx = Ctx {
             reg,
             stdin,
+            stop,
             out: &mut out,
             out_is_terminal: term.stdout,
             err: stderr,
@@ -196,7 +200,7 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
     }
     let term = Terminals { stdout: stdout.is_terminal(), stderr: stderr.is_terminal(), width: terminal_width(&stderr) };
     let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok().map(std::fs::File::from);
-    let code = run_parsed(&opened.reg, &cli, stdin, &mut stdout, &mut stderr, term);
+    let code = run_parsed(&opened.reg, &cli, stdin, None, &mut stdout, &mut stderr, term);
     if code != 0 && opened.created {
         // The command that would have been the store's first failed: leave no empty store.
         store::remove_new_store(&cli.store, opened.was_empty_file);

@@ -23,7 +23,7 @@ impl Daemon {
         let reg = vdi::Registry::open(Arc::new(store)).expect("registry");
         let listener = control::bind_control_socket_in(&env.run_dir, &env.store).expect("bind");
         let stop = shutdown::Shutdown::new().expect("shutdown");
-        let (h, s) = (control::registry_handler(reg.clone()), stop.clone());
+        let (h, s) = (control::registry_handler(reg.clone(), stop.clone()), stop.clone());
         let thread = std::thread::spawn(move || control::serve(listener, h, &s));
         Daemon { reg, stop, thread: Some(thread) }
     }
@@ -153,4 +153,29 @@ fn execute_runs_against_an_open_registry() {
     assert_eq!(cli::execute(&reg, args(&["--help"]), &mut out, &mut err, false), 0);
     assert!(String::from_utf8_lossy(&out).contains("Usage: vdi"));
     assert_eq!(cli::execute(&reg, args(&["bogus"]), &mut out, &mut err, false), 2);
+}
+
+/// `vdi stats --watch` runs in the daemon until the client goes; a daemon that stops ends it at
+/// once rather than waiting out the interval (the control server waits for its commands).
+#[test]
+fn a_watch_through_the_daemon_ends_when_the_daemon_stops() {
+    use std::io::BufRead;
+    let env = Env::new();
+    env.ok(&["create", "golden", "--size", "1M"]);
+    let daemon = Daemon::start(&env);
+    let mut child = env
+        .cmd(&["stats", "--watch", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first line (this test's daemon has no reclaimer, so the note that counters are not
+    // kept) says the command is running in the daemon.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("note"), "{line}");
+    let t = std::time::Instant::now();
+    daemon.stop();
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "the daemon waited {:?} for the watch", t.elapsed());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }

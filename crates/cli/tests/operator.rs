@@ -223,27 +223,23 @@ fn rollback_names_protection_resize_and_delete_confirmation() {
     assert!(env.ok(&["check", "--json"]).contains("\"clean\": true"));
 }
 
+/// The data extents of a map in `qemu-img map --output=json`'s shape: (start, length).
+fn data_extents(map: &Value) -> Vec<(u64, u64)> {
+    map.as_array()
+        .unwrap_or_else(|| panic!("a map is a JSON array: {map}"))
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
 #[test]
 fn map_agrees_with_qemu_img_map_of_the_export() {
     let env = filled("a");
-    let ours = json(&env.ok(&["map", "a", "--json"]));
-    let data: Vec<(u64, u64)> = ours
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&json(&env.ok(&["map", "a", "--json"])));
     assert_eq!(data, vec![(1 << 20, 3 << 20), (9 << 20, 64 << 10)]);
     env.ok(&["export", "a", "out.raw"]);
-    let theirs = json(&qemu_img(&["map", "--output=json", "-f", "raw", "out.raw"], env.dir.path()));
-    let theirs: Vec<(u64, u64)> = theirs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let theirs = data_extents(&json(&qemu_img(&["map", "--output=json", "-f", "raw", "out.raw"], env.dir.path())));
     assert_eq!(data, theirs);
 }
 

@@ -329,11 +329,7 @@ impl Run {
         let s = self.pos();
         self.reg.rollback(id, sid).expect("rollback");
         let span = (s, self.pos());
-        let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
-        for (h, c) in v.history.iter_mut().zip(content) {
-            h.push(Change { content: c, span });
-        }
-        self.model.barriers.push(span);
+        self.record_whole(id, &content, span);
     }
 
     /// Re-imports VDI `id`'s own contents with `changes` blocks changed (some to zeros): the
@@ -346,44 +342,45 @@ impl Run {
             self.version += 1;
             contents[b] = if k % 4 == 3 { None } else { Some((tag, self.version)) };
         }
-        let image: Vec<u8> = contents.iter().enumerate().flat_map(|(b, c)| block_bytes(*c, b as u64)).collect();
-        let file = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(file.path(), &image).expect("writing the image");
-        let s = self.pos();
-        let stats = self.reg.fill(id, file.path(), &mut |_, _| {}).expect("re-import");
+        let stats = self.fill_with(id, &contents);
         assert!(
             stats.blocks_written <= changes,
             "a re-import wrote {} blocks for {changes} changes",
             stats.blocks_written
         );
-        let span = (s, self.pos());
-        let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
-        for (h, c) in v.history.iter_mut().zip(contents) {
-            h.push(Change { content: c, span });
-        }
-        self.model.barriers.push(span);
     }
 
     /// Imports an image of `blocks` blocks into VDI `id` (an atomic swap of its tree).
     pub fn import(&mut self, id: VdiId, blocks: u64) {
         let tag = self.model.vdis[&id].tag;
+        let contents: Vec<Content> = (0..blocks)
+            .map(|b| {
+                self.version += 1;
+                if b % 3 == 2 { None } else { Some((tag, self.version)) }
+            })
+            .collect();
+        self.fill_with(id, &contents);
+    }
+
+    /// Fills VDI `id` from an image of `contents` (one per block from block 0; the VDI's
+    /// blocks past them read as zeros afterwards) and records it.
+    fn fill_with(&mut self, id: VdiId, contents: &[Content]) -> vdi::ImportStats {
+        let image: Vec<u8> = contents.iter().enumerate().flat_map(|(b, c)| block_bytes(*c, b as u64)).collect();
         let file = tempfile::NamedTempFile::new().expect("temp file");
-        let mut contents = Vec::new();
-        let mut image = Vec::new();
-        for b in 0..blocks {
-            self.version += 1;
-            let c = if b % 3 == 2 { None } else { Some((tag, self.version)) };
-            image.extend_from_slice(&block_bytes(c, b));
-            contents.push(c);
-        }
         std::fs::write(file.path(), &image).expect("writing the image");
         let s = self.pos();
-        self.reg.fill(id, file.path(), &mut |_, _| {}).expect("import");
+        let stats = self.reg.fill(id, file.path(), &mut |_, _| {}).expect("import");
         let span = (s, self.pos());
+        self.record_whole(id, contents, span);
+        stats
+    }
+
+    /// Records that every block of VDI `id` took `contents` (zeros past its end) in one
+    /// operation over `span`, a barrier.
+    fn record_whole(&mut self, id: VdiId, contents: &[Content], span: Span) {
         let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
         for (b, h) in v.history.iter_mut().enumerate() {
-            let c = contents.get(b).copied().flatten();
-            h.push(Change { content: c, span });
+            h.push(Change { content: contents.get(b).copied().flatten(), span });
         }
         self.model.barriers.push(span);
     }

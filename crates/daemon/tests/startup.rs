@@ -50,23 +50,27 @@ fn a_vdi_that_cannot_reach_the_daemon_is_told_so_and_does_not_wait_forever() {
             let _ = self.0.wait();
         }
     }
-    let daemon = Running(
+    let mut daemon = Running(
         Command::new(env!("CARGO_BIN_EXE_parallaxd"))
             .arg("--store")
             .arg(&store)
             .args(["--nbd", "none"])
             .env("PARALLAX_RUN_DIR", dir.path())
+            .env("PARALLAX_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    // Ready when its control socket is there.
-    let started = std::time::Instant::now();
-    while !std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.path().extension().is_some_and(|x| x == "sock")) {
-        assert!(started.elapsed() < std::time::Duration::from_secs(20), "parallaxd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // Ready when it says so (its log, read as it comes; a daemon that dies ends the reading).
+    let log = std::io::BufReader::new(daemon.0.stderr.take().unwrap());
+    let mut lines = std::io::BufRead::lines(log);
+    assert!(
+        lines.by_ref().map_while(Result::ok).any(|l| l.contains("parallaxd ready")),
+        "parallaxd ended without becoming ready"
+    );
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let vdi = std::path::Path::new(env!("CARGO_BIN_EXE_parallaxd")).with_file_name("vdi");
     let elsewhere = dir.path().join("elsewhere");
     let t = std::time::Instant::now();

@@ -836,12 +836,17 @@ fn idle_handshakes_make_room_for_new_clients() {
     let server =
         crate::Server::spawn_unix(listener, TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits).unwrap();
     // 8 silent clients fill the handshake slots; while they are young, a ninth is closed.
-    let silent: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&path).unwrap()).collect();
-    let started = std::time::Instant::now();
-    while server.active_connections() < 8 {
-        assert!(started.elapsed() < Duration::from_secs(5), "the silent clients were not accepted");
-        thread::sleep(Duration::from_millis(5));
-    }
+    // Each has been accepted (and counted) once the server's greeting reaches it.
+    let silent: Vec<Client> = (0..8)
+        .map(|_| {
+            let mut c = Client { s: UnixStream::connect(&path).unwrap() };
+            c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut greeting = [0u8; 18];
+            c.s.read_exact(&mut greeting).expect("greeting");
+            c
+        })
+        .collect();
+    assert_eq!(server.active_connections(), 8);
     let mut early = Client { s: UnixStream::connect(&path).unwrap() };
     early.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(early.closed(), "a newcomer within the grace is refused");

@@ -196,20 +196,7 @@ impl Import {
     /// Stores `data` (whole blocks, all differing from what the tree maps) from virtual block
     /// `first`, in as few allocation runs as the allocator gives.
     fn store_run(&mut self, first: u64, data: &[u8]) -> Result<()> {
-        let store = &self.reg.store;
-        let blocks = data.len() / BLOCK_SIZE;
-        let mut i = 0;
-        while i < blocks {
-            let (addr, got) = crate::io::alloc_run(store, (blocks - i) as u64)?;
-            let got = got as usize;
-            if let Err(e) = store.write_data(addr, 0, &data[i * BLOCK_SIZE..(i + got) * BLOCK_SIZE]) {
-                crate::io::free_run(store, addr, got as u64)?;
-                return Err(e.into());
-            }
-            crate::io::map_run(store, self.tree, (0..got).map(|j| first + (i + j) as u64), addr)?;
-            self.stats.blocks_written += got as u64;
-            i += got;
-        }
+        self.stats.blocks_written += crate::io::store_new_blocks(&self.reg.store, self.tree, first, data)?;
         Ok(())
     }
 

@@ -207,7 +207,7 @@ impl Registry {
         drop(st);
         // Race tests pause here: a delete now must find the VDI open.
         test_point!("vdi::open_vdi::counted");
-        let handle = self.handles.register(Source::Vdi(id), writable);
+        let handle = self.handles.register(Source::Vdi(id), id, writable);
         Ok(VdiDisk { reg: self.clone(), live, writable, handle })
     }
 
@@ -238,9 +238,9 @@ impl Registry {
         let st = self.state.lock();
         let s = st.snap(sid)?;
         s.open.fetch_add(1, Ordering::AcqRel);
-        let (root, size, open) = (s.root, s.size, s.open.clone());
+        let (root, size, open, vdi) = (s.root, s.size, s.open.clone(), s.vdi);
         drop(st);
-        let handle = self.handles.register(Source::Snapshot(sid), false);
+        let handle = self.handles.register(Source::Snapshot(sid), vdi, false);
         Ok(SnapshotDisk { reg: self.clone(), id: sid, root, size, open, handle })
     }
 
@@ -548,10 +548,26 @@ pub(crate) fn zero_beyond_size(store: &BlockStore, live: &VdiLive, from: u64, to
     let mut block = vec![0u8; BLOCK_SIZE];
     read_tree(store, root, vblock * BS, &mut block)?;
     block[(from - vblock * BS) as usize..(to - vblock * BS) as usize].fill(0);
-    let (addr, _) = alloc_run(store, 1)?;
-    if let Err(e) = store.write_data(addr, 0, &block) {
-        free_run(store, addr, 1)?;
-        return Err(e.into());
+    store_new_blocks(store, root, vblock, &block).map(|_| ())
+}
+
+/// Writes `data` (whole blocks) into newly allocated blocks and maps them at virtual blocks
+/// `first..` of the tree at `root`, in as few runs as the allocator gives; each old mapping's
+/// reference is dropped. A block is mapped only after its data is written. Returns the blocks
+/// written.
+pub(crate) fn store_new_blocks(store: &BlockStore, root: BlockAddr, first: u64, data: &[u8]) -> Result<u64> {
+    assert!(data.len().is_multiple_of(BLOCK_SIZE), "whole blocks only");
+    let blocks = data.len() / BLOCK_SIZE;
+    let mut i = 0;
+    while i < blocks {
+        let (addr, got) = alloc_run(store, (blocks - i) as u64)?;
+        let got = got as usize;
+        if let Err(e) = store.write_data(addr, 0, &data[i * BLOCK_SIZE..(i + got) * BLOCK_SIZE]) {
+            free_run(store, addr, got as u64)?;
+            return Err(e.into());
+        }
+        map_run(store, root, (0..got).map(|j| first + (i + j) as u64), addr)?;
+        i += got;
     }
-    map_run(store, root, std::iter::once(vblock), addr)
+    Ok(blocks as u64)
 }

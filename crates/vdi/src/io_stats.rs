@@ -126,6 +126,8 @@ impl IoSnapshot {
 /// One open handle's identity and counters.
 pub(crate) struct HandleStats {
     pub(crate) source: Source,
+    /// The VDI the source belongs to (the snapshot's VDI, for a snapshot).
+    pub(crate) vdi: crate::VdiId,
     pub(crate) writable: bool,
     pub(crate) client: Mutex<String>,
     pub(crate) opened: SystemTime,
@@ -161,6 +163,8 @@ impl HandleStats {
 pub struct HandleReport {
     /// The VDI or snapshot it has open.
     pub source: String,
+    /// The VDI that is, or whose snapshot that is.
+    pub vdi: crate::VdiId,
     /// Opened for writing.
     pub writable: bool,
     /// Who has it open, as the transport describes the client (e.g. `tcp:127.0.0.1:50312`).
@@ -193,9 +197,10 @@ pub struct VdiIoReport {
 pub(crate) struct Handles(Mutex<Vec<Weak<HandleStats>>>);
 
 impl Handles {
-    pub(crate) fn register(&self, source: Source, writable: bool) -> Arc<HandleStats> {
+    pub(crate) fn register(&self, source: Source, vdi: crate::VdiId, writable: bool) -> Arc<HandleStats> {
         let h = Arc::new(HandleStats {
             source,
+            vdi,
             writable,
             client: Mutex::new("local".to_string()),
             opened: SystemTime::now(),
@@ -219,6 +224,7 @@ pub(crate) fn describe_source(src: Source) -> String {
 pub(crate) fn handle_report(h: &HandleStats) -> HandleReport {
     HandleReport {
         source: describe_source(h.source),
+        vdi: h.vdi,
         writable: h.writable,
         client: h.client.lock().clone(),
         opened_unix: h.opened.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),

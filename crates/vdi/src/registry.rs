@@ -188,10 +188,8 @@ pub(crate) fn damaged(what: impl Into<String>) -> VdiError {
 fn check_name(name: &str) -> Result<()> {
     let why = if name.is_empty() || name.len() > NAME_MAX {
         "use 1 to 255 bytes"
-    } else if name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
-        "control characters (and text-direction overrides) are not allowed"
-    } else if name.trim().is_empty() {
-        "a name cannot be only spaces"
+    } else if let Some(why) = unprintable(name) {
+        why
     } else if name.contains('@') {
         "'@' is not allowed: it separates a VDI from a snapshot id, as in golden@5"
     } else if name.parse::<VdiId>().is_ok() {
@@ -202,10 +200,18 @@ fn check_name(name: &str) -> Result<()> {
     Err(VdiError::BadName { name: name.to_string(), why })
 }
 
-/// Unicode characters that reorder how text is shown (U+202A–U+202E, U+2066–U+2069): a name
-/// holding one can look like another in a listing.
-pub(crate) fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+/// What makes `name` unfit to show in a listing, or `None`: control characters, characters
+/// that reorder how text is shown (U+202A–U+202E, U+2066–U+2069: the name could look like
+/// another), or nothing but spaces. Shared by VDI and snapshot names.
+pub(crate) fn unprintable(name: &str) -> Option<&'static str> {
+    let reorders = |c: char| matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if name.chars().any(|c| c.is_control() || reorders(c)) {
+        Some("control characters (and text-direction overrides) are not allowed")
+    } else if name.trim().is_empty() {
+        Some("a name cannot be only spaces")
+    } else {
+        None
+    }
 }
 
 fn check_size(size: u64) -> Result<()> {

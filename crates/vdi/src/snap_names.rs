@@ -15,10 +15,8 @@ use crate::{Result, SnapshotId, VdiError, VdiId};
 pub(crate) fn check_snapshot_name(name: &str) -> Result<()> {
     let why = if name.is_empty() || name.len() > SNAP_NAME_MAX {
         "use 1 to 55 bytes"
-    } else if name.chars().any(|c| c.is_control() || crate::registry::is_bidi_control(c)) {
-        "control characters (and text-direction overrides) are not allowed"
-    } else if name.trim().is_empty() {
-        "a name cannot be only spaces"
+    } else if let Some(why) = crate::registry::unprintable(name) {
+        why
     } else if name.contains('@') || name.contains('/') {
         "'@' and '/' are not allowed: they separate VDIs, snapshots and paths"
     } else if name.parse::<SnapshotId>().is_ok() {

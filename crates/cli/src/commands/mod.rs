@@ -26,6 +26,8 @@ pub struct Ctx<'a> {
     pub reg: &'a Arc<Registry>,
     /// The command's standard input, if it has one (`vdi fill VDI -`).
     pub stdin: Option<std::fs::File>,
+    /// Raised when a long-running command must end (the daemon stops); `None` run by itself.
+    pub stop: Option<shutdown::Shutdown>,
     /// Where results go.
     pub out: &'a mut dyn Write,
     /// `out` is a terminal.

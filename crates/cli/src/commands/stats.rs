@@ -25,22 +25,8 @@ pub struct StatsJson {
 fn collect(ctx: &Ctx<'_>, only: Option<vdi::VdiId>) -> StatsJson {
     let wanted = |v: vdi::VdiId| only.is_none_or(|o| o == v);
     let vdis: Vec<VdiIoReport> = ctx.reg.vdi_io().into_iter().filter(|r| wanted(r.vdi)).collect();
-    let names: Vec<String> = vdis.iter().map(|r| format!("VDI {}", r.vdi)).collect();
-    let clients = ctx
-        .reg
-        .handle_io()
-        .into_iter()
-        .filter(|h| only.is_none() || names.contains(&h.source) || snapshot_of(ctx, &h.source, only))
-        .collect();
+    let clients = ctx.reg.handle_io().into_iter().filter(|h| wanted(h.vdi)).collect();
     StatsJson { daemon: ctx.reg.has_reclaimer(), vdis, clients }
-}
-
-/// True if `source` ("snapshot N") is a snapshot of `vdi`.
-fn snapshot_of(ctx: &Ctx<'_>, source: &str, vdi: Option<vdi::VdiId>) -> bool {
-    let Some(id) = source.strip_prefix("snapshot ").and_then(|s| s.parse::<vdi::SnapshotId>().ok()) else {
-        return false;
-    };
-    ctx.reg.snapshot_info(id).is_ok_and(|i| Some(i.vdi) == vdi)
 }
 
 fn latency(io: &IoSnapshot, q: f64) -> String {
@@ -75,12 +61,19 @@ pub fn stats(ctx: &mut Ctx<'_>, a: &StatsArgs) -> CmdResult {
         return Err(Failure::user("--watch takes 0.1 to 3600 seconds"));
     }
     let every = Duration::from_secs_f64(every);
+    // The next report is due after `every`, unless the daemon stops first (run by itself, the
+    // command ends with the terminal's interrupt).
+    let stop = match ctx.stop.clone() {
+        Some(s) => s,
+        None => shutdown::Shutdown::new().map_err(|e| Failure::system(format!("creating a wait signal: {e}")))?,
+    };
     let mut prev = first;
     let mut at = Instant::now();
     let mut reports = 0u64;
     loop {
-        // A display interval, not a wait for a condition: the next report is due then.
-        std::thread::sleep(every);
+        if stop.wait_timeout(every) {
+            return Ok(0);
+        }
         let now = collect(ctx, only);
         let secs = at.elapsed().as_secs_f64();
         at = Instant::now();
