@@ -73,52 +73,65 @@ impl Daemon {
         (dir, store)
     }
 
-    /// Starts parallaxd on `store` with extra flags and waits until it accepts connections.
+    /// Starts parallaxd on `store` with extra flags and waits until it accepts connections. Its
+    /// log (stderr) goes to `parallaxd.log` in its directory: read it with [`Daemon::log`].
     pub fn start(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
-        Self::start_with(dir, store, extra, Stdio::inherit())
+        let port = free_port();
+        let socket = dir.path().join("nbd.sock");
+        let mut d = Daemon { dir, store, port, socket, child: None };
+        // The setup's own descriptor of the store may live on for an instant in a child that a
+        // parallel test forked (until its exec closes it) and hold the store's lock: then the
+        // daemon says the store is in use, and starting again shortly after succeeds.
+        for attempt in 1.. {
+            let log = std::fs::File::create(d.dir.path().join("parallaxd.log")).expect("log file");
+            let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
+                .arg("--store")
+                .arg(&d.store)
+                .arg("--nbd")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--nbd-socket")
+                .arg(&d.socket)
+                .args(extra)
+                .env("PARALLAX_RUN_DIR", d.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("start parallaxd");
+            d.child = Some(child);
+            match d.wait_listening() {
+                Ok(()) => return d,
+                Err(log) if attempt < 5 && log.contains("is in use by another process") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(log) => panic!("parallaxd exited before listening: {log}"),
+            }
+        }
+        unreachable!()
     }
 
-    /// [`Daemon::start`] with the daemon's log (stderr) in `parallaxd.log` of its directory;
-    /// read it with [`Daemon::log`].
+    /// [`Daemon::start`]; kept for the tests that read the log, to say so.
     pub fn start_logged(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("parallaxd.log")).expect("log file");
-        Self::start_with(dir, store, extra, Stdio::from(log))
+        Self::start(dir, store, extra)
     }
 
-    /// What the daemon logged so far (only for [`Daemon::start_logged`]).
+    /// What the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("parallaxd.log")).unwrap_or_default()
     }
 
-    fn start_with(dir: tempfile::TempDir, store: PathBuf, extra: &[&str], stderr: Stdio) -> Daemon {
-        let port = free_port();
-        let socket = dir.path().join("nbd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
-            .arg("--store")
-            .arg(&store)
-            .arg("--nbd")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--nbd-socket")
-            .arg(&socket)
-            .args(extra)
-            .env("PARALLAX_RUN_DIR", dir.path())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start parallaxd");
-        let mut d = Daemon { dir, store, port, socket, child: Some(child) };
+    /// Waits until the daemon accepts connections; `Err` with its log if it exited first.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            // A daemon that failed to start says why on its stderr; fail at once with that.
-            if let Some(c) = d.child.as_mut()
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("parallaxd exited before listening ({status}): {}", d.log());
+                return Err(format!("({status}) {}", self.log()));
             }
-            assert!(Instant::now() < deadline, "parallaxd did not start listening");
+            assert!(Instant::now() < deadline, "parallaxd did not start listening: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+        Ok(())
     }
 
     /// The daemon's process id.
