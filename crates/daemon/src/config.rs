@@ -65,6 +65,13 @@ pub struct Flags {
     /// oldest one that has had a second [default: 128].
     #[arg(long, value_name = "N")]
     pub max_handshakes: Option<usize>,
+    /// MiB of NBD payload (write data not yet written, read data not yet sent) all
+    /// connections together may hold in memory; a connection needing more waits [default: 1024].
+    #[arg(long, value_name = "MIB")]
+    pub max_buffered_mib: Option<u64>,
+    /// MiB of write data one NBD connection may read ahead of its replies [default: 64].
+    #[arg(long, value_name = "MIB")]
+    pub max_buffered_mib_per_connection: Option<u64>,
     /// Serve Prometheus metrics (per-VDI I/O counters and latency, clients, space) over HTTP
     /// at this address, path /metrics (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR")]
@@ -90,6 +97,8 @@ struct FileConfig {
     metrics: Option<String>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
+    max_buffered_mib: Option<u64>,
+    max_buffered_mib_per_connection: Option<u64>,
 }
 
 /// A snapshot schedule and its retention.
@@ -210,9 +219,18 @@ impl Config {
             metrics,
             nbd_limits: {
                 let d = nbd::Limits::default();
+                let mib = |flag: Option<u64>, key: Option<u64>| flag.or(key).map(|m| m.saturating_mul(1 << 20));
                 nbd::Limits {
                     max_connections: flags.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
                     max_handshakes: flags.max_handshakes.or(file.max_handshakes).unwrap_or(d.max_handshakes),
+                    max_buffered_bytes_per_conn: mib(
+                        flags.max_buffered_mib_per_connection,
+                        file.max_buffered_mib_per_connection,
+                    )
+                    .unwrap_or(d.max_buffered_bytes_per_conn),
+                    // One pool for every NBD server of the daemon (TCP and Unix share it).
+                    buffers: mib(flags.max_buffered_mib, file.max_buffered_mib)
+                        .map_or(d.buffers.clone(), nbd::BufferPool::new),
                     ..d
                 }
             },

@@ -64,6 +64,60 @@ fn qemu_img_convert_both_ways_and_map_shows_holes() {
     assert_eq!(data, vec![(0, 65536), (20 * MIB, 65536)], "{map}");
 }
 
+/// qemu 10 asks for extended headers (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`) and
+/// now gets them: its writes, zeroes, discards, reads and `qemu-img map` all run over them.
+#[test]
+fn qemu_speaks_extended_headers_with_parallaxd() {
+    need("qemu-io");
+    need("qemu-img");
+    let (dir, store) = Daemon::prepare(64 * MIB);
+    let d = Daemon::start_logged(dir, store, &[]);
+    let uri = d.uri("disk");
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x33 0 2M",
+            "-c",
+            "write -z 1M 512k",
+            "-c",
+            "discard 40M 8M",
+            "-c",
+            "write -P 0x44 48M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x33 0 1M",
+            "-c",
+            "read -P 0 1M 512k",
+            "-c",
+            "read -P 0x33 1536k 512k",
+            "-c",
+            "read -P 0x44 48M 64k",
+        ],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    let map = run_ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&map).expect("map JSON");
+    let data: Vec<(u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data.first(), Some(&(0, 2 * MIB)), "{map}");
+    assert_eq!(data.last(), Some(&(48 * MIB, 65536)), "{map}");
+    let log = d.log();
+    let sessions: Vec<&str> = log.lines().filter(|l| l.contains("client entered transmission")).collect();
+    assert!(!sessions.is_empty(), "{log}");
+    assert!(sessions.iter().all(|l| l.contains("extended=true")), "qemu did not get extended headers:\n{log}");
+    assert_eq!(d.stop().0, 0);
+}
+
 #[test]
 fn nbdinfo_lists_vdis_and_snapshots_and_maps_holes() {
     need("nbdinfo");

@@ -81,6 +81,90 @@ fn idle_clients_do_not_lock_others_out() {
     assert_eq!(d.stop().0, 0);
 }
 
+/// The measurement, eight times over: eight clients asking for 32 MiB reads and never
+/// reading the replies took the daemon to 1.06 GB (each worker held a whole reply). Now a
+/// long read pins one 1 MiB piece per worker, all payload comes out of one daemon-wide pool
+/// (256 MiB here), and a connection may read at most 16 MiB of writes ahead of its replies:
+/// with eight such readers and eight writers doing the same, the daemon stays within the pool
+/// and a well-behaved client is served meanwhile.
+#[test]
+fn eight_clients_not_reading_replies_stay_within_the_daemon_wide_bound() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(64 * MIB);
+    with_registry(&store, |r| {
+        for i in 0..8 {
+            r.create_vdi(&format!("w{i}"), Some(32 * MIB)).unwrap();
+        }
+        r.create_vdi("other", Some(16 * MIB)).unwrap()
+    });
+    let d = Daemon::start(dir, store, &["--max-buffered-mib", "256", "--max-buffered-mib-per-connection", "16"]);
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 1 0 64M"]);
+    let (code, _, err) = d.vdi(&["snap", "disk", "base"]);
+    assert_eq!(code, 0, "{err}");
+    let before = d.rss();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut s = raw_connect(d.port, "disk@base");
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        for h in 0..64u64 {
+            if s.write_all(&read_request(h, 0, 32 << 20)).is_err() {
+                break;
+            }
+        }
+        clients.push(s);
+    }
+    for i in 0..8 {
+        let mut s = raw_connect(d.port, &format!("w{i}"));
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        for h in 0..32u64 {
+            let mut req = read_request(h, h << 20, 1 << 20);
+            req[7] = 1; // NBD_CMD_WRITE
+            req.resize(req.len() + (1 << 20), 0x5a);
+            if s.write_all(&req).is_err() {
+                break;
+            }
+        }
+        clients.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let during = d.rss();
+    eprintln!("16 clients not reading replies: RSS {} -> {} MiB", before >> 20, during >> 20);
+    assert!(
+        during < before + 256 * MIB + 64 * MIB,
+        "16 clients not reading their replies grew the daemon by {} MiB (pool: 256 MiB)",
+        (during - before) >> 20
+    );
+    run_ok("qemu-io", &["-f", "raw", &d.uri("other"), "-c", "write -P 2 0 1M", "-c", "read -P 2 0 1M"]);
+    drop(clients);
+    assert_eq!(d.stop().0, 0);
+}
+
+/// 500 clients connected at once, each served: every one reads its own part of a snapshot
+/// while all the others are connected, and gets the right bytes.
+#[test]
+fn five_hundred_clients_are_served_at_once() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(64 * MIB);
+    let d = Daemon::start(dir, store, &[]);
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 0x61 0 32M", "-c", "write -P 0x62 32M 32M"]);
+    let (code, _, err) = d.vdi(&["snap", "disk", "base"]);
+    assert_eq!(code, 0, "{err}");
+    let mut clients: Vec<TcpStream> = (0..500).map(|_| raw_connect(d.port, "disk@base")).collect();
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.write_all(&read_request(i as u64, i as u64 * 128 * 1024, 4096)).unwrap();
+    }
+    for (i, s) in clients.iter_mut().enumerate() {
+        let mut reply = vec![0u8; 16 + 4096];
+        s.read_exact(&mut reply).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "client {i}: error");
+        assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), i as u64);
+        let want = if i * 128 * 1024 < 32 << 20 { 0x61 } else { 0x62 };
+        assert!(reply[16..].iter().all(|&b| b == want), "client {i} read the wrong bytes");
+    }
+    drop(clients);
+    assert_eq!(d.stop().0, 0);
+}
+
 #[test]
 fn a_client_that_never_reads_replies_is_bounded() {
     need("qemu-io");

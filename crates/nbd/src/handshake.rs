@@ -20,8 +20,10 @@ pub(crate) struct Session {
     pub device: Arc<dyn BlockDevice>,
     /// The export name the client used.
     pub name: String,
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (always so with extended headers).
     pub structured: bool,
+    /// Extended headers were negotiated.
+    pub extended: bool,
     /// Context id of `base:allocation` if the client selected it for this export.
     pub allocation_context: Option<u32>,
 }
@@ -31,6 +33,7 @@ pub(crate) struct Session {
 struct State {
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// Export name and whether `base:allocation` was selected by the last SET_META_CONTEXT.
     meta: Option<(String, bool)>,
 }
@@ -141,17 +144,36 @@ pub(crate) fn negotiate<R: Read, W: Write>(
             wire::OPT_INFO | wire::OPT_GO => match info_or_go(w, provider, limits, &st, option, &data)? {
                 Some(session) if option == wire::OPT_GO => {
                     w.flush()?;
-                    info!(export = %session.name, structured = session.structured, "client entered transmission");
+                    info!(
+                        export = %session.name,
+                        structured = session.structured,
+                        extended = session.extended,
+                        "client entered transmission"
+                    );
                     return Ok(Some(session));
                 }
                 _ => Ok(()),
             },
             wire::OPT_STRUCTURED_REPLY => {
-                if data.is_empty() {
+                if !data.is_empty() {
+                    reply_err(w, option, wire::REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                } else if st.extended {
+                    reply_err(w, option, wire::REP_ERR_EXT_HEADER_REQD, "extended headers are already in use")
+                } else {
                     st.structured = true;
                     reply(w, option, wire::REP_ACK, &[])
+                }
+            }
+            wire::OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_err(w, option, wire::REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+                } else if st.extended {
+                    reply_err(w, option, wire::REP_ERR_INVALID, "extended headers were already negotiated")
                 } else {
-                    reply_err(w, option, wire::REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                    // They include structured replies; contexts already chosen stay chosen.
+                    st.extended = true;
+                    st.structured = true;
+                    reply(w, option, wire::REP_ACK, &[])
                 }
             }
             wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => meta_context(w, &mut st, option, &data),
@@ -196,7 +218,7 @@ fn session_for(st: &State, name: &str, device: Arc<dyn BlockDevice>) -> Session 
         Some((export, true)) if st.structured && export == name => Some(ALLOCATION_CONTEXT_ID),
         _ => None,
     };
-    Session { device, name: name.to_owned(), structured: st.structured, allocation_context }
+    Session { device, name: name.to_owned(), structured: st.structured, extended: st.extended, allocation_context }
 }
 
 fn export_name<W: Write>(
@@ -208,6 +230,10 @@ fn export_name<W: Write>(
     let Some(name) = export_name_str(data) else {
         return Err(NbdError::Protocol("export name is not a valid string".into()));
     };
+    if st.extended {
+        // Its reply has no way to confirm the headers; the protocol forbids the pair.
+        return Err(NbdError::Protocol("NBD_OPT_EXPORT_NAME after extended headers; use NBD_OPT_GO".into()));
+    }
     let device = provider.open(name).map_err(|e| {
         warn!(export = name, error = %e, "NBD_OPT_EXPORT_NAME refused; closing");
         NbdError::ExportRefused { name: name.to_owned(), message: e.message().to_owned() }

@@ -2,9 +2,9 @@
 //!
 //! Serves any [`blockdev::BlockDevice`] to standard NBD clients (qemu, libnbd, the Linux
 //! kernel, fio, ...). Supported: the fixed-newstyle handshake with `NBD_OPT_GO`/`INFO`/`LIST`,
-//! structured replies, the `base:allocation` metadata context, and the commands READ, WRITE (with
-//! FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC. Not supported: TLS, extended headers
-//! and the old-style handshake.
+//! structured replies, extended headers (64-bit lengths), the `base:allocation` metadata
+//! context, and the commands READ, WRITE (with FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and
+//! DISC. Not supported: TLS and the old-style handshake.
 //!
 //! A daemon implements [`ExportProvider`] and either hands accepted streams to
 //! [`serve_connection`] or lets a [`Server`] accept on a TCP or Unix listener:
@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod buffers;
 mod error;
 mod handshake;
 mod server;
@@ -56,6 +57,7 @@ use std::time::Duration;
 
 use blockdev::BlockDevice;
 
+pub use buffers::BufferPool;
 pub use error::NbdError;
 pub use server::Server;
 pub use stream::{NbdStream, serve_connection, serve_connection_then};
@@ -138,10 +140,11 @@ pub struct Limits {
     /// asks for an export beyond this is refused with a message (`NBD_REP_ERR_POLICY`). Idle
     /// VMs hold sessions legitimately, so this is large.
     pub max_connections: usize,
-    /// Connections still in the handshake at once. When a new client finds them all taken, the
-    /// oldest handshake that has run for at least [`Limits::handshake_grace`] is dropped to make
-    /// room (a client that connects and says nothing cannot lock others out); if none has, the
-    /// new client is closed.
+    /// Connections still in the handshake at once. When a new client finds them all taken, a
+    /// handshake that has run for at least [`Limits::handshake_grace`] is dropped to make room:
+    /// one of the client address (or Unix uid) with the most handshakes, the oldest of those.
+    /// A client that connects and says nothing cannot lock others out, and one that floods
+    /// pushes out its own. If none has had its grace, the new client is closed.
     pub max_handshakes: usize,
     /// How long a handshake is safe from being dropped for a newcomer.
     pub handshake_grace: Duration,
@@ -152,8 +155,13 @@ pub struct Limits {
     /// Largest READ or WRITE accepted (advertised as the maximum block size). Clamped to
     /// 64 KiB ..= 1 GiB.
     pub max_request_bytes: u32,
-    /// Payload bytes of one connection held in memory at once (at least `max_request_bytes`).
+    /// Write payload bytes one connection may have read ahead of its replies (at least
+    /// `max_request_bytes`).
     pub max_buffered_bytes_per_conn: u64,
+    /// Payload bytes all connections together hold in memory (write data not yet written,
+    /// read data not yet sent). Clones of one `Limits` share the pool, so every server given
+    /// the same limits is bounded together.
+    pub buffers: BufferPool,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
     /// A reply that cannot be sent for this long (client not reading) drops the connection.
@@ -169,7 +177,8 @@ impl Default for Limits {
             max_in_flight_per_conn: 64,
             workers_per_conn: 4,
             max_request_bytes: 32 << 20,
-            max_buffered_bytes_per_conn: 128 << 20,
+            max_buffered_bytes_per_conn: 64 << 20,
+            buffers: BufferPool::default(),
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
         }
@@ -188,6 +197,7 @@ impl Limits {
             workers_per_conn: self.workers_per_conn.clamp(1, 256),
             max_request_bytes,
             max_buffered_bytes_per_conn: self.max_buffered_bytes_per_conn.max(u64::from(max_request_bytes)),
+            buffers: self.buffers.clone(),
             handshake_timeout: self.handshake_timeout.max(Duration::from_millis(1)),
             reply_timeout: self.reply_timeout.max(Duration::from_millis(1)),
         }

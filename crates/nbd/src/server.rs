@@ -49,6 +49,9 @@ struct Conn {
     evicted: bool,
     /// When it was accepted.
     since: std::time::Instant,
+    /// Who it comes from, for fairness: the peer's IP address, or the peer's uid on a Unix
+    /// socket.
+    origin: String,
 }
 
 impl Registry {
@@ -56,20 +59,22 @@ impl Registry {
         self.live.values().filter(|c| c.serving).count()
     }
 
-    /// The oldest connection still in its handshake (not evicted), and how many there are.
-    fn handshakes(&self) -> (usize, Option<(u64, std::time::Instant)>) {
-        let mut n = 0;
-        let mut oldest: Option<(u64, std::time::Instant)> = None;
-        for (id, c) in &self.live {
-            if c.serving || c.evicted {
-                continue;
-            }
-            n += 1;
-            if oldest.is_none_or(|(_, t)| c.since < t) {
-                oldest = Some((*id, c.since));
-            }
+    /// How many connections are in their handshake (not evicted), and which one to drop for a
+    /// newcomer: among those that have had their `grace`, one of the origin with the most
+    /// handshakes, the oldest of those. A client flooding the server with silent sockets thus
+    /// loses its own; another client's slow handshake is not dropped while the flood lasts.
+    fn handshakes(&self, grace: std::time::Duration) -> (usize, Option<(u64, std::time::Instant)>) {
+        let mut per_origin: HashMap<&str, usize> = HashMap::new();
+        for c in self.live.values().filter(|c| !c.serving && !c.evicted) {
+            *per_origin.entry(c.origin.as_str()).or_default() += 1;
         }
-        (n, oldest)
+        let victim = self
+            .live
+            .iter()
+            .filter(|(_, c)| !c.serving && !c.evicted && c.since.elapsed() >= grace)
+            .max_by_key(|(_, c)| (per_origin[c.origin.as_str()], std::cmp::Reverse(c.since)))
+            .map(|(id, c)| (*id, c.since));
+        (per_origin.values().sum(), victim)
     }
 }
 
@@ -83,7 +88,7 @@ impl Server {
             s.set_nonblocking(false)?;
             s.set_nodelay(true)?;
             debug!(%peer, "accepted TCP connection");
-            Ok((s, format!("tcp:{peer}")))
+            Ok((s, format!("tcp:{peer}"), peer.ip().to_string()))
         })
     }
 
@@ -95,16 +100,20 @@ impl Server {
             let (s, _) = listener.accept()?;
             s.set_nonblocking(false)?;
             // The peer's process, as the kernel recorded it at connect time.
-            let client = match rustix::net::sockopt::socket_peercred(&s) {
-                Ok(c) => format!("unix:pid={},uid={}", c.pid.as_raw_nonzero(), c.uid.as_raw()),
-                Err(_) => "unix".to_string(),
+            let (client, origin) = match rustix::net::sockopt::socket_peercred(&s) {
+                Ok(c) => (
+                    format!("unix:pid={},uid={}", c.pid.as_raw_nonzero(), c.uid.as_raw()),
+                    format!("uid:{}", c.uid.as_raw()),
+                ),
+                Err(_) => ("unix".to_string(), "unix".to_string()),
             };
             debug!(%client, "accepted Unix connection");
-            Ok((s, client))
+            Ok((s, client, origin))
         })
     }
 
-    /// Runs `accept` (non-blocking) each time `readable` (the listener) becomes readable.
+    /// Runs `accept` (non-blocking) each time `readable` (the listener) becomes readable; it
+    /// returns the stream, how to name the client in logs, and its origin (for fairness).
     fn spawn<S, A>(
         provider: Arc<dyn ExportProvider>,
         limits: Limits,
@@ -113,7 +122,7 @@ impl Server {
     ) -> io::Result<Server>
     where
         S: NbdStream + 'static,
-        A: FnMut() -> io::Result<(S, String)> + Send + 'static,
+        A: FnMut() -> io::Result<(S, String, String)> + Send + 'static,
     {
         let shared = Arc::new(Shared {
             provider,
@@ -180,7 +189,7 @@ const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100
 fn accept_loop<S, A>(shared: &Arc<Shared>, readable: &OwnedFd, mut accept: A)
 where
     S: NbdStream + 'static,
-    A: FnMut() -> io::Result<(S, String)>,
+    A: FnMut() -> io::Result<(S, String, String)>,
 {
     loop {
         match shared.stopping.wait_readable(readable, None) {
@@ -192,7 +201,7 @@ where
             }
         }
         match accept() {
-            Ok((stream, client)) => start_connection(shared, stream, client),
+            Ok((stream, client, origin)) => start_connection(shared, stream, client, origin),
             // Another wake-up took it, or the client went away before we got to it.
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => {
@@ -208,7 +217,7 @@ where
     debug!("NBD accept loop stopped");
 }
 
-fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, client: String) {
+fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, client: String, origin: String) {
     let control = match stream.clone_stream() {
         Ok(c) => c,
         Err(e) => {
@@ -221,11 +230,11 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, cli
         if shared.stopping.is_raised() {
             return;
         }
-        let (handshaking, oldest) = reg.handshakes();
+        let (handshaking, victim) = reg.handshakes(shared.limits.handshake_grace);
         if handshaking >= shared.limits.max_handshakes {
-            // Full of handshakes: the oldest makes room if it has had its grace; a client that
-            // connects and says nothing cannot keep others out.
-            match oldest.filter(|(_, since)| since.elapsed() >= shared.limits.handshake_grace) {
+            // Full of handshakes: one that has had its grace makes room, from the origin with
+            // the most; a client that connects and says nothing cannot keep others out.
+            match victim {
                 Some((old, since)) => {
                     if let Some(c) = reg.live.get_mut(&old) {
                         c.evicted = true;
@@ -234,7 +243,7 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, cli
                     warn!(
                         max = shared.limits.max_handshakes,
                         waited_ms = since.elapsed().as_millis() as u64,
-                        "NBD handshakes full: dropped the oldest unfinished one for a new client"
+                        "NBD handshakes full: dropped an unfinished one of the busiest origin for a new client"
                     );
                 }
                 None => {
@@ -255,6 +264,7 @@ fn start_connection<S: NbdStream + 'static>(shared: &Arc<Shared>, stream: S, cli
                 serving: false,
                 evicted: false,
                 since: std::time::Instant::now(),
+                origin,
             },
         );
         id

@@ -206,7 +206,7 @@ impl Client {
     }
 
     fn req(&mut self, typ: u16, flags: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
-        let mut b = Request { flags, typ, handle, offset, len }.encode().to_vec();
+        let mut b = Request { flags, typ, handle, offset, len: u64::from(len) }.encode().to_vec();
         b.extend_from_slice(payload);
         self.s.write_all(&b).unwrap();
     }
@@ -228,6 +228,24 @@ impl Client {
 
     fn disc(&mut self) {
         self.req(wire::CMD_DISC, 0, 0, 0, 0, &[]);
+    }
+
+    /// Sends an extended (32-byte) request header and its payload.
+    fn xreq(&mut self, typ: u16, flags: u16, handle: u64, offset: u64, len: u64, payload: &[u8]) {
+        let mut b = Request { flags, typ, handle, offset, len }.encode_extended().to_vec();
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Reads an extended reply chunk; returns it with the offset its header echoes.
+    fn xchunk(&mut self) -> (Chunk, u64) {
+        assert_eq!(self.u32(), wire::EXTENDED_REPLY_MAGIC);
+        let flags = self.u16();
+        let typ = self.u16();
+        let handle = self.u64();
+        let offset = self.u64();
+        let len = self.u64() as usize;
+        (Chunk { flags, typ, handle, payload: self.read_n(len) }, offset)
     }
 }
 
@@ -648,7 +666,8 @@ fn an_oversized_write_gets_einval_and_the_connection_goes_on() {
     // The payload is sent in full (a writer thread: the server skips it as it reads).
     let mut w = c.s.try_clone().unwrap();
     let sender = thread::spawn(move || {
-        let mut b = Request { flags: 0, typ: wire::CMD_WRITE, handle: 1, offset: 0, len }.encode().to_vec();
+        let mut b =
+            Request { flags: 0, typ: wire::CMD_WRITE, handle: 1, offset: 0, len: u64::from(len) }.encode().to_vec();
         b.resize(b.len() + len as usize, 0xaa);
         w.write_all(&b).unwrap();
     });
@@ -745,6 +764,7 @@ fn limits_are_normalized() {
         workers_per_conn: 0,
         max_request_bytes: 1,
         max_buffered_bytes_per_conn: 0,
+        buffers: crate::BufferPool::new(0),
         handshake_timeout: Duration::ZERO,
         reply_timeout: Duration::ZERO,
     }
@@ -752,6 +772,9 @@ fn limits_are_normalized() {
     assert_eq!((l.max_connections, l.max_handshakes, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1, 1));
     assert_eq!(l.max_request_bytes, 64 << 10);
     assert_eq!(l.max_buffered_bytes_per_conn, 64 << 10);
+    assert_eq!(l.buffers.max_bytes(), 1 << 20);
+    assert_eq!(l.buffers, l.clone().normalized().buffers, "clones share one pool");
+    assert_ne!(l.buffers, Limits::default().buffers);
     assert!(!l.handshake_timeout.is_zero());
 }
 
@@ -866,6 +889,274 @@ fn idle_handshakes_make_room_for_new_clients() {
     server.wait();
 }
 
+/// A TCP connection to `to` from the loopback address `from` (any 127.x.y.z works on Linux).
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&fd, &std::net::SocketAddr::from((from, 0))).unwrap();
+    rustix::net::connect(&fd, &to).unwrap();
+    let s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Fairness between clients: when one address floods the handshake slots with silent sockets,
+/// the newcomers it keeps sending push out its own handshakes, not another client's slow one.
+/// (Dropping simply the oldest handshake, as before, dropped the slow client first: red.)
+#[test]
+fn a_flood_from_one_address_evicts_its_own_handshakes() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = Limits {
+        max_handshakes: 8,
+        handshake_grace: Duration::from_millis(100),
+        handshake_timeout: Duration::from_secs(600),
+        ..Limits::default()
+    };
+    let server =
+        crate::Server::spawn_tcp(listener, TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits).unwrap();
+    let greeted = |mut s: std::net::TcpStream| {
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        s
+    };
+    // The slow client, first and so the oldest, then 7 silent sockets from another address.
+    let slow = greeted(connect_from([127, 0, 0, 1], addr));
+    let mut flood: Vec<_> = (0..7).map(|_| greeted(connect_from([127, 0, 0, 2], addr))).collect();
+    // The flood goes on, in waves once the last one has had its grace: each newcomer makes
+    // room by pushing out one of the flood's own.
+    for _ in 0..3 {
+        thread::sleep(Duration::from_millis(150));
+        for _ in 0..7 {
+            flood.push(greeted(connect_from([127, 0, 0, 2], addr)));
+        }
+    }
+    // The slow client finishes its handshake and is served.
+    let mut slow = slow;
+    slow.write_all(&(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
+    let mut opt = wire::IHAVEOPT.to_be_bytes().to_vec();
+    let data = go_data("disk", &[]);
+    opt.extend_from_slice(&wire::OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    slow.write_all(&opt).expect("the slow client's socket is still open");
+    let mut reply = [0u8; 20];
+    slow.read_exact(&mut reply).expect("the slow client was dropped for the flood");
+    assert_eq!(&reply[0..8], &wire::OPT_REPLY_MAGIC.to_be_bytes());
+    drop(flood);
+    drop(slow);
+    server.shutdown();
+    server.wait();
+}
+
+// ---------------------------------------------------------------- extended headers
+
+#[test]
+fn extended_headers_carry_64_bit_lengths() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+    assert_eq!(c.opt(wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
+    assert_eq!(c.opt(wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ERR_INVALID, "twice");
+    assert_eq!(c.opt(wire::OPT_STRUCTURED_REPLY, &[])[0].0, wire::REP_ERR_EXT_HEADER_REQD);
+    assert_eq!(
+        c.opt(wire::OPT_SET_META_CONTEXT, &meta_data("disk", &["base:allocation"]))[0].0,
+        wire::REP_META_CONTEXT
+    );
+    let replies = c.opt(wire::OPT_GO, &go_data("disk", &[]));
+    assert_eq!(replies.last().unwrap().0, wire::REP_ACK);
+
+    // Success without data: a NONE chunk echoing the request's offset.
+    c.xreq(wire::CMD_WRITE, 0, 1, 4096, 4096, &[0xab; 4096]);
+    let (ch, offset) = c.xchunk();
+    assert_eq!((ch.typ, ch.flags, ch.handle, offset), (wire::REPLY_TYPE_NONE, wire::REPLY_FLAG_DONE, 1, 4096));
+    assert!(ch.payload.is_empty());
+
+    c.xreq(wire::CMD_READ, 0, 2, 0, 16384, &[]);
+    let mut covered = Vec::new();
+    loop {
+        let (ch, offset) = c.xchunk();
+        assert_eq!((ch.handle, offset), (2, 0));
+        let at = u64::from_be_bytes(ch.payload[0..8].try_into().unwrap());
+        match ch.typ {
+            wire::REPLY_TYPE_OFFSET_HOLE => {
+                covered.push((at, u64::from(u32::from_be_bytes(ch.payload[8..12].try_into().unwrap())), true))
+            }
+            wire::REPLY_TYPE_OFFSET_DATA => {
+                assert!(ch.payload[8..].iter().all(|&b| b == 0xab));
+                covered.push((at, (ch.payload.len() - 8) as u64, false));
+            }
+            other => panic!("unexpected chunk type {other}"),
+        }
+        if ch.flags & wire::REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert_eq!(covered, vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true)]);
+
+    // Block status in the 64-bit form: context, count, then (length, flags) as u64 pairs.
+    c.xreq(wire::CMD_BLOCK_STATUS, 0, 3, 0, 65536, &[]);
+    let (ch, _) = c.xchunk();
+    assert_eq!((ch.typ, ch.flags), (wire::REPLY_TYPE_BLOCK_STATUS_EXT, wire::REPLY_FLAG_DONE));
+    let words: Vec<u64> = ch.payload[8..].chunks(8).map(|w| u64::from_be_bytes(w.try_into().unwrap())).collect();
+    assert_eq!(&ch.payload[4..8], &3u32.to_be_bytes());
+    assert_eq!(words, vec![4096, 3, 4096, 0, 65536 - 8192, 3]);
+
+    // A 64-bit length is read as one: 5 GiB is past the end of a 1 MiB disk.
+    c.xreq(wire::CMD_WRITE_ZEROES, 0, 4, 0, 5 << 30, &[]);
+    let (ch, _) = c.xchunk();
+    assert_eq!(ch.typ, wire::REPLY_TYPE_ERROR);
+    assert!(String::from_utf8_lossy(&ch.payload[6..]).contains(&(5u64 << 30).to_string()));
+
+    // A payload on a command that takes none is skipped and refused; the stream stays in step.
+    c.xreq(wire::CMD_BLOCK_STATUS, wire::CMD_FLAG_PAYLOAD_LEN, 5, 0, 8, &[7; 8]);
+    let (ch, _) = c.xchunk();
+    assert_eq!((ch.typ, ch.handle), (wire::REPLY_TYPE_ERROR, 5));
+    assert_eq!(&ch.payload[0..4], &wire::EINVAL.to_be_bytes());
+    // WRITE may carry the flag.
+    c.xreq(wire::CMD_WRITE, wire::CMD_FLAG_PAYLOAD_LEN, 6, 0, 512, &[1; 512]);
+    assert_eq!(c.xchunk().0.typ, wire::REPLY_TYPE_NONE);
+    c.xreq(wire::CMD_FLUSH, 0, 7, 0, 0, &[]);
+    assert_eq!(c.xchunk().0.typ, wire::REPLY_TYPE_NONE);
+    c.xreq(wire::CMD_DISC, 0, 8, 0, 0, &[]);
+    assert!(join(t).is_ok());
+}
+
+#[test]
+fn export_name_after_extended_headers_disconnects() {
+    let (mut c, t) = start();
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+    assert_eq!(c.opt(wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
+    c.send_opt(wire::OPT_EXPORT_NAME, b"disk");
+    assert!(c.closed());
+    assert!(matches!(join(t), Err(NbdError::Protocol(_))));
+}
+
+// ---------------------------------------------------------------- memory bounds
+
+/// One 32 MiB disk holding a byte pattern that names each 4 KiB block.
+struct BigDisk(Arc<MemDisk>);
+
+const BIG: u64 = 32 << 20;
+
+impl BigDisk {
+    fn new() -> Arc<Self> {
+        let disk = MemDisk::new(BIG);
+        let mut block = vec![0u8; 4096];
+        for b in 0..BIG / 4096 {
+            block.fill((b % 251) as u8 + 1);
+            disk.write_at(b * 4096, &block, false).unwrap();
+        }
+        Arc::new(BigDisk(Arc::new(disk)))
+    }
+}
+
+impl ExportProvider for BigDisk {
+    fn list(&self) -> Vec<ExportInfo> {
+        vec![ExportInfo::new("big", "")]
+    }
+
+    fn open(&self, _: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
+        Ok(self.0.clone())
+    }
+}
+
+fn check_pattern(at: u64, data: &[u8]) {
+    for (i, b) in data.iter().enumerate() {
+        let block = (at + i as u64) / 4096;
+        assert_eq!(*b, (block % 251) as u8 + 1, "byte {} of the disk", at + i as u64);
+    }
+}
+
+/// A client sends 8 reads of 32 MiB and takes none of the replies: before, each worker held a
+/// whole 32 MiB reply (the daemon grew by 128 MiB per such client); now a long read is read
+/// and sent a piece at a time, so a connection pins at most one piece per worker. Then the
+/// client reads everything, and every byte is right, in both reply forms.
+#[test]
+fn a_client_not_reading_pins_one_piece_per_worker() {
+    for structured in [false, true] {
+        let buffers = crate::BufferPool::new(1 << 30);
+        let limits = Limits { buffers: buffers.clone(), ..Limits::default() };
+        let workers = limits.workers_per_conn as u64;
+        let (mut c, t) = start_with(BigDisk::new(), limits);
+        c.go("big", structured, false);
+        for h in 0..8 {
+            c.req(wire::CMD_READ, 0, h, 0, BIG as u32, &[]);
+        }
+        // Let the workers run into the full socket.
+        thread::sleep(Duration::from_millis(500));
+        let pinned = buffers.peak();
+        assert!(
+            pinned <= workers << 20,
+            "structured={structured}: {} MiB pinned by a client taking no replies",
+            pinned >> 20
+        );
+        if structured {
+            // Chunks of different replies interleave; each reply ends with its DONE chunk.
+            let mut got = HashMap::new();
+            let mut done = 0;
+            while done < 8 {
+                let ch = c.chunk();
+                assert_eq!(ch.typ, wire::REPLY_TYPE_OFFSET_DATA);
+                let at = u64::from_be_bytes(ch.payload[0..8].try_into().unwrap());
+                check_pattern(at, &ch.payload[8..]);
+                *got.entry(ch.handle).or_insert(0u64) += ch.payload.len() as u64 - 8;
+                if ch.flags & wire::REPLY_FLAG_DONE != 0 {
+                    done += 1;
+                }
+            }
+            assert_eq!(got, (0..8).map(|h| (h, BIG)).collect::<HashMap<_, _>>());
+        } else {
+            for _ in 0..8 {
+                let (err, _) = c.simple();
+                assert_eq!(err, 0);
+                check_pattern(0, &c.read_n(BIG as usize));
+            }
+        }
+        c.disc();
+        assert!(join(t).is_ok());
+        assert_eq!(buffers.in_use(), 0);
+        eprintln!("structured={structured}: peak {} KiB held", buffers.peak() >> 10);
+    }
+}
+
+/// Write payloads of every connection come out of one pool: two clients writing to a slow
+/// device never hold more than the pool, and every write lands.
+#[test]
+fn write_payloads_of_all_connections_share_one_bound() {
+    let buffers = crate::BufferPool::new(1 << 20);
+    let limits = Limits { buffers: buffers.clone(), ..Limits::default() };
+    let exports = TestExports::new(SlowDisk::new(None, Duration::from_millis(10)));
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let (mut c, t) = start_with(exports.clone(), limits.clone());
+            c.go("slow", false, false);
+            let writer = thread::spawn(move || {
+                let mut w = c.s.try_clone().unwrap();
+                for h in 0..16u64 {
+                    let mut b =
+                        Request { flags: 0, typ: wire::CMD_WRITE, handle: h, offset: (i * 512) << 10, len: 256 << 10 }
+                            .encode()
+                            .to_vec();
+                    b.resize(b.len() + (256 << 10), i as u8 + 1);
+                    w.write_all(&b).unwrap();
+                }
+                for _ in 0..16 {
+                    assert_eq!(c.simple().0, 0);
+                }
+                c.disc();
+            });
+            (writer, t)
+        })
+        .collect();
+    for (writer, t) in clients {
+        writer.join().unwrap();
+        assert!(join(t).is_ok());
+    }
+    assert!(buffers.peak() <= 1 << 20, "{} KiB held at once", buffers.peak() >> 10);
+    assert!(buffers.peak() >= 256 << 10);
+    assert_eq!(buffers.in_use(), 0);
+}
+
 // ---------------------------------------------------------------- fuzzing
 
 mod fuzz {
@@ -913,7 +1204,7 @@ mod fuzz {
         fn random_requests(reqs in proptest::collection::vec((0u16..10, 0u16..32, 0u64..(2 * DISK_SIZE), 0u32..70_000), 0..16)) {
             let mut bytes = Vec::new();
             for (i, (typ, flags, offset, len)) in reqs.into_iter().enumerate() {
-                bytes.extend_from_slice(&Request { flags, typ, handle: i as u64, offset, len }.encode());
+                bytes.extend_from_slice(&Request { flags, typ, handle: i as u64, offset, len: u64::from(len) }.encode());
                 if typ == wire::CMD_WRITE {
                     bytes.resize(bytes.len() + len as usize, 0x5a);
                 }

@@ -12,18 +12,24 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, trace, warn};
 
+use crate::buffers::{BufferPool, Held};
 use crate::handshake::{Session, read_exact_or_eof};
-use crate::wire::{self, Request};
+use crate::wire::{self, ReplyTo, Request};
 use crate::{Limits, NbdError};
 
 /// Largest range one BLOCK_STATUS asks the device about; the reply may cover less than asked.
+/// Compact replies carry 32-bit lengths; extended ones may describe more at once.
 const BLOCK_STATUS_MAX_QUERY: u64 = 1 << 30;
+const BLOCK_STATUS_MAX_QUERY_EXTENDED: u64 = 1 << 36;
 /// Most descriptors sent in one BLOCK_STATUS reply.
 const BLOCK_STATUS_MAX_EXTENTS: usize = 16 << 10;
 /// Most content chunks in one structured READ reply; more extents are sent as one data chunk.
 const READ_MAX_CHUNKS: usize = 1024;
 /// Size of the zero buffer used when zeroes must really be written.
 const ZERO_BUFFER: usize = 1 << 20;
+/// Most bytes of one READ held in memory at once: a longer read is read and sent piece by
+/// piece, so a client that stops taking its replies pins at most this much per worker.
+pub(crate) const READ_PIECE: u64 = 1 << 20;
 
 /// An error reply: NBD error value and a message for structured replies.
 struct Fail {
@@ -47,12 +53,15 @@ impl From<DevError> for Fail {
 struct Job {
     req: Request,
     payload: Vec<u8>,
+    /// The payload's share of the daemon-wide pool; given back once the payload is written.
+    held: Held,
     /// Arrival order, for flush ordering.
     seq: u64,
     /// Bytes of the connection's buffer budget this job holds.
     cost: u64,
-    /// A write over the size limit whose payload was skipped: answered with EINVAL.
-    oversized: bool,
+    /// Why a payload was skipped instead of read (a write over the size limit, or a payload on
+    /// a command that takes none): the request is answered EINVAL with this.
+    skipped: Option<String>,
 }
 
 fn is_write_like(typ: u16) -> bool {
@@ -117,8 +126,12 @@ struct Conn<'a, W> {
     size: u64,
     read_only: bool,
     structured: bool,
+    /// Extended headers: 32-byte requests and reply headers, 64-bit lengths.
+    extended: bool,
     allocation_context: Option<u32>,
     max_request: u32,
+    /// The daemon-wide bound on payload bytes held.
+    pool: &'a BufferPool,
     writer: Mutex<W>,
     /// Set once a reply could not be sent; nothing more is sent or read.
     broken: AtomicBool,
@@ -142,8 +155,10 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         size: dev.size(),
         read_only: dev.read_only(),
         structured: session.structured,
+        extended: session.extended,
         allocation_context: session.allocation_context,
         max_request: limits.max_request_bytes,
+        pool: &limits.buffers,
         writer: Mutex::new(writer),
         broken: AtomicBool::new(false),
         write_error: Mutex::new(None),
@@ -182,10 +197,11 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
 impl<W: Write + Send> Conn<'_, W> {
     /// The reader: parses requests and queues them until DISC, end of stream or a fatal error.
     fn read_requests<R: Read>(&self, reader: &mut R, tx: Sender<Job>) -> Result<(), NbdError> {
+        let header_len = if self.extended { wire::EXTENDED_REQUEST_LEN } else { wire::REQUEST_LEN };
         let mut seq = 0u64;
         loop {
-            let mut hdr = [0u8; wire::REQUEST_LEN];
-            let got = read_exact_or_eof(reader, &mut hdr);
+            let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
+            let got = read_exact_or_eof(reader, &mut hdr[..header_len]);
             if self.broken.load(Ordering::Acquire) {
                 return Ok(());
             }
@@ -193,28 +209,35 @@ impl<W: Write + Send> Conn<'_, W> {
                 debug!("client closed the connection");
                 return Ok(());
             }
-            let req = Request::decode(&hdr)
-                .map_err(|got| NbdError::BadMagic { expected: u64::from(wire::REQUEST_MAGIC), got: u64::from(got) })?;
+            let req = self.decode(&hdr)?;
             trace!(?req, "request");
-            // A write over the limit: its payload is skipped so the stream stays in step, and
-            // it is answered EINVAL (as qemu-nbd does) instead of closing on a client that
-            // merely asked too much.
-            let oversized = req.typ == wire::CMD_WRITE && req.len > self.max_request;
-            let cost = match req.typ {
-                wire::CMD_DISC => {
-                    debug!("client sent NBD_CMD_DISC");
-                    return Ok(());
-                }
-                wire::CMD_WRITE if !oversized => u64::from(req.len),
-                wire::CMD_READ if req.len <= self.max_request => u64::from(req.len),
-                _ => 0,
+            if req.typ == wire::CMD_DISC {
+                debug!("client sent NBD_CMD_DISC");
+                return Ok(());
+            }
+            // A WRITE carries its length in payload; with extended headers any command may
+            // announce one. A payload this server will not take (a write over the limit, data
+            // on a command that takes none) is skipped so the stream stays in step, and the
+            // request is answered EINVAL (as qemu-nbd does) instead of closing on the client.
+            let has_payload =
+                req.typ == wire::CMD_WRITE || (self.extended && req.flags & wire::CMD_FLAG_PAYLOAD_LEN != 0);
+            let skipped = if !has_payload {
+                None
+            } else if req.typ != wire::CMD_WRITE {
+                Some(format!("command {} takes no payload", req.typ))
+            } else if req.len > u64::from(self.max_request) {
+                Some(format!("write of {} bytes is over the limit of {}", req.len, self.max_request))
+            } else {
+                None
             };
+            let cost = if has_payload && skipped.is_none() { req.len } else { 0 };
             self.budget.acquire(cost);
+            let held = self.pool.take(cost);
             let mut payload = Vec::new();
-            let received = if oversized {
-                crate::handshake::discard(reader, u64::from(req.len))
-            } else if req.typ == wire::CMD_WRITE {
-                payload = vec![0u8; req.len as usize];
+            let received = if skipped.is_some() {
+                crate::handshake::discard(reader, req.len)
+            } else if cost > 0 {
+                payload = vec![0u8; cost as usize];
                 reader.read_exact(&mut payload)
             } else {
                 Ok(())
@@ -226,39 +249,59 @@ impl<W: Write + Send> Conn<'_, W> {
             if is_write_like(req.typ) {
                 self.pending_writes.start(seq);
             }
-            if tx.send(Job { req, payload, seq, cost, oversized }).is_err() {
+            if tx.send(Job { req, payload, held, seq, cost, skipped }).is_err() {
                 return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
             }
             seq += 1;
         }
     }
 
+    /// Decodes a request header of the negotiated kind.
+    fn decode(&self, hdr: &[u8; wire::EXTENDED_REQUEST_LEN]) -> Result<Request, NbdError> {
+        let (decoded, expected) = if self.extended {
+            (Request::decode_extended(hdr), wire::EXTENDED_REQUEST_MAGIC)
+        } else {
+            let mut compact = [0u8; wire::REQUEST_LEN];
+            compact.copy_from_slice(&hdr[..wire::REQUEST_LEN]);
+            (Request::decode(&compact), wire::REQUEST_MAGIC)
+        };
+        decoded.map_err(|got| NbdError::BadMagic { expected: u64::from(expected), got: u64::from(got) })
+    }
+
+    /// Where the replies to `r` go.
+    fn reply_to(&self, r: &Request) -> ReplyTo {
+        ReplyTo { handle: r.handle, offset: r.offset, extended: self.extended }
+    }
+
     /// A worker: executes queued jobs until the queue is closed and empty.
     fn work(&self, rx: Receiver<Job>) {
         for job in rx {
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&job)));
-            if is_write_like(job.req.typ) {
-                self.pending_writes.finish(job.seq);
+            let (req, seq, cost) = (job.req, job.seq, job.cost);
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(job)));
+            if is_write_like(req.typ) {
+                self.pending_writes.finish(seq);
             }
             if outcome.is_err() {
-                error!(?job.req, "request handler panicked; closing the connection");
+                error!(?req, "request handler panicked; closing the connection");
                 self.broken.store(true, Ordering::Release);
                 (self.shut)();
             }
-            self.budget.release(job.cost);
+            self.budget.release(cost);
         }
     }
 
-    fn execute(&self, job: &Job) {
+    fn execute(&self, job: Job) {
         let r = &job.req;
+        if let Some(why) = job.skipped {
+            return self.reply_error(r, Fail::new(wire::EINVAL, why));
+        }
         match r.typ {
             wire::CMD_READ => self.read(r),
-            wire::CMD_WRITE if job.oversized => {
-                let why = format!("write of {} bytes is over the limit of {}", r.len, self.max_request);
-                self.reply_error(r, Fail::new(wire::EINVAL, why));
-            }
             wire::CMD_WRITE => {
                 let res = self.write(r, &job.payload);
+                // The data is on the device: its memory goes back before the reply, which a
+                // client that is slow to read may hold up.
+                drop((job.payload, job.held));
                 self.reply_status(r, res);
             }
             wire::CMD_FLUSH => {
@@ -293,7 +336,7 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     fn check_range(&self, r: &Request, errno: u32) -> Result<(), Fail> {
-        match r.offset.checked_add(u64::from(r.len)) {
+        match r.offset.checked_add(r.len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(Fail::new(
                 errno,
@@ -307,7 +350,7 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     fn write(&self, r: &Request, data: &[u8]) -> Result<(), Fail> {
-        self.check_flags(r, wire::CMD_FLAG_FUA)?;
+        self.check_flags(r, wire::CMD_FLAG_FUA | self.payload_flag())?;
         self.check_writable()?;
         self.check_range(r, wire::ENOSPC)?;
         let fua = r.flags & wire::CMD_FLAG_FUA != 0;
@@ -318,7 +361,7 @@ impl<W: Write + Send> Conn<'_, W> {
         self.check_flags(r, wire::CMD_FLAG_FUA)?;
         self.check_writable()?;
         self.check_range(r, wire::EINVAL)?;
-        match self.dev.discard(r.offset, u64::from(r.len)) {
+        match self.dev.discard(r.offset, r.len) {
             // TRIM is only a hint.
             Ok(()) | Err(DevError::Unsupported(_)) => {}
             Err(e) => return Err(e.into()),
@@ -336,7 +379,7 @@ impl<W: Write + Send> Conn<'_, W> {
         let fast = r.flags & wire::CMD_FLAG_FAST_ZERO != 0;
         let no_hole = r.flags & wire::CMD_FLAG_NO_HOLE != 0;
         let fua = r.flags & wire::CMD_FLAG_FUA != 0;
-        let (offset, len) = (r.offset, u64::from(r.len));
+        let (offset, len) = (r.offset, r.len);
         if no_hole {
             if fast {
                 return Err(Fail::new(wire::ENOTSUP, "zeroing without holes is not faster than writing"));
@@ -369,10 +412,15 @@ impl<W: Write + Send> Conn<'_, W> {
         Ok(())
     }
 
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN` where it may appear (on WRITE, with extended headers).
+    fn payload_flag(&self) -> u16 {
+        if self.extended { wire::CMD_FLAG_PAYLOAD_LEN } else { 0 }
+    }
+
     fn read(&self, r: &Request) {
         let allowed = wire::CMD_FLAG_FUA | if self.structured { wire::CMD_FLAG_DF } else { 0 };
         let checked = self.check_flags(r, allowed).and_then(|()| {
-            if r.len > self.max_request {
+            if r.len > u64::from(self.max_request) {
                 return Err(Fail::new(
                     wire::EINVAL,
                     format!("read of {} bytes exceeds the {}-byte maximum", r.len, self.max_request),
@@ -383,49 +431,121 @@ impl<W: Write + Send> Conn<'_, W> {
         if let Err(f) = checked {
             return self.reply_error(r, f);
         }
-        let len = r.len as usize;
         if !self.structured {
-            let mut buf = vec![0u8; wire::SIMPLE_REPLY_LEN + len];
-            match self.dev.read_at(r.offset, &mut buf[wire::SIMPLE_REPLY_LEN..]) {
-                Ok(()) => {
-                    wire::put_simple_reply(&mut buf, 0, r.handle);
-                    self.send(&[&buf]);
-                }
-                Err(e) => self.reply_error(r, e.into()),
+            let head = wire::simple_reply(0, r.handle);
+            if let Err(f) = self.send_read(&head, r.offset, r.len) {
+                self.reply_error(r, f);
             }
             return;
         }
-        if len == 0 {
-            return self.send(&[&wire::chunk(wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_NONE, r.handle, &[])]);
+        let to = self.reply_to(r);
+        if r.len == 0 {
+            return self.send(&[&to.done()]);
+        }
+        if r.flags & wire::CMD_FLAG_DF != 0 && r.len > READ_PIECE {
+            // "Don't fragment": one data chunk, its bytes still read a piece at a time.
+            let mut head = vec![0u8; to.header_len() + 8];
+            to.put_header(&mut head, wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_OFFSET_DATA, r.len + 8);
+            head[to.header_len()..].copy_from_slice(&r.offset.to_be_bytes());
+            if let Err(f) = self.send_read(&head, r.offset, r.len) {
+                self.reply_error(r, f);
+            }
+            return;
         }
         let extents = if r.flags & wire::CMD_FLAG_DF != 0 { None } else { self.read_extents(r) };
-        let extents = extents.unwrap_or_else(|| vec![(r.offset, u64::from(r.len), false)]);
-        let mut chunks = Vec::with_capacity(extents.len());
-        for (offset, len, hole) in extents {
+        let extents = extents.unwrap_or_else(|| vec![(r.offset, r.len, false)]);
+        if r.len <= READ_PIECE {
+            // The common case: every chunk built, then sent at once.
+            let _held = self.pool.take(r.len);
+            let mut chunks = Vec::with_capacity(extents.len());
+            for (offset, len, hole) in extents {
+                if hole {
+                    chunks.push(to.hole(0, offset, len as u32));
+                    continue;
+                }
+                match self.data_chunk(&to, 0, offset, len) {
+                    Ok(c) => chunks.push(c),
+                    Err(f) => return self.reply_error(r, f),
+                }
+            }
+            if let Some(last) = chunks.last_mut() {
+                last[4..6].copy_from_slice(&wire::REPLY_FLAG_DONE.to_be_bytes());
+            }
+            let parts: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            return self.send(&parts);
+        }
+        // A long read: one piece read and sent at a time, each its own chunk; the last is done.
+        let pieces: Vec<(u64, u64, bool)> = extents
+            .into_iter()
+            .flat_map(|(offset, len, hole)| {
+                let step = if hole { len } else { READ_PIECE };
+                (0..len.div_ceil(step)).map(move |i| (offset + i * step, step.min(len - i * step), hole))
+            })
+            .collect();
+        let last = pieces.len() - 1;
+        for (i, (offset, len, hole)) in pieces.into_iter().enumerate() {
+            let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
             if hole {
-                chunks.push(wire::hole_chunk(0, r.handle, offset, len as u32));
-                continue;
+                self.send(&[&to.hole(flags, offset, len as u32)]);
+            } else {
+                let _held = self.pool.take(len);
+                match self.data_chunk(&to, flags, offset, len) {
+                    Ok(c) => self.send(&[&c]),
+                    // Chunks already sent stand; the error chunk ends the reply.
+                    Err(f) => return self.reply_error(r, f),
+                }
             }
-            let head = wire::CHUNK_HEADER_LEN + 8;
-            let mut buf = vec![0u8; head + len as usize];
-            if let Err(e) = self.dev.read_at(offset, &mut buf[head..]) {
-                return self.reply_error(r, e.into());
+            if self.broken.load(Ordering::Acquire) {
+                return;
             }
-            wire::put_chunk_header(&mut buf, 0, wire::REPLY_TYPE_OFFSET_DATA, r.handle, (len + 8) as u32);
-            buf[wire::CHUNK_HEADER_LEN..head].copy_from_slice(&offset.to_be_bytes());
-            chunks.push(buf);
         }
-        if let Some(last) = chunks.last_mut() {
-            last[4..6].copy_from_slice(&wire::REPLY_FLAG_DONE.to_be_bytes());
+    }
+
+    /// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk with `len` bytes read from `offset`.
+    fn data_chunk(&self, to: &ReplyTo, flags: u16, offset: u64, len: u64) -> Result<Vec<u8>, Fail> {
+        let head = to.header_len() + 8;
+        let mut buf = vec![0u8; head + len as usize];
+        self.dev.read_at(offset, &mut buf[head..])?;
+        to.put_header(&mut buf, flags, wire::REPLY_TYPE_OFFSET_DATA, len + 8);
+        buf[to.header_len()..head].copy_from_slice(&offset.to_be_bytes());
+        Ok(buf)
+    }
+
+    /// Sends `head` followed by `len` bytes read from `offset`, as one message: a simple reply,
+    /// or a structured reply that may not be fragmented. Longer than [`READ_PIECE`], it is read
+    /// and sent a piece at a time while holding the stream (such a message cannot be
+    /// interleaved). A failure to read the first piece is returned before anything is sent; a
+    /// later one can only end the connection, as the protocol says.
+    fn send_read(&self, head: &[u8], offset: u64, len: u64) -> Result<(), Fail> {
+        let first = len.min(READ_PIECE);
+        let _held = self.pool.take(first);
+        let mut piece = vec![0u8; first as usize];
+        self.dev.read_at(offset, &mut piece)?;
+        if first == len {
+            self.send(&[head, &piece]);
+            return Ok(());
         }
-        let parts: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-        self.send(&parts);
+        self.send_with(|w| {
+            w.write_all(head)?;
+            w.write_all(&piece)?;
+            let mut done = first;
+            while done < len {
+                let n = (len - done).min(READ_PIECE) as usize;
+                self.dev
+                    .read_at(offset + done, &mut piece[..n])
+                    .map_err(|e| io::Error::other(format!("a read failed after its reply had begun: {e}")))?;
+                w.write_all(&piece[..n])?;
+                done += n as u64;
+            }
+            Ok(())
+        });
+        Ok(())
     }
 
     /// The request's range as (offset, length, is_hole) runs, if the device reports a sane
     /// allocation map with not too many runs.
     fn read_extents(&self, r: &Request) -> Option<Vec<(u64, u64, bool)>> {
-        let extents = self.dev.extents(r.offset, u64::from(r.len)).ok()?;
+        let extents = self.dev.extents(r.offset, r.len).ok()?;
         if extents.len() > READ_MAX_CHUNKS {
             return None;
         }
@@ -442,17 +562,17 @@ impl<W: Write + Send> Conn<'_, W> {
                 _ => out.push((e.offset, e.len, hole)),
             }
         }
-        (pos == r.offset + u64::from(r.len)).then_some(out)
+        (pos == r.offset + r.len).then_some(out)
     }
 
     fn block_status(&self, r: &Request) {
         match self.block_status_extents(r) {
-            Ok((context, extents)) => self.send(&[&wire::block_status_chunk(r.handle, context, &extents)]),
+            Ok((context, extents)) => self.send(&[&self.reply_to(r).block_status(context, &extents)]),
             Err(f) => self.reply_error(r, f),
         }
     }
 
-    fn block_status_extents(&self, r: &Request) -> Result<(u32, Vec<(u32, u32)>), Fail> {
+    fn block_status_extents(&self, r: &Request) -> Result<(u32, Vec<(u64, u32)>), Fail> {
         self.check_flags(r, wire::CMD_FLAG_FUA | wire::CMD_FLAG_REQ_ONE)?;
         let Some(context) = self.allocation_context.filter(|_| self.structured) else {
             return Err(Fail::new(wire::EINVAL, "no metadata context was negotiated"));
@@ -461,15 +581,16 @@ impl<W: Write + Send> Conn<'_, W> {
             return Err(Fail::new(wire::EINVAL, "block status of an empty range"));
         }
         self.check_range(r, wire::EINVAL)?;
-        let query = u64::from(r.len).min(BLOCK_STATUS_MAX_QUERY);
+        let max_query = if self.extended { BLOCK_STATUS_MAX_QUERY_EXTENDED } else { BLOCK_STATUS_MAX_QUERY };
+        let query = r.len.min(max_query);
         let end = r.offset + query;
         let extents = match self.dev.extents(r.offset, query) {
             Ok(e) => e,
             // "Allocated, contents unknown" is always a correct answer.
-            Err(DevError::Unsupported(_)) => return Ok((context, vec![(query as u32, 0)])),
+            Err(DevError::Unsupported(_)) => return Ok((context, vec![(query, 0)])),
             Err(e) => return Err(e.into()),
         };
-        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut out: Vec<(u64, u32)> = Vec::new();
         let mut pos = r.offset;
         for e in extents {
             // Clip to the part of the query not yet described; stop at any gap.
@@ -480,7 +601,7 @@ impl<W: Write + Send> Conn<'_, W> {
                 }
                 continue;
             }
-            let len = (e_end - pos) as u32;
+            let len = e_end - pos;
             let flags = match e.kind {
                 ExtentKind::Hole => wire::STATE_HOLE | wire::STATE_ZERO,
                 ExtentKind::Data => 0,
@@ -500,7 +621,7 @@ impl<W: Write + Send> Conn<'_, W> {
             }
         }
         if out.is_empty() {
-            out.push((query as u32, 0));
+            out.push((query, 0));
         }
         if r.flags & wire::CMD_FLAG_REQ_ONE != 0 {
             out.truncate(1);
@@ -510,6 +631,8 @@ impl<W: Write + Send> Conn<'_, W> {
 
     fn reply_status(&self, r: &Request, res: Result<(), Fail>) {
         match res {
+            // Extended headers allow no simple replies.
+            Ok(()) if self.extended => self.send(&[&self.reply_to(r).done()]),
             Ok(()) => self.send(&[&wire::simple_reply(0, r.handle)]),
             Err(f) => self.reply_error(r, f),
         }
@@ -518,7 +641,7 @@ impl<W: Write + Send> Conn<'_, W> {
     fn reply_error(&self, r: &Request, f: Fail) {
         debug!(handle = r.handle, typ = r.typ, errno = f.errno, message = %f.message, "request failed");
         if self.structured {
-            self.send(&[&wire::error_chunk(r.handle, f.errno, &f.message)]);
+            self.send(&[&self.reply_to(r).error(f.errno, &f.message)]);
         } else {
             self.send(&[&wire::simple_reply(f.errno, r.handle)]);
         }
@@ -526,11 +649,17 @@ impl<W: Write + Send> Conn<'_, W> {
 
     /// Sends one reply (all its parts back to back); on failure marks the connection broken.
     fn send(&self, parts: &[&[u8]]) {
+        self.send_with(|w| parts.iter().try_for_each(|p| w.write_all(p)));
+    }
+
+    /// Writes one reply with `write` while holding the stream, then flushes; on failure marks
+    /// the connection broken and shuts it down.
+    fn send_with(&self, write: impl FnOnce(&mut W) -> io::Result<()>) {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
         let mut w = self.writer.lock();
-        let res = parts.iter().try_for_each(|p| w.write_all(p)).and_then(|()| w.flush());
+        let res = write(&mut w).and_then(|()| w.flush());
         drop(w);
         if let Err(e) = res {
             warn!(error = %e, "could not send a reply; closing the connection");
