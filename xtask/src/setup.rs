@@ -22,6 +22,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("debugfs", "e2fsprogs"),
     ("dot", "graphviz"),
     ("systemd-analyze", "systemd"),
+    ("openssl", "openssl"),
 ];
 
 /// Flags of `test`.

@@ -72,6 +72,20 @@ pub struct Flags {
     /// MiB of write data one NBD connection may read ahead of its replies [default: 64].
     #[arg(long, value_name = "MIB")]
     pub max_buffered_mib_per_connection: Option<u64>,
+    /// Offer TLS on NBD (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every TLS client to present a certificate signed by this PEM authority.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse everything but NBD_OPT_STARTTLS until a client has upgraded to TLS. With
+    /// --tls-client-ca this is authentication, and NBD may listen off loopback without
+    /// --allow-remote.
+    #[arg(long)]
+    pub tls_required: bool,
     /// Serve Prometheus metrics (per-VDI I/O counters and latency, clients, space) over HTTP
     /// at this address, path /metrics (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR")]
@@ -99,6 +113,10 @@ struct FileConfig {
     max_handshakes: Option<usize>,
     max_buffered_mib: Option<u64>,
     max_buffered_mib_per_connection: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_required: Option<bool>,
 }
 
 /// A snapshot schedule and its retention.
@@ -156,6 +174,14 @@ impl Config {
             file.store.unwrap_or(flags.store)
         };
         let allow_remote = flags.allow_remote || file.allow_remote.unwrap_or(false);
+        let tls = tls_settings(
+            flags.tls_cert.or(file.tls_cert),
+            flags.tls_key.or(file.tls_key),
+            flags.tls_client_ca.or(file.tls_client_ca),
+            flags.tls_required || file.tls_required.unwrap_or(false),
+        )?;
+        // Clients proving who they are with certificates is authentication.
+        let authenticated = tls.as_ref().is_some_and(|t| t.required() && t.client_auth());
         let nbd_text = flags.nbd.or(file.nbd).unwrap_or_else(|| "127.0.0.1:10809".to_string());
         let nbd = if nbd_text == "none" {
             None
@@ -163,9 +189,9 @@ impl Config {
             let addr: SocketAddr = nbd_text
                 .parse()
                 .with_context(|| format!("--nbd '{nbd_text}' is not an address like 127.0.0.1:10809"))?;
-            if !addr.ip().is_loopback() && !allow_remote {
+            if !addr.ip().is_loopback() && !allow_remote && !authenticated {
                 bail!(
-                    "--nbd {addr} is not a loopback address; NBD has no authentication, so pass --allow-remote if this network is trusted"
+                    "--nbd {addr} is not a loopback address; NBD without TLS client certificates has no authentication, so pass --tls-required with --tls-client-ca, or --allow-remote if this network is trusted"
                 );
             }
             Some(addr)
@@ -231,10 +257,32 @@ impl Config {
                     // One pool for every NBD server of the daemon (TCP and Unix share it).
                     buffers: mib(flags.max_buffered_mib, file.max_buffered_mib)
                         .map_or(d.buffers.clone(), nbd::BufferPool::new),
+                    tls,
                     ..d
                 }
             },
         })
+    }
+}
+
+/// The NBD TLS settings, if a certificate is given.
+fn tls_settings(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    required: bool,
+) -> Result<Option<nbd::TlsSettings>> {
+    match (cert, key) {
+        (None, None) => {
+            if required || client_ca.is_some() {
+                bail!("--tls-required and --tls-client-ca need --tls-cert and --tls-key");
+            }
+            Ok(None)
+        }
+        (Some(cert), Some(key)) => nbd::TlsSettings::from_pem_files(&cert, &key, client_ca.as_deref(), required)
+            .map(Some)
+            .context("setting up TLS for NBD"),
+        _ => bail!("--tls-cert and --tls-key go together"),
     }
 }
 

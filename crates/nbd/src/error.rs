@@ -44,6 +44,9 @@ pub enum NbdError {
     /// The client did not finish the handshake in time.
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
+    /// The TLS handshake failed (no or a wrong client certificate, no common cipher, ...).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
     /// The client broke the protocol in a way that leaves no sane reply.
     #[error("protocol violation: {0}")]
     Protocol(String),

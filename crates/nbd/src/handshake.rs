@@ -28,9 +28,20 @@ pub(crate) struct Session {
     pub allocation_context: Option<u32>,
 }
 
+/// How option haggling ended.
+pub(crate) enum Outcome {
+    /// The client aborted or went away.
+    Ended,
+    /// An export is open: transmission starts.
+    Session(Session),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then haggling goes
+    /// on over TLS with this state.
+    StartTls(State),
+}
+
 /// Per-connection negotiation state.
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
@@ -74,13 +85,8 @@ pub(crate) fn transmission_flags(read_only: bool, structured: bool, multi_conn: 
     flags
 }
 
-/// Runs the handshake. `Ok(None)` means the client aborted or went away during haggling.
-pub(crate) fn negotiate<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
-    provider: &dyn ExportProvider,
-    limits: &Limits,
-) -> Result<Option<Session>, NbdError> {
+/// Sends the greeting and reads the client's flags; `Ok(None)` if the client went away.
+pub(crate) fn greet<R: Read, W: Write>(r: &mut R, w: &mut W) -> Result<Option<State>, NbdError> {
     let mut greeting = [0u8; 18];
     greeting[0..8].copy_from_slice(&wire::NBD_MAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&wire::IHAVEOPT.to_be_bytes());
@@ -96,13 +102,25 @@ pub(crate) fn negotiate<R: Read, W: Write>(
     if client_flags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
         return Err(NbdError::BadClientFlags(client_flags));
     }
-    let mut st = State { no_zeroes: client_flags & wire::FLAG_C_NO_ZEROES != 0, ..State::default() };
+    Ok(Some(State { no_zeroes: client_flags & wire::FLAG_C_NO_ZEROES != 0, ..State::default() }))
+}
 
+/// Haggles over options until the client opens an export, aborts, or asks for TLS.
+/// `tls_active`: this stream is already the TLS session.
+pub(crate) fn haggle<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    provider: &dyn ExportProvider,
+    limits: &Limits,
+    mut st: State,
+    tls_active: bool,
+) -> Result<Outcome, NbdError> {
+    let tls_required = limits.tls.as_ref().is_some_and(|t| t.required()) && !tls_active;
     loop {
         let mut h = [0u8; wire::OPTION_HEADER_LEN];
         if !read_exact_or_eof(r, &mut h)? {
             debug!("client closed the connection during option haggling");
-            return Ok(None);
+            return Ok(Outcome::Ended);
         }
         let mut p = Parser::new(&h);
         let (magic, option, len) = match (p.u64(), p.u32(), p.u32()) {
@@ -133,12 +151,36 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         r.read_exact(&mut data)?;
         debug!(option, len, "option");
 
+        if option == wire::OPT_STARTTLS {
+            match (&limits.tls, tls_active) {
+                _ if !data.is_empty() => reply_err(w, option, wire::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?,
+                (None, _) => reply_err(w, option, wire::REP_ERR_UNSUP, "TLS is not configured on this server")?,
+                (Some(_), true) => reply_err(w, option, wire::REP_ERR_INVALID, "TLS is already in use")?,
+                (Some(_), false) => {
+                    reply(w, option, wire::REP_ACK, &[])?;
+                    w.flush()?;
+                    // Nothing said before TLS counts after it: a man in the middle may have
+                    // said it.
+                    return Ok(Outcome::StartTls(State { no_zeroes: st.no_zeroes, ..State::default() }));
+                }
+            }
+            w.flush()?;
+            continue;
+        }
+        if tls_required && option != wire::OPT_ABORT {
+            if option == wire::OPT_EXPORT_NAME {
+                return Err(NbdError::Protocol("NBD_OPT_EXPORT_NAME without TLS, which this server requires".into()));
+            }
+            reply_err(w, option, wire::REP_ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first")?;
+            w.flush()?;
+            continue;
+        }
         let outcome = match option {
-            wire::OPT_EXPORT_NAME => return export_name(w, provider, &st, &data).map(Some),
+            wire::OPT_EXPORT_NAME => return export_name(w, provider, &st, &data).map(Outcome::Session),
             wire::OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
                 let _ = w.write_all(&wire::option_reply(option, wire::REP_ACK, &[])).and_then(|_| w.flush());
-                return Ok(None);
+                return Ok(Outcome::Ended);
             }
             wire::OPT_LIST => list(w, provider, &data),
             wire::OPT_INFO | wire::OPT_GO => match info_or_go(w, provider, limits, &st, option, &data)? {
@@ -148,9 +190,10 @@ pub(crate) fn negotiate<R: Read, W: Write>(
                         export = %session.name,
                         structured = session.structured,
                         extended = session.extended,
+                        tls = tls_active,
                         "client entered transmission"
                     );
-                    return Ok(Some(session));
+                    return Ok(Outcome::Session(session));
                 }
                 _ => Ok(()),
             },
@@ -177,7 +220,6 @@ pub(crate) fn negotiate<R: Read, W: Write>(
                 }
             }
             wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => meta_context(w, &mut st, option, &data),
-            wire::OPT_STARTTLS => reply_err(w, option, wire::REP_ERR_UNSUP, "TLS is not supported"),
             _ => reply_err(w, option, wire::REP_ERR_UNSUP, "option not supported"),
         };
         outcome?;

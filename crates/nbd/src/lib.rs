@@ -4,7 +4,8 @@
 //! kernel, fio, ...). Supported: the fixed-newstyle handshake with `NBD_OPT_GO`/`INFO`/`LIST`,
 //! structured replies, extended headers (64-bit lengths), the `base:allocation` metadata
 //! context, and the commands READ, WRITE (with FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and
-//! DISC. Not supported: TLS and the old-style handshake.
+//! DISC, and TLS (`NBD_OPT_STARTTLS`, optionally required, optionally with client
+//! certificates; see [`TlsSettings`]). Not supported: the old-style handshake.
 //!
 //! A daemon implements [`ExportProvider`] and either hands accepted streams to
 //! [`serve_connection`] or lets a [`Server`] accept on a TCP or Unix listener:
@@ -45,6 +46,7 @@ mod error;
 mod handshake;
 mod server;
 mod stream;
+mod tls;
 mod transmission;
 mod wire;
 
@@ -61,6 +63,7 @@ pub use buffers::BufferPool;
 pub use error::NbdError;
 pub use server::Server;
 pub use stream::{NbdStream, serve_connection, serve_connection_then};
+pub use tls::{TlsSettings, TlsSetupError, TlsStream};
 
 /// What the daemon tells the server about one export, for `NBD_OPT_LIST` and `NBD_OPT_INFO`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -166,6 +169,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A reply that cannot be sent for this long (client not reading) drops the connection.
     pub reply_timeout: Duration,
+    /// TLS, if the server offers it (not a bound, but set wherever the bounds are).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Limits {
@@ -181,6 +186,7 @@ impl Default for Limits {
             buffers: BufferPool::default(),
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -200,6 +206,7 @@ impl Limits {
             buffers: self.buffers.clone(),
             handshake_timeout: self.handshake_timeout.max(Duration::from_millis(1)),
             reply_timeout: self.reply_timeout.max(Duration::from_millis(1)),
+            tls: self.tls.clone(),
         }
     }
 }

@@ -5,6 +5,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use tracing::debug;
+
 use crate::{ExportProvider, Limits, NbdError, handshake, transmission};
 
 /// A socket-like byte stream that can be split into independent reading and writing handles.
@@ -110,11 +112,11 @@ const STREAM_BUFFER: usize = 64 << 10;
 
 /// Serves one client on `stream` until it disconnects, then closes the stream.
 ///
-/// Runs the handshake (bounded by `limits.handshake_timeout`), then executes requests on a small
-/// pool of worker threads, replying possibly out of order. Returns `Ok` when the client ends the
-/// session cleanly (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing between messages) and an error
-/// when it breaks the protocol or the stream fails; requests already received are always
-/// finished first.
+/// Runs the handshake (bounded by `limits.handshake_timeout`, a TLS upgrade included), then
+/// executes requests on a small pool of worker threads, replying possibly out of order. Returns
+/// `Ok` when the client ends the session cleanly (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing
+/// between messages) and an error when it breaks the protocol or the stream fails; requests
+/// already received are always finished first.
 pub fn serve_connection<S: NbdStream>(
     stream: S,
     provider: &dyn ExportProvider,
@@ -132,34 +134,96 @@ pub fn serve_connection_then<S: NbdStream>(
     session_started: &dyn Fn(),
 ) -> Result<(), NbdError> {
     let limits = limits.normalized();
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let closer = stream.clone_stream()?;
+    let result = match run(stream, None, provider, &limits, deadline, session_started) {
+        Ok(Flow::StartTls(sock, state)) => match &limits.tls {
+            Some(tls) => match tls.accept(sock, deadline) {
+                Ok(tls_stream) => {
+                    debug!(client_auth = tls.client_auth(), "TLS established");
+                    match run(tls_stream, Some(state), provider, &limits, deadline, session_started) {
+                        Ok(Flow::Done) => Ok(()),
+                        Ok(Flow::StartTls(..)) => Err(NbdError::Protocol("a second TLS upgrade".into())),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(handshake_timeout(NbdError::Tls(e), &limits)),
+            },
+            None => Err(NbdError::Protocol("TLS started without TLS settings".into())),
+        },
+        Ok(Flow::Done) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let _ = closer.shutdown_stream(Shutdown::Both);
+    result
+}
+
+/// A handshake that timed out says so.
+fn handshake_timeout(e: NbdError, limits: &Limits) -> NbdError {
+    match e {
+        NbdError::Io(e) | NbdError::Tls(e)
+            if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) =>
+        {
+            NbdError::HandshakeTimeout(limits.handshake_timeout)
+        }
+        other => other,
+    }
+}
+
+/// How one stage of a connection ended.
+enum Flow<S> {
+    /// The client is done (after transmission, or it left during the handshake).
+    Done,
+    /// The client asked for TLS: the raw stream, and the negotiation state to go on with.
+    StartTls(S, handshake::State),
+}
+
+/// Negotiates on `stream` (greeting first unless `resumed` after a TLS upgrade), then serves
+/// the session if one was opened.
+fn run<S: NbdStream>(
+    stream: S,
+    resumed: Option<handshake::State>,
+    provider: &dyn ExportProvider,
+    limits: &Limits,
+    deadline: Instant,
+    session_started: &dyn Fn(),
+) -> Result<Flow<S>, NbdError> {
+    let tls_active = resumed.is_some();
     let control = parking_lot::Mutex::new(stream.clone_stream()?);
     let writer = stream.clone_stream()?;
     control.lock().set_write_deadline(Some(limits.reply_timeout))?;
-    let mut reader = BufReader::with_capacity(
-        STREAM_BUFFER,
-        DeadlineReader { inner: stream, deadline: Some(Instant::now() + limits.handshake_timeout) },
-    );
+    let mut reader =
+        BufReader::with_capacity(STREAM_BUFFER, DeadlineReader { inner: stream, deadline: Some(deadline) });
     let mut writer = BufWriter::with_capacity(
         STREAM_BUFFER,
         DeadlineWriter { inner: writer, limit: limits.reply_timeout, busy_since: None },
     );
-
-    let result = match handshake::negotiate(&mut reader, &mut writer, provider, &limits) {
-        Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
-            Err(NbdError::HandshakeTimeout(limits.handshake_timeout))
+    let state = match resumed {
+        Some(state) => state,
+        None => match handshake::greet(&mut reader, &mut writer).map_err(|e| handshake_timeout(e, limits))? {
+            Some(state) => state,
+            None => return Ok(Flow::Done),
+        },
+    };
+    let outcome = handshake::haggle(&mut reader, &mut writer, provider, limits, state, tls_active)
+        .map_err(|e| handshake_timeout(e, limits))?;
+    match outcome {
+        handshake::Outcome::Ended => Ok(Flow::Done),
+        handshake::Outcome::StartTls(state) => {
+            if !reader.buffer().is_empty() {
+                return Err(NbdError::Protocol("the client sent data before the TLS handshake began".into()));
+            }
+            Ok(Flow::StartTls(reader.into_inner().inner, state))
         }
-        Err(e) => Err(e),
-        Ok(None) => Ok(()),
-        Ok(Some(session)) => {
+        handshake::Outcome::Session(session) => {
             session_started();
             reader.get_mut().deadline = None;
             control.lock().set_read_deadline(None)?;
             let shut = || {
                 let _ = control.lock().shutdown_stream(Shutdown::Both);
             };
-            transmission::serve(&mut reader, writer, &session, &limits, &shut)
+            transmission::serve(&mut reader, writer, &session, limits, &shut)?;
+            Ok(Flow::Done)
         }
-    };
-    let _ = control.lock().shutdown_stream(Shutdown::Both);
-    result
+    }
 }

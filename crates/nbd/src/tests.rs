@@ -767,6 +767,7 @@ fn limits_are_normalized() {
         buffers: crate::BufferPool::new(0),
         handshake_timeout: Duration::ZERO,
         reply_timeout: Duration::ZERO,
+        tls: None,
     }
     .normalized();
     assert_eq!((l.max_connections, l.max_handshakes, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1, 1));

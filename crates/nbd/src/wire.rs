@@ -45,6 +45,8 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// `NBD_REP_ERR_TLS_REQD`: upgrade to TLS first.
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// `NBD_REP_ERR_TOO_BIG`: the option's data is larger than the server accepts.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
