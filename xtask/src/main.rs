@@ -47,6 +47,9 @@ enum Command {
     BenchImport(BenchImportArgs),
     /// Boot N QEMU guests from clones of one golden image over NBD and check each kept its own writes.
     VmDemo(vm_demo::VmDemoArgs),
+    /// One guest on vhost-user-blk from parallaxd beside qemu-storage-daemon (qcow2): boot and
+    /// dd inside the guest, as ratios (docs/performance.md).
+    BenchVhost(vm_demo::bench::BenchVhostArgs),
     /// SIGKILL parallaxd under a writing client, restart, and verify no flushed write is lost.
     Torture(torture::TortureArgs),
     /// N simulated Xen guests on clones of one golden VDI over the blkif ring, verified.
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::BenchNbd(a) => nbd::run(&a),
         Command::BenchImport(a) => import::run(&a),
         Command::VmDemo(a) => vm_demo::run(&a),
+        Command::BenchVhost(a) => vm_demo::bench::run(&a),
         Command::Torture(a) => torture::run(&a),
         Command::Fuzz(a) => fuzz::run(&a),
         Command::RingTest(a) => ring::run_test(&a),

@@ -43,6 +43,11 @@ fn on_path(program: &str) -> bool {
 
 /// Installs the packages of missing tools (as root), or says what to install.
 pub fn setup() -> Result<()> {
+    // The vhost-user test realises a disk in a real QEMU: qemu-system-x86 from
+    // bookworm-backports, as vm-demo installs it (matching qemu-utils 10.x).
+    if !on_path("qemu-system-x86_64") {
+        crate::vm_demo::setup::ensure_packages(false)?;
+    }
     let mut missing: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
     missing.dedup();
     if missing.is_empty() {

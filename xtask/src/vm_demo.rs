@@ -4,9 +4,10 @@
 //! the golden snapshot is untouched and the store grew by the guests' writes, not by N images. A
 //! second boot finds the markers. See docs/vm-demo.md.
 
+pub mod bench;
 mod guest;
 mod image;
-mod setup;
+pub(crate) mod setup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,6 +41,19 @@ pub struct VmDemoArgs {
     /// Do not install missing packages with apt; fail instead.
     #[arg(long)]
     pub no_install: bool,
+    /// How the guests reach their disks: QEMU's NBD client (`nbd`) or parallaxd serving the
+    /// virtqueues itself (`vhost-user`, `--vhost-user-blk`).
+    #[arg(long, value_enum, default_value_t = Transport::Nbd)]
+    pub transport: Transport,
+}
+
+/// The disk transport of `vm-demo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// `-drive file=nbd://...,if=virtio`.
+    Nbd,
+    /// `-device vhost-user-blk-pci` on a socket of parallaxd.
+    VhostUser,
 }
 
 /// The `vdi` command on the demo's store.
@@ -107,7 +121,7 @@ fn run_in(args: &VmDemoArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> R
     let timeout = Duration::from_secs(args.timeout.unwrap_or(120 + 60 * (n.saturating_sub(2) as u64)));
     let kernel = image::fetch_kernel(&sys::release_dir().with_file_name("vm-demo"))?;
     let initrd = image::build_initramfs(&kernel, work)?;
-    let image = image::build_rootfs(work, IMAGE_SIZE)?;
+    let image = image::build_rootfs(work, IMAGE_SIZE, image::ROOT_INIT)?;
     let run_dir = work.join("run");
     std::fs::create_dir(&run_dir).context("cannot create the run dir")?;
     let vdi = Vdi { bin: vdi_bin.to_path_buf(), store: work.join("blockstore.dat"), run_dir };
@@ -116,16 +130,32 @@ fn run_in(args: &VmDemoArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> R
     setup_store(&mut demo, n)?;
     let before = demo.vdi.allocated()?;
     let du_before = du(&demo.vdi.store)?;
+    let sockets = work.join("sockets");
+    std::fs::create_dir(&sockets).context("cannot create the socket dir")?;
+    let transport = args.transport;
     let boot = |round: &'static str, port: u16| Boot {
         vmlinuz: &kernel.vmlinuz,
         initrd: &initrd,
-        port,
+        disk: match transport {
+            Transport::Nbd => guest::Disk::Nbd(port),
+            Transport::VhostUser => guest::Disk::VhostUser(&sockets),
+        },
         timeout,
         log_dir: work,
         round,
     };
     let names: Vec<String> = demo.clones.iter().map(|(name, _)| name.clone()).collect();
-    let round1 = boot_round(&demo, parallaxd, "round1", &names, &boot)?;
+    // With vhost-user, parallaxd serves each guest's clone on the guest's own socket.
+    let extra: Vec<std::ffi::OsString> = match transport {
+        Transport::Nbd => Vec::new(),
+        Transport::VhostUser => names
+            .iter()
+            .flat_map(|n| {
+                ["--vhost-user-blk".into(), format!("{}={n}", sockets.join(format!("{n}.sock")).display()).into()]
+            })
+            .collect(),
+    };
+    let round1 = boot_round(&demo, parallaxd, "round1", &names, &boot, &extra)?;
     check_consoles(&mut demo, &round1, "MARKER-WRITTEN");
     check_markers(&mut demo)?;
     check_golden(&mut demo)?;
@@ -133,7 +163,7 @@ fn run_in(args: &VmDemoArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> R
     let du_growth = du(&demo.vdi.store)?.saturating_sub(du_before);
     let golden_used = check_growth(&mut demo, growth, du_growth)?;
     check_tree(&mut demo)?;
-    let round2 = boot_round(&demo, parallaxd, "round2", &names, &boot)?;
+    let round2 = boot_round(&demo, parallaxd, "round2", &names, &boot, &extra)?;
     check_consoles(&mut demo, &round2, "MARKER-FOUND");
     print_summary(n, &round1, &round2, growth, du_growth, golden_used);
     if !demo.failures.is_empty() {
@@ -166,9 +196,11 @@ fn boot_round<'a>(
     round: &'static str,
     names: &[String],
     boot: &dyn Fn(&'static str, u16) -> Boot<'a>,
+    extra: &[std::ffi::OsString],
 ) -> Result<Vec<Outcome>> {
     let log = demo.work.join(format!("parallaxd-{round}.log"));
-    let mut d = Daemon::start(parallaxd, &demo.vdi.store, &demo.vdi.run_dir, &log, &[])?;
+    let extra: Vec<&std::ffi::OsStr> = extra.iter().map(|a| a.as_os_str()).collect();
+    let mut d = Daemon::start(parallaxd, &demo.vdi.store, &demo.vdi.run_dir, &log, &extra)?;
     let outcomes = guest::boot_all(&boot(round, d.port), names)?;
     d.check_alive()?;
     d.stop()?;

@@ -90,6 +90,14 @@ pub struct Flags {
     /// at this address, path /metrics (loopback unless --allow-remote).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Serve a VDI (or a snapshot, read-only: VDI@SNAP) to a VMM over vhost-user-blk on this
+    /// Unix socket (repeatable), e.g. /run/parallax/vm1.sock=vm1. QEMU: -chardev
+    /// socket,id=c,path=SOCKET -device vhost-user-blk-pci,chardev=c with shared guest memory.
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET=VDI")]
+    pub vhost_user_blk: Vec<String>,
+    /// Request queues offered on each vhost-user-blk device [default: 2].
+    #[arg(long, value_name = "N")]
+    pub vhost_user_queues: Option<usize>,
 }
 
 /// The same settings as a TOML file.
@@ -117,6 +125,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     tls_required: Option<bool>,
+    vhost_user_blk: Option<Vec<String>>,
+    vhost_user_queues: Option<usize>,
 }
 
 /// A snapshot schedule and its retention.
@@ -155,6 +165,10 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Bounds of the NBD servers.
     pub nbd_limits: nbd::Limits,
+    /// vhost-user-blk sockets and the export (VDI or VDI@SNAP) each serves.
+    pub vhost_user_blk: Vec<(PathBuf, String)>,
+    /// Request queues of each vhost-user-blk device.
+    pub vhost_user_queues: usize,
 }
 
 fn duration(s: &str, what: &str) -> Result<Duration> {
@@ -243,6 +257,15 @@ impl Config {
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),
             metrics,
+            vhost_user_blk: {
+                let list = if flags.vhost_user_blk.is_empty() {
+                    file.vhost_user_blk.unwrap_or_default()
+                } else {
+                    flags.vhost_user_blk
+                };
+                list.iter().map(|s| vhost_user_blk(s)).collect::<Result<Vec<_>>>()?
+            },
+            vhost_user_queues: flags.vhost_user_queues.or(file.vhost_user_queues).unwrap_or(2).clamp(1, 64),
             nbd_limits: {
                 let d = nbd::Limits::default();
                 let mib = |flag: Option<u64>, key: Option<u64>| flag.or(key).map(|m| m.saturating_mul(1 << 20));
@@ -262,6 +285,16 @@ impl Config {
                 }
             },
         })
+    }
+}
+
+/// One `SOCKET=EXPORT` of `--vhost-user-blk`.
+fn vhost_user_blk(text: &str) -> Result<(PathBuf, String)> {
+    match text.split_once('=') {
+        Some((socket, export)) if !socket.is_empty() && !export.is_empty() => {
+            Ok((PathBuf::from(socket), export.to_string()))
+        }
+        _ => bail!("--vhost-user-blk '{text}' is not SOCKET=VDI (e.g. /run/parallax/vm1.sock=vm1)"),
     }
 }
 

@@ -75,6 +75,22 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         tracing::info!("serving NBD on unix socket {}", path.display());
         servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
     }
+    let mut vhost_servers = Vec::new();
+    for (socket, export) in &config.vhost_user_blk {
+        let opener = Arc::new(VhostExport {
+            provider: provider.clone(),
+            export: export.clone(),
+            client: format!("vhost-user:{}", socket.display()),
+        });
+        let opts = vhostblk::ServerOptions {
+            queues: config.vhost_user_queues,
+            serial: export.chars().take(20).collect(),
+            ..vhostblk::ServerOptions::default()
+        };
+        let server = vhostblk::Server::spawn(socket, opener, opts, stop.clone())?;
+        tracing::info!("serving {export} over vhost-user-blk on {}", socket.display());
+        vhost_servers.push(server);
+    }
     let rings = match &config.ring_socket {
         Some(path) => {
             let r = RingService::spawn(path, provider.clone(), config.ring_workers, stop.clone())?;
@@ -107,6 +123,10 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     for s in &servers {
         s.shutdown();
     }
+    // A VMM still connected keeps its device until the process ends.
+    for mut s in vhost_servers {
+        s.shutdown();
+    }
     for s in servers {
         s.wait();
     }
@@ -131,4 +151,19 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     let info = reg.store().commit().context("final commit")?;
     tracing::info!("committed generation {}; bye", info.generation);
     Ok(())
+}
+
+/// What a vhost-user-blk socket serves: opened through the same provider as NBD exports, so one
+/// writer per VDI holds across every transport.
+struct VhostExport {
+    provider: Arc<VdiExports>,
+    export: String,
+    client: String,
+}
+
+impl vhostblk::OpenDevice for VhostExport {
+    fn open(&self) -> std::result::Result<Arc<dyn blockdev::BlockDevice>, String> {
+        use nbd::ExportProvider;
+        self.provider.open_for(&self.export, &self.client).map_err(|e| e.to_string())
+    }
 }

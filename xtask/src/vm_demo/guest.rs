@@ -13,14 +13,24 @@ pub struct Boot<'a> {
     pub vmlinuz: &'a Path,
     /// initramfs.
     pub initrd: &'a Path,
-    /// parallaxd's NBD port.
-    pub port: u16,
+    /// How each guest reaches its disk.
+    pub disk: Disk<'a>,
     /// Per-guest limit.
     pub timeout: Duration,
     /// Directory for console logs.
     pub log_dir: &'a Path,
     /// `round1`, `round2`: prefix of the log names.
     pub round: &'a str,
+}
+
+/// How a guest's disk is attached.
+#[derive(Clone, Copy)]
+pub enum Disk<'a> {
+    /// virtio-blk in QEMU, backed by parallaxd's NBD export of the guest's name on this port.
+    Nbd(u16),
+    /// vhost-user-blk: the virtqueues served by the program listening on `DIR/NAME.sock`,
+    /// straight from the guest's memory (a shared memfd).
+    VhostUser(&'a Path),
 }
 
 /// One guest's run.
@@ -46,7 +56,18 @@ fn qemu_command(b: &Boot, name: &str, log: &Path) -> Result<Command> {
     c.args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-kernel"]);
     c.arg(b.vmlinuz).arg("-initrd").arg(b.initrd);
     c.args(["-append", &format!("console=ttyS0 panic=-1 loglevel=4 parallax.name={name}")]);
-    c.args(["-drive", &format!("file=nbd://127.0.0.1:{}/{name},format=raw,if=virtio", b.port)]);
+    match b.disk {
+        Disk::Nbd(port) => {
+            c.args(["-drive", &format!("file=nbd://127.0.0.1:{port}/{name},format=raw,if=virtio")]);
+        }
+        Disk::VhostUser(dir) => {
+            // vhost-user needs the guest's RAM in memory the backend can map.
+            c.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"]);
+            let socket = dir.join(format!("{name}.sock"));
+            c.args(["-chardev", &format!("socket,id=disk,path={}", socket.display())]);
+            c.args(["-device", "vhost-user-blk-pci,chardev=disk,num-queues=2"]);
+        }
+    }
     c.stdin(Stdio::null()).stdout(out).stderr(err);
     Ok(c)
 }

@@ -200,7 +200,7 @@ exec switch_root /newroot /sbin/init
 "#;
 
 /// The golden image's /sbin/init: leave a marker on first boot, report it on the next.
-const ROOT_INIT: &str = r#"#!/bin/sh
+pub const ROOT_INIT: &str = r#"#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -247,8 +247,9 @@ pub fn build_initramfs(kernel: &Kernel, work: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Builds the golden ext4 image of `size` bytes in `work` (mkfs.ext4 -d, no mount) and returns it.
-pub fn build_rootfs(work: &Path, size: u64) -> Result<PathBuf> {
+/// Builds the golden ext4 image of `size` bytes in `work` (mkfs.ext4 -d, no mount) with `init`
+/// as its /sbin/init, and returns it.
+pub fn build_rootfs(work: &Path, size: u64, init: &str) -> Result<PathBuf> {
     let root = work.join("rootfs");
     mkdirs(&root, &["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc"])?;
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).with_context(|| format!("cannot copy {BUSYBOX}"))?;
@@ -259,7 +260,7 @@ pub fn build_rootfs(work: &Path, size: u64) -> Result<PathBuf> {
             symlink("/bin/busybox", &link).with_context(|| format!("cannot create the symlink {}", link.display()))?;
         }
     }
-    write_exec(&root.join("sbin/init"), ROOT_INIT)?;
+    write_exec(&root.join("sbin/init"), init)?;
     std::fs::write(root.join("etc/hostname"), "golden\n").context("cannot write etc/hostname")?;
     let image = work.join("golden.img");
     std::fs::File::create(&image)

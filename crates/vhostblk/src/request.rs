@@ -1,0 +1,368 @@
+//! One virtio-blk request (virtio 1.2 §5.2.6): its header, data and status byte, found in the
+//! guest's memory in whatever descriptor layout the driver chose, and executed on the device.
+
+use blockdev::{BlockDevice, DevError};
+use tracing::debug;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+/// The unit of `sector` in a request header.
+pub(crate) const SECTOR: u64 = 512;
+
+// Request types.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+// Status values.
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Length of the request header: type (le32), reserved (le32), sector (le64).
+const HEADER_LEN: usize = 16;
+/// Length of one discard / write-zeroes segment: sector (le64), sectors (le32), flags (le32).
+const SEGMENT_LEN: usize = 16;
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
+const FLAG_UNMAP: u32 = 1;
+/// Length of the GET_ID answer.
+pub(crate) const ID_LEN: usize = 20;
+/// Most bytes copied between guest memory and the device at once.
+const CHUNK: usize = 1 << 20;
+
+/// One buffer of a descriptor chain.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    /// Where it is in guest memory.
+    pub addr: GuestAddress,
+    /// Its length.
+    pub len: u32,
+}
+
+/// A request's buffers as the driver must order them: all device-readable ones, then all
+/// device-writable ones.
+#[derive(Debug, Default)]
+pub(crate) struct Buffers {
+    /// What the device reads: the header, then (OUT, DISCARD, WRITE_ZEROES) the data.
+    pub readable: Vec<Segment>,
+    /// What the device writes: (IN, GET_ID) the data, then the status byte.
+    pub writable: Vec<Segment>,
+}
+
+fn total(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Copies `out.len()` bytes that start `skip` bytes into `segs` out of guest memory.
+fn gather<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], mut skip: u64, out: &mut [u8]) -> Result<(), u8> {
+    let mut done = 0;
+    for s in segs {
+        if done == out.len() {
+            break;
+        }
+        let len = u64::from(s.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(out.len() - done);
+        let addr = s.addr.checked_add(skip).ok_or(S_IOERR)?;
+        mem.read_slice(&mut out[done..done + n], addr).map_err(|_| S_IOERR)?;
+        done += n;
+        skip = 0;
+    }
+    if done == out.len() { Ok(()) } else { Err(S_IOERR) }
+}
+
+/// Copies `data` into guest memory, starting `skip` bytes into `segs`.
+fn scatter<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], mut skip: u64, data: &[u8]) -> Result<(), u8> {
+    let mut done = 0;
+    for s in segs {
+        if done == data.len() {
+            break;
+        }
+        let len = u64::from(s.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(data.len() - done);
+        let addr = s.addr.checked_add(skip).ok_or(S_IOERR)?;
+        mem.write_slice(&data[done..done + n], addr).map_err(|_| S_IOERR)?;
+        done += n;
+        skip = 0;
+    }
+    if done == data.len() { Ok(()) } else { Err(S_IOERR) }
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+fn status_of(e: &DevError) -> u8 {
+    match e {
+        DevError::Unsupported(_) => S_UNSUPP,
+        _ => S_IOERR,
+    }
+}
+
+/// Executes the request in `b` on `dev` and writes its status byte. Returns the bytes written
+/// into the writable buffers (the used length the driver is told).
+pub(crate) fn execute<M: Bytes<GuestAddress>>(dev: &dyn BlockDevice, mem: &M, b: &Buffers, serial: &[u8]) -> u32 {
+    let writable = total(&b.writable);
+    if writable == 0 {
+        debug!("virtio-blk request without room for a status byte; dropped");
+        return 0;
+    }
+    let (status, data) = match run(dev, mem, b, writable - 1, serial) {
+        Ok(data) => (S_OK, data),
+        Err(status) => (status, 0),
+    };
+    if scatter(mem, &b.writable, writable - 1, &[status]).is_err() {
+        return 0;
+    }
+    u32::try_from(data + 1).unwrap_or(u32::MAX)
+}
+
+/// Runs the request; `Ok` with the data bytes written into the writable buffers.
+fn run<M: Bytes<GuestAddress>>(
+    dev: &dyn BlockDevice,
+    mem: &M,
+    b: &Buffers,
+    data_in: u64,
+    serial: &[u8],
+) -> Result<u64, u8> {
+    let mut header = [0u8; HEADER_LEN];
+    gather(mem, &b.readable, 0, &mut header)?;
+    let typ = le32(&header[0..4]);
+    let sector = le64(&header[8..16]);
+    let data_out = total(&b.readable) - HEADER_LEN as u64;
+    let range = |len: u64| -> Result<u64, u8> {
+        let offset = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= dev.size() && len.is_multiple_of(SECTOR) => Ok(offset),
+            _ => Err(S_IOERR),
+        }
+    };
+    match typ {
+        T_IN => {
+            let offset = range(data_in)?;
+            let mut buf = vec![0u8; (data_in as usize).min(CHUNK)];
+            let mut done = 0u64;
+            while done < data_in {
+                let n = ((data_in - done) as usize).min(CHUNK);
+                dev.read_at(offset + done, &mut buf[..n]).map_err(|e| status_of(&e))?;
+                scatter(mem, &b.writable, done, &buf[..n])?;
+                done += n as u64;
+            }
+            Ok(data_in)
+        }
+        T_OUT => {
+            if dev.read_only() {
+                return Err(S_IOERR);
+            }
+            let offset = range(data_out)?;
+            let mut buf = vec![0u8; (data_out as usize).min(CHUNK)];
+            let mut done = 0u64;
+            while done < data_out {
+                let n = ((data_out - done) as usize).min(CHUNK);
+                gather(mem, &b.readable, HEADER_LEN as u64 + done, &mut buf[..n])?;
+                dev.write_at(offset + done, &buf[..n], false).map_err(|e| status_of(&e))?;
+                done += n as u64;
+            }
+            Ok(0)
+        }
+        T_FLUSH => {
+            if !dev.read_only() {
+                dev.flush().map_err(|e| status_of(&e))?;
+            }
+            Ok(0)
+        }
+        T_GET_ID => {
+            let mut id = [0u8; ID_LEN];
+            let n = serial.len().min(ID_LEN);
+            id[..n].copy_from_slice(&serial[..n]);
+            let n = (data_in as usize).min(ID_LEN);
+            scatter(mem, &b.writable, 0, &id[..n])?;
+            Ok(n as u64)
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            if dev.read_only() {
+                return Err(S_IOERR);
+            }
+            if data_out == 0 || !data_out.is_multiple_of(SEGMENT_LEN as u64) || data_out > 64 * SEGMENT_LEN as u64 {
+                return Err(S_UNSUPP);
+            }
+            for i in 0..data_out / SEGMENT_LEN as u64 {
+                let mut seg = [0u8; SEGMENT_LEN];
+                gather(mem, &b.readable, HEADER_LEN as u64 + i * SEGMENT_LEN as u64, &mut seg)?;
+                let (start, sectors, flags) = (le64(&seg[0..8]), le32(&seg[8..12]), le32(&seg[12..16]));
+                let offset = start.checked_mul(SECTOR).ok_or(S_IOERR)?;
+                let len = u64::from(sectors) * SECTOR;
+                if offset.checked_add(len).is_none_or(|end| end > dev.size()) {
+                    return Err(S_IOERR);
+                }
+                if typ == T_DISCARD {
+                    if flags != 0 {
+                        return Err(S_UNSUPP);
+                    }
+                    match dev.discard(offset, len) {
+                        // A discard is a hint.
+                        Ok(()) | Err(DevError::Unsupported(_)) => {}
+                        Err(e) => return Err(status_of(&e)),
+                    }
+                } else {
+                    if flags & !FLAG_UNMAP != 0 {
+                        return Err(S_UNSUPP);
+                    }
+                    write_zeroes(dev, offset, len)?;
+                }
+            }
+            Ok(0)
+        }
+        other => {
+            debug!(typ = other, "unsupported virtio-blk request");
+            Err(S_UNSUPP)
+        }
+    }
+}
+
+/// Zeroes the range: as holes where the device can, as zero bytes where it cannot.
+fn write_zeroes(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<(), u8> {
+    match dev.write_zeroes(offset, len) {
+        Ok(()) => Ok(()),
+        Err(DevError::Unsupported(_)) => {
+            let zeros = vec![0u8; (len as usize).min(CHUNK)];
+            let mut done = 0u64;
+            while done < len {
+                let n = ((len - done) as usize).min(CHUNK);
+                dev.write_at(offset + done, &zeros[..n], false).map_err(|e| status_of(&e))?;
+                done += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(status_of(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockdev::MemDisk;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemoryMmap, at: u64, typ: u32, sector: u64) -> Segment {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&typ.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+        Segment { addr: GuestAddress(at), len: HEADER_LEN as u32 }
+    }
+
+    fn seg(at: u64, len: u32) -> Segment {
+        Segment { addr: GuestAddress(at), len }
+    }
+
+    fn status(mem: &GuestMemoryMmap, at: u64) -> u8 {
+        let mut s = [0u8];
+        mem.read_slice(&mut s, GuestAddress(at)).unwrap();
+        s[0]
+    }
+
+    #[test]
+    fn writes_then_reads_across_scattered_buffers() {
+        let (m, dev) = (mem(), MemDisk::new(1 << 20));
+        // OUT of 8 KiB at sector 8, from two buffers of 3 KiB and 5 KiB.
+        m.write_slice(&[0xaa; 3072], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[0xbb; 5120], GuestAddress(0x20000)).unwrap();
+        let out = Buffers {
+            readable: vec![header(&m, 0x1000, T_OUT, 8), seg(0x10000, 3072), seg(0x20000, 5120)],
+            writable: vec![seg(0x2000, 1)],
+        };
+        assert_eq!(execute(&dev, &m, &out, b""), 1);
+        assert_eq!(status(&m, 0x2000), S_OK);
+        // IN of the same 8 KiB into one buffer whose last byte is the status (any layout).
+        let inn = Buffers { readable: vec![header(&m, 0x1000, T_IN, 8)], writable: vec![seg(0x30000, 8193)] };
+        assert_eq!(execute(&dev, &m, &inn, b""), 8193);
+        let mut got = vec![0u8; 8193];
+        m.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
+        assert!(got[..3072].iter().all(|&b| b == 0xaa) && got[3072..8192].iter().all(|&b| b == 0xbb));
+        assert_eq!(got[8192], S_OK);
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_status_not_a_panic() {
+        let (m, dev) = (mem(), MemDisk::new(1 << 20));
+        // Past the end.
+        let past = Buffers { readable: vec![header(&m, 0x1000, T_IN, 2048)], writable: vec![seg(0x30000, 513)] };
+        assert_eq!(execute(&dev, &m, &past, b""), 1);
+        assert_eq!(status(&m, 0x30000 + 512), S_IOERR);
+        // Not a multiple of the sector.
+        let odd = Buffers { readable: vec![header(&m, 0x1000, T_IN, 0)], writable: vec![seg(0x30000, 101)] };
+        execute(&dev, &m, &odd, b"");
+        assert_eq!(status(&m, 0x30000 + 100), S_IOERR);
+        // A header cut short, an unknown type, a buffer outside guest memory.
+        let short = Buffers { readable: vec![seg(0x1000, 8)], writable: vec![seg(0x2000, 1)] };
+        execute(&dev, &m, &short, b"");
+        assert_eq!(status(&m, 0x2000), S_IOERR);
+        let unknown = Buffers { readable: vec![header(&m, 0x1000, 99, 0)], writable: vec![seg(0x2000, 1)] };
+        execute(&dev, &m, &unknown, b"");
+        assert_eq!(status(&m, 0x2000), S_UNSUPP);
+        let outside =
+            Buffers { readable: vec![header(&m, 0x1000, T_IN, 0)], writable: vec![seg(1 << 40, 512), seg(0x2000, 1)] };
+        execute(&dev, &m, &outside, b"");
+        assert_eq!(status(&m, 0x2000), S_IOERR);
+        // No status byte at all: nothing written, nothing used.
+        let none = Buffers { readable: vec![header(&m, 0x1000, T_FLUSH, 0)], writable: vec![] };
+        assert_eq!(execute(&dev, &m, &none, b""), 0);
+    }
+
+    #[test]
+    fn discard_zeroes_get_id_and_read_only() {
+        let (m, dev) = (mem(), MemDisk::new(1 << 20));
+        dev.write_at(0, &[7u8; 8192], false).unwrap();
+        let mut s = [0u8; SEGMENT_LEN];
+        s[0..8].copy_from_slice(&1u64.to_le_bytes());
+        s[8..12].copy_from_slice(&2u32.to_le_bytes());
+        s[12..16].copy_from_slice(&FLAG_UNMAP.to_le_bytes());
+        m.write_slice(&s, GuestAddress(0x5000)).unwrap();
+        let wz = Buffers {
+            readable: vec![header(&m, 0x1000, T_WRITE_ZEROES, 0), seg(0x5000, 16)],
+            writable: vec![seg(0x2000, 1)],
+        };
+        execute(&dev, &m, &wz, b"");
+        assert_eq!(status(&m, 0x2000), S_OK);
+        let mut back = vec![0u8; 2048];
+        dev.read_at(0, &mut back).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 7) && back[512..1536].iter().all(|&b| b == 0));
+        assert!(back[1536..].iter().all(|&b| b == 7));
+
+        let id = Buffers {
+            readable: vec![header(&m, 0x1000, T_GET_ID, 0)],
+            writable: vec![seg(0x6000, 20), seg(0x2000, 1)],
+        };
+        assert_eq!(execute(&dev, &m, &id, b"parallax-7"), 21);
+        let mut got = [0u8; 20];
+        m.read_slice(&mut got, GuestAddress(0x6000)).unwrap();
+        assert_eq!(&got[..10], b"parallax-7");
+
+        let ro = MemDisk::new(1 << 20).into_read_only();
+        let out =
+            Buffers { readable: vec![header(&m, 0x1000, T_OUT, 0), seg(0x10000, 512)], writable: vec![seg(0x2000, 1)] };
+        execute(&ro, &m, &out, b"");
+        assert_eq!(status(&m, 0x2000), S_IOERR);
+    }
+}
