@@ -53,14 +53,7 @@ fn qemu_img_convert_both_ways_and_map_shows_holes() {
     run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &d.uri("disk"), b]);
     run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", s, b]);
     let map = run_ok("qemu-img", &["map", "--output=json", "-f", "raw", &d.uri("disk")]);
-    let v: serde_json::Value = serde_json::from_str(&map).expect("map JSON");
-    let data: Vec<(u64, u64)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&map);
     assert_eq!(data, vec![(0, 65536), (20 * MIB, 65536)], "{map}");
 }
 
@@ -101,14 +94,7 @@ fn qemu_speaks_extended_headers_with_parallaxd() {
     );
     assert!(!out.contains("verification failed"), "{out}");
     let map = run_ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
-    let v: serde_json::Value = serde_json::from_str(&map).expect("map JSON");
-    let data: Vec<(u64, u64)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let data = data_extents(&map);
     assert_eq!(data.first(), Some(&(0, 2 * MIB)), "{map}");
     assert_eq!(data.last(), Some(&(48 * MIB, 65536)), "{map}");
     let log = d.log();
@@ -348,4 +334,15 @@ fn a_damaged_vdi_is_refused_and_the_others_are_served() {
     let out = run("nbdinfo", &[&d.uri("1")]);
     assert!(!out.status.success(), "not by id either");
     assert_eq!(d.stop().0, 0);
+}
+
+/// The (start, length) of each data extent in `qemu-img map --output=json`.
+fn data_extents(map: &str) -> Vec<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(map).expect("map JSON");
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
 }

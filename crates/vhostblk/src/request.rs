@@ -55,46 +55,44 @@ fn total(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
-/// Copies `out.len()` bytes that start `skip` bytes into `segs` out of guest memory.
-fn gather<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], mut skip: u64, out: &mut [u8]) -> Result<(), u8> {
+/// Calls `copy(guest address, range of the caller's buffer)` for each piece of the `len` bytes
+/// that start `skip` bytes into `segs`; fails if the buffers are shorter or a copy fails.
+fn walk(
+    segs: &[Segment],
+    mut skip: u64,
+    len: usize,
+    mut copy: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool,
+) -> Result<(), u8> {
     let mut done = 0;
     for s in segs {
-        if done == out.len() {
+        if done == len {
             break;
         }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
+        let seg_len = u64::from(s.len);
+        if skip >= seg_len {
+            skip -= seg_len;
             continue;
         }
-        let n = ((len - skip) as usize).min(out.len() - done);
+        let n = ((seg_len - skip) as usize).min(len - done);
         let addr = s.addr.checked_add(skip).ok_or(S_IOERR)?;
-        mem.read_slice(&mut out[done..done + n], addr).map_err(|_| S_IOERR)?;
+        if !copy(addr, done..done + n) {
+            return Err(S_IOERR);
+        }
         done += n;
         skip = 0;
     }
-    if done == out.len() { Ok(()) } else { Err(S_IOERR) }
+    if done == len { Ok(()) } else { Err(S_IOERR) }
+}
+
+/// Copies `out.len()` bytes that start `skip` bytes into `segs` out of guest memory.
+fn gather<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], skip: u64, out: &mut [u8]) -> Result<(), u8> {
+    let len = out.len();
+    walk(segs, skip, len, |addr, r| mem.read_slice(&mut out[r], addr).is_ok())
 }
 
 /// Copies `data` into guest memory, starting `skip` bytes into `segs`.
-fn scatter<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], mut skip: u64, data: &[u8]) -> Result<(), u8> {
-    let mut done = 0;
-    for s in segs {
-        if done == data.len() {
-            break;
-        }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = ((len - skip) as usize).min(data.len() - done);
-        let addr = s.addr.checked_add(skip).ok_or(S_IOERR)?;
-        mem.write_slice(&data[done..done + n], addr).map_err(|_| S_IOERR)?;
-        done += n;
-        skip = 0;
-    }
-    if done == data.len() { Ok(()) } else { Err(S_IOERR) }
+fn scatter<M: Bytes<GuestAddress>>(mem: &M, segs: &[Segment], skip: u64, data: &[u8]) -> Result<(), u8> {
+    walk(segs, skip, data.len(), |addr, r| mem.write_slice(&data[r], addr).is_ok())
 }
 
 fn le32(b: &[u8]) -> u32 {
