@@ -57,18 +57,41 @@ impl NbdStream for UnixStream {
 pub(crate) struct DeadlineReader<S> {
     inner: S,
     deadline: Option<Instant>,
+    /// The socket's read timeout is set (and must be cleared when the deadline goes).
+    armed: bool,
 }
 
 impl<S: NbdStream> Read for DeadlineReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
+        match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                self.inner.set_read_deadline(Some(left))?;
+                self.armed = true;
             }
-            self.inner.set_read_deadline(Some(left))?;
+            None if self.armed => {
+                self.inner.set_read_deadline(None)?;
+                self.armed = false;
+            }
+            None => {}
         }
         self.inner.read(buf)
+    }
+}
+
+/// Where transmission reads requests from: a stream whose reads can be given a deadline (a
+/// request's payload must arrive in time; an idle client between requests may wait forever).
+pub(crate) trait RequestSource: Read {
+    /// Sets or clears the deadline of the reads that follow.
+    fn set_deadline(&mut self, deadline: Option<Instant>);
+}
+
+impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.get_mut().deadline = deadline;
     }
 }
 
@@ -192,8 +215,10 @@ fn run<S: NbdStream>(
     let control = parking_lot::Mutex::new(stream.clone_stream()?);
     let writer = stream.clone_stream()?;
     control.lock().set_write_deadline(Some(limits.reply_timeout))?;
-    let mut reader =
-        BufReader::with_capacity(STREAM_BUFFER, DeadlineReader { inner: stream, deadline: Some(deadline) });
+    let mut reader = BufReader::with_capacity(
+        STREAM_BUFFER,
+        DeadlineReader { inner: stream, deadline: Some(deadline), armed: false },
+    );
     let mut writer = BufWriter::with_capacity(
         STREAM_BUFFER,
         DeadlineWriter { inner: writer, limit: limits.reply_timeout, busy_since: None },
@@ -217,8 +242,7 @@ fn run<S: NbdStream>(
         }
         handshake::Outcome::Session(session) => {
             session_started();
-            reader.get_mut().deadline = None;
-            control.lock().set_read_deadline(None)?;
+            reader.set_deadline(None);
             let shut = || {
                 let _ = control.lock().shutdown_stream(Shutdown::Both);
             };

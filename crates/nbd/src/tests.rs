@@ -1070,14 +1070,14 @@ fn check_pattern(at: u64, data: &[u8]) {
 
 /// A client sends 8 reads of 32 MiB and takes none of the replies: before, each worker held a
 /// whole 32 MiB reply (the daemon grew by 128 MiB per such client); now a long read is read
-/// and sent a piece at a time, so a connection pins at most one piece per worker. Then the
-/// client reads everything, and every byte is right, in both reply forms.
+/// and sent a piece at a time, and at most one read per worker holds a piece of the pool
+/// (reserved before it is queued, so workers never wait for the pool). Then the client reads
+/// everything, and every byte is right, in both reply forms.
 #[test]
 fn a_client_not_reading_pins_one_piece_per_worker() {
     for structured in [false, true] {
         let buffers = crate::BufferPool::new(1 << 30);
         let limits = Limits { buffers: buffers.clone(), ..Limits::default() };
-        let workers = limits.workers_per_conn as u64;
         let (mut c, t) = start_with(BigDisk::new(), limits);
         c.go("big", structured, false);
         for h in 0..8 {
@@ -1087,7 +1087,7 @@ fn a_client_not_reading_pins_one_piece_per_worker() {
         thread::sleep(Duration::from_millis(500));
         let pinned = buffers.peak();
         assert!(
-            pinned <= workers << 20,
+            pinned <= 4 << 20,
             "structured={structured}: {} MiB pinned by a client taking no replies",
             pinned >> 20
         );
@@ -1155,6 +1155,76 @@ fn write_payloads_of_all_connections_share_one_bound() {
     }
     assert!(buffers.peak() <= 1 << 20, "{} KiB held at once", buffers.peak() >> 10);
     assert!(buffers.peak() >= 256 << 10);
+    assert_eq!(buffers.in_use(), 0);
+}
+
+/// Reads and writes of one connection through a pool that holds one request: workers must
+/// never wait for the pool (the queued writes holding it could only be run by them). Before,
+/// four reads taken by the four workers could wait for the bytes a queued write held: a hang.
+#[test]
+fn reads_and_writes_through_a_one_request_pool_never_deadlock() {
+    let buffers = crate::BufferPool::new(1 << 20);
+    let limits = Limits { buffers: buffers.clone(), ..Limits::default() };
+    let (mut c, t) = start_with(BigDisk::new(), limits);
+    c.go("big", false, false);
+    let mut w = c.s.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        for round in 0..20u64 {
+            let mut b = Vec::new();
+            for h in 0..4 {
+                b.extend_from_slice(
+                    &Request { flags: 0, typ: wire::CMD_READ, handle: round * 8 + h, offset: h << 20, len: 1 << 20 }
+                        .encode(),
+                );
+            }
+            for h in 4..8 {
+                b.extend_from_slice(
+                    &Request { flags: 0, typ: wire::CMD_WRITE, handle: round * 8 + h, offset: 16 << 20, len: 1 << 20 }
+                        .encode(),
+                );
+                b.resize(b.len() + (1 << 20), 0x77);
+            }
+            w.write_all(&b).unwrap();
+        }
+    });
+    for _ in 0..160 {
+        let (err, handle) = c.simple();
+        assert_eq!(err, 0);
+        if handle % 8 < 4 {
+            c.read_n(1 << 20);
+        }
+    }
+    sender.join().unwrap();
+    c.disc();
+    assert!(join(t).is_ok());
+    assert!(buffers.peak() <= 2 << 20, "{} KiB held", buffers.peak() >> 10);
+}
+
+/// A client that announces a write and then sends only part of it is cut off when the payload
+/// does not arrive in time, and holds meanwhile only the pool bytes of what it sent: another
+/// client is served. Before, it held the whole announced length for ever.
+#[test]
+fn a_write_payload_that_stops_half_way_is_cut_off() {
+    let buffers = crate::BufferPool::new(2 << 20);
+    let limits = Limits { buffers: buffers.clone(), reply_timeout: Duration::from_millis(500), ..Limits::default() };
+    let exports = BigDisk::new();
+    let (mut stalled, t1) = start_with(exports.clone(), limits.clone());
+    stalled.go("big", false, false);
+    let mut b = Request { flags: 0, typ: wire::CMD_WRITE, handle: 1, offset: 0, len: 8 << 20 }.encode().to_vec();
+    b.resize(b.len() + (1 << 20), 0x11);
+    stalled.s.write_all(&b).unwrap();
+    // Another client writes and reads back meanwhile.
+    let (mut other, t2) = start_with(exports, limits);
+    other.go("big", false, false);
+    other.s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    other.req(wire::CMD_WRITE, 0, 2, 16 << 20, 1 << 20, &vec![0x22; 1 << 20]);
+    assert_eq!(other.simple(), (0, 2));
+    other.disc();
+    assert!(join(t2).is_ok());
+    assert!(started.elapsed() < Duration::from_secs(3), "the other client waited {:?}", started.elapsed());
+    // The stalled one is cut off by the payload deadline.
+    assert!(matches!(join(t1), Err(NbdError::Io(_))));
     assert_eq!(buffers.in_use(), 0);
 }
 

@@ -121,7 +121,7 @@ impl TlsSettings {
         sock.set_write_deadline(None)?;
         Ok(TlsStream {
             sock,
-            shared: Arc::new(Shared { conn: Mutex::new(conn), send: Mutex::new(()) }),
+            shared: Arc::new(Shared { conn: Mutex::new(conn), send: Mutex::new(()), write_timeout: Mutex::new(None) }),
             raw: Vec::new(),
             raw_start: 0,
             raw_end: 0,
@@ -152,6 +152,9 @@ struct Shared {
     /// Held while ciphertext goes out, taken before `conn`: records reach the socket in the
     /// order they were made.
     send: Mutex<()>,
+    /// The write timeout last set: it bounds all of one `write`'s ciphertext, not each send
+    /// (which any progress would restart), so the caller's whole-reply deadline still holds.
+    write_timeout: Mutex<Option<Duration>>,
 }
 
 /// A TLS session over a socket-like stream; clones are handles to the same session, one used
@@ -172,7 +175,8 @@ const RAW_READ: usize = 64 << 10;
 impl<S: NbdStream> TlsStream<S> {
     /// Sends whatever the session has to send (made under `conn`, written under `send` only).
     fn flush_records(&mut self) -> io::Result<()> {
-        let _send = self.shared.send.lock();
+        let shared = self.shared.clone();
+        let _send = shared.send.lock();
         let mut out = Vec::new();
         {
             let mut conn = self.shared.conn.lock();
@@ -180,7 +184,26 @@ impl<S: NbdStream> TlsStream<S> {
                 conn.write_tls(&mut out)?;
             }
         }
-        self.sock.write_all(&out)
+        self.send_ciphertext(&out)
+    }
+
+    /// Writes ciphertext, failing with `TimedOut` once it has taken longer than the write
+    /// timeout (a client taking a byte now and then cannot stretch it).
+    fn send_ciphertext(&mut self, mut out: &[u8]) -> io::Result<()> {
+        let limit = *self.shared.write_timeout.lock();
+        let started = Instant::now();
+        while !out.is_empty() {
+            if limit.is_some_and(|l| started.elapsed() > l) {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the client is not taking its TLS records"));
+            }
+            match self.sock.write(out) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => out = &out[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -225,7 +248,8 @@ impl<S: NbdStream> Read for TlsStream<S> {
 
 impl<S: NbdStream> Write for TlsStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _send = self.shared.send.lock();
+        let shared = self.shared.clone();
+        let _send = shared.send.lock();
         let (n, out) = {
             let mut conn = self.shared.conn.lock();
             let n = conn.writer().write(buf)?;
@@ -235,7 +259,7 @@ impl<S: NbdStream> Write for TlsStream<S> {
             }
             (n, out)
         };
-        self.sock.write_all(&out)?;
+        self.send_ciphertext(&out)?;
         Ok(n)
     }
 
@@ -260,6 +284,7 @@ impl<S: NbdStream> NbdStream for TlsStream<S> {
     }
 
     fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+        *self.shared.write_timeout.lock() = timeout;
         self.sock.set_write_deadline(timeout)
     }
 

@@ -2,10 +2,11 @@
 //! execute them on the device and write replies, possibly out of order, under one lock.
 
 use std::collections::BTreeSet;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
+use std::time::Instant;
 
 use blockdev::{BlockDevice, DevError, ExtentKind};
 use crossbeam_channel::{Receiver, Sender};
@@ -14,13 +15,16 @@ use tracing::{debug, error, trace, warn};
 
 use crate::buffers::{BufferPool, Held};
 use crate::handshake::{Session, read_exact_or_eof};
+use crate::stream::RequestSource;
 use crate::wire::{self, ReplyTo, Request};
 use crate::{Limits, NbdError};
 
 /// Largest range one BLOCK_STATUS asks the device about; the reply may cover less than asked.
 /// Compact replies carry 32-bit lengths; extended ones may describe more at once.
 const BLOCK_STATUS_MAX_QUERY: u64 = 1 << 30;
-const BLOCK_STATUS_MAX_QUERY_EXTENDED: u64 = 1 << 36;
+/// Extended replies could describe more, but the device lists every extent of the range first
+/// (a fragmented 64 GiB would be millions): the same bound for both.
+const BLOCK_STATUS_MAX_QUERY_EXTENDED: u64 = BLOCK_STATUS_MAX_QUERY;
 /// Most descriptors sent in one BLOCK_STATUS reply.
 const BLOCK_STATUS_MAX_EXTENTS: usize = 16 << 10;
 /// Most content chunks in one structured READ reply; more extents are sent as one data chunk.
@@ -53,15 +57,20 @@ impl From<DevError> for Fail {
 struct Job {
     req: Request,
     payload: Vec<u8>,
-    /// The payload's share of the daemon-wide pool; given back once the payload is written.
-    held: Held,
+    /// The request's share of the daemon-wide pool: a WRITE's payload (given back once it is
+    /// written), or the one piece a READ is read into (reserved here, so a worker never waits
+    /// for the pool: waiting workers could be the only ones able to run the queued writes that
+    /// hold it).
+    held: Vec<Held>,
     /// Arrival order, for flush ordering.
     seq: u64,
     /// Bytes of the connection's buffer budget this job holds.
     cost: u64,
-    /// Why a payload was skipped instead of read (a write over the size limit, or a payload on
-    /// a command that takes none): the request is answered EINVAL with this.
-    skipped: Option<String>,
+    /// A READ holding one of the connection's read slots (see [`Conn::read_slots`]).
+    read_slot: bool,
+    /// Why a payload was skipped instead of read (a write over the size limit or to a
+    /// read-only export, or a payload on a command that takes none): the request's answer.
+    skipped: Option<Fail>,
 }
 
 fn is_write_like(typ: u16) -> bool {
@@ -130,6 +139,8 @@ struct Conn<'a, W> {
     extended: bool,
     allocation_context: Option<u32>,
     max_request: u32,
+    /// Time a request's payload has to arrive once its header has.
+    payload_timeout: std::time::Duration,
     /// The daemon-wide bound on payload bytes held.
     pool: &'a BufferPool,
     writer: Mutex<W>,
@@ -138,11 +149,13 @@ struct Conn<'a, W> {
     write_error: Mutex<Option<io::Error>>,
     pending_writes: PendingWrites,
     budget: Budget,
+    /// READs holding a piece of the pool at once: as many as there are workers.
+    read_slots: Budget,
     shut: &'a (dyn Fn() + Sync),
 }
 
 /// Serves requests until the client disconnects; in-flight requests always finish first.
-pub(crate) fn serve<R: Read, W: Write + Send>(
+pub(crate) fn serve<R: RequestSource, W: Write + Send>(
     reader: &mut R,
     writer: W,
     session: &Session,
@@ -158,6 +171,7 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         extended: session.extended,
         allocation_context: session.allocation_context,
         max_request: limits.max_request_bytes,
+        payload_timeout: limits.reply_timeout,
         pool: &limits.buffers,
         writer: Mutex::new(writer),
         broken: AtomicBool::new(false),
@@ -166,6 +180,12 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         budget: Budget {
             max_count: limits.max_in_flight_per_conn,
             max_bytes: limits.max_buffered_bytes_per_conn,
+            used: Mutex::new((0, 0)),
+            freed: Condvar::new(),
+        },
+        read_slots: Budget {
+            max_count: limits.workers_per_conn,
+            max_bytes: u64::MAX,
             used: Mutex::new((0, 0)),
             freed: Condvar::new(),
         },
@@ -196,7 +216,7 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
 
 impl<W: Write + Send> Conn<'_, W> {
     /// The reader: parses requests and queues them until DISC, end of stream or a fatal error.
-    fn read_requests<R: Read>(&self, reader: &mut R, tx: Sender<Job>) -> Result<(), NbdError> {
+    fn read_requests<R: RequestSource>(&self, reader: &mut R, tx: Sender<Job>) -> Result<(), NbdError> {
         let header_len = if self.extended { wire::EXTENDED_REQUEST_LEN } else { wire::REQUEST_LEN };
         let mut seq = 0u64;
         loop {
@@ -224,36 +244,80 @@ impl<W: Write + Send> Conn<'_, W> {
             let skipped = if !has_payload {
                 None
             } else if req.typ != wire::CMD_WRITE {
-                Some(format!("command {} takes no payload", req.typ))
+                Some(Fail::new(wire::EINVAL, format!("command {} takes no payload", req.typ)))
             } else if req.len > u64::from(self.max_request) {
-                Some(format!("write of {} bytes is over the limit of {}", req.len, self.max_request))
+                Some(Fail::new(
+                    wire::EINVAL,
+                    format!("write of {} bytes is over the limit of {}", req.len, self.max_request),
+                ))
+            } else if self.read_only {
+                Some(Fail::new(wire::EPERM, "the export is read-only"))
             } else {
                 None
             };
             let cost = if has_payload && skipped.is_none() { req.len } else { 0 };
             self.budget.acquire(cost);
-            let held = self.pool.take(cost);
+            let mut held = Vec::new();
+            let read_slot = req.typ == wire::CMD_READ && req.len <= u64::from(self.max_request);
+            if read_slot {
+                // At most one read per worker holds a piece: a client queueing many reads
+                // waits here (its requests stay in its socket) instead of reserving the pool.
+                self.read_slots.acquire(0);
+                held.push(self.pool.take(req.len.min(READ_PIECE)));
+            }
             let mut payload = Vec::new();
-            let received = if skipped.is_some() {
-                crate::handshake::discard(reader, req.len)
-            } else if cost > 0 {
-                payload = vec![0u8; cost as usize];
-                reader.read_exact(&mut payload)
+            let received = if has_payload {
+                // A payload must arrive in time, whether it is kept or skipped.
+                let r = if skipped.is_some() {
+                    reader.set_deadline(Some(Instant::now() + self.payload_timeout));
+                    crate::handshake::discard(reader, req.len)
+                } else {
+                    self.read_payload(reader, cost, &mut payload, &mut held)
+                };
+                reader.set_deadline(None);
+                r
             } else {
                 Ok(())
             };
             if let Err(e) = received {
                 self.budget.release(cost);
+                if read_slot {
+                    self.read_slots.release(0);
+                }
                 return Err(e.into());
             }
             if is_write_like(req.typ) {
                 self.pending_writes.start(seq);
             }
-            if tx.send(Job { req, payload, held, seq, cost, skipped }).is_err() {
+            if tx.send(Job { req, payload, held, seq, cost, read_slot, skipped }).is_err() {
                 return Err(NbdError::Io(io::Error::other("all worker threads are gone")));
             }
             seq += 1;
         }
+    }
+
+    /// Reads a payload of `len` bytes a piece at a time, taking each piece's bytes from the pool
+    /// as it arrives: a client that stops half-way holds only what it sent. Each piece must
+    /// arrive within the payload timeout of the moment its bytes were granted (time spent
+    /// waiting for the pool is not the client's).
+    fn read_payload<R: RequestSource>(
+        &self,
+        reader: &mut R,
+        len: u64,
+        payload: &mut Vec<u8>,
+        held: &mut Vec<Held>,
+    ) -> io::Result<()> {
+        payload.reserve_exact(len as usize);
+        let mut done = 0usize;
+        while (done as u64) < len {
+            let n = (len - done as u64).min(READ_PIECE) as usize;
+            held.push(self.pool.take(n as u64));
+            reader.set_deadline(Some(Instant::now() + self.payload_timeout));
+            payload.resize(done + n, 0);
+            reader.read_exact(&mut payload[done..])?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Decodes a request header of the negotiated kind.
@@ -276,7 +340,7 @@ impl<W: Write + Send> Conn<'_, W> {
     /// A worker: executes queued jobs until the queue is closed and empty.
     fn work(&self, rx: Receiver<Job>) {
         for job in rx {
-            let (req, seq, cost) = (job.req, job.seq, job.cost);
+            let (req, seq, cost, read_slot) = (job.req, job.seq, job.cost, job.read_slot);
             let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(job)));
             if is_write_like(req.typ) {
                 self.pending_writes.finish(seq);
@@ -287,15 +351,19 @@ impl<W: Write + Send> Conn<'_, W> {
                 (self.shut)();
             }
             self.budget.release(cost);
+            if read_slot {
+                self.read_slots.release(0);
+            }
         }
     }
 
     fn execute(&self, job: Job) {
         let r = &job.req;
-        if let Some(why) = job.skipped {
-            return self.reply_error(r, Fail::new(wire::EINVAL, why));
+        if let Some(fail) = job.skipped {
+            return self.reply_error(r, fail);
         }
         match r.typ {
+            // The piece it is read into was reserved by the reader (`job.held`).
             wire::CMD_READ => self.read(r),
             wire::CMD_WRITE => {
                 let res = self.write(r, &job.payload);
@@ -456,7 +524,6 @@ impl<W: Write + Send> Conn<'_, W> {
         let extents = extents.unwrap_or_else(|| vec![(r.offset, r.len, false)]);
         if r.len <= READ_PIECE {
             // The common case: every chunk built, then sent at once.
-            let _held = self.pool.take(r.len);
             let mut chunks = Vec::with_capacity(extents.len());
             for (offset, len, hole) in extents {
                 if hole {
@@ -488,7 +555,6 @@ impl<W: Write + Send> Conn<'_, W> {
             if hole {
                 self.send(&[&to.hole(flags, offset, len as u32)]);
             } else {
-                let _held = self.pool.take(len);
                 match self.data_chunk(&to, flags, offset, len) {
                     Ok(c) => self.send(&[&c]),
                     // Chunks already sent stand; the error chunk ends the reply.
@@ -518,7 +584,6 @@ impl<W: Write + Send> Conn<'_, W> {
     /// later one can only end the connection, as the protocol says.
     fn send_read(&self, head: &[u8], offset: u64, len: u64) -> Result<(), Fail> {
         let first = len.min(READ_PIECE);
-        let _held = self.pool.take(first);
         let mut piece = vec![0u8; first as usize];
         self.dev.read_at(offset, &mut piece)?;
         if first == len {

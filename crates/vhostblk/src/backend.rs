@@ -44,6 +44,11 @@ pub struct BlkBackend {
     mem: parking_lot::RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
     /// One per queue thread: notified to end it.
     exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Set by [`BlkBackend::stop`]: no new request is taken.
+    stopping: AtomicBool,
+    /// Queue threads serving requests right now, and a signal for when none is.
+    busy: parking_lot::Mutex<usize>,
+    idle: parking_lot::Condvar,
 }
 
 impl BlkBackend {
@@ -62,13 +67,22 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             exits,
+            stopping: AtomicBool::new(false),
+            busy: parking_lot::Mutex::new(0),
+            idle: parking_lot::Condvar::new(),
         })
     }
 
-    /// Ends every queue thread (after the request it is on).
+    /// Ends every queue thread and waits until the requests they had taken are done and
+    /// returned to the guest: after it, nothing writes to the device any more.
     pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
         for (_, notifier) in &self.exits {
             let _ = notifier.notify();
+        }
+        let mut busy = self.busy.lock();
+        while *busy > 0 {
+            self.idle.wait(&mut busy);
         }
     }
 
@@ -97,42 +111,61 @@ impl BlkBackend {
         c
     }
 
-    /// Serves every request the driver has made available on `vring`; `Ok(true)` if any.
-    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// Serves every request the driver has made available on the queue, holding the queue's
+    /// lock throughout: a VMM stopping or resetting the ring (`GET_VRING_BASE`) waits until the
+    /// requests taken are done and returned, so none completes into a ring that was reset.
+    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        {
+            let mut busy = self.busy.lock();
+            if self.stopping.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            *busy += 1;
+        }
+        let result = self.serve_queue_busy(vring);
+        let mut busy = self.busy.lock();
+        *busy -= 1;
+        self.idle.notify_all();
+        result
+    }
+
+    fn serve_queue_busy(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.read().memory();
-        let chains: Vec<_> = vring
-            .get_mut()
-            .get_queue_mut()
-            .iter(mem.clone())
-            .map_err(|e| io::Error::other(format!("reading the queue: {e}")))?
-            .collect();
-        for chain in &chains {
-            let mut b = Buffers::default();
-            for d in chain.clone() {
-                let s = Segment { addr: d.addr(), len: d.len() };
-                if d.is_write_only() {
-                    b.writable.push(s);
-                } else if b.writable.is_empty() {
-                    b.readable.push(s);
-                } else {
-                    // A readable buffer after a writable one breaks the layout rule.
-                    b.writable.clear();
-                    break;
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let err = |e: virtio_queue::Error| io::Error::other(format!("virtqueue: {e}"));
+        let mut state = vring.get_mut();
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(err)?;
+            }
+            let chains: Vec<_> = state.get_queue_mut().iter(mem.clone()).map_err(err)?.collect();
+            for chain in &chains {
+                let mut b = Buffers::default();
+                for d in chain.clone() {
+                    let s = Segment { addr: d.addr(), len: d.len() };
+                    if d.is_write_only() {
+                        b.writable.push(s);
+                    } else if b.writable.is_empty() {
+                        b.readable.push(s);
+                    } else {
+                        // A readable buffer after a writable one breaks the layout rule: with
+                        // no header the request fails, and its status byte says so.
+                        b.readable.clear();
+                        break;
+                    }
                 }
+                let used = request::execute(&*self.dev, &*mem, &b, &self.serial);
+                state.add_used(chain.head_index(), used).map_err(err)?;
             }
-            let used = request::execute(&*self.dev, &*mem, &b, &self.serial);
-            vring
-                .add_used(chain.head_index(), used)
-                .map_err(|e| io::Error::other(format!("returning a request: {e:?}")))?;
-        }
-        if !chains.is_empty() {
-            let notify = !self.event_idx.load(Ordering::Acquire)
-                || vring.needs_notification().map_err(|e| io::Error::other(format!("{e:?}")))?;
-            if notify {
-                vring.signal_used_queue()?;
+            if !chains.is_empty() && (!event_idx || state.needs_notification().map_err(err)?) {
+                state.signal_used_queue()?;
+            }
+            // With event indexes, go on until the driver has added nothing since notifications
+            // were turned back on, so no request waits for a kick that will not come.
+            if !event_idx || !state.enable_notification().map_err(err)? {
+                return Ok(());
             }
         }
-        Ok(!chains.is_empty())
     }
 }
 
@@ -211,19 +244,7 @@ impl VhostUserBackend for BlkBackend {
             warn!(device_event, "event for a queue that does not exist");
             return Ok(());
         };
-        if !self.event_idx.load(Ordering::Acquire) {
-            self.serve_queue(vring)?;
-            return Ok(());
-        }
-        // With event indexes: serve until the driver has added nothing since notifications
-        // were turned back on, so no request is left waiting for a kick that will not come.
-        loop {
-            vring.disable_notification().map_err(|e| io::Error::other(format!("{e:?}")))?;
-            self.serve_queue(vring)?;
-            if !vring.enable_notification().map_err(|e| io::Error::other(format!("{e:?}")))? {
-                break;
-            }
-        }
+        self.serve_queue(vring)?;
         Ok(())
     }
 }

@@ -44,6 +44,8 @@ pub struct Server {
     path: PathBuf,
     stopping: shutdown::Shutdown,
     thread: Option<JoinHandle<()>>,
+    /// The backend of the VMM connected now, if any.
+    current: Arc<parking_lot::Mutex<Option<Arc<BlkBackend>>>>,
 }
 
 impl Server {
@@ -56,18 +58,29 @@ impl Server {
         stopping: shutdown::Shutdown,
     ) -> Result<Server, VhostBlkError> {
         let socket_err = |source| VhostBlkError::Socket { path: path.display().to_string(), source };
-        // A stale socket of an earlier run is replaced.
-        let _ = std::fs::remove_file(path);
+        // A stale socket of an earlier run is replaced; anything else there is left alone.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(socket_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "something other than a socket is there",
+                )));
+            }
+            let _ = std::fs::remove_file(path);
+        }
         let unix = UnixListener::bind(path).map_err(socket_err)?;
         let readable = OwnedFd::from(unix.try_clone().map_err(socket_err)?);
         let listener = Listener::from(unix);
         let p = path.to_path_buf();
         let stop = stopping.clone();
+        let current = Arc::new(parking_lot::Mutex::new(None));
+        let cur = current.clone();
         let thread = thread::Builder::new()
             .name("vhost-user-blk".into())
-            .spawn(move || serve(&p, listener, &readable, &*opener, &opts, &stop))
+            .spawn(move || serve(&p, listener, &readable, &*opener, &opts, &stop, &cur))
             .map_err(socket_err)?;
-        Ok(Server { path: path.to_path_buf(), stopping, thread: Some(thread) })
+        Ok(Server { path: path.to_path_buf(), stopping, thread: Some(thread), current })
     }
 
     /// The socket's path.
@@ -75,10 +88,16 @@ impl Server {
         &self.path
     }
 
-    /// Stops accepting VMMs. A VMM connected now keeps being served until it disconnects or
-    /// the process ends; this returns at once.
+    /// Stops accepting VMMs and stops serving the one connected now: its queue threads end
+    /// and the requests they had taken are finished first, so nothing writes to the device
+    /// after this returns. (The VMM's later requests wait until it reconnects to a new
+    /// parallaxd: QEMU does with `reconnect=` on the chardev.)
     pub fn shutdown(&mut self) {
         self.stopping.trigger();
+        let current = self.current.lock().clone();
+        if let Some(backend) = current {
+            backend.stop();
+        }
         if let Some(t) = self.thread.take()
             && t.is_finished()
         {
@@ -94,6 +113,7 @@ fn serve(
     opener: &dyn OpenDevice,
     opts: &ServerOptions,
     stop: &shutdown::Shutdown,
+    current: &parking_lot::Mutex<Option<Arc<BlkBackend>>>,
 ) {
     let where_ = path.display().to_string();
     loop {
@@ -136,10 +156,16 @@ fn serve(
             continue;
         }
         info!(socket = %where_, "VMM connected");
+        *current.lock() = Some(backend.clone());
+        if stop.is_raised() {
+            // The stop came while this VMM was connecting: serve nothing.
+            backend.stop();
+        }
         match daemon.wait() {
             Ok(()) => info!(socket = %where_, "VMM disconnected"),
             Err(e) => info!(socket = %where_, reason = %e, "VMM disconnected"),
         }
+        *current.lock() = None;
         backend.stop();
         drop(daemon);
         drop(backend);
