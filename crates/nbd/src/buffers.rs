@@ -99,6 +99,14 @@ pub(crate) struct Held {
     bytes: u64,
 }
 
+impl Held {
+    /// Takes over `other`'s bytes (from the same pool): both are given back together.
+    pub(crate) fn absorb(&mut self, mut other: Held) {
+        debug_assert!(Arc::ptr_eq(&self.pool, &other.pool));
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         if self.bytes > 0 {

@@ -61,7 +61,7 @@ struct Job {
     /// written), or the one piece a READ is read into (reserved here, so a worker never waits
     /// for the pool: waiting workers could be the only ones able to run the queued writes that
     /// hold it).
-    held: Vec<Held>,
+    held: Option<Held>,
     /// Arrival order, for flush ordering.
     seq: u64,
     /// Bytes of the connection's buffer budget this job holds.
@@ -257,13 +257,13 @@ impl<W: Write + Send> Conn<'_, W> {
             };
             let cost = if has_payload && skipped.is_none() { req.len } else { 0 };
             self.budget.acquire(cost);
-            let mut held = Vec::new();
+            let mut held = None;
             let read_slot = req.typ == wire::CMD_READ && req.len <= u64::from(self.max_request);
             if read_slot {
                 // At most one read per worker holds a piece: a client queueing many reads
                 // waits here (its requests stay in its socket) instead of reserving the pool.
                 self.read_slots.acquire(0);
-                held.push(self.pool.take(req.len.min(READ_PIECE)));
+                held = Some(self.pool.take(req.len.min(READ_PIECE)));
             }
             let mut payload = Vec::new();
             let received = if has_payload {
@@ -305,13 +305,17 @@ impl<W: Write + Send> Conn<'_, W> {
         reader: &mut R,
         len: u64,
         payload: &mut Vec<u8>,
-        held: &mut Vec<Held>,
+        held: &mut Option<Held>,
     ) -> io::Result<()> {
         payload.reserve_exact(len as usize);
         let mut done = 0usize;
         while (done as u64) < len {
             let n = (len - done as u64).min(READ_PIECE) as usize;
-            held.push(self.pool.take(n as u64));
+            let piece = self.pool.take(n as u64);
+            match held {
+                Some(h) => h.absorb(piece),
+                None => *held = Some(piece),
+            }
             reader.set_deadline(Some(Instant::now() + self.payload_timeout));
             payload.resize(done + n, 0);
             reader.read_exact(&mut payload[done..])?;
@@ -583,16 +587,18 @@ impl<W: Write + Send> Conn<'_, W> {
     /// interleaved). A failure to read the first piece is returned before anything is sent; a
     /// later one can only end the connection, as the protocol says.
     fn send_read(&self, head: &[u8], offset: u64, len: u64) -> Result<(), Fail> {
+        // Header and first piece in one buffer: one write for the common short read.
         let first = len.min(READ_PIECE);
-        let mut piece = vec![0u8; first as usize];
-        self.dev.read_at(offset, &mut piece)?;
+        let mut buf = vec![0u8; head.len() + first as usize];
+        buf[..head.len()].copy_from_slice(head);
+        self.dev.read_at(offset, &mut buf[head.len()..])?;
         if first == len {
-            self.send(&[head, &piece]);
+            self.send(&[&buf]);
             return Ok(());
         }
         self.send_with(|w| {
-            w.write_all(head)?;
-            w.write_all(&piece)?;
+            w.write_all(&buf)?;
+            let piece = &mut buf[head.len()..];
             let mut done = first;
             while done < len {
                 let n = (len - done).min(READ_PIECE) as usize;
