@@ -25,6 +25,7 @@ mod snapshots;
 mod sys;
 mod torture;
 mod vm_demo;
+mod xen_demo;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,9 @@ enum Command {
     /// One guest on vhost-user-blk from parallaxd beside qemu-storage-daemon (qcow2): boot and
     /// dd inside the guest, as ratios (docs/performance.md).
     BenchVhost(vm_demo::bench::BenchVhostArgs),
+    /// Boot Xen under QEMU (TCG) with parallaxd --xen in dom0 and N PV guests on clones of one
+    /// golden VDI over the blkif ring; check every clone from outside (docs/xen.md).
+    XenDemo(xen_demo::XenDemoArgs),
     /// SIGKILL parallaxd under a writing client, restart, and verify no flushed write is lost.
     Torture(torture::TortureArgs),
     /// N simulated Xen guests on clones of one golden VDI over the blkif ring, verified.
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
         Command::BenchImport(a) => import::run(&a),
         Command::VmDemo(a) => vm_demo::run(&a),
         Command::BenchVhost(a) => vm_demo::bench::run(&a),
+        Command::XenDemo(a) => xen_demo::run(&a),
         Command::Torture(a) => torture::run(&a),
         Command::Fuzz(a) => fuzz::run(&a),
         Command::RingTest(a) => ring::run_test(&a),

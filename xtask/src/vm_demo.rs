@@ -6,7 +6,7 @@
 
 pub mod bench;
 mod guest;
-mod image;
+pub(crate) mod image;
 pub(crate) mod setup;
 
 use std::path::{Path, PathBuf};
@@ -253,7 +253,7 @@ fn check_markers(demo: &mut Demo) -> Result<()> {
 }
 
 /// Names starting with `marker-` in the root directory of an ext4 image (`debugfs -R "ls /"`).
-fn list_markers(image: &Path) -> Result<Vec<String>> {
+pub(crate) fn list_markers(image: &Path) -> Result<Vec<String>> {
     let text = sys::run_text(Command::new("debugfs").args(["-R", "ls -p /"]).arg(image))?;
     // `ls -p` prints /INODE/MODE/UID/GID/NAME/SIZE/ per entry.
     let mut names: Vec<String> = text

@@ -13,7 +13,7 @@ use crate::abi::{
     MAX_INDIRECT_PAGES, MAX_SEGMENTS, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER,
     PAGE_SIZE, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SECTOR_SIZE, SECTORS_PER_PAGE, Segment,
 };
-use crate::grant::{Access, GrantTable, GrantedPage};
+use crate::grant::{GrantPiece, GrantTable};
 use crate::request::{BlkRequest, Body};
 use crate::ring::BackRing;
 
@@ -35,6 +35,15 @@ pub struct Served {
     pub more: bool,
 }
 
+/// What to do with a request once it has been executed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answer it with this `BLKIF_RSP_*` status.
+    Respond(i16),
+    /// Do not answer: stop serving the ring and fail the device ([`crate::Error::FlushFailed`]).
+    FailDevice(String),
+}
+
 /// Serves blkif requests from a ring against a block device through a grant table.
 #[derive(Debug)]
 pub struct Engine<D, G> {
@@ -46,7 +55,7 @@ pub struct Engine<D, G> {
 struct Plan {
     offset: u64,
     len: usize,
-    pieces: Vec<(u32, usize, usize)>,
+    pieces: Vec<GrantPiece>,
 }
 
 fn status_of(e: &DevError) -> i16 {
@@ -78,7 +87,10 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
         let mut handled = 0;
         while handled < ring.size() {
             let Some(req) = ring.next_request()? else { break };
-            let status = self.handle(&req);
+            let status = match self.execute(&req) {
+                Verdict::Respond(status) => status,
+                Verdict::FailDevice(why) => return Err(crate::Error::FlushFailed(why)),
+            };
             ring.put_response(req.id, req.response_operation(), status)?;
             handled += 1;
         }
@@ -87,7 +99,29 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
         Ok(Served { handled, notify, more })
     }
 
-    /// Executes one request and returns its `BLKIF_RSP_*` status.
+    /// Executes one request and says whether to answer it ([`Engine::handle`]), or to fail the
+    /// device instead because an empty flush failed.
+    pub fn execute(&self, req: &BlkRequest) -> Verdict {
+        if matches!(
+            (req.operation, req.body),
+            (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments: 0, .. })
+        ) && !self.dev.read_only()
+        {
+            // An empty flush: Linux blkfront leaves `sector_number` as the block layer's
+            // (sector_t)-1, so it is ignored, and a read-only disk has nothing to flush.
+            // blkfront takes an error here as "flush unsupported" for good, so a failure is
+            // not answered: the device is failed (and a retry could not be trusted either,
+            // as a failed fsync may already have dropped the unwritten pages).
+            return match self.dev.flush() {
+                Ok(()) => Verdict::Respond(RSP_OKAY),
+                Err(e) => Verdict::FailDevice(e.to_string()),
+            };
+        }
+        Verdict::Respond(self.handle(req))
+    }
+
+    /// Executes one request and returns its `BLKIF_RSP_*` status. A failed empty flush is
+    /// answered with an error here; servers use [`Engine::execute`], which fails the device.
     pub fn handle(&self, req: &BlkRequest) -> i16 {
         match (req.operation, req.body) {
             (OP_READ | OP_WRITE, Body::Segments { nr_segments, sector_number, seg }) => {
@@ -123,7 +157,7 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
                 if let Err(e) = self.dev.flush() {
                     return status_of(&e);
                 }
-                self.execute(true, true, &plan)
+                self.move_data(true, true, &plan)
             }
             (OP_DISCARD, Body::Discard { sector_number, nr_sectors, .. }) => self.discard(sector_number, nr_sectors),
             (OP_INDIRECT, Body::Indirect { indirect_op, nr_segments, sector_number, indirect_grefs }) => {
@@ -146,7 +180,7 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
             }
             let start = s.first_sect as usize * SECTOR_SIZE;
             let bytes = (s.last_sect - s.first_sect + 1) as usize * SECTOR_SIZE;
-            pieces.push((s.gref, start, bytes));
+            pieces.push(GrantPiece { gref: s.gref, offset: start, len: bytes });
             len += bytes;
         }
         let offset = sector_number.checked_mul(SECTOR_SIZE as u64).ok_or(RSP_ERROR)?;
@@ -156,53 +190,29 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
 
     fn transfer(&self, write: bool, fua: bool, sector_number: u64, segs: &[Segment]) -> i16 {
         match self.plan(write, sector_number, segs) {
-            Ok(plan) => self.execute(write, fua, &plan),
+            Ok(plan) => self.move_data(write, fua, &plan),
             Err(s) => s,
         }
     }
 
-    /// Maps every page, moves the data, releases every page.
-    fn execute(&self, write: bool, fua: bool, plan: &Plan) -> i16 {
-        let access = if write { Access::Read } else { Access::Write };
-        let mut pages = Vec::with_capacity(plan.pieces.len());
-        for &(gref, _, _) in &plan.pieces {
-            match self.grants.map(gref, access) {
-                Ok(p) => pages.push(p),
-                Err(_) => {
-                    pages.into_iter().for_each(|p| self.grants.release(p));
-                    return RSP_ERROR;
-                }
-            }
-        }
+    /// Moves the data between the guest's pages and the disk.
+    fn move_data(&self, write: bool, fua: bool, plan: &Plan) -> i16 {
         let mut buf = vec![0u8; plan.len];
-        let status = if write {
-            let mut at = 0;
-            let mut ok = true;
-            for (page, &(_, start, bytes)) in pages.iter().zip(&plan.pieces) {
-                ok &= page.read(start, &mut buf[at..at + bytes]).is_ok();
-                at += bytes;
+        if write {
+            if self.grants.copy_from_guest(&plan.pieces, &mut buf).is_err() {
+                return RSP_ERROR;
             }
-            match (ok, self.dev.write_at(plan.offset, &buf, fua)) {
-                (false, _) => RSP_ERROR,
-                (true, Ok(())) => RSP_OKAY,
-                (true, Err(e)) => status_of(&e),
+            match self.dev.write_at(plan.offset, &buf, fua) {
+                Ok(()) => RSP_OKAY,
+                Err(e) => status_of(&e),
             }
         } else {
             match self.dev.read_at(plan.offset, &mut buf) {
-                Ok(()) => {
-                    let mut at = 0;
-                    let mut ok = true;
-                    for (page, &(_, start, bytes)) in pages.iter().zip(&plan.pieces) {
-                        ok &= page.write(start, &buf[at..at + bytes]).is_ok();
-                        at += bytes;
-                    }
-                    if ok { RSP_OKAY } else { RSP_ERROR }
-                }
+                Ok(()) if self.grants.copy_to_guest(&plan.pieces, &buf).is_ok() => RSP_OKAY,
+                Ok(()) => RSP_ERROR,
                 Err(e) => status_of(&e),
             }
-        };
-        pages.into_iter().for_each(|p| self.grants.release(p));
-        status
+        }
     }
 
     fn discard(&self, sector_number: u64, nr_sectors: u64) -> i16 {
@@ -238,14 +248,10 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
         let mut segs = Vec::with_capacity(n);
         let mut left = n;
         for &gref in grefs.iter().take(n.div_ceil(SEGMENTS_PER_INDIRECT_PAGE)) {
-            let Ok(page) = self.grants.map(gref, Access::Read) else {
-                return RSP_ERROR;
-            };
             let count = left.min(SEGMENTS_PER_INDIRECT_PAGE);
             let mut raw = vec![0u8; count * size_of::<Segment>()];
-            let read = page.read(0, &mut raw);
-            self.grants.release(page);
-            if read.is_err() {
+            let piece = GrantPiece { gref, offset: 0, len: raw.len() };
+            if self.grants.copy_from_guest(&[piece], &mut raw).is_err() {
                 return RSP_ERROR;
             }
             for chunk in raw.chunks_exact(size_of::<Segment>()) {

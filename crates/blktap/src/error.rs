@@ -49,6 +49,12 @@ pub enum Error {
     /// The backend refused to attach the disk.
     #[error("refused by the backend: {0}")]
     Refused(String),
+    /// The disk failed a flush the guest cannot be told about without being misled (an
+    /// empty flush: Linux blkfront takes its error as "flushes unsupported" and never flushes
+    /// again). The ring is stopped and the device failed instead, so the guest sees its disk
+    /// go away rather than lose durability silently.
+    #[error("the disk failed a flush, so the device is failed: {0}")]
+    FlushFailed(String),
     /// An operating-system call failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

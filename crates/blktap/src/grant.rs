@@ -29,6 +29,17 @@ pub trait GrantedPage {
     fn write(&self, offset: usize, data: &[u8]) -> Result<()>;
 }
 
+/// A byte range of one granted page: what one segment of a request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantPiece {
+    /// The grant reference of the page.
+    pub gref: u32,
+    /// Where the range starts within the page.
+    pub offset: usize,
+    /// Its length; `offset + len` is at most a page.
+    pub len: usize,
+}
+
 /// Maps grant references to pages.
 pub trait GrantTable {
     /// A mapped page; borrowing the table.
@@ -39,6 +50,54 @@ pub trait GrantTable {
     fn map(&self, gref: u32, access: Access) -> Result<Self::Page<'_>>;
     /// Releases a mapping.
     fn release(&self, page: Self::Page<'_>);
+
+    /// Copies `pieces`, in order, out of the granted pages into `buf` (the data of a guest
+    /// WRITE); `buf` is exactly as long as the pieces together. This one maps each page in
+    /// turn; a table that can copy without mapping (Xen's grant copy) does it in one call.
+    fn copy_from_guest(&self, pieces: &[GrantPiece], buf: &mut [u8]) -> Result<()> {
+        let mut at = 0;
+        for p in pieces {
+            let dest = buf.get_mut(at..at + p.len).ok_or(Error::OutOfBounds { offset: at, len: p.len, region: 0 })?;
+            let page = self.map(p.gref, Access::Read)?;
+            let read = page.read(p.offset, dest);
+            self.release(page);
+            read?;
+            at += p.len;
+        }
+        if at != buf.len() {
+            return Err(Error::OutOfBounds { offset: at, len: buf.len() - at, region: at });
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into the granted `pieces`, in order (the data of a guest READ); `buf` is
+    /// exactly as long as the pieces together. This one maps every page before writing any, so
+    /// a bad grant leaves the guest's pages untouched; a failed grant copy on Xen may have
+    /// filled some of them (the request fails either way, as with Linux's blkback).
+    fn copy_to_guest(&self, pieces: &[GrantPiece], buf: &[u8]) -> Result<()> {
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        if total != buf.len() {
+            return Err(Error::OutOfBounds { offset: 0, len: buf.len(), region: total });
+        }
+        let mut pages = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match self.map(p.gref, Access::Write) {
+                Ok(page) => pages.push(page),
+                Err(e) => {
+                    pages.into_iter().for_each(|page| self.release(page));
+                    return Err(e);
+                }
+            }
+        }
+        let mut at = 0;
+        let mut result = Ok(());
+        for (page, p) in pages.iter().zip(pieces) {
+            result = result.and(page.write(p.offset, &buf[at..at + p.len]));
+            at += p.len;
+        }
+        pages.into_iter().for_each(|page| self.release(page));
+        result
+    }
 }
 
 /// A simulated grant table over a shared region: grant `k` is page `k` of the region.

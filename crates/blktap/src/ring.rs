@@ -56,6 +56,52 @@ impl BackRing {
         Ok(Self { mem, abi, size, req_cons: index, rsp_prod_pvt: index, rsp_prod_published: index, broken: None })
     }
 
+    /// Continues a ring a previous backend served, for a backend restarted under a connected
+    /// frontend: consumer and producer start at the response index the ring shows published.
+    ///
+    /// That is right only if the previous backend answered every request it had taken:
+    /// requests it took but did not answer cannot be found again (their slots may already
+    /// hold other responses), and running a stale slot again could repeat a write the guest
+    /// has since overwritten. So the caller must know one of two things: the previous backend
+    /// detached cleanly at `detached_at` (which must equal the published index), or, with
+    /// `None`, nothing is outstanding at all (`req_prod == rsp_prod`). Otherwise: refused.
+    pub fn resume(mem: Arc<SharedMem>, abi: Abi, detached_at: Option<u32>) -> Result<Self> {
+        let size = ring_size_for(mem.len(), abi)?;
+        let req_prod = mem.atomic_u32(REQ_PROD_OFFSET)?.load(Ordering::Acquire);
+        let rsp_prod = mem.atomic_u32(RSP_PROD_OFFSET)?.load(Ordering::Acquire);
+        let outstanding = req_prod.wrapping_sub(rsp_prod);
+        if outstanding > size {
+            return Err(Error::BrokenRing { req_prod, rsp_prod, size });
+        }
+        match detached_at {
+            Some(at) if at == rsp_prod => {}
+            None if outstanding == 0 => {}
+            Some(at) => {
+                return Err(Error::Refused(format!(
+                    "the ring's published responses ({rsp_prod}) are not where the previous backend detached ({at})"
+                )));
+            }
+            None => {
+                return Err(Error::Refused(format!(
+                    "the previous backend stopped without detaching, with {outstanding} request(s) outstanding"
+                )));
+            }
+        }
+        Self::attach_at(mem, abi, rsp_prod)
+    }
+
+    /// This ring's memory, continued with [`BackRing::resume`].
+    pub fn resumed(self, detached_at: Option<u32>) -> Result<Self> {
+        Self::resume(self.mem, self.abi, detached_at)
+    }
+
+    /// The published response index, if every request taken was answered and published (the
+    /// state in which a later backend may [`BackRing::resume`] the ring).
+    pub fn quiescent_at(&self) -> Option<u32> {
+        (self.req_cons == self.rsp_prod_pvt && self.rsp_prod_pvt == self.rsp_prod_published)
+            .then_some(self.rsp_prod_published)
+    }
+
     /// Number of slots in the ring.
     pub fn size(&self) -> u32 {
         self.size

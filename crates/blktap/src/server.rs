@@ -20,11 +20,11 @@ use parking_lot::{Condvar, Mutex};
 use shutdown::Shutdown;
 
 use crate::Result;
-use crate::abi::{OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
-use crate::engine::Engine;
+use crate::abi::{OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY};
+use crate::engine::{Engine, Verdict};
 use crate::event::{EventChannel, Wake};
 use crate::grant::GrantTable;
-use crate::request::BlkRequest;
+use crate::request::{BlkRequest, Body};
 use crate::ring::BackRing;
 
 /// How a ring is served.
@@ -99,6 +99,12 @@ where
         }
     }
 
+    /// After [`RingServer::run`] returned: the ring's published response index if every
+    /// request taken was answered (see [`BackRing::quiescent_at`]).
+    pub fn quiescent_at(&self) -> Option<u32> {
+        self.ring.lock().quiescent_at()
+    }
+
     /// The counters, readable while the ring is served.
     pub fn stats(&self) -> Arc<RingStats> {
         self.stats.clone()
@@ -140,6 +146,20 @@ where
             }
             let next = self.ring.lock().next_request();
             match next {
+                Ok(Some(req)) if is_empty_flush(&req) => {
+                    // On this thread, so that a failed flush can end the ring at once: it is
+                    // not answered (see `Engine::execute`), the device is failed.
+                    if req.operation == OP_WRITE_BARRIER {
+                        self.wait_drained();
+                    }
+                    match self.verdict(&req) {
+                        Verdict::Respond(status) => self.respond(&req, status),
+                        Verdict::FailDevice(why) => {
+                            tracing::error!(id = req.id, error = %why, "an empty flush failed: failing the device");
+                            return Err(crate::Error::FlushFailed(why));
+                        }
+                    }
+                }
                 Ok(Some(req)) if req.operation == OP_WRITE_BARRIER => {
                     self.wait_drained();
                     let status = self.execute(&req);
@@ -178,6 +198,17 @@ where
             return Ok(false);
         }
         Ok(self.ring.lock().unconsumed_requests()? == 0)
+    }
+
+    /// [`Engine::execute`] for an empty flush, with a panic (a bug) answered as an error.
+    fn verdict(&self, req: &BlkRequest) -> Verdict {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.execute(req))) {
+            Ok(v) => v,
+            Err(_) => {
+                tracing::error!(id = req.id, operation = req.operation, "request panicked; answered with an error");
+                Verdict::Respond(RSP_ERROR)
+            }
+        }
     }
 
     /// Executes a request; a panic in the device (a bug, never guest input) becomes an error
@@ -225,4 +256,10 @@ where
             self.drained.wait(&mut n);
         }
     }
+}
+
+/// A flush or barrier without data.
+fn is_empty_flush(req: &BlkRequest) -> bool {
+    matches!(req.operation, OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER)
+        && matches!(req.body, Body::Segments { nr_segments: 0, .. })
 }

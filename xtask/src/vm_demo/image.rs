@@ -164,7 +164,7 @@ fn copy_module(src: &Path, dest: &Path) -> Result<()> {
     }
 }
 
-fn write_exec(path: &Path, text: &str) -> Result<()> {
+pub fn write_exec(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot chmod {}", path.display()))
@@ -223,21 +223,27 @@ poweroff -f
 
 /// Builds `initrd.gz` in `work` for `kernel` and returns its path.
 pub fn build_initramfs(kernel: &Kernel, work: &Path) -> Result<PathBuf> {
-    let root = work.join("initramfs");
+    build_initramfs_with(kernel, work, MODULES, INITRAMFS_INIT, "initrd.gz")
+}
+
+/// Builds the initramfs `name` in `work`: busybox, `modules` of `kernel` (with what they need, in
+/// load order, listed in /modules.order) and `init` as /init. Returns its path.
+pub fn build_initramfs_with(kernel: &Kernel, work: &Path, modules: &[&str], init: &str, name: &str) -> Result<PathBuf> {
+    let root = work.join(format!("{name}.d"));
     mkdirs(&root, &["bin", "proc", "sys", "dev", "newroot", "lib/modules"])?;
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).with_context(|| format!("cannot copy {BUSYBOX}"))?;
     let dep_text = std::fs::read_to_string(kernel.modules.join("modules.dep"))
         .with_context(|| format!("cannot read modules.dep of {}", kernel.version))?;
     let dep = parse_modules_dep(&dep_text);
-    let order = load_order(&dep, &builtin_modules(&kernel.modules), MODULES)?;
-    for name in &order {
-        let e = dep.get(name).with_context(|| format!("module {name} vanished from modules.dep"))?;
-        copy_module(&kernel.modules.join(&e.path), &root.join(format!("lib/modules/{name}.ko")))?;
+    let order = load_order(&dep, &builtin_modules(&kernel.modules), modules)?;
+    for m in &order {
+        let e = dep.get(m).with_context(|| format!("module {m} vanished from modules.dep"))?;
+        copy_module(&kernel.modules.join(&e.path), &root.join(format!("lib/modules/{m}.ko")))?;
     }
-    eprintln!("vm-demo: initramfs modules: {}", order.join(" "));
+    eprintln!("xtask: {name} modules: {}", order.join(" "));
     std::fs::write(root.join("modules.order"), order.join("\n") + "\n").context("cannot write modules.order")?;
-    write_exec(&root.join("init"), INITRAMFS_INIT)?;
-    let out = work.join("initrd.gz");
+    write_exec(&root.join("init"), init)?;
+    let out = work.join(name);
     sys::run(
         Command::new("sh")
             .args(["-c", "find . -print0 | cpio --null -o -H newc --quiet | gzip -6 > \"$1\"", "sh"])

@@ -10,7 +10,7 @@ use std::time::Duration;
 use blockdev::BlockDevice;
 
 use super::connect::Connector;
-use super::device::Device;
+use super::device::{Device, Shutdown};
 use super::keys::{backend_root, number};
 use super::ring_thread::RingThread;
 use super::store::XenStore;
@@ -83,6 +83,20 @@ pub enum BackendEvent {
         /// What went wrong.
         error: String,
     },
+    /// The ring an earlier backend left connected is served again from where it stopped.
+    Resumed {
+        /// The backend directory.
+        device: String,
+        /// The ring index resumed at.
+        index: u32,
+    },
+    /// At shutdown: the ring was drained and left connected for the next backend.
+    Detached {
+        /// The backend directory.
+        device: String,
+        /// The ring index the next backend resumes at.
+        index: u32,
+    },
     /// The device's directory disappeared; its ring (if any) is stopped.
     Removed {
         /// The backend directory.
@@ -100,6 +114,12 @@ impl fmt::Display for BackendEvent {
             Self::Closed { device, reason } => write!(f, "{device}: closed ({reason})"),
             Self::Failed { device, error } => write!(f, "{device}: failed: {error}"),
             Self::Removed { device } => write!(f, "{device}: removed"),
+            Self::Resumed { device, index } => {
+                write!(f, "{device}: resumed the ring an earlier backend left connected, at index {index}")
+            }
+            Self::Detached { device, index } => {
+                write!(f, "{device}: detached, ring left connected at index {index} for the next backend")
+            }
         }
     }
 }
@@ -122,7 +142,8 @@ fn scan(store: &impl XenStore, root: &str) -> Result<BTreeSet<(u32, u32)>> {
 /// Runs the backend until `stop` is raised: serves every blkif device the toolstack creates
 /// under `/local/domain/<backend_domid>/backend/vbd`. Problems of one device are published in
 /// its directory and reported to `observe`; they never affect other devices. Errors only if
-/// xenstore itself cannot be read. On return every ring is stopped and its device Closed.
+/// xenstore itself cannot be read. On return every ring is stopped: a connected one is left
+/// connected for the next backend to resume (see `device`), any other device is Closed.
 pub fn run<S: XenStore, C: Connector>(
     store: &S,
     connector: &C,
@@ -173,7 +194,11 @@ pub fn run<S: XenStore, C: Connector>(
         stop.wait_timeout(opts.poll_interval);
     };
     for (_, dev) in std::mem::take(&mut devices) {
-        dev.shutdown(store);
+        let device = dev.dir().to_string();
+        match dev.shutdown(store) {
+            Shutdown::Detached { index } => observe(&BackendEvent::Detached { device, index }),
+            Shutdown::Closed => {}
+        }
     }
     for ring in draining {
         let _ = ring.join();

@@ -10,6 +10,11 @@
 //!                                                     └──────────▶ InitWait
 //! ```
 //!
+//! A backend that stops (the daemon exits or restarts) answers every request it took, writes
+//! where the ring stands to [`DETACHED_KEY`] and leaves both states at Connected, so the guest
+//! only waits. The next backend finds the frontend and the backend Connected and resumes the
+//! ring there ([`crate::ring::BackRing::resume`]) instead of starting a handshake the guest would never join.
+//!
 //! Everything read from the frontend's directory is untrusted: bad values fail this device
 //! only (`error` key, state 5 Closing, like Linux's `xenbus_dev_fatal`).
 
@@ -21,12 +26,15 @@ use super::backend::{BackendEvent, DiskOpener, XenBackendOptions};
 use super::connect::{Connector, RingSpec};
 use super::keys::{BackendConfig, RingRequest, XenbusState, read_state};
 use super::readonly::{NoDiscardDisk, ReadOnlyDisk};
-use super::ring_thread::RingThread;
+use super::ring_thread::{Finished, RingThread};
 use super::store::XenStore;
 use crate::engine::MAX_INDIRECT_SEGMENTS;
-use crate::server::Ended;
 use crate::sim::{MAX_RING_PAGE_ORDER, VDISK_READONLY};
 use crate::{Error, Result};
+
+/// The backend-directory key a stopping backend leaves behind: the ring's published response
+/// index after it answered every request it took. A later backend resumes the ring only there.
+pub const DETACHED_KEY: &str = "parallax-detached-at";
 
 /// Where a device is in the handshake.
 enum Phase {
@@ -62,9 +70,32 @@ pub struct Device {
     devid: u32,
     config: Option<BackendConfig>,
     phase: Phase,
+    /// Set when the device was found already connected by an earlier backend: the ring is to be
+    /// resumed, at the index that backend left in [`DETACHED_KEY`] (if it left one).
+    resume: Option<Option<u32>>,
 }
 
 type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
+
+/// How a connection was made.
+enum Started {
+    /// A new handshake.
+    Fresh { pages: usize, protocol: crate::abi::Abi },
+    /// An earlier backend's ring, resumed at this index.
+    Resumed { index: u32 },
+}
+
+/// What a backend shutdown did with a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// The ring was left for a later backend at this index; the guest waits.
+    Detached {
+        /// The ring's published response index.
+        index: u32,
+    },
+    /// The device was closed (state Closed).
+    Closed,
+}
 
 impl Device {
     /// A device found at `dir`: opens its disk and publishes its features, or reports why not.
@@ -76,7 +107,7 @@ impl Device {
         opener: &dyn DiskOpener,
         observe: Observer<'_>,
     ) -> Self {
-        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed };
+        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed, resume: None };
         dev.open(store, opener, true, observe);
         dev
     }
@@ -122,26 +153,44 @@ impl Device {
         first: bool,
     ) -> Result<(Arc<dyn BlockDevice>, String)> {
         let config = BackendConfig::read(store, &self.dir, self.frontend_id)?;
-        if first && read_state(store, &config.frontend)? == Some(XenbusState::Connected) {
-            // Its ring was served by an earlier backend; the ring indices and in-flight
-            // requests are unknown, so it cannot be taken over safely.
-            return Err(Error::Refused("frontend already connected to an earlier backend; reconnect it".into()));
-        }
+        let front = if first { read_state(store, &config.frontend)? } else { None };
+        let ours = if first { read_state(store, &self.dir)? } else { None };
+        // Backend Connected when we start: an earlier backend served this ring, and the frontend
+        // (Initialised, or Connected once it saw us) still uses it. Resume it (checked against
+        // the ring when connecting).
+        let resume = if ours == Some(XenbusState::Connected)
+            && matches!(front, Some(XenbusState::Initialised | XenbusState::Connected))
+        {
+            let at = store.read(&format!("{}/{DETACHED_KEY}", self.dir))?;
+            Some(at.as_deref().and_then(super::keys::number::<u32>))
+        } else if front == Some(XenbusState::Connected) {
+            return Err(Error::Refused(
+                "frontend already connected to an earlier backend that never got to Connected; reconnect it".into(),
+            ));
+        } else {
+            None
+        };
         let disk =
             opener.open(&config.target).map_err(|e| Error::Refused(format!("cannot open {}: {e}", config.target)))?;
         let disk: Arc<dyn BlockDevice> =
             if config.read_only && !disk.read_only() { Arc::new(ReadOnlyDisk(disk)) } else { disk };
         let disk: Arc<dyn BlockDevice> = if config.discard { disk } else { Arc::new(NoDiscardDisk(disk)) };
         let target = config.target.clone();
-        self.publish_features(store, &config)?;
+        if resume.is_none() {
+            self.publish_features(store, &config)?;
+        }
         self.config = Some(config);
-        self.write(store, "state", XenbusState::InitWait.value())?;
+        self.resume = resume;
+        if resume.is_none() {
+            self.write(store, "state", XenbusState::InitWait.value())?;
+        }
         Ok((disk, target))
     }
 
     fn publish_features(&self, store: &impl XenStore, config: &BackendConfig) -> Result<()> {
         let _ = store.rm(&format!("{}/hotplug-error", self.dir));
         let _ = store.rm(&format!("{}/error", self.dir));
+        let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
         self.write(store, "feature-flush-cache", "1")?;
         self.write(store, "feature-barrier", "1")?;
         if config.discard {
@@ -186,7 +235,7 @@ impl Device {
                 if ring.is_finished() {
                     self.phase = Phase::Closed;
                     match ring.join() {
-                        Ok(Ended::PeerGone) | Ok(Ended::Stopped) => self.close(store, "frontend went away", observe),
+                        Ok(_) => self.close(store, "frontend went away", observe),
                         Err(e) => self.fail(store, e, observe),
                     }
                 } else if closing || front == Some(XenbusState::Initialising) {
@@ -238,6 +287,7 @@ impl Device {
         observe: Observer<'_>,
     ) {
         let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else { return };
+        let resume = self.resume.take();
         let started = (|| {
             let req = RingRequest::read(store, &frontend)?;
             let spec = RingSpec {
@@ -246,7 +296,15 @@ impl Device {
                 event_channel: req.event_channel,
                 protocol: req.protocol,
             };
-            let conn = connector.connect(&spec)?;
+            let mut conn = connector.connect(&spec)?;
+            if let Some(detached_at) = resume {
+                conn.ring = conn.ring.resumed(detached_at)?;
+                let index = conn.ring.req_cons();
+                let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
+                let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
+                let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
+                return Ok::<_, Error>((ring, Started::Resumed { index }));
+            }
             self.write(store, "sectors", &(disk.size() / 512).to_string())?;
             self.write(store, "sector-size", "512")?;
             self.write(store, "physical-sector-size", "4096")?;
@@ -254,10 +312,14 @@ impl Device {
             self.write(store, "info", &info.to_string())?;
             let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
             let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
-            Ok::<_, Error>((ring, spec.ring_refs.len(), spec.protocol))
+            Ok((ring, Started::Fresh { pages: spec.ring_refs.len(), protocol: spec.protocol }))
         })();
         match started {
-            Ok((ring, pages, protocol)) => {
+            Ok((ring, Started::Resumed { index })) => {
+                self.phase = Phase::Connected { ring };
+                observe(&BackendEvent::Resumed { device: self.dir.clone(), index });
+            }
+            Ok((ring, Started::Fresh { pages, protocol })) => {
                 self.phase = Phase::Connected { ring };
                 match self.write(store, "state", XenbusState::Connected.value()) {
                     Ok(()) => {
@@ -305,13 +367,22 @@ impl Device {
         }
     }
 
-    /// Stops the device for a backend shutdown: waits for its ring and writes state Closed.
-    pub fn shutdown(mut self, store: &impl XenStore) {
-        if let Some(ring) = self.take_ring() {
-            let _ = ring.join();
+    /// Stops the device for a backend shutdown. A connected ring is detached: every request
+    /// taken is answered, the ring's index goes to [`DETACHED_KEY`] and the states stay
+    /// Connected, so a later backend resumes it and the guest only waits. Anything else
+    /// (a ring that could not drain, a device mid-handshake) is closed.
+    pub fn shutdown(mut self, store: &impl XenStore) -> Shutdown {
+        let connected = matches!(self.phase, Phase::Connected { .. });
+        let finished = self.take_ring().map(RingThread::join);
+        if let (true, Some(Ok(Finished { quiescent_at: Some(at), .. }))) = (connected, &finished)
+            && store.read(&self.dir).ok().flatten().is_some()
+            && self.write(store, DETACHED_KEY, &at.to_string()).is_ok()
+        {
+            return Shutdown::Detached { index: *at };
         }
         if self.config.is_some() {
             let _ = self.set_state(store, XenbusState::Closed);
         }
+        Shutdown::Closed
     }
 }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 pub use backend::{BackendEvent, DiskOpener, XenBackendOptions, run};
 pub use connect::{Connection, Connector, RingSpec, XenConnector};
+pub use device::DETACHED_KEY;
 pub use evtchn::XenEventChannel;
 pub use gntdev::XenGrantTable;
 pub use store::{MemStore, XenStore};

@@ -18,7 +18,17 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct RingThread {
     stop: Shutdown,
-    handle: JoinHandle<Result<Ended>>,
+    handle: JoinHandle<Result<Finished>>,
+}
+
+/// How a served ring ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Why the server returned.
+    pub ended: Ended,
+    /// The published response index if every request taken was answered: where a later
+    /// backend may resume the ring.
+    pub quiescent_at: Option<u32>,
 }
 
 impl RingThread {
@@ -37,7 +47,9 @@ impl RingThread {
         let flag = stop.clone();
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             let Connection { ring, grants, events } = conn;
-            RingServer::new(ring, Engine::new(disk, grants), events, options).run(&flag)
+            let server = RingServer::new(ring, Engine::new(disk, grants), events, options);
+            let ended = server.run(&flag)?;
+            Ok(Finished { ended, quiescent_at: server.quiescent_at() })
         })?;
         Ok(Self { stop, handle })
     }
@@ -54,7 +66,7 @@ impl RingThread {
 
     /// Waits for the server to return, and says how it ended. Dropping the server releases
     /// the ring mapping, the event channel and the server's reference to the disk.
-    pub fn join(self) -> Result<Ended> {
+    pub fn join(self) -> Result<Finished> {
         match self.handle.join() {
             Ok(r) => r,
             Err(_) => Err(Error::Protocol("the ring server thread panicked".into())),

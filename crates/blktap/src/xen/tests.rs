@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use zerocopy::IntoBytes;
 
 use super::*;
-use crate::abi::{Abi, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment, X86_32Request};
+use crate::abi::{Abi, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment, X86_32Request};
 use crate::event::{EventChannel, SocketEvents};
 use crate::front::FrontRing;
 use crate::grant::SimGrantTable;
@@ -154,6 +154,12 @@ impl Front {
 
     /// One 4 KiB request on data page `page`; returns its status.
     fn io(&mut self, op: u8, id: u64, sector: u64, page: u32) -> i16 {
+        self.submit(op, id, sector, page);
+        self.response(id)
+    }
+
+    /// Puts one 4 KiB request on data page `page` on the ring and notifies the backend.
+    fn submit(&mut self, op: u8, id: u64, sector: u64, page: u32) {
         let mut seg = [Segment::default(); 11];
         seg[0] = Segment { gref: self.data_gref + page, first_sect: 0, last_sect: 7, pad: 0 };
         let bytes = match self.abi {
@@ -167,9 +173,14 @@ impl Front {
                 .to_vec(),
         };
         self.ring.put_request(&bytes).unwrap();
+        // With no backend bound, the notification goes nowhere (as on Xen).
         if self.ring.push_requests_and_check_notify().unwrap() {
-            self.events.notify().unwrap();
+            let _ = self.events.notify();
         }
+    }
+
+    /// Waits for the response to request `id` (the next one on the ring) and returns its status.
+    fn response(&mut self, id: u64) -> i16 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some((rid, _, status)) = self.ring.take_response().unwrap() {
@@ -179,6 +190,14 @@ impl Front {
             assert!(Instant::now() < deadline, "no response to request {id}");
             let _ = self.events.wait(Duration::from_millis(20));
         }
+    }
+
+    /// A new event channel port pair for the next backend to bind (the old backend's end
+    /// closed with it, as Xen leaves the frontend's port unbound).
+    fn rebind(&mut self, conn: &SimConnector, front: u32, devid: u32) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        conn.domains.lock().get_mut(&front).unwrap().ports.insert(10 + devid, theirs);
+        self.events = SocketEvents::new(ours);
     }
 
     fn page_offset(&self, page: u32) -> usize {
@@ -363,22 +382,149 @@ fn a_frontend_that_was_connected_before_is_not_taken_over() {
     });
 }
 
-#[test]
-fn shutdown_closes_connected_devices() {
-    let store = MemStore::new();
-    let conn = SimConnector::default();
+/// Runs one backend until `body` returns, then stops it; returns what it reported.
+fn serve_while(
+    store: &MemStore,
+    conn: &SimConnector,
+    opener: &Arc<dyn DiskOpener>,
+    body: impl FnOnce(&Mutex<Vec<BackendEvent>>),
+) -> Vec<BackendEvent> {
     let stop = shutdown::Shutdown::new().unwrap();
-    toolstack_add(&store, 13, 768, "2", "w");
-    let opener: Arc<dyn DiskOpener> =
-        Arc::new(|_: &str| Ok(Arc::new(MemDisk::new(DISK_BYTES)) as Arc<dyn BlockDevice>));
+    let events = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        let backend = s.spawn(|| run(&store, &conn, opener, &options(), &stop, &mut |_| {}));
-        wait_state(&store, &back_dir(13, 768), "2");
-        let mut front = Front::connect(&store, &conn, 13, 768, 1, Abi::X86_64);
-        wait_state(&store, &back_dir(13, 768), "4");
-        front.write_and_read_back(0, 1);
+        let backend =
+            s.spawn(|| run(store, conn, opener.clone(), &options(), &stop, &mut |e| events.lock().push(e.clone())));
+        // A failed assertion in `body` must still stop the backend, or the scope never ends.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&events)));
         stop.trigger();
         backend.join().unwrap().unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     });
-    assert_eq!(store.read(&format!("{}/state", back_dir(13, 768))).unwrap().as_deref(), Some("6"));
+    events.into_inner()
+}
+
+#[test]
+fn a_restarted_backend_resumes_the_ring_the_last_one_left() {
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    toolstack_add(&store, 13, 768, "2", "w");
+    let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(DISK_BYTES));
+    let opener: Arc<dyn DiskOpener> = Arc::new(move |_: &str| Ok(disk.clone()));
+    let b = back_dir(13, 768);
+    let key = |k: &str| store.read(&format!("{b}/{k}")).unwrap();
+    let mut front = None;
+    let seen = serve_while(&store, &conn, &opener, |_| {
+        wait_state(&store, &b, "2");
+        let mut f = Front::connect(&store, &conn, 13, 768, 1, Abi::X86_64);
+        wait_state(&store, &b, "4");
+        f.write_and_read_back(0, 1);
+        front = Some(f);
+    });
+    let mut front = front.unwrap();
+    // Stopping left the guest connected, with the ring's index recorded (two requests answered).
+    assert_eq!(key("state").as_deref(), Some("4"));
+    assert_eq!(key(DETACHED_KEY).as_deref(), Some("2"));
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { index: 2, .. })), "{seen:?}");
+
+    // The guest writes while no backend runs; the next backend serves it from the ring.
+    front.rebind(&conn, 13, 768);
+    let pattern = vec![0x5au8; PAGE_SIZE];
+    front.mem.write(front.page_offset(0), &pattern).unwrap();
+    front.submit(OP_WRITE, 7, 64, 0);
+    let seen = serve_while(&store, &conn, &opener, |events| {
+        assert_eq!(front.response(7), RSP_OKAY);
+        wait_until("resumed", || events.lock().iter().any(|e| matches!(e, BackendEvent::Resumed { index: 2, .. })));
+        front.write_and_read_back(16, 2);
+        assert_eq!(front.io(OP_READ, 8, 64, 1), RSP_OKAY);
+        let mut back = vec![0u8; PAGE_SIZE];
+        front.mem.read(front.page_offset(1), &mut back).unwrap();
+        assert_eq!(back, pattern);
+        assert_eq!(key(DETACHED_KEY), None, "the key is consumed by resuming");
+    });
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { index: 6, .. })), "{seen:?}");
+
+    // A backend that died without detaching, with nothing outstanding: resumed too.
+    store.rm(&format!("{b}/{}", DETACHED_KEY)).unwrap();
+    front.rebind(&conn, 13, 768);
+    serve_while(&store, &conn, &opener, |events| {
+        wait_until("resumed", || events.lock().iter().any(|e| matches!(e, BackendEvent::Resumed { index: 6, .. })));
+        front.write_and_read_back(24, 3);
+    });
+
+    // Died without detaching while a request was outstanding: it may have been taken and not
+    // answered, so the ring cannot be resumed safely; the device fails instead.
+    store.rm(&format!("{b}/{}", DETACHED_KEY)).unwrap();
+    front.rebind(&conn, 13, 768);
+    front.submit(OP_WRITE, 9, 32, 0);
+    serve_while(&store, &conn, &opener, |_| {
+        wait_state(&store, &b, "5");
+        assert!(key("error").unwrap().contains("outstanding"), "{:?}", key("error"));
+    });
+}
+
+#[test]
+fn shutdown_closes_devices_that_are_not_connected() {
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    toolstack_add(&store, 14, 768, "2", "w");
+    let opener: Arc<dyn DiskOpener> =
+        Arc::new(|_: &str| Ok(Arc::new(MemDisk::new(DISK_BYTES)) as Arc<dyn BlockDevice>));
+    serve_while(&store, &conn, &opener, |_| wait_state(&store, &back_dir(14, 768), "2"));
+    assert_eq!(store.read(&format!("{}/state", back_dir(14, 768))).unwrap().as_deref(), Some("6"));
+}
+
+/// A disk whose flush fails (as after an fsync error), otherwise a [`MemDisk`].
+struct FlushFails(MemDisk);
+
+impl BlockDevice for FlushFails {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> blockdev::DevResult<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> blockdev::DevResult<()> {
+        self.0.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> blockdev::DevResult<()> {
+        Err(blockdev::DevError::Io("fsync: Input/output error".into()))
+    }
+    fn discard(&self, offset: u64, len: u64) -> blockdev::DevResult<()> {
+        self.0.discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> blockdev::DevResult<Vec<blockdev::Extent>> {
+        self.0.extents(offset, len)
+    }
+}
+
+#[test]
+fn a_failed_empty_flush_fails_the_device_instead_of_answering() {
+    // Linux blkfront takes an error on an empty flush as "flushes unsupported" and never
+    // flushes again; the backend must not answer it so, but fail the device loudly.
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    toolstack_add(&store, 15, 768, "2", "w");
+    let opener: Arc<dyn DiskOpener> =
+        Arc::new(|_: &str| Ok(Arc::new(FlushFails(MemDisk::new(DISK_BYTES))) as Arc<dyn BlockDevice>));
+    let b = back_dir(15, 768);
+    serve_while(&store, &conn, &opener, |_| {
+        wait_state(&store, &b, "2");
+        let mut front = Front::connect(&store, &conn, 15, 768, 0, Abi::X86_64);
+        wait_state(&store, &b, "4");
+        front.write_and_read_back(0, 4);
+        let flush = Request { operation: OP_FLUSH_DISKCACHE, nr_segments: 0, id: 3, ..Default::default() };
+        front.ring.put_request(flush.as_bytes()).unwrap();
+        if front.ring.push_requests_and_check_notify().unwrap() {
+            let _ = front.events.notify();
+        }
+        wait_state(&store, &b, "5");
+        let error = store.read(&format!("{b}/error")).unwrap().unwrap_or_default();
+        assert!(error.contains("flush"), "{error}");
+        assert_eq!(front.ring.take_response().unwrap(), None, "the failed flush must not be answered");
+    });
 }
