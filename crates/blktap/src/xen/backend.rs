@@ -124,15 +124,27 @@ impl fmt::Display for BackendEvent {
     }
 }
 
-/// The devices below the backend root: `(frontend domid, devid)` pairs. Names that are not
-/// numbers are not devices and are skipped.
-fn scan(store: &impl XenStore, root: &str) -> Result<BTreeSet<(u32, u32)>> {
-    let mut found = BTreeSet::new();
+/// What one scan of the backend root found.
+#[derive(Debug, Default)]
+struct Scan {
+    /// The devices: `(frontend domid, devid)` pairs.
+    devices: BTreeSet<(u32, u32)>,
+    /// Frontend domains whose directory could not be listed this time: their devices are
+    /// neither added nor removed.
+    unreadable: BTreeSet<u32>,
+}
+
+/// The devices below the backend root. Names that are not numbers are not devices and are
+/// skipped; a frontend directory that cannot be listed affects only its own devices. Errors
+/// only if the root itself cannot be listed.
+fn scan(store: &impl XenStore, root: &str) -> Result<Scan> {
+    let mut found = Scan::default();
     for front in store.directory(root)? {
         let Some(domid) = number::<u32>(&front) else { continue };
-        for dev in store.directory(&format!("{root}/{front}"))? {
-            if let Some(devid) = number::<u32>(&dev) {
-                found.insert((domid, devid));
+        match store.directory(&format!("{root}/{front}")) {
+            Ok(devs) => found.devices.extend(devs.iter().filter_map(|d| number::<u32>(d)).map(|devid| (domid, devid))),
+            Err(_) => {
+                found.unreadable.insert(domid);
             }
         }
     }
@@ -164,14 +176,14 @@ pub fn run<S: XenStore, C: Connector>(
             Err(e) => break Err(e),
         };
         devices.retain(|key, dev| {
-            if present.contains(key) {
+            if present.devices.contains(key) || present.unreadable.contains(&key.0) {
                 return true;
             }
             draining.extend(dev.take_ring());
             observe(&BackendEvent::Removed { device: dev.dir().to_string() });
             false
         });
-        for &(domid, devid) in &present {
+        for &(domid, devid) in &present.devices {
             if let std::collections::btree_map::Entry::Vacant(slot) = devices.entry((domid, devid)) {
                 let dir = format!("{root}/{domid}/{devid}");
                 slot.insert(Device::discover(store, dir, domid, devid, opener.as_ref(), observe));

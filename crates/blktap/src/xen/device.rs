@@ -6,6 +6,8 @@
 //!      │ open fails                               │ frontend 5/6/gone                │ frontend 5/6/1/gone,
 //!      ▼                                          ▼                                  ▼ ring ends
 //!   Failed (state 5, hotplug-error) ──frontend 5/6──▶ Closed (state 6, disk dropped) ◀── Stopping
+//!                                                     ▲ frontend 6/1/gone               │ frontend was 5
+//!                                                     └──── Closing (state 5) ◀─────────┘
 //!                                                     │ frontend back to 1 (reconnect)
 //!                                                     └──────────▶ InitWait
 //! ```
@@ -42,8 +44,11 @@ enum Phase {
     Waiting { disk: Arc<dyn BlockDevice> },
     /// The ring is served.
     Connected { ring: RingThread },
-    /// The ring was asked to stop; then the backend state becomes `then`.
-    Stopping { ring: RingThread, then: XenbusState, reason: String },
+    /// The ring was asked to stop; then `then`.
+    Stopping { ring: RingThread, then: AfterStop, reason: String },
+    /// State Closing because the frontend is closing (mirrored, as blkback does); the disk is
+    /// released. Closed once the frontend is Closed.
+    Closing,
     /// State Closed, no disk held. Reopened if the frontend starts over.
     Closed,
     /// Failed and reported (state Closing); waits for the frontend to close.
@@ -56,10 +61,22 @@ impl std::fmt::Debug for Phase {
             Self::Waiting { .. } => "Waiting",
             Self::Connected { .. } => "Connected",
             Self::Stopping { .. } => "Stopping",
+            Self::Closing => "Closing",
             Self::Closed => "Closed",
             Self::Failed => "Failed",
         })
     }
+}
+
+/// What a stopping ring's device does once the ring has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    /// State Closed, disk released (the frontend is gone or Closed).
+    Close,
+    /// State Closing, mirroring the frontend, until it is Closed.
+    MirrorClosing,
+    /// State Closing after an error (published in `error`).
+    Fail,
 }
 
 /// One device of the backend.
@@ -225,7 +242,9 @@ impl Device {
         match std::mem::replace(&mut self.phase, Phase::Failed) {
             Phase::Waiting { disk } => {
                 self.phase = Phase::Waiting { disk: disk.clone() };
-                if closing {
+                if front == Some(XenbusState::Closing) {
+                    self.mirror_closing(store);
+                } else if closing {
                     self.close(store, "frontend closed before connecting", observe);
                 } else if matches!(front, Some(XenbusState::Initialised | XenbusState::Connected)) {
                     self.connect(store, connector, disk, opts, observe);
@@ -239,9 +258,14 @@ impl Device {
                         Err(e) => self.fail(store, e, observe),
                     }
                 } else if closing || front == Some(XenbusState::Initialising) {
+                    // Requests already taken are answered first. A frontend that is Closing
+                    // is mirrored and disconnected only at its Closed (Linux's blkfront and
+                    // kexec's reset wait for our Closing); otherwise the device closes.
                     ring.stop();
                     let reason = format!("frontend state {}", front.map_or("gone", XenbusState::value));
-                    self.phase = Phase::Stopping { ring, then: XenbusState::Closed, reason };
+                    let then =
+                        if front == Some(XenbusState::Closing) { AfterStop::MirrorClosing } else { AfterStop::Close };
+                    self.phase = Phase::Stopping { ring, then, reason };
                 } else {
                     self.phase = Phase::Connected { ring };
                 }
@@ -254,12 +278,19 @@ impl Device {
                 let outcome = ring.join();
                 self.phase = Phase::Closed;
                 match (then, outcome) {
-                    (XenbusState::Closed, Ok(_)) => self.close(store, &reason, observe),
                     (_, Err(e)) => self.fail(store, e, observe),
-                    _ => {
+                    (AfterStop::Close, Ok(_)) => self.close(store, &reason, observe),
+                    (AfterStop::MirrorClosing, Ok(_)) => self.mirror_closing(store),
+                    (AfterStop::Fail, Ok(_)) => {
                         self.phase = Phase::Failed;
-                        let _ = self.set_state(store, then);
+                        let _ = self.set_state(store, XenbusState::Closing);
                     }
+                }
+            }
+            Phase::Closing => {
+                self.phase = Phase::Closing;
+                if matches!(front, None | Some(XenbusState::Closed | XenbusState::Initialising)) {
+                    self.close(store, "frontend closed", observe);
                 }
             }
             Phase::Closed => {
@@ -340,12 +371,18 @@ impl Device {
         match std::mem::replace(&mut self.phase, Phase::Failed) {
             Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
                 ring.stop();
-                self.phase = Phase::Stopping { ring, then: XenbusState::Closing, reason: msg };
+                self.phase = Phase::Stopping { ring, then: AfterStop::Fail, reason: msg };
             }
             _ => {
                 let _ = self.set_state(store, XenbusState::Closing);
             }
         }
+    }
+
+    /// Drops the disk and moves to Closing, as the frontend did; Closed follows at its Closed.
+    fn mirror_closing(&mut self, store: &impl XenStore) {
+        self.phase = Phase::Closing;
+        let _ = self.set_state(store, XenbusState::Closing);
     }
 
     /// Drops the disk and moves to Closed (the ring, if any, has already ended).

@@ -255,9 +255,13 @@ fn with_backend(body: impl FnOnce(&MemStore, &SimConnector, &Opener, &Mutex<Vec<
             let opener: Arc<dyn DiskOpener> = opener.clone();
             run(&store, &conn, opener, &options(), &stop, &mut |e| events.lock().push(e.clone()))
         });
-        body(&store, &conn, &opener, &events);
+        // A failed assertion in `body` must still stop the backend, or the scope never ends.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&store, &conn, &opener, &events)));
         stop.trigger();
         backend.join().unwrap().unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     });
 }
 
@@ -295,9 +299,15 @@ fn handshake_connects_serves_and_closes() {
         assert_eq!(first, [3, 34]);
         drop(disk);
 
+        // The frontend closing is mirrored (blkfront and kexec's reset wait for our Closing);
+        // Closed follows the frontend's Closed.
         store.write(&format!("{}/state", front_dir(5, 768)), "5").unwrap();
-        wait_state(store, &b, "6");
+        wait_state(store, &b, "5");
         wait_until("the disk to be released", || opener.disk.lock().upgrade().is_none());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(key("state").as_deref(), Some("5"), "Closed only after the frontend is Closed");
+        store.write(&format!("{}/state", front_dir(5, 768)), "6").unwrap();
+        wait_state(store, &b, "6");
         toolstack_remove(store, 5, 768);
         wait_until("removal", || events.lock().iter().any(|e| matches!(e, BackendEvent::Removed { .. })));
         let seen = events.lock().clone();
@@ -526,5 +536,67 @@ fn a_failed_empty_flush_fails_the_device_instead_of_answering() {
         let error = store.read(&format!("{b}/error")).unwrap().unwrap_or_default();
         assert!(error.contains("flush"), "{error}");
         assert_eq!(front.ring.take_response().unwrap(), None, "the failed flush must not be answered");
+    });
+}
+
+/// A [`MemStore`] whose `directory` of one path fails while `broken` is set.
+struct FlakyStore {
+    inner: MemStore,
+    broken: Mutex<Option<String>>,
+}
+
+impl XenStore for FlakyStore {
+    fn read(&self, path: &str) -> Result<Option<String>> {
+        self.inner.read(path)
+    }
+    fn write(&self, path: &str, value: &str) -> Result<()> {
+        self.inner.write(path, value)
+    }
+    fn directory(&self, path: &str) -> Result<Vec<String>> {
+        if self.broken.lock().as_deref() == Some(path) {
+            return Err(Error::Io(std::io::Error::from(std::io::ErrorKind::PermissionDenied)));
+        }
+        self.inner.directory(path)
+    }
+    fn rm(&self, path: &str) -> Result<()> {
+        self.inner.rm(path)
+    }
+}
+
+#[test]
+fn a_frontend_directory_that_cannot_be_listed_affects_only_its_devices() {
+    let store = FlakyStore { inner: MemStore::new(), broken: Mutex::new(None) };
+    let conn = SimConnector::default();
+    toolstack_add(&store.inner, 16, 768, "2", "w");
+    toolstack_add(&store.inner, 17, 768, "2", "w");
+    let opener: Arc<dyn DiskOpener> =
+        Arc::new(|_: &str| Ok(Arc::new(MemDisk::new(DISK_BYTES)) as Arc<dyn BlockDevice>));
+    let stop = shutdown::Shutdown::new().unwrap();
+    let events = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let backend =
+            s.spawn(|| run(&store, &conn, opener.clone(), &options(), &stop, &mut |e| events.lock().push(e.clone())));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for front in [16, 17] {
+                wait_state(&store.inner, &back_dir(front, 768), "2");
+            }
+            let mut a = Front::connect(&store.inner, &conn, 16, 768, 0, Abi::X86_64);
+            wait_state(&store.inner, &back_dir(16, 768), "4");
+            // Listing domain 16's directory fails for a while: its ring keeps serving, it is
+            // not taken for removed, and domain 17 still connects.
+            *store.broken.lock() = Some(format!("{}/16", keys::backend_root(0)));
+            let mut b = Front::connect(&store.inner, &conn, 17, 768, 0, Abi::X86_64);
+            wait_state(&store.inner, &back_dir(17, 768), "4");
+            a.write_and_read_back(0, 5);
+            b.write_and_read_back(0, 6);
+            *store.broken.lock() = None;
+            a.write_and_read_back(8, 7);
+            assert!(!events.lock().iter().any(|e| matches!(e, BackendEvent::Removed { .. })), "{:?}", events.lock());
+        }));
+        stop.trigger();
+        backend.join().unwrap().unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     });
 }
