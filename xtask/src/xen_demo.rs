@@ -26,6 +26,8 @@ use crate::vm_demo::{self, setup};
 const FS_MIB: u64 = 64;
 /// Size of the golden VDI: the file system, then a scratch area the guests write and discard.
 const VDI_MIB: u64 = 80;
+/// Numbered 4 KiB blocks each guest writes while parallaxd restarts, from `FS_MIB + 8` MiB on.
+pub const WRITES: u64 = 150;
 /// Size of the store's block device.
 const STORE_BYTES: u64 = 1 << 30;
 
@@ -282,7 +284,7 @@ fn check_console(report: &Report, names: &[String], failures: &mut Vec<String>) 
         failures.push(format!("parallaxd in dom0 should have exited 0 twice on SIGTERM: {exits:?}"));
     }
     for name in names {
-        if !report.lines.iter().any(|l| *l == format!("parallaxd resumed the ring of {name}")) {
+        if !report.lines.iter().any(|l| l.starts_with(&format!("parallaxd resumed the ring of {name}: "))) {
             failures.push(format!("{name}: the restarted parallaxd did not resume its ring"));
         }
     }
@@ -307,6 +309,7 @@ fn check_store(
     for name in names {
         let file = work.join(format!("{name}.img"));
         vdi.text(&["export", name, &file.to_string_lossy()])?;
+        check_numbered_blocks(&file, name, failures)?;
         let markers = vm_demo::list_markers(&file)?;
         if markers != [format!("marker-{name}")] {
             failures.push(format!("{name}: its clone holds markers {markers:?}, expected only marker-{name}"));
@@ -325,6 +328,32 @@ fn check_store(
     Ok(())
 }
 
+/// The blocks the guest wrote across the parallaxd restart, read from its clone on the host:
+/// block `i` starts with `NAME-0000i` and a newline, the rest zeros.
+fn check_numbered_blocks(export: &Path, name: &str, failures: &mut Vec<String>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(export).with_context(|| format!("cannot open {}", export.display()))?;
+    let first = (FS_MIB + 8) << 20;
+    let mut bad = Vec::new();
+    let mut block = vec![0u8; 4096];
+    for i in 0..WRITES {
+        file.read_exact_at(&mut block, first + i * 4096)
+            .with_context(|| format!("cannot read {}", export.display()))?;
+        let mut want = format!("{name}-{i:05}\n").into_bytes();
+        want.resize(4096, 0);
+        if block != want {
+            bad.push(i);
+        }
+    }
+    if bad.is_empty() {
+        eprintln!("xen-demo: ok: {name}: all {WRITES} blocks written across the parallaxd restart are in its clone");
+    } else {
+        failures
+            .push(format!("{name}: {} of {WRITES} blocks written across the restart are wrong: {bad:?}", bad.len()));
+    }
+    Ok(())
+}
+
 /// The figures: dom0 ready, each guest's run time, dd over the ring.
 fn print_figures(report: &Report, names: &[String], wall: Duration) {
     eprintln!("xen-demo: figures (QEMU TCG, {} guest(s)):", names.len());
@@ -335,6 +364,9 @@ fn print_figures(report: &Report, names: &[String], wall: Duration) {
     );
     if let Some(t) = report.lines.iter().find_map(|l| l.strip_prefix("parallaxd restarted in ")) {
         eprintln!("  parallaxd stopped and started again under the writing guests in {t}");
+    }
+    for l in report.lines.iter().filter(|l| l.starts_with("parallaxd resumed the ring of ")) {
+        eprintln!("  {l}");
     }
     for name in names {
         for round in [1, 2] {

@@ -89,7 +89,13 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
             let Some(req) = ring.next_request()? else { break };
             let status = match self.execute(&req) {
                 Verdict::Respond(status) => status,
-                Verdict::FailDevice(why) => return Err(crate::Error::FlushFailed(why)),
+                Verdict::FailDevice(why) => {
+                    // The answers already given still reach the guest.
+                    if handled > 0 {
+                        ring.push_responses_and_check_notify()?;
+                    }
+                    return Err(crate::Error::FlushFailed(why));
+                }
             };
             ring.put_response(req.id, req.response_operation(), status)?;
             handled += 1;
@@ -102,26 +108,43 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
     /// Executes one request and says whether to answer it ([`Engine::handle`]), or to fail the
     /// device instead because an empty flush failed.
     pub fn execute(&self, req: &BlkRequest) -> Verdict {
-        if matches!(
-            (req.operation, req.body),
-            (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments: 0, .. })
-        ) && !self.dev.read_only()
-        {
-            // An empty flush: Linux blkfront leaves `sector_number` as the block layer's
-            // (sector_t)-1, so it is ignored, and a read-only disk has nothing to flush.
-            // blkfront takes an error here as "flush unsupported" for good, so a failure is
-            // not answered: the device is failed (and a retry could not be trusted either,
-            // as a failed fsync may already have dropped the unwritten pages).
+        let (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments, sector_number, seg }) =
+            (req.operation, req.body)
+        else {
+            return Verdict::Respond(self.handle(req));
+        };
+        // blkfront takes an error on any flush or barrier as "unsupported" and never flushes
+        // again (on an empty one Linux says so outright), so a failed flush is not answered:
+        // the device is failed. A retry could not be trusted either, as a failed fsync may
+        // already have dropped the unwritten pages.
+        let n = nr_segments as usize;
+        if n == 0 {
+            // Linux blkfront leaves `sector_number` as the block layer's (sector_t)-1, so it
+            // is ignored; a read-only disk has nothing to flush.
+            if self.dev.read_only() {
+                return Verdict::Respond(RSP_OKAY);
+            }
             return match self.dev.flush() {
                 Ok(()) => Verdict::Respond(RSP_OKAY),
                 Err(e) => Verdict::FailDevice(e.to_string()),
             };
         }
-        Verdict::Respond(self.handle(req))
+        if n > MAX_SEGMENTS {
+            return Verdict::Respond(RSP_ERROR);
+        }
+        // Write data after the flush (Linux sends preflush/FUA writes so), durably.
+        let plan = match self.plan(true, sector_number, &seg[..n]) {
+            Ok(p) => p,
+            Err(s) => return Verdict::Respond(s),
+        };
+        if let Err(e) = self.dev.flush() {
+            return Verdict::FailDevice(e.to_string());
+        }
+        Verdict::Respond(self.move_data(true, true, &plan))
     }
 
-    /// Executes one request and returns its `BLKIF_RSP_*` status. A failed empty flush is
-    /// answered with an error here; servers use [`Engine::execute`], which fails the device.
+    /// Executes one request and returns its `BLKIF_RSP_*` status. A failed flush is answered
+    /// with an error here; servers use [`Engine::execute`], which fails the device.
     pub fn handle(&self, req: &BlkRequest) -> i16 {
         match (req.operation, req.body) {
             (OP_READ | OP_WRITE, Body::Segments { nr_segments, sector_number, seg }) => {

@@ -57,41 +57,38 @@ impl BackRing {
     }
 
     /// Continues a ring a previous backend served, for a backend restarted under a connected
-    /// frontend: consumer and producer start at the response index the ring shows published.
+    /// frontend: consumer and producer start at the response index the ring shows published,
+    /// which must be `detached_at`, where the previous backend detached cleanly.
     ///
-    /// That is right only if the previous backend answered every request it had taken:
-    /// requests it took but did not answer cannot be found again (their slots may already
-    /// hold other responses), and running a stale slot again could repeat a write the guest
-    /// has since overwritten. So the caller must know one of two things: the previous backend
-    /// detached cleanly at `detached_at` (which must equal the published index), or, with
-    /// `None`, nothing is outstanding at all (`req_prod == rsp_prod`). Otherwise: refused.
-    pub fn resume(mem: Arc<SharedMem>, abi: Abi, detached_at: Option<u32>) -> Result<Self> {
+    /// Only a clean detach makes this right: the previous backend answered every request it
+    /// had taken and flushed the disk. After a crash, requests taken but not answered cannot
+    /// be found again (their slots may already hold other responses), running a stale slot
+    /// again could repeat a write the guest has since overwritten, and writes acknowledged
+    /// but not flushed may have been lost without the guest ever learning of it. So there is
+    /// no resuming without `detached_at`.
+    pub fn resume(mem: Arc<SharedMem>, abi: Abi, detached_at: u32) -> Result<Self> {
         let size = ring_size_for(mem.len(), abi)?;
         let req_prod = mem.atomic_u32(REQ_PROD_OFFSET)?.load(Ordering::Acquire);
         let rsp_prod = mem.atomic_u32(RSP_PROD_OFFSET)?.load(Ordering::Acquire);
-        let outstanding = req_prod.wrapping_sub(rsp_prod);
-        if outstanding > size {
+        if req_prod.wrapping_sub(rsp_prod) > size {
             return Err(Error::BrokenRing { req_prod, rsp_prod, size });
         }
-        match detached_at {
-            Some(at) if at == rsp_prod => {}
-            None if outstanding == 0 => {}
-            Some(at) => {
-                return Err(Error::Refused(format!(
-                    "the ring's published responses ({rsp_prod}) are not where the previous backend detached ({at})"
-                )));
-            }
-            None => {
-                return Err(Error::Refused(format!(
-                    "the previous backend stopped without detaching, with {outstanding} request(s) outstanding"
-                )));
-            }
+        if rsp_prod != detached_at {
+            return Err(Error::Refused(format!(
+                "the ring's published responses ({rsp_prod}) are not where the previous backend detached ({detached_at})"
+            )));
         }
         Self::attach_at(mem, abi, rsp_prod)
     }
 
+    /// Requests the frontend has published beyond our responses (`req_prod - rsp_prod`).
+    pub fn waiting(&self) -> Result<u32> {
+        let req_prod = self.word(REQ_PROD_OFFSET)?.load(Ordering::Acquire);
+        Ok(req_prod.wrapping_sub(self.rsp_prod_pvt))
+    }
+
     /// This ring's memory, continued with [`BackRing::resume`].
-    pub fn resumed(self, detached_at: Option<u32>) -> Result<Self> {
+    pub fn resumed(self, detached_at: u32) -> Result<Self> {
         Self::resume(self.mem, self.abi, detached_at)
     }
 

@@ -146,7 +146,7 @@ where
             }
             let next = self.ring.lock().next_request();
             match next {
-                Ok(Some(req)) if is_empty_flush(&req) => {
+                Ok(Some(req)) if is_flush(&req) => {
                     // On this thread, so that a failed flush can end the ring at once: it is
                     // not answered (see `Engine::execute`), the device is failed.
                     if req.operation == OP_WRITE_BARRIER {
@@ -155,7 +155,7 @@ where
                     match self.verdict(&req) {
                         Verdict::Respond(status) => self.respond(&req, status),
                         Verdict::FailDevice(why) => {
-                            tracing::error!(id = req.id, error = %why, "an empty flush failed: failing the device");
+                            tracing::error!(id = req.id, error = %why, "a flush failed: failing the device");
                             return Err(crate::Error::FlushFailed(why));
                         }
                     }
@@ -258,8 +258,7 @@ where
     }
 }
 
-/// A flush or barrier without data.
-fn is_empty_flush(req: &BlkRequest) -> bool {
-    matches!(req.operation, OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER)
-        && matches!(req.body, Body::Segments { nr_segments: 0, .. })
+/// A flush or barrier (with or without data).
+fn is_flush(req: &BlkRequest) -> bool {
+    matches!(req.operation, OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER) && matches!(req.body, Body::Segments { .. })
 }

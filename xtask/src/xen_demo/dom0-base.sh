@@ -36,8 +36,16 @@ if [ ! -e debs.stamp ]; then
     touch debs.stamp
 fi
 
+# Unmounts what a chroot step left mounted in rootfs (never delete through a bind mount of /dev).
+unmount_chroot() {
+    for m in dev/pts dev sys proc; do
+        if mountpoint -q "rootfs/$m"; then umount "rootfs/$m" || umount -l "rootfs/$m"; fi
+    done
+}
+
 if [ ! -e rootfs.stamp ]; then
-    rm -rf rootfs
+    [ ! -d rootfs ] || unmount_chroot
+    rm -rf --one-file-system rootfs
     debootstrap --variant=minbase bookworm rootfs "$MIRROR"
     rm -f rootfs/etc/apt/sources.list
     cat > rootfs/etc/apt/sources.list.d/debian.sources <<SOURCES
@@ -59,11 +67,11 @@ SOURCES
     mount -t sysfs sysfs rootfs/sys
     mount --bind /dev rootfs/dev
     mount --bind /dev/pts rootfs/dev/pts
-    trap 'umount rootfs/dev/pts rootfs/dev rootfs/sys rootfs/proc 2>/dev/null || true' EXIT
+    trap unmount_chroot EXIT
     chroot rootfs sh -c "apt-get update -q && apt-get install -y -q --no-install-recommends \
         linux-image-$KVER initramfs-tools kmod xen-utils-4.17 xenstore-utils xen-utils-common \
         procps iproute2 util-linux e2fsprogs && apt-get clean"
-    umount rootfs/dev/pts rootfs/dev rootfs/sys rootfs/proc
+    unmount_chroot
     trap - EXIT
     rm -rf rootfs/var/lib/apt/lists/* rootfs/usr/share/doc rootfs/usr/share/man
     cp "rootfs/boot/initrd.img-$KVER" initrd.img

@@ -72,8 +72,9 @@ restart_under_guests() {
     say "parallaxd restarted in $(echo "$(up) $t0" | awk '{printf "%.1f", $1-$2}') s"
     local n
     for name in $GUESTS; do
-        timeout 60 sh -c "tail -n +1 -f $PARALLAXD_LOG | grep -q -m1 'vbd/$(xl domid $name)/.*resumed the ring'" &&
-            say "parallaxd resumed the ring of $name"
+        local line
+        line=$(timeout 60 sh -c "tail -n +1 -f $PARALLAXD_LOG | grep -m1 'vbd/$(xl domid $name)/.*resumed the ring'") &&
+            say "parallaxd resumed the ring of $name: ${line##*left connected, }"
     done
 }
 

@@ -33,6 +33,8 @@ say "xvda $(cat /sys/block/xvda/size) sectors, discard max $(cat /sys/block/xvda
 pattern() { yes "$NAME" | head -c $((8 << 20)); }
 SEEK=$FS_MIB
 check_scratch() {
+    # Read from the disk, not from what the guest's page cache kept of its own writes.
+    sync; echo 3 > /proc/sys/vm/drop_caches
     dd if=/dev/xvda bs=1M skip=$SEEK count=4 2>/dev/null | cmp -s - /tmp/pattern-a || return 1
     dd if=/dev/xvda bs=1M skip=$((SEEK + 4)) count=4 2>/dev/null | cmp -s - /tmp/zeros || return 2
 }
@@ -83,6 +85,7 @@ else
             say "FAIL write of block $i"
         i=$((i + 1))
     done
+    sync; echo 3 > /proc/sys/vm/drop_caches
     i=0; bad=0
     while [ $i -lt $WRITES ]; do
         got=$(dd if=/dev/xvda bs=4096 skip=$((FIRST + i)) count=1 2>/dev/null | head -n 1)

@@ -208,6 +208,7 @@ const BLKBACK_DISK: &str = "format=raw, vdev=xvda, access=w, backendtype=phy, ta
 
 /// The `xl` configuration of one PV guest in one round (`1`, `2` or `bench`) with `disk`.
 fn guest_config(name: &str, round: &str, fs_mib: u64, disk: &str) -> String {
+    let writes = super::WRITES;
     format!(
         r#"name = "{name}"
 type = "pv"
@@ -215,7 +216,7 @@ memory = 128
 vcpus = 1
 kernel = "/demo/vmlinuz"
 ramdisk = "/demo/guest-initrd.gz"
-extra = "console=hvc0 loglevel=4 parallax.name={name} parallax.round={round} parallax.fs_mib={fs_mib}"
+extra = "console=hvc0 loglevel=4 parallax.name={name} parallax.round={round} parallax.fs_mib={fs_mib} parallax.writes={writes}"
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"

@@ -89,6 +89,8 @@ pub enum BackendEvent {
         device: String,
         /// The ring index resumed at.
         index: u32,
+        /// Requests the guest queued while no backend ran.
+        waiting: u32,
     },
     /// At shutdown: the ring was drained and left connected for the next backend.
     Detached {
@@ -114,9 +116,11 @@ impl fmt::Display for BackendEvent {
             Self::Closed { device, reason } => write!(f, "{device}: closed ({reason})"),
             Self::Failed { device, error } => write!(f, "{device}: failed: {error}"),
             Self::Removed { device } => write!(f, "{device}: removed"),
-            Self::Resumed { device, index } => {
-                write!(f, "{device}: resumed the ring an earlier backend left connected, at index {index}")
-            }
+            Self::Resumed { device, index, waiting } => write!(
+                f,
+                "{device}: resumed the ring an earlier backend left connected, at index {index}, \
+                 {waiting} request(s) waiting"
+            ),
             Self::Detached { device, index } => {
                 write!(f, "{device}: detached, ring left connected at index {index} for the next backend")
             }
@@ -209,7 +213,7 @@ pub fn run<S: XenStore, C: Connector>(
         let device = dev.dir().to_string();
         match dev.shutdown(store) {
             Shutdown::Detached { index } => observe(&BackendEvent::Detached { device, index }),
-            Shutdown::Closed => {}
+            Shutdown::Closed | Shutdown::Untouched => {}
         }
     }
     for ring in draining {

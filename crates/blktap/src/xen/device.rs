@@ -34,9 +34,35 @@ use crate::engine::MAX_INDIRECT_SEGMENTS;
 use crate::sim::{MAX_RING_PAGE_ORDER, VDISK_READONLY};
 use crate::{Error, Result};
 
-/// The backend-directory key a stopping backend leaves behind: the ring's published response
-/// index after it answered every request it took. A later backend resumes the ring only there.
+/// The backend-directory key a stopping backend leaves behind once it answered every request
+/// it took and flushed the disk: `INDEX REFS PORT`, the ring's published response index, its
+/// grant references (comma-separated) and the frontend's event-channel port. A later backend
+/// resumes only that ring, only there.
 pub const DETACHED_KEY: &str = "parallax-detached-at";
+
+/// Where and which ring a backend detached from ([`DETACHED_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Detached {
+    index: u32,
+    ring: String,
+}
+
+impl Detached {
+    /// The ring's identity: its grants and event-channel port.
+    fn ring_of(refs: &[u32], port: u32) -> String {
+        let refs: Vec<String> = refs.iter().map(u32::to_string).collect();
+        format!("{} {port}", refs.join(","))
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        let (index, ring) = value.trim().split_once(' ')?;
+        Some(Self { index: super::keys::number(index)?, ring: ring.to_string() })
+    }
+
+    fn value(&self) -> String {
+        format!("{} {}", self.index, self.ring)
+    }
+}
 
 /// Where a device is in the handshake.
 enum Phase {
@@ -88,8 +114,10 @@ pub struct Device {
     config: Option<BackendConfig>,
     phase: Phase,
     /// Set when the device was found already connected by an earlier backend: the ring is to be
-    /// resumed, at the index that backend left in [`DETACHED_KEY`] (if it left one).
-    resume: Option<Option<u32>>,
+    /// resumed where that backend detached ([`DETACHED_KEY`]; `None` if it left no record).
+    resume: Option<Option<Detached>>,
+    /// The identity of the connected ring (see [`Detached`]).
+    ring_id: Option<String>,
 }
 
 type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
@@ -98,8 +126,8 @@ type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
 enum Started {
     /// A new handshake.
     Fresh { pages: usize, protocol: crate::abi::Abi },
-    /// An earlier backend's ring, resumed at this index.
-    Resumed { index: u32 },
+    /// An earlier backend's ring, resumed at this index, with requests already waiting.
+    Resumed { index: u32, waiting: u32 },
 }
 
 /// What a backend shutdown did with a device.
@@ -110,8 +138,10 @@ pub enum Shutdown {
         /// The ring's published response index.
         index: u32,
     },
-    /// The device was closed (state Closed).
+    /// The device was closed (state Closed, or Closing with an `error`).
     Closed,
+    /// Left as found: it was still waiting to resume an earlier backend's ring.
+    Untouched,
 }
 
 impl Device {
@@ -124,7 +154,7 @@ impl Device {
         opener: &dyn DiskOpener,
         observe: Observer<'_>,
     ) -> Self {
-        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed, resume: None };
+        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed, resume: None, ring_id: None };
         dev.open(store, opener, true, observe);
         dev
     }
@@ -178,8 +208,8 @@ impl Device {
         let resume = if ours == Some(XenbusState::Connected)
             && matches!(front, Some(XenbusState::Initialised | XenbusState::Connected))
         {
-            let at = store.read(&format!("{}/{DETACHED_KEY}", self.dir))?;
-            Some(at.as_deref().and_then(super::keys::number::<u32>))
+            let record = store.read(&format!("{}/{DETACHED_KEY}", self.dir))?;
+            Some(record.as_deref().and_then(Detached::parse))
         } else if front == Some(XenbusState::Connected) {
             return Err(Error::Refused(
                 "frontend already connected to an earlier backend that never got to Connected; reconnect it".into(),
@@ -193,12 +223,13 @@ impl Device {
             if config.read_only && !disk.read_only() { Arc::new(ReadOnlyDisk(disk)) } else { disk };
         let disk: Arc<dyn BlockDevice> = if config.discard { disk } else { Arc::new(NoDiscardDisk(disk)) };
         let target = config.target.clone();
-        if resume.is_none() {
+        let fresh = resume.is_none();
+        if fresh {
             self.publish_features(store, &config)?;
         }
         self.config = Some(config);
         self.resume = resume;
-        if resume.is_none() {
+        if fresh {
             self.write(store, "state", XenbusState::InitWait.value())?;
         }
         Ok((disk, target))
@@ -328,14 +359,33 @@ impl Device {
                 protocol: req.protocol,
             };
             let mut conn = connector.connect(&spec)?;
-            if let Some(detached_at) = resume {
-                conn.ring = conn.ring.resumed(detached_at)?;
+            let ring_id = Detached::ring_of(&spec.ring_refs, spec.event_channel);
+            if let Some(detached) = resume {
+                // Only after a clean detach, from this very ring (a frontend reloaded meanwhile
+                // has a new one): see `BackRing::resume`.
+                let detached = detached.ok_or_else(|| {
+                    Error::Refused(
+                        "the previous backend stopped without detaching (it may have died with writes \
+                         not yet durable or requests unanswered): the ring cannot be resumed safely"
+                            .into(),
+                    )
+                })?;
+                if detached.ring != ring_id {
+                    return Err(Error::Refused(format!(
+                        "the previous backend detached from ring {}, the frontend now has ring {ring_id}",
+                        detached.ring
+                    )));
+                }
+                conn.ring = conn.ring.resumed(detached.index)?;
                 let index = conn.ring.req_cons();
+                let waiting = conn.ring.waiting()?;
+                self.ring_id = Some(ring_id);
                 let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
                 let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
                 let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
-                return Ok::<_, Error>((ring, Started::Resumed { index }));
+                return Ok::<_, Error>((ring, Started::Resumed { index, waiting }));
             }
+            self.ring_id = Some(ring_id);
             self.write(store, "sectors", &(disk.size() / 512).to_string())?;
             self.write(store, "sector-size", "512")?;
             self.write(store, "physical-sector-size", "4096")?;
@@ -346,9 +396,9 @@ impl Device {
             Ok((ring, Started::Fresh { pages: spec.ring_refs.len(), protocol: spec.protocol }))
         })();
         match started {
-            Ok((ring, Started::Resumed { index })) => {
+            Ok((ring, Started::Resumed { index, waiting })) => {
                 self.phase = Phase::Connected { ring };
-                observe(&BackendEvent::Resumed { device: self.dir.clone(), index });
+                observe(&BackendEvent::Resumed { device: self.dir.clone(), index, waiting });
             }
             Ok((ring, Started::Fresh { pages, protocol })) => {
                 self.phase = Phase::Connected { ring };
@@ -409,13 +459,29 @@ impl Device {
     /// Connected, so a later backend resumes it and the guest only waits. Anything else
     /// (a ring that could not drain, a device mid-handshake) is closed.
     pub fn shutdown(mut self, store: &impl XenStore) -> Shutdown {
+        if self.resume.is_some() {
+            // Still waiting to resume an earlier backend's ring: leave it (and its record) for
+            // the next backend.
+            return Shutdown::Untouched;
+        }
         let connected = matches!(self.phase, Phase::Connected { .. });
         let finished = self.take_ring().map(RingThread::join);
-        if let (true, Some(Ok(Finished { quiescent_at: Some(at), .. }))) = (connected, &finished)
-            && store.read(&self.dir).ok().flatten().is_some()
-            && self.write(store, DETACHED_KEY, &at.to_string()).is_ok()
-        {
-            return Shutdown::Detached { index: *at };
+        match (&finished, &self.ring_id) {
+            (Some(Ok(Finished { quiescent_at: Some(at), .. })), Some(ring))
+                if connected && store.read(&self.dir).ok().flatten().is_some() =>
+            {
+                let record = Detached { index: *at, ring: ring.clone() };
+                if self.write(store, DETACHED_KEY, &record.value()).is_ok() {
+                    return Shutdown::Detached { index: *at };
+                }
+            }
+            (Some(Err(e)), _) => {
+                // The ring ended in an error nobody reported yet (a failed flush): say so.
+                let _ = self.write(store, "error", &e.to_string());
+                let _ = self.set_state(store, XenbusState::Closing);
+                return Shutdown::Closed;
+            }
+            _ => {}
         }
         if self.config.is_some() {
             let _ = self.set_state(store, XenbusState::Closed);

@@ -123,6 +123,8 @@ struct GrantCopy {
 const GNTCOPY_SOURCE_GREF: u16 = 1 << 0;
 /// `GNTCOPY_dest_gref`: the destination is a grant reference.
 const GNTCOPY_DEST_GREF: u16 = 1 << 1;
+/// `DOMID_FIRST_RESERVED`: the first domain id that names no ordinary domain.
+const DOMID_FIRST_RESERVED: u16 = 0x7ff0;
 /// `GNTST_okay`.
 const GNTST_OKAY: i16 = 0;
 
@@ -230,7 +232,11 @@ impl XenGrantTable {
     /// false) or from `buf` into the grants. Fails if any piece failed (a bad grant, or a
     /// read-only grant written to).
     fn grant_copy(&self, pieces: &[GrantPiece], buf: *mut u8, buf_len: usize, to_guest: bool) -> Result<()> {
-        let domid = u16::try_from(self.domid).map_err(|_| Error::Protocol(format!("domain id {}", self.domid)))?;
+        // Ids from DOMID_FIRST_RESERVED (0x7ff0) up name no guest (DOMID_SELF and the like).
+        let domid = u16::try_from(self.domid)
+            .ok()
+            .filter(|&d| d < DOMID_FIRST_RESERVED)
+            .ok_or_else(|| Error::Protocol(format!("domain id {} names no guest", self.domid)))?;
         let mut segments = Vec::with_capacity(pieces.len());
         let mut at = 0usize;
         for p in pieces {

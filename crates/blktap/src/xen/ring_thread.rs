@@ -26,8 +26,8 @@ pub struct RingThread {
 pub struct Finished {
     /// Why the server returned.
     pub ended: Ended,
-    /// The published response index if every request taken was answered: where a later
-    /// backend may resume the ring.
+    /// The published response index if the ring was stopped with every request taken
+    /// answered and the disk then flushed: where a later backend may resume the ring.
     pub quiescent_at: Option<u32>,
 }
 
@@ -47,9 +47,17 @@ impl RingThread {
         let flag = stop.clone();
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             let Connection { ring, grants, events } = conn;
+            let durable = disk.clone();
             let server = RingServer::new(ring, Engine::new(disk, grants), events, options);
             let ended = server.run(&flag)?;
-            Ok(Finished { ended, quiescent_at: server.quiescent_at() })
+            // A later backend may resume the ring only if everything the guest was told is
+            // done is also durable: a guest that was never told of a restart would never
+            // replay its journal over writes a crash had lost.
+            let quiescent_at = match (ended, server.quiescent_at()) {
+                (Ended::Stopped, Some(at)) if durable.flush().is_ok() => Some(at),
+                _ => None,
+            };
+            Ok(Finished { ended, quiescent_at })
         })?;
         Ok(Self { stop, handle })
     }
