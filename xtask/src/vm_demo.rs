@@ -56,22 +56,26 @@ pub enum Transport {
     VhostUser,
 }
 
-/// The `vdi` command on the demo's store.
-struct Vdi {
-    bin: PathBuf,
-    store: PathBuf,
-    run_dir: PathBuf,
+/// The `vdi` command on a demo's store.
+pub(crate) struct Vdi {
+    /// The `vdi` binary.
+    pub(crate) bin: PathBuf,
+    /// The store (a file or a block device).
+    pub(crate) store: PathBuf,
+    /// `PARALLAX_RUN_DIR` for it.
+    pub(crate) run_dir: PathBuf,
 }
 
 impl Vdi {
-    fn cmd(&self, args: &[&str]) -> Command {
+    /// `vdi --store STORE ARGS`.
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--store").arg(&self.store).args(args).env("PARALLAX_RUN_DIR", &self.run_dir);
         c
     }
 
     /// Runs `vdi ARGS` and returns its stdout, trimmed.
-    fn text(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn text(&self, args: &[&str]) -> Result<String> {
         Ok(sys::run_text(&mut self.cmd(args))?.trim().to_string())
     }
 

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::sys;
-use crate::vm_demo::{self, setup};
+use crate::vm_demo::{self, Vdi, setup};
 
 /// Size of the ext4 file system at the start of the golden VDI.
 const FS_MIB: u64 = 64;
@@ -179,7 +179,9 @@ fn boot(base: &image::Base, disks: &Disks, log: &Path, timeout: Duration) -> Res
     cmd.args(["-machine", "q35,accel=tcg", "-cpu", "qemu64,+svm", "-m", "3G", "-smp", "2"]);
     cmd.args(["-nographic", "-monitor", "none", "-serial", "stdio", "-no-reboot"]);
     cmd.arg("-kernel").arg(&base.xen);
-    cmd.args(["-append", "dom0_mem=1G,max:1G console=com1 com1=115200,8n1 noreboot loglvl=info guest_loglvl=info"]);
+    // No `noreboot`: if dom0 ever crashes, Xen reboots, and -no-reboot makes QEMU exit at
+    // once instead of the run waiting for its timeout.
+    cmd.args(["-append", "dom0_mem=1G,max:1G console=com1 com1=115200,8n1 loglvl=info guest_loglvl=info"]);
     cmd.arg("-initrd").arg(format!(
         "{} console=hvc0 earlyprintk=xen root=/dev/vda rw init={},{}",
         base.vmlinuz.display(),
@@ -416,25 +418,6 @@ fn compare_blkback(report: &Report, failures: &mut Vec<String>) {
             eprintln!("  | write {:.0} MiB, fsync | {pw:.1} | {kw:.1} | {:.2}x |", p.2, pw / kw);
         }
         (p, k) => failures.push(format!("the blkback comparison has no dd figures (parallaxd {p:?}, blkback {k:?})")),
-    }
-}
-
-/// `vdi` on the store's loop device.
-struct Vdi {
-    bin: PathBuf,
-    store: PathBuf,
-    run_dir: PathBuf,
-}
-
-impl Vdi {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--store").arg(&self.store).args(args).env("PARALLAX_RUN_DIR", &self.run_dir);
-        c
-    }
-
-    fn text(&self, args: &[&str]) -> Result<String> {
-        Ok(sys::run_text(&mut self.cmd(args))?.trim().to_string())
     }
 }
 

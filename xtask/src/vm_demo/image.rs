@@ -73,7 +73,7 @@ fn unpack_kernel(cache: &Path, root: &Path, version: &str) -> Result<()> {
 }
 
 /// The version linux-image-amd64 depends on (`apt-cache depends linux-image-amd64`).
-fn kernel_version() -> Result<String> {
+pub fn kernel_version() -> Result<String> {
     let text = sys::run_text(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))

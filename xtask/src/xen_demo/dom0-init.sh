@@ -21,8 +21,12 @@ say() { echo "XEN-DEMO: $*"; }
 finish() {
     say "DONE $1"
     sync
+    # Power off, then wait with shell builtins only: the disks go away during the power-off,
+    # and an external `sleep` that can no longer be loaded would end PID 1 (a kernel panic).
+    mkfifo /run/hold
+    exec 3<>/run/hold
     echo o > /proc/sysrq-trigger
-    sleep 60
+    while :; do read -r -t 60 -u 3 _; done
 }
 
 . /demo/demo.conf

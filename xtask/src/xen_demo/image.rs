@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::sys;
-use crate::vm_demo::image::{Kernel, build_initramfs_with, write_exec};
+use crate::vm_demo::image::{Kernel, build_initramfs_with, kernel_version, write_exec};
 
 /// Builds the cached Debian parts (see the script's header).
 const BASE_SCRIPT: &str = include_str!("dom0-base.sh");
@@ -75,7 +75,12 @@ impl Base {
     /// Builds what is missing from the cache (the first run fetches ~300 MB of Debian packages
     /// and takes several minutes) and returns the parts.
     pub fn ensure(dir: &Path) -> Result<Self> {
-        let version = kernel_version()?;
+        // A cache keeps the kernel it was built with, even after Debian publishes a newer one.
+        let version_file = dir.join("kernel.version");
+        let version = match std::fs::read_to_string(&version_file) {
+            Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => kernel_version()?,
+        };
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let script = dir.join("dom0-base.sh");
         write_exec(&script, BASE_SCRIPT)?;
@@ -88,6 +93,7 @@ impl Base {
         if !st.success() {
             bail!("{} failed ({st})", script.display());
         }
+        std::fs::write(&version_file, format!("{version}\n")).context("cannot write kernel.version")?;
         let rootfs = dir.join("rootfs");
         let modules = rootfs.join(format!("lib/modules/{version}"));
         let base = Self {
@@ -105,17 +111,6 @@ impl Base {
         }
         Ok(base)
     }
-}
-
-/// The kernel version the dom0 root was built with (the newest linux-image-amd64 of bookworm
-/// when the cache was made; a cache keeps its kernel).
-fn kernel_version() -> Result<String> {
-    let text = sys::run_text(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
-        .find(|v| v.ends_with("-amd64"))
-        .map(str::to_string)
-        .context("`apt-cache depends linux-image-amd64` names no linux-image-VERSION-amd64")
 }
 
 /// dom0's root disk: the cached root with the demo's few fixed files, as ext4. Cached too, and
