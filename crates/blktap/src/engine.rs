@@ -106,41 +106,44 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
     }
 
     /// Executes one request and says whether to answer it ([`Engine::handle`]), or to fail the
-    /// device instead because an empty flush failed.
+    /// device instead because a flush failed.
     pub fn execute(&self, req: &BlkRequest) -> Verdict {
-        let (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments, sector_number, seg }) =
-            (req.operation, req.body)
-        else {
-            return Verdict::Respond(self.handle(req));
-        };
-        // blkfront takes an error on any flush or barrier as "unsupported" and never flushes
-        // again (on an empty one Linux says so outright), so a failed flush is not answered:
-        // the device is failed. A retry could not be trusted either, as a failed fsync may
-        // already have dropped the unwritten pages.
-        let n = nr_segments as usize;
-        if n == 0 {
-            // Linux blkfront leaves `sector_number` as the block layer's (sector_t)-1, so it
-            // is ignored; a read-only disk has nothing to flush.
-            if self.dev.read_only() {
-                return Verdict::Respond(RSP_OKAY);
+        match (req.operation, req.body) {
+            // blkfront takes an error on any flush or barrier as "unsupported" and never
+            // flushes again (on an empty one Linux says so outright), so a failed flush is not
+            // answered: the device is failed. A retry could not be trusted either, as a failed
+            // fsync may already have dropped the unwritten pages.
+            (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments, sector_number, seg }) => {
+                match self.flush(nr_segments as usize, sector_number, &seg) {
+                    Ok(status) => Verdict::Respond(status),
+                    Err(e) => Verdict::FailDevice(e.to_string()),
+                }
             }
-            return match self.dev.flush() {
-                Ok(()) => Verdict::Respond(RSP_OKAY),
-                Err(e) => Verdict::FailDevice(e.to_string()),
-            };
+            _ => Verdict::Respond(self.handle(req)),
         }
+    }
+
+    /// A flush or barrier of `n` segments: the status to answer, or the error of the flush
+    /// itself. It may carry write data (Linux sends preflush/FUA writes so): flush first, then
+    /// write the data durably.
+    fn flush(&self, n: usize, sector_number: u64, seg: &[Segment]) -> std::result::Result<i16, DevError> {
         if n > MAX_SEGMENTS {
-            return Verdict::Respond(RSP_ERROR);
+            return Ok(RSP_ERROR);
         }
-        // Write data after the flush (Linux sends preflush/FUA writes so), durably.
+        if n == 0 {
+            // An empty flush: Linux blkfront leaves `sector_number` as the block layer's
+            // (sector_t)-1, so it is ignored; a read-only disk has nothing to flush.
+            if self.dev.read_only() {
+                return Ok(RSP_OKAY);
+            }
+            return self.dev.flush().map(|()| RSP_OKAY);
+        }
         let plan = match self.plan(true, sector_number, &seg[..n]) {
             Ok(p) => p,
-            Err(s) => return Verdict::Respond(s),
+            Err(s) => return Ok(s),
         };
-        if let Err(e) = self.dev.flush() {
-            return Verdict::FailDevice(e.to_string());
-        }
-        Verdict::Respond(self.move_data(true, true, &plan))
+        self.dev.flush()?;
+        Ok(self.move_data(true, true, &plan))
     }
 
     /// Executes one request and returns its `BLKIF_RSP_*` status. A failed flush is answered
@@ -155,32 +158,7 @@ impl<D: BlockDevice, G: GrantTable> Engine<D, G> {
                 self.transfer(req.operation == OP_WRITE, false, sector_number, &seg[..n])
             }
             (OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER, Body::Segments { nr_segments, sector_number, seg }) => {
-                // A flush or barrier may carry write data (Linux sends FUA/preflush writes so):
-                // flush first, then write the data durably.
-                let n = nr_segments as usize;
-                if n > MAX_SEGMENTS {
-                    return RSP_ERROR;
-                }
-                if n == 0 {
-                    // An empty flush: Linux blkfront leaves `sector_number` as the block layer's
-                    // (sector_t)-1, and takes an error as "flush unsupported" for good. So the
-                    // sector is ignored, and a read-only disk has nothing to flush.
-                    if self.dev.read_only() {
-                        return RSP_OKAY;
-                    }
-                    return match self.dev.flush() {
-                        Ok(()) => RSP_OKAY,
-                        Err(e) => status_of(&e),
-                    };
-                }
-                let plan = match self.plan(true, sector_number, &seg[..n]) {
-                    Ok(p) => p,
-                    Err(s) => return s,
-                };
-                if let Err(e) = self.dev.flush() {
-                    return status_of(&e);
-                }
-                self.move_data(true, true, &plan)
+                self.flush(nr_segments as usize, sector_number, &seg).unwrap_or_else(|e| status_of(&e))
             }
             (OP_DISCARD, Body::Discard { sector_number, nr_sectors, .. }) => self.discard(sector_number, nr_sectors),
             (OP_INDIRECT, Body::Indirect { indirect_op, nr_segments, sector_number, indirect_grefs }) => {

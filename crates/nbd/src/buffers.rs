@@ -61,7 +61,7 @@ impl BufferPool {
     pub(crate) fn take(&self, bytes: u64) -> Held {
         if bytes > 0 {
             let mut s = self.inner.state.lock();
-            while s.used > 0 && s.used + bytes > self.inner.max {
+            while !admits(s.used, bytes, self.inner.max) {
                 self.inner.freed.wait(&mut s);
             }
             s.used += bytes;
@@ -69,6 +69,12 @@ impl BufferPool {
         }
         Held { pool: self.inner.clone(), bytes }
     }
+}
+
+/// True if a take of `bytes` may go ahead with `used` bytes held in a pool of `max`: it fits,
+/// or the pool is empty (an oversized take goes alone, never ahead of others' bytes).
+fn admits(used: u64, bytes: u64, max: u64) -> bool {
+    used == 0 || used + bytes <= max
 }
 
 impl Default for BufferPool {
@@ -135,8 +141,8 @@ mod tests {
         });
         drop(a);
         // Still 1 MiB held: the 8 MiB take waits for the pool to empty.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!waiter.is_finished(), "an oversized take went ahead of others' bytes");
+        assert!(!admits(1 << 20, 8 << 20, 2 << 20), "an oversized take went ahead of others' bytes");
+        assert!(admits(0, 8 << 20, 2 << 20) && admits(1 << 20, 1 << 20, 2 << 20));
         drop(b);
         assert_eq!(waiter.join().unwrap(), 8 << 20);
         assert_eq!(pool.in_use(), 0);
