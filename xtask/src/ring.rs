@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use blktap::workload::{Digest, golden_image};
+use blkfront_sim::workload::{Digest, golden_image};
 use clap::Args;
 
 use crate::fio::{self, Dir, Span, Workload};
@@ -88,8 +88,11 @@ struct Bins {
 }
 
 fn binaries(no_build: bool) -> Result<Bins> {
-    let b =
-        sys::release_binaries(&["daemon", "cli", "blktap"], &["parallaxd", "vdi", "blktap-sim-frontend"], no_build)?;
+    let b = sys::release_binaries(
+        &["daemon", "cli", "blkfront-sim"],
+        &["parallaxd", "vdi", "blktap-sim-frontend"],
+        no_build,
+    )?;
     Ok(Bins { parallaxd: b[0].clone(), vdi: b[1].clone(), frontend: b[2].clone() })
 }
 

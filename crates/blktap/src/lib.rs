@@ -15,15 +15,12 @@
 //! * [`engine`] — validation and dispatch of requests to a block device.
 //! * [`event`] — event channels (the notifications between the two halves).
 //! * [`server`] — serving one ring with many requests in flight on a worker pool.
-//! * [`sim`] — the simulated transport: grant memory in a sealed memfd, handshake and
-//!   notifications over a Unix socket, for frontends running as separate processes.
-//! * [`front`] — the frontend half of the ring, for simulated guests.
-//! * [`guest`] — a simulated `blkfront`: operations to requests, many in flight.
-//! * [`workload`] — the data patterns and verification model of the simulated guests.
-//!
+//! * [`sim`] — the simulated transport's backend half: grant memory in a sealed memfd,
+//!   handshake and notifications over a Unix socket, for frontends in other processes.
 //! * `xen` (feature `xen`) — the real transport: gntdev, evtchn and the xenstore handshake.
 //!
-//! The `blktap-sim-frontend` binary is a simulated guest (`blkfront`) in its own process.
+//! The frontend side — a simulated `blkfront`, its workloads and the `blktap-sim-frontend`
+//! binary — is test support and lives in the `blkfront-sim` crate.
 
 #![deny(missing_docs)]
 
@@ -31,15 +28,12 @@ pub mod abi;
 pub mod engine;
 mod error;
 pub mod event;
-pub mod front;
 pub mod grant;
-pub mod guest;
 pub mod request;
 pub mod ring;
 pub mod server;
 pub mod shm;
 pub mod sim;
-pub mod workload;
 #[cfg(feature = "xen")]
 pub mod xen;
 

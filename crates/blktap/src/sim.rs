@@ -18,14 +18,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, fcntl_get_seals, fstatfs, memfd_create};
+use rustix::fs::{SealFlags, fcntl_get_seals, fstatfs};
 use rustix::io::Errno;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
@@ -34,7 +34,6 @@ use rustix::net::{
 use crate::abi::{Abi, PAGE_SIZE};
 use crate::engine::MAX_INDIRECT_SEGMENTS;
 use crate::event::SocketEvents;
-use crate::front::FrontRing;
 use crate::grant::SimGrantTable;
 use crate::ring::BackRing;
 use crate::shm::SharedMem;
@@ -390,68 +389,14 @@ impl SimPending {
     }
 }
 
-/// A simulated frontend's connection: the ring, its granted memory and the event channel.
-#[derive(Debug)]
-pub struct SimFrontend {
-    /// The frontend half of the ring (initialised).
-    pub ring: FrontRing,
-    /// All granted pages; grant reference `k` is page `k`.
-    pub memory: Arc<SharedMem>,
-    /// The event channel.
-    pub events: SocketEvents,
-    /// What the backend published about the disk.
-    pub disk: DiskInfo,
-    /// First grant page free for data (the ring occupies the pages before it).
-    pub first_data_gref: u32,
+/// Reads the peer's handshake line (without the newline), all of it before `deadline`.
+pub fn read_handshake_line(stream: &UnixStream, deadline: Instant) -> Result<String> {
+    read_line(stream, Vec::new(), deadline)
 }
 
-/// How a simulated frontend lays out its memory.
-#[derive(Debug, Clone)]
-pub struct FrontendOptions {
-    /// The VDI to attach.
-    pub vdi: String,
-    /// Ring size: `2^ring_page_order` pages.
-    pub ring_page_order: u32,
-    /// Grant pages for data after the ring.
-    pub data_pages: u32,
-    /// The ABI to speak.
-    pub protocol: Abi,
-}
-
-impl SimFrontend {
-    /// Creates the grant memory, initialises the ring at grant 0 and attaches to the backend
-    /// listening at `socket`.
-    pub fn connect(socket: &Path, opts: &FrontendOptions) -> Result<Self> {
-        if opts.ring_page_order > MAX_RING_PAGE_ORDER {
-            return Err(protocol_error("ring-page-order too large"));
-        }
-        let ring_pages = 1u32 << opts.ring_page_order;
-        let pages = u64::from(ring_pages) + u64::from(opts.data_pages);
-        let fd = memfd_create("blkfront-grants", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .map_err(|e| Error::Io(e.into()))?;
-        let file = File::from(fd);
-        file.set_len(pages * PAGE_SIZE as u64)?;
-        fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::SEAL).map_err(|e| Error::Io(e.into()))?;
-        let ring_mem = Arc::new(SharedMem::from_file(&file, 0, ring_pages as usize * PAGE_SIZE)?);
-        let memory = Arc::new(SharedMem::from_file(&file, 0, pages as usize * PAGE_SIZE)?);
-        let ring = FrontRing::init(ring_mem, opts.protocol)?;
-        let attach = Attach {
-            vdi: opts.vdi.clone(),
-            ring_ref: 0,
-            ring_page_order: opts.ring_page_order,
-            protocol: opts.protocol,
-        };
-        let stream = UnixStream::connect(socket)?;
-        send_with_fd(&stream, format!("{}\n", attach.encode()).as_bytes(), file.as_fd())?;
-        // The backend may take a while to open the VDI; it answers or closes.
-        let line = read_line(&stream, Vec::new(), Instant::now() + Duration::from_secs(60))?;
-        stream.set_read_timeout(None)?;
-        let disk = DiskInfo::parse_reply(&line)?;
-        Ok(Self { ring, memory, events: SocketEvents::new(stream), disk, first_data_gref: ring_pages })
-    }
-}
-
-fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+/// Sends a handshake line with the grant memory's descriptor attached (`SCM_RIGHTS`): what a
+/// frontend sends first.
+pub fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
     let fds = [fd];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -472,6 +417,10 @@ fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: std::os::fd::BorrowedFd<'_>
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
+    use rustix::fs::{MemfdFlags, fcntl_add_seals, memfd_create};
+
     use super::*;
 
     /// Sends an attach line with `file` as the grant memory and returns the backend's result.

@@ -107,7 +107,7 @@ fn flush_barrier_discard_and_read_only() {
     // A read-only device refuses writes and discards but serves reads.
     let ring = std::sync::Arc::new(blktap::shm::SharedMem::anonymous(PAGE_SIZE).unwrap());
     let pages = std::sync::Arc::new(blktap::shm::SharedMem::anonymous(PAGE_SIZE).unwrap());
-    let mut front = blktap::front::FrontRing::init(ring.clone(), a).unwrap();
+    let mut front = blkfront_sim::front::FrontRing::init(ring.clone(), a).unwrap();
     let mut back = blktap::ring::BackRing::new(ring, a).unwrap();
     let engine = blktap::engine::Engine::new(
         MemDisk::new(DISK).into_read_only(),

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use blkfront_sim::front::FrontRing;
 use blktap::abi::*;
 use blktap::engine::Engine;
 use blktap::event::{EventChannel, SocketEvents, Wake};
-use blktap::front::FrontRing;
 use blktap::grant::SimGrantTable;
 use blktap::ring::BackRing;
 use blktap::server::{Ended, RingServer, ServerOptions};

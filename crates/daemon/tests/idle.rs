@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
+use blkfront_sim::guest::{Guest, GuestOp};
+use blkfront_sim::{FrontendOptions, SimFrontend};
 use blktap::abi::{Abi, RSP_OKAY};
-use blktap::guest::{Guest, GuestOp};
-use blktap::sim::{FrontendOptions, SimFrontend};
 use common::{Daemon, MIB};
 
 /// Voluntary context switches of every thread of `pid` so far.

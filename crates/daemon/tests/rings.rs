@@ -5,11 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use blkfront_sim::guest::{Guest, GuestOp};
+use blkfront_sim::{FrontendOptions, SimFrontend};
 use blktap::Error;
 use blktap::abi::Abi;
 use blktap::abi::{RSP_ERROR, RSP_OKAY};
-use blktap::guest::{Guest, GuestOp};
-use blktap::sim::{FrontendOptions, SimFrontend};
 use common::{Daemon, MIB, need, run, with_registry};
 
 const T: Duration = Duration::from_secs(20);

@@ -1,11 +1,15 @@
 //! The blkif backend: finds the devices the toolstack created for us in xenstore and runs the
-//! handshake of each ([`super::device`]), polling every `poll_interval` (the synchronous
-//! xenstore client has no watches).
+//! handshake of each ([`super::device`]). Nothing polls: the loop sleeps in `poll(2)` until a
+//! xenstore watch fires (the backend root, and each device's frontend directory), a ring's
+//! thread ends, or the stop signal is raised.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::io::Errno;
 
 use blockdev::BlockDevice;
 
@@ -14,9 +18,10 @@ use super::device::{Device, Shutdown};
 use super::keys::{backend_root, number};
 use super::ring_thread::RingThread;
 use super::store::XenStore;
-use crate::Result;
+use super::wakeup::Wakeup;
 use crate::abi::Abi;
 use crate::server::ServerOptions;
+use crate::{Error, Result};
 
 /// Opens the disk named by a device's `params` (without the `parallax:` prefix).
 pub trait DiskOpener: Send + Sync {
@@ -34,20 +39,12 @@ where
 }
 
 /// How the backend runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct XenBackendOptions {
     /// Our domain id (0 in dom0; a driver domain's id otherwise).
     pub backend_domid: u32,
-    /// How often xenstore is polled for new devices and state changes.
-    pub poll_interval: Duration,
     /// How each ring is served.
     pub server: ServerOptions,
-}
-
-impl Default for XenBackendOptions {
-    fn default() -> Self {
-        Self { backend_domid: 0, poll_interval: Duration::from_millis(100), server: ServerOptions::default() }
-    }
 }
 
 /// Something that happened to a device, for the caller's log.
@@ -169,12 +166,18 @@ pub fn run<S: XenStore, C: Connector>(
     observe: &mut dyn FnMut(&BackendEvent),
 ) -> Result<()> {
     let root = backend_root(opts.backend_domid);
+    let ring_ended = Wakeup::new()?;
+    store.watch(&root)?;
+    let mut watched: BTreeSet<String> = BTreeSet::new();
     let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
     let mut draining: Vec<RingThread> = Vec::new();
     let result = loop {
         if stop.is_raised() {
             break Ok(());
         }
+        // Lowered before looking, so whatever happens while we look wakes the next wait.
+        ring_ended.clear();
+        let _ = store.take_events();
         let present = match scan(store, &root) {
             Ok(p) => p,
             Err(e) => break Err(e),
@@ -194,8 +197,9 @@ pub fn run<S: XenStore, C: Connector>(
             }
         }
         for dev in devices.values_mut() {
-            dev.step(store, connector, opener.as_ref(), opts, observe);
+            dev.step(store, connector, opener.as_ref(), opts, &ring_ended, observe);
         }
+        watch_frontends(store, &devices, &mut watched);
         let mut still = Vec::new();
         for ring in draining.drain(..) {
             if ring.is_finished() {
@@ -205,10 +209,14 @@ pub fn run<S: XenStore, C: Connector>(
             }
         }
         draining = still;
-        // xenstore is still scanned every `poll_interval` (watches are the Xen issue's work);
-        // a stop ends the wait at once.
-        stop.wait_timeout(opts.poll_interval);
+        if let Err(e) = wait_for_news(stop, store, &ring_ended) {
+            break Err(e);
+        }
     };
+    for path in watched {
+        let _ = store.unwatch(&path);
+    }
+    let _ = store.unwatch(&root);
     for (_, dev) in std::mem::take(&mut devices) {
         let device = dev.dir().to_string();
         match dev.shutdown(store) {
@@ -220,4 +228,36 @@ pub fn run<S: XenStore, C: Connector>(
         let _ = ring.join();
     }
     result
+}
+
+/// Watches the frontend state of every device (its changes drive the handshake),
+/// and stops watching those of devices that are gone. A watch xenstored refuses affects only
+/// its device: it is asked for again at the next pass.
+fn watch_frontends(store: &impl XenStore, devices: &BTreeMap<(u32, u32), Device>, watched: &mut BTreeSet<String>) {
+    let wanted: BTreeSet<String> = devices.values().filter_map(Device::frontend_state).collect();
+    for path in watched.difference(&wanted) {
+        let _ = store.unwatch(path);
+    }
+    watched.retain(|p| wanted.contains(p));
+    for path in wanted {
+        if !watched.contains(&path) && store.watch(&path).is_ok() {
+            watched.insert(path);
+        }
+    }
+}
+
+/// Sleeps until a xenstore watch fired, a ring's thread ended, or `stop` was raised.
+fn wait_for_news(stop: &shutdown::Shutdown, store: &impl XenStore, ring_ended: &Wakeup) -> Result<()> {
+    let mut fds = [
+        PollFd::from_borrowed_fd(stop.fd(), PollFlags::IN),
+        PollFd::from_borrowed_fd(store.events(), PollFlags::IN),
+        PollFd::from_borrowed_fd(ring_ended.as_fd(), PollFlags::IN),
+    ];
+    loop {
+        match poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(Error::Io(e.into())),
+        }
+    }
 }

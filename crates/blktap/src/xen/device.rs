@@ -30,6 +30,7 @@ use super::keys::{BackendConfig, RingRequest, XenbusState, read_state};
 use super::readonly::{NoDiscardDisk, ReadOnlyDisk};
 use super::ring_thread::{Finished, RingThread};
 use super::store::XenStore;
+use super::wakeup::Wakeup;
 use crate::engine::MAX_INDIRECT_SEGMENTS;
 use crate::sim::{MAX_RING_PAGE_ORDER, VDISK_READONLY};
 use crate::{Error, Result};
@@ -118,6 +119,9 @@ pub struct Device {
     resume: Option<Option<Detached>>,
     /// The identity of the connected ring (see [`Detached`]).
     ring_id: Option<String>,
+    /// The frontend's state was garbled and that was reported; until it reads well again, it
+    /// counts as a frontend gone.
+    garbled_front_reported: bool,
 }
 
 type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
@@ -125,7 +129,7 @@ type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
 /// How a connection was made.
 enum Started {
     /// A new handshake.
-    Fresh { pages: usize, protocol: crate::abi::Abi },
+    Fresh { pages: usize, protocol: crate::abi::Abi, sectors: u64, read_only: bool },
     /// An earlier backend's ring, resumed at this index, with requests already waiting.
     Resumed { index: u32, waiting: u32 },
 }
@@ -154,7 +158,16 @@ impl Device {
         opener: &dyn DiskOpener,
         observe: Observer<'_>,
     ) -> Self {
-        let mut dev = Self { dir, frontend_id, devid, config: None, phase: Phase::Closed, resume: None, ring_id: None };
+        let mut dev = Self {
+            dir,
+            frontend_id,
+            devid,
+            config: None,
+            phase: Phase::Closed,
+            resume: None,
+            ring_id: None,
+            garbled_front_reported: false,
+        };
         dev.open(store, opener, true, observe);
         dev
     }
@@ -164,8 +177,25 @@ impl Device {
         &self.dir
     }
 
+    /// The frontend's `state` node, once the toolstack's keys were read: the backend watches
+    /// it (as Linux's `xenbus_watch_otherend` does; the ring keys are written before it).
+    pub fn frontend_state(&self) -> Option<String> {
+        self.config.as_ref().map(|c| format!("{}/state", c.frontend))
+    }
+
     fn write(&self, store: &impl XenStore, key: &str, value: &str) -> Result<()> {
         store.write(&format!("{}/{key}", self.dir), value)
+    }
+
+    /// Writes keys of the device's directory in one transaction, unless the toolstack
+    /// already removed the directory (the writes would bring a device nobody cleans up back).
+    fn write_keys(&self, store: &impl XenStore, keys: &[(&str, &str)]) -> Result<()> {
+        let paths: Vec<String> = keys.iter().map(|(k, _)| format!("{}/{k}", self.dir)).collect();
+        let writes: Vec<(&str, &str)> = paths.iter().map(String::as_str).zip(keys.iter().map(|(_, v)| *v)).collect();
+        match store.write_all_in(&self.dir, &writes)? {
+            true => Ok(()),
+            false => Err(Error::Refused(format!("{} was removed by the toolstack", self.dir))),
+        }
     }
 
     /// Writes our state, unless the toolstack already removed the directory (a write would
@@ -184,8 +214,8 @@ impl Device {
                 observe(&BackendEvent::Opened { device: self.dir.clone(), target });
             }
             Err(e) => {
-                let msg = e.to_string();
-                let _ = self.write(store, "hotplug-error", &msg);
+                let msg = bounded_message(e.to_string());
+                let _ = self.write_keys(store, &[("hotplug-error", &msg)]);
                 let _ = self.set_state(store, XenbusState::Closing);
                 self.phase = Phase::Failed;
                 observe(&BackendEvent::Failed { device: self.dir.clone(), error: msg });
@@ -200,6 +230,9 @@ impl Device {
         first: bool,
     ) -> Result<(Arc<dyn BlockDevice>, String)> {
         let config = BackendConfig::read(store, &self.dir, self.frontend_id)?;
+        // Known from now on, even if opening fails: the frontend is watched, so the failed
+        // device still closes when the frontend does.
+        self.config = Some(config.clone());
         let front = if first { read_state(store, &config.frontend)? } else { None };
         let ours = if first { read_state(store, &self.dir)? } else { None };
         // Backend Connected when we start: an earlier backend served this ring, and the frontend
@@ -229,9 +262,6 @@ impl Device {
         }
         self.config = Some(config);
         self.resume = resume;
-        if fresh {
-            self.write(store, "state", XenbusState::InitWait.value())?;
-        }
         Ok((disk, target))
     }
 
@@ -239,17 +269,21 @@ impl Device {
         let _ = store.rm(&format!("{}/hotplug-error", self.dir));
         let _ = store.rm(&format!("{}/error", self.dir));
         let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
-        self.write(store, "feature-flush-cache", "1")?;
-        self.write(store, "feature-barrier", "1")?;
+        // The features and the InitWait that announces them, in one transaction.
+        let indirect = MAX_INDIRECT_SEGMENTS.to_string();
+        let order = MAX_RING_PAGE_ORDER.to_string();
+        let mut keys = vec![("feature-flush-cache", "1"), ("feature-barrier", "1")];
         if config.discard {
-            self.write(store, "feature-discard", "1")?;
-            self.write(store, "discard-granularity", "4096")?;
-            self.write(store, "discard-alignment", "0")?;
+            keys.extend([("feature-discard", "1"), ("discard-granularity", "4096"), ("discard-alignment", "0")]);
         } else {
-            self.write(store, "feature-discard", "0")?;
+            keys.push(("feature-discard", "0"));
         }
-        self.write(store, "feature-max-indirect-segments", &MAX_INDIRECT_SEGMENTS.to_string())?;
-        self.write(store, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())
+        keys.extend([
+            ("feature-max-indirect-segments", indirect.as_str()),
+            ("max-ring-page-order", order.as_str()),
+            ("state", XenbusState::InitWait.value()),
+        ]);
+        self.write_keys(store, &keys)
     }
 
     /// Advances the device by one step after looking at the frontend.
@@ -259,15 +293,25 @@ impl Device {
         connector: &C,
         opener: &dyn DiskOpener,
         opts: &XenBackendOptions,
+        ended: &Wakeup,
         observe: Observer<'_>,
     ) {
         let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else {
             return; // Failed before the toolstack's keys could be read: nothing to watch.
         };
         let front = match read_state(store, &frontend) {
-            Ok(s) => s,
-            Err(e @ Error::Protocol(_)) => return self.fail(store, e, observe),
-            Err(_) => return, // xenstore trouble: try again at the next poll
+            Ok(s) => {
+                self.garbled_front_reported = false;
+                s
+            }
+            // Reported once; after that a garbled state counts as a frontend gone (each report
+            // writes under our watched root, so failing again would wake us forever).
+            Err(Error::Protocol(_)) if self.garbled_front_reported => None,
+            Err(e @ Error::Protocol(_)) => {
+                self.garbled_front_reported = true;
+                return self.fail(store, e, observe);
+            }
+            Err(_) => return, // xenstore trouble: try again at the next event
         };
         let closing = matches!(front, None | Some(XenbusState::Closing | XenbusState::Closed));
         match std::mem::replace(&mut self.phase, Phase::Failed) {
@@ -278,7 +322,7 @@ impl Device {
                 } else if closing {
                     self.close(store, "frontend closed before connecting", observe);
                 } else if matches!(front, Some(XenbusState::Initialised | XenbusState::Connected)) {
-                    self.connect(store, connector, disk, opts, observe);
+                    self.connect(store, connector, disk, opts, ended, observe);
                 }
             }
             Phase::Connected { ring } => {
@@ -346,6 +390,7 @@ impl Device {
         connector: &C,
         disk: Arc<dyn BlockDevice>,
         opts: &XenBackendOptions,
+        ended: &Wakeup,
         observe: Observer<'_>,
     ) {
         let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else { return };
@@ -381,28 +426,34 @@ impl Device {
                 let waiting = conn.ring.waiting()?;
                 self.ring_id = Some(ring_id);
                 let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
-                let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
+                let ring = RingThread::spawn(name, conn, disk, opts.server.clone(), ended)?;
                 let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
                 return Ok::<_, Error>((ring, Started::Resumed { index, waiting }));
             }
             self.ring_id = Some(ring_id);
-            self.write(store, "sectors", &(disk.size() / 512).to_string())?;
-            self.write(store, "sector-size", "512")?;
-            self.write(store, "physical-sector-size", "4096")?;
-            let info = if disk.read_only() { VDISK_READONLY } else { 0 };
-            self.write(store, "info", &info.to_string())?;
             let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
-            let ring = RingThread::spawn(name, conn, disk, opts.server.clone())?;
-            Ok((ring, Started::Fresh { pages: spec.ring_refs.len(), protocol: spec.protocol }))
+            let (sectors, read_only) = (disk.size() / 512, disk.read_only());
+            let ring = RingThread::spawn(name, conn, disk, opts.server.clone(), ended)?;
+            Ok((ring, Started::Fresh { pages: spec.ring_refs.len(), protocol: spec.protocol, sectors, read_only }))
         })();
         match started {
             Ok((ring, Started::Resumed { index, waiting })) => {
                 self.phase = Phase::Connected { ring };
                 observe(&BackendEvent::Resumed { device: self.dir.clone(), index, waiting });
             }
-            Ok((ring, Started::Fresh { pages, protocol })) => {
+            Ok((ring, Started::Fresh { pages, protocol, sectors, read_only })) => {
                 self.phase = Phase::Connected { ring };
-                match self.write(store, "state", XenbusState::Connected.value()) {
+                // The disk's facts and the state that tells blkfront to read them, at once.
+                let sectors = sectors.to_string();
+                let info = if read_only { VDISK_READONLY } else { 0 }.to_string();
+                let keys = [
+                    ("sectors", sectors.as_str()),
+                    ("sector-size", "512"),
+                    ("physical-sector-size", "4096"),
+                    ("info", info.as_str()),
+                    ("state", XenbusState::Connected.value()),
+                ];
+                match self.write_keys(store, &keys) {
                     Ok(()) => {
                         observe(&BackendEvent::Connected { device: self.dir.clone(), ring_pages: pages, protocol })
                     }
@@ -415,8 +466,8 @@ impl Device {
 
     /// Reports `error`, stops the ring if there is one, and moves to Closing.
     fn fail(&mut self, store: &impl XenStore, error: Error, observe: Observer<'_>) {
-        let msg = error.to_string();
-        let _ = self.write(store, "error", &msg);
+        let msg = bounded_message(error.to_string());
+        let _ = self.write_keys(store, &[("error", &msg)]);
         observe(&BackendEvent::Failed { device: self.dir.clone(), error: msg.clone() });
         match std::mem::replace(&mut self.phase, Phase::Failed) {
             Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
@@ -488,4 +539,21 @@ impl Device {
         }
         Shutdown::Closed
     }
+}
+
+/// The longest `error` / `hotplug-error` value written: messages may quote guest-written
+/// values, and xenstore's payload is 4 KiB with the path.
+const MAX_MESSAGE: usize = 512;
+
+/// `msg`, cut to [`MAX_MESSAGE`] bytes at a character boundary.
+fn bounded_message(mut msg: String) -> String {
+    if msg.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE - 3;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str("...");
+    }
+    msg
 }

@@ -2,12 +2,14 @@
 //! so a slow disk stalls only its own ring.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use blockdev::BlockDevice;
 use shutdown::Shutdown;
 
 use super::connect::Connection;
+use super::wakeup::Wakeup;
 use crate::engine::Engine;
 use crate::event::EventChannel;
 use crate::grant::GrantTable;
@@ -19,6 +21,22 @@ use crate::{Error, Result};
 pub struct RingThread {
     stop: Shutdown,
     handle: JoinHandle<Result<Finished>>,
+    /// Set (then `ended` signalled) as the thread's work ends, even by a panic.
+    done: Arc<AtomicBool>,
+}
+
+/// Marks the ring's thread done and wakes the backend when dropped: at the end of the thread's
+/// work, or while it unwinds.
+struct DoneGuard {
+    done: Arc<AtomicBool>,
+    ended: Wakeup,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        self.ended.signal();
+    }
 }
 
 /// How a served ring ended.
@@ -32,12 +50,14 @@ pub struct Finished {
 }
 
 impl RingThread {
-    /// Starts serving `conn` against `disk` on a new thread called `name`.
+    /// Starts serving `conn` against `disk` on a new thread called `name`; `ended` is signalled
+    /// when the ring stops being served, for whatever reason.
     pub fn spawn<G, E>(
         name: String,
         conn: Connection<G, E>,
         disk: Arc<dyn BlockDevice>,
         options: ServerOptions,
+        ended: &Wakeup,
     ) -> Result<Self>
     where
         G: GrantTable + Send + Sync + 'static,
@@ -45,7 +65,10 @@ impl RingThread {
     {
         let stop = Shutdown::new()?;
         let flag = stop.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let guard = DoneGuard { done: done.clone(), ended: ended.clone() };
         let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let _guard = guard;
             let Connection { ring, grants, events } = conn;
             let durable = disk.clone();
             let server = RingServer::new(ring, Engine::new(disk, grants), events, options);
@@ -59,7 +82,7 @@ impl RingThread {
             };
             Ok(Finished { ended, quiescent_at })
         })?;
-        Ok(Self { stop, handle })
+        Ok(Self { stop, handle, done })
     }
 
     /// Asks the server to stop (it answers the requests it already took first).
@@ -67,9 +90,9 @@ impl RingThread {
         self.stop.trigger();
     }
 
-    /// True once the server has returned.
+    /// True once the server has returned (`join` then returns at once).
     pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
+        self.done.load(Ordering::Acquire)
     }
 
     /// Waits for the server to return, and says how it ended. Dropping the server releases

@@ -1,13 +1,13 @@
 //! Access to xenstore behind a small trait, so the handshake can run against the real
-//! xenstore ([`xenstore_rs::unix::XsUnix`]) or an in-memory one ([`MemStore`]).
+//! xenstore ([`super::wire::XsClient`]) or an in-memory one ([`MemStore`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::ErrorKind;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use parking_lot::Mutex;
-use xenstore_rs::Xs;
-use xenstore_rs::unix::XsUnix;
 
+use super::wakeup::Wakeup;
 use crate::{Error, Result};
 
 /// The xenstore operations the backend needs. Paths are absolute.
@@ -16,57 +16,65 @@ pub trait XenStore {
     fn read(&self, path: &str) -> Result<Option<String>>;
     /// Writes `value` to `path`, creating missing parent nodes.
     fn write(&self, path: &str, value: &str) -> Result<()>;
+    /// Writes every `(path, value)` in one transaction — a reader sees all of them or none
+    /// (features and the state that announces them, say) — if the node `dir` exists; returns
+    /// false, having written nothing, if it does not.
+    fn write_all_in(&self, dir: &str, writes: &[(&str, &str)]) -> Result<bool>;
     /// The names of the children of `path` (empty if it does not exist).
     fn directory(&self, path: &str) -> Result<Vec<String>>;
     /// Removes `path` and everything below it (not an error if it does not exist).
     fn rm(&self, path: &str) -> Result<()>;
-}
-
-fn store_error(op: &str, path: &str, e: std::io::Error) -> Error {
-    Error::Io(std::io::Error::new(e.kind(), format!("xenstore {op} {path}: {e}")))
-}
-
-impl XenStore for XsUnix {
-    fn read(&self, path: &str) -> Result<Option<String>> {
-        match Xs::read(self, path) {
-            Ok(v) => Ok(Some(v.into())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_error("read", path, e)),
-        }
-    }
-
-    fn write(&self, path: &str, value: &str) -> Result<()> {
-        Xs::write(self, path, value).map_err(|e| store_error("write", path, e))
-    }
-
-    fn directory(&self, path: &str) -> Result<Vec<String>> {
-        match Xs::directory(self, path) {
-            Ok(v) => Ok(v.into_iter().map(String::from).collect()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(store_error("directory", path, e)),
-        }
-    }
-
-    fn rm(&self, path: &str) -> Result<()> {
-        match Xs::rm(self, path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(store_error("rm", path, e)),
-        }
-    }
+    /// Sets a watch: a change to `path` or anything below it queues an event. As in xenstored,
+    /// setting it also queues one event at once.
+    fn watch(&self, path: &str) -> Result<()>;
+    /// Removes the watch on `path` (not an error if there is none).
+    fn unwatch(&self, path: &str) -> Result<()>;
+    /// A descriptor that is readable while watch events are queued (for `poll(2)`).
+    fn events(&self) -> BorrowedFd<'_>;
+    /// Takes the queued events (the paths that changed) and lowers [`XenStore::events`]. An
+    /// event queued after this call raises it again.
+    fn take_events(&self) -> Vec<String>;
 }
 
 /// An in-memory xenstore for tests and simulations: a tree of nodes, each with a value.
 /// Like xenstored, writing a node creates its missing parents with empty values.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStore {
     nodes: Mutex<BTreeMap<String, String>>,
+    watches: Mutex<Vec<String>>,
+    events: Mutex<VecDeque<String>>,
+    ready: Wakeup,
 }
 
 impl MemStore {
     /// An empty store.
     pub fn new() -> Self {
-        Self::default()
+        let ready = Wakeup::new().expect("an eventfd for the in-memory xenstore");
+        Self { nodes: Mutex::default(), watches: Mutex::default(), events: Mutex::default(), ready }
+    }
+
+    /// Queues an event if a watch is at or above `path` (or, for a removal, below it: its
+    /// node went with it).
+    fn fire(&self, path: &str, removal: bool) {
+        let fired = self.watches.lock().iter().any(|w| is_below(path, w) || (removal && is_below(w, path)));
+        if fired {
+            self.events.lock().push_back(path.to_string());
+            self.ready.signal();
+        }
+    }
+
+    fn write_locked(nodes: &mut BTreeMap<String, String>, path: &str, value: &str) -> Result<String> {
+        let path = normalize(path);
+        if !path.starts_with('/') || path.split('/').skip(1).any(str::is_empty) {
+            return Err(Error::Io(std::io::Error::new(ErrorKind::InvalidInput, format!("bad xenstore path {path}"))));
+        }
+        let mut at = 0;
+        while let Some(i) = path[at + 1..].find('/') {
+            at += 1 + i;
+            nodes.entry(path[..at].to_string()).or_default();
+        }
+        nodes.insert(path.clone(), value.to_string());
+        Ok(path)
     }
 
     /// Every node below `prefix` (inclusive) with its value, in path order.
@@ -92,18 +100,28 @@ impl XenStore for MemStore {
     }
 
     fn write(&self, path: &str, value: &str) -> Result<()> {
-        let path = normalize(path);
-        if !path.starts_with('/') || path.split('/').skip(1).any(str::is_empty) {
-            return Err(Error::Io(std::io::Error::new(ErrorKind::InvalidInput, format!("bad xenstore path {path}"))));
-        }
-        let mut nodes = self.nodes.lock();
-        let mut at = 0;
-        while let Some(i) = path[at + 1..].find('/') {
-            at += 1 + i;
-            nodes.entry(path[..at].to_string()).or_default();
-        }
-        nodes.insert(path, value.to_string());
+        let path = Self::write_locked(&mut self.nodes.lock(), path, value)?;
+        self.fire(&path, false);
         Ok(())
+    }
+
+    fn write_all_in(&self, dir: &str, writes: &[(&str, &str)]) -> Result<bool> {
+        let mut written = Vec::new();
+        {
+            let mut nodes = self.nodes.lock();
+            if !nodes.contains_key(&normalize(dir)) {
+                return Ok(false);
+            }
+            let mut staged = nodes.clone();
+            for (path, value) in writes {
+                written.push(Self::write_locked(&mut staged, path, value)?);
+            }
+            *nodes = staged;
+        }
+        for path in written {
+            self.fire(&path, false);
+        }
+        Ok(true)
     }
 
     fn directory(&self, path: &str) -> Result<Vec<String>> {
@@ -122,8 +140,45 @@ impl XenStore for MemStore {
 
     fn rm(&self, path: &str) -> Result<()> {
         let path = normalize(path);
-        self.nodes.lock().retain(|k, _| !is_below(k, &path));
+        let removed = {
+            let mut nodes = self.nodes.lock();
+            let before = nodes.len();
+            nodes.retain(|k, _| !is_below(k, &path));
+            nodes.len() != before
+        };
+        if removed {
+            self.fire(&path, true);
+        }
         Ok(())
+    }
+
+    fn watch(&self, path: &str) -> Result<()> {
+        let path = normalize(path);
+        self.watches.lock().push(path.clone());
+        self.events.lock().push_back(path);
+        self.ready.signal();
+        Ok(())
+    }
+
+    fn unwatch(&self, path: &str) -> Result<()> {
+        let path = normalize(path);
+        self.watches.lock().retain(|w| *w != path);
+        Ok(())
+    }
+
+    fn events(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
+    }
+
+    fn take_events(&self) -> Vec<String> {
+        self.ready.clear();
+        self.events.lock().drain(..).collect()
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

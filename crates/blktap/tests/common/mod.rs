@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use blkfront_sim::front::FrontRing;
 use blktap::abi::{Abi, PAGE_SIZE, Segment};
 use blktap::engine::Engine;
-use blktap::front::FrontRing;
 use blktap::grant::SimGrantTable;
 use blktap::request::{encode_discard, encode_segments};
 use blktap::ring::BackRing;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use blkfront_sim::workload::{Digest, golden_image};
 use blktap::engine::Engine;
 use blktap::server::{Ended, RingServer, ServerOptions};
 use blktap::sim::{DiskInfo, SimListener, SimPending};
-use blktap::workload::{Digest, golden_image};
 use blockdev::{BlockDevice, MemDisk};
 
 const SECTORS: u64 = 8192; // 4 MiB

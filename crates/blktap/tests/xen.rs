@@ -1,6 +1,8 @@
 //! The handshake end to end: an in-memory xenstore, simulated grants and event channels, a
 //! fake toolstack and a fake frontend that serves I/O through the ring.
 
+#![cfg(feature = "xen")]
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
@@ -11,15 +13,15 @@ use blockdev::{BlockDevice, MemDisk};
 use parking_lot::Mutex;
 use zerocopy::IntoBytes;
 
-use super::*;
-use crate::abi::{Abi, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment, X86_32Request};
-use crate::event::{EventChannel, SocketEvents};
-use crate::front::FrontRing;
-use crate::grant::SimGrantTable;
-use crate::ring::BackRing;
-use crate::server::ServerOptions;
-use crate::shm::SharedMem;
-use crate::{Error, Result};
+use blkfront_sim::front::FrontRing;
+use blktap::abi::{Abi, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, PAGE_SIZE, RSP_OKAY, Request, Segment, X86_32Request};
+use blktap::event::{EventChannel, SocketEvents};
+use blktap::grant::SimGrantTable;
+use blktap::ring::BackRing;
+use blktap::server::ServerOptions;
+use blktap::shm::SharedMem;
+use blktap::xen::*;
+use blktap::{Error, Result};
 
 const DISK_BYTES: u64 = 8 << 20;
 const DATA_PAGES: u32 = 4;
@@ -147,7 +149,7 @@ impl Front {
             }
         }
         store.write(&format!("{f}/event-channel"), &port.to_string()).unwrap();
-        store.write(&format!("{f}/protocol"), crate::sim::protocol_name(abi)).unwrap();
+        store.write(&format!("{f}/protocol"), blktap::sim::protocol_name(abi)).unwrap();
         store.write(&format!("{f}/state"), "3").unwrap();
         Self { mem, ring, events: SocketEvents::new(ours), data_gref: ring_pages, abi }
     }
@@ -236,11 +238,7 @@ impl DiskOpener for Opener {
 }
 
 fn options() -> XenBackendOptions {
-    XenBackendOptions {
-        backend_domid: 0,
-        poll_interval: Duration::from_millis(5),
-        server: ServerOptions { workers: 2 },
-    }
+    XenBackendOptions { backend_domid: 0, server: ServerOptions { workers: 2 } }
 }
 
 /// Runs the backend on a thread for the duration of `body`.
@@ -591,6 +589,21 @@ impl XenStore for FlakyStore {
     fn rm(&self, path: &str) -> Result<()> {
         self.inner.rm(path)
     }
+    fn write_all_in(&self, dir: &str, writes: &[(&str, &str)]) -> Result<bool> {
+        self.inner.write_all_in(dir, writes)
+    }
+    fn watch(&self, path: &str) -> Result<()> {
+        self.inner.watch(path)
+    }
+    fn unwatch(&self, path: &str) -> Result<()> {
+        self.inner.unwatch(path)
+    }
+    fn events(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.events()
+    }
+    fn take_events(&self) -> Vec<String> {
+        self.inner.take_events()
+    }
 }
 
 #[test]
@@ -628,5 +641,47 @@ fn a_frontend_directory_that_cannot_be_listed_affects_only_its_devices() {
         if let Err(panic) = outcome {
             std::panic::resume_unwind(panic);
         }
+    });
+}
+
+#[test]
+fn a_garbled_frontend_state_fails_the_device_once_and_the_backend_settles() {
+    with_backend(|store, conn, _opener, events| {
+        let b = back_dir(20, 768);
+        toolstack_add(store, 20, 768, "parallax:2", "w");
+        wait_state(store, &b, "2");
+        let _front = Front::connect(store, conn, 20, 768, 0, Abi::X86_64);
+        wait_state(store, &b, "4");
+        // The guest writes a state that means nothing. The report of it is a write under the
+        // backend's own watched root; failing again at every wake would spin forever.
+        store.write(&format!("{}/state", front_dir(20, 768)), "x").unwrap();
+        // Reported, the ring stopped and joined, and the device closed (the garbled frontend
+        // counts as gone once reported).
+        wait_state(store, &b, "6");
+        // Two later passes, each proven by a device discovered in it.
+        for other in [70, 71] {
+            toolstack_add(store, other, 768, "2", "w");
+            let dir = back_dir(other, 768);
+            wait_until("a later pass", || {
+                events.lock().iter().any(|e| matches!(e, BackendEvent::Opened { device, .. } if *device == dir))
+            });
+        }
+        let failures =
+            events.lock().iter().filter(|e| matches!(e, BackendEvent::Failed { device, .. } if *device == b)).count();
+        assert_eq!(failures, 1, "the garbled state was reported {failures} times");
+        assert!(store.read(&format!("{b}/error")).unwrap().unwrap().contains("state"));
+    });
+}
+
+#[test]
+fn a_device_whose_disk_cannot_open_closes_when_its_frontend_does() {
+    with_backend(|store, _conn, _opener, _events| {
+        let b = back_dir(21, 768);
+        toolstack_add(store, 21, 768, "parallax:no-such-vdi", "w");
+        wait_state(store, &b, "5");
+        assert!(store.read(&format!("{b}/hotplug-error")).unwrap().unwrap().contains("no-such-vdi"));
+        // The toolstack gives up and closes the frontend: the backend follows to Closed.
+        store.write(&format!("{}/state", front_dir(21, 768)), "6").unwrap();
+        wait_state(store, &b, "6");
     });
 }

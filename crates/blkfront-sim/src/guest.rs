@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use zerocopy::IntoBytes;
 
-use crate::abi::{
+use crate::connect::SimFrontend;
+use crate::{Error, Result};
+use blktap::abi::{
     Abi, MAX_SEGMENTS, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, PAGE_SIZE, SECTOR_SIZE,
     Segment,
 };
-use crate::engine::SEGMENTS_PER_INDIRECT_PAGE;
-use crate::event::{EventChannel, Wake};
-use crate::request::{encode_discard, encode_indirect, encode_segments};
-use crate::sim::SimFrontend;
-use crate::{Error, Result};
+use blktap::engine::SEGMENTS_PER_INDIRECT_PAGE;
+use blktap::event::{EventChannel, Wake};
+use blktap::request::{encode_discard, encode_indirect, encode_segments};
 
 /// One operation of a guest.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! and a version. So a wrong read says exactly what it saw — another guest's data, a stale
 //! version, golden data where the guest wrote, or garbage — instead of just "mismatch".
 
-use crate::abi::SECTOR_SIZE;
+use blktap::abi::SECTOR_SIZE;
 
 const GOLD: &[u8; 4] = b"GOLD";
 const GUEST: &[u8; 4] = b"GUST";

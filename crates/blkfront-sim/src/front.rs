@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 
-use crate::abi::{Abi, REQ_EVENT_OFFSET, REQ_PROD_OFFSET, RING_OFFSET, RSP_EVENT_OFFSET, RSP_PROD_OFFSET};
-use crate::request::decode_response;
-use crate::ring::{ring_size_for, slot_offset};
-use crate::shm::SharedMem;
 use crate::{Error, Result};
+use blktap::abi::{Abi, REQ_EVENT_OFFSET, REQ_PROD_OFFSET, RING_OFFSET, RSP_EVENT_OFFSET, RSP_PROD_OFFSET};
+use blktap::request::decode_response;
+use blktap::ring::{ring_size_for, slot_offset};
+use blktap::shm::SharedMem;
 
 /// The frontend's view of a shared ring: produces requests, consumes responses.
 #[derive(Debug)]

@@ -25,10 +25,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use blkfront_sim::guest::{Completion, Guest, GuestOp};
+use blkfront_sim::workload::{CrashModel, Expect, Model};
+use blkfront_sim::{FrontendOptions, SimFrontend};
 use blktap::abi::{Abi, RSP_OKAY, SECTOR_SIZE};
-use blktap::guest::{Completion, Guest, GuestOp};
-use blktap::sim::{FrontendOptions, SimFrontend, parse_protocol};
-use blktap::workload::{CrashModel, Expect, Model};
+use blktap::sim::parse_protocol;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
