@@ -187,13 +187,11 @@ pub struct XsClient {
 }
 
 impl XsClient {
-    /// Connects the way libxenstore does: the socket named by `$XENSTORED_PATH`, else
-    /// `/run/xenstored/socket` (or `/var/run/...`), else the xenbus device.
+    /// Connects the way libxenstore does: `$XENSTORED_PATH` (a socket, or a xenbus device),
+    /// else `/run/xenstored/socket` (or `/var/run/...`), else the xenbus device.
     pub fn open() -> Result<Self> {
-        let mut sockets: Vec<PathBuf> = Vec::new();
-        if let Some(p) = std::env::var_os("XENSTORED_PATH") {
-            sockets.push(p.into());
-        }
+        let chosen: Option<PathBuf> = std::env::var_os("XENSTORED_PATH").map(PathBuf::from);
+        let mut sockets: Vec<PathBuf> = chosen.iter().cloned().collect();
         sockets.push("/run/xenstored/socket".into());
         sockets.push("/var/run/xenstored/socket".into());
         for path in &sockets {
@@ -201,13 +199,14 @@ impl XsClient {
                 return Self::from_socket(s);
             }
         }
-        let device = OpenOptions::new().read(true).write(true).open("/dev/xen/xenbus").map_err(|e| {
+        let device = chosen.unwrap_or_else(|| "/dev/xen/xenbus".into());
+        let file = OpenOptions::new().read(true).write(true).open(&device).map_err(|e| {
             Error::Io(io::Error::new(
                 e.kind(),
-                format!("cannot reach xenstored (no socket at {sockets:?}, /dev/xen/xenbus: {e})"),
+                format!("cannot reach xenstored (no socket at {sockets:?}; {}: {e})", device.display()),
             ))
         })?;
-        Self::start(Connection::Device(device), None)
+        Self::start(Connection::Device(file), None)
     }
 
     /// A client over an already connected socket.
