@@ -72,25 +72,28 @@ fn front_dir(front: u32, devid: u32) -> String {
     format!("/local/domain/{front}/device/vbd/{devid}")
 }
 
-/// What `xl block-attach` writes.
+/// What `xl block-attach` writes, in one transaction as libxl does (the backend, woken by the
+/// first key, must never see half a device).
 fn toolstack_add(store: &MemStore, front: u32, devid: u32, params: &str, mode: &str) {
     let b = back_dir(front, devid);
     let f = front_dir(front, devid);
-    for (k, v) in [
-        ("frontend", f.as_str()),
-        ("frontend-id", &front.to_string()),
-        ("params", params),
-        ("mode", mode),
-        ("online", "1"),
-        ("type", "phy"),
-        ("state", "1"),
-    ] {
-        store.write(&format!("{b}/{k}"), v).unwrap();
-    }
-    for (k, v) in [("backend", b.as_str()), ("backend-id", "0"), ("virtual-device", &devid.to_string()), ("state", "1")]
-    {
-        store.write(&format!("{f}/{k}"), v).unwrap();
-    }
+    let (front_id, devid) = (front.to_string(), devid.to_string());
+    let keys = [
+        (format!("{b}/frontend"), f.as_str()),
+        (format!("{b}/frontend-id"), front_id.as_str()),
+        (format!("{b}/params"), params),
+        (format!("{b}/mode"), mode),
+        (format!("{b}/online"), "1"),
+        (format!("{b}/type"), "phy"),
+        (format!("{b}/state"), "1"),
+        (format!("{f}/backend"), b.as_str()),
+        (format!("{f}/backend-id"), "0"),
+        (format!("{f}/virtual-device"), devid.as_str()),
+        (format!("{f}/state"), "1"),
+    ];
+    let writes: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    store.write("/local/domain", "").unwrap();
+    assert!(store.write_all_in("/local/domain", &writes).unwrap());
 }
 
 fn toolstack_remove(store: &MemStore, front: u32, devid: u32) {
@@ -125,6 +128,20 @@ impl Front {
     /// Sets up memory and ring, registers them with the connector and publishes the ring keys
     /// the way blkfront does, then switches to Initialised.
     fn connect(store: &MemStore, conn: &SimConnector, front: u32, devid: u32, order: u32, abi: Abi) -> Self {
+        Self::connect_with_ring_ref(store, conn, front, devid, order, abi, "0")
+    }
+
+    /// [`Front::connect`], but a one-page ring publishes `ring_ref` (a grant it may never have
+    /// made), written before the state, as blkfront does.
+    fn connect_with_ring_ref(
+        store: &MemStore,
+        conn: &SimConnector,
+        front: u32,
+        devid: u32,
+        order: u32,
+        abi: Abi,
+        ring_ref: &str,
+    ) -> Self {
         let ring_pages = 1u32 << order;
         let pages = ring_pages + DATA_PAGES;
         let file = tempfile::tempfile().unwrap();
@@ -141,7 +158,7 @@ impl Front {
         drop(domains);
         let f = front_dir(front, devid);
         if order == 0 {
-            store.write(&format!("{f}/ring-ref"), "0").unwrap();
+            store.write(&format!("{f}/ring-ref"), ring_ref).unwrap();
         } else {
             store.write(&format!("{f}/ring-page-order"), &order.to_string()).unwrap();
             for i in 0..ring_pages {
@@ -361,8 +378,9 @@ fn hostile_or_broken_devices_fail_alone() {
         store.write(&format!("{fb}/ring-ref"), "abc").unwrap();
         store.write(&format!("{fb}/event-channel"), "4").unwrap();
         store.write(&format!("{fb}/state"), "3").unwrap();
-        let _d = Front::connect(store, conn, 9, 768, 0, Abi::X86_64);
-        store.write(&format!("{}/ring-ref", front_dir(9, 768)), "4000").unwrap();
+        // Published before the state: written after it, the backend (woken by the state at
+        // once) could connect the good ring first.
+        let _d = Front::connect_with_ring_ref(store, conn, 9, 768, 0, Abi::X86_64, "4000");
         let mut e = Front::connect(store, conn, 10, 768, 2, Abi::X86_32);
         let mut f = Front::connect(store, conn, 11, 768, 0, Abi::X86_64);
 

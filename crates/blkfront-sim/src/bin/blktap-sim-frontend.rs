@@ -16,7 +16,7 @@
 //! new crash model to FILE. Flushes and barriers wait for the requests in flight, so when one
 //! completes, everything completed before it is durable.
 //!
-//! Verify mode expects the disk to start as the golden image of `blktap::workload` and checks
+//! Verify mode expects the disk to start as the golden image of `blkfront_sim::workload` and checks
 //! every read against its model of what this guest wrote; at the end it reads the whole disk
 //! back. It prints one JSON line (counts and the model's digest) and exits 0, or prints what
 //! went wrong (naming any other guest's data it saw) and exits 1.
