@@ -199,12 +199,9 @@ impl Device {
     }
 
     /// Writes our state, unless the toolstack already removed the directory (a write would
-    /// bring it back).
+    /// bring it back): the same guarded transaction as every other write of ours.
     fn set_state(&self, store: &impl XenStore, state: XenbusState) -> Result<()> {
-        if store.read(&self.dir)?.is_some() {
-            self.write(store, "state", state.value())?;
-        }
-        Ok(())
+        self.write_keys(store, &[("state", state.value())])
     }
 
     fn open(&mut self, store: &impl XenStore, opener: &dyn DiskOpener, first: bool, observe: Observer<'_>) {
