@@ -122,13 +122,15 @@ struct Front {
     events: SocketEvents,
     data_gref: u32,
     abi: Abi,
+    /// This queue's event channel port.
+    port: u32,
 }
 
 impl Front {
     /// Sets up memory and ring, registers them with the connector and publishes the ring keys
     /// the way blkfront does, then switches to Initialised.
     fn connect(store: &MemStore, conn: &SimConnector, front: u32, devid: u32, order: u32, abi: Abi) -> Self {
-        Self::connect_with_ring_ref(store, conn, front, devid, order, abi, "0")
+        Self::connect_queues(store, conn, front, devid, order, abi, 1, None).pop().unwrap()
     }
 
     /// [`Front::connect`], but a one-page ring publishes `ring_ref` (a grant it may never have
@@ -142,33 +144,73 @@ impl Front {
         abi: Abi,
         ring_ref: &str,
     ) -> Self {
+        let mut queues = Self::connect_queues(store, conn, front, devid, order, abi, 1, Some(ring_ref));
+        queues.pop().unwrap()
+    }
+
+    /// Sets up `queues` rings the way blkfront does: with one queue, its keys in the device's
+    /// directory; with several, `multi-queue-num-queues` and each queue's keys in `queue-N`.
+    /// Queue `q`'s ring is at page `q << order`; its data pages follow all the rings. The flat
+    /// layout of a one-page ring publishes `ring_ref` if given.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_queues(
+        store: &MemStore,
+        conn: &SimConnector,
+        front: u32,
+        devid: u32,
+        order: u32,
+        abi: Abi,
+        queues: u32,
+        ring_ref: Option<&str>,
+    ) -> Vec<Self> {
         let ring_pages = 1u32 << order;
-        let pages = ring_pages + DATA_PAGES;
+        let pages = queues * (ring_pages + DATA_PAGES);
         let file = tempfile::tempfile().unwrap();
         file.set_len(u64::from(pages) * PAGE_SIZE as u64).unwrap();
-        let ring_mem = Arc::new(SharedMem::from_file(&file, 0, ring_pages as usize * PAGE_SIZE).unwrap());
         let mem = Arc::new(SharedMem::from_file(&file, 0, pages as usize * PAGE_SIZE).unwrap());
-        let ring = FrontRing::init(ring_mem, abi).unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let port = 10 + devid;
-        let mut domains = conn.domains.lock();
-        let dom = domains.entry(front).or_insert_with(|| SimDomain { file, pages, ports: HashMap::new() });
-        assert_eq!(dom.pages, pages, "one layout per simulated domain");
-        dom.ports.insert(port, theirs);
-        drop(domains);
         let f = front_dir(front, devid);
-        if order == 0 {
-            store.write(&format!("{f}/ring-ref"), ring_ref).unwrap();
-        } else {
-            store.write(&format!("{f}/ring-page-order"), &order.to_string()).unwrap();
-            for i in 0..ring_pages {
-                store.write(&format!("{f}/ring-ref{i}"), &i.to_string()).unwrap();
+        let mut fronts = Vec::new();
+        for q in 0..queues {
+            let first = q * ring_pages;
+            let ring_mem = Arc::new(
+                SharedMem::from_file(&file, u64::from(first) * PAGE_SIZE as u64, ring_pages as usize * PAGE_SIZE)
+                    .unwrap(),
+            );
+            let ring = FrontRing::init(ring_mem, abi).unwrap();
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let port = 10 + devid + 1000 * q;
+            let mut domains = conn.domains.lock();
+            let dom = domains.entry(front).or_insert_with(|| SimDomain {
+                file: file.try_clone().unwrap(),
+                pages,
+                ports: HashMap::new(),
+            });
+            assert_eq!(dom.pages, pages, "one layout per simulated domain");
+            dom.ports.insert(port, theirs);
+            drop(domains);
+            let dir = if queues == 1 { f.clone() } else { format!("{f}/queue-{q}") };
+            match (order, ring_ref) {
+                (0, Some(r)) => store.write(&format!("{dir}/ring-ref"), r).unwrap(),
+                (0, None) => store.write(&format!("{dir}/ring-ref"), &first.to_string()).unwrap(),
+                _ => {
+                    for i in 0..ring_pages {
+                        store.write(&format!("{dir}/ring-ref{i}"), &(first + i).to_string()).unwrap();
+                    }
+                }
             }
+            store.write(&format!("{dir}/event-channel"), &port.to_string()).unwrap();
+            let data_gref = queues * ring_pages + q * DATA_PAGES;
+            fronts.push(Self { mem: mem.clone(), ring, events: SocketEvents::new(ours), data_gref, abi, port });
         }
-        store.write(&format!("{f}/event-channel"), &port.to_string()).unwrap();
+        if order > 0 {
+            store.write(&format!("{f}/ring-page-order"), &order.to_string()).unwrap();
+        }
+        if queues > 1 {
+            store.write(&format!("{f}/multi-queue-num-queues"), &queues.to_string()).unwrap();
+        }
         store.write(&format!("{f}/protocol"), blktap::sim::protocol_name(abi)).unwrap();
         store.write(&format!("{f}/state"), "3").unwrap();
-        Self { mem, ring, events: SocketEvents::new(ours), data_gref: ring_pages, abi }
+        fronts
     }
 
     /// One 4 KiB request on data page `page`; returns its status.
@@ -213,9 +255,9 @@ impl Front {
 
     /// A new event channel port pair for the next backend to bind (the old backend's end
     /// closed with it, as Xen leaves the frontend's port unbound).
-    fn rebind(&mut self, conn: &SimConnector, front: u32, devid: u32) {
+    fn rebind(&mut self, conn: &SimConnector, front: u32) {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        conn.domains.lock().get_mut(&front).unwrap().ports.insert(10 + devid, theirs);
+        conn.domains.lock().get_mut(&front).unwrap().ports.insert(self.port, theirs);
         self.events = SocketEvents::new(ours);
     }
 
@@ -255,7 +297,7 @@ impl DiskOpener for Opener {
 }
 
 fn options() -> XenBackendOptions {
-    XenBackendOptions { backend_domid: 0, server: ServerOptions { workers: 2 } }
+    XenBackendOptions { backend_domid: 0, server: ServerOptions { workers: 2 }, max_queues: 4 }
 }
 
 /// Runs the backend on a thread for the duration of `body`.
@@ -295,6 +337,7 @@ fn handshake_connects_serves_and_closes() {
             ("discard-alignment", "0"),
             ("feature-max-indirect-segments", "256"),
             ("max-ring-page-order", "4"),
+            ("multi-queue-max-queues", "4"),
         ] {
             assert_eq!(key(k).as_deref(), Some(v), "{k}");
         }
@@ -341,7 +384,10 @@ fn handshake_connects_serves_and_closes() {
             .cloned()
             .collect();
         assert!(matches!(seen[0], BackendEvent::Opened { ref target, .. } if target == "1"), "{seen:?}");
-        assert!(matches!(seen[1], BackendEvent::Connected { ring_pages: 1, protocol: Abi::X86_64, .. }), "{seen:?}");
+        assert!(
+            matches!(seen[1], BackendEvent::Connected { ring_pages: 1, queues: 1, protocol: Abi::X86_64, .. }),
+            "{seen:?}"
+        );
         assert!(matches!(seen[2], BackendEvent::Closed { .. }), "{seen:?}");
     });
 }
@@ -429,11 +475,21 @@ fn serve_while(
     opener: &Arc<dyn DiskOpener>,
     body: impl FnOnce(&Mutex<Vec<BackendEvent>>),
 ) -> Vec<BackendEvent> {
+    serve_while_with(store, conn, opener, &options(), body)
+}
+
+/// [`serve_while`] with a backend configured by `opts`.
+fn serve_while_with(
+    store: &MemStore,
+    conn: &SimConnector,
+    opener: &Arc<dyn DiskOpener>,
+    opts: &XenBackendOptions,
+    body: impl FnOnce(&Mutex<Vec<BackendEvent>>),
+) -> Vec<BackendEvent> {
     let stop = shutdown::Shutdown::new().unwrap();
     let events = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        let backend =
-            s.spawn(|| run(store, conn, opener.clone(), &options(), &stop, &mut |e| events.lock().push(e.clone())));
+        let backend = s.spawn(|| run(store, conn, opener.clone(), opts, &stop, &mut |e| events.lock().push(e.clone())));
         // A failed assertion in `body` must still stop the backend, or the scope never ends.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&events)));
         stop.trigger();
@@ -471,17 +527,20 @@ fn a_restarted_backend_resumes_the_ring_the_last_one_left() {
     assert!(counted.1.load(std::sync::atomic::Ordering::SeqCst) >= 1, "no flush before detaching");
     // Index 2, the ring's two grants, the frontend's port.
     assert_eq!(key(DETACHED_KEY).as_deref(), Some("2 0,1 778"));
-    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { index: 2, .. })), "{seen:?}");
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { indices, .. } if indices == &[2])), "{seen:?}");
 
     // The guest writes while no backend runs; the next backend serves it from the ring.
-    front.rebind(&conn, 13, 768);
+    front.rebind(&conn, 13);
     let pattern = vec![0x5au8; PAGE_SIZE];
     front.mem.write(front.page_offset(0), &pattern).unwrap();
     front.submit(OP_WRITE, 7, 64, 0);
     let seen = serve_while(&store, &conn, &opener, |events| {
         assert_eq!(front.response(7), RSP_OKAY);
         wait_until("resumed", || {
-            events.lock().iter().any(|e| matches!(e, BackendEvent::Resumed { index: 2, waiting: 1, .. }))
+            events
+                .lock()
+                .iter()
+                .any(|e| matches!(e, BackendEvent::Resumed { indices, waiting: 1, .. } if indices == &[2]))
         });
         front.write_and_read_back(16, 2);
         assert_eq!(front.io(OP_READ, 8, 64, 1), RSP_OKAY);
@@ -490,12 +549,12 @@ fn a_restarted_backend_resumes_the_ring_the_last_one_left() {
         assert_eq!(back, pattern);
         assert_eq!(key(DETACHED_KEY), None, "the key is consumed by resuming");
     });
-    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { index: 6, .. })), "{seen:?}");
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { indices, .. } if indices == &[6])), "{seen:?}");
 
     // A record of another ring (a frontend reloaded while no backend ran): refused.
     let record = key(DETACHED_KEY).unwrap();
     store.write(&format!("{b}/{DETACHED_KEY}"), "6 9,10 778").unwrap();
-    front.rebind(&conn, 13, 768);
+    front.rebind(&conn, 13);
     serve_while(&store, &conn, &opener, |_| {
         wait_state(&store, &b, "5");
         assert!(key("error").unwrap().contains("detached from ring 9,10 778"), "{:?}", key("error"));
@@ -507,7 +566,7 @@ fn a_restarted_backend_resumes_the_ring_the_last_one_left() {
     store.rm(&format!("{b}/{DETACHED_KEY}")).unwrap();
     store.rm(&format!("{b}/error")).unwrap();
     store.write(&format!("{b}/state"), "4").unwrap();
-    front.rebind(&conn, 13, 768);
+    front.rebind(&conn, 13);
     serve_while(&store, &conn, &opener, |_| {
         wait_state(&store, &b, "5");
         assert!(key("error").unwrap().contains("without detaching"), "{:?}", key("error"));
@@ -701,5 +760,119 @@ fn a_device_whose_disk_cannot_open_closes_when_its_frontend_does() {
         // The toolstack gives up and closes the frontend: the backend follows to Closed.
         store.write(&format!("{}/state", front_dir(21, 768)), "6").unwrap();
         wait_state(store, &b, "6");
+    });
+}
+
+#[test]
+fn several_queues_are_served_detached_and_resumed_together() {
+    let store = MemStore::new();
+    let conn = SimConnector::default();
+    toolstack_add(&store, 22, 768, "2", "w");
+    let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(DISK_BYTES));
+    let opener: Arc<dyn DiskOpener> = Arc::new(move |_: &str| Ok(disk.clone()));
+    let b = back_dir(22, 768);
+    let key = |k: &str| store.read(&format!("{b}/{k}")).unwrap();
+    let pattern = vec![0xa5u8; PAGE_SIZE];
+    let mut queues = Vec::new();
+    let seen = serve_while(&store, &conn, &opener, |_| {
+        wait_state(&store, &b, "2");
+        assert_eq!(key("multi-queue-max-queues").as_deref(), Some("4"));
+        let mut q = Front::connect_queues(&store, &conn, 22, 768, 1, Abi::X86_64, 3, None);
+        wait_state(&store, &b, "4");
+        // Every queue is served, and they share one disk: written through queue 0, read
+        // through queue 2.
+        for (i, front) in q.iter_mut().enumerate() {
+            front.write_and_read_back(8 * i as u64, i as u8);
+        }
+        q[0].mem.write(q[0].page_offset(0), &pattern).unwrap();
+        assert_eq!(q[0].io(OP_WRITE, 3, 32, 0), RSP_OKAY);
+        assert_eq!(q[2].io(OP_READ, 3, 32, 1), RSP_OKAY);
+        let mut back = vec![0u8; PAGE_SIZE];
+        q[2].mem.read(q[2].page_offset(1), &mut back).unwrap();
+        assert_eq!(back, pattern);
+        queues = q;
+    });
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Connected { queues: 3, ring_pages: 2, .. })), "{seen:?}");
+    // Each queue's ring is recorded: its index, its grants, its port.
+    assert_eq!(key(DETACHED_KEY).as_deref(), Some("3 0,1 778; 2 2,3 1778; 3 4,5 2778"));
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Detached { indices, .. } if indices == &[3, 2, 3])));
+
+    // While no backend runs, the guest queues a write on queue 1; the next backend resumes
+    // all three rings where they were, although it offers only two queues to new frontends
+    // (restarted with another `max_queues`, or on fewer CPUs).
+    for front in &mut queues {
+        front.rebind(&conn, 22);
+    }
+    let other = vec![0x3cu8; PAGE_SIZE];
+    queues[1].mem.write(queues[1].page_offset(0), &other).unwrap();
+    queues[1].submit(OP_WRITE, 9, 64, 0);
+    let fewer = XenBackendOptions { max_queues: 2, ..options() };
+    serve_while_with(&store, &conn, &opener, &fewer, |events| {
+        assert_eq!(queues[1].response(9), RSP_OKAY);
+        wait_until("resumed", || {
+            events
+                .lock()
+                .iter()
+                .any(|e| matches!(e, BackendEvent::Resumed { indices, waiting: 1, .. } if indices == &[3, 2, 3]))
+        });
+        assert_eq!(queues[0].io(OP_READ, 10, 64, 1), RSP_OKAY);
+        let mut back = vec![0u8; PAGE_SIZE];
+        queues[0].mem.read(queues[0].page_offset(1), &mut back).unwrap();
+        assert_eq!(back, other);
+        queues[2].write_and_read_back(80, 7);
+    });
+
+    // A record of fewer rings than the frontend has (it was reloaded with other queues): refused.
+    store.write(&format!("{b}/{DETACHED_KEY}"), "3 0,1 778").unwrap();
+    for front in &mut queues {
+        front.rebind(&conn, 22);
+    }
+    serve_while(&store, &conn, &opener, |_| {
+        wait_state(&store, &b, "5");
+        assert!(
+            key("error")
+                .unwrap()
+                .contains("detached from ring 0,1 778, the frontend now has ring 0,1 778; 2,3 1778; 4,5 2778"),
+            "{:?}",
+            key("error")
+        );
+    });
+}
+
+#[test]
+fn one_broken_queue_takes_the_device_down_with_all_its_queues() {
+    with_backend(|store, conn, _opener, events| {
+        let b = back_dir(23, 768);
+        toolstack_add(store, 23, 768, "parallax:1", "w");
+        wait_state(store, &b, "2");
+        let mut q = Front::connect_queues(store, conn, 23, 768, 0, Abi::X86_64, 2, None);
+        wait_state(store, &b, "4");
+        q[0].write_and_read_back(0, 1);
+        // Queue 1 claims more requests than its ring holds: that ring's server fails.
+        q[1].ring.set_req_prod_raw(1000).unwrap();
+        let _ = q[1].events.notify();
+        // The error is published, the other queue's ring is stopped too, and only once both
+        // threads have ended is the state Closing.
+        wait_state(store, &b, "5");
+        assert!(store.read(&format!("{b}/error")).unwrap().is_some());
+        let failed =
+            events.lock().iter().filter(|e| matches!(e, BackendEvent::Failed { device, .. } if *device == b)).count();
+        assert_eq!(failed, 1);
+        // The frontend gives up; the device closes.
+        store.write(&format!("{}/state", front_dir(23, 768)), "6").unwrap();
+        wait_state(store, &b, "6");
+    });
+}
+
+#[test]
+fn more_queues_than_offered_fail_the_device() {
+    with_backend(|store, conn, _opener, _events| {
+        let b = back_dir(24, 768);
+        toolstack_add(store, 24, 768, "parallax:2", "w");
+        wait_state(store, &b, "2");
+        let _q = Front::connect_queues(store, conn, 24, 768, 0, Abi::X86_64, 5, None);
+        wait_state(store, &b, "5");
+        let error = store.read(&format!("{b}/error")).unwrap().unwrap_or_default();
+        assert!(error.contains("multi-queue-num-queues '5'"), "{error}");
     });
 }

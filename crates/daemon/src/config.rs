@@ -36,6 +36,10 @@ pub struct Flags {
     /// (needs a build with `--features xen`; see docs/xen.md).
     #[arg(long)]
     pub xen: bool,
+    /// Queues (rings) a Xen guest may use per disk (`multi-queue-max-queues`); each is a thread
+    /// with `--ring-workers` workers. Default: the CPUs parallaxd may run on, at most 16.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub xen_max_queues: Option<u32>,
     /// Allow a non-loopback NBD address (NBD has no authentication: use a trusted network).
     #[arg(long)]
     pub allow_remote: bool,
@@ -110,6 +114,7 @@ struct FileConfig {
     ring_socket: Option<PathBuf>,
     ring_workers: Option<u16>,
     xen: Option<bool>,
+    xen_max_queues: Option<u32>,
     allow_remote: Option<bool>,
     snapshot_every: Option<String>,
     snapshot_vdis: Option<Vec<String>>,
@@ -157,6 +162,8 @@ pub struct Config {
     pub ring_workers: usize,
     /// Serve real Xen guests (feature `xen`).
     pub xen: bool,
+    /// Queues a Xen guest may use per disk; `None`: one per CPU we may run on.
+    pub xen_max_queues: Option<u32>,
     /// Snapshot schedule, if any.
     pub schedule: Option<Schedule>,
     /// Metadata cache size in blocks.
@@ -253,6 +260,10 @@ impl Config {
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
             ring_socket: flags.ring_socket.or(file.ring_socket),
             xen: xen_enabled(flags.xen || file.xen.unwrap_or(false))?,
+            xen_max_queues: match flags.xen_max_queues.or(file.xen_max_queues) {
+                Some(n) if !(1..=16).contains(&n) => bail!("xen_max_queues must be from 1 to 16, not {n}"),
+                n => n,
+            },
             ring_workers: usize::from(flags.ring_workers.or(file.ring_workers).unwrap_or(4).clamp(1, 64)),
             schedule,
             cache_blocks: flags.cache_blocks.or(file.cache_blocks).unwrap_or(65536),

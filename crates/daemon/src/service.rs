@@ -99,8 +99,11 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         }
         None => None,
     };
-    let xen_thread =
-        if config.xen { Some(crate::xen::spawn(provider.clone(), config.ring_workers, stop.clone())?) } else { None };
+    let xen_thread = if config.xen {
+        Some(crate::xen::spawn(provider.clone(), config.ring_workers, config.xen_max_queues, stop.clone())?)
+    } else {
+        None
+    };
     let control_thread = match control {
         Some(hook) => hook(reg.clone(), stop.clone())?,
         None => None,

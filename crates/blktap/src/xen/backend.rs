@@ -16,7 +16,7 @@ use blockdev::BlockDevice;
 use super::connect::Connector;
 use super::device::{Device, Shutdown};
 use super::keys::{backend_root, number};
-use super::ring_thread::RingThread;
+use super::ring_thread::Rings;
 use super::store::XenStore;
 use super::wakeup::Wakeup;
 use crate::abi::Abi;
@@ -39,12 +39,27 @@ where
 }
 
 /// How the backend runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct XenBackendOptions {
     /// Our domain id (0 in dom0; a driver domain's id otherwise).
     pub backend_domid: u32,
     /// How each ring is served.
     pub server: ServerOptions,
+    /// The most queues a frontend may use per device (`multi-queue-max-queues`), each its
+    /// own ring, thread and worker pool; clamped to 1..=[`super::keys::MAX_QUEUES`]. By default
+    /// the CPUs we may run on, as Linux's blkback offers its online CPUs.
+    pub max_queues: u32,
+}
+
+impl Default for XenBackendOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            backend_domid: 0,
+            server: ServerOptions::default(),
+            max_queues: u32::try_from(cpus).unwrap_or(u32::MAX).clamp(1, super::keys::MAX_QUEUES),
+        }
+    }
 }
 
 /// Something that happened to a device, for the caller's log.
@@ -57,12 +72,14 @@ pub enum BackendEvent {
         /// The disk opened.
         target: String,
     },
-    /// The frontend's ring is served (state Connected).
+    /// The frontend's rings are served (state Connected).
     Connected {
         /// The backend directory.
         device: String,
-        /// Pages of the ring.
+        /// Pages of each ring.
         ring_pages: usize,
+        /// Queues (rings) the frontend uses.
+        queues: usize,
         /// The ABI of the ring.
         protocol: Abi,
     },
@@ -80,21 +97,21 @@ pub enum BackendEvent {
         /// What went wrong.
         error: String,
     },
-    /// The ring an earlier backend left connected is served again from where it stopped.
+    /// The rings an earlier backend left connected are served again from where they stopped.
     Resumed {
         /// The backend directory.
         device: String,
-        /// The ring index resumed at.
-        index: u32,
-        /// Requests the guest queued while no backend ran.
+        /// The index each queue's ring resumed at, in queue order.
+        indices: Vec<u32>,
+        /// Requests the guest queued while no backend ran (all queues).
         waiting: u32,
     },
-    /// At shutdown: the ring was drained and left connected for the next backend.
+    /// At shutdown: the rings were drained and left connected for the next backend.
     Detached {
         /// The backend directory.
         device: String,
-        /// The ring index the next backend resumes at.
-        index: u32,
+        /// The index each queue's ring is to be resumed at, in queue order.
+        indices: Vec<u32>,
     },
     /// The device's directory disappeared; its ring (if any) is stopped.
     Removed {
@@ -107,20 +124,36 @@ impl fmt::Display for BackendEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Opened { device, target } => write!(f, "{device}: opened {target}, waiting for the frontend"),
-            Self::Connected { device, ring_pages, protocol } => {
+            Self::Connected { device, ring_pages, queues: 1, protocol } => {
                 write!(f, "{device}: connected ({ring_pages}-page ring, {protocol:?})")
+            }
+            Self::Connected { device, ring_pages, queues, protocol } => {
+                write!(f, "{device}: connected ({queues} queues, {ring_pages}-page rings, {protocol:?})")
             }
             Self::Closed { device, reason } => write!(f, "{device}: closed ({reason})"),
             Self::Failed { device, error } => write!(f, "{device}: failed: {error}"),
             Self::Removed { device } => write!(f, "{device}: removed"),
-            Self::Resumed { device, index, waiting } => write!(
+            Self::Resumed { device, indices, waiting } => write!(
                 f,
-                "{device}: resumed the ring an earlier backend left connected, at index {index}, \
-                 {waiting} request(s) waiting"
+                "{device}: resumed the ring an earlier backend left connected, at {}, {waiting} request(s) waiting",
+                describe_indices(indices)
             ),
-            Self::Detached { device, index } => {
-                write!(f, "{device}: detached, ring left connected at index {index} for the next backend")
-            }
+            Self::Detached { device, indices } => write!(
+                f,
+                "{device}: detached, ring left connected at {} for the next backend",
+                describe_indices(indices)
+            ),
+        }
+    }
+}
+
+/// `index 7`, or `indices 7/9 (2 queues)`.
+fn describe_indices(indices: &[u32]) -> String {
+    match indices {
+        [one] => format!("index {one}"),
+        many => {
+            let all: Vec<String> = many.iter().map(u32::to_string).collect();
+            format!("indices {} ({} queues)", all.join("/"), many.len())
         }
     }
 }
@@ -170,7 +203,7 @@ pub fn run<S: XenStore, C: Connector>(
     store.watch(&root)?;
     let mut watched: BTreeSet<String> = BTreeSet::new();
     let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
-    let mut draining: Vec<RingThread> = Vec::new();
+    let mut draining: Vec<Rings> = Vec::new();
     let result = loop {
         if stop.is_raised() {
             break Ok(());
@@ -186,14 +219,14 @@ pub fn run<S: XenStore, C: Connector>(
             if present.devices.contains(key) || present.unreadable.contains(&key.0) {
                 return true;
             }
-            draining.extend(dev.take_ring());
+            draining.extend(dev.take_rings());
             observe(&BackendEvent::Removed { device: dev.dir().to_string() });
             false
         });
         for &(domid, devid) in &present.devices {
             if let std::collections::btree_map::Entry::Vacant(slot) = devices.entry((domid, devid)) {
                 let dir = format!("{root}/{domid}/{devid}");
-                slot.insert(Device::discover(store, dir, domid, devid, opener.as_ref(), observe));
+                slot.insert(Device::discover(store, dir, domid, devid, opener.as_ref(), opts, observe));
             }
         }
         for dev in devices.values_mut() {
@@ -201,11 +234,11 @@ pub fn run<S: XenStore, C: Connector>(
         }
         watch_frontends(store, &devices, &mut watched);
         let mut still = Vec::new();
-        for ring in draining.drain(..) {
-            if ring.is_finished() {
-                let _ = ring.join();
+        for rings in draining.drain(..) {
+            if rings.all_finished() {
+                let _ = rings.join();
             } else {
-                still.push(ring);
+                still.push(rings);
             }
         }
         draining = still;
@@ -217,15 +250,16 @@ pub fn run<S: XenStore, C: Connector>(
         let _ = store.unwatch(&path);
     }
     let _ = store.unwatch(&root);
+    devices.values().for_each(Device::request_stop);
     for (_, dev) in std::mem::take(&mut devices) {
         let device = dev.dir().to_string();
         match dev.shutdown(store) {
-            Shutdown::Detached { index } => observe(&BackendEvent::Detached { device, index }),
+            Shutdown::Detached { indices } => observe(&BackendEvent::Detached { device, indices }),
             Shutdown::Closed | Shutdown::Untouched => {}
         }
     }
-    for ring in draining {
-        let _ = ring.join();
+    for rings in draining {
+        let _ = rings.join();
     }
     result
 }

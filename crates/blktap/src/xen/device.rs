@@ -25,43 +25,61 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 use super::backend::{BackendEvent, DiskOpener, XenBackendOptions};
-use super::connect::{Connector, RingSpec};
-use super::keys::{BackendConfig, RingRequest, XenbusState, read_state};
+use super::connect::{Connection, Connector, RingSpec};
+use super::keys::{BackendConfig, MAX_QUEUES, QueueRing, RingRequest, XenbusState, read_state};
 use super::readonly::{NoDiscardDisk, ReadOnlyDisk};
-use super::ring_thread::{Finished, RingThread};
+use super::ring_thread::{RingThread, Rings};
 use super::store::XenStore;
 use super::wakeup::Wakeup;
 use crate::engine::MAX_INDIRECT_SEGMENTS;
+use crate::server::ServerOptions;
 use crate::sim::{MAX_RING_PAGE_ORDER, VDISK_READONLY};
 use crate::{Error, Result};
 
 /// The backend-directory key a stopping backend leaves behind once it answered every request
-/// it took and flushed the disk: `INDEX REFS PORT`, the ring's published response index, its
-/// grant references (comma-separated) and the frontend's event-channel port. A later backend
-/// resumes only that ring, only there.
+/// it took and flushed the disk: one `INDEX REFS PORT` per queue, separated by `; ` — the
+/// ring's published response index, its grant references (comma-separated) and the
+/// frontend's event-channel port. A later backend resumes only those rings, only there.
 pub const DETACHED_KEY: &str = "parallax-detached-at";
 
-/// Where and which ring a backend detached from ([`DETACHED_KEY`]).
+/// Where and which rings a backend detached from ([`DETACHED_KEY`]), in queue order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Detached {
+    queues: Vec<DetachedRing>,
+}
+
+/// One queue's ring in a [`Detached`] record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DetachedRing {
     index: u32,
     ring: String,
 }
 
 impl Detached {
-    /// The ring's identity: its grants and event-channel port.
-    fn ring_of(refs: &[u32], port: u32) -> String {
-        let refs: Vec<String> = refs.iter().map(u32::to_string).collect();
-        format!("{} {port}", refs.join(","))
+    /// A ring's identity: its grants and event-channel port.
+    fn ring_of(queue: &QueueRing) -> String {
+        let refs: Vec<String> = queue.ring_refs.iter().map(u32::to_string).collect();
+        format!("{} {}", refs.join(","), queue.event_channel)
     }
 
     fn parse(value: &str) -> Option<Self> {
-        let (index, ring) = value.trim().split_once(' ')?;
-        Some(Self { index: super::keys::number(index)?, ring: ring.to_string() })
+        let queues = value
+            .split(';')
+            .map(|q| {
+                let (index, ring) = q.trim().split_once(' ')?;
+                Some(DetachedRing { index: super::keys::number(index)?, ring: ring.trim().to_string() })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self { queues })
     }
 
     fn value(&self) -> String {
-        format!("{} {}", self.index, self.ring)
+        let queues: Vec<String> = self.queues.iter().map(|q| format!("{} {}", q.index, q.ring)).collect();
+        queues.join("; ")
+    }
+
+    fn rings(&self) -> Vec<String> {
+        self.queues.iter().map(|q| q.ring.clone()).collect()
     }
 }
 
@@ -69,10 +87,10 @@ impl Detached {
 enum Phase {
     /// Features published, state InitWait: waiting for the frontend's ring.
     Waiting { disk: Arc<dyn BlockDevice> },
-    /// The ring is served.
-    Connected { ring: RingThread },
-    /// The ring was asked to stop; then `then`.
-    Stopping { ring: RingThread, then: AfterStop, reason: String },
+    /// The rings (one per queue) are served.
+    Connected { rings: Rings },
+    /// The rings were asked to stop; then `then`.
+    Stopping { rings: Rings, then: AfterStop, reason: String },
     /// State Closing because the frontend is closing (mirrored, as blkback does); the disk is
     /// released. Closed once the frontend is Closed.
     Closing,
@@ -112,13 +130,15 @@ pub struct Device {
     dir: String,
     frontend_id: u32,
     devid: u32,
+    /// The queues offered (`multi-queue-max-queues`).
+    max_queues: u32,
     config: Option<BackendConfig>,
     phase: Phase,
     /// Set when the device was found already connected by an earlier backend: the ring is to be
     /// resumed where that backend detached ([`DETACHED_KEY`]; `None` if it left no record).
     resume: Option<Option<Detached>>,
-    /// The identity of the connected ring (see [`Detached`]).
-    ring_id: Option<String>,
+    /// The identity of each connected queue's ring (see [`Detached`]).
+    ring_ids: Vec<String>,
     /// The frontend's state was garbled and that was reported; until it reads well again, it
     /// counts as a frontend gone.
     garbled_front_reported: bool,
@@ -129,18 +149,18 @@ type Observer<'a> = &'a mut dyn FnMut(&BackendEvent);
 /// How a connection was made.
 enum Started {
     /// A new handshake.
-    Fresh { pages: usize, protocol: crate::abi::Abi, sectors: u64, read_only: bool },
-    /// An earlier backend's ring, resumed at this index, with requests already waiting.
-    Resumed { index: u32, waiting: u32 },
+    Fresh { pages: usize, queues: usize, protocol: crate::abi::Abi, sectors: u64, read_only: bool },
+    /// An earlier backend's rings, resumed at these indices, with requests already waiting.
+    Resumed { indices: Vec<u32>, waiting: u32 },
 }
 
 /// What a backend shutdown did with a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shutdown {
-    /// The ring was left for a later backend at this index; the guest waits.
+    /// The rings were left for a later backend at these indices; the guest waits.
     Detached {
-        /// The ring's published response index.
-        index: u32,
+        /// Each queue's published response index, in queue order.
+        indices: Vec<u32>,
     },
     /// The device was closed (state Closed, or Closing with an `error`).
     Closed,
@@ -156,16 +176,18 @@ impl Device {
         frontend_id: u32,
         devid: u32,
         opener: &dyn DiskOpener,
+        opts: &XenBackendOptions,
         observe: Observer<'_>,
     ) -> Self {
         let mut dev = Self {
             dir,
             frontend_id,
             devid,
+            max_queues: opts.max_queues.clamp(1, MAX_QUEUES),
             config: None,
             phase: Phase::Closed,
             resume: None,
-            ring_id: None,
+            ring_ids: Vec::new(),
             garbled_front_reported: false,
         };
         dev.open(store, opener, true, observe);
@@ -269,6 +291,7 @@ impl Device {
         // The features and the InitWait that announces them, in one transaction.
         let indirect = MAX_INDIRECT_SEGMENTS.to_string();
         let order = MAX_RING_PAGE_ORDER.to_string();
+        let queues = self.max_queues.to_string();
         let mut keys = vec![("feature-flush-cache", "1"), ("feature-barrier", "1")];
         if config.discard {
             keys.extend([("feature-discard", "1"), ("discard-granularity", "4096"), ("discard-alignment", "0")]);
@@ -278,6 +301,7 @@ impl Device {
         keys.extend([
             ("feature-max-indirect-segments", indirect.as_str()),
             ("max-ring-page-order", order.as_str()),
+            ("multi-queue-max-queues", queues.as_str()),
             ("state", XenbusState::InitWait.value()),
         ]);
         self.write_keys(store, &keys)
@@ -322,42 +346,30 @@ impl Device {
                     self.connect(store, connector, disk, opts, ended, observe);
                 }
             }
-            Phase::Connected { ring } => {
-                if ring.is_finished() {
-                    self.phase = Phase::Closed;
-                    match ring.join() {
-                        Ok(_) => self.close(store, "frontend went away", observe),
-                        Err(e) => self.fail(store, e, observe),
-                    }
+            Phase::Connected { rings } => {
+                if rings.any_finished() {
+                    // A ring ended on its own (the frontend went away, or it failed): the
+                    // device goes down with all its queues.
+                    rings.stop();
+                    let reason = "frontend went away".to_string();
+                    self.phase = Phase::Stopping { rings, then: AfterStop::Close, reason };
+                    self.settle_stopping(store, observe);
                 } else if closing || front == Some(XenbusState::Initialising) {
                     // Requests already taken are answered first. A frontend that is Closing
                     // is mirrored and disconnected only at its Closed (Linux's blkfront and
                     // kexec's reset wait for our Closing); otherwise the device closes.
-                    ring.stop();
+                    rings.stop();
                     let reason = format!("frontend state {}", front.map_or("gone", XenbusState::value));
                     let then =
                         if front == Some(XenbusState::Closing) { AfterStop::MirrorClosing } else { AfterStop::Close };
-                    self.phase = Phase::Stopping { ring, then, reason };
+                    self.phase = Phase::Stopping { rings, then, reason };
                 } else {
-                    self.phase = Phase::Connected { ring };
+                    self.phase = Phase::Connected { rings };
                 }
             }
-            Phase::Stopping { ring, then, reason } => {
-                if !ring.is_finished() {
-                    self.phase = Phase::Stopping { ring, then, reason };
-                    return;
-                }
-                let outcome = ring.join();
-                self.phase = Phase::Closed;
-                match (then, outcome) {
-                    (_, Err(e)) => self.fail(store, e, observe),
-                    (AfterStop::Close, Ok(_)) => self.close(store, &reason, observe),
-                    (AfterStop::MirrorClosing, Ok(_)) => self.mirror_closing(store),
-                    (AfterStop::Fail, Ok(_)) => {
-                        self.phase = Phase::Failed;
-                        let _ = self.set_state(store, XenbusState::Closing);
-                    }
-                }
+            phase @ Phase::Stopping { .. } => {
+                self.phase = phase;
+                self.settle_stopping(store, observe);
             }
             Phase::Closing => {
                 self.phase = Phase::Closing;
@@ -381,6 +393,27 @@ impl Device {
         }
     }
 
+    /// Once every ring of a stopping device has ended: joins them and moves on as planned
+    /// (or fails the device, if a ring failed).
+    fn settle_stopping(&mut self, store: &impl XenStore, observe: Observer<'_>) {
+        let Phase::Stopping { rings, .. } = &self.phase else { return };
+        if !rings.all_finished() {
+            return;
+        }
+        let Phase::Stopping { rings, then, reason } = std::mem::replace(&mut self.phase, Phase::Closed) else {
+            unreachable!("checked above")
+        };
+        match (then, rings.join()) {
+            (_, Err(e)) => self.fail(store, e, observe),
+            (AfterStop::Close, Ok(_)) => self.close(store, &reason, observe),
+            (AfterStop::MirrorClosing, Ok(_)) => self.mirror_closing(store),
+            (AfterStop::Fail, Ok(_)) => {
+                self.phase = Phase::Failed;
+                let _ = self.set_state(store, XenbusState::Closing);
+            }
+        }
+    }
+
     fn connect<C: Connector>(
         &mut self,
         store: &impl XenStore,
@@ -392,54 +425,99 @@ impl Device {
     ) {
         let Some(frontend) = self.config.as_ref().map(|c| c.frontend.clone()) else { return };
         let resume = self.resume.take();
+        // Threads already started when a later queue's thread could not be: stopped by `fail`.
+        let mut spawned = Vec::new();
         let started = (|| {
-            let req = RingRequest::read(store, &frontend)?;
-            let spec = RingSpec {
-                frontend_id: self.frontend_id,
-                ring_refs: req.ring_refs,
-                event_channel: req.event_channel,
-                protocol: req.protocol,
-            };
-            let mut conn = connector.connect(&spec)?;
-            let ring_id = Detached::ring_of(&spec.ring_refs, spec.event_channel);
-            if let Some(detached) = resume {
-                // Only after a clean detach, from this very ring (a frontend reloaded meanwhile
-                // has a new one): see `BackRing::resume`.
-                let detached = detached.ok_or_else(|| {
-                    Error::Refused(
-                        "the previous backend stopped without detaching (it may have died with writes \
-                         not yet durable or requests unanswered): the ring cannot be resumed safely"
-                            .into(),
-                    )
-                })?;
-                if detached.ring != ring_id {
-                    return Err(Error::Refused(format!(
-                        "the previous backend detached from ring {}, the frontend now has ring {ring_id}",
-                        detached.ring
-                    )));
+            // A ring being resumed was negotiated against an earlier backend's offer, which a
+            // restart with fewer CPUs or another `max_queues` must not take back: the record
+            // decides whether the rings are the same.
+            let limit = if resume.is_some() { MAX_QUEUES } else { self.max_queues };
+            let req = RingRequest::read(store, &frontend, limit)?;
+            // Every queue is mapped (and checked) before any is served.
+            let mut conns = Vec::with_capacity(req.queues.len());
+            for queue in &req.queues {
+                let spec = RingSpec {
+                    frontend_id: self.frontend_id,
+                    ring_refs: queue.ring_refs.clone(),
+                    event_channel: queue.event_channel,
+                    protocol: req.protocol,
+                };
+                conns.push(connector.connect(&spec)?);
+            }
+            let ring_ids: Vec<String> = req.queues.iter().map(Detached::ring_of).collect();
+            let resumed = match resume {
+                None => None,
+                Some(detached) => {
+                    // Only after a clean detach, from these very rings (a frontend reloaded
+                    // meanwhile has new ones): see `BackRing::resume`.
+                    let detached = detached.ok_or_else(|| {
+                        Error::Refused(
+                            "the previous backend stopped without detaching (it may have died with writes \
+                             not yet durable or requests unanswered): the ring cannot be resumed safely"
+                                .into(),
+                        )
+                    })?;
+                    if detached.rings() != ring_ids {
+                        return Err(Error::Refused(format!(
+                            "the previous backend detached from ring {}, the frontend now has ring {}",
+                            detached.rings().join("; "),
+                            ring_ids.join("; ")
+                        )));
+                    }
+                    let mut waiting = 0;
+                    conns = conns
+                        .into_iter()
+                        .zip(&detached.queues)
+                        .map(|(conn, queue)| {
+                            let ring = conn.ring.resumed(queue.index)?;
+                            // Guest-written, read again: only for the log, never trusted.
+                            waiting = ring.waiting()?.min(ring.size()).saturating_add(waiting);
+                            Ok(Connection { ring, ..conn })
+                        })
+                        .collect::<Result<_>>()?;
+                    let indices = detached.queues.iter().map(|q| q.index).collect();
+                    Some(Started::Resumed { indices, waiting })
                 }
-                conn.ring = conn.ring.resumed(detached.index)?;
-                let index = conn.ring.req_cons();
-                let waiting = conn.ring.waiting()?;
-                self.ring_id = Some(ring_id);
-                let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
-                let ring = RingThread::spawn(name, conn, disk, opts.server.clone(), ended)?;
-                let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
-                return Ok::<_, Error>((ring, Started::Resumed { index, waiting }));
-            }
-            self.ring_id = Some(ring_id);
-            let name = format!("blkif-{}-{}", self.frontend_id, self.devid);
+            };
+            self.ring_ids = ring_ids;
             let (sectors, read_only) = (disk.size() / 512, disk.read_only());
-            let ring = RingThread::spawn(name, conn, disk, opts.server.clone(), ended)?;
-            Ok((ring, Started::Fresh { pages: spec.ring_refs.len(), protocol: spec.protocol, sectors, read_only }))
-        })();
-        match started {
-            Ok((ring, Started::Resumed { index, waiting })) => {
-                self.phase = Phase::Connected { ring };
-                observe(&BackendEvent::Resumed { device: self.dir.clone(), index, waiting });
+            let queues = conns.len();
+            // The queues share the device's workers (`--ring-workers`), so a guest asking for
+            // more queues gets more rings, not more threads than one disk is allowed.
+            let server = ServerOptions { workers: opts.server.workers.div_ceil(queues).max(1) };
+            for (q, conn) in conns.into_iter().enumerate() {
+                let name = if queues == 1 {
+                    format!("blkif-{}-{}", self.frontend_id, self.devid)
+                } else {
+                    // Short enough for the 15 bytes Linux keeps of a thread's name.
+                    format!("blkif{}-{}q{q}", self.frontend_id, self.devid)
+                };
+                spawned.push(RingThread::spawn(name, conn, disk.clone(), server.clone(), ended)?);
             }
-            Ok((ring, Started::Fresh { pages, protocol, sectors, read_only })) => {
-                self.phase = Phase::Connected { ring };
+            Ok::<_, Error>(resumed.unwrap_or(Started::Fresh {
+                pages: req.queues[0].ring_refs.len(),
+                queues,
+                protocol: req.protocol,
+                sectors,
+                read_only,
+            }))
+        })();
+        let started = match started {
+            Ok(started) => started,
+            Err(e) => {
+                if !spawned.is_empty() {
+                    self.phase = Phase::Connected { rings: Rings::new(spawned) };
+                }
+                return self.fail(store, e, observe);
+            }
+        };
+        self.phase = Phase::Connected { rings: Rings::new(spawned) };
+        match started {
+            Started::Resumed { indices, waiting } => {
+                let _ = store.rm(&format!("{}/{DETACHED_KEY}", self.dir));
+                observe(&BackendEvent::Resumed { device: self.dir.clone(), indices, waiting });
+            }
+            Started::Fresh { pages, queues, protocol, sectors, read_only } => {
                 // The disk's facts and the state that tells blkfront to read them, at once.
                 let sectors = sectors.to_string();
                 let info = if read_only { VDISK_READONLY } else { 0 }.to_string();
@@ -451,13 +529,15 @@ impl Device {
                     ("state", XenbusState::Connected.value()),
                 ];
                 match self.write_keys(store, &keys) {
-                    Ok(()) => {
-                        observe(&BackendEvent::Connected { device: self.dir.clone(), ring_pages: pages, protocol })
-                    }
+                    Ok(()) => observe(&BackendEvent::Connected {
+                        device: self.dir.clone(),
+                        ring_pages: pages,
+                        queues,
+                        protocol,
+                    }),
                     Err(e) => self.fail(store, e, observe),
                 }
             }
-            Err(e) => self.fail(store, e, observe),
         }
     }
 
@@ -467,9 +547,9 @@ impl Device {
         let _ = self.write_keys(store, &[("error", &msg)]);
         observe(&BackendEvent::Failed { device: self.dir.clone(), error: msg.clone() });
         match std::mem::replace(&mut self.phase, Phase::Failed) {
-            Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
-                ring.stop();
-                self.phase = Phase::Stopping { ring, then: AfterStop::Fail, reason: msg };
+            Phase::Connected { rings } | Phase::Stopping { rings, .. } => {
+                rings.stop();
+                self.phase = Phase::Stopping { rings, then: AfterStop::Fail, reason: msg };
             }
             _ => {
                 let _ = self.set_state(store, XenbusState::Closing);
@@ -490,15 +570,23 @@ impl Device {
         observe(&BackendEvent::Closed { device: self.dir.clone(), reason: reason.to_string() });
     }
 
-    /// Takes the ring thread out of the device (when its directory vanished), asking it to
+    /// Takes the ring threads out of the device (when its directory vanished), asking them to
     /// stop; the disk is dropped with the device.
-    pub fn take_ring(&mut self) -> Option<RingThread> {
+    pub fn take_rings(&mut self) -> Option<Rings> {
         match std::mem::replace(&mut self.phase, Phase::Closed) {
-            Phase::Connected { ring } | Phase::Stopping { ring, .. } => {
-                ring.stop();
-                Some(ring)
+            Phase::Connected { rings } | Phase::Stopping { rings, .. } => {
+                rings.stop();
+                Some(rings)
             }
             _ => None,
+        }
+    }
+
+    /// Asks the device's rings to stop, without waiting: a backend shutting down asks every
+    /// device first, so the devices drain at once rather than one after the other.
+    pub fn request_stop(&self) {
+        if let Phase::Connected { rings } | Phase::Stopping { rings, .. } = &self.phase {
+            rings.stop();
         }
     }
 
@@ -513,17 +601,24 @@ impl Device {
             return Shutdown::Untouched;
         }
         let connected = matches!(self.phase, Phase::Connected { .. });
-        let finished = self.take_ring().map(RingThread::join);
-        match (&finished, &self.ring_id) {
-            (Some(Ok(Finished { quiescent_at: Some(at), .. })), Some(ring))
-                if connected && store.read(&self.dir).ok().flatten().is_some() =>
-            {
-                let record = Detached { index: *at, ring: ring.clone() };
-                if self.write(store, DETACHED_KEY, &record.value()).is_ok() {
-                    return Shutdown::Detached { index: *at };
+        let finished = self.take_rings().map(Rings::join);
+        match &finished {
+            Some(Ok(rings)) if connected && store.read(&self.dir).ok().flatten().is_some() => {
+                // Resumable only if every queue's ring stopped quiescent.
+                let at: Option<Vec<u32>> = rings.iter().map(|f| f.quiescent_at).collect();
+                if let Some(indices) = at.filter(|at| at.len() == self.ring_ids.len()) {
+                    let queues = indices
+                        .iter()
+                        .zip(&self.ring_ids)
+                        .map(|(&index, ring)| DetachedRing { index, ring: ring.clone() })
+                        .collect();
+                    let record = Detached { queues };
+                    if self.write(store, DETACHED_KEY, &record.value()).is_ok() {
+                        return Shutdown::Detached { indices };
+                    }
                 }
             }
-            (Some(Err(e)), _) => {
+            Some(Err(e)) => {
                 // The ring ended in an error nobody reported yet (a failed flush): say so.
                 let _ = self.write(store, "error", &e.to_string());
                 let _ = self.set_state(store, XenbusState::Closing);

@@ -154,25 +154,47 @@ impl BackendConfig {
     }
 }
 
-/// What the frontend wrote to connect its ring (`ring-ref*`, `event-channel`, `protocol`).
+/// The most queues (rings) one device may have, whatever the backend is configured with: each
+/// queue is a thread and a worker pool of the backend.
+pub const MAX_QUEUES: u32 = 16;
+
+/// One queue's ring as the frontend published it (`ring-ref*`, `event-channel`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RingRequest {
+pub struct QueueRing {
     /// Grant references of the ring pages, in order (`2^ring-page-order` of them).
     pub ring_refs: Vec<u32>,
-    /// The frontend's event channel port.
+    /// The frontend's event channel port of this queue.
     pub event_channel: u32,
-    /// The ABI of the ring slots.
+}
+
+/// What the frontend wrote to connect its rings: `multi-queue-num-queues`, `ring-page-order`
+/// and `protocol` in its directory; each queue's `ring-ref*` and `event-channel` in the
+/// directory itself (one queue) or in `queue-0` .. `queue-N-1` (several), as Linux's blkfront
+/// writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingRequest {
+    /// The queues, in order; never empty, never more than the backend offered.
+    pub queues: Vec<QueueRing>,
+    /// The ABI of the ring slots (the same for every queue).
     pub protocol: Abi,
 }
 
 impl RingRequest {
-    /// Reads and checks the frontend's ring keys in its directory `dir`.
-    pub fn read(store: &impl XenStore, dir: &str) -> Result<Self> {
-        if let Some(q) = store.read(&format!("{dir}/multi-queue-num-queues"))?
-            && number::<u32>(&q) != Some(1)
-        {
-            return Err(protocol_error(format!("multi-queue-num-queues '{}' is not supported", q.escape_debug())));
-        }
+    /// Reads and checks the frontend's ring keys in its directory `dir`, for a backend that
+    /// offered at most `max_queues` queues (`multi-queue-max-queues`).
+    pub fn read(store: &impl XenStore, dir: &str, max_queues: u32) -> Result<Self> {
+        let num_queues = match store.read(&format!("{dir}/multi-queue-num-queues"))? {
+            None => 1,
+            Some(q) => match number::<u32>(&q) {
+                Some(n) if (1..=max_queues).contains(&n) => n,
+                _ => {
+                    return Err(protocol_error(format!(
+                        "multi-queue-num-queues '{}' is not a number from 1 to multi-queue-max-queues {max_queues}",
+                        q.escape_debug()
+                    )));
+                }
+            },
+        };
         let order: u32 = match store.read(&format!("{dir}/ring-page-order"))? {
             None => 0,
             Some(v) => number(&v)
@@ -183,18 +205,32 @@ impl RingRequest {
                 "ring-page-order {order} above max-ring-page-order {MAX_RING_PAGE_ORDER}"
             )));
         }
+        let queues = if num_queues == 1 {
+            vec![QueueRing::read(store, dir, order)?]
+        } else {
+            (0..num_queues)
+                .map(|q| QueueRing::read(store, &format!("{dir}/queue-{q}"), order))
+                .collect::<Result<_>>()?
+        };
+        let protocol = match store.read(&format!("{dir}/protocol"))? {
+            None => Abi::X86_64,
+            Some(p) => parse_protocol(p.trim_ascii())
+                .ok_or_else(|| protocol_error(format!("unknown protocol '{}'", p.escape_debug())))?,
+        };
+        Ok(Self { queues, protocol })
+    }
+}
+
+impl QueueRing {
+    /// Reads one queue's keys in `dir`, for rings of `2^order` pages.
+    fn read(store: &impl XenStore, dir: &str, order: u32) -> Result<Self> {
         let ring_refs = if order == 0 && store.read(&format!("{dir}/ring-ref"))?.is_some() {
             vec![required_number(store, dir, "ring-ref")?]
         } else {
             (0..1u32 << order).map(|i| required_number(store, dir, &format!("ring-ref{i}"))).collect::<Result<_>>()?
         };
         let event_channel = required_number(store, dir, "event-channel")?;
-        let protocol = match store.read(&format!("{dir}/protocol"))? {
-            None => Abi::X86_64,
-            Some(p) => parse_protocol(p.trim_ascii())
-                .ok_or_else(|| protocol_error(format!("unknown protocol '{}'", p.escape_debug())))?,
-        };
-        Ok(Self { ring_refs, event_channel, protocol })
+        Ok(Self { ring_refs, event_channel })
     }
 }
 
@@ -231,28 +267,59 @@ mod tests {
         let d = "/local/domain/5/device/vbd/768";
         s.write(&format!("{d}/ring-ref"), "8").unwrap();
         s.write(&format!("{d}/event-channel"), "12").unwrap();
-        let r = RingRequest::read(&s, d).unwrap();
-        assert_eq!(r, RingRequest { ring_refs: vec![8], event_channel: 12, protocol: Abi::X86_64 });
+        let r = RingRequest::read(&s, d, 1).unwrap();
+        let queue = QueueRing { ring_refs: vec![8], event_channel: 12 };
+        assert_eq!(r, RingRequest { queues: vec![queue], protocol: Abi::X86_64 });
         s.write(&format!("{d}/protocol"), "x86_32-abi").unwrap();
-        assert_eq!(RingRequest::read(&s, d).unwrap().protocol, Abi::X86_32);
+        assert_eq!(RingRequest::read(&s, d, 1).unwrap().protocol, Abi::X86_32);
         s.write(&format!("{d}/protocol"), "arm-abi").unwrap();
-        assert!(RingRequest::read(&s, d).is_err());
+        assert!(RingRequest::read(&s, d, 1).is_err());
         s.rm(&format!("{d}/protocol")).unwrap();
         s.write(&format!("{d}/ring-page-order"), "1").unwrap();
-        assert!(RingRequest::read(&s, d).is_err(), "ring-ref0/1 missing");
+        assert!(RingRequest::read(&s, d, 1).is_err(), "ring-ref0/1 missing");
         s.write(&format!("{d}/ring-ref0"), "20").unwrap();
         s.write(&format!("{d}/ring-ref1"), "21").unwrap();
-        assert_eq!(RingRequest::read(&s, d).unwrap().ring_refs, [20, 21]);
+        assert_eq!(RingRequest::read(&s, d, 1).unwrap().queues[0].ring_refs, [20, 21]);
         s.write(&format!("{d}/ring-page-order"), "5").unwrap();
-        assert!(RingRequest::read(&s, d).is_err());
+        assert!(RingRequest::read(&s, d, 1).is_err());
         s.write(&format!("{d}/ring-page-order"), "4294967296").unwrap();
-        assert!(RingRequest::read(&s, d).is_err());
+        assert!(RingRequest::read(&s, d, 1).is_err());
         s.write(&format!("{d}/ring-page-order"), "0").unwrap();
         s.write(&format!("{d}/event-channel"), "x").unwrap();
-        assert!(RingRequest::read(&s, d).is_err());
+        assert!(RingRequest::read(&s, d, 1).is_err());
         s.write(&format!("{d}/event-channel"), "3").unwrap();
         s.write(&format!("{d}/multi-queue-num-queues"), "4").unwrap();
-        assert!(RingRequest::read(&s, d).is_err());
+        assert!(RingRequest::read(&s, d, 2).is_err(), "more queues than offered");
+        s.write(&format!("{d}/multi-queue-num-queues"), "0").unwrap();
+        assert!(RingRequest::read(&s, d, 2).is_err());
+        s.write(&format!("{d}/multi-queue-num-queues"), "1").unwrap();
+        assert_eq!(RingRequest::read(&s, d, 2).unwrap().queues.len(), 1, "one queue: the flat layout");
+    }
+
+    #[test]
+    fn several_queues_are_read_from_their_directories() {
+        let s = MemStore::new();
+        let d = "/local/domain/5/device/vbd/768";
+        s.write(&format!("{d}/multi-queue-num-queues"), "2").unwrap();
+        s.write(&format!("{d}/ring-page-order"), "1").unwrap();
+        // A flat ring-ref beside the queues is not what any queue uses.
+        s.write(&format!("{d}/ring-ref"), "99").unwrap();
+        s.write(&format!("{d}/event-channel"), "98").unwrap();
+        for (q, first) in [(0, 20), (1, 30)] {
+            s.write(&format!("{d}/queue-{q}/ring-ref0"), &first.to_string()).unwrap();
+            s.write(&format!("{d}/queue-{q}/ring-ref1"), &(first + 1).to_string()).unwrap();
+            s.write(&format!("{d}/queue-{q}/event-channel"), &(first + 5).to_string()).unwrap();
+        }
+        let r = RingRequest::read(&s, d, 4).unwrap();
+        let expected = vec![
+            QueueRing { ring_refs: vec![20, 21], event_channel: 25 },
+            QueueRing { ring_refs: vec![30, 31], event_channel: 35 },
+        ];
+        assert_eq!(r.queues, expected);
+        assert!(RingRequest::read(&s, d, 1).is_err(), "two queues asked, one offered");
+        s.rm(&format!("{d}/queue-1/event-channel")).unwrap();
+        let err = RingRequest::read(&s, d, 4).unwrap_err().to_string();
+        assert!(err.contains("queue-1/event-channel"), "{err}");
     }
 
     #[test]

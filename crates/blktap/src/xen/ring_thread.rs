@@ -104,3 +104,47 @@ impl RingThread {
         }
     }
 }
+
+/// The rings of one device, one per queue (`multi-queue-num-queues`), each on its own thread:
+/// stopped together, and done only when all are.
+#[derive(Debug)]
+pub struct Rings(Vec<RingThread>);
+
+impl Rings {
+    /// The rings of a device's queues, in queue order.
+    pub fn new(rings: Vec<RingThread>) -> Self {
+        assert!(!rings.is_empty(), "a connected device has at least one ring");
+        Self(rings)
+    }
+
+    /// Asks every ring to stop (each answers the requests it already took first).
+    pub fn stop(&self) {
+        self.0.iter().for_each(RingThread::stop);
+    }
+
+    /// True once any ring's server returned: the device is going down.
+    pub fn any_finished(&self) -> bool {
+        self.0.iter().any(RingThread::is_finished)
+    }
+
+    /// True once every ring's server returned (`join` then returns at once).
+    pub fn all_finished(&self) -> bool {
+        self.0.iter().all(RingThread::is_finished)
+    }
+
+    /// Waits for every ring and says how each ended, in queue order; the first error if any
+    /// ring failed (every ring is joined all the same).
+    pub fn join(self) -> Result<Vec<Finished>> {
+        let mut finished = Vec::with_capacity(self.0.len());
+        let mut first_error = None;
+        for ring in self.0 {
+            match ring.join() {
+                Ok(f) => finished.push(f),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(finished), Err)
+    }
+}
