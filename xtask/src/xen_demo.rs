@@ -28,6 +28,36 @@ const FS_MIB: u64 = 64;
 const VDI_MIB: u64 = 80;
 /// Numbered 4 KiB blocks each guest writes while parallaxd restarts, from `FS_MIB + 8` MiB on.
 pub const WRITES: u64 = 150;
+/// vCPUs of the `k`th guest (from 0): the first has two, so its blkfront asks for two queues
+/// (multi-queue) and the restart resumes both rings; the others have one (the flat layout).
+pub fn guest_vcpus(k: usize) -> u32 {
+    if k == 0 { 2 } else { 1 }
+}
+
+/// One run of the bench guest (`--compare-blkback`): a two-vCPU guest alone, measuring `dd`.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchRun {
+    /// Its name in the logs and of its `xl` configuration (`bench-TAG.cfg`).
+    pub tag: &'static str,
+    /// On parallaxd (its own clone, VDI `bench-TAG`), or on the kernel's blkback (raw disk).
+    pub parallax: bool,
+    /// blkfront capped at this many queues (`max_queues`), or one per vCPU.
+    pub queues: Option<u32>,
+    /// Two `dd`s at once (each on half the range, so blk-mq can use both queues), or one.
+    pub parallel: bool,
+}
+
+/// The bench runs, in the order dom0 runs them: parallaxd first (then it stops and blkback
+/// is loaded).
+pub const BENCH_RUNS: [BenchRun; 6] = [
+    BenchRun { tag: "parallax", parallax: true, queues: None, parallel: false },
+    BenchRun { tag: "parallax-1q", parallax: true, queues: Some(1), parallel: false },
+    BenchRun { tag: "parallax-par", parallax: true, queues: None, parallel: true },
+    BenchRun { tag: "parallax-1q-par", parallax: true, queues: Some(1), parallel: true },
+    BenchRun { tag: "blkback", parallax: false, queues: None, parallel: false },
+    BenchRun { tag: "blkback-par", parallax: false, queues: None, parallel: true },
+];
+
 /// Size of the store's block device.
 const STORE_BYTES: u64 = 1 << 30;
 
@@ -125,7 +155,11 @@ fn run_in(args: &XenDemoArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> 
             vdi.text(&["create", name, "--from", &snap])?;
         }
         if args.compare_blkback {
-            vdi.text(&["create", "bench", "--from", &snap])?;
+            // Each parallaxd run on a clone of its own: none finds blocks an earlier run
+            // already copied on write.
+            for run in BENCH_RUNS.iter().filter(|r| r.parallax) {
+                vdi.text(&["create", &format!("bench-{}", run.tag), "--from", &snap])?;
+            }
         }
         eprintln!("xen-demo: store: golden (id {golden_id}) filled, snapshot {snap}, clones {}", names.join(" "));
         snap
@@ -267,6 +301,12 @@ fn check_console(report: &Report, names: &[String], failures: &mut Vec<String>) 
             for fail in said.iter().filter(|s| s.starts_with("FAIL")) {
                 failures.push(format!("{name} round {round}: {fail}"));
             }
+            let queues = guest_vcpus(names.iter().position(|n| n == name).unwrap_or(usize::MAX));
+            let expected = format!("QUEUES {queues} on {queues} vCPU(s)");
+            if !said.contains(&expected.as_str()) {
+                let got: Vec<&&str> = said.iter().filter(|s| s.starts_with("QUEUES")).collect();
+                failures.push(format!("{name} round {round}: blkfront should say `{expected}`, said {got:?}"));
+            }
             if round == 2 && !said.iter().any(|s| s.starts_with("WRITER wrote")) {
                 failures.push(format!("{name}: no result from the writes across the parallaxd restart"));
             }
@@ -285,9 +325,16 @@ fn check_console(report: &Report, names: &[String], failures: &mut Vec<String>) 
     if exits.len() != 2 || exits.iter().any(|l| *l != "parallaxd exited with 0") {
         failures.push(format!("parallaxd in dom0 should have exited 0 twice on SIGTERM: {exits:?}"));
     }
-    for name in names {
-        if !report.lines.iter().any(|l| l.starts_with(&format!("parallaxd resumed the ring of {name}: "))) {
-            failures.push(format!("{name}: the restarted parallaxd did not resume its ring"));
+    for (k, name) in names.iter().enumerate() {
+        let prefix = format!("parallaxd resumed the ring of {name}: ");
+        match report.lines.iter().find_map(|l| l.strip_prefix(&prefix)) {
+            None => failures.push(format!("{name}: the restarted parallaxd did not resume its ring")),
+            Some(how) => {
+                let queues = guest_vcpus(k);
+                if queues > 1 && !how.contains(&format!("({queues} queues)")) {
+                    failures.push(format!("{name}: all {queues} of its rings should have been resumed: {how}"));
+                }
+            }
         }
     }
 }
@@ -407,17 +454,51 @@ fn compare_blkback(report: &Report, failures: &mut Vec<String>) {
             .filter_map(|l| l.strip_prefix(&prefix))
             .find_map(|l| l.find("XEN-GUEST bench: ").and_then(|i| parse_dd(&l[i + 17..])))
     };
-    match (dd("parallax"), dd("blkback")) {
-        (Some(p), Some(k)) => {
-            let mbs = |mib: f64, s: f64| mib / s.max(1e-3);
-            let (pr, pw, kr, kw) = (mbs(p.0, p.1), mbs(p.2, p.3), mbs(k.0, k.1), mbs(k.2, k.3));
-            eprintln!("xen-demo: one guest alone, dd over the ring (MiB/s):");
-            eprintln!("  | | parallaxd | kernel blkback (raw disk) | ratio |");
-            eprintln!("  |---|--:|--:|--:|");
-            eprintln!("  | read {:.0} MiB | {pr:.1} | {kr:.1} | {:.2}x |", p.0, pr / kr);
-            eprintln!("  | write {:.0} MiB, fsync | {pw:.1} | {kw:.1} | {:.2}x |", p.2, pw / kw);
+    let queues = |tag: &str| {
+        let prefix = format!("console bench-{tag}: ");
+        report
+            .lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .find_map(|l| l.find("XEN-GUEST bench: QUEUES ").map(|i| l[i + 24..].trim_end().to_string()))
+    };
+    for run in BENCH_RUNS.iter().filter(|r| r.parallax) {
+        let want = format!("{} on 2 vCPU(s)", run.queues.unwrap_or(2));
+        if queues(run.tag).as_deref() != Some(want.as_str()) {
+            failures.push(format!("bench-{}: blkfront should use {want}, said {:?}", run.tag, queues(run.tag)));
         }
-        (p, k) => failures.push(format!("the blkback comparison has no dd figures (parallaxd {p:?}, blkback {k:?})")),
+    }
+    let mbs = |mib: f64, s: f64| mib / s.max(1e-3);
+    let kq = queues("blkback").unwrap_or_else(|| "?".into());
+    eprintln!("xen-demo: one 2-vCPU guest alone, dd over the ring (MiB/s; `2 dd` = two at once, each on half):");
+    eprintln!(
+        "  | | parallaxd, 2 queues | parallaxd, 1 queue | kernel blkback (raw disk, {kq}) | 2 queues / blkback | 2 queues / 1 queue |"
+    );
+    eprintln!("  |---|--:|--:|--:|--:|--:|");
+    for (suffix, what) in [("", "1 dd"), ("-par", "2 dd")] {
+        let two = dd(&format!("parallax{suffix}"));
+        let one = dd(&format!("parallax-1q{suffix}"));
+        let blkback = dd(&format!("blkback{suffix}"));
+        let (Some(p), Some(o), Some(k)) = (two, one, blkback) else {
+            failures.push(format!(
+                "the {what} comparison has no dd figures (parallaxd {two:?}, parallaxd 1 queue {one:?}, blkback {blkback:?})"
+            ));
+            continue;
+        };
+        let (pr, pw, or, ow, kr, kw) =
+            (mbs(p.0, p.1), mbs(p.2, p.3), mbs(o.0, o.1), mbs(o.2, o.3), mbs(k.0, k.1), mbs(k.2, k.3));
+        eprintln!(
+            "  | {what}: read {:.0} MiB | {pr:.1} | {or:.1} | {kr:.1} | {:.2}x | {:.2}x |",
+            p.0,
+            pr / kr,
+            pr / or
+        );
+        eprintln!(
+            "  | {what}: write {:.0} MiB, fsync | {pw:.1} | {ow:.1} | {kw:.1} | {:.2}x | {:.2}x |",
+            p.2,
+            pw / kw,
+            pw / ow
+        );
     }
 }
 

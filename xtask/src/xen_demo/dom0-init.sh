@@ -114,12 +114,14 @@ bench() {
 
 round 1
 round 2 restart
-[ -z "$COMPARE" ] || bench parallax
+if [ -n "$COMPARE" ]; then
+    for tag in $BENCH_PARALLAX; do bench $tag; done
+fi
 stop_parallaxd
 if [ -n "$COMPARE" ]; then
     # modprobe would refuse (the install line that keeps blkback away); insmod by path does not.
     insmod "$(modinfo -n xen-blkback)" && say "xen-blkback loaded for the comparison"
-    bench blkback
+    for tag in $BENCH_BLKBACK; do bench $tag; done
 fi
 for n in $(seq $STARTS); do
     sed "s/^/XEN-DEMO: parallaxd-$n: /" /var/log/parallaxd-$n.log

@@ -164,26 +164,40 @@ pub fn demo_disk(
     let dir = work.join("demo");
     std::fs::create_dir_all(&dir).context("cannot create the demo dir")?;
     write_exec(&dir.join("init"), DEMO_INIT)?;
-    let conf = format!("GUESTS=\"{}\"\nCOMPARE={}\n", names.join(" "), if compare { "1" } else { "" });
+    let tags = |parallax: bool| {
+        let tags: Vec<&str> = super::BENCH_RUNS.iter().filter(|r| r.parallax == parallax).map(|r| r.tag).collect();
+        tags.join(" ")
+    };
+    let conf = format!(
+        "GUESTS=\"{}\"\nCOMPARE={}\nBENCH_PARALLAX=\"{}\"\nBENCH_BLKBACK=\"{}\"\n",
+        names.join(" "),
+        if compare { "1" } else { "" },
+        tags(true),
+        tags(false)
+    );
     std::fs::write(dir.join("demo.conf"), conf).context("demo.conf")?;
     // Without its debug information parallaxd is a fraction of the size.
     sys::run(Command::new("objcopy").arg("--strip-debug").arg(parallaxd).arg(dir.join("parallaxd")))?;
     std::fs::copy(&base.vmlinuz, dir.join("vmlinuz")).context("cannot copy vmlinuz")?;
     build_initramfs_with(&base.kernel, &dir, GUEST_MODULES, GUEST_INIT, "guest-initrd.gz")?;
     std::fs::remove_dir_all(dir.join("guest-initrd.gz.d")).context("cannot remove the initramfs tree")?;
-    for name in names {
+    for (k, name) in names.iter().enumerate() {
         for round in [1, 2] {
-            let cfg = guest_config(name, &round.to_string(), fs_mib, &parallax_disk(name));
+            let vcpus = super::guest_vcpus(k);
+            let cfg = guest_config(name, &round.to_string(), fs_mib, &parallax_disk(name), vcpus, None);
             std::fs::write(dir.join(format!("{name}-round{round}.cfg")), cfg)
                 .context("cannot write a guest configuration")?;
         }
     }
     if compare {
-        // The same guest alone: on parallaxd (its own clone), and on the kernel's blkback
-        // serving the fourth disk, a raw copy of the golden image.
-        let disks = [("parallax", parallax_disk("bench")), ("blkback", BLKBACK_DISK.to_string())];
-        for (tag, disk) in disks {
-            std::fs::write(dir.join(format!("bench-{tag}.cfg")), guest_config("bench", "bench", fs_mib, &disk))
+        // The same two-vCPU guest alone: on parallaxd (a clone per run) with one queue per
+        // vCPU and with one queue, and on the kernel's blkback serving the fourth disk, a raw
+        // copy of the golden image; each with one dd and with two at once.
+        for run in super::BENCH_RUNS {
+            let disk = if run.parallax { parallax_disk(&format!("bench-{}", run.tag)) } else { BLKBACK_DISK.into() };
+            let round = if run.parallel { "bench-par" } else { "bench" };
+            let cfg = guest_config("bench", round, fs_mib, &disk, 2, run.queues);
+            std::fs::write(dir.join(format!("bench-{}.cfg", run.tag)), cfg)
                 .context("cannot write a bench configuration")?;
         }
     }
@@ -201,17 +215,19 @@ fn parallax_disk(vdi: &str) -> String {
 /// The comparison's disk: dom0's fourth virtio disk, served by the kernel's blkback.
 const BLKBACK_DISK: &str = "format=raw, vdev=xvda, access=w, backendtype=phy, target=/dev/vdd";
 
-/// The `xl` configuration of one PV guest in one round (`1`, `2` or `bench`) with `disk`.
-fn guest_config(name: &str, round: &str, fs_mib: u64, disk: &str) -> String {
+/// The `xl` configuration of one PV guest in one round (`1`, `2` or `bench`) with `disk`,
+/// `vcpus` vCPUs and, if given, blkfront capped at `queues` queues.
+fn guest_config(name: &str, round: &str, fs_mib: u64, disk: &str, vcpus: u32, queues: Option<u32>) -> String {
     let writes = super::WRITES;
+    let queues = queues.map(|q| format!(" parallax.queues={q}")).unwrap_or_default();
     format!(
         r#"name = "{name}"
 type = "pv"
 memory = 128
-vcpus = 1
+vcpus = {vcpus}
 kernel = "/demo/vmlinuz"
 ramdisk = "/demo/guest-initrd.gz"
-extra = "console=hvc0 loglevel=4 parallax.name={name} parallax.round={round} parallax.fs_mib={fs_mib} parallax.writes={writes}"
+extra = "console=hvc0 loglevel=4 parallax.name={name} parallax.round={round} parallax.fs_mib={fs_mib} parallax.writes={writes}{queues}"
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
