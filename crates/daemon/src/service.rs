@@ -64,6 +64,16 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     let _reclaimer = reg.start_reclaimer();
     let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
     let mut servers = Vec::new();
+    if let Some(tls) = &config.nbd_limits.tls
+        && tls.client_auth()
+        && !tls.required()
+    {
+        tracing::warn!(
+            "--tls-client-ca without --tls-required: clients that upgrade to TLS must show a certificate, \
+             but clients that never ask for TLS are served in the clear without one; add --tls-required \
+             to make certificates the only way in"
+        );
+    }
     if let Some(addr) = config.nbd {
         let l = TcpListener::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?;
         tracing::info!("serving NBD on {}", l.local_addr()?);

@@ -168,5 +168,67 @@ fn tls_is_optional_unless_required() {
     let out = qemu_io_tls(d.port, &client, &["write -P 0x21 0 64k"]);
     assert!(out.status.success(), "{}", text(&out));
     run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "read -P 0x21 0 64k"]);
+    // Certificates checked only for clients that ask for TLS: the operator is told.
+    let log = d.log();
+    assert!(log.contains("--tls-client-ca without --tls-required"), "{log}");
+    assert_eq!(d.stop().0, 0);
+}
+
+/// A TLS client that ends with `NBD_CMD_DISC`, written with Python's `ssl` module, which
+/// (with `suppress_ragged_eofs=False` and OpenSSL's `OP_IGNORE_UNEXPECTED_EOF` cleared) tells
+/// a session closed with TLS's `close_notify` from a cut connection.
+const CLEAN_END_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+port, creds = int(sys.argv[1]), sys.argv[2]
+def recvn(sock, n):
+    b = b""
+    while len(b) < n:
+        c = sock.recv(n - len(b))
+        if not c:
+            sys.exit("EOF during the handshake")
+        b += c
+    return b
+def opt(sock, o, data=b""):
+    sock.sendall(b"IHAVEOPT" + struct.pack(">II", o, len(data)) + data)
+    while True:
+        _, _, typ, ln = struct.unpack(">QIII", recvn(sock, 20))
+        recvn(sock, ln)
+        if typ == 1 or typ & (1 << 31):
+            return typ
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+recvn(s, 18)
+s.sendall(struct.pack(">I", 3))
+assert opt(s, 5) == 1, "STARTTLS refused"
+ctx = ssl.create_default_context(cafile=creds + "/ca-cert.pem")
+ctx.load_cert_chain(creds + "/client-cert.pem", creds + "/client-key.pem")
+# Debian's Python lets OpenSSL take a cut for a clean end unless told otherwise.
+ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+t = ctx.wrap_socket(s, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+assert opt(t, 7, struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)) == 1, "GO refused"
+t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 1, 0, 0))
+try:
+    rest = t.recv(1)
+except ssl.SSLEOFError as e:
+    print("the session was cut without close_notify:", e)
+    sys.exit(3)
+print("clean end" if rest == b"" else "data after NBD_CMD_DISC")
+sys.exit(0 if rest == b"" else 4)
+"#;
+
+/// `NBD_CMD_DISC` over TLS ends with `close_notify`: the client can tell a clean end from a
+/// connection cut in the middle (a truncation attack, or a crash).
+#[test]
+fn a_clean_tls_disconnect_ends_with_close_notify() {
+    need("openssl");
+    need("python3");
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    let certs = tempfile::tempdir().unwrap();
+    let (server, client, _) = certificates(certs.path());
+    let flags = tls_flags(&server, true);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let d = Daemon::start(dir, store, &flags);
+    let port = d.port.to_string();
+    let out = run("python3", &["-c", CLEAN_END_CLIENT, &port, &client.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
     assert_eq!(d.stop().0, 0);
 }

@@ -78,6 +78,23 @@ impl Registry {
     }
 }
 
+/// The origin a TCP client counts under for fairness: its IPv4 address (also when it comes
+/// as an IPv4-mapped IPv6 address), or its IPv6 /64. One IPv6 host usually holds a whole /64,
+/// so counting full addresses would let it pass for 2^64 clients.
+fn origin_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
+    }
+}
+
 impl Server {
     /// Serves clients accepted on `listener` (TCP, with `TCP_NODELAY`) from a background thread.
     pub fn spawn_tcp(listener: TcpListener, provider: Arc<dyn ExportProvider>, limits: Limits) -> io::Result<Server> {
@@ -88,7 +105,7 @@ impl Server {
             s.set_nonblocking(false)?;
             s.set_nodelay(true)?;
             debug!(%peer, "accepted TCP connection");
-            Ok((s, format!("tcp:{peer}"), peer.ip().to_string()))
+            Ok((s, format!("tcp:{peer}"), origin_of(peer.ip())))
         })
     }
 
@@ -319,5 +336,21 @@ impl ExportProvider for ForClient<'_> {
             )));
         }
         self.inner.open_for(name, client)
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_of;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(origin_of(ip("192.0.2.7")), "192.0.2.7");
+        assert_eq!(origin_of(ip("::ffff:192.0.2.7")), "192.0.2.7");
+        assert_eq!(origin_of(ip("2001:db8:1:2::1")), "2001:db8:1:2::/64");
+        assert_eq!(origin_of(ip("2001:db8:1:2:ffff:1:2:3")), origin_of(ip("2001:db8:1:2::9")));
+        assert_ne!(origin_of(ip("2001:db8:1:2::1")), origin_of(ip("2001:db8:1:3::1")));
+        assert_eq!(origin_of(ip("::1")), "::/64");
     }
 }

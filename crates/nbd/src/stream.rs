@@ -21,6 +21,11 @@ pub trait NbdStream: Read + Write + Send + Sized {
     fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Shuts down one or both directions; wakes threads blocked on the stream.
     fn shutdown_stream(&self, how: Shutdown) -> io::Result<()>;
+    /// Tells the peer the session ends cleanly, if the stream has a way to (TLS's
+    /// `close_notify`); a plain socket has nothing to say.
+    fn end_session(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl NbdStream for TcpStream {
@@ -101,15 +106,24 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
 /// forever (a Unix socket even restarts it inside one `send`). So each `send` is given at most
 /// [`DEADLINE_STEP`] bytes and the reply's age is checked between them: the whole reply is
 /// bounded, at the cost of a system call per 256 KiB, not per write.
+///
+/// During the handshake the handshake's own deadline bounds every write as well: a client
+/// that sends options and never reads the replies is dropped when its handshake time is up,
+/// not a reply timeout later.
 pub(crate) struct DeadlineWriter<S> {
     inner: S,
     limit: Duration,
     /// When the reply being written started; `None` between replies.
     busy_since: Option<Instant>,
+    /// The handshake's deadline, while it lasts.
+    handshake_deadline: Option<Instant>,
 }
 
 impl<S: Write> Write for DeadlineWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.handshake_deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake did not end in time"));
+        }
         let since = *self.busy_since.get_or_insert_with(Instant::now);
         if since.elapsed() > self.limit {
             return Err(io::Error::new(
@@ -164,8 +178,18 @@ pub fn serve_connection_then<S: NbdStream>(
             Some(tls) => match tls.accept(sock, deadline) {
                 Ok(tls_stream) => {
                     debug!(client_auth = tls.client_auth(), "TLS established");
+                    let mut ender = tls_stream.clone_stream()?;
                     match run(tls_stream, Some(state), provider, &limits, deadline, session_started) {
-                        Ok(Flow::Done) => Ok(()),
+                        Ok(Flow::Done) => {
+                            // A clean end (NBD_CMD_DISC, NBD_OPT_ABORT) gets TLS's close_notify,
+                            // so the client can tell it from a cut connection. Bounded: a
+                            // client that stopped reading must not hold the thread.
+                            let _ = ender.set_write_deadline(Some(CLOSE_NOTIFY_TIMEOUT));
+                            if let Err(e) = ender.end_session() {
+                                debug!("close_notify not sent: {e}");
+                            }
+                            Ok(())
+                        }
                         Ok(Flow::StartTls(..)) => Err(NbdError::Protocol("a second TLS upgrade".into())),
                         Err(e) => Err(e),
                     }
@@ -180,6 +204,9 @@ pub fn serve_connection_then<S: NbdStream>(
     let _ = closer.shutdown_stream(Shutdown::Both);
     result
 }
+
+/// The longest a clean TLS end waits to send its `close_notify`.
+const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A handshake that timed out says so.
 fn handshake_timeout(e: NbdError, limits: &Limits) -> NbdError {
@@ -214,14 +241,22 @@ fn run<S: NbdStream>(
     let tls_active = resumed.is_some();
     let control = parking_lot::Mutex::new(stream.clone_stream()?);
     let writer = stream.clone_stream()?;
-    control.lock().set_write_deadline(Some(limits.reply_timeout))?;
+    // Until the session starts, a send waits no longer than the handshake has left (the
+    // writer checks the deadline itself between sends).
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    control.lock().set_write_deadline(Some(left.min(limits.reply_timeout)))?;
     let mut reader = BufReader::with_capacity(
         STREAM_BUFFER,
         DeadlineReader { inner: stream, deadline: Some(deadline), armed: false },
     );
     let mut writer = BufWriter::with_capacity(
         STREAM_BUFFER,
-        DeadlineWriter { inner: writer, limit: limits.reply_timeout, busy_since: None },
+        DeadlineWriter {
+            inner: writer,
+            limit: limits.reply_timeout,
+            busy_since: None,
+            handshake_deadline: Some(deadline),
+        },
     );
     let state = match resumed {
         Some(state) => state,
@@ -243,6 +278,8 @@ fn run<S: NbdStream>(
         handshake::Outcome::Session(session) => {
             session_started();
             reader.set_deadline(None);
+            writer.get_mut().handshake_deadline = None;
+            control.lock().set_write_deadline(Some(limits.reply_timeout))?;
             let shut = || {
                 let _ = control.lock().shutdown_stream(Shutdown::Both);
             };

@@ -474,6 +474,31 @@ fn handshake_times_out() {
     assert!(matches!(join(t), Err(NbdError::HandshakeTimeout(_))));
 }
 
+#[test]
+fn a_client_that_never_reads_handshake_replies_is_dropped_at_the_handshake_deadline() {
+    // The reply timeout is long; only the handshake deadline can end this client in time.
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        reply_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+    c.greet(wire::FLAG_C_FIXED_NEWSTYLE);
+    // Options whose replies are never read, from another thread (once the server's replies
+    // fill the socket it stops reading, and these writes block until it closes).
+    let mut flood = c.s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let mut opt = wire::IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&wire::OPT_LIST.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        let many = opt.repeat(4096);
+        while flood.write_all(&many).is_ok() {}
+    });
+    assert!(matches!(join(t), Err(NbdError::HandshakeTimeout(_))));
+    drop(c);
+    writer.join().unwrap();
+}
+
 // ---------------------------------------------------------------- transmission
 
 #[test]

@@ -291,4 +291,9 @@ impl<S: NbdStream> NbdStream for TlsStream<S> {
     fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
         self.sock.shutdown_stream(how)
     }
+
+    fn end_session(&mut self) -> io::Result<()> {
+        self.shared.conn.lock().send_close_notify();
+        self.flush_records()
+    }
 }
