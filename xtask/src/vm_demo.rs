@@ -167,8 +167,27 @@ fn run_in(args: &VmDemoArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> R
     let du_growth = du(&demo.vdi.store)?.saturating_sub(du_before);
     let golden_used = check_growth(&mut demo, growth, du_growth)?;
     check_tree(&mut demo)?;
-    let round2 = boot_round(&demo, parallaxd, "round2", &names, &boot, &extra)?;
+    // With vhost-user, round 2 adds a guest booting from a snapshot of the first clone, served
+    // read-only (`VDI@SNAP`) beside the clone itself.
+    let (mut names2, mut extra2) = (names.clone(), extra.clone());
+    let reader = match transport {
+        Transport::Nbd => None,
+        Transport::VhostUser => {
+            let of = names.first().context("no guests")?.clone();
+            let sid = demo.vdi.text(&["snap", &of])?;
+            let reader = format!("snap-of-{of}");
+            let socket = sockets.join(format!("{reader}.sock"));
+            extra2.extend(["--vhost-user-blk".into(), format!("{}={of}@{sid}", socket.display()).into()]);
+            eprintln!("vm-demo: snapshot {sid} of {of}, served read-only to guest {reader}");
+            names2.push(reader.clone());
+            Some(reader)
+        }
+    };
+    let round2 = boot_round(&demo, parallaxd, "round2", &names2, &boot, &extra2)?;
+    let (snap_guest, round2): (Vec<Outcome>, Vec<Outcome>) =
+        round2.into_iter().partition(|o| Some(&o.name) == reader.as_ref());
     check_consoles(&mut demo, &round2, "MARKER-FOUND");
+    check_consoles(&mut demo, &snap_guest, "SNAPSHOT-READ-ONLY");
     print_summary(n, &round1, &round2, growth, du_growth, golden_used);
     if !demo.failures.is_empty() {
         bail!("{} check(s) failed:\n  {}", demo.failures.len(), demo.failures.join("\n  "));

@@ -190,7 +190,9 @@ for m in $(cat /modules.order); do
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
-if ! mount -t ext4 /dev/vda /newroot; then
+# A read-only disk (a snapshot) is mounted read-only; without replaying a journal, which
+# would be a write.
+if ! mount -t ext4 /dev/vda /newroot 2>/dev/null && ! mount -t ext4 -o ro,noload /dev/vda /newroot; then
     echo "VM-DEMO-FAIL: cannot mount /dev/vda"
     poweroff -f
 fi
@@ -199,7 +201,9 @@ umount /sys /proc
 exec switch_root /newroot /sbin/init
 "#;
 
-/// The golden image's /sbin/init: leave a marker on first boot, report it on the next.
+/// The golden image's /sbin/init: leave a marker on first boot, report it on the next. A guest
+/// named `snap-of-NAME` boots from a snapshot of NAME's clone, read-only: it finds NAME's
+/// marker and no other, and cannot write.
 pub const ROOT_INIT: &str = r#"#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -209,6 +213,21 @@ for a in $(cat /proc/cmdline); do
     case "$a" in parallax.name=*) NAME="${a#parallax.name=}" ;; esac
 done
 [ -n "$NAME" ] || NAME=$(hostname)
+case "$NAME" in
+snap-of-*)
+    OF="${NAME#snap-of-}"
+    ok=1
+    [ "$(cat /sys/block/vda/ro)" = 1 ] || { echo "VM-DEMO-FAIL: /dev/vda is not read-only"; ok=; }
+    [ "$(cat "/marker-$OF" 2>/dev/null)" = "$OF" ] || { echo "VM-DEMO-FAIL: /marker-$OF is not in the snapshot"; ok=; }
+    others=$(ls / | grep '^marker-' | grep -v "^marker-$OF\$" | tr '\n' ' ')
+    [ -z "$others" ] || { echo "VM-DEMO-FAIL: other markers in the snapshot: $others"; ok=; }
+    if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null; then
+        echo "VM-DEMO-FAIL: a write to the snapshot succeeded"; ok=
+    fi
+    [ -z "$ok" ] || echo "SNAPSHOT-READ-ONLY $NAME"
+    poweroff -f
+    ;;
+esac
 if [ -e "/marker-$NAME" ]; then
     echo "MARKER-FOUND $NAME"
 else
