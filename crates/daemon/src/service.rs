@@ -65,6 +65,7 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
     let mut servers = Vec::new();
     if let Some(tls) = &config.nbd_limits.tls
+        && (config.nbd.is_some() || config.nbd_socket.is_some())
         && tls.client_auth()
         && !tls.required()
     {

@@ -107,9 +107,13 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
 /// [`DEADLINE_STEP`] bytes and the reply's age is checked between them: the whole reply is
 /// bounded, at the cost of a system call per 256 KiB, not per write.
 ///
-/// During the handshake the handshake's own deadline bounds every write as well: a client
-/// that sends options and never reads the replies is dropped when its handshake time is up,
-/// not a reply timeout later.
+/// During the handshake the handshake's own deadline bounds the writes as well: a client that
+/// sends options and never reads the replies is dropped about when its handshake time is up,
+/// not a reply timeout later. Each send may block only for what the handshake has left, and
+/// at least [`HANDSHAKE_REPLY_GRACE`]; a reply still being written that long after the
+/// deadline fails. The server's own time (opening an export for `NBD_OPT_GO` may wait for a
+/// previous writer) is not charged to the client: a reply begun after the deadline still gets
+/// its grace.
 pub(crate) struct DeadlineWriter<S> {
     inner: S,
     limit: Duration,
@@ -119,12 +123,17 @@ pub(crate) struct DeadlineWriter<S> {
     handshake_deadline: Option<Instant>,
 }
 
-impl<S: Write> Write for DeadlineWriter<S> {
+impl<S: NbdStream> Write for DeadlineWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.handshake_deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake did not end in time"));
-        }
         let since = *self.busy_since.get_or_insert_with(Instant::now);
+        if let Some(deadline) = self.handshake_deadline {
+            let now = Instant::now();
+            if now >= deadline && now.duration_since(since.max(deadline)) >= HANDSHAKE_REPLY_GRACE {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not take its handshake replies"));
+            }
+            let left = deadline.saturating_duration_since(now).max(HANDSHAKE_REPLY_GRACE).min(self.limit);
+            self.inner.set_write_deadline(Some(left))?;
+        }
         if since.elapsed() > self.limit {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -140,6 +149,10 @@ impl<S: Write> Write for DeadlineWriter<S> {
         Ok(())
     }
 }
+
+/// How long a handshake reply may still take to be sent once the handshake's deadline has
+/// passed (or once it began, if it began after the deadline).
+const HANDSHAKE_REPLY_GRACE: Duration = Duration::from_secs(1);
 
 /// Most bytes handed to one `send` by [`DeadlineWriter`].
 const DEADLINE_STEP: usize = 256 << 10;
@@ -241,10 +254,8 @@ fn run<S: NbdStream>(
     let tls_active = resumed.is_some();
     let control = parking_lot::Mutex::new(stream.clone_stream()?);
     let writer = stream.clone_stream()?;
-    // Until the session starts, a send waits no longer than the handshake has left (the
-    // writer checks the deadline itself between sends).
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    control.lock().set_write_deadline(Some(left.min(limits.reply_timeout)))?;
+    // Until the session starts the writer bounds each send by what the handshake has left.
+    control.lock().set_write_deadline(Some(limits.reply_timeout))?;
     let mut reader = BufReader::with_capacity(
         STREAM_BUFFER,
         DeadlineReader { inner: stream, deadline: Some(deadline), armed: false },

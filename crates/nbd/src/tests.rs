@@ -40,6 +40,11 @@ impl ExportProvider for TestExports {
         if name == "busy" {
             return Err(OpenError::Refused("open for writing elsewhere".into()));
         }
+        if name == "slow-open" {
+            // As the daemon waiting for a previous writer to let go.
+            thread::sleep(SLOW_OPEN);
+            return self.open("disk");
+        }
         self.disks.get(name).cloned().ok_or_else(|| OpenError::Unknown(format!("no export {name:?}")))
     }
 }
@@ -472,6 +477,23 @@ fn handshake_times_out() {
     assert!(c.closed());
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(matches!(join(t), Err(NbdError::HandshakeTimeout(_))));
+}
+
+/// How long opening the export `slow-open` takes.
+const SLOW_OPEN: Duration = Duration::from_millis(600);
+
+#[test]
+fn the_server_taking_its_time_to_open_an_export_does_not_cost_the_client_its_handshake() {
+    // The open alone outlasts the handshake time; the client did nothing slow.
+    let limits = Limits { handshake_timeout: Duration::from_millis(300), ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+    let (size, _) = c.go("slow-open", false, false);
+    assert_eq!(size, DISK_SIZE);
+    c.req(wire::CMD_READ, 0, 1, 0, 4096, &[]);
+    assert_eq!(c.simple(), (0, 1));
+    c.read_n(4096);
+    c.disc();
+    assert!(join(t).is_ok());
 }
 
 #[test]
