@@ -30,8 +30,13 @@ fuzz_target!(|data: &[u8]| {
             let _ = store.write(&format!("{back}/{k}"), v);
         }
     }
-    if let Ok(r) = RingRequest::read(&store, front) {
-        assert!(!r.ring_refs.is_empty() && r.ring_refs.len() <= 16);
+    // The backend offered 4 queues: a request that parses names 1..=4 of them, each with a
+    // ring of 1..=16 pages.
+    if let Ok(r) = RingRequest::read(&store, front, 4) {
+        assert!((1..=4).contains(&r.queues.len()));
+        for q in &r.queues {
+            assert!(!q.ring_refs.is_empty() && q.ring_refs.len() <= 16);
+        }
     }
     let _ = BackendConfig::read(&store, back, 7);
 });
