@@ -102,6 +102,9 @@ pub struct Flags {
     /// Request queues offered on each vhost-user-blk device [default: 2].
     #[arg(long, value_name = "N")]
     pub vhost_user_queues: Option<usize>,
+    /// Requests of one vhost-user-blk queue executed at once (threads per queue) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub vhost_user_workers: Option<usize>,
 }
 
 /// The same settings as a TOML file.
@@ -132,6 +135,7 @@ struct FileConfig {
     tls_required: Option<bool>,
     vhost_user_blk: Option<Vec<String>>,
     vhost_user_queues: Option<usize>,
+    vhost_user_workers: Option<usize>,
 }
 
 /// A snapshot schedule and its retention.
@@ -176,6 +180,8 @@ pub struct Config {
     pub vhost_user_blk: Vec<(PathBuf, String)>,
     /// Request queues of each vhost-user-blk device.
     pub vhost_user_queues: usize,
+    /// Requests of one vhost-user-blk queue executed at once.
+    pub vhost_user_workers: usize,
 }
 
 fn duration(s: &str, what: &str) -> Result<Duration> {
@@ -277,6 +283,7 @@ impl Config {
                 list.iter().map(|s| vhost_user_blk(s)).collect::<Result<Vec<_>>>()?
             },
             vhost_user_queues: flags.vhost_user_queues.or(file.vhost_user_queues).unwrap_or(2).clamp(1, 64),
+            vhost_user_workers: flags.vhost_user_workers.or(file.vhost_user_workers).unwrap_or(4).clamp(1, 64),
             nbd_limits: {
                 let d = nbd::Limits::default();
                 let mib = |flag: Option<u64>, key: Option<u64>| flag.or(key).map(|m| m.saturating_mul(1 << 20));

@@ -95,6 +95,7 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         });
         let opts = vhostblk::ServerOptions {
             queues: config.vhost_user_queues,
+            workers_per_queue: config.vhost_user_workers,
             serial: export.chars().take(20).collect(),
             ..vhostblk::ServerOptions::default()
         };

@@ -6,15 +6,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use blockdev::BlockDevice;
+use crossbeam_channel::{Receiver, Sender};
 use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
+use crate::ServerOptions;
 use crate::request::{self, Buffers, ID_LEN, SECTOR, Segment};
+use crate::workers::{Completion, Job, Workers};
 
 // Feature bits (virtio 1.2 §5.2.3 and §6).
 const F_SEG_MAX: u64 = 1 << 2;
@@ -34,12 +37,21 @@ const CONFIG_LEN: usize = 60;
 /// Largest discard or write-zeroes range in one segment, in sectors.
 const MAX_ZERO_SECTORS: u32 = (1 << 30) / SECTOR as u32;
 
+/// Most queues a device offers.
+const MAX_QUEUES: usize = 64;
+/// Most request threads per queue.
+const MAX_WORKERS_PER_QUEUE: usize = 64;
+/// Most request threads of one device, whatever its queues.
+const MAX_WORKERS: usize = 128;
+
 /// A virtio-blk device for one VMM connection.
 pub struct BlkBackend {
     dev: Arc<dyn BlockDevice>,
     queues: usize,
     queue_size: usize,
-    serial: Vec<u8>,
+    serial: Arc<[u8]>,
+    /// The threads a queue's requests run on, side by side.
+    workers: Workers,
     event_idx: AtomicBool,
     mem: parking_lot::RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
     /// One per queue thread: notified to end it.
@@ -52,18 +64,22 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    /// A backend serving `dev` on `queues` queues of at most `queue_size` descriptors;
-    /// `serial` is the GET_ID answer (cut to 20 bytes).
-    pub fn new(dev: Arc<dyn BlockDevice>, queues: usize, queue_size: usize, serial: &str) -> io::Result<BlkBackend> {
-        let queues = queues.clamp(1, 64);
+    /// A backend serving `dev` as `opts` describe: `opts.queues` queues of at most
+    /// `opts.queue_size` descriptors, `opts.workers_per_queue` threads per queue executing
+    /// requests, and `opts.serial` as the GET_ID answer (cut to 20 bytes).
+    pub fn new(dev: Arc<dyn BlockDevice>, opts: &ServerOptions) -> io::Result<BlkBackend> {
+        let queues = opts.queues.clamp(1, MAX_QUEUES);
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
+        let serial: Arc<[u8]> = opts.serial.as_bytes()[..opts.serial.len().min(ID_LEN)].into();
+        let workers = (queues * opts.workers_per_queue.clamp(1, MAX_WORKERS_PER_QUEUE)).min(MAX_WORKERS);
         Ok(BlkBackend {
+            workers: Workers::spawn(workers, dev.clone(), serial.clone())?,
             dev,
             queues,
-            queue_size: queue_size.clamp(16, 1024).next_power_of_two(),
-            serial: serial.as_bytes()[..serial.len().min(ID_LEN)].to_vec(),
+            queue_size: opts.queue_size.clamp(16, 1024).next_power_of_two(),
+            serial,
             event_idx: AtomicBool::new(false),
             mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             exits,
@@ -130,41 +146,144 @@ impl BlkBackend {
     }
 
     fn serve_queue_busy(&self, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self.mem.read().memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let err = |e: virtio_queue::Error| io::Error::other(format!("virtqueue: {e}"));
         let mut state = vring.get_mut();
+        let mut flight = InFlight::new();
+        let result = self.serve_available(&mut state, event_idx, &mut flight);
+        // However serving ended, every request handed to a worker is finished before the queue
+        // is let go: after `stop` nothing writes to the device, and nothing completes into a
+        // ring that was reset. (After an error the ring is not touched again.)
+        flight.wait_all();
+        result
+    }
+
+    /// Takes the available chains and keeps them executing on the workers, adding each to the
+    /// used ring as it completes and taking new ones meanwhile, until nothing is available or
+    /// in flight (and, with event indexes, nothing arrived while notifications were off).
+    fn serve_available(&self, state: &mut Vring, event_idx: bool, flight: &mut InFlight) -> io::Result<()> {
         loop {
             if event_idx {
-                state.disable_notification().map_err(err)?;
+                state.disable_notification().map_err(queue_err)?;
             }
-            let chains: Vec<_> = state.get_queue_mut().iter(mem.clone()).map_err(err)?.collect();
-            for chain in &chains {
-                let mut b = Buffers::default();
-                for d in chain.clone() {
-                    let s = Segment { addr: d.addr(), len: d.len() };
-                    if d.is_write_only() {
-                        b.writable.push(s);
-                    } else if b.writable.is_empty() {
-                        b.readable.push(s);
-                    } else {
-                        // A readable buffer after a writable one breaks the layout rule: with
-                        // no header the request fails, and its status byte says so.
-                        b.readable.clear();
-                        break;
-                    }
+            loop {
+                if !self.stopping.load(Ordering::Acquire) {
+                    self.take_available(state, event_idx, flight)?;
                 }
-                let used = request::execute(&*self.dev, &*mem, &b, &self.serial);
-                state.add_used(chain.head_index(), used).map_err(err)?;
+                if flight.count == 0 {
+                    break;
+                }
+                // Wait for one request to finish, then return every one finished by now and
+                // notify the driver once for all of them.
+                for done in flight.next_completions() {
+                    state.add_used(done.head, done.used).map_err(queue_err)?;
+                }
+                signal(state, event_idx)?;
             }
-            if !chains.is_empty() && (!event_idx || state.needs_notification().map_err(err)?) {
-                state.signal_used_queue()?;
+            if self.stopping.load(Ordering::Acquire) {
+                return Ok(());
             }
             // With event indexes, go on until the driver has added nothing since notifications
             // were turned back on, so no request waits for a kick that will not come.
-            if !event_idx || !state.enable_notification().map_err(err)? {
+            if !event_idx || !state.enable_notification().map_err(queue_err)? {
                 return Ok(());
             }
+        }
+    }
+
+    /// Takes every chain the driver has made available: a lone request with nothing else in
+    /// flight runs right here (no hand-off on the latency path, and it is returned at once);
+    /// otherwise each goes to a worker.
+    fn take_available(&self, state: &mut Vring, event_idx: bool, flight: &mut InFlight) -> io::Result<()> {
+        loop {
+            let mem = self.mem.read().memory();
+            let chains: Vec<_> = state.get_queue_mut().iter(mem.clone()).map_err(queue_err)?.collect();
+            match chains.as_slice() {
+                [] => return Ok(()),
+                [chain] if flight.count == 0 => {
+                    let used = request::execute(&*self.dev, &*mem, &buffers_of(chain), &self.serial);
+                    state.add_used(chain.head_index(), used).map_err(queue_err)?;
+                    signal(state, event_idx)?;
+                }
+                chains => {
+                    let shared = mem.into_inner();
+                    for chain in chains {
+                        let job = Job::new(chain.head_index(), buffers_of(chain), shared.clone(), flight.done.clone());
+                        self.workers.submit(job);
+                        flight.count += 1;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A queue's state, as the queue's lock hands it out.
+type Vring = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+fn queue_err(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e}"))
+}
+
+/// Notifies the driver of used requests, unless event indexes say it does not want it yet.
+fn signal(state: &mut Vring, event_idx: bool) -> io::Result<()> {
+    if !event_idx || state.needs_notification().map_err(queue_err)? {
+        state.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+/// The buffers of one descriptor chain, in the order the device reads and writes them.
+fn buffers_of<M: Clone + std::ops::Deref<Target = GuestMemoryMmap>>(chain: &DescriptorChain<M>) -> Buffers {
+    let mut b = Buffers::default();
+    for d in chain.clone() {
+        let s = Segment { addr: d.addr(), len: d.len() };
+        if d.is_write_only() {
+            b.writable.push(s);
+        } else if b.writable.is_empty() {
+            b.readable.push(s);
+        } else {
+            // A readable buffer after a writable one breaks the layout rule: with no header
+            // the request fails, and its status byte says so.
+            b.readable.clear();
+            break;
+        }
+    }
+    b
+}
+
+/// The requests one queue thread has handed to the workers and not yet returned.
+struct InFlight {
+    count: usize,
+    done: Sender<Completion>,
+    completions: Receiver<Completion>,
+}
+
+impl InFlight {
+    fn new() -> Self {
+        let (done, completions) = crossbeam_channel::unbounded();
+        InFlight { count: 0, done, completions }
+    }
+
+    /// Waits for one completion (there must be a request in flight), then takes every other
+    /// one already there.
+    fn next_completions(&mut self) -> Vec<Completion> {
+        debug_assert!(self.count > 0);
+        // `self.done` keeps the channel open, and every job sends its completion.
+        let Ok(first) = self.completions.recv() else {
+            self.count = 0;
+            return Vec::new();
+        };
+        let mut all = vec![first];
+        all.extend(self.completions.try_iter());
+        self.count -= all.len();
+        all
+    }
+
+    /// Waits until every request handed out has completed.
+    fn wait_all(&mut self) {
+        while self.count > 0 {
+            self.next_completions();
         }
     }
 }
@@ -246,5 +365,162 @@ impl VhostUserBackend for BlkBackend {
         };
         self.serve_queue(vring)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use blockdev::{DevError, DevResult, Extent, MemDisk};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const QUEUE_SIZE: u16 = 32;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    /// A disk whose reads wait until `needed` of them are running at once, and fail if that
+    /// does not happen within a few seconds; a read of `panic_at` panics instead.
+    struct Rendezvous {
+        disk: MemDisk,
+        needed: usize,
+        panic_at: Option<u64>,
+        arrived: parking_lot::Mutex<usize>,
+        all_there: parking_lot::Condvar,
+    }
+
+    impl Rendezvous {
+        fn new(needed: usize, panic_at: Option<u64>) -> Self {
+            let (arrived, all_there) = (parking_lot::Mutex::new(0), parking_lot::Condvar::new());
+            Rendezvous { disk: MemDisk::new(1 << 20), needed, panic_at, arrived, all_there }
+        }
+    }
+
+    impl BlockDevice for Rendezvous {
+        fn size(&self) -> u64 {
+            self.disk.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+            assert_ne!(Some(offset), self.panic_at, "a device bug");
+            let mut n = self.arrived.lock();
+            *n += 1;
+            self.all_there.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while *n < self.needed {
+                if self.all_there.wait_until(&mut n, deadline).timed_out() {
+                    return Err(DevError::Io(format!("only {} of {} reads ran at once", *n, self.needed)));
+                }
+            }
+            drop(n);
+            self.disk.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+            self.disk.write_at(offset, data, fua)
+        }
+        fn flush(&self) -> DevResult<()> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+            self.disk.discard(offset, len)
+        }
+        fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+            self.disk.extents(offset, len)
+        }
+    }
+
+    fn buffer_of(request: u64) -> u64 {
+        0x10000 + request * 0x2000
+    }
+
+    /// Writes `count` 4 KiB reads (request `i` at block `i`) into a split queue in `mem`, as a
+    /// driver would: a header, a data buffer and a status byte (0xff until written) each.
+    fn queue_reads(mem: &GuestMemoryMmap, count: u16, event_idx: bool) -> VringRwLock {
+        let desc = |at: u16, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(DESC + 16 * u64::from(at))).unwrap();
+        };
+        for i in 0..count {
+            let (base, head) = (buffer_of(u64::from(i)), 3 * i);
+            let mut header = [0u8; 16];
+            header[8..16].copy_from_slice(&(u64::from(i) * 8).to_le_bytes());
+            mem.write_slice(&header, GuestAddress(base)).unwrap();
+            mem.write_slice(&[0xff], GuestAddress(base + 0x20)).unwrap();
+            desc(head, base, 16, F_NEXT, head + 1);
+            desc(head + 1, base + 0x1000, 4096, F_NEXT | F_WRITE, head + 2);
+            desc(head + 2, base + 0x20, 1, F_WRITE, 0);
+            mem.write_slice(&head.to_le_bytes(), GuestAddress(AVAIL + 4 + 2 * u64::from(i))).unwrap();
+        }
+        mem.write_slice(&count.to_le_bytes(), GuestAddress(AVAIL + 2)).unwrap();
+        let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    /// The used ring: (head, length) of each entry, in order.
+    fn used(mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        (0..u64::from(idx))
+            .map(|i| {
+                let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * i)).unwrap();
+                (u16::try_from(id).unwrap(), len)
+            })
+            .collect()
+    }
+
+    fn status(mem: &GuestMemoryMmap, request: u64) -> u8 {
+        mem.read_obj(GuestAddress(buffer_of(request) + 0x20)).unwrap()
+    }
+
+    fn serve(dev: Rendezvous, workers_per_queue: usize, reads: u16, event_idx: bool) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let opts = ServerOptions { queues: 1, workers_per_queue, ..ServerOptions::default() };
+        let backend = BlkBackend::new(Arc::new(dev), &opts).unwrap();
+        backend.set_event_idx(event_idx);
+        backend.update_memory(GuestMemoryAtomic::new(mem.clone())).unwrap();
+        let vring = queue_reads(&mem, reads, event_idx);
+        backend.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
+        mem
+    }
+
+    #[test]
+    fn requests_in_flight_on_one_queue_run_side_by_side() {
+        for event_idx in [false, true] {
+            // Each read completes only once four run at once: served one after another, the
+            // first would wait for the others and fail.
+            let mem = serve(Rendezvous::new(4, None), 4, 4, event_idx);
+            let mut used = used(&mem);
+            used.sort_unstable();
+            assert_eq!(used, [(0, 4097), (3, 4097), (6, 4097), (9, 4097)], "event_idx {event_idx}");
+            for r in 0..4 {
+                assert_eq!(status(&mem, r), 0, "request {r}, event_idx {event_idx}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_device_panic_fails_its_request_and_the_queue_goes_on() {
+        // Eight reads on two workers; the read of block 5 panics.
+        let mem = serve(Rendezvous::new(1, Some(5 * 4096)), 2, 8, false);
+        assert_eq!(used(&mem).len(), 8);
+        for r in 0..8 {
+            assert_eq!(status(&mem, r), if r == 5 { 1 } else { 0 }, "request {r}");
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! `vm-memory`.
 //!
 //! Requests (virtio 1.2 §5.2.6): IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES; any
-//! descriptor layout; several queues, each served by its own thread.
+//! descriptor layout; several queues, each served by its own thread, and the requests in flight
+//! on a queue executed side by side on a pool of workers.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@
 mod backend;
 mod request;
 mod server;
+mod workers;
 
 pub use backend::BlkBackend;
 pub use server::{OpenDevice, Server, ServerOptions};

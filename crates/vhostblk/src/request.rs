@@ -1,8 +1,10 @@
 //! One virtio-blk request (virtio 1.2 §5.2.6): its header, data and status byte, found in the
 //! guest's memory in whatever descriptor layout the driver chose, and executed on the device.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use blockdev::{BlockDevice, DevError};
-use tracing::debug;
+use tracing::{debug, warn};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 /// The unit of `sector` in a request header.
@@ -120,7 +122,12 @@ pub(crate) fn execute<M: Bytes<GuestAddress>>(dev: &dyn BlockDevice, mem: &M, b:
         debug!("virtio-blk request without room for a status byte; dropped");
         return 0;
     }
-    let (status, data) = match run(dev, mem, b, writable - 1, serial) {
+    // A device that panics fails this request, not the queue (nor the worker) serving it.
+    let outcome = catch_unwind(AssertUnwindSafe(|| run(dev, mem, b, writable - 1, serial))).unwrap_or_else(|_| {
+        warn!("the device panicked executing a virtio-blk request; it fails with an I/O error");
+        Err(S_IOERR)
+    });
+    let (status, data) = match outcome {
         Ok(data) => (S_OK, data),
         Err(status) => (status, 0),
     };

@@ -27,6 +27,9 @@ pub trait OpenDevice: Send + Sync {
 pub struct ServerOptions {
     /// Request queues (the guest may use fewer); each is served by its own thread.
     pub queues: usize,
+    /// Threads executing each queue's requests side by side (the requests a driver keeps in
+    /// flight on one queue run concurrently up to this many).
+    pub workers_per_queue: usize,
     /// Most descriptors per queue.
     pub queue_size: usize,
     /// The disk's serial number (GET_ID; at most 20 bytes are used).
@@ -35,7 +38,7 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { queues: 2, queue_size: 256, serial: String::new() }
+        ServerOptions { queues: 2, workers_per_queue: 4, queue_size: 256, serial: String::new() }
     }
 }
 
@@ -134,7 +137,7 @@ fn serve(
                 continue;
             }
         };
-        let backend = match BlkBackend::new(dev, opts.queues, opts.queue_size, &opts.serial) {
+        let backend = match BlkBackend::new(dev, opts) {
             Ok(b) => Arc::new(b),
             Err(e) => {
                 warn!(socket = %where_, error = %e, "could not set up the device");
