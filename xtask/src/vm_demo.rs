@@ -5,9 +5,11 @@
 //! second boot finds the markers. See docs/vm-demo.md.
 
 pub mod bench;
+mod bench_host;
 mod guest;
 pub(crate) mod image;
 pub(crate) mod setup;
+mod vhost_client;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -50,8 +50,9 @@ pub struct BlkBackend {
     queues: usize,
     queue_size: usize,
     serial: Arc<[u8]>,
-    /// The threads a queue's requests run on, side by side.
-    workers: Workers,
+    /// The threads a queue's requests run on, side by side; none with one request at a time
+    /// per queue (then they run on the queue's thread).
+    workers: Option<Workers>,
     event_idx: AtomicBool,
     mem: parking_lot::RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
     /// One per queue thread: notified to end it.
@@ -73,9 +74,13 @@ impl BlkBackend {
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         let serial: Arc<[u8]> = opts.serial.as_bytes()[..opts.serial.len().min(ID_LEN)].into();
-        let workers = (queues * opts.workers_per_queue.clamp(1, MAX_WORKERS_PER_QUEUE)).min(MAX_WORKERS);
+        let per_queue = opts.workers_per_queue.clamp(1, MAX_WORKERS_PER_QUEUE);
+        let workers = match per_queue {
+            1 => None,
+            n => Some(Workers::spawn((queues * n).min(MAX_WORKERS), dev.clone(), serial.clone())?),
+        };
         Ok(BlkBackend {
-            workers: Workers::spawn(workers, dev.clone(), serial.clone())?,
+            workers,
             dev,
             queues,
             queue_size: opts.queue_size.clamp(16, 1024).next_power_of_two(),
@@ -190,30 +195,32 @@ impl BlkBackend {
         }
     }
 
-    /// Takes every chain the driver has made available: a lone request with nothing else in
-    /// flight runs right here (no hand-off on the latency path, and it is returned at once);
+    /// Takes every chain the driver has made available. A lone request with nothing else in
+    /// flight runs right here (no hand-off on the latency path, and it is returned at once), and
+    /// so does every request of a backend without workers (one request at a time per queue);
     /// otherwise each goes to a worker.
     fn take_available(&self, state: &mut Vring, event_idx: bool, flight: &mut InFlight) -> io::Result<()> {
         loop {
             let mem = self.mem.read().memory();
             let chains: Vec<_> = state.get_queue_mut().iter(mem.clone()).map_err(queue_err)?.collect();
-            match chains.as_slice() {
-                [] => return Ok(()),
-                [chain] if flight.count == 0 => {
+            if chains.is_empty() {
+                return Ok(());
+            }
+            let lone = chains.len() == 1 && flight.count == 0;
+            let Some(workers) = self.workers.as_ref().filter(|_| !lone) else {
+                for chain in &chains {
                     let used = request::execute(&*self.dev, &*mem, &buffers_of(chain), &self.serial);
                     state.add_used(chain.head_index(), used).map_err(queue_err)?;
-                    signal(state, event_idx)?;
                 }
-                chains => {
-                    let shared = mem.into_inner();
-                    for chain in chains {
-                        let job = Job::new(chain.head_index(), buffers_of(chain), shared.clone(), flight.done.clone());
-                        self.workers.submit(job);
-                        flight.count += 1;
-                    }
-                    return Ok(());
-                }
+                signal(state, event_idx)?;
+                continue;
+            };
+            let shared = mem.into_inner();
+            for chain in &chains {
+                workers.submit(Job::new(chain.head_index(), buffers_of(chain), shared.clone(), flight.done.clone()));
+                flight.count += 1;
             }
+            return Ok(());
         }
     }
 }
@@ -516,11 +523,14 @@ mod tests {
 
     #[test]
     fn a_device_panic_fails_its_request_and_the_queue_goes_on() {
-        // Eight reads on two workers; the read of block 5 panics.
-        let mem = serve(Rendezvous::new(1, Some(5 * 4096)), 2, 8, false);
-        assert_eq!(used(&mem).len(), 8);
-        for r in 0..8 {
-            assert_eq!(status(&mem, r), if r == 5 { 1 } else { 0 }, "request {r}");
+        // Eight reads, on the queue's thread (one worker per queue) and on two workers; the
+        // read of block 5 panics.
+        for workers in [1, 2] {
+            let mem = serve(Rendezvous::new(1, Some(5 * 4096)), workers, 8, false);
+            assert_eq!(used(&mem).len(), 8, "{workers} worker(s)");
+            for r in 0..8 {
+                assert_eq!(status(&mem, r), if r == 5 { 1 } else { 0 }, "request {r}, {workers} worker(s)");
+            }
         }
     }
 }

@@ -28,7 +28,8 @@ pub struct ServerOptions {
     /// Request queues (the guest may use fewer); each is served by its own thread.
     pub queues: usize,
     /// Threads executing each queue's requests side by side (the requests a driver keeps in
-    /// flight on one queue run concurrently up to this many).
+    /// flight on one queue run concurrently up to this many); 1 runs them one after another on
+    /// the queue's own thread.
     pub workers_per_queue: usize,
     /// Most descriptors per queue.
     pub queue_size: usize,

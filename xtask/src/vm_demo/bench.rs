@@ -28,6 +28,13 @@ pub struct BenchVhostArgs {
     /// Do not install missing packages with apt; fail instead.
     #[arg(long)]
     pub no_install: bool,
+    /// Drive the servers from a host-side vhost-user client instead of booting a guest: fixed
+    /// queue depths and request sizes, IOPS per row (no emulated CPU in the way).
+    #[arg(long)]
+    pub host_client: bool,
+    /// With --host-client: seconds per row.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub seconds: u64,
 }
 
 /// The bench guest's /sbin/init: time a read of the whole disk and a synced 16 MiB write, from
@@ -83,6 +90,9 @@ pub fn run(args: &BenchVhostArgs) -> Result<()> {
     setup::ensure_packages(args.no_install)?;
     let bins = sys::release_binaries(&["daemon", "cli"], &["parallaxd", "vdi"], args.no_build)?;
     let dir = tempfile::Builder::new().prefix("parallax-bench-vhost-").tempdir().context("cannot create a temp dir")?;
+    if args.host_client {
+        return super::bench_host::run_in(args, &bins[0], &bins[1], dir.path());
+    }
     run_in(args, &bins[0], &bins[1], dir.path())
 }
 
@@ -156,10 +166,10 @@ fn boot_one(
 }
 
 /// qemu-storage-daemon exporting a qcow2 image over vhost-user-blk.
-struct QemuStorageDaemon(Child);
+pub(super) struct QemuStorageDaemon(Child);
 
 impl QemuStorageDaemon {
-    fn start(image: &Path, socket: &Path, work: &Path) -> Result<QemuStorageDaemon> {
+    pub(super) fn start(image: &Path, socket: &Path, work: &Path) -> Result<QemuStorageDaemon> {
         let log = std::fs::File::create(work.join("qsd.log")).context("qsd log")?;
         let mut c = Command::new("qemu-storage-daemon");
         c.args(["--blockdev", &format!("driver=file,node-name=file,filename={}", image.display())]);
@@ -188,13 +198,13 @@ impl QemuStorageDaemon {
         Ok(d)
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
