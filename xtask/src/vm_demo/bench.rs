@@ -35,6 +35,10 @@ pub struct BenchVhostArgs {
     /// With --host-client: seconds per row.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub seconds: u64,
+    /// With --host-client: run only the rows whose name contains this (repeatable), e.g.
+    /// `--row "1 MiB"`.
+    #[arg(long)]
+    pub row: Vec<String>,
 }
 
 /// The bench guest's /sbin/init: time a read of the whole disk and a synced 16 MiB write, from

@@ -49,7 +49,13 @@ pub(super) fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, wo
     let id = vdi.text(&["create", "golden"])?;
     vdi.text(&["fill", &id, &golden.to_string_lossy()])?;
     let snap = vdi.text(&["snap", &id])?;
-    let rows = rows(Duration::from_secs(args.seconds));
+    let mut rows = rows(Duration::from_secs(args.seconds));
+    if !args.row.is_empty() {
+        rows.retain(|(what, _)| args.row.iter().any(|r| what.contains(r.as_str())));
+        if rows.is_empty() {
+            bail!("no row matches --row {:?}", args.row);
+        }
+    }
     // figures[server][row] = IOPS of each round.
     let mut figures = vec![vec![Vec::new(); rows.len()]; SERVERS.len()];
     for round in 1..=args.runs {
