@@ -105,12 +105,7 @@ fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) 
     let kernel = image::fetch_kernel(&sys::release_dir().with_file_name("vm-demo"))?;
     let initrd = image::build_initramfs(&kernel, work)?;
     let golden = image::build_rootfs(work, IMAGE_SIZE, BENCH_INIT)?;
-    let run_dir = work.join("run");
-    std::fs::create_dir(&run_dir).context("cannot create the run dir")?;
-    let vdi = Vdi { bin: vdi_bin.to_path_buf(), store: work.join("blockstore.dat"), run_dir };
-    let id = vdi.text(&["create", "golden"])?;
-    vdi.text(&["fill", &id, &golden.to_string_lossy()])?;
-    let snap = vdi.text(&["snap", &id])?;
+    let (vdi, snap) = golden_store(vdi_bin, work, &golden)?;
     let names: Vec<String> = (1..=runs).map(|k| format!("bench-{k}")).collect();
     for name in &names {
         vdi.text(&["create", name, "--from", &snap])?;
@@ -146,6 +141,18 @@ fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) 
     daemon.stop()?;
     print_table(runs, &px, &qsd);
     Ok(())
+}
+
+/// A store in `work` holding VDI `golden` filled from the image `golden` and snapshotted;
+/// returns the store and the snapshot's id, to clone from.
+pub(super) fn golden_store(vdi_bin: &Path, work: &Path, golden: &Path) -> Result<(Vdi, String)> {
+    let run_dir = work.join("run");
+    std::fs::create_dir(&run_dir).context("cannot create the run dir")?;
+    let vdi = Vdi { bin: vdi_bin.to_path_buf(), store: work.join("blockstore.dat"), run_dir };
+    let id = vdi.text(&["create", "golden"])?;
+    vdi.text(&["fill", &id, &golden.to_string_lossy()])?;
+    let snap = vdi.text(&["snap", &id])?;
+    Ok((vdi, snap))
 }
 
 /// Boots guest `name` with its disk on `sockets/NAME.sock` and reads its figures.

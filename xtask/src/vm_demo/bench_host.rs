@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::Vdi;
-use super::bench::{BenchVhostArgs, QemuStorageDaemon, median};
+use super::bench::{BenchVhostArgs, QemuStorageDaemon, golden_store, median};
 use super::vhost_client::{Client, Workload};
 use crate::parallaxd::Daemon;
 use crate::sys;
@@ -43,12 +42,7 @@ const SERVERS: [&str; 3] = ["parallaxd", "parallaxd, 1 worker/queue", "qemu-stor
 pub(super) fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) -> Result<()> {
     let golden = work.join("golden.raw");
     write_random(&golden, DISK)?;
-    let run_dir = work.join("run");
-    std::fs::create_dir(&run_dir).context("cannot create the run dir")?;
-    let vdi = Vdi { bin: vdi_bin.to_path_buf(), store: work.join("blockstore.dat"), run_dir };
-    let id = vdi.text(&["create", "golden"])?;
-    vdi.text(&["fill", &id, &golden.to_string_lossy()])?;
-    let snap = vdi.text(&["snap", &id])?;
+    let (vdi, snap) = golden_store(vdi_bin, work, &golden)?;
     let mut rows = rows(Duration::from_secs(args.seconds));
     if !args.row.is_empty() {
         rows.retain(|(what, _)| args.row.iter().any(|r| what.contains(r.as_str())));
