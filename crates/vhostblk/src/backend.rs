@@ -264,27 +264,32 @@ struct InFlight {
     count: usize,
     done: Sender<Completion>,
     completions: Receiver<Completion>,
+    /// The completions taken by the last [`InFlight::next_completions`], kept to reuse its
+    /// allocation on every wake-up.
+    ready: Vec<Completion>,
 }
 
 impl InFlight {
     fn new() -> Self {
         let (done, completions) = crossbeam_channel::unbounded();
-        InFlight { count: 0, done, completions }
+        InFlight { count: 0, done, completions, ready: Vec::new() }
     }
 
     /// Waits for one completion (there must be a request in flight), then takes every other
     /// one already there.
-    fn next_completions(&mut self) -> Vec<Completion> {
+    fn next_completions(&mut self) -> &[Completion] {
         debug_assert!(self.count > 0);
+        self.ready.clear();
         // `self.done` keeps the channel open, and every job sends its completion.
-        let Ok(first) = self.completions.recv() else {
-            self.count = 0;
-            return Vec::new();
-        };
-        let mut all = vec![first];
-        all.extend(self.completions.try_iter());
-        self.count -= all.len();
-        all
+        match self.completions.recv() {
+            Ok(first) => {
+                self.ready.push(first);
+                self.ready.extend(self.completions.try_iter());
+                self.count -= self.ready.len();
+            }
+            Err(_) => self.count = 0,
+        }
+        &self.ready
     }
 
     /// Waits until every request handed out has completed.

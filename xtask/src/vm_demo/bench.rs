@@ -126,12 +126,7 @@ fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, work: &Path) 
     for name in &names {
         px.push(boot_one(&kernel, &initrd, work, &px_sockets, "parallaxd", name)?);
         let overlay = work.join(format!("{name}.qcow2"));
-        sys::run(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(&golden)
-                .arg(&overlay),
-        )?;
+        qcow2_overlay(&golden, &overlay)?;
         let mut server = QemuStorageDaemon::start(&overlay, &qsd_sockets.join(format!("{name}.sock")), work)?;
         let f = boot_one(&kernel, &initrd, work, &qsd_sockets, "qsd", name);
         server.stop();
@@ -153,6 +148,14 @@ pub(super) fn golden_store(vdi_bin: &Path, work: &Path, golden: &Path) -> Result
     vdi.text(&["fill", &id, &golden.to_string_lossy()])?;
     let snap = vdi.text(&["snap", &id])?;
     Ok((vdi, snap))
+}
+
+/// Creates `overlay`, a qcow2 image whose backing file is the raw image `golden`.
+pub(super) fn qcow2_overlay(golden: &Path, overlay: &Path) -> Result<()> {
+    sys::run(
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(golden).arg(overlay),
+    )?;
+    Ok(())
 }
 
 /// Boots guest `name` with its disk on `sockets/NAME.sock` and reads its figures.

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::bench::{BenchVhostArgs, QemuStorageDaemon, golden_store, median};
+use super::bench::{BenchVhostArgs, QemuStorageDaemon, golden_store, median, qcow2_overlay};
 use super::vhost_client::{Client, Workload};
 use crate::parallaxd::Daemon;
-use crate::sys;
 
 /// The golden image's size.
 const DISK: u64 = 256 << 20;
@@ -57,38 +56,26 @@ pub(super) fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, wo
             let name = format!("r{round}-s{s}");
             let socket = work.join(format!("{name}.sock"));
             eprintln!("xtask: bench-vhost --host-client: round {round}, {server}");
-            let mut stop: Box<dyn FnMut() -> Result<()>> = if s < 2 {
-                vdi.text(&["create", &name, "--from", &snap])?;
-                let mut extra: Vec<String> = vec!["--vhost-user-blk".into(), format!("{}={name}", socket.display())];
-                if s == 1 {
-                    extra.extend(["--vhost-user-workers".into(), "1".into()]);
-                }
-                let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
-                let log = work.join(format!("parallaxd-{name}.log"));
-                let mut d = Some(Daemon::start(parallaxd, &vdi.store, &vdi.run_dir, &log, &extra)?);
-                Box::new(move || match d.take() {
-                    Some(mut d) => {
-                        d.check_alive()?;
-                        d.stop()
+            let server = match s {
+                0 | 1 => {
+                    vdi.text(&["create", &name, "--from", &snap])?;
+                    let mut extra: Vec<String> =
+                        vec!["--vhost-user-blk".into(), format!("{}={name}", socket.display())];
+                    if s == 1 {
+                        extra.extend(["--vhost-user-workers".into(), "1".into()]);
                     }
-                    None => Ok(()),
-                })
-            } else {
-                let overlay = work.join(format!("{name}.qcow2"));
-                sys::run(
-                    std::process::Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                        .arg(&golden)
-                        .arg(&overlay),
-                )?;
-                let mut q = QemuStorageDaemon::start(&overlay, &socket, work)?;
-                Box::new(move || {
-                    q.stop();
-                    Ok(())
-                })
+                    let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+                    let log = work.join(format!("parallaxd-{name}.log"));
+                    Server::Parallaxd(Daemon::start(parallaxd, &vdi.store, &vdi.run_dir, &log, &extra)?)
+                }
+                _ => {
+                    let overlay = work.join(format!("{name}.qcow2"));
+                    qcow2_overlay(&golden, &overlay)?;
+                    Server::QemuStorageDaemon(QemuStorageDaemon::start(&overlay, &socket, work)?)
+                }
             };
             let measured = measure(&socket, &golden, &rows, round.into());
-            stop()?;
+            server.stop()?;
             for (r, iops) in measured?.into_iter().enumerate() {
                 figures[s][r].push(iops);
             }
@@ -96,6 +83,28 @@ pub(super) fn run_in(args: &BenchVhostArgs, parallaxd: &Path, vdi_bin: &Path, wo
     }
     print_table(args, &rows, &figures);
     Ok(())
+}
+
+/// One of the servers, running.
+enum Server {
+    Parallaxd(Daemon),
+    QemuStorageDaemon(QemuStorageDaemon),
+}
+
+impl Server {
+    /// Stops it; parallaxd must still be running and stop cleanly.
+    fn stop(self) -> Result<()> {
+        match self {
+            Server::Parallaxd(mut d) => {
+                d.check_alive()?;
+                d.stop()
+            }
+            Server::QemuStorageDaemon(mut q) => {
+                q.stop();
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Connects to `socket`, checks that the disk reads as the golden image (a sample of 64
