@@ -10,6 +10,8 @@
 //!   parallaxd under ring guests; `cargo xtask bench-ring [--quick]`: the ring beside NBD.
 
 mod big_delete;
+mod ceph;
+mod cluster;
 mod crash_states;
 mod fio;
 mod fuzz;
@@ -70,6 +72,9 @@ enum Command {
     BigDelete(big_delete::BigDeleteArgs),
     /// What frequent snapshots cost: `vdi snap` latency, fio with 10 ms snapshots, snap-list and check.
     BenchSnapshots(snapshots::BenchSnapshotsArgs),
+    /// A throwaway Ceph cluster and parallaxd hosts on one store in RADOS: serve, SIGKILL,
+    /// take over, hand over, all verified; then fio beside qemu-nbd on RBD (docs/performance.md).
+    Cluster(cluster::ClusterArgs),
     /// The README's test command: install what the tests drive (as root), then `cargo test --workspace`.
     Test(setup::TestArgs),
     /// Install the release binaries, man pages, completions, the systemd unit and a sample config.
@@ -136,6 +141,7 @@ fn main() -> ExitCode {
         Command::BigDelete(a) => big_delete::run(&a),
         Command::BenchSnapshots(a) => snapshots::run(&a),
         Command::Test(a) => setup::run(&a),
+        Command::Cluster(a) => cluster::run(&a),
         Command::Install(a) => install::run(&a),
         Command::Man(a) => install::run_man(&a),
     };

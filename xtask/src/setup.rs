@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the README's test command. Installs what the tests drive (Debian
-//! packages, when run as root and something is missing), then runs `cargo test --workspace`.
+//! packages, when run as root and something is missing), starts a throwaway Ceph cluster for
+//! the RADOS tests, then runs `cargo test --workspace`.
 //! A tool that is missing and cannot be installed fails the run with the command to install it:
 //! no test is skipped for want of a tool.
 
@@ -48,7 +49,10 @@ pub fn setup() -> Result<()> {
     if !on_path("qemu-system-x86_64") {
         crate::vm_demo::setup::ensure_packages(false)?;
     }
-    let mut missing: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    // The RADOS tests run against a throwaway Ceph cluster (crate::ceph).
+    let all = || TOOLS.iter().chain(crate::ceph::TOOLS);
+    let mut missing: Vec<&str> = all().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         eprintln!("xtask: every tool the tests drive is installed");
@@ -88,7 +92,7 @@ pub fn setup() -> Result<()> {
         args.extend(missing.iter().copied());
         apt(&args)?;
     }
-    let still: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(t, _)| *t).collect();
+    let still: Vec<&str> = all().filter(|(t, _)| !on_path(t)).map(|(t, _)| *t).collect();
     if !still.is_empty() {
         bail!("still missing after installing: {}", still.join(", "));
     }
@@ -101,9 +105,19 @@ pub fn run(a: &TestArgs) -> Result<()> {
     if a.setup_only {
         return Ok(());
     }
+    // The RADOS backend's tests (the engine's model and crash states on RADOS, the lease) run
+    // against a throwaway cluster that lives as long as this run.
+    let dir = std::env::temp_dir().join(format!("parallax-test-ceph-{}", std::process::id()));
+    let ceph = crate::ceph::Ceph::start(&dir, crate::ceph::ObjectStore::Memstore, false)?;
+    ceph.create_pool("parallax-test")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st =
-        Command::new(cargo).args(["test", "--workspace"]).args(&a.cargo_args).status().context("running cargo test")?;
+    let st = Command::new(cargo)
+        .args(["test", "--workspace"])
+        .args(&a.cargo_args)
+        .env("PARALLAX_TEST_CEPH_CONF", &ceph.conf)
+        .status()
+        .context("running cargo test")?;
+    drop(ceph);
     if !st.success() {
         bail!("cargo test --workspace failed ({st})");
     }

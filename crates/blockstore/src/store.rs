@@ -97,7 +97,9 @@ pub struct BlockStore {
     groups_start: u64,
     end_block: Arc<AtomicU64>,
     recovery: Recovery,
-    _lock: Option<File>,
+    /// What keeps other processes off the medium while the store is open: a file lock, or
+    /// a lease ([`BlockStore::hold`]); dropped last.
+    _lock: Option<Box<dyn Send + Sync>>,
 }
 
 /// A set of metadata changes that is applied together or not at all, in the manner of redb's
@@ -437,8 +439,14 @@ impl BlockStore {
             Some(c) if !exists || empty => BlockStore::create(backend, c, opts)?,
             _ => BlockStore::open(backend, opts)?,
         };
-        store._lock = Some(lock_file);
+        store._lock = Some(Box::new(lock_file));
         Ok(store)
+    }
+
+    /// Keeps `holder` — a lock or lease that keeps other writers off the medium — for as long
+    /// as the store is open; it is dropped after everything else of the store.
+    pub fn hold(&mut self, holder: Box<dyn Send + Sync>) {
+        self._lock = Some(holder);
     }
 
     /// What opening the store found and repaired from the journal.

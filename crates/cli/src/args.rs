@@ -35,10 +35,22 @@ Exit status: 0 success, 1 'no' (validate found a difference, check found problem
 #[command(name = "vdi", version, about = "Manage the VDIs (virtual disk images) of a Parallax block store")]
 #[command(after_help = TOP_HELP, propagate_version = true)]
 pub struct Cli {
-    /// The block store file or device.
+    /// The block store: a file or device, or `rados:POOL[/NAMESPACE]` in a Ceph cluster.
     #[arg(long, global = true, env = "PARALLAX_STORE", default_value = DEFAULT_STORE, value_name = "PATH",
           value_hint = ValueHint::FilePath, display_order = 100)]
     pub store: PathBuf,
+
+    /// With a `rados:` store: the cluster's ceph.conf [default: librados' search, /etc/ceph/ceph.conf].
+    #[arg(long, global = true, env = "PARALLAX_CEPH_CONF", value_name = "FILE", display_order = 103)]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// With a `rados:` store: the Ceph client id, without `client.` [default: admin].
+    #[arg(long, global = true, env = "PARALLAX_CEPH_ID", value_name = "ID", display_order = 104)]
+    pub ceph_id: Option<String>,
+
+    /// With a `rados:` store: this host's name in the store's lease [default: the host name].
+    #[arg(long, global = true, env = "PARALLAX_HOST", value_name = "NAME", display_order = 105)]
+    pub host: Option<String>,
 
     /// Wait for another process using the store instead of failing at once.
     #[arg(long, global = true, display_order = 101)]
@@ -158,6 +170,12 @@ pub enum Command {
     /// Check the whole store's consistency (exit 1 if problems are found).
     #[command(after_help = "Examples:\n  vdi check\n  vdi check --repair     # fix reference counts and leaks")]
     Check(CheckArgs),
+    /// Take a store in RADOS over from the host holding its lease, at once: fence that host
+    /// (blocklist it in the cluster, so nothing more it writes lands) and break its lease.
+    #[command(after_help = "Example:\n  vdi --store rados:vms takeover && parallaxd --store rados:vms\n\n\
+                            For a host known dead, or hung; without it another host may open the store only \
+                            when the dead host's lease runs out (parallaxd --lease, 15s by default).")]
+    Takeover,
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  vdi completions bash > /etc/bash_completion.d/vdi\n  \
                             vdi completions zsh > \"${fpath[1]}/_vdi\"\n  vdi completions fish > ~/.config/fish/completions/vdi.fish")]
@@ -184,7 +202,8 @@ impl Command {
             | Command::ImportDiff(_)
             | Command::Rename(_)
             | Command::Delete(_)
-            | Command::SnapDelete(_) => true,
+            | Command::SnapDelete(_)
+            | Command::Takeover => true,
             Command::Check(c) => c.repair,
             Command::List(_)
             | Command::Validate(_)

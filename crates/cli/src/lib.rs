@@ -181,10 +181,21 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
             Err(f) => report(&mut stderr, &f),
         };
     }
+    let ceph = rados::RadosOptions {
+        ceph: rados::CephOptions { conf: cli.ceph_conf.clone(), id: cli.ceph_id.clone() },
+        host: cli.host.clone().unwrap_or_else(rados::local_host_name),
+        ..rados::RadosOptions::default()
+    };
+    if let Command::Takeover = cli.command {
+        return match store::take_over(&cli.store, &ceph, &mut stdout) {
+            Ok(code) => code,
+            Err(f) => report(&mut stderr, &f),
+        };
+    }
     if let Some(code) = control::try_forward(&cli.store, args.get(1..).unwrap_or_default()) {
         return code;
     }
-    let opened = match store::open(&cli.store, &cli.command, cli.wait, &mut stderr) {
+    let opened = match store::open_with(&cli.store, &cli.command, cli.wait, &ceph, &mut stderr) {
         Ok(o) => o,
         Err(f) => return report(&mut stderr, &f),
     };

@@ -42,6 +42,21 @@ fn create_options(init: Option<&InitArgs>) -> Result<CreateOptions, Failure> {
 
 /// Opens the store at `path` as `command` needs it. Recovery warnings go to `err`.
 pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> Result<Opened, Failure> {
+    open_with(path, command, wait, &rados::RadosOptions::default(), err)
+}
+
+/// [`open`], reaching a `rados:` store with `ceph`.
+pub fn open_with(
+    path: &Path,
+    command: &Command,
+    wait: bool,
+    ceph: &rados::RadosOptions,
+    err: &mut dyn Write,
+) -> Result<Opened, Failure> {
+    if let Some(loc) = path.to_str().and_then(rados::RadosLocation::parse) {
+        let loc = loc.map_err(|e| Failure::user(e.to_string()))?;
+        return open_rados(&loc, command, ceph, err);
+    }
     let shown = path.display();
     let meta = std::fs::metadata(path).ok();
     // An empty file, or a block device whose superblock area is zeros, may be made a store.
@@ -107,10 +122,71 @@ pub fn open(path: &Path, command: &Command, wait: bool, err: &mut dyn Write) -> 
     Ok(Opened { reg, created: !exists, was_empty_file: empty })
 }
 
+/// Opens a store in RADOS: shared for reading, exclusive for writing (the store's lease),
+/// created on first use by the commands that make things.
+fn open_rados(
+    loc: &rados::RadosLocation,
+    command: &Command,
+    ceph: &rados::RadosOptions,
+    err: &mut dyn Write,
+) -> Result<Opened, Failure> {
+    let init = match command {
+        Command::Init(a) => Some(a),
+        _ => None,
+    };
+    let create = if command.creates_store() || init.is_some() { Some(create_options(init)?) } else { None };
+    let opts = OpenOptions { read_only: !command.writes(), wait_for_lock: false, ..OpenOptions::default() };
+    let (store, created) = match rados::open_store(loc, ceph, &opts, create.as_ref()) {
+        Ok(s) => s,
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && create.is_none() => {
+            return Err(Failure::user(format!("no store at {loc}: `vdi --store {loc} create NAME` makes one there")));
+        }
+        Err(e) => return Err(Failure::from(e).context(format!("cannot open the store {loc}"))),
+    };
+    if init.is_some() && !created {
+        return Err(Failure::user(format!("{loc} already holds a store; `vdi init` only creates new stores")));
+    }
+    for w in &store.recovery().warnings {
+        let _ = writeln!(err, "vdi: warning: {loc}: {w}");
+    }
+    let reg = Registry::open(Arc::new(store))
+        .map_err(|e| Failure::from(e).context(format!("cannot read the VDIs of {loc}")))?;
+    Ok(Opened { reg, created, was_empty_file: false })
+}
+
+/// `vdi takeover`: fences whoever holds the lease of the RADOS store at `path` and breaks it.
+pub fn take_over(path: &Path, ceph: &rados::RadosOptions, out: &mut dyn Write) -> Result<i32, Failure> {
+    let loc = match path.to_str().and_then(rados::RadosLocation::parse) {
+        Some(l) => l.map_err(|e| Failure::user(e.to_string()))?,
+        None => {
+            return Err(Failure::user(format!(
+                "{} is a file store: its lock goes with the process holding it; `vdi takeover` is for \
+                 stores in RADOS (--store rados:POOL[/NAMESPACE])",
+                path.display()
+            )));
+        }
+    };
+    let fail = |e: rados::RadosError| Failure::from(StoreError::io(format!("taking over {loc}"), e.into_io()));
+    let cluster = rados::Cluster::connect(&ceph.ceph).map_err(fail)?;
+    let pool = cluster.pool(&loc.pool, loc.namespace.as_deref()).map_err(fail)?;
+    let fenced = rados::lease::take_over(&pool).map_err(fail)?;
+    if fenced.is_empty() {
+        let _ = writeln!(out, "nobody holds {loc}: nothing to take over");
+    }
+    for l in &fenced {
+        let host = l.cookie.rsplit_once('/').map_or(l.cookie.as_str(), |(h, _)| h);
+        let _ = writeln!(out, "fenced host {host} ({} at {}) and broke its lease on {loc}", l.client, l.address);
+    }
+    Ok(0)
+}
+
 /// Removes a store this run created, after the command that needed it failed: a failed first
 /// `vdi create` leaves nothing behind. A file that existed empty is emptied again.
 pub fn remove_new_store(path: &Path, was_empty_file: bool) {
     use std::os::unix::fs::{FileExt, FileTypeExt};
+    if path.to_str().is_some_and(|p| p.starts_with(rados::RadosLocation::PREFIX)) {
+        return; // An empty store in RADOS is left: its objects are the pool's, not a file of ours.
+    }
     let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
     if is_device {
         // Blank the superblock area again, as it was.

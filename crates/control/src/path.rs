@@ -47,8 +47,12 @@ pub fn control_socket_path(store: &Path) -> PathBuf {
 
 /// The control socket of the store at `store`, in directory `dir`.
 pub fn control_socket_path_in(dir: &Path, store: &Path) -> PathBuf {
-    let canonical =
-        std::fs::canonicalize(store).or_else(|_| std::path::absolute(store)).unwrap_or_else(|_| store.to_path_buf());
+    // A store in RADOS (`rados:POOL[/NAMESPACE]`) is named the same from any directory.
+    let canonical = if store.as_os_str().as_bytes().starts_with(b"rados:") {
+        store.to_path_buf()
+    } else {
+        std::fs::canonicalize(store).or_else(|_| std::path::absolute(store)).unwrap_or_else(|_| store.to_path_buf())
+    };
     dir.join(format!("store-{:016x}.sock", fnv1a64(canonical.as_os_str().as_bytes())))
 }
 

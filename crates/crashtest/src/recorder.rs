@@ -29,14 +29,14 @@ pub enum Op {
 #[derive(Clone)]
 pub struct Recorder {
     /// The bytes a reader sees now (what was synced does not matter here: the log says).
-    medium: MemBackend,
+    medium: Arc<dyn Backend>,
     /// The log; its lock also orders each change with its entry.
     log: Arc<Mutex<Vec<Op>>>,
 }
 
 impl Default for Recorder {
     fn default() -> Self {
-        Recorder { medium: MemBackend::new(), log: Arc::default() }
+        Recorder::on(Arc::new(MemBackend::new()))
     }
 }
 
@@ -44,6 +44,12 @@ impl Recorder {
     /// An empty medium.
     pub fn new() -> Self {
         Recorder::default()
+    }
+
+    /// A recorder passing everything on to `medium` (a store in RADOS, say), which must be
+    /// empty: the log is all that was ever written to it.
+    pub fn on(medium: Arc<dyn Backend>) -> Self {
+        Recorder { medium, log: Arc::default() }
     }
 
     /// Number of operations logged so far: a position in the log.

@@ -120,7 +120,11 @@ impl Run {
     /// A new store on a recorder, with a small journal so commits and the release queue work
     /// hard.
     pub fn new(seed: u64, journal_slot_blocks: u64) -> Run {
-        let recorder = Recorder::new();
+        Run::on(Recorder::new(), seed, journal_slot_blocks)
+    }
+
+    /// [`Run::new`] on the medium `recorder` passes its writes to.
+    pub fn on(recorder: Recorder, seed: u64, journal_slot_blocks: u64) -> Run {
         let create = CreateOptions { journal_slot_blocks, max_blocks: 0 };
         let store = BlockStore::create(Arc::new(recorder.clone()), &create, &OpenOptions::default())
             .expect("creating the recorded store");
@@ -392,7 +396,11 @@ impl Run {
 /// blocks, overwrites in place with a flush and a FUA write, two VDIs written and flushed by concurrent threads, an import, and unflushed writes
 /// at the end.
 pub fn standard(seed: u64, journal_slot_blocks: u64) -> Run {
-    let mut r = Run::new(seed, journal_slot_blocks);
+    standard_on(Run::new(seed, journal_slot_blocks))
+}
+
+/// [`standard`] on the run `r` (a store on another medium).
+pub fn standard_on(mut r: Run) -> Run {
     let blocks = 1024;
     let g = r.create("golden", blocks);
     for i in 0..12 {

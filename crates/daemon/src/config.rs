@@ -17,9 +17,23 @@ use serde::Deserialize;
     after_help = "Examples:\n  parallaxd --store /var/lib/parallax/blockstore.dat\n  parallaxd --store ./blockstore.dat --nbd 127.0.0.1:10809 --snapshot-every 10s --keep 60\n\nExports: each VDI by name and by id (read-write, one writer at a time) and each snapshot\nread-only as NAME@SNAPSHOT. `vdi` commands on the same store go through the daemon.\n\nLogging: PARALLAX_LOG sets the level or a filter (error, warn, info [default], debug, trace;\nor e.g. `info,nbd=debug`); logs go to stderr, coloured only on a terminal."
 )]
 pub struct Flags {
-    /// The block store (file or block device); created if missing.
+    /// The block store (file or block device, or `rados:POOL[/NAMESPACE]` in a Ceph
+    /// cluster); created if missing.
     #[arg(long, env = "PARALLAX_STORE", default_value = "blockstore.dat")]
     pub store: PathBuf,
+    /// With a `rados:` store: the cluster's ceph.conf [default: librados' search, /etc/ceph/ceph.conf].
+    #[arg(long, env = "PARALLAX_CEPH_CONF", value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// With a `rados:` store: the Ceph client id, without `client.` [default: admin].
+    #[arg(long, env = "PARALLAX_CEPH_ID", value_name = "ID")]
+    pub ceph_id: Option<String>,
+    /// With a `rados:` store: this host's name in the store's lease [default: the host name].
+    #[arg(long, env = "PARALLAX_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+    /// With a `rados:` store: how long the lease lasts unrenewed, i.e. how soon another host may
+    /// take over after this one dies [default: 15s; at least 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease: Option<Duration>,
     /// TCP address for NBD clients [default: 127.0.0.1:10809] ("none" to disable).
     #[arg(long)]
     pub nbd: Option<String>,
@@ -112,6 +126,10 @@ pub struct Flags {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     store: Option<PathBuf>,
+    ceph_conf: Option<PathBuf>,
+    ceph_id: Option<String>,
+    host: Option<String>,
+    lease: Option<String>,
     nbd: Option<String>,
     nbd_socket: Option<PathBuf>,
     ring_socket: Option<PathBuf>,
@@ -156,6 +174,8 @@ pub struct Schedule {
 pub struct Config {
     /// The block store.
     pub store: PathBuf,
+    /// How to reach a `rados:` store.
+    pub rados: rados::RadosOptions,
     /// TCP address for NBD, if any.
     pub nbd: Option<SocketAddr>,
     /// Unix socket for NBD, if any.
@@ -260,8 +280,22 @@ impl Config {
             keep: flags.keep.or(file.keep),
             keep_for,
         });
+        let lease = match (flags.lease, &file.lease) {
+            (Some(d), _) => d,
+            (None, Some(s)) => duration(s, "lease")?,
+            (None, None) => rados::lease::DEFAULT_LEASE,
+        };
+        if lease < Duration::from_secs(3) {
+            bail!("--lease {lease:?} is below the 3s minimum (it is renewed every third of it)");
+        }
+        let rados = rados::RadosOptions {
+            ceph: rados::CephOptions { conf: flags.ceph_conf.or(file.ceph_conf), id: flags.ceph_id.or(file.ceph_id) },
+            host: flags.host.or(file.host).unwrap_or_else(rados::local_host_name),
+            lease,
+        };
         Ok(Config {
             store,
+            rados,
             nbd,
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
             ring_socket: flags.ring_socket.or(file.ring_socket),

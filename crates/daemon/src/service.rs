@@ -24,7 +24,10 @@ pub type ControlHook = Box<dyn FnOnce(Arc<Registry>, Shutdown) -> Result<Option<
 /// A store this call created is removed again (an empty file it found is emptied again) if the
 /// daemon fails before it is ready: a start that fails (a port in use, say) leaves nothing behind.
 pub fn run(config: Config, stop: Shutdown, control: Option<ControlHook>) -> Result<()> {
-    let before = std::fs::metadata(&config.store).ok().map(|m| m.is_file() && m.len() == 0);
+    let in_rados = rados_location(&config)?.is_some();
+    // A store in RADOS is never removed: its objects are the pool's.
+    let before =
+        if in_rados { Some(false) } else { std::fs::metadata(&config.store).ok().map(|m| m.is_file() && m.len() == 0) };
     let mut ready = false;
     let result = serve(&config, stop, control, &mut ready);
     if result.is_err() && !ready {
@@ -43,10 +46,31 @@ pub fn run(config: Config, stop: Shutdown, control: Option<ControlHook>) -> Resu
     result
 }
 
+/// The store's RADOS location, if `--store` names one.
+fn rados_location(config: &Config) -> Result<Option<rados::RadosLocation>> {
+    Ok(match config.store.to_str().and_then(rados::RadosLocation::parse) {
+        Some(loc) => Some(loc?),
+        None => None,
+    })
+}
+
 fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &mut bool) -> Result<()> {
     let opts = OpenOptions { read_only: false, cache_blocks: config.cache_blocks, wait_for_lock: false };
-    let store = BlockStore::open_path(&config.store, &opts, Some(&CreateOptions::default()))
-        .with_context(|| format!("opening the store {}", config.store.display()))?;
+    let store = match rados_location(config)? {
+        Some(loc) => {
+            let (store, created) = rados::open_store(&loc, &config.rados, &opts, Some(&CreateOptions::default()))
+                .with_context(|| format!("opening the store {loc}"))?;
+            tracing::info!(
+                "{} the store {loc} as host {} (lease {:?})",
+                if created { "created" } else { "opened" },
+                config.rados.host,
+                config.rados.lease
+            );
+            store
+        }
+        None => BlockStore::open_path(&config.store, &opts, Some(&CreateOptions::default()))
+            .with_context(|| format!("opening the store {}", config.store.display()))?,
+    };
     for w in &store.recovery().warnings {
         tracing::warn!("{w}");
     }

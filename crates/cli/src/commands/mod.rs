@@ -109,6 +109,7 @@ pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
         Command::Diff(a) => diff::diff(ctx, a),
         Command::Check(a) => check::check(ctx, a),
         Command::Completions(a) => completions(ctx.out, a.shell),
+        Command::Takeover => Err(Failure::user("the store is open here already: there is nothing to take over")),
         Command::Names => names(ctx),
     }
 }

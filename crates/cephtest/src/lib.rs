@@ -1,0 +1,68 @@
+//! Test support for the RADOS backend: the Ceph cluster the tests run against.
+//!
+//! `cargo xtask test` starts a throwaway single-node cluster, creates the pool [`POOL`] and sets
+//! `PARALLAX_TEST_CEPH_CONF` for `cargo test`. Without a cluster a RADOS test fails, saying how
+//! to get one — unless `PARALLAX_SKIP_CEPH=1`, when it prints `SKIPPED` and passes (never in CI).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rados::{CephOptions, Cluster, Pool, RadosLocation, RadosOptions};
+
+/// The pool the tests use; `cargo xtask test` creates it.
+pub const POOL: &str = "parallax-test";
+
+/// The cluster named by `PARALLAX_TEST_CEPH_CONF`.
+#[derive(Debug, Clone)]
+pub struct TestCluster {
+    /// How to reach it.
+    pub ceph: CephOptions,
+}
+
+/// The test cluster. Without one: a panic saying how to get one, or with
+/// `PARALLAX_SKIP_CEPH=1` a `SKIPPED` line and `None` (the caller returns). `test` names the
+/// caller in the message.
+pub fn cluster(test: &str) -> Option<TestCluster> {
+    if let Some(conf) = std::env::var_os("PARALLAX_TEST_CEPH_CONF") {
+        return Some(TestCluster { ceph: CephOptions { conf: Some(PathBuf::from(conf)), id: None } });
+    }
+    let how = format!(
+        "{test} needs a Ceph cluster: `cargo xtask test` starts one, or set PARALLAX_TEST_CEPH_CONF to a \
+         cluster's ceph.conf with a pool named {POOL}"
+    );
+    if std::env::var("PARALLAX_SKIP_CEPH").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (PARALLAX_SKIP_CEPH=1): {how}");
+        return None;
+    }
+    panic!("{how}; or set PARALLAX_SKIP_CEPH=1 to skip the RADOS tests");
+}
+
+impl TestCluster {
+    /// A namespace no other test (or run) uses: `name-PID-N`.
+    pub fn fresh_namespace(&self, name: &str) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{name}-{}-{}-{nonce}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A store location in a fresh namespace, and options with `host` and a short lease.
+    pub fn fresh_store(&self, name: &str, host: &str) -> (RadosLocation, RadosOptions) {
+        let loc = RadosLocation { pool: POOL.into(), namespace: Some(self.fresh_namespace(name)) };
+        (loc, self.options(host))
+    }
+
+    /// Options for `host` on this cluster with a 6-second lease.
+    pub fn options(&self, host: &str) -> RadosOptions {
+        RadosOptions { ceph: self.ceph.clone(), host: host.into(), lease: Duration::from_secs(6) }
+    }
+
+    /// A new client connection to the pool, in `namespace`.
+    pub fn pool(&self, namespace: &str) -> Arc<Pool> {
+        let c = Cluster::connect(&self.ceph).expect("connecting to the test cluster");
+        Arc::new(c.pool(POOL, Some(namespace)).expect("opening the test pool"))
+    }
+}

@@ -1,0 +1,123 @@
+//! The RADOS store's lease: one writer at a time, readers kept off while it writes, and a
+//! writer that lost its lease fenced so nothing it still sends can land.
+
+use blockstore::{BLOCK_SIZE, BlockStore, CreateOptions, OpenOptions, StoreError};
+use rados::backend::HEADER_OBJECT;
+use rados::lease::{LEASE_LOCK, OWNER_XATTR};
+use rados::{LockMode, LockSpec, RadosLocation, RadosOptions, open_store};
+
+fn create(loc: &RadosLocation, opts: &RadosOptions) -> BlockStore {
+    let c = CreateOptions { journal_slot_blocks: 64, max_blocks: 0 };
+    let (s, created) = open_store(loc, opts, &OpenOptions::default(), Some(&c)).expect("create on RADOS");
+    assert!(created);
+    s
+}
+
+fn open(loc: &RadosLocation, opts: &RadosOptions, read_only: bool) -> blockstore::Result<BlockStore> {
+    open_store(loc, opts, &OpenOptions { read_only, ..OpenOptions::default() }, None).map(|(s, created)| {
+        assert!(!created);
+        s
+    })
+}
+
+/// Writes `byte` to a fresh data block and commits its allocation; returns the block.
+fn write_block(s: &BlockStore, byte: u8) -> blockstore::BlockAddr {
+    let mut t = s.begin().unwrap();
+    let a = t.alloc_data().unwrap();
+    t.finish().unwrap();
+    s.write_data(a, 0, &[byte; BLOCK_SIZE]).unwrap();
+    s.commit().unwrap();
+    a
+}
+
+fn read_block(s: &BlockStore, a: blockstore::BlockAddr) -> u8 {
+    let mut b = [0u8; BLOCK_SIZE];
+    s.read_data(a, 0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == b[0]));
+    b[0]
+}
+
+#[test]
+fn a_second_writer_or_a_reader_is_refused_while_the_lease_is_held() {
+    let Some(cluster) = cephtest::cluster("a_second_writer_or_a_reader_is_refused_while_the_lease_is_held") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("lease", "host-a");
+    let store = create(&loc, &a);
+    let b = cluster.options("host-b");
+    for read_only in [false, true] {
+        match open(&loc, &b, read_only) {
+            Err(StoreError::Locked { detail, .. }) => assert!(detail.contains("host host-a"), "{detail}"),
+            Err(e) => panic!("expected Locked, got {e}"),
+            Ok(_) => panic!("host-b opened a store host-a writes (read_only {read_only})"),
+        }
+    }
+    drop(store);
+    // Released on close: the next host opens at once, and two readers share it.
+    let r1 = open(&loc, &b, true).expect("reader after the writer closed");
+    let r2 = open(&loc, &a, true).expect("a second reader");
+    assert!(matches!(open(&loc, &b, false), Err(StoreError::Locked { .. })), "a writer beside readers");
+    drop((r1, r2));
+    open(&loc, &b, false).expect("a writer after the readers closed");
+}
+
+#[test]
+fn a_taken_over_writer_is_fenced_and_its_committed_data_kept() {
+    let Some(cluster) = cephtest::cluster("a_taken_over_writer_is_fenced_and_its_committed_data_kept") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("takeover", "host-a");
+    let old = create(&loc, &a);
+    let kept = write_block(&old, 0x11);
+    // host-b takes the store over while host-a is still running (a partition, a stall).
+    let pool = cluster.pool(loc.namespace.as_deref().unwrap());
+    let fenced = rados::lease::take_over(&pool).expect("take over");
+    assert_eq!(fenced.len(), 1, "{fenced:?}");
+    assert!(fenced[0].cookie.starts_with("host-a/"), "{fenced:?}");
+    let b = cluster.options("host-b");
+    let new = open(&loc, &b, false).expect("host-b opens after the takeover");
+    assert_eq!(read_block(&new, kept), 0x11, "host-a's committed block");
+    // host-a wakes and writes: the OSDs refuse it, and nothing of it reaches host-b's store.
+    let err = old.write_data(kept, 0, &[0x22; BLOCK_SIZE]).expect_err("a fenced writer wrote");
+    eprintln!("the fenced writer was refused, as it should be: {err}");
+    assert_eq!(read_block(&new, kept), 0x11, "the fenced writer's data landed");
+    let moved = write_block(&new, 0x33);
+    drop(new);
+    drop(old);
+    let again = open(&loc, &cluster.options("host-c"), false).unwrap();
+    assert_eq!((read_block(&again, kept), read_block(&again, moved)), (0x11, 0x33));
+}
+
+#[test]
+fn a_writer_that_died_holding_the_lease_is_fenced_by_the_next_one() {
+    let Some(cluster) = cephtest::cluster("a_writer_that_died_holding_the_lease_is_fenced_by_the_next_one") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("expiry", "host-a");
+    drop(create(&loc, &a));
+    // A writer that stopped renewing without letting go (SIGSTOP, a partition): its lock and
+    // owner record stay, as Lease::acquire leaves them, and its connection is still alive.
+    let ns = loc.namespace.clone().unwrap();
+    let zombie = cluster.pool(&ns);
+    let addr = zombie.cluster().address().unwrap();
+    let lease = std::time::Duration::from_secs(3);
+    let spec = LockSpec {
+        name: LEASE_LOCK,
+        mode: LockMode::Exclusive,
+        cookie: "host-a/1",
+        description: "host=host-a",
+        duration: lease,
+    };
+    zombie.lock(HEADER_OBJECT, &spec, false).unwrap();
+    zombie.set_xattr(HEADER_OBJECT, OWNER_XATTR, format!("host=host-a addr={addr}").as_bytes()).unwrap();
+    let b = cluster.options("host-b");
+    assert!(matches!(open(&loc, &b, false), Err(StoreError::Locked { .. })), "the lease is still running");
+    // Wait the lease out (a fixed span: the OSD expires the lock, nothing to wait on here).
+    std::thread::sleep(lease + std::time::Duration::from_millis(500));
+    let store = open(&loc, &b, false).expect("host-b after the lease ran out");
+    let kept = write_block(&store, 0x44);
+    let err = zombie.write(&rados::backend::data_object(kept.byte_offset() / rados::backend::OBJECT_SIZE), 0, b"x");
+    let errno = err.expect_err("the dead writer's client still writes").errno();
+    assert_eq!(errno, Some(libc::ESHUTDOWN), "blocklisted (EBLOCKLISTED)");
+    assert_eq!(read_block(&store, kept), 0x44);
+}

@@ -1,0 +1,182 @@
+//! The block store's medium on RADOS: its byte array cut into objects of [`OBJECT_SIZE`].
+//!
+//! Layout in the pool (and namespace):
+//! - `parallax.store`, the header object: no data; extended attributes
+//!   `parallax.format` (`"1"`), `parallax.object_size` (decimal bytes), `parallax.size` (the
+//!   medium's length, decimal bytes), and the lease ([`crate::lease`]).
+//! - `parallax.data.%016x`: bytes `[i * OBJECT_SIZE, (i + 1) * OBJECT_SIZE)` of the medium,
+//!   object `i`; absent or short objects read as zeros.
+//!
+//! What the store's commit protocol needs from a medium, and why RADOS gives it: a completed
+//! write must be durable (a RADOS write is acknowledged once it is committed on every replica,
+//! so `sync` has nothing left to do), and unsynced writes may be lost, reordered or torn at
+//! 512 bytes. RADOS is stricter: a write to one object is atomic and writes to one object are
+//! applied in order; a write that spans two objects is two writes, which may land one without
+//! the other — a tear at an object boundary, itself a multiple of 512. So every crash state
+//! RADOS can leave is one of those the crash-state suite already builds and checks.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use blockstore::Backend;
+use parking_lot::Mutex;
+
+use crate::client::Pool;
+use crate::error::{RadosError, Result};
+use crate::lease::LeaseClock;
+
+/// Bytes of the medium per data object (like RBD's default).
+pub const OBJECT_SIZE: u64 = 4 << 20;
+/// The header object.
+pub const HEADER_OBJECT: &str = "parallax.store";
+const FORMAT_XATTR: &str = "parallax.format";
+const OBJECT_SIZE_XATTR: &str = "parallax.object_size";
+const SIZE_XATTR: &str = "parallax.size";
+
+/// The data object holding medium bytes from `index * OBJECT_SIZE`.
+pub fn data_object(index: u64) -> String {
+    format!("parallax.data.{index:016x}")
+}
+
+/// A block store medium in a RADOS pool.
+pub struct RadosBackend {
+    pool: Arc<Pool>,
+    /// The medium's length, as `parallax.size` records it (this process is its only writer).
+    size: AtomicU64,
+    /// Serialises growing, so the recorded size only ever grows.
+    growing: Mutex<()>,
+    /// Writes stop when this says the lease is gone; `None` for a reader.
+    lease: Option<Arc<LeaseClock>>,
+}
+
+fn parse_u64(what: &str, v: &[u8]) -> Result<u64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| RadosError::BadHeader(format!("{what} is {:?}", String::from_utf8_lossy(v))))
+}
+
+impl RadosBackend {
+    /// Opens the medium in `pool`; `None` if there is none yet. Writes check `lease`.
+    pub fn open(pool: Arc<Pool>, lease: Option<Arc<LeaseClock>>) -> Result<Option<RadosBackend>> {
+        let Some(format) = pool.xattr(HEADER_OBJECT, FORMAT_XATTR)? else { return Ok(None) };
+        if format != b"1" {
+            return Err(RadosError::BadHeader(format!(
+                "format {:?} is not one this build knows (1)",
+                String::from_utf8_lossy(&format)
+            )));
+        }
+        let object_size = pool.xattr(HEADER_OBJECT, OBJECT_SIZE_XATTR)?.unwrap_or_default();
+        let object_size = parse_u64(OBJECT_SIZE_XATTR, &object_size)?;
+        if object_size != OBJECT_SIZE {
+            return Err(RadosError::BadHeader(format!(
+                "objects of {object_size} bytes; this build uses {OBJECT_SIZE}"
+            )));
+        }
+        let size = parse_u64(SIZE_XATTR, &pool.xattr(HEADER_OBJECT, SIZE_XATTR)?.unwrap_or_default())?;
+        Ok(Some(RadosBackend { pool, size: AtomicU64::new(size), growing: Mutex::new(()), lease }))
+    }
+
+    /// Makes an empty medium in `pool` (the format recorded last: a half-made header is "none").
+    pub fn create(pool: Arc<Pool>, lease: Option<Arc<LeaseClock>>) -> Result<RadosBackend> {
+        if let Some(l) = &lease {
+            l.check()?;
+        }
+        pool.set_xattr(HEADER_OBJECT, OBJECT_SIZE_XATTR, OBJECT_SIZE.to_string().as_bytes())?;
+        pool.set_xattr(HEADER_OBJECT, SIZE_XATTR, b"0")?;
+        pool.set_xattr(HEADER_OBJECT, FORMAT_XATTR, b"1")?;
+        Ok(RadosBackend { pool, size: AtomicU64::new(0), growing: Mutex::new(()), lease })
+    }
+
+    fn may_write(&self) -> io::Result<()> {
+        match &self.lease {
+            Some(l) => l.check().map_err(RadosError::into_io),
+            None => Err(io::Error::new(io::ErrorKind::PermissionDenied, "the store is open read-only")),
+        }
+    }
+}
+
+/// The object pieces of `[offset, offset + len)`: (object index, offset in it, bytes).
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize)> {
+    let end = offset + len as u64;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let index = at / OBJECT_SIZE;
+        let within = at % OBJECT_SIZE;
+        let n = (OBJECT_SIZE - within).min(end - at);
+        at += n;
+        Some((index, within, n as usize))
+    })
+}
+
+impl Backend for RadosBackend {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        for (index, within, n) in pieces(offset, buf.len()) {
+            let part = &mut buf[done..done + n];
+            let got = self.pool.read(&data_object(index), within, part).map_err(RadosError::into_io)?;
+            part[got..].fill(0);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.may_write()?;
+        let mut done = 0;
+        for (index, within, n) in pieces(offset, data.len()) {
+            self.pool.write(&data_object(index), within, &data[done..done + n]).map_err(RadosError::into_io)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // Every completed write is already durable on all replicas.
+        Ok(())
+    }
+
+    fn extend(&self, len: u64) -> io::Result<()> {
+        let _g = self.growing.lock();
+        if len <= self.size.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.may_write()?;
+        self.pool.set_xattr(HEADER_OBJECT, SIZE_XATTR, len.to_string().as_bytes()).map_err(RadosError::into_io)?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        // RADOS cannot reserve space; a full pool fails the write itself with ENOSPC/EDQUOT,
+        // which the store reports as "no space" and loses nothing by.
+        Ok(())
+    }
+
+    fn capacity(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_object_boundaries() {
+        let v: Vec<_> = pieces(OBJECT_SIZE - 512, 4096).collect();
+        assert_eq!(v, vec![(0, OBJECT_SIZE - 512, 512), (1, 0, 3584)]);
+        let v: Vec<_> = pieces(3 * OBJECT_SIZE, 4096).collect();
+        assert_eq!(v, vec![(3, 0, 4096)]);
+        assert_eq!(pieces(7, 0).count(), 0);
+        assert_eq!(data_object(0x1f), "parallax.data.000000000000001f");
+    }
+}

@@ -1,0 +1,415 @@
+//! Safe handles on a Ceph cluster and on one pool (and namespace) of it.
+
+use std::ffi::{CStr, CString, c_char};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{RadosError, Result};
+use crate::ffi::{self, Api, IoctxT, RadosT, Timeval};
+
+/// How to reach the cluster: what `--ceph-conf` and `--ceph-id` say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CephOptions {
+    /// The ceph.conf to read; `None` reads librados' defaults (`$CEPH_CONF`, /etc/ceph/ceph.conf).
+    pub conf: Option<PathBuf>,
+    /// The client id without `client.` (`admin` when `None`).
+    pub id: Option<String>,
+}
+
+fn cstring(what: &'static str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| RadosError::BadName { what, name: s.to_string() })
+}
+
+/// A connected cluster handle. librados handles are safe to use from many threads.
+pub struct Cluster {
+    api: &'static Api,
+    handle: RadosT,
+}
+
+// SAFETY: a `rados_t` may be used from any thread and by several at once (librados is
+// thread-safe; its docs allow sharing a cluster handle); `Cluster` owns it until `Drop`.
+unsafe impl Send for Cluster {}
+// SAFETY: as above: every call on the handle is internally synchronised by librados.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Connects as `opts` says. A cluster that cannot be reached fails within 30 seconds.
+    pub fn connect(opts: &CephOptions) -> Result<Arc<Cluster>> {
+        let api = ffi::api().map_err(RadosError::Unavailable)?;
+        let id = cstring("ceph id", opts.id.as_deref().unwrap_or("admin"))?;
+        let mut handle: RadosT = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer and `id` a NUL-terminated string alive for the call.
+        let r = unsafe { (api.rados_create)(&mut handle, id.as_ptr()) };
+        if r < 0 {
+            return Err(RadosError::call("creating the cluster handle", r.into()));
+        }
+        // From here `Drop` shuts the handle down, whatever fails next.
+        let cluster = Cluster { api, handle };
+        let conf = match &opts.conf {
+            Some(p) => Some(cstring("ceph.conf path", &p.to_string_lossy())?),
+            None => None,
+        };
+        // SAFETY: the handle is live and not yet connected; `conf` is NUL-terminated or null
+        // (librados then searches its default places).
+        let r = unsafe { (api.rados_conf_read_file)(handle, conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
+        if r < 0 {
+            let what = opts.conf.as_ref().map_or("the default ceph.conf".to_string(), |p| p.display().to_string());
+            return Err(RadosError::call(format!("reading {what}"), r.into()));
+        }
+        // SAFETY: a null variable name means CEPH_ARGS, as librados documents.
+        let r = unsafe { (api.rados_conf_parse_env)(handle, std::ptr::null()) };
+        if r < 0 {
+            return Err(RadosError::call("reading CEPH_ARGS", r.into()));
+        }
+        cluster.set("client_mount_timeout", "30")?;
+        // SAFETY: the handle is configured and not yet connected.
+        let r = unsafe { (api.rados_connect)(handle) };
+        if r < 0 {
+            return Err(RadosError::call("connecting to the Ceph cluster", r.into()));
+        }
+        Ok(Arc::new(cluster))
+    }
+
+    fn set(&self, option: &str, value: &str) -> Result<()> {
+        let (o, v) = (cstring("option", option)?, cstring("value", value)?);
+        // SAFETY: the handle is live; both strings are NUL-terminated and outlive the call.
+        let r = unsafe { (self.api.rados_conf_set)(self.handle, o.as_ptr(), v.as_ptr()) };
+        if r < 0 { Err(RadosError::call(format!("setting {option}"), r.into())) } else { Ok(()) }
+    }
+
+    /// Opens `pool`, and in it `namespace` (the default namespace when `None`).
+    pub fn pool(self: &Arc<Self>, pool: &str, namespace: Option<&str>) -> Result<Pool> {
+        let name = cstring("pool", pool)?;
+        let mut io: IoctxT = std::ptr::null_mut();
+        // SAFETY: the handle is connected; `name` is NUL-terminated; `io` a valid out-pointer.
+        let r = unsafe { (self.api.rados_ioctx_create)(self.handle, name.as_ptr(), &mut io) };
+        if r == -libc::ENOENT {
+            return Err(RadosError::call(
+                format!("opening pool {pool}: there is no such pool (ceph osd pool create {pool})"),
+                r.into(),
+            ));
+        }
+        if r < 0 {
+            return Err(RadosError::call(format!("opening pool {pool}"), r.into()));
+        }
+        let p = Pool { cluster: self.clone(), io };
+        if let Some(ns) = namespace {
+            let ns = cstring("namespace", ns)?;
+            // SAFETY: `io` is the live context just created, not yet shared with any thread.
+            unsafe { (self.api.rados_ioctx_set_namespace)(p.io, ns.as_ptr()) };
+        }
+        Ok(p)
+    }
+
+    /// This client's unique id in the cluster (`client.N`).
+    pub fn instance_id(&self) -> u64 {
+        // SAFETY: the handle is connected.
+        unsafe { (self.api.rados_get_instance_id)(self.handle) }
+    }
+
+    /// This client's address as the OSDs see it: what another client blocklists to fence it.
+    pub fn address(&self) -> Result<String> {
+        let mut out: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the handle is connected; `out` receives a buffer we free below.
+        let r = unsafe { (self.api.rados_getaddrs)(self.handle, &mut out) };
+        if r < 0 || out.is_null() {
+            return Err(RadosError::call("reading this client's address", r.min(-libc::EINVAL).into()));
+        }
+        // SAFETY: librados returned a NUL-terminated string it allocated.
+        let s = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+        // SAFETY: `out` came from rados_getaddrs and is freed once.
+        unsafe { (self.api.rados_buffer_free)(out) };
+        Ok(s)
+    }
+
+    /// Fences the client at `address` (as [`Cluster::address`] gave it) for `expire`: the OSDs
+    /// refuse its operations from the next OSD map on. Waits until this client has that map, so
+    /// nothing it does afterwards can be overtaken by the fenced client.
+    pub fn blocklist(&self, address: &str, expire: Duration) -> Result<()> {
+        let a = cstring("client address", address)?;
+        let secs = u32::try_from(expire.as_secs()).unwrap_or(u32::MAX).max(1);
+        // SAFETY: the handle is connected; librados only reads the string despite `char *`.
+        let r = unsafe { (self.api.rados_blocklist_add)(self.handle, a.as_ptr().cast_mut(), secs) };
+        if r < 0 {
+            return Err(RadosError::call(format!("blocklisting {address}"), r.into()));
+        }
+        // SAFETY: the handle is connected.
+        let r = unsafe { (self.api.rados_wait_for_latest_osdmap)(self.handle) };
+        if r < 0 { Err(RadosError::call("waiting for the OSD map", r.into())) } else { Ok(()) }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: every `Pool` holds an `Arc<Cluster>`, so no context outlives the handle;
+        // the handle is shut down once.
+        unsafe { (self.api.rados_shutdown)(self.handle) }
+    }
+}
+
+/// Who holds a lock on an object, as `rados_list_lockers` tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locker {
+    /// The holding client (`client.N`).
+    pub client: String,
+    /// The holder's cookie.
+    pub cookie: String,
+    /// The holder's address, to blocklist it.
+    pub address: String,
+}
+
+/// How a lock is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// One holder.
+    Exclusive,
+    /// Many holders, no exclusive one.
+    Shared,
+}
+
+/// A lock on an object as `rados_lock_*` takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct LockSpec<'a> {
+    /// The lock's name (several locks may be on one object).
+    pub name: &'a str,
+    /// Exclusive or shared.
+    pub mode: LockMode,
+    /// The holder's cookie: who holds it, among the clients.
+    pub cookie: &'a str,
+    /// Free text shown to whoever lists the lockers.
+    pub description: &'a str,
+    /// How long the lock lasts unrenewed.
+    pub duration: Duration,
+}
+
+/// A pool (and namespace) of the cluster: objects are read and written here.
+pub struct Pool {
+    cluster: Arc<Cluster>,
+    io: IoctxT,
+}
+
+// SAFETY: an I/O context may be used from many threads for object operations (librados is
+// thread-safe); its namespace is set once, before it is shared, and never changed.
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: the context is live and destroyed once; its cluster outlives it (the Arc).
+        unsafe { (self.cluster.api.rados_ioctx_destroy)(self.io) }
+    }
+}
+
+fn check(op: impl FnOnce() -> String, r: i64) -> Result<i64> {
+    if r < 0 { Err(RadosError::call(op(), r)) } else { Ok(r) }
+}
+
+/// Biggest single librados read or write: its length is passed as an `int` result.
+const MAX_IO: usize = 1 << 30;
+
+impl Pool {
+    /// The cluster this pool is in.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    fn api(&self) -> &'static Api {
+        self.cluster.api
+    }
+
+    /// Reads into `buf` from `offset` of `object`; returns the bytes read, short at the
+    /// object's end, 0 if the object does not exist.
+    pub fn read(&self, object: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        assert!(buf.len() <= MAX_IO);
+        let o = cstring("object", object)?;
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writing; `o` is NUL-terminated.
+        let r = unsafe { (self.api().rados_read)(self.io, o.as_ptr(), buf.as_mut_ptr().cast(), buf.len(), offset) };
+        if r == -libc::ENOENT {
+            return Ok(0);
+        }
+        let n = check(|| format!("reading {object} at {offset}"), r.into())? as usize;
+        if n > buf.len() {
+            return Err(RadosError::call(
+                format!("reading {object}: librados returned {n} bytes for {}", buf.len()),
+                -5,
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Writes `data` at `offset` of `object`, creating it. Returns once the write is durable
+    /// on every replica; one call is atomic.
+    pub fn write(&self, object: &str, offset: u64, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= MAX_IO);
+        let o = cstring("object", object)?;
+        // SAFETY: `data` is valid for `data.len()` bytes of reading; `o` is NUL-terminated.
+        let r = unsafe { (self.api().rados_write)(self.io, o.as_ptr(), data.as_ptr().cast(), data.len(), offset) };
+        check(|| format!("writing {object} at {offset}"), r.into()).map(drop)
+    }
+
+    /// Removes `object`; true if it existed.
+    pub fn remove(&self, object: &str) -> Result<bool> {
+        let o = cstring("object", object)?;
+        // SAFETY: `o` is NUL-terminated.
+        let r = unsafe { (self.api().rados_remove)(self.io, o.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(false);
+        }
+        check(|| format!("removing {object}"), r.into()).map(|_| true)
+    }
+
+    /// The extended attribute `name` of `object`; `None` if either is absent.
+    pub fn xattr(&self, object: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        let (o, n) = (cstring("object", object)?, cstring("xattr", name)?);
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` is valid for its length; both names are NUL-terminated.
+        let r =
+            unsafe { (self.api().rados_getxattr)(self.io, o.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r == -libc::ENOENT || r == -libc::ENODATA {
+            return Ok(None);
+        }
+        let len = check(|| format!("reading {name} of {object}"), r.into())? as usize;
+        buf.truncate(len.min(buf.len()));
+        Ok(Some(buf))
+    }
+
+    /// Sets the extended attribute `name` of `object` (creating the object), durably.
+    pub fn set_xattr(&self, object: &str, name: &str, value: &[u8]) -> Result<()> {
+        let (o, n) = (cstring("object", object)?, cstring("xattr", name)?);
+        // SAFETY: `value` is valid for its length; both names are NUL-terminated.
+        let r =
+            unsafe { (self.api().rados_setxattr)(self.io, o.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len()) };
+        check(|| format!("setting {name} of {object}"), r.into()).map(drop)
+    }
+
+    /// Removes the extended attribute `name` of `object`; absent is fine.
+    pub fn remove_xattr(&self, object: &str, name: &str) -> Result<()> {
+        let (o, n) = (cstring("object", object)?, cstring("xattr", name)?);
+        // SAFETY: both names are NUL-terminated.
+        let r = unsafe { (self.api().rados_rmxattr)(self.io, o.as_ptr(), n.as_ptr()) };
+        if r == -libc::ENOENT || r == -libc::ENODATA {
+            return Ok(());
+        }
+        check(|| format!("removing {name} of {object}"), r.into()).map(drop)
+    }
+
+    /// Takes (or with `renew`, renews) `lock` on `object`. A lock another client holds is
+    /// `EBUSY`; renewing a lock no longer held is `ENOENT`.
+    pub fn lock(&self, object: &str, lock: &LockSpec<'_>, renew: bool) -> Result<()> {
+        let (o, n, c, d) = (
+            cstring("object", object)?,
+            cstring("lock", lock.name)?,
+            cstring("cookie", lock.cookie)?,
+            cstring("lock description", lock.description)?,
+        );
+        let mut tv = Timeval {
+            tv_sec: lock.duration.as_secs() as libc::time_t,
+            tv_usec: lock.duration.subsec_micros() as libc::suseconds_t,
+        };
+        // LIBRADOS_LOCK_FLAG_MUST_RENEW: renew only a lock this cookie still holds.
+        let flags: u8 = if renew { 1 << 1 } else { 0 };
+        let mode = lock.mode;
+        let tag = c"parallax";
+        // SAFETY: every string is NUL-terminated and alive for the call; `tv` is a valid timeval.
+        let r = unsafe {
+            match mode {
+                LockMode::Exclusive => (self.api().rados_lock_exclusive)(
+                    self.io,
+                    o.as_ptr(),
+                    n.as_ptr(),
+                    c.as_ptr(),
+                    d.as_ptr(),
+                    &mut tv,
+                    flags,
+                ),
+                LockMode::Shared => (self.api().rados_lock_shared)(
+                    self.io,
+                    o.as_ptr(),
+                    n.as_ptr(),
+                    c.as_ptr(),
+                    tag.as_ptr(),
+                    d.as_ptr(),
+                    &mut tv,
+                    flags,
+                ),
+            }
+        };
+        check(|| format!("locking {object}"), r.into()).map(drop)
+    }
+
+    /// Releases the lock `name` on `object` held with `cookie`; a lock already gone is fine.
+    pub fn unlock(&self, object: &str, name: &str, cookie: &str) -> Result<()> {
+        let (o, n, c) = (cstring("object", object)?, cstring("lock", name)?, cstring("cookie", cookie)?);
+        // SAFETY: every string is NUL-terminated.
+        let r = unsafe { (self.api().rados_unlock)(self.io, o.as_ptr(), n.as_ptr(), c.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(|| format!("unlocking {object}"), r.into()).map(drop)
+    }
+
+    /// Who holds the lock `name` on `object` now.
+    pub fn lockers(&self, object: &str, name: &str) -> Result<Vec<Locker>> {
+        let (o, n) = (cstring("object", object)?, cstring("lock", name)?);
+        let mut sizes = [256usize; 4];
+        loop {
+            let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&s| vec![0u8; s]).collect();
+            let mut lens = sizes;
+            let mut exclusive = 0;
+            let [tag, clients, cookies, addrs] = &mut bufs[..] else { unreachable!() };
+            // SAFETY: each buffer is valid for the length passed beside it; librados writes
+            // the lengths it needs when they are too short (-ERANGE).
+            let r = unsafe {
+                (self.api().rados_list_lockers)(
+                    self.io,
+                    o.as_ptr(),
+                    n.as_ptr(),
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    &mut lens[0],
+                    clients.as_mut_ptr().cast(),
+                    &mut lens[1],
+                    cookies.as_mut_ptr().cast(),
+                    &mut lens[2],
+                    addrs.as_mut_ptr().cast(),
+                    &mut lens[3],
+                )
+            };
+            if r == -(libc::ERANGE as isize) && lens.iter().zip(&sizes).any(|(l, s)| l > s) {
+                sizes = lens.map(|l| l.max(1));
+                continue;
+            }
+            if r == -(libc::ENOENT as isize) {
+                return Ok(Vec::new());
+            }
+            let count = check(|| format!("listing the lockers of {object}"), r as i64)? as usize;
+            let split = |b: &[u8], len: usize| -> Vec<String> {
+                b[..len.min(b.len())].split(|&c| c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+            };
+            let (cl, co, ad) = (split(clients, lens[1]), split(cookies, lens[2]), split(addrs, lens[3]));
+            return Ok((0..count)
+                .filter_map(|i| {
+                    Some(Locker { client: cl.get(i)?.clone(), cookie: co.get(i)?.clone(), address: ad.get(i)?.clone() })
+                })
+                .collect());
+        }
+    }
+
+    /// Breaks `locker`'s lock `name` on `object` (fence it first: see [`Cluster::blocklist`]).
+    pub fn break_lock(&self, object: &str, name: &str, locker: &Locker) -> Result<()> {
+        let (o, n, cl, co) = (
+            cstring("object", object)?,
+            cstring("lock", name)?,
+            cstring("client", &locker.client)?,
+            cstring("cookie", &locker.cookie)?,
+        );
+        // SAFETY: every string is NUL-terminated.
+        let r = unsafe { (self.api().rados_break_lock)(self.io, o.as_ptr(), n.as_ptr(), cl.as_ptr(), co.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(|| format!("breaking {}'s lock on {object}", locker.client), r.into()).map(drop)
+    }
+}

@@ -1,0 +1,159 @@
+//! Opening a block store that lives in a RADOS pool: `rados:POOL[/NAMESPACE]`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockstore::{BlockStore, CreateOptions, OpenOptions, StoreError};
+
+use crate::backend::RadosBackend;
+use crate::client::{CephOptions, Cluster, LockMode};
+use crate::error::{RadosError, Result};
+use crate::lease::{DEFAULT_LEASE, Lease};
+
+/// Where in the cluster a store is: a pool, and a namespace in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RadosLocation {
+    /// The pool.
+    pub pool: String,
+    /// The namespace (the pool's default one when `None`).
+    pub namespace: Option<String>,
+}
+
+impl RadosLocation {
+    /// The prefix that marks a store location as RADOS.
+    pub const PREFIX: &'static str = "rados:";
+
+    /// Parses `rados:POOL` or `rados:POOL/NAMESPACE`; `None` if `s` is not a RADOS location.
+    pub fn parse(s: &str) -> Option<Result<RadosLocation>> {
+        let rest = s.strip_prefix(Self::PREFIX)?;
+        let (pool, namespace) = match rest.split_once('/') {
+            Some((p, ns)) => (p, Some(ns)),
+            None => (rest, None),
+        };
+        let bad = |p: &str| p.is_empty() || p.contains(['/', '\0']);
+        if bad(pool) || namespace.is_some_and(bad) {
+            return Some(Err(RadosError::BadLocation(s.to_string())));
+        }
+        Some(Ok(RadosLocation { pool: pool.to_string(), namespace: namespace.map(str::to_string) }))
+    }
+}
+
+impl fmt::Display for RadosLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "rados:{}/{ns}", self.pool),
+            None => write!(f, "rados:{}", self.pool),
+        }
+    }
+}
+
+/// Everything needed to reach a RADOS store besides its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RadosOptions {
+    /// The cluster and the client identity.
+    pub ceph: CephOptions,
+    /// This host's name, recorded in its lease (`--host`).
+    pub host: String,
+    /// How long a lease lasts unrenewed: how soon another host may take over from a dead one.
+    pub lease: Duration,
+}
+
+impl Default for RadosOptions {
+    fn default() -> Self {
+        RadosOptions { ceph: CephOptions::default(), host: local_host_name(), lease: DEFAULT_LEASE }
+    }
+}
+
+/// The machine's host name, the default `--host`.
+pub fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn store_error(loc: &RadosLocation, e: RadosError) -> StoreError {
+    match e {
+        RadosError::Locked { holder } => {
+            StoreError::Locked { path: loc.to_string(), detail: format!("held by {holder}") }
+        }
+        // Not `into_io`: only "no store there" may look like NotFound to the caller, not a
+        // missing pool or ceph.conf.
+        e => StoreError::io(format!("opening {loc}"), std::io::Error::other(e)),
+    }
+}
+
+/// A store's medium in RADOS with the lease that lets this process use it.
+pub struct RadosMedium {
+    /// The medium.
+    pub backend: Arc<RadosBackend>,
+    /// The lease: keep it as long as the store is open ([`BlockStore::hold`]).
+    pub lease: Lease,
+    /// True if the medium was made by this call: the store still has to be created on it.
+    pub created: bool,
+}
+
+/// Takes the lease of the store at `loc` (exclusive to write, shared to read) and opens its
+/// medium, making an empty one if there is none and `create` is set (writers only).
+pub fn open_medium(
+    loc: &RadosLocation,
+    ropts: &RadosOptions,
+    read_only: bool,
+    create: bool,
+) -> blockstore::Result<RadosMedium> {
+    let cluster = Cluster::connect(&ropts.ceph).map_err(|e| store_error(loc, e))?;
+    let pool = Arc::new(cluster.pool(&loc.pool, loc.namespace.as_deref()).map_err(|e| store_error(loc, e))?);
+    let mode = if read_only { LockMode::Shared } else { LockMode::Exclusive };
+    let lease = Lease::acquire(pool.clone(), &ropts.host, mode, ropts.lease).map_err(|e| store_error(loc, e))?;
+    let clock = (!read_only).then(|| lease.clock());
+    let (backend, created) = match RadosBackend::open(pool.clone(), clock.clone()).map_err(|e| store_error(loc, e))? {
+        Some(b) => (b, false),
+        None if create && !read_only => (RadosBackend::create(pool, clock).map_err(|e| store_error(loc, e))?, true),
+        None => {
+            return Err(StoreError::io(
+                format!("opening {loc}"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no store there"),
+            ));
+        }
+    };
+    Ok(RadosMedium { backend: Arc::new(backend), lease, created })
+}
+
+/// Opens the store at `loc` as a file store opens: holding its lease (exclusive to write,
+/// shared to read), creating it with `create` when there is none. Returns the store and
+/// whether it was created.
+pub fn open_store(
+    loc: &RadosLocation,
+    ropts: &RadosOptions,
+    opts: &OpenOptions,
+    create: Option<&CreateOptions>,
+) -> blockstore::Result<(BlockStore, bool)> {
+    let m = open_medium(loc, ropts, opts.read_only, create.is_some())?;
+    let mut store = match create.filter(|_| m.created) {
+        Some(c) => BlockStore::create(m.backend, c, opts)?,
+        None => BlockStore::open(m.backend, opts)?,
+    };
+    store.hold(Box::new(m.lease));
+    Ok((store, m.created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse() {
+        let l = RadosLocation::parse("rados:vms").unwrap().unwrap();
+        assert_eq!((l.pool.as_str(), l.namespace.as_deref()), ("vms", None));
+        assert_eq!(l.to_string(), "rados:vms");
+        let l = RadosLocation::parse("rados:vms/rack1").unwrap().unwrap();
+        assert_eq!((l.pool.as_str(), l.namespace.as_deref()), ("vms", Some("rack1")));
+        assert_eq!(l.to_string(), "rados:vms/rack1");
+        assert!(RadosLocation::parse("/var/lib/parallax/store.dat").is_none());
+        for bad in ["rados:", "rados:/ns", "rados:p/", "rados:p/a/b"] {
+            assert!(matches!(RadosLocation::parse(bad), Some(Err(RadosError::BadLocation(_)))), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! `cargo xtask cluster`: a throwaway single-node Ceph cluster (bluestore OSD) and parallaxd
+//! hosts on one store in RADOS. Checks, each with fio's verify over NBD:
+//! - host-a serves: a golden VDI written, snapshotted, cloned three times; each clone reads the
+//!   golden data, is written with its own, and the snapshot keeps the golden data;
+//! - host-a is SIGKILLed; host-b is refused while host-a's lease runs, takes over at once with
+//!   `vdi takeover` (fencing host-a) and serves everything flushed, `vdi check` clean;
+//! - host-b is SIGKILLed; host-c waits the lease out and opens (fencing host-b);
+//! - host-c stops cleanly and host-a opens at once: the hand-over of a live store.
+//!
+//! Then, unless `--no-bench`, fio rows through parallaxd's NBD export on RADOS beside `qemu-nbd`
+//! serving an RBD image of the same cluster (docs/performance.md).
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::ceph::{Ceph, ObjectStore};
+use crate::fio::{self, Dir, Span, Workload};
+use crate::parallaxd::Daemon;
+use crate::servers::{Binaries, QEMU_CACHE};
+use crate::{report, sys};
+
+/// Flags of `cluster`.
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Seconds per benchmark row.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Only the checks, no benchmark rows.
+    #[arg(long)]
+    pub no_bench: bool,
+    /// Size of each VDI (and of the RBD image), K/M/G binary.
+    #[arg(long, value_parser = sys::parse_size, default_value = "256M")]
+    pub size: u64,
+    /// Use the binaries already in target/release instead of running `cargo build --release`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// The store every host serves.
+const STORE: &str = "rados:parallax/cluster";
+/// The lease the hosts run with (seconds): short, so the expiry check is quick.
+const LEASE_SECS: u64 = 6;
+
+/// One parallaxd host: its name, run directory (control socket) and log.
+struct Host<'a> {
+    name: &'static str,
+    work: &'a Path,
+    bins: &'a Binaries,
+    conf: &'a Path,
+}
+
+impl Host<'_> {
+    fn run_dir(&self) -> PathBuf {
+        self.work.join(self.name)
+    }
+
+    fn flags(&self) -> Vec<OsString> {
+        let mut f: Vec<OsString> = ["--host", self.name, "--ceph-conf"].map(OsString::from).into();
+        f.push(self.conf.into());
+        f.extend(["--lease".into(), format!("{LEASE_SECS}s").into()]);
+        f
+    }
+
+    fn start(&self) -> Result<Daemon> {
+        std::fs::create_dir_all(self.run_dir())?;
+        let log = self.work.join(format!("{}.log", self.name));
+        let flags = self.flags();
+        let flags: Vec<&OsStr> = flags.iter().map(OsString::as_os_str).collect();
+        Daemon::start(&self.bins.parallaxd, Path::new(STORE), &self.run_dir(), &log, &flags)
+    }
+
+    /// Starts parallaxd expecting it to be refused because another host holds the store.
+    fn expect_refused(&self, holder: &str) -> Result<()> {
+        std::fs::create_dir_all(self.run_dir())?;
+        let out = Command::new(&self.bins.parallaxd)
+            .args(["--store", STORE, "--nbd", &format!("127.0.0.1:{}", sys::free_port()?)])
+            .args(self.flags())
+            .env("PARALLAX_RUN_DIR", self.run_dir())
+            .output()
+            .context("starting parallaxd")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !err.contains(&format!("host {holder}")) {
+            bail!("{} was not refused with {holder} named as the holder ({}): {err}", self.name, out.status);
+        }
+        eprintln!("xtask: {} refused, as it should be: {}", self.name, err.trim().lines().last().unwrap_or(""));
+        Ok(())
+    }
+
+    /// `vdi` on this host (through its daemon when one runs).
+    fn vdi(&self, args: &[&str]) -> Result<String> {
+        std::fs::create_dir_all(self.run_dir())?;
+        sys::run_text(
+            Command::new(&self.bins.vdi)
+                .args(["--store", STORE, "--host", self.name, "--ceph-conf"])
+                .arg(self.conf)
+                .args(args)
+                .env("PARALLAX_RUN_DIR", self.run_dir()),
+        )
+    }
+}
+
+/// fio writing (`verify = false`) or verifying the pattern of `seed` over a whole export.
+fn fio_pattern(port: u16, export: &str, size: u64, seed: u32, verify: bool) -> Result<()> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=pattern",
+        "--ioengine=nbd",
+        &format!("--uri=nbd://127.0.0.1:{port}/{export}"),
+        "--rw=write",
+        "--bs=64k",
+        "--iodepth=8",
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        &format!("--randseed={seed}"),
+        "--verify_state_save=0",
+        "--verify_fatal=1",
+    ]);
+    if verify {
+        cmd.arg("--verify_only");
+    } else {
+        cmd.args(["--do_verify=0", "--end_fsync=1"]);
+    }
+    sys::run(&mut cmd)
+        .with_context(|| format!("{} {export} with pattern {seed}", if verify { "verifying" } else { "writing" }))?;
+    Ok(())
+}
+
+/// `cargo xtask cluster`.
+pub fn run(a: &ClusterArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let bins = sys::release_binaries(&["daemon", "cli"], &["parallaxd", "vdi"], a.no_build)?;
+    let bins = Binaries { parallaxd: bins[0].clone(), vdi: bins[1].clone() };
+    sys::require("fio", "fio", "cluster")?;
+    sys::require("qemu-nbd", "qemu-utils", "cluster")?;
+    sys::require("rbd", "ceph-common", "cluster")?;
+    let work = tempfile::Builder::new().prefix("parallax-cluster-").tempdir()?;
+    let mut ceph = Ceph::start(&work.path().join("ceph"), ObjectStore::Bluestore, false)?;
+    ceph.create_pool("parallax")?;
+    let conf = ceph.conf.clone();
+    let host = |name| Host { name, work: work.path(), bins: &bins, conf: &conf };
+    let (ha, hb, hc) = (host("host-a"), host("host-b"), host("host-c"));
+    let size = a.size;
+    let clones = ["clone-1", "clone-2", "clone-3"];
+
+    // host-a: a golden image, a snapshot, clones; every clone its own data.
+    let d = ha.start()?;
+    ha.vdi(&["create", "golden", "--size", &sys::size_arg(size)])?;
+    fio_pattern(d.port, "golden", size, 1, false)?;
+    ha.vdi(&["snap", "golden", "base"])?;
+    for (i, c) in clones.iter().enumerate() {
+        ha.vdi(&["create", c, "--from", "golden@base"])?;
+        fio_pattern(d.port, c, size, 1, true)?;
+        fio_pattern(d.port, c, size / 2, 10 + i as u32, false)?;
+    }
+    fio_pattern(d.port, "golden@base", size, 1, true)?;
+    eprintln!("xtask: host-a wrote golden, golden@base and {} clones, each verified", clones.len());
+    let verify_all = |port: u16, who: &str| -> Result<()> {
+        fio_pattern(port, "golden@base", size, 1, true)?;
+        for (i, c) in clones.iter().enumerate() {
+            fio_pattern(port, c, size / 2, 10 + i as u32, true)?;
+        }
+        eprintln!("xtask: {who}: golden@base and every clone hold what was flushed");
+        Ok(())
+    };
+
+    // host-a dies; host-b is refused until it takes over.
+    d.kill()?;
+    hb.expect_refused("host-a")?;
+    let said = hb.vdi(&["takeover"])?;
+    if !said.contains("fenced host host-a") {
+        bail!("vdi takeover did not fence host-a: {said}");
+    }
+    let d = hb.start()?;
+    verify_all(d.port, "host-b after taking over from SIGKILLed host-a")?;
+    let check = hb.vdi(&["check"])?;
+    if !check.contains("consistent") {
+        bail!("vdi check on host-b: {check}");
+    }
+
+    // host-b dies; host-c waits the lease out (no takeover) and opens.
+    d.kill()?;
+    hc.expect_refused("host-b")?;
+    // A fixed wait, not a poll: the lease's length is the thing under test.
+    std::thread::sleep(Duration::from_secs(LEASE_SECS + 1));
+    let d = hc.start()?;
+    verify_all(d.port, "host-c after host-b's lease ran out")?;
+
+    // A live hand-over: host-c stops cleanly, host-a opens at once.
+    d.stop()?;
+    let d = ha.start()?;
+    verify_all(d.port, "host-a after host-c handed the store over")?;
+    ceph.check_alive()?;
+    eprintln!("xtask: cluster checks passed in {:.0} s", t0.elapsed().as_secs_f64());
+
+    if !a.no_bench {
+        bench(&ha, &d, &ceph, size, a.seconds)?;
+    }
+    d.stop()?;
+    drop(ceph);
+    Ok(())
+}
+
+/// The rows measured, parallaxd on RADOS beside qemu-nbd on RBD.
+const ROWS: [Workload; 4] = [
+    Workload { title: "4 KiB random read, QD16", rw: "randread", bs: 4096, iodepth: 16, dir: Dir::Read, fsync: 0 },
+    Workload { title: "4 KiB random write, QD16", rw: "randwrite", bs: 4096, iodepth: 16, dir: Dir::Write, fsync: 0 },
+    Workload { title: "1 MiB sequential read, QD4", rw: "read", bs: 1 << 20, iodepth: 4, dir: Dir::Read, fsync: 0 },
+    Workload { title: "1 MiB sequential write, QD4", rw: "write", bs: 1 << 20, iodepth: 4, dir: Dir::Write, fsync: 0 },
+];
+
+fn bench(ha: &Host<'_>, d: &Daemon, ceph: &Ceph, size: u64, seconds: u64) -> Result<()> {
+    ha.vdi(&["create", "bench", "--size", &sys::size_arg(size)])?;
+    let ours = format!("nbd://127.0.0.1:{}/bench", d.port);
+    fio::run(&ours, &fio::FILL, Span::Bytes(size))?;
+    // The peer: an RBD image in its own pool, served by qemu-nbd (qemu-block-extra's rbd driver).
+    ceph.create_pool("rbd")?;
+    sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args(["pool", "init", "rbd"]))?;
+    sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args([
+        "create",
+        "rbd/bench",
+        "--size",
+        &format!("{}M", size >> 20),
+    ]))?;
+    let port = sys::free_port()?;
+    let image = format!("rbd:rbd/bench:conf={}", ceph.conf.display());
+    let mut qemu = Command::new("qemu-nbd");
+    qemu.args(["-f", "raw", "-t", "-x", "bench", "-b", "127.0.0.1", "-p", &port.to_string()])
+        .args(QEMU_CACHE)
+        .arg(&image);
+    let mut child = qemu.stdin(std::process::Stdio::null()).spawn().context("starting qemu-nbd on RBD")?;
+    let result = (|| -> Result<Vec<Vec<String>>> {
+        crate::servers::wait_listening(port, || Ok(()))?;
+        let theirs = format!("nbd://127.0.0.1:{port}/bench");
+        fio::run(&theirs, &fio::FILL, Span::Bytes(size))?;
+        let span = Span::Time { size, runtime: seconds, ramp: 1 };
+        let mut rows = Vec::new();
+        for w in &ROWS {
+            let p = fio::run(&ours, w, span)?;
+            let q = fio::run(&theirs, w, span)?;
+            let show = |r: &fio::Result1| {
+                if w.sequential() {
+                    format!("{:.0} MiB/s", r.bw_bytes / f64::from(1 << 20))
+                } else {
+                    format!("{} IOPS", report::thousands(r.iops))
+                }
+            };
+            eprintln!("xtask: {}: parallaxd {} / qemu-nbd+rbd {}", w.title, show(&p), show(&q));
+            rows.push(vec![w.title.to_string(), show(&p), show(&q), report::ratio(p.iops, q.iops)]);
+        }
+        Ok(rows)
+    })();
+    let _ = crate::servers::terminate(&mut child);
+    let rows = result?;
+    let header = ["workload", "parallaxd (RADOS)", "qemu-nbd (RBD)", "ratio"].map(String::from);
+    println!("\n{}", report::machine());
+    println!("{seconds} s per row, {} VDI/image, one bluestore OSD on a sparse file, pool size 1\n", sys::human(size));
+    println!("{}", report::table(&header, &rows));
+    Ok(())
+}
