@@ -204,6 +204,114 @@ pub fn run(a: &ClusterArgs) -> Result<()> {
     Ok(())
 }
 
+/// Clones in the boot storm.
+const STORM_CLONES: usize = 8;
+/// Bytes each storm clone writes first (4 KiB random writes, copy-on-write of the golden image).
+const STORM_WRITE: u64 = 16 << 20;
+
+/// fio with one job per NBD URI at once (4 KiB random writes, QD4 each, flushed at the end):
+/// the aggregate IOPS and the wall time.
+fn fio_storm(uris: &[String]) -> Result<(f64, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("fio.json");
+    let mut cmd = Command::new("fio");
+    cmd.args(["--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=4", "--end_fsync=1", "--group_reporting"]);
+    cmd.args([format!("--size={STORM_WRITE}"), "--output-format=json".into(), format!("--output={}", out.display())]);
+    for (i, u) in uris.iter().enumerate() {
+        cmd.args([format!("--name=vm{i}"), format!("--uri={u}")]);
+    }
+    let t = Instant::now();
+    sys::run(&mut cmd)?;
+    let took = t.elapsed();
+    let r = fio::parse(&std::fs::read_to_string(&out)?, Dir::Write)?;
+    Ok((r.iops, took))
+}
+
+/// Golden-image boot storm: `n` clones of a golden snapshot created, then all first-written at
+/// once — parallaxd clones (`vdi create --from`) beside RBD clones (`rbd clone`, each served by
+/// its own qemu-nbd).
+fn boot_storm(ha: &Host<'_>, d: &Daemon, ceph: &Ceph, size: u64, n: usize) -> Result<Vec<Vec<String>>> {
+    let t = Instant::now();
+    for i in 0..n {
+        ha.vdi(&["create", &format!("storm-{i}"), "--from", "golden@base"])?;
+    }
+    let ours_create = t.elapsed();
+    let uris: Vec<String> = (0..n).map(|i| format!("nbd://127.0.0.1:{}/storm-{i}", d.port)).collect();
+    let (ours_iops, ours_took) = fio_storm(&uris)?;
+
+    let rbd = |args: &[&str]| sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args(args));
+    rbd(&["create", "rbd/golden", "--size", &format!("{}M", size >> 20)])?;
+    let golden = QemuNbd::start(ceph, "rbd/golden")?;
+    fio::run(&golden.uri(), &fio::FILL, Span::Bytes(size))?;
+    drop(golden);
+    rbd(&["snap", "create", "rbd/golden@base"])?;
+    rbd(&["snap", "protect", "rbd/golden@base"])?;
+    let t = Instant::now();
+    for i in 0..n {
+        rbd(&["clone", "rbd/golden@base", &format!("rbd/storm-{i}")])?;
+    }
+    let theirs_create = t.elapsed();
+    let servers = (0..n).map(|i| QemuNbd::start(ceph, &format!("rbd/storm-{i}"))).collect::<Result<Vec<_>>>()?;
+    let uris: Vec<String> = servers.iter().map(QemuNbd::uri).collect();
+    let (theirs_iops, theirs_took) = fio_storm(&uris)?;
+    drop(servers);
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    let iops = |x: f64, took: Duration| format!("{} IOPS ({:.1} s)", report::thousands(x), took.as_secs_f64());
+    eprintln!(
+        "xtask: boot storm of {n}: create {} / {}, first writes {} / {}",
+        ms(ours_create),
+        ms(theirs_create),
+        iops(ours_iops, ours_took),
+        iops(theirs_iops, theirs_took)
+    );
+    Ok(vec![
+        vec![
+            format!("boot storm: create {n} clones of a golden snapshot (time, lower is better)"),
+            ms(ours_create),
+            ms(theirs_create),
+            report::ratio(theirs_create.as_secs_f64(), ours_create.as_secs_f64()),
+        ],
+        vec![
+            format!("boot storm: {n} clones first-written at once, 4 KiB random QD4, {} each", sys::human(STORM_WRITE)),
+            iops(ours_iops, ours_took),
+            iops(theirs_iops, theirs_took),
+            report::ratio(ours_iops, theirs_iops),
+        ],
+    ])
+}
+
+/// qemu-nbd serving an RBD image of the cluster, stopped on drop.
+struct QemuNbd {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl QemuNbd {
+    fn start(ceph: &Ceph, image: &str) -> Result<QemuNbd> {
+        let port = sys::free_port()?;
+        let spec = format!("rbd:{image}:conf={}", ceph.conf.display());
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "-t", "-x", "bench", "-b", "127.0.0.1", "-p", &port.to_string()]).args(QEMU_CACHE);
+        let mut child =
+            cmd.arg(&spec).stdin(std::process::Stdio::null()).spawn().context("starting qemu-nbd on RBD")?;
+        if let Err(e) = crate::servers::wait_listening(port, || Ok(())) {
+            let _ = crate::servers::terminate(&mut child);
+            return Err(e.context(format!("qemu-nbd on {spec} did not start")));
+        }
+        Ok(QemuNbd { child, port })
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/bench", self.port)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = crate::servers::terminate(&mut self.child);
+    }
+}
+
 /// The rows measured, parallaxd on RADOS beside qemu-nbd on RBD.
 const ROWS: [Workload; 4] = [
     Workload { title: "4 KiB random read, QD16", rw: "randread", bs: 4096, iodepth: 16, dir: Dir::Read, fsync: 0 },
@@ -225,36 +333,27 @@ fn bench(ha: &Host<'_>, d: &Daemon, ceph: &Ceph, size: u64, seconds: u64) -> Res
         "--size",
         &format!("{}M", size >> 20),
     ]))?;
-    let port = sys::free_port()?;
-    let image = format!("rbd:rbd/bench:conf={}", ceph.conf.display());
-    let mut qemu = Command::new("qemu-nbd");
-    qemu.args(["-f", "raw", "-t", "-x", "bench", "-b", "127.0.0.1", "-p", &port.to_string()])
-        .args(QEMU_CACHE)
-        .arg(&image);
-    let mut child = qemu.stdin(std::process::Stdio::null()).spawn().context("starting qemu-nbd on RBD")?;
-    let result = (|| -> Result<Vec<Vec<String>>> {
-        crate::servers::wait_listening(port, || Ok(()))?;
-        let theirs = format!("nbd://127.0.0.1:{port}/bench");
-        fio::run(&theirs, &fio::FILL, Span::Bytes(size))?;
-        let span = Span::Time { size, runtime: seconds, ramp: 1 };
-        let mut rows = Vec::new();
-        for w in &ROWS {
-            let p = fio::run(&ours, w, span)?;
-            let q = fio::run(&theirs, w, span)?;
-            let show = |r: &fio::Result1| {
-                if w.sequential() {
-                    format!("{:.0} MiB/s", r.bw_bytes / f64::from(1 << 20))
-                } else {
-                    format!("{} IOPS", report::thousands(r.iops))
-                }
-            };
-            eprintln!("xtask: {}: parallaxd {} / qemu-nbd+rbd {}", w.title, show(&p), show(&q));
-            rows.push(vec![w.title.to_string(), show(&p), show(&q), report::ratio(p.iops, q.iops)]);
-        }
-        Ok(rows)
-    })();
-    let _ = crate::servers::terminate(&mut child);
-    let rows = result?;
+    let peer = QemuNbd::start(ceph, "rbd/bench")?;
+    let theirs = peer.uri();
+    fio::run(&theirs, &fio::FILL, Span::Bytes(size))?;
+    let span = Span::Time { size, runtime: seconds, ramp: 1 };
+    let mut rows = Vec::new();
+    for w in &ROWS {
+        let p = fio::run(&ours, w, span)?;
+        let q = fio::run(&theirs, w, span)?;
+        let show = |r: &fio::Result1| {
+            if w.sequential() {
+                format!("{:.0} MiB/s", r.bw_bytes / f64::from(1 << 20))
+            } else {
+                format!("{} IOPS", report::thousands(r.iops))
+            }
+        };
+        eprintln!("xtask: {}: parallaxd {} / qemu-nbd+rbd {}", w.title, show(&p), show(&q));
+        rows.push(vec![w.title.to_string(), show(&p), show(&q), report::ratio(p.iops, q.iops)]);
+    }
+    drop(peer);
+
+    rows.extend(boot_storm(ha, d, ceph, size, STORM_CLONES)?);
     let header = ["workload", "parallaxd (RADOS)", "qemu-nbd (RBD)", "ratio"].map(String::from);
     println!("\n{}", report::machine());
     println!("{seconds} s per row, {} VDI/image, one bluestore OSD on a sparse file, pool size 1\n", sys::human(size));

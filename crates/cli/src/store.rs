@@ -141,6 +141,12 @@ fn open_rados(
         Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && create.is_none() => {
             return Err(Failure::user(format!("no store at {loc}: `vdi --store {loc} create NAME` makes one there")));
         }
+        Err(StoreError::Locked { detail, .. }) => {
+            return Err(Failure::user(format!(
+                "the store {loc} is in use, {detail}; if that host is gone, `vdi --store {loc} takeover` fences \
+                 it and frees the store at once (else it is free when that host's lease runs out)"
+            )));
+        }
         Err(e) => return Err(Failure::from(e).context(format!("cannot open the store {loc}"))),
     };
     if init.is_some() && !created {

@@ -87,6 +87,10 @@ pub struct Flags {
     /// connections together may hold in memory; a connection needing more waits [default: 1024].
     #[arg(long, value_name = "MIB")]
     pub max_buffered_mib: Option<u64>,
+    /// Requests of one NBD connection executed at once (threads per connection) [default: 4 for
+    /// a store in a file, 16 for one in RADOS, where every request waits on a network round trip].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub nbd_workers: Option<u16>,
     /// MiB of write data one NBD connection may read ahead of its replies [default: 64].
     #[arg(long, value_name = "MIB")]
     pub max_buffered_mib_per_connection: Option<u64>,
@@ -147,6 +151,7 @@ struct FileConfig {
     max_handshakes: Option<usize>,
     max_buffered_mib: Option<u64>,
     max_buffered_mib_per_connection: Option<u64>,
+    nbd_workers: Option<u16>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -280,12 +285,13 @@ impl Config {
             keep: flags.keep.or(file.keep),
             keep_for,
         });
+        let in_rados = store.to_str().is_some_and(|s| s.starts_with(rados::RadosLocation::PREFIX));
         let lease = match (flags.lease, &file.lease) {
             (Some(d), _) => d,
             (None, Some(s)) => duration(s, "lease")?,
             (None, None) => rados::lease::DEFAULT_LEASE,
         };
-        if lease < Duration::from_secs(3) {
+        if lease < rados::lease::MIN_LEASE {
             bail!("--lease {lease:?} is below the 3s minimum (it is renewed every third of it)");
         }
         let rados = rados::RadosOptions {
@@ -332,6 +338,11 @@ impl Config {
                     // One pool for every NBD server of the daemon (TCP and Unix share it).
                     buffers: mib(flags.max_buffered_mib, file.max_buffered_mib)
                         .map_or(d.buffers.clone(), nbd::BufferPool::new),
+                    workers_per_conn: match flags.nbd_workers.or(file.nbd_workers) {
+                        Some(n) => usize::from(n).clamp(1, 256),
+                        None if in_rados => 16,
+                        None => d.workers_per_conn,
+                    },
                     tls,
                     ..d
                 }
@@ -414,5 +425,27 @@ mod tests {
         assert_eq!(s.keep, Some(3));
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::from_flags(flags(&["--config", p.to_str().unwrap()])).is_err());
+    }
+
+    #[test]
+    fn a_rados_store_takes_its_settings_from_flags_or_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(
+            &p,
+            "store = \"rados:vms/rack1\"\nceph_conf = \"/c/ceph.conf\"\nceph_id = \"parallax\"\nhost = \"h1\"\nlease = \"20s\"\n",
+        )
+        .unwrap();
+        let c = Config::from_flags(flags(&["--config", p.to_str().unwrap()])).unwrap();
+        assert_eq!(c.rados.ceph.conf, Some(PathBuf::from("/c/ceph.conf")));
+        assert_eq!(c.rados.ceph.id.as_deref(), Some("parallax"));
+        assert_eq!((c.rados.host.as_str(), c.rados.lease), ("h1", Duration::from_secs(20)));
+        assert_eq!(c.nbd_limits.workers_per_conn, 16, "a RADOS store gets more NBD workers");
+        let c = Config::from_flags(flags(&["--config", p.to_str().unwrap(), "--host", "h2", "--nbd-workers", "8"]))
+            .unwrap();
+        assert_eq!((c.rados.host.as_str(), c.nbd_limits.workers_per_conn), ("h2", 8));
+        assert!(Config::from_flags(flags(&["--store", "rados:vms", "--lease", "2s"])).is_err(), "a 2 s lease");
+        let c = Config::from_flags(flags(&["--store", "/x/s.dat"])).unwrap();
+        assert_eq!(c.nbd_limits.workers_per_conn, nbd::Limits::default().workers_per_conn);
     }
 }

@@ -38,6 +38,9 @@ pub enum RadosError {
     /// host took the store over. Nothing more is written.
     #[error("the store's lease was lost ({0}); nothing more is written")]
     LeaseLost(String),
+    /// A lease shorter than [`crate::lease::MIN_LEASE`] was asked for.
+    #[error("a lease of {0:?} is too short: it must be at least 3 s (it is renewed every third of it)")]
+    LeaseTooShort(std::time::Duration),
     /// What the store's header object records does not parse.
     #[error("the store's header object is damaged: {0}")]
     BadHeader(String),

@@ -31,6 +31,8 @@ pub const OWNER_XATTR: &str = "parallax.owner";
 pub const FENCE_FOR: Duration = Duration::from_secs(3600);
 /// What librados returns to a blocklisted client (Ceph's EBLOCKLISTED is ESHUTDOWN).
 const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
+/// The shortest lease: renewed every third of it, a shorter one would lapse on a slow round trip.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
 /// Default lease duration.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
@@ -105,7 +107,9 @@ impl Lease {
     /// Takes the store's lease on `pool` for `host`: exclusive to write, shared to read. A
     /// writer fences the writer recorded before it (one that crashed or lost its lease).
     pub fn acquire(pool: Arc<Pool>, host: &str, mode: LockMode, duration: Duration) -> Result<Lease> {
-        assert!(duration >= Duration::from_secs(3), "a lease shorter than 3 s cannot be renewed reliably");
+        if duration < MIN_LEASE {
+            return Err(RadosError::LeaseTooShort(duration));
+        }
         let cookie = cookie(host, &pool);
         let address = pool.cluster().address()?;
         let description = format!("host={host} addr={address}");

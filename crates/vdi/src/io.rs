@@ -334,13 +334,25 @@ impl VdiDisk {
         let list: Vec<Piece> = pieces(offset, data.len()).collect();
         let (_gate, maps) = gated_lookups(store, root, &list)?;
         let mut shared = Vec::new();
-        for (p, m) in list.iter().zip(&maps) {
-            match m {
-                Mapping::Mapped { addr, writable: true } => {
-                    store.write_data(*addr, p.at, &data[p.buf..p.buf + p.len])?;
-                }
-                _ => shared.push(*p),
+        let mut i = 0;
+        while i < list.len() {
+            let Mapping::Mapped { addr, writable: true } = maps[i] else {
+                shared.push(list[i]);
+                i += 1;
+                continue;
+            };
+            // One write for the following pieces that are private and in the following blocks
+            // (as a read does): a large write in place is one request to the medium, not one
+            // per block — on RADOS each is a round trip to an OSD.
+            let mut j = i + 1;
+            while j < list.len()
+                && matches!(maps[j], Mapping::Mapped { addr: a, writable: true } if a.0 == addr.0 + (j - i) as u64)
+            {
+                j += 1;
             }
+            let (p0, pl) = (list[i], list[j - 1]);
+            store.write_data(addr, p0.at, &data[p0.buf..pl.buf + pl.len])?;
+            i = j;
         }
         if !shared.is_empty() {
             let _cow = self.live.cow.lock(shared.iter().map(|p| p.vblock));

@@ -1,0 +1,58 @@
+//! `vdi` on a store in RADOS (`cargo xtask test` starts the cluster): created on first use,
+//! refused with the holder named while another host writes it, and `vdi takeover`.
+
+use std::process::{Command, Output};
+
+fn vdi(cluster: &cephtest::TestCluster, store: &str, host: &str, args: &[&str]) -> Output {
+    let conf = cluster.ceph.conf.as_ref().expect("the test cluster's ceph.conf");
+    Command::new(env!("CARGO_BIN_EXE_vdi"))
+        .args(["--store", store, "--host", host, "--ceph-conf"])
+        .arg(conf)
+        .args(args)
+        .env("PARALLAX_RUN_DIR", std::env::temp_dir().join("parallax-cli-rados-test"))
+        .output()
+        .expect("running vdi")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn vdi_creates_uses_and_takes_over_a_rados_store() {
+    let Some(cluster) = cephtest::cluster("vdi_creates_uses_and_takes_over_a_rados_store") else { return };
+    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace("cli"));
+    let o = vdi(&cluster, &store, "h1", &["list"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no store at"), "{}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["list"]);
+    assert!(o.status.success() && text(&o).contains("disk"), "{}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["takeover"]);
+    assert!(o.status.success() && text(&o).contains("nothing to take over"), "{}", text(&o));
+
+    // Another host holds the store: refused, with the holder named; takeover fences it.
+    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    let (held, _) =
+        rados::open_store(&loc, &cluster.options("h9"), &blockstore::OpenOptions::default(), None).expect("h9 opens");
+    let o = vdi(&cluster, &store, "h1", &["create", "other", "--size", "8M"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("held by host h9") && text(&o).contains("takeover"), "{}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["takeover"]);
+    assert!(o.status.success() && text(&o).contains("fenced host h9"), "{}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["create", "other", "--size", "8M"]);
+    assert!(o.status.success(), "after the takeover: {}", text(&o));
+    drop(held);
+    let o = vdi(&cluster, &store, "h1", &["check"]);
+    assert!(o.status.success() && text(&o).contains("consistent"), "{}", text(&o));
+}
+
+#[test]
+fn takeover_of_a_file_store_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.dat");
+    let o = Command::new(env!("CARGO_BIN_EXE_vdi")).arg("--store").arg(&store).arg("takeover").output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("is a file store"), "{}", text(&o));
+}
