@@ -3,7 +3,7 @@
 
 use blockstore::{BLOCK_SIZE, BlockStore, CreateOptions, OpenOptions, StoreError};
 use rados::backend::HEADER_OBJECT;
-use rados::lease::{LEASE_LOCK, OWNER_XATTR};
+use rados::lease::{LEASE_LOCK, OWNER_PREFIX};
 use rados::{LockMode, LockSpec, RadosLocation, RadosOptions, open_store};
 
 fn create(loc: &RadosLocation, opts: &RadosOptions) -> BlockStore {
@@ -109,7 +109,8 @@ fn a_writer_that_died_holding_the_lease_is_fenced_by_the_next_one() {
         duration: lease,
     };
     zombie.lock(HEADER_OBJECT, &spec, false).unwrap();
-    zombie.set_xattr(HEADER_OBJECT, OWNER_XATTR, format!("host=host-a addr={addr}").as_bytes()).unwrap();
+    let record = format!("{OWNER_PREFIX}{}", zombie.cluster().instance_id());
+    zombie.set_xattr(HEADER_OBJECT, &record, format!("host=host-a addr={addr}").as_bytes()).unwrap();
     let b = cluster.options("host-b");
     assert!(matches!(open(&loc, &b, false), Err(StoreError::Locked { .. })), "the lease is still running");
     // Wait the lease out (a fixed span: the OSD expires the lock, nothing to wait on here).
@@ -120,4 +121,32 @@ fn a_writer_that_died_holding_the_lease_is_fenced_by_the_next_one() {
     let errno = err.expect_err("the dead writer's client still writes").errno();
     assert_eq!(errno, Some(libc::ESHUTDOWN), "blocklisted (EBLOCKLISTED)");
     assert_eq!(read_block(&store, kept), 0x44);
+}
+
+#[test]
+fn a_writer_recorded_late_beside_a_newer_one_is_fenced_too() {
+    let Some(cluster) = cephtest::cluster("a_writer_recorded_late_beside_a_newer_one_is_fenced_too") else {
+        return;
+    };
+    let (loc, b) = cluster.fresh_store("late-owner", "host-b");
+    let holder = create(&loc, &b);
+    // A writer that stalled between taking an (expired) lease and recording itself wakes and
+    // records itself now, while host-b holds the store: it must not erase host-b's record.
+    let ns = loc.namespace.clone().unwrap();
+    let late = cluster.pool(&ns);
+    let addr = late.cluster().address().unwrap();
+    let record = format!("{OWNER_PREFIX}{}", late.cluster().instance_id());
+    late.set_xattr(HEADER_OBJECT, &record, format!("host=host-z addr={addr}").as_bytes()).unwrap();
+    let records = late.xattrs_with_prefix(HEADER_OBJECT, OWNER_PREFIX).unwrap();
+    assert_eq!(records.len(), 2, "host-b's record and the late one: {records:?}");
+    // host-b dies (taken over here), host-c opens: both earlier writers are fenced.
+    let pool = cluster.pool(&ns);
+    rados::lease::take_over(&pool).unwrap();
+    let c = open(&loc, &cluster.options("host-c"), false).expect("host-c opens");
+    let err = late.write("parallax.data.0000000000000000", 0, b"x").expect_err("the late writer still writes");
+    assert_eq!(err.errno(), Some(libc::ESHUTDOWN), "blocklisted (EBLOCKLISTED): {err}");
+    let err = holder.write_data(write_block(&c, 0x55), 0, &[0x66; BLOCK_SIZE]).expect_err("host-b still writes");
+    eprintln!("host-b refused, as it should be: {err}");
+    let records = pool.xattrs_with_prefix(HEADER_OBJECT, OWNER_PREFIX).unwrap();
+    assert_eq!(records.len(), 1, "only host-c's record is left: {records:?}");
 }

@@ -275,6 +275,46 @@ impl Pool {
         Ok(Some(buf))
     }
 
+    /// Every extended attribute of `object` whose name starts with `prefix`, as (name, value);
+    /// none if the object does not exist.
+    pub fn xattrs_with_prefix(&self, object: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let o = cstring("object", object)?;
+        let mut iter: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: `o` is NUL-terminated; `iter` is a valid out-pointer, ended below.
+        let r = unsafe { (self.api().rados_getxattrs)(self.io, o.as_ptr(), &mut iter) };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check(|| format!("listing the xattrs of {object}"), r.into())?;
+        let mut out = Vec::new();
+        let result = loop {
+            let (mut name, mut val, mut len): (*const c_char, *const c_char, usize) =
+                (std::ptr::null(), std::ptr::null(), 0);
+            // SAFETY: `iter` is the live iterator from rados_getxattrs; the out-pointers are valid.
+            let r = unsafe { (self.api().rados_getxattrs_next)(iter, &mut name, &mut val, &mut len) };
+            if r < 0 {
+                break Err(RadosError::call(format!("listing the xattrs of {object}"), r.into()));
+            }
+            if name.is_null() {
+                break Ok(());
+            }
+            // SAFETY: librados hands a NUL-terminated name and `len` bytes at `val` (or null
+            // for an empty value), valid until the next call on the iterator; both are copied now.
+            let (n, v) = unsafe {
+                let n = CStr::from_ptr(name).to_string_lossy().into_owned();
+                let v =
+                    if val.is_null() { Vec::new() } else { std::slice::from_raw_parts(val.cast::<u8>(), len).to_vec() };
+                (n, v)
+            };
+            if n.starts_with(prefix) {
+                out.push((n, v));
+            }
+        };
+        // SAFETY: the iterator is live and ended once.
+        unsafe { (self.api().rados_getxattrs_end)(iter) };
+        result.map(|()| out)
+    }
+
     /// Sets the extended attribute `name` of `object` (creating the object), durably.
     pub fn set_xattr(&self, object: &str, name: &str, value: &[u8]) -> Result<()> {
         let (o, n) = (cstring("object", object)?, cstring("xattr", name)?);

@@ -74,6 +74,9 @@ api! {
     rados_getxattr: fn(IoctxT, *const c_char, *const c_char, *mut c_char, usize) -> c_int;
     rados_setxattr: fn(IoctxT, *const c_char, *const c_char, *const c_char, usize) -> c_int;
     rados_rmxattr: fn(IoctxT, *const c_char, *const c_char) -> c_int;
+    rados_getxattrs: fn(IoctxT, *const c_char, *mut *mut c_void) -> c_int;
+    rados_getxattrs_next: fn(*mut c_void, *mut *const c_char, *mut *const c_char, *mut usize) -> c_int;
+    rados_getxattrs_end: fn(*mut c_void) -> ();
     rados_lock_exclusive: fn(IoctxT, *const c_char, *const c_char, *const c_char, *const c_char, *mut Timeval, u8) -> c_int;
     rados_lock_shared: fn(IoctxT, *const c_char, *const c_char, *const c_char, *const c_char, *const c_char, *mut Timeval, u8) -> c_int;
     rados_unlock: fn(IoctxT, *const c_char, *const c_char, *const c_char) -> c_int;

@@ -2,10 +2,13 @@
 //!
 //! A writer holds the exclusive RADOS lock [`LEASE_LOCK`] on the header object for a
 //! duration and renews it at a third of that. The lock alone is not enough: a writer that stalls
-//! (SIGSTOP, a long GC-like pause, a network partition) past its duration may wake and write
-//! after another host took over. So the holder also records its address in the header's
-//! [`OWNER_XATTR`], and whoever takes the lease next **blocklists** that address before writing
-//! anything: the OSDs then refuse the old writer's operations. A writer also stops by itself
+//! (SIGSTOP, a long pause, a network partition) past its duration may wake and write after
+//! another host took over. So each writer records its address on the header, in an extended
+//! attribute of its own ([`OWNER_PREFIX`] + its client id), and whoever takes the lease next
+//! **blocklists** every address recorded there but its own before writing anything: the OSDs
+//! then refuse those writers' operations. One attribute per writer, never rewritten by another:
+//! a writer that stalled between taking the lock and recording itself, and records itself late
+//! over a newer writer, cannot erase that writer's record — both are fenced next time. A writer also stops by itself
 //! when its lease runs out unrenewed ([`LeaseClock`]), but safety rests on the blocklist, not on
 //! clocks. Readers hold the same lock shared (no writer while they read), record nothing and
 //! are never fenced.
@@ -24,8 +27,9 @@ use crate::error::{RadosError, Result};
 
 /// Name of the RADOS lock on the header object that is the store's lease.
 pub const LEASE_LOCK: &str = "parallax.lease";
-/// Extended attribute of the header object naming the current writer: `host=H addr=A`.
-pub const OWNER_XATTR: &str = "parallax.owner";
+/// Prefix of the header object's extended attributes naming writers that may still be alive:
+/// `parallax.owner.<client id>` = `host=H addr=A`.
+pub const OWNER_PREFIX: &str = "parallax.owner.";
 /// How long a fenced client stays blocklisted; its process is long gone by then (a client's
 /// address carries a per-process nonce, so a new process is never caught by an old entry).
 pub const FENCE_FOR: Duration = Duration::from_secs(3600);
@@ -78,6 +82,8 @@ pub struct Lease {
     pool: Arc<Pool>,
     mode: LockMode,
     cookie: String,
+    /// This writer's record on the header object.
+    owner: String,
     clock: Arc<LeaseClock>,
     stop: Option<Sender<()>>,
     renewer: Option<JoinHandle<()>>,
@@ -124,17 +130,21 @@ impl Lease {
             Err(e) => return Err(e),
         }
         let clock = Arc::new(LeaseClock::new(started + duration * 9 / 10));
-        let mut lease = Lease { pool: pool.clone(), mode, cookie, clock, stop: None, renewer: None };
+        let owner = format!("{OWNER_PREFIX}{}", pool.cluster().instance_id());
+        let mut lease = Lease { pool: pool.clone(), mode, cookie, owner, clock, stop: None, renewer: None };
         if mode == LockMode::Exclusive {
-            if let Some(before) = pool.xattr(HEADER_OBJECT, OWNER_XATTR)? {
+            for (name, before) in pool.xattrs_with_prefix(HEADER_OBJECT, OWNER_PREFIX)? {
                 let before = String::from_utf8_lossy(&before).into_owned();
                 let old_address = before.split_whitespace().find_map(|w| w.strip_prefix("addr="));
                 if let Some(old) = old_address.filter(|a| *a != address) {
-                    tracing::warn!("fencing the store's previous writer ({before}): it did not release its lease");
+                    tracing::warn!("fencing a previous writer of the store ({before}): it did not release its lease");
                     pool.cluster().blocklist(old, FENCE_FOR)?;
                 }
+                // Fenced (or unparseable, so never a live writer of ours): forget it.
+                pool.remove_xattr(HEADER_OBJECT, &name)?;
             }
-            pool.set_xattr(HEADER_OBJECT, OWNER_XATTR, description.as_bytes())?;
+            lease.clock.check()?;
+            pool.set_xattr(HEADER_OBJECT, &lease.owner, description.as_bytes())?;
         }
         lease.start_renewing(duration, description);
         Ok(lease)
@@ -187,7 +197,7 @@ impl Drop for Lease {
             return; // Not ours any more: another host may hold it.
         }
         if self.mode == LockMode::Exclusive
-            && let Err(e) = self.pool.remove_xattr(HEADER_OBJECT, OWNER_XATTR)
+            && let Err(e) = self.pool.remove_xattr(HEADER_OBJECT, &self.owner)
         {
             tracing::warn!("clearing the store's owner record: {e}");
         }
