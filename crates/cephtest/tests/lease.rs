@@ -150,3 +150,28 @@ fn a_writer_recorded_late_beside_a_newer_one_is_fenced_too() {
     let records = pool.xattrs_with_prefix(HEADER_OBJECT, OWNER_PREFIX).unwrap();
     assert_eq!(records.len(), 1, "only host-c's record is left: {records:?}");
 }
+
+#[test]
+fn a_creation_cut_short_is_made_again_and_leaves_nothing_behind() {
+    let Some(cluster) = cephtest::cluster("a_creation_cut_short_is_made_again_and_leaves_nothing_behind") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("half-made", "host-a");
+    // What a creation that died after growing the medium and writing some blocks leaves: the
+    // header without its format, and data objects with bytes in them.
+    let pool = cluster.pool(loc.namespace.as_deref().unwrap());
+    pool.set_xattr(HEADER_OBJECT, "parallax.object_size", b"4194304").unwrap();
+    pool.set_xattr(HEADER_OBJECT, "parallax.size", b"9000000").unwrap();
+    for index in 0..3 {
+        pool.write(&rados::backend::data_object(index), 0, &[0xEE; 8192]).unwrap();
+    }
+    assert!(open(&loc, &a, false).is_err(), "a half-made store is not a store");
+    let store = create(&loc, &a);
+    let block = write_block(&store, 0x77);
+    drop(store);
+    let again = open(&loc, &a, false).expect("the store made again opens");
+    assert_eq!(read_block(&again, block), 0x77);
+    let mut probe = [0u8; 8192];
+    let n = pool.read(&rados::backend::data_object(2), 0, &mut probe).unwrap();
+    assert!(probe[..n].iter().all(|&b| b != 0xEE), "a block of the unfinished creation survived");
+}

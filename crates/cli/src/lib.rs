@@ -192,7 +192,9 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
             Err(f) => report(&mut stderr, &f),
         };
     }
-    if let Some(code) = control::try_forward(&cli.store, args.get(1..).unwrap_or_default()) {
+    if let Some(code) =
+        control::try_forward(&rados::control_key(&cli.store, &ceph.ceph), args.get(1..).unwrap_or_default())
+    {
         return code;
     }
     let opened = match store::open_with(&cli.store, &cli.command, cli.wait, &ceph, &mut stderr) {

@@ -49,7 +49,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let store = config.store.clone();
+    // A store in RADOS is named with its cluster too: a `vdi` aimed at another cluster's pool of
+    // the same name must not reach this daemon.
+    let store = rados::control_key(&config.store, &config.rados.ceph);
     let control: daemon::service::ControlHook = Box::new(move |reg, stop| {
         // The store must exist before its canonical path (and so the socket name) is known.
         Ok(Some(cli::control::spawn_control(&store, reg, stop)?))

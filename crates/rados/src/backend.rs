@@ -2,8 +2,9 @@
 //!
 //! Layout in the pool (and namespace):
 //! - `parallax.store`, the header object: no data; extended attributes
-//!   `parallax.format` (`"1"`), `parallax.object_size` (decimal bytes), `parallax.size` (the
-//!   medium's length, decimal bytes), and the lease ([`crate::lease`]).
+//!   `parallax.format` (`"1"`, written once the store's first blocks are), `parallax.object_size`
+//!   (decimal bytes), `parallax.size` (the medium's length, decimal bytes), and the lease
+//!   ([`crate::lease`]).
 //! - `parallax.data.%016x`: bytes `[i * OBJECT_SIZE, (i + 1) * OBJECT_SIZE)` of the medium,
 //!   object `i`; absent or short objects read as zeros.
 //!
@@ -46,8 +47,10 @@ pub struct RadosBackend {
     size: AtomicU64,
     /// Serialises growing, so the recorded size only ever grows.
     growing: Mutex<()>,
-    /// Writes stop when this says the lease is gone; `None` for a reader.
-    lease: Option<Arc<LeaseClock>>,
+    /// Reads and writes stop when this says the lease is gone.
+    lease: Arc<LeaseClock>,
+    /// False for a reader (a shared lease): writes are refused.
+    writable: bool,
 }
 
 fn parse_u64(what: &str, v: &[u8]) -> Result<u64> {
@@ -58,8 +61,9 @@ fn parse_u64(what: &str, v: &[u8]) -> Result<u64> {
 }
 
 impl RadosBackend {
-    /// Opens the medium in `pool`; `None` if there is none yet. Writes check `lease`.
-    pub fn open(pool: Arc<Pool>, lease: Option<Arc<LeaseClock>>) -> Result<Option<RadosBackend>> {
+    /// Opens the medium in `pool`; `None` if there is none yet (or its creation never finished:
+    /// see [`RadosBackend::seal`]). Reads and writes check `lease`; writes need `writable`.
+    pub fn open(pool: Arc<Pool>, lease: Arc<LeaseClock>, writable: bool) -> Result<Option<RadosBackend>> {
         let Some(format) = pool.xattr(HEADER_OBJECT, FORMAT_XATTR)? else { return Ok(None) };
         if format != b"1" {
             return Err(RadosError::BadHeader(format!(
@@ -75,26 +79,49 @@ impl RadosBackend {
             )));
         }
         let size = parse_u64(SIZE_XATTR, &pool.xattr(HEADER_OBJECT, SIZE_XATTR)?.unwrap_or_default())?;
-        Ok(Some(RadosBackend { pool, size: AtomicU64::new(size), growing: Mutex::new(()), lease }))
+        Ok(Some(RadosBackend { pool, size: AtomicU64::new(size), growing: Mutex::new(()), lease, writable }))
     }
 
-    /// Makes an empty medium in `pool` (the format recorded last: a half-made header is "none").
-    pub fn create(pool: Arc<Pool>, lease: Option<Arc<LeaseClock>>) -> Result<RadosBackend> {
-        if let Some(l) = &lease {
-            l.check()?;
+    /// Makes an empty medium in `pool` for a writer. It is not a store until
+    /// [`RadosBackend::seal`] records the format, once the store's first blocks are written: a
+    /// creation cut short is "no store" to the next open, which makes it again — removing the
+    /// data objects the unfinished one wrote (as far as its recorded size), so nothing of it is
+    /// read back.
+    pub fn create(pool: Arc<Pool>, lease: Arc<LeaseClock>) -> Result<RadosBackend> {
+        lease.check()?;
+        if let Some(old) = pool.xattr(HEADER_OBJECT, SIZE_XATTR)? {
+            let old = parse_u64(SIZE_XATTR, &old).unwrap_or(0);
+            for index in 0..old.div_ceil(OBJECT_SIZE) {
+                lease.check()?;
+                pool.remove(&data_object(index))?;
+            }
         }
         pool.set_xattr(HEADER_OBJECT, OBJECT_SIZE_XATTR, OBJECT_SIZE.to_string().as_bytes())?;
         pool.set_xattr(HEADER_OBJECT, SIZE_XATTR, b"0")?;
-        pool.set_xattr(HEADER_OBJECT, FORMAT_XATTR, b"1")?;
-        Ok(RadosBackend { pool, size: AtomicU64::new(0), growing: Mutex::new(()), lease })
+        Ok(RadosBackend { pool, size: AtomicU64::new(0), growing: Mutex::new(()), lease, writable: true })
+    }
+
+    /// Records the format on the header: from now on the pool holds a store.
+    pub fn seal(&self) -> Result<()> {
+        self.lease.check()?;
+        self.pool.set_xattr(HEADER_OBJECT, FORMAT_XATTR, b"1")
+    }
+
+    fn may_read(&self) -> io::Result<()> {
+        self.lease.check().map_err(RadosError::into_io)
     }
 
     fn may_write(&self) -> io::Result<()> {
-        match &self.lease {
-            Some(l) => l.check().map_err(RadosError::into_io),
-            None => Err(io::Error::new(io::ErrorKind::PermissionDenied, "the store is open read-only")),
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the store is open read-only"));
         }
+        self.lease.check().map_err(RadosError::into_io)
     }
+}
+
+/// `offset + len` as the end of a range, or `EINVAL` past the largest offset.
+fn end_of(offset: u64, len: usize) -> io::Result<u64> {
+    offset.checked_add(len as u64).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// The object pieces of `[offset, offset + len)`: (object index, offset in it, bytes).
@@ -115,6 +142,8 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize)> {
 
 impl Backend for RadosBackend {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.may_read()?;
+        end_of(offset, buf.len())?;
         let mut done = 0;
         for (index, within, n) in pieces(offset, buf.len()) {
             let part = &mut buf[done..done + n];
@@ -127,6 +156,7 @@ impl Backend for RadosBackend {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.may_write()?;
+        end_of(offset, data.len())?;
         let mut done = 0;
         for (index, within, n) in pieces(offset, data.len()) {
             self.pool.write(&data_object(index), within, &data[done..done + n]).map_err(RadosError::into_io)?;

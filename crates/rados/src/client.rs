@@ -8,6 +8,10 @@ use std::time::Duration;
 use crate::error::{RadosError, Result};
 use crate::ffi::{self, Api, IoctxT, RadosT, Timeval};
 
+/// How long one librados operation may take before it fails (`rados_osd_op_timeout`,
+/// `rados_mon_op_timeout`).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How to reach the cluster: what `--ceph-conf` and `--ceph-id` say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CephOptions {
@@ -15,6 +19,21 @@ pub struct CephOptions {
     pub conf: Option<PathBuf>,
     /// The client id without `client.` (`admin` when `None`).
     pub id: Option<String>,
+}
+
+impl CephOptions {
+    /// A name for the cluster and identity these options reach, for telling apart two stores
+    /// of the same pool name in different clusters (the control socket's name): the ceph.conf
+    /// path (`$CEPH_CONF` or /etc/ceph/ceph.conf when not given), canonical, and the id.
+    pub fn identity(&self) -> String {
+        let conf = self
+            .conf
+            .clone()
+            .or_else(|| std::env::var_os("CEPH_CONF").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf"));
+        let conf = std::fs::canonicalize(&conf).unwrap_or(conf);
+        format!("{}#{}", conf.display(), self.id.as_deref().unwrap_or("admin"))
+    }
 }
 
 fn cstring(what: &'static str, s: &str) -> Result<CString> {
@@ -63,6 +82,11 @@ impl Cluster {
             return Err(RadosError::call("reading CEPH_ARGS", r.into()));
         }
         cluster.set("client_mount_timeout", "30")?;
+        // Operations give up instead of waiting for ever: a partitioned client then never sends
+        // a stale write after its fence ran out (lease::FENCE_FOR), and a stop is not stuck
+        // behind a dead cluster. The I/O fails with ETIMEDOUT.
+        cluster.set("rados_osd_op_timeout", &OP_TIMEOUT.as_secs().to_string())?;
+        cluster.set("rados_mon_op_timeout", &OP_TIMEOUT.as_secs().to_string())?;
         // SAFETY: the handle is configured and not yet connected.
         let r = unsafe { (api.rados_connect)(handle) };
         if r < 0 {

@@ -30,8 +30,10 @@ pub const LEASE_LOCK: &str = "parallax.lease";
 /// Prefix of the header object's extended attributes naming writers that may still be alive:
 /// `parallax.owner.<client id>` = `host=H addr=A`.
 pub const OWNER_PREFIX: &str = "parallax.owner.";
-/// How long a fenced client stays blocklisted; its process is long gone by then (a client's
-/// address carries a per-process nonce, so a new process is never caught by an old entry).
+/// How long a fenced client stays blocklisted (as RBD's exclusive lock does). Far longer than
+/// [`crate::client::OP_TIMEOUT`]: an operation the fenced client had queued is abandoned by its
+/// librados long before the entry expires, so nothing it sent can land afterwards. (A client's
+/// address carries a per-process nonce, so a new process is never caught by an old entry.)
 pub const FENCE_FOR: Duration = Duration::from_secs(3600);
 /// What librados returns to a blocklisted client (Ceph's EBLOCKLISTED is ESHUTDOWN).
 const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
@@ -66,7 +68,12 @@ impl LeaseClock {
         self.valid_until_ms.store(0, Ordering::Release);
     }
 
-    /// Ok while the lease is held; the reason otherwise. Checked before every write.
+    /// True once the lease is known gone for good (not merely unrenewed for a while).
+    fn is_lost(&self) -> bool {
+        self.lost.lock().is_some()
+    }
+
+    /// Ok while the lease is held; the reason otherwise. Checked before every read and write.
     pub fn check(&self) -> Result<()> {
         let now = self.base.elapsed().as_millis() as u64;
         if now < self.valid_until_ms.load(Ordering::Acquire) {
@@ -79,12 +86,7 @@ impl LeaseClock {
 
 /// A held lease; renewed on a thread until dropped, then released.
 pub struct Lease {
-    pool: Arc<Pool>,
-    mode: LockMode,
-    cookie: String,
-    /// This writer's record on the header object.
-    owner: String,
-    clock: Arc<LeaseClock>,
+    renewal: Arc<Renewal>,
     stop: Option<Sender<()>>,
     renewer: Option<JoinHandle<()>>,
 }
@@ -109,31 +111,102 @@ fn describe(lockers: &[Locker]) -> String {
         .join(", ")
 }
 
+/// What renewing needs; shared by the lease and its renewal thread.
+struct Renewal {
+    pool: Arc<Pool>,
+    mode: LockMode,
+    cookie: String,
+    description: String,
+    duration: Duration,
+    /// This writer's owner record on the header object.
+    owner: String,
+    clock: Arc<LeaseClock>,
+}
+
+impl Renewal {
+    fn spec(&self) -> LockSpec<'_> {
+        LockSpec {
+            name: LEASE_LOCK,
+            mode: self.mode,
+            cookie: &self.cookie,
+            description: &self.description,
+            duration: self.duration,
+        }
+    }
+
+    /// Renews the lock now; the clock runs on from the moment the request was sent. A lock
+    /// that lapsed (the OSD did not hear from us in time: an outage, a slow OSD) is taken again
+    /// by a writer whose owner record is still there — whoever took the store in between would
+    /// have fenced us and removed it — so a blip does not stop a healthy writer for good.
+    fn renew(&self) -> Result<()> {
+        let started = Instant::now();
+        match self.pool.lock(HEADER_OBJECT, &self.spec(), true) {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::ENOENT) && self.mode == LockMode::Exclusive => {
+                if self.pool.xattr(HEADER_OBJECT, &self.owner)?.is_none() {
+                    return Err(e);
+                }
+                self.pool.lock(HEADER_OBJECT, &self.spec(), false)?;
+                tracing::warn!("the store's lease had lapsed; taken again (nobody wrote in between)");
+            }
+            Err(e) => return Err(e),
+        }
+        self.clock.extend(started + self.duration * 9 / 10);
+        Ok(())
+    }
+
+    /// [`Renewal::renew`], and on a failure that means the lease is gone for good, the clock
+    /// told so.
+    fn renew_or_lose(&self) -> Result<()> {
+        let r = self.renew();
+        if let Err(e) = &r
+            && matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EBUSY) | Some(libc::EEXIST) | Some(EBLOCKLISTED))
+        {
+            tracing::error!("the store's lease is lost: {e}; no more I/O");
+            self.clock.lose(e.to_string());
+        }
+        r
+    }
+}
+
 impl Lease {
     /// Takes the store's lease on `pool` for `host`: exclusive to write, shared to read. A
-    /// writer fences the writer recorded before it (one that crashed or lost its lease).
+    /// writer fences every writer recorded before it (one that crashed or lost its lease).
     pub fn acquire(pool: Arc<Pool>, host: &str, mode: LockMode, duration: Duration) -> Result<Lease> {
         if duration < MIN_LEASE {
             return Err(RadosError::LeaseTooShort(duration));
         }
-        let cookie = cookie(host, &pool);
         let address = pool.cluster().address()?;
-        let description = format!("host={host} addr={address}");
+        let renewal = Arc::new(Renewal {
+            cookie: cookie(host, &pool),
+            description: format!("host={host} addr={address}"),
+            owner: format!("{OWNER_PREFIX}{}", pool.cluster().instance_id()),
+            clock: Arc::new(LeaseClock::new(Instant::now())),
+            pool,
+            mode,
+            duration,
+        });
         let started = Instant::now();
-        let spec = LockSpec { name: LEASE_LOCK, mode, cookie: &cookie, description: &description, duration };
-        match pool.lock(HEADER_OBJECT, &spec, false) {
-            Ok(()) => {}
+        match renewal.pool.lock(HEADER_OBJECT, &renewal.spec(), false) {
+            Ok(()) => renewal.clock.extend(started + duration * 9 / 10),
             Err(e) if matches!(e.errno(), Some(libc::EBUSY) | Some(libc::EEXIST)) => {
-                let holders = pool.lockers(HEADER_OBJECT, LEASE_LOCK)?;
+                let holders = renewal.pool.lockers(HEADER_OBJECT, LEASE_LOCK)?;
                 return Err(RadosError::Locked { holder: describe(&holders) });
             }
             Err(e) => return Err(e),
         }
-        let clock = Arc::new(LeaseClock::new(started + duration * 9 / 10));
-        let owner = format!("{OWNER_PREFIX}{}", pool.cluster().instance_id());
-        let mut lease = Lease { pool: pool.clone(), mode, cookie, owner, clock, stop: None, renewer: None };
+        // Renewing from the start: fencing several writers may take longer than the lease.
+        let mut lease = Lease { renewal: renewal.clone(), stop: None, renewer: None };
+        lease.start_renewing();
         if mode == LockMode::Exclusive {
+            let pool = &renewal.pool;
             for (name, before) in pool.xattrs_with_prefix(HEADER_OBJECT, OWNER_PREFIX)? {
+                if name == renewal.owner {
+                    continue;
+                }
+                // Still ours? A taker that stalled past its lease must not fence the writer
+                // that took the store meanwhile.
+                renewal.renew_or_lose()?;
                 let before = String::from_utf8_lossy(&before).into_owned();
                 let old_address = before.split_whitespace().find_map(|w| w.strip_prefix("addr="));
                 if let Some(old) = old_address.filter(|a| *a != address) {
@@ -143,47 +216,42 @@ impl Lease {
                 // Fenced (or unparseable, so never a live writer of ours): forget it.
                 pool.remove_xattr(HEADER_OBJECT, &name)?;
             }
-            lease.clock.check()?;
-            pool.set_xattr(HEADER_OBJECT, &lease.owner, description.as_bytes())?;
+            renewal.renew_or_lose()?;
+            pool.set_xattr(HEADER_OBJECT, &renewal.owner, renewal.description.as_bytes())?;
+            // Held after the record was durable: every later taker sees it and fences us.
+            renewal.renew_or_lose()?;
         }
-        lease.start_renewing(duration, description);
         Ok(lease)
     }
 
-    fn start_renewing(&mut self, duration: Duration, description: String) {
+    fn start_renewing(&mut self) {
         let (stop, stopped) = bounded::<()>(0);
-        let (pool, clock, cookie, mode) = (self.pool.clone(), self.clock.clone(), self.cookie.clone(), self.mode);
+        let renewal = self.renewal.clone();
         let renewer = std::thread::Builder::new()
             .name("rados-lease".into())
             .spawn(move || {
                 // Waits on the stop channel: dropping the sender ends the thread at once.
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(duration / 3) {
-                    let started = Instant::now();
-                    let spec =
-                        LockSpec { name: LEASE_LOCK, mode, cookie: &cookie, description: &description, duration };
-                    match pool.lock(HEADER_OBJECT, &spec, true) {
-                        Ok(()) => clock.extend(started + duration * 9 / 10),
-                        Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EBUSY) | Some(EBLOCKLISTED)) => {
-                            tracing::error!("the store's lease is lost: {e}; no more writes");
-                            clock.lose(e.to_string());
-                            return;
-                        }
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(renewal.duration / 3)
+                {
+                    match renewal.renew_or_lose() {
+                        Ok(()) => {}
+                        Err(_) if renewal.clock.is_lost() => return,
                         Err(e) => tracing::warn!("renewing the store's lease failed, will retry: {e}"),
                     }
                 }
             })
             .ok();
         if renewer.is_none() {
-            // No thread, no renewals: the lease simply runs out and writes stop then.
+            // No thread, no renewals: the lease simply runs out and I/O stops then.
             tracing::error!("could not start the lease renewal thread");
         }
         self.stop = Some(stop);
         self.renewer = renewer;
     }
 
-    /// The clock writes check.
+    /// The clock reads and writes check.
     pub fn clock(&self) -> Arc<LeaseClock> {
-        self.clock.clone()
+        self.renewal.clock.clone()
     }
 }
 
@@ -193,15 +261,16 @@ impl Drop for Lease {
         if let Some(t) = self.renewer.take() {
             let _ = t.join();
         }
-        if self.clock.check().is_err() {
+        let r = &self.renewal;
+        if r.clock.check().is_err() {
             return; // Not ours any more: another host may hold it.
         }
-        if self.mode == LockMode::Exclusive
-            && let Err(e) = self.pool.remove_xattr(HEADER_OBJECT, &self.owner)
+        if r.mode == LockMode::Exclusive
+            && let Err(e) = r.pool.remove_xattr(HEADER_OBJECT, &r.owner)
         {
             tracing::warn!("clearing the store's owner record: {e}");
         }
-        if let Err(e) = self.pool.unlock(HEADER_OBJECT, LEASE_LOCK, &self.cookie) {
+        if let Err(e) = r.pool.unlock(HEADER_OBJECT, LEASE_LOCK, &r.cookie) {
             tracing::warn!("releasing the store's lease: {e}");
         }
     }

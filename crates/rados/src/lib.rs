@@ -20,4 +20,4 @@ pub use backend::RadosBackend;
 pub use client::{CephOptions, Cluster, LockMode, LockSpec, Pool};
 pub use error::{RadosError, Result};
 pub use lease::Lease;
-pub use open::{RadosLocation, RadosMedium, RadosOptions, local_host_name, open_medium, open_store};
+pub use open::{RadosLocation, RadosMedium, RadosOptions, control_key, local_host_name, open_medium, open_store};

@@ -65,6 +65,15 @@ impl Default for RadosOptions {
     }
 }
 
+/// The name of a store's control socket key: a `rados:` store is told apart by its cluster and
+/// identity too (two clusters may both have the pool), any other store is its path.
+pub fn control_key(store: &std::path::Path, ceph: &crate::client::CephOptions) -> std::path::PathBuf {
+    match store.to_str() {
+        Some(s) if s.starts_with(RadosLocation::PREFIX) => format!("{s}@{}", ceph.identity()).into(),
+        _ => store.to_path_buf(),
+    }
+}
+
 /// The machine's host name, the default `--host`.
 pub fn local_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -91,7 +100,8 @@ pub struct RadosMedium {
     pub backend: Arc<RadosBackend>,
     /// The lease: keep it as long as the store is open ([`BlockStore::hold`]).
     pub lease: Lease,
-    /// True if the medium was made by this call: the store still has to be created on it.
+    /// True if the medium was made by this call: the store still has to be created on it, and
+    /// the medium then sealed ([`RadosBackend::seal`]).
     pub created: bool,
 }
 
@@ -107,17 +117,18 @@ pub fn open_medium(
     let pool = Arc::new(cluster.pool(&loc.pool, loc.namespace.as_deref()).map_err(|e| store_error(loc, e))?);
     let mode = if read_only { LockMode::Shared } else { LockMode::Exclusive };
     let lease = Lease::acquire(pool.clone(), &ropts.host, mode, ropts.lease).map_err(|e| store_error(loc, e))?;
-    let clock = (!read_only).then(|| lease.clock());
-    let (backend, created) = match RadosBackend::open(pool.clone(), clock.clone()).map_err(|e| store_error(loc, e))? {
-        Some(b) => (b, false),
-        None if create && !read_only => (RadosBackend::create(pool, clock).map_err(|e| store_error(loc, e))?, true),
-        None => {
-            return Err(StoreError::io(
-                format!("opening {loc}"),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no store there"),
-            ));
-        }
-    };
+    let clock = lease.clock();
+    let (backend, created) =
+        match RadosBackend::open(pool.clone(), clock.clone(), !read_only).map_err(|e| store_error(loc, e))? {
+            Some(b) => (b, false),
+            None if create && !read_only => (RadosBackend::create(pool, clock).map_err(|e| store_error(loc, e))?, true),
+            None => {
+                return Err(StoreError::io(
+                    format!("opening {loc}"),
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no store there"),
+                ));
+            }
+        };
     Ok(RadosMedium { backend: Arc::new(backend), lease, created })
 }
 
@@ -132,7 +143,11 @@ pub fn open_store(
 ) -> blockstore::Result<(BlockStore, bool)> {
     let m = open_medium(loc, ropts, opts.read_only, create.is_some())?;
     let mut store = match create.filter(|_| m.created) {
-        Some(c) => BlockStore::create(m.backend, c, opts)?,
+        Some(c) => {
+            let store = BlockStore::create(m.backend.clone(), c, opts)?;
+            m.backend.seal().map_err(|e| store_error(loc, e))?;
+            store
+        }
         None => BlockStore::open(m.backend, opts)?,
     };
     store.hold(Box::new(m.lease));
