@@ -1,4 +1,6 @@
-//! Unit tests of the journal, allocator, cache and transactions through the public API.
+//! Unit tests of the journal, allocator, cache and transactions through the public API; those
+//! that need no memory-only fault injection run on both media (`on_both!`): in memory and in
+//! RADOS.
 
 use std::sync::Arc;
 
@@ -20,6 +22,73 @@ fn reopen(mem: &MemBackend) -> BlockStore {
     BlockStore::open(Arc::new(mem.clone()), &OpenOptions::default()).unwrap()
 }
 
+/// Where a test's store lives: the same engine tests run on both media.
+enum Medium {
+    /// In memory; a crash drops every unsynced write.
+    Memory(MemBackend),
+    /// In a RADOS namespace of the test cluster (`cargo xtask test` starts it); a crash is the
+    /// process dying with its lease held: the next opener fences it and keeps every completed
+    /// write, which RADOS made durable.
+    Rados(cephtest::TestCluster, rados::RadosLocation, rados::RadosOptions),
+}
+
+impl Medium {
+    fn rados(test: &str) -> Option<Medium> {
+        let cluster = cephtest::cluster(test)?;
+        let (loc, opts) = cluster.fresh_store("engine", "test-host");
+        Some(Medium::Rados(cluster, loc, opts))
+    }
+
+    fn store(&self, journal: u64, cache: usize) -> BlockStore {
+        match self {
+            Medium::Memory(mem) => store(mem, journal, cache),
+            Medium::Rados(_, loc, opts) => {
+                let create = CreateOptions { journal_slot_blocks: journal, max_blocks: 0 };
+                let open = OpenOptions { cache_blocks: cache, ..OpenOptions::default() };
+                rados::open_store(loc, opts, &open, Some(&create)).unwrap().0
+            }
+        }
+    }
+
+    fn crash(&self) {
+        match self {
+            Medium::Memory(mem) => mem.crash(CrashMode::DropAll),
+            Medium::Rados(cluster, loc, _) => {
+                let pool = cluster.pool(loc.namespace.as_deref().unwrap_or_default());
+                rados::lease::take_over(&pool).unwrap();
+            }
+        }
+    }
+
+    fn reopen(&self) -> BlockStore {
+        match self {
+            Medium::Memory(mem) => reopen(mem),
+            Medium::Rados(_, loc, opts) => rados::open_store(loc, opts, &OpenOptions::default(), None).unwrap().0,
+        }
+    }
+}
+
+/// A test run twice: `NAME::memory` and `NAME::rados`.
+macro_rules! on_both {
+    ($name:ident, |$m:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn memory() {
+                let $m = Medium::Memory(MemBackend::new());
+                $body
+            }
+
+            #[test]
+            fn rados() {
+                let Some($m) = Medium::rados(concat!(stringify!($name), "::rados")) else { return };
+                $body
+            }
+        }
+    };
+}
+
 /// Allocates a metadata block holding `byte` at offset 100, in its own transaction.
 fn new_block(s: &BlockStore, byte: u8) -> BlockAddr {
     let mut t = s.begin().unwrap();
@@ -33,13 +102,11 @@ fn byte_at(s: &BlockStore, a: BlockAddr) -> u8 {
     s.lock().read(a, &TEST_KIND).unwrap()[100]
 }
 
-#[test]
-fn changes_outside_a_transaction_are_refused() {
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+on_both!(changes_outside_a_transaction_are_refused, |m| {
+    let s = m.store(64, 256);
     assert!(matches!(s.lock().alloc_meta(&TEST_KIND), Err(StoreError::NoTransaction)));
     assert!(matches!(s.lock().set_user(3, 1), Err(StoreError::NoTransaction)));
-}
+});
 
 #[test]
 fn recovery_replays_the_older_record_too() {
@@ -59,12 +126,10 @@ fn recovery_replays_the_older_record_too() {
     assert_eq!(s.recovery().blocks_replayed, 2 + 2 + 2, "both records (each: block, refcounts, superblock)");
 }
 
-#[test]
-fn a_lost_group_growth_cannot_outlive_its_record() {
+on_both!(a_lost_group_growth_cannot_outlive_its_record, |m| {
     // The file growth of a new group is synced before the record that uses it: a power cut
     // right after the commit keeps both.
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+    let s = m.store(64, 256);
     for i in 0..1500 {
         let mut t = s.begin().unwrap();
         t.alloc_run(1).unwrap();
@@ -76,15 +141,13 @@ fn a_lost_group_growth_cannot_outlive_its_record() {
     s.commit().unwrap();
     let groups = s.lock().superblock().groups;
     assert!(groups >= 2);
-    mem.crash(CrashMode::DropAll);
-    let s = reopen(&mem);
+    m.crash();
+    let s = m.reopen();
     assert_eq!(s.lock().superblock().groups, groups);
-}
+});
 
-#[test]
-fn reserved_blocks_are_not_handed_out_and_change_no_count() {
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+on_both!(reserved_blocks_are_not_handed_out_and_change_no_count, |m| {
+    let s = m.store(64, 256);
     let mut t = s.begin().unwrap();
     let (first, n) = t.reserve_run(8).unwrap();
     t.finish().unwrap();
@@ -103,16 +166,14 @@ fn reserved_blocks_are_not_handed_out_and_change_no_count() {
     s.lock().unreserve(BlockAddr(first.0 + 1), 7);
     s.commit().unwrap();
     // A power cut loses nothing that was only reserved.
-    mem.crash(CrashMode::DropAll);
-    let s = reopen(&mem);
+    m.crash();
+    let s = m.reopen();
     assert_eq!(s.lock().refcount(first).unwrap(), 1);
     assert_eq!(s.lock().refcount(BlockAddr(first.0 + 1)).unwrap(), 0);
-}
+});
 
-#[test]
-fn a_freed_block_is_not_reused_before_its_free_is_committed() {
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+on_both!(a_freed_block_is_not_reused_before_its_free_is_committed, |m| {
+    let s = m.store(64, 256);
     let a = new_block(&s, 7);
     s.commit().unwrap();
     let mut t = s.begin().unwrap();
@@ -123,14 +184,12 @@ fn a_freed_block_is_not_reused_before_its_free_is_committed() {
     t.finish().unwrap();
     s.commit().unwrap();
     assert!(!s.lock().is_pending_free(a));
-}
+});
 
-#[test]
-fn dirty_blocks_survive_a_full_cache() {
+on_both!(dirty_blocks_survive_a_full_cache, |m| {
     // A 64-block cache and 300 changed blocks: dirty blocks are never evicted, clean ones are
     // and read back verified.
-    let mem = MemBackend::new();
-    let s = store(&mem, 1024, 64);
+    let s = m.store(1024, 64);
     let blocks: Vec<BlockAddr> = (0..300).map(|i| new_block(&s, (i % 250) as u8)).collect();
     for (i, a) in blocks.iter().enumerate() {
         assert_eq!(byte_at(&s, *a), (i % 250) as u8);
@@ -139,12 +198,10 @@ fn dirty_blocks_survive_a_full_cache() {
     for (i, a) in blocks.iter().enumerate().rev() {
         assert_eq!(byte_at(&s, *a), (i % 250) as u8, "after eviction and reload");
     }
-}
+});
 
-#[test]
-fn a_transaction_that_outgrows_the_journal_is_refused_and_rolled_back() {
-    let mem = MemBackend::new();
-    let s = store(&mem, 16, 256);
+on_both!(a_transaction_that_outgrows_the_journal_is_refused_and_rolled_back, |m| {
+    let s = m.store(16, 256);
     let before = s.lock().space();
     let mut t = s.begin().unwrap();
     let capacity = t.journal_capacity();
@@ -157,12 +214,10 @@ fn a_transaction_that_outgrows_the_journal_is_refused_and_rolled_back() {
     // The store still commits.
     new_block(&s, 3);
     s.commit().unwrap();
-}
+});
 
-#[test]
-fn group_commit_shares_commits_between_concurrent_flushes() {
-    let mem = MemBackend::new();
-    let s = Arc::new(store(&mem, 1024, 4096));
+on_both!(group_commit_shares_commits_between_concurrent_flushes, |m| {
+    let s = Arc::new(m.store(1024, 4096));
     let threads: Vec<_> = (0..4)
         .map(|k| {
             let s = s.clone();
@@ -180,10 +235,10 @@ fn group_commit_shares_commits_between_concurrent_flushes() {
     let generation = s.lock().superblock().generation;
     eprintln!("200 flushes of 4 threads took {generation} commits");
     assert!(generation <= 200);
-    mem.crash(CrashMode::DropAll);
-    let s = reopen(&mem);
+    m.crash();
+    let s = m.reopen();
     assert_eq!(s.lock().space().allocated, 200, "every finished transaction is durable");
-}
+});
 
 #[test]
 fn a_version_1_store_is_upgraded() {
@@ -215,17 +270,15 @@ fn a_version_1_store_is_upgraded() {
     assert_eq!(s.lock().superblock().version, 2);
 }
 
-#[test]
-fn a_frozen_view_keeps_the_metadata_of_its_instant() {
+on_both!(a_frozen_view_keeps_the_metadata_of_its_instant, |m| {
     use blockstore::MetaRead;
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 64);
+    let s = m.store(64, 64);
     let kept = new_block(&s, 1);
     let freed = new_block(&s, 2);
     s.commit().unwrap();
     // Reopened: nothing cached, so the view reads the medium and `freed` is freed uncached.
     drop(s);
-    let s = reopen(&mem);
+    let s = m.reopen();
     // Changed but not committed at the view's instant: only in memory.
     let dirty = new_block(&s, 3);
     let mut view = s.freeze().unwrap();
@@ -268,13 +321,11 @@ fn a_frozen_view_keeps_the_metadata_of_its_instant() {
     drop(view);
     assert_eq!(s.lock().space().pending_free, 0, "closed: the held block is free again");
     s.freeze().unwrap();
-}
+});
 
-#[test]
-fn a_frozen_view_past_its_limit_is_given_up_not_trusted() {
+on_both!(a_frozen_view_past_its_limit_is_given_up_not_trusted, |m| {
     use blockstore::MetaRead;
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+    let s = m.store(64, 256);
     let blocks: Vec<BlockAddr> = (0..4).map(|i| new_block(&s, i)).collect();
     s.commit().unwrap();
     let mut view = s.freeze_with_limit(2).unwrap();
@@ -287,7 +338,7 @@ fn a_frozen_view_past_its_limit_is_given_up_not_trusted() {
     assert!(matches!(view.still_valid(), Err(StoreError::ViewOverrun)));
     drop(view);
     s.freeze().unwrap().still_valid().unwrap();
-}
+});
 
 #[test]
 fn a_write_that_needs_the_space_a_view_holds_gives_the_view_up() {
@@ -381,11 +432,9 @@ fn a_flush_syncs_only_when_something_was_written_since_the_last_sync() {
     assert_eq!(syncs(), before + 3, "a metadata change: sync, record, sync");
 }
 
-#[test]
-fn views_taken_at_different_instants_each_keep_their_own() {
+on_both!(views_taken_at_different_instants_each_keep_their_own, |m| {
     use blockstore::MetaRead;
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
+    let s = m.store(64, 256);
     let a = new_block(&s, 1);
     let gone = new_block(&s, 7);
     s.commit().unwrap();
@@ -426,4 +475,4 @@ fn views_taken_at_different_instants_each_keep_their_own() {
         many.pop();
         got.recv_timeout(std::time::Duration::from_secs(60)).expect("the ninth view opens once one closes");
     });
-}
+});
