@@ -38,7 +38,8 @@ pub struct Ceph {
     daemons: Vec<(String, Child)>,
 }
 
-fn ceph_cmd(conf: &Path, program: &str) -> Command {
+/// `program -c CONF`: a Ceph tool (ceph, rados, rbd, the daemons) on the cluster of `conf`.
+pub fn ceph_cmd(conf: &Path, program: &str) -> Command {
     let mut c = Command::new(program);
     c.arg("-c").arg(conf);
     c
@@ -205,6 +206,16 @@ osd memory target = 939524096
             .with_context(|| format!("starting ceph {name}"))?;
         self.daemons.push((name.to_string(), child));
         Ok(())
+    }
+
+    /// A memstore cluster in a temp directory with the pool the RADOS tests use
+    /// (`cephtest::POOL`), for `cargo test` runs: their env var `PARALLAX_TEST_CEPH_CONF` is
+    /// this cluster's [`Ceph::conf`].
+    pub fn for_tests() -> Result<Ceph> {
+        let dir = std::env::temp_dir().join(format!("parallax-test-ceph-{}", std::process::id()));
+        let ceph = Ceph::start(&dir, ObjectStore::Memstore, false)?;
+        ceph.create_pool("parallax-test")?;
+        Ok(ceph)
     }
 
     /// Creates the replicated pool `name` (size 1) for RADOS use.

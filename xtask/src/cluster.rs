@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::ceph::{Ceph, ObjectStore};
+use crate::ceph::{Ceph, ObjectStore, ceph_cmd};
 use crate::fio::{self, Dir, Span, Workload};
 use crate::parallaxd::Daemon;
 use crate::servers::{Binaries, QEMU_CACHE};
@@ -239,7 +239,7 @@ fn boot_storm(ha: &Host<'_>, d: &Daemon, ceph: &Ceph, size: u64, n: usize) -> Re
     let uris: Vec<String> = (0..n).map(|i| format!("nbd://127.0.0.1:{}/storm-{i}", d.port)).collect();
     let (ours_iops, ours_took) = fio_storm(&uris)?;
 
-    let rbd = |args: &[&str]| sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args(args));
+    let rbd = |args: &[&str]| sys::run(ceph_cmd(&ceph.conf, "rbd").args(args));
     rbd(&["create", "rbd/golden", "--size", &format!("{}M", size >> 20)])?;
     let golden = QemuNbd::start(ceph, "rbd/golden")?;
     fio::run(&golden.uri(), &fio::FILL, Span::Bytes(size))?;
@@ -326,13 +326,8 @@ fn bench(ha: &Host<'_>, d: &Daemon, ceph: &Ceph, size: u64, seconds: u64) -> Res
     fio::run(&ours, &fio::FILL, Span::Bytes(size))?;
     // The peer: an RBD image in its own pool, served by qemu-nbd (qemu-block-extra's rbd driver).
     ceph.create_pool("rbd")?;
-    sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args(["pool", "init", "rbd"]))?;
-    sys::run(Command::new("rbd").arg("-c").arg(&ceph.conf).args([
-        "create",
-        "rbd/bench",
-        "--size",
-        &format!("{}M", size >> 20),
-    ]))?;
+    sys::run(ceph_cmd(&ceph.conf, "rbd").args(["pool", "init", "rbd"]))?;
+    sys::run(ceph_cmd(&ceph.conf, "rbd").args(["create", "rbd/bench", "--size", &format!("{}M", size >> 20)]))?;
     let peer = QemuNbd::start(ceph, "rbd/bench")?;
     let theirs = peer.uri();
     fio::run(&theirs, &fio::FILL, Span::Bytes(size))?;

@@ -18,6 +18,8 @@ pub struct CrashStatesArgs {
 
 /// Runs the suite and fails if any state fails.
 pub fn run(a: &CrashStatesArgs) -> Result<()> {
+    // One workload of the suite runs through a store in RADOS.
+    let ceph = crate::ceph::Ceph::for_tests()?;
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(sys::workspace_root())
         .args([
@@ -31,9 +33,11 @@ pub fn run(a: &CrashStatesArgs) -> Result<()> {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("CRASH_STATES", a.states.to_string());
+        .env("CRASH_STATES", a.states.to_string())
+        .env("PARALLAX_TEST_CEPH_CONF", &ceph.conf);
     eprintln!("xtask: {}", sys::describe(&cmd));
     let status = cmd.status()?;
+    drop(ceph);
     if !status.success() {
         bail!("the crash-state suite failed ({status})");
     }

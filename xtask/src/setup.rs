@@ -107,9 +107,7 @@ pub fn run(a: &TestArgs) -> Result<()> {
     }
     // The RADOS backend's tests (the engine's model and crash states on RADOS, the lease) run
     // against a throwaway cluster that lives as long as this run.
-    let dir = std::env::temp_dir().join(format!("parallax-test-ceph-{}", std::process::id()));
-    let ceph = crate::ceph::Ceph::start(&dir, crate::ceph::ObjectStore::Memstore, false)?;
-    ceph.create_pool("parallax-test")?;
+    let ceph = crate::ceph::Ceph::for_tests()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .args(["test", "--workspace"])

@@ -146,7 +146,7 @@ pub fn absolutize_args(args: &[String], cwd: &Path) -> Vec<String> {
 /// returns its exit code; `None` to run it here. Failures after the request was sent are
 /// reported on stderr and give exit code 3.
 pub fn try_forward(store: &Path, args: &[std::ffi::OsString]) -> Option<i32> {
-    let socket = if store.as_os_str().as_encoded_bytes().starts_with(rados::RadosLocation::PREFIX.as_bytes()) {
+    let socket = if rados::RadosLocation::names(store) {
         control_socket_path(store)
     } else {
         control_socket_path(&std::fs::canonicalize(store).ok()?)

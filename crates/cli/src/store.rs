@@ -180,8 +180,7 @@ pub fn take_over(path: &Path, ceph: &rados::RadosOptions, out: &mut dyn Write) -
         let _ = writeln!(out, "nobody holds {loc}: nothing to take over");
     }
     for l in &fenced {
-        let host = l.cookie.rsplit_once('/').map_or(l.cookie.as_str(), |(h, _)| h);
-        let _ = writeln!(out, "fenced host {host} ({} at {}) and broke its lease on {loc}", l.client, l.address);
+        let _ = writeln!(out, "fenced host {} ({} at {}) and broke its lease on {loc}", l.host(), l.client, l.address);
     }
     Ok(0)
 }
@@ -190,7 +189,7 @@ pub fn take_over(path: &Path, ceph: &rados::RadosOptions, out: &mut dyn Write) -
 /// `vdi create` leaves nothing behind. A file that existed empty is emptied again.
 pub fn remove_new_store(path: &Path, was_empty_file: bool) {
     use std::os::unix::fs::{FileExt, FileTypeExt};
-    if path.to_str().is_some_and(|p| p.starts_with(rados::RadosLocation::PREFIX)) {
+    if rados::RadosLocation::names(path) {
         return; // An empty store in RADOS is left: its objects are the pool's, not a file of ours.
     }
     let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());

@@ -285,7 +285,7 @@ impl Config {
             keep: flags.keep.or(file.keep),
             keep_for,
         });
-        let in_rados = store.to_str().is_some_and(|s| s.starts_with(rados::RadosLocation::PREFIX));
+        let in_rados = rados::RadosLocation::names(&store);
         let lease = match (flags.lease, &file.lease) {
             (Some(d), _) => d,
             (None, Some(s)) => duration(s, "lease")?,

@@ -108,14 +108,13 @@ impl Cluster {
         let mut io: IoctxT = std::ptr::null_mut();
         // SAFETY: the handle is connected; `name` is NUL-terminated; `io` a valid out-pointer.
         let r = unsafe { (self.api.rados_ioctx_create)(self.handle, name.as_ptr(), &mut io) };
-        if r == -libc::ENOENT {
-            return Err(RadosError::call(
-                format!("opening pool {pool}: there is no such pool (ceph osd pool create {pool})"),
-                r.into(),
-            ));
-        }
         if r < 0 {
-            return Err(RadosError::call(format!("opening pool {pool}"), r.into()));
+            let hint = if r == -libc::ENOENT {
+                format!(": there is no such pool (ceph osd pool create {pool})")
+            } else {
+                String::new()
+            };
+            return Err(RadosError::call(format!("opening pool {pool}{hint}"), r.into()));
         }
         let p = Pool { cluster: self.clone(), io };
         if let Some(ns) = namespace {
@@ -181,6 +180,13 @@ pub struct Locker {
     pub cookie: String,
     /// The holder's address, to blocklist it.
     pub address: String,
+}
+
+impl Locker {
+    /// The host that holds the lock, from the cookie parallaxd locks with (`HOST/INSTANCE`).
+    pub fn host(&self) -> &str {
+        self.cookie.rsplit_once('/').map_or(self.cookie.as_str(), |(h, _)| h)
+    }
 }
 
 /// How a lock is taken.
@@ -419,10 +425,10 @@ impl Pool {
         let (o, n) = (cstring("object", object)?, cstring("lock", name)?);
         let mut sizes = [256usize; 4];
         loop {
-            let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&s| vec![0u8; s]).collect();
+            let mut bufs: [Vec<u8>; 4] = sizes.map(|s| vec![0u8; s]);
             let mut lens = sizes;
             let mut exclusive = 0;
-            let [tag, clients, cookies, addrs] = &mut bufs[..] else { unreachable!() };
+            let [tag, clients, cookies, addrs] = &mut bufs;
             // SAFETY: each buffer is valid for the length passed beside it; librados writes
             // the lengths it needs when they are too short (-ERANGE).
             let r = unsafe {

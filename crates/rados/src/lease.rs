@@ -101,14 +101,7 @@ fn describe(lockers: &[Locker]) -> String {
     if lockers.is_empty() {
         return "a client that just let go (try again)".into();
     }
-    lockers
-        .iter()
-        .map(|l| {
-            let host = l.cookie.rsplit_once('/').map_or(l.cookie.as_str(), |(h, _)| h);
-            format!("host {host} ({} at {})", l.client, l.address)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    lockers.iter().map(|l| format!("host {} ({} at {})", l.host(), l.client, l.address)).collect::<Vec<_>>().join(", ")
 }
 
 /// What renewing needs; shared by the lease and its renewal thread.

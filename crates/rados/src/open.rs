@@ -24,6 +24,11 @@ impl RadosLocation {
     /// The prefix that marks a store location as RADOS.
     pub const PREFIX: &'static str = "rados:";
 
+    /// True if the store path given (`--store`) names a store in RADOS, well-formed or not.
+    pub fn names(store: &std::path::Path) -> bool {
+        store.as_os_str().as_encoded_bytes().starts_with(Self::PREFIX.as_bytes())
+    }
+
     /// Parses `rados:POOL` or `rados:POOL/NAMESPACE`; `None` if `s` is not a RADOS location.
     pub fn parse(s: &str) -> Option<Result<RadosLocation>> {
         let rest = s.strip_prefix(Self::PREFIX)?;
@@ -68,9 +73,10 @@ impl Default for RadosOptions {
 /// The name of a store's control socket key: a `rados:` store is told apart by its cluster and
 /// identity too (two clusters may both have the pool), any other store is its path.
 pub fn control_key(store: &std::path::Path, ceph: &crate::client::CephOptions) -> std::path::PathBuf {
-    match store.to_str() {
-        Some(s) if s.starts_with(RadosLocation::PREFIX) => format!("{s}@{}", ceph.identity()).into(),
-        _ => store.to_path_buf(),
+    if RadosLocation::names(store) {
+        format!("{}@{}", store.display(), ceph.identity()).into()
+    } else {
+        store.to_path_buf()
     }
 }
 
