@@ -103,6 +103,13 @@ pub(crate) const FROZEN_KEPT_BLOCKS: usize = 32 * 1024;
 /// Most freed blocks a frozen view holds from reuse (1 GiB of space) before it is given up.
 const FROZEN_HELD_BLOCKS: usize = 256 * 1024;
 
+/// Groups looked at for a mostly free one before the store grows to hold metadata.
+const META_GROUP_SEARCH: u64 = 16;
+
+/// Free blocks an earlier metadata group needs to be chosen again: half of it, so live
+/// metadata stays packed in few groups (a group with a few holes would scatter it).
+const META_GROUP_REUSE: u64 = REFCOUNTS_PER_BLOCK / 2;
+
 /// Space figures of a store, in blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpaceStats {
@@ -152,6 +159,15 @@ pub struct Meta {
     pub(crate) home_epoch: u64,
     /// The open frozen views.
     pub(crate) frozen: Vec<Frozen>,
+    /// The allocation group new metadata blocks go to while it has room (placement only, kept
+    /// in memory): metadata packed in its own groups keeps the count changes of a node copy
+    /// in few count blocks.
+    meta_group: Option<u64>,
+    /// Every group chosen for metadata since the store was opened, revisited round-robin (from
+    /// `meta_revisit`) when the current one fills, so freed metadata blocks are reused before
+    /// the store grows.
+    meta_groups: Vec<u64>,
+    meta_revisit: usize,
 }
 
 impl Meta {
@@ -184,6 +200,9 @@ impl Meta {
             cached_only: false,
             home_epoch: 0,
             frozen: Vec::new(),
+            meta_group: None,
+            meta_groups: Vec::new(),
+            meta_revisit: 0,
         }
     }
 
@@ -484,7 +503,99 @@ impl Meta {
     /// Its space on the medium is reserved, so writing it home after a commit cannot fail for
     /// lack of space.
     pub fn alloc_meta(&mut self, kind: &'static MetaKind) -> Result<BlockAddr> {
-        let (addr, _) = self.alloc_run(1)?;
+        self.check_writable()?;
+        let addr = self.place_meta(None)?;
+        self.init_meta(addr, kind)
+    }
+
+    /// Like [`Meta::alloc_meta`], but in the allocation group of `near` when it has a free
+    /// block: a node copy placed beside its original stays with the other metadata. Placement
+    /// only; nothing durable depends on it.
+    pub fn alloc_meta_near(&mut self, kind: &'static MetaKind, near: BlockAddr) -> Result<BlockAddr> {
+        self.check_writable()?;
+        let addr = self.place_meta(Some(near))?;
+        self.init_meta(addr, kind)
+    }
+
+    /// Finds a block for new metadata and gives it count 1: beside `near`, else in the current
+    /// metadata group, else in an earlier metadata group half free again, else in a mostly free
+    /// group nearby, else in a group added for metadata, else wherever the allocator finds one.
+    ///
+    /// Metadata kept apart from data is what makes copying an upper node cheap: its 512
+    /// children are nodes, and packed together their counts sit in one or two count blocks
+    /// instead of one per group of the VDI (docs/design.md, "What a copy-on-write costs after
+    /// a snapshot").
+    fn place_meta(&mut self, near: Option<BlockAddr>) -> Result<BlockAddr> {
+        if let Some(near) = near
+            && let Some((addr, _)) = self.take_near(1, true, near)?
+        {
+            return Ok(addr);
+        }
+        if let Some(group) = self.meta_group.filter(|&g| g < self.sb.groups)
+            && let Some((first, _)) = self.free_in_group(group, 0, 1)?
+        {
+            return Ok(self.take_in_group(group, first, 1, true)?.0);
+        }
+        let group = match self.earlier_meta_group()? {
+            Some(group) => group,
+            None => match self.mostly_free_group()? {
+                Some(group) => group,
+                None => {
+                    let group = self.sb.groups;
+                    let cursor = self.sb.alloc_cursor;
+                    match self.add_group() {
+                        // The new group is for metadata: data keeps allocating where it was.
+                        Ok(()) => self.sb.alloc_cursor = cursor,
+                        Err(StoreError::NoSpace { .. }) => return Ok(self.alloc_run(1)?.0),
+                        Err(e) => return Err(e),
+                    }
+                    group
+                }
+            },
+        };
+        if !self.meta_groups.contains(&group) {
+            self.meta_groups.push(group);
+        }
+        self.meta_group = Some(group);
+        match self.free_in_group(group, 0, 1)? {
+            Some((first, _)) => Ok(self.take_in_group(group, first, 1, true)?.0),
+            // Its free blocks are all waiting for a commit or held by a view.
+            None => Ok(self.alloc_run(1)?.0),
+        }
+    }
+
+    /// An earlier metadata group with room again (at least [`META_GROUP_REUSE`] blocks free),
+    /// looking at up to [`META_GROUP_SEARCH`] of them round-robin.
+    fn earlier_meta_group(&mut self) -> Result<Option<u64>> {
+        let known = self.meta_groups.len();
+        for _ in 0..known.min(META_GROUP_SEARCH as usize) {
+            let group = self.meta_groups[self.meta_revisit % known];
+            self.meta_revisit = self.meta_revisit.wrapping_add(1);
+            if Some(group) != self.meta_group
+                && group < self.sb.groups
+                && self.zero_counts(group)? >= META_GROUP_REUSE
+                && self.free_in_group(group, 0, 1)?.is_some()
+            {
+                return Ok(Some(group));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks of `group` whose reference count is 0.
+    fn zero_counts(&mut self, group: u64) -> Result<u64> {
+        let counts = self.read(BlockAddr(self.sb.groups_start + group * GROUP_BLOCKS), &REFCOUNT_KIND)?;
+        Ok((0..REFCOUNTS_PER_BLOCK)
+            .filter(|&i| {
+                let at = META_HEADER_LEN + i as usize * 4;
+                counts[at..at + 4] == [0; 4]
+            })
+            .count() as u64)
+    }
+
+    /// Reserves the medium's space for new metadata block `addr` (count 1) and caches it zeroed
+    /// and dirty.
+    fn init_meta(&mut self, addr: BlockAddr, kind: &'static MetaKind) -> Result<BlockAddr> {
         if let Err(e) = self.backend.reserve(addr.byte_offset(), BLOCK_SIZE as u64) {
             self.decref(addr)?;
             return Err(no_space("cannot reserve a metadata block")(e));
@@ -512,14 +623,37 @@ impl Meta {
     /// returned.
     pub fn reserve_run(&mut self, max: u64) -> Result<(BlockAddr, u64)> {
         self.check_writable()?;
-        let (first, n) = self.find_run(max, false)?;
+        let found = self.find_run(max, false)?;
+        self.note_reserved(found);
+        Ok(found)
+    }
+
+    /// Like [`Meta::reserve_run`], but takes the blocks from the allocation group of `near` if
+    /// it has `max` consecutive free blocks, and only otherwise from the allocator's cursor.
+    ///
+    /// A write needing new blocks passes a block of the group its leaf's data lives in, so a
+    /// later copy of that leaf after a snapshot changes the counts in one or two count blocks
+    /// instead of one per block (docs/design.md, "What a copy-on-write costs after a
+    /// snapshot"). The current metadata group is never used for data. Placement only; nothing
+    /// durable depends on it.
+    pub fn reserve_run_near(&mut self, max: u64, near: BlockAddr) -> Result<(BlockAddr, u64)> {
+        self.check_writable()?;
+        let found = match self.take_near(max, false, near)? {
+            Some(found) => found,
+            None => self.find_run(max, false)?,
+        };
+        self.note_reserved(found);
+        Ok(found)
+    }
+
+    /// Keeps `n` blocks from `first` from the allocator until claimed or unreserved.
+    fn note_reserved(&mut self, (first, n): (BlockAddr, u64)) {
         for a in first.0..first.0 + n {
             self.reserved.insert(a);
             if let Some(u) = self.undo.as_mut() {
                 u.reserved.push(a);
             }
         }
-        Ok((first, n))
     }
 
     /// Gives a reserved block reference count 1 (in the open transaction).
@@ -588,36 +722,99 @@ impl Meta {
         let mut group = (cursor - self.sb.groups_start) / GROUP_BLOCKS;
         let mut index = ((cursor - self.sb.groups_start) % GROUP_BLOCKS).max(1) - 1;
         while group < self.sb.groups {
-            let rc_addr = BlockAddr(self.sb.groups_start + group * GROUP_BLOCKS);
-            let base = rc_addr.0 + 1;
-            let counts: Box<Block> = Box::new(*self.read(rc_addr, &REFCOUNT_KIND)?);
-            let usable = |i: u64| {
-                let at = META_HEADER_LEN + i as usize * 4;
-                counts[at..at + 4] == [0; 4]
-                    && !self.pending_free.contains(&(base + i))
-                    && !self.committing_free.contains(&(base + i))
-                    && !self.reserved.contains(&(base + i))
-                    && !self.held_for_view(base + i)
-            };
-            if let Some(first) = (index..REFCOUNTS_PER_BLOCK).find(|&i| usable(i)) {
-                let n = (first..REFCOUNTS_PER_BLOCK).take(max as usize).take_while(|&i| usable(i)).count() as u64;
-                if !count {
-                    self.sb.alloc_cursor = base + first + n;
-                    return Ok(Some((BlockAddr(base + first), n)));
-                }
-                let block = self.write(rc_addr, &REFCOUNT_KIND)?;
-                for i in first..first + n {
-                    let at = META_HEADER_LEN + i as usize * 4;
-                    block[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
-                }
-                self.sb.allocated += n;
-                self.sb.alloc_cursor = base + first + n;
-                return Ok(Some((BlockAddr(base + first), n)));
+            if !count && self.meta_group == Some(group) {
+                // Data leaves the metadata group's free blocks to metadata.
+                group += 1;
+                index = 0;
+                continue;
+            }
+            if let Some((first, n)) = self.free_in_group(group, index, max)? {
+                self.sb.alloc_cursor = self.sb.groups_start + group * GROUP_BLOCKS + 1 + first + n;
+                return self.take_in_group(group, first, n, count).map(Some);
             }
             group += 1;
             index = 0;
         }
         Ok(None)
+    }
+
+    /// Which allocation group a block lies in, if any, as the store stands now (placement
+    /// hints compare groups); the function holds no borrow of the store.
+    pub fn group_of(&self) -> impl Fn(BlockAddr) -> Option<u64> + use<> {
+        let (start, end) = (self.sb.groups_start, self.sb.end_block());
+        move |addr: BlockAddr| (addr.0 > start && addr.0 < end).then(|| (addr.0 - start) / GROUP_BLOCKS)
+    }
+
+    /// A group at least three quarters free among the few after the last metadata group (or
+    /// after the allocator's cursor), to hold metadata before the store is grown for it: a
+    /// store with room left reuses it. Looks at [`META_GROUP_SEARCH`] groups at most.
+    fn mostly_free_group(&mut self) -> Result<Option<u64>> {
+        let groups = self.sb.groups;
+        if groups == 0 {
+            return Ok(None);
+        }
+        let from = match self.meta_group {
+            Some(g) => g + 1,
+            None => self.group_of()(BlockAddr(self.sb.alloc_cursor)).map_or(0, |g| g + 1),
+        };
+        for k in 0..META_GROUP_SEARCH.min(groups) {
+            let group = (from + k) % groups;
+            if Some(group) == self.meta_group {
+                continue;
+            }
+            if self.zero_counts(group)? * 4 >= REFCOUNTS_PER_BLOCK * 3 && self.free_in_group(group, 0, 1)?.is_some() {
+                return Ok(Some(group));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `max` consecutive usable blocks in the allocation group of `near`, if it has them; with
+    /// `count`, each given reference count 1. Leaves the allocator's cursor where it is.
+    fn take_near(&mut self, max: u64, count: bool, near: BlockAddr) -> Result<Option<(BlockAddr, u64)>> {
+        let max = max.max(1);
+        let Some(group) = self.group_of()(near) else { return Ok(None) };
+        if !count && self.meta_group == Some(group) {
+            return Ok(None);
+        }
+        match self.free_in_group(group, 0, max)? {
+            Some((first, n)) if n == max => self.take_in_group(group, first, n, count).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Blocks `first..first + n` of `group` (indexes after its count block), found usable; with
+    /// `count`, each given reference count 1 in the open transaction.
+    fn take_in_group(&mut self, group: u64, first: u64, n: u64, count: bool) -> Result<(BlockAddr, u64)> {
+        let rc_addr = BlockAddr(self.sb.groups_start + group * GROUP_BLOCKS);
+        if count {
+            let block = self.write(rc_addr, &REFCOUNT_KIND)?;
+            for i in first..first + n {
+                let at = META_HEADER_LEN + i as usize * 4;
+                block[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+            }
+            self.sb.allocated += n;
+        }
+        Ok((BlockAddr(rc_addr.0 + 1 + first), n))
+    }
+
+    /// The first run of up to `max` usable blocks of `group` at or after index `from` (indexes
+    /// count the group's blocks after its count block): (first index, length).
+    fn free_in_group(&mut self, group: u64, from: u64, max: u64) -> Result<Option<(u64, u64)>> {
+        let rc_addr = BlockAddr(self.sb.groups_start + group * GROUP_BLOCKS);
+        let base = rc_addr.0 + 1;
+        let counts: Box<Block> = Box::new(*self.read(rc_addr, &REFCOUNT_KIND)?);
+        let usable = |i: u64| {
+            let at = META_HEADER_LEN + i as usize * 4;
+            counts[at..at + 4] == [0; 4]
+                && !self.pending_free.contains(&(base + i))
+                && !self.committing_free.contains(&(base + i))
+                && !self.reserved.contains(&(base + i))
+                && !self.held_for_view(base + i)
+        };
+        Ok((from..REFCOUNTS_PER_BLOCK).find(|&i| usable(i)).map(|first| {
+            (first, (first..REFCOUNTS_PER_BLOCK).take(max as usize).take_while(|&i| usable(i)).count() as u64)
+        }))
     }
 
     /// Adds one allocation group at the end of the store, reserving its space first.

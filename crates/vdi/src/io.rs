@@ -139,6 +139,12 @@ pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64
     Ok(store.with_transaction(|txn| txn.reserve_run(want))?)
 }
 
+/// Like [`alloc_run`], but from the allocation group of `near` when it has `want` free blocks in
+/// a row (placement only: docs/design.md, "What a copy-on-write costs after a snapshot").
+pub(crate) fn alloc_run_near(store: &BlockStore, want: u64, near: BlockAddr) -> Result<(BlockAddr, u64)> {
+    Ok(store.with_transaction(|txn| txn.reserve_run_near(want, near))?)
+}
+
 /// Returns `n` reserved blocks from `first` that will not be mapped.
 pub(crate) fn free_run(store: &BlockStore, first: BlockAddr, n: u64) -> Result<()> {
     store.lock().unreserve(first, n);
@@ -383,7 +389,16 @@ impl VdiDisk {
             {
                 j += 1;
             }
-            let (first, got) = alloc_run(store, (j - i) as u64)?;
+            // New blocks go where the leaf's other data is, so that copying the leaf after
+            // the next snapshot changes few count blocks.
+            let home = store.with_cached(|meta| {
+                let group_of = meta.group_of();
+                radix::leaf_home(meta, root, list[i].vblock, group_of)
+            })?;
+            let (first, got) = match home {
+                Some(near) => alloc_run_near(store, (j - i) as u64, near)?,
+                None => alloc_run(store, (j - i) as u64)?,
+            };
             let n = got as usize;
             let mut buf = vec![0u8; n * BLOCK_SIZE];
             for k in 0..n {
