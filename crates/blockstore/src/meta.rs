@@ -373,6 +373,10 @@ impl Meta {
         }
         self.sb = undo.sb;
         self.end_block.store(undo.end_block, Ordering::Release);
+        // A metadata group the transaction added is gone with it.
+        let groups = self.sb.groups;
+        self.meta_group = self.meta_group.filter(|&g| g < groups);
+        self.meta_groups.retain(|&g| g < groups);
         // No commit can start or end while a transaction holds the lock, so the counters
         // are exactly what they were when it began.
         self.dirty_count = undo.dirty_count;
@@ -704,25 +708,33 @@ impl Meta {
             if start < first || start >= self.sb.end_block() {
                 start = first;
             }
-            if let Some(found) = self.scan_from(start, max, count)? {
+            if let Some(found) = self.scan_from(start, max, count, true)? {
                 return Ok(found);
             }
             if start > first
-                && let Some(found) = self.scan_from(first, max, count)?
+                && let Some(found) = self.scan_from(first, max, count, true)?
             {
                 return Ok(found);
             }
-            // Every free block is waiting for a commit: grow instead.
-            self.grow()?;
+            // Every free block is waiting for a commit or kept for metadata: grow instead. A
+            // store that cannot grow gives data the metadata group's free blocks too.
+            match self.grow() {
+                Ok(()) => {}
+                Err(e @ StoreError::NoSpace { .. }) if !count && self.meta_group.is_some() => {
+                    return self.scan_from(first, max, count, false)?.ok_or(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Looks for free blocks from `cursor` to the end of the store.
-    fn scan_from(&mut self, cursor: u64, max: u64, count: bool) -> Result<Option<(BlockAddr, u64)>> {
+    /// Looks for free blocks from `cursor` to the end of the store; data (`!count`) passes the
+    /// current metadata group by while `spare_meta` is set.
+    fn scan_from(&mut self, cursor: u64, max: u64, count: bool, spare_meta: bool) -> Result<Option<(BlockAddr, u64)>> {
         let mut group = (cursor - self.sb.groups_start) / GROUP_BLOCKS;
         let mut index = ((cursor - self.sb.groups_start) % GROUP_BLOCKS).max(1) - 1;
         while group < self.sb.groups {
-            if !count && self.meta_group == Some(group) {
+            if spare_meta && !count && self.meta_group == Some(group) {
                 // Data leaves the metadata group's free blocks to metadata.
                 group += 1;
                 index = 0;

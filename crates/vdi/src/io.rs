@@ -391,10 +391,14 @@ impl VdiDisk {
             }
             // New blocks go where the leaf's other data is, so that copying the leaf after
             // the next snapshot changes few count blocks.
-            let home = store.with_cached(|meta| {
-                let group_of = meta.group_of();
-                radix::leaf_home(meta, root, list[i].vblock, group_of)
-            })?;
+            // Only a hint: a failure to compute it leaves placement to the allocator.
+            let home = store
+                .with_cached(|meta| {
+                    let group_of = meta.group_of();
+                    radix::leaf_home(meta, root, list[i].vblock, group_of)
+                })
+                .ok()
+                .flatten();
             let (first, got) = match home {
                 Some(near) => alloc_run_near(store, (j - i) as u64, near)?,
                 None => alloc_run(store, (j - i) as u64)?,

@@ -6,6 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use blockdev::BlockDevice;
+use blockstore::format::GROUP_BLOCKS;
 use blockstore::{BlockAddr, BlockStore, CreateOptions, MemBackend, OpenOptions};
 use radix::Mapping;
 use vdi::{Registry, VdiId};
@@ -85,4 +86,27 @@ fn new_data_stays_in_the_group_of_its_leaf() {
     let after = spread(&reg);
     // A leaf starts in one or two groups; it may spill into a few while its group is full.
     assert!(after <= before + 3, "a leaf's data went from at most {before} groups to {after}");
+}
+
+#[test]
+fn a_store_that_cannot_grow_gives_data_the_metadata_groups_free_blocks() {
+    // Room for one allocation group only: metadata and data must share it, and a VDI can be
+    // written until the group is full.
+    let probe = BlockStore::create(Arc::new(MemBackend::new()), &CreateOptions::default(), &OpenOptions::default())
+        .expect("store");
+    let max_blocks = probe.lock().superblock().groups_start + GROUP_BLOCKS;
+    let create = CreateOptions { max_blocks, ..CreateOptions::default() };
+    let store = BlockStore::create(Arc::new(MemBackend::new()), &create, &OpenOptions::default()).expect("store");
+    let reg = Registry::open(Arc::new(store)).expect("registry");
+    let id = reg.create_vdi("vm", Some(4 * MIB)).expect("create");
+    let dev = reg.open_vdi(id, true).expect("open");
+    // 3.5 MiB of 3.97 MiB: data goes where the metadata lives.
+    let chunk = vec![0x77u8; 512 * 1024];
+    for k in 0..7u64 {
+        dev.write_at(k * 512 * 1024, &chunk, false).expect("a write that fits in the store");
+    }
+    dev.flush().expect("flush");
+    let mut back = vec![0u8; chunk.len()];
+    dev.read_at(6 * 512 * 1024, &mut back).expect("read");
+    assert_eq!(back, chunk);
 }
