@@ -139,10 +139,19 @@ pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64
     Ok(store.with_transaction(|txn| txn.reserve_run(want))?)
 }
 
-/// Like [`alloc_run`], but from the allocation group of `near` when it has `want` free blocks in
-/// a row (placement only: docs/design.md, "What a copy-on-write costs after a snapshot").
-pub(crate) fn alloc_run_near(store: &BlockStore, want: u64, near: BlockAddr) -> Result<(BlockAddr, u64)> {
-    Ok(store.with_transaction(|txn| txn.reserve_run_near(want, near))?)
+/// Like [`alloc_run`], for blocks to be mapped at `vblock` of the tree at `root`: from the
+/// allocation group most of that leaf's data is in when it has `want` free blocks in a row, so
+/// copying the leaf after the next snapshot changes few count blocks (docs/design.md,
+/// "Placement"). The placement is only a hint: if it cannot be had from memory, the allocator
+/// places the blocks as [`alloc_run`] does.
+pub(crate) fn alloc_run_for(store: &BlockStore, root: BlockAddr, vblock: u64, want: u64) -> Result<(BlockAddr, u64)> {
+    Ok(store.with_transaction(|txn| {
+        let group_of = txn.group_of();
+        match radix::leaf_home(txn, root, vblock, group_of) {
+            Ok(Some(near)) => txn.reserve_run_near(want, near),
+            _ => txn.reserve_run(want),
+        }
+    })?)
 }
 
 /// Returns `n` reserved blocks from `first` that will not be mapped.
@@ -389,20 +398,7 @@ impl VdiDisk {
             {
                 j += 1;
             }
-            // New blocks go where the leaf's other data is, so that copying the leaf after
-            // the next snapshot changes few count blocks.
-            // Only a hint: a failure to compute it leaves placement to the allocator.
-            let home = store
-                .with_cached(|meta| {
-                    let group_of = meta.group_of();
-                    radix::leaf_home(meta, root, list[i].vblock, group_of)
-                })
-                .ok()
-                .flatten();
-            let (first, got) = match home {
-                Some(near) => alloc_run_near(store, (j - i) as u64, near)?,
-                None => alloc_run(store, (j - i) as u64)?,
-            };
+            let (first, got) = alloc_run_for(store, root, list[i].vblock, (j - i) as u64)?;
             let n = got as usize;
             let mut buf = vec![0u8; n * BLOCK_SIZE];
             for k in 0..n {
