@@ -6,6 +6,8 @@
 
 mod mem;
 
+use std::io::{IoSlice, IoSliceMut};
+
 pub use mem::MemDisk;
 
 /// What went wrong in a block-device operation, in the terms a transport reports to its client.
@@ -94,6 +96,34 @@ pub trait BlockDevice: Send + Sync {
     /// Writes `data` at `offset`. With `fua` the data is durable when this returns.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()>;
 
+    /// Fills `bufs`, in order, with the bytes at `offset`: one read of their total length into
+    /// the caller's scattered memory (a guest's buffers), without a bounce copy where the
+    /// device implements it. By default, one [`BlockDevice::read_at`] per buffer.
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
+        let total = vectored_len(bufs.iter().map(|b| b.len()));
+        check_range(offset, total, self.size())?;
+        let mut at = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(at, buf)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs`, in order, at `offset`: one write of their total length (with `fua`,
+    /// durable when this returns). By default the buffers are gathered into one and written
+    /// with [`BlockDevice::write_at`], so the write is one request to the device either way.
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> DevResult<()> {
+        if let [one] = bufs {
+            return self.write_at(offset, one, fua);
+        }
+        let mut all = Vec::with_capacity(vectored_len(bufs.iter().map(|b| b.len())) as usize);
+        for b in bufs {
+            all.extend_from_slice(b);
+        }
+        self.write_at(offset, &all, fua)
+    }
+
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> DevResult<()>;
 
@@ -108,6 +138,11 @@ pub trait BlockDevice: Send + Sync {
 
     /// Allocation status of `[offset, offset + len)`, in order, covering the range exactly.
     fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>>;
+}
+
+/// The total length of a vectored request's buffers.
+pub fn vectored_len(lens: impl Iterator<Item = usize>) -> u64 {
+    lens.map(|n| n as u64).sum()
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.
@@ -133,6 +168,12 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
         (**self).write_at(offset, data, fua)
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
+        (**self).read_vectored_at(offset, bufs)
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> DevResult<()> {
+        (**self).write_vectored_at(offset, bufs, fua)
     }
     fn flush(&self) -> DevResult<()> {
         (**self).flush()

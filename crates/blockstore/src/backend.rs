@@ -10,7 +10,7 @@ mod mem;
 pub use file::FileBackend;
 pub use mem::{CrashMode, FaultyBackend, MemBackend};
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 
 /// A byte-addressed medium the store lives on. Methods may be called from many threads at once.
 pub trait Backend: Send + Sync {
@@ -18,6 +18,26 @@ pub trait Backend: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Fills `bufs` in order from the bytes at `offset` (`preadv`); by default one
+    /// [`Backend::read_at`] per buffer.
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(at, buf)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes `bufs` in order at `offset` (`pwritev`); by default one [`Backend::write_at`] per
+    /// buffer. Like any write, it may be torn by a crash before the next sync.
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(at, buf)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// Makes the medium at least `len` bytes long; new bytes read as zeros. On a file this
@@ -39,6 +59,12 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         (**self).write_at(offset, data)
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        (**self).read_vectored_at(offset, bufs)
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        (**self).write_vectored_at(offset, bufs)
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()

@@ -1,6 +1,7 @@
 //! An open block store: creation, opening with journal recovery, commits and data I/O.
 
 use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::Arc;
@@ -712,11 +713,33 @@ impl BlockStore {
             .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
     }
 
+    /// [`BlockStore::read_data`] into several buffers, in order, as one read of their total
+    /// length (one `preadv` on a file).
+    pub fn read_data_vectored(&self, addr: BlockAddr, offset: usize, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        self.check_data_range(addr, offset, bufs.iter().map(|b| b.len()).sum())?;
+        self.backend
+            .read_vectored_at(addr.byte_offset() + offset as u64, bufs)
+            .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
+    }
+
     /// Writes `data` starting `offset` bytes into block `addr` (may span consecutive blocks).
     pub fn write_data(&self, addr: BlockAddr, offset: usize, data: &[u8]) -> Result<()> {
         self.check_data_range(addr, offset, data.len())?;
         let written = self.backend.write_at(addr.byte_offset() + offset as u64, data);
-        // Counted even if it failed: part of it may have reached the medium.
+        self.data_write_done(addr, written)
+    }
+
+    /// [`BlockStore::write_data`] from several buffers, in order, as one write of their total
+    /// length (one `pwritev` on a file).
+    pub fn write_data_vectored(&self, addr: BlockAddr, offset: usize, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.check_data_range(addr, offset, bufs.iter().map(|b| b.len()).sum())?;
+        let written = self.backend.write_vectored_at(addr.byte_offset() + offset as u64, bufs);
+        self.data_write_done(addr, written)
+    }
+
+    /// Counts a data write (even a failed one: part of it may have reached the medium) and
+    /// names its error.
+    fn data_write_done(&self, addr: BlockAddr, written: std::io::Result<()>) -> Result<()> {
         self.data_written.fetch_add(1, Ordering::AcqRel);
         written.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") },

@@ -228,6 +228,14 @@ impl BlockDevice for Attached {
         self.disk.dev().write_at(offset, data, fua)
     }
 
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> blockdev::DevResult<()> {
+        self.disk.dev().read_vectored_at(offset, bufs)
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &[std::io::IoSlice<'_>], fua: bool) -> blockdev::DevResult<()> {
+        self.disk.dev().write_vectored_at(offset, bufs, fua)
+    }
+
     fn flush(&self) -> blockdev::DevResult<()> {
         self.disk.dev().flush()
     }

@@ -1,5 +1,6 @@
 //! Reading and writing VDIs and snapshots: the [`blockdev::BlockDevice`] implementations.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -9,6 +10,7 @@ use radix::Mapping;
 
 use crate::io_stats::{HandleReport, HandleStats, IoOp, handle_report};
 use crate::registry::{Registry, Source, VdiLive};
+use crate::scatter::{ReadBufs, WriteBufs};
 use crate::{Result, SnapshotId, VdiError, VdiId};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -62,7 +64,13 @@ fn gated_lookups<'a>(
 
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
 pub(crate) fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
-    if buf.is_empty() {
+    read_tree_into(store, root, offset, &mut ReadBufs::new(&mut [IoSliceMut::new(buf)]))
+}
+
+/// [`read_tree`] into the caller's buffers: each run of adjacent blocks is one read of the
+/// medium straight into them, however they are scattered.
+fn read_tree_into(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut ReadBufs<'_, '_>) -> Result<()> {
+    if buf.len() == 0 {
         return Ok(());
     }
     let list: Vec<Piece> = pieces(offset, buf.len()).collect();
@@ -72,7 +80,7 @@ pub(crate) fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &
         match maps[i] {
             Mapping::Unmapped => {
                 let p = list[i];
-                buf[p.buf..p.buf + p.len].fill(0);
+                buf.zero(p.buf..p.buf + p.len);
                 i += 1;
             }
             Mapping::Mapped { addr, .. } => {
@@ -84,7 +92,7 @@ pub(crate) fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &
                     j += 1;
                 }
                 let (p0, pl) = (list[i], list[j - 1]);
-                store.read_data(addr, p0.at, &mut buf[p0.buf..pl.buf + pl.len])?;
+                store.read_data_vectored(addr, p0.at, &mut buf.slices(p0.buf..pl.buf + pl.len))?;
                 i = j;
             }
         }
@@ -343,7 +351,7 @@ impl VdiDisk {
     }
 
     /// Writes with the VDI's I/O lock already held (shared or exclusive).
-    fn write_locked(&self, offset: u64, data: &[u8]) -> Result<()> {
+    fn write_locked(&self, offset: u64, data: &WriteBufs<'_, '_>) -> Result<()> {
         let store = self.store();
         let root = self.root();
         let list: Vec<Piece> = pieces(offset, data.len()).collect();
@@ -366,7 +374,7 @@ impl VdiDisk {
                 j += 1;
             }
             let (p0, pl) = (list[i], list[j - 1]);
-            store.write_data(addr, p0.at, &data[p0.buf..pl.buf + pl.len])?;
+            store.write_data_vectored(addr, p0.at, &data.slices(p0.buf..pl.buf + pl.len))?;
             i = j;
         }
         if !shared.is_empty() {
@@ -378,7 +386,7 @@ impl VdiDisk {
 
     /// Writes pieces whose blocks are unmapped or shared: each gets a fresh block, written in
     /// full (merged with the old contents for partial pieces) before the tree points at it.
-    fn write_new_blocks(&self, root: BlockAddr, list: &[Piece], data: &[u8]) -> Result<()> {
+    fn write_new_blocks(&self, root: BlockAddr, list: &[Piece], data: &WriteBufs<'_, '_>) -> Result<()> {
         let store = self.store();
         // Someone may have made these private while we waited for the lock.
         let maps = lookups(store, root, list)?;
@@ -386,7 +394,7 @@ impl VdiDisk {
         while i < list.len() {
             if let Mapping::Mapped { addr, writable: true } = maps[i] {
                 let p = list[i];
-                store.write_data(addr, p.at, &data[p.buf..p.buf + p.len])?;
+                store.write_data_vectored(addr, p.at, &data.slices(p.buf..p.buf + p.len))?;
                 i += 1;
                 continue;
             }
@@ -411,7 +419,7 @@ impl VdiDisk {
                     free_run(store, first, got)?;
                     return Err(e.into());
                 }
-                block[p.at..p.at + p.len].copy_from_slice(&data[p.buf..p.buf + p.len]);
+                data.copy_to(p.buf, &mut block[p.at..p.at + p.len]);
             }
             if let Err(e) = store.write_data(first, 0, &buf) {
                 free_run(store, first, got)?;
@@ -454,7 +462,8 @@ impl VdiDisk {
             let root = self.root();
             let m = self.store().with_cached(|meta| radix::lookup(meta, root, p.vblock))?;
             if matches!(m, Mapping::Mapped { .. }) {
-                self.write_locked(p.vblock * BS + p.at as u64, &vec![0u8; p.len])?;
+                let zeros = vec![0u8; p.len];
+                self.write_locked(p.vblock * BS + p.at as u64, &WriteBufs::new(&[IoSlice::new(&zeros)]))?;
             }
         }
         Ok(())
@@ -471,20 +480,30 @@ impl BlockDevice for VdiDisk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.read_vectored_at(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
+        let mut buf = ReadBufs::new(bufs);
         let n = buf.len();
         self.meter(IoOp::Read, n, || {
             check_range(offset, n as u64, self.size())?;
             let _io = self.live.io.read();
-            Ok(read_tree(self.store(), self.root(), offset, buf)?)
+            Ok(read_tree_into(self.store(), self.root(), offset, &mut buf)?)
         })
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        self.write_vectored_at(offset, &[IoSlice::new(data)], fua)
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> DevResult<()> {
+        let data = WriteBufs::new(bufs);
         self.meter(IoOp::Write, data.len(), || {
             self.check_write(offset, data.len() as u64)?;
             {
                 let _io = self.live.io.read();
-                self.write_locked(offset, data)?;
+                self.write_locked(offset, &data)?;
             }
             if fua {
                 self.store().commit().map_err(VdiError::from)?;
@@ -535,10 +554,15 @@ impl BlockDevice for SnapshotDisk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.read_vectored_at(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
+        let mut buf = ReadBufs::new(bufs);
         let n = buf.len();
         self.meter(IoOp::Read, n, || {
             check_range(offset, n as u64, self.size)?;
-            Ok(read_tree(&self.reg.store, self.root, offset, buf)?)
+            Ok(read_tree_into(&self.reg.store, self.root, offset, &mut buf)?)
         })
     }
 

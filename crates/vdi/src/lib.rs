@@ -36,6 +36,7 @@ mod io;
 mod io_stats;
 mod reclaim;
 mod registry;
+mod scatter;
 mod snap_names;
 mod snap_table;
 

@@ -209,7 +209,7 @@ impl BlkBackend {
             let lone = chains.len() == 1 && flight.count == 0;
             let Some(workers) = self.workers.as_ref().filter(|_| !lone) else {
                 for chain in &chains {
-                    let used = request::execute(&*self.dev, &*mem, &buffers_of(chain), &self.serial);
+                    let used = request::execute(&*self.dev, &mem, &buffers_of(chain), &self.serial);
                     state.add_used(chain.head_index(), used).map_err(queue_err)?;
                 }
                 signal(state, event_idx)?;

@@ -5,7 +5,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use blockdev::{BlockDevice, DevError};
 use tracing::{debug, warn};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest_io;
 
 /// The unit of `sector` in a request header.
 pub(crate) const SECTOR: u64 = 512;
@@ -59,7 +61,7 @@ fn total(segs: &[Segment]) -> u64 {
 
 /// Calls `copy(guest address, range of the caller's buffer)` for each piece of the `len` bytes
 /// that start `skip` bytes into `segs`; fails if the buffers are shorter or a copy fails.
-fn walk(
+pub(crate) fn walk(
     segs: &[Segment],
     mut skip: u64,
     len: usize,
@@ -138,7 +140,7 @@ fn status_of(e: &DevError) -> u8 {
 
 /// Executes the request in `b` on `dev` and writes its status byte. Returns the bytes written
 /// into the writable buffers (the used length the driver is told).
-pub(crate) fn execute<M: Bytes<GuestAddress>>(dev: &dyn BlockDevice, mem: &M, b: &Buffers, serial: &[u8]) -> u32 {
+pub(crate) fn execute(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, serial: &[u8]) -> u32 {
     let writable = total(&b.writable);
     if writable == 0 {
         debug!("virtio-blk request without room for a status byte; dropped");
@@ -160,13 +162,7 @@ pub(crate) fn execute<M: Bytes<GuestAddress>>(dev: &dyn BlockDevice, mem: &M, b:
 }
 
 /// Runs the request; `Ok` with the data bytes written into the writable buffers.
-fn run<M: Bytes<GuestAddress>>(
-    dev: &dyn BlockDevice,
-    mem: &M,
-    b: &Buffers,
-    data_in: u64,
-    serial: &[u8],
-) -> Result<u64, u8> {
+fn run(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, data_in: u64, serial: &[u8]) -> Result<u64, u8> {
     let mut header = [0u8; HEADER_LEN];
     gather(mem, &b.readable, 0, &mut header)?;
     let typ = le32(&header[0..4]);
@@ -182,32 +178,35 @@ fn run<M: Bytes<GuestAddress>>(
     match typ {
         T_IN => {
             let offset = range(data_in)?;
-            with_buffer(|buf| {
-                let mut done = 0u64;
-                while done < data_in {
-                    let n = ((data_in - done) as usize).min(CHUNK);
-                    dev.read_at(offset + done, &mut buf[..n]).map_err(|e| status_of(&e))?;
-                    scatter(mem, &b.writable, done, &buf[..n])?;
-                    done += n as u64;
+            let mut done = 0u64;
+            while done < data_in {
+                let n = ((data_in - done) as usize).min(CHUNK);
+                // Straight into the guest's buffers; through our own only when they overlap
+                // (or are not all in guest memory, which then fails the request).
+                match guest_io::writable(mem, &b.writable, done, n) {
+                    Some(mut bufs) => dev.read_vectored_at(offset + done, &mut bufs).map_err(|e| status_of(&e))?,
+                    None => with_buffer(|buf| {
+                        dev.read_at(offset + done, &mut buf[..n]).map_err(|e| status_of(&e))?;
+                        scatter(mem, &b.writable, done, &buf[..n])
+                    })?,
                 }
-                Ok(data_in)
-            })
+                done += n as u64;
+            }
+            Ok(data_in)
         }
         T_OUT => {
             if dev.read_only() {
                 return Err(S_IOERR);
             }
             let offset = range(data_out)?;
-            with_buffer(|buf| {
-                let mut done = 0u64;
-                while done < data_out {
-                    let n = ((data_out - done) as usize).min(CHUNK);
-                    gather(mem, &b.readable, HEADER_LEN as u64 + done, &mut buf[..n])?;
-                    dev.write_at(offset + done, &buf[..n], false).map_err(|e| status_of(&e))?;
-                    done += n as u64;
-                }
-                Ok(0)
-            })
+            let mut done = 0u64;
+            while done < data_out {
+                let n = ((data_out - done) as usize).min(CHUNK);
+                let bufs = guest_io::readable(mem, &b.readable, HEADER_LEN as u64 + done, n).ok_or(S_IOERR)?;
+                dev.write_vectored_at(offset + done, &bufs, false).map_err(|e| status_of(&e))?;
+                done += n as u64;
+            }
+            Ok(0)
         }
         T_FLUSH => {
             if !dev.read_only() {
@@ -330,6 +329,79 @@ mod tests {
         m.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
         assert!(got[..3072].iter().all(|&b| b == 0xaa) && got[3072..8192].iter().all(|&b| b == 0xbb));
         assert_eq!(got[8192], S_OK);
+    }
+
+    /// A disk that says which read call served it.
+    struct Which {
+        disk: MemDisk,
+        vectored: std::sync::atomic::AtomicUsize,
+        plain: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDevice for Which {
+        fn size(&self) -> u64 {
+            self.disk.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> blockdev::DevResult<()> {
+            self.plain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.disk.read_at(offset, buf)
+        }
+        fn read_vectored_at(&self, offset: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> blockdev::DevResult<()> {
+            self.vectored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut at = offset;
+            for b in bufs.iter_mut() {
+                self.disk.read_at(at, b)?;
+                at += b.len() as u64;
+            }
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> blockdev::DevResult<()> {
+            self.disk.write_at(offset, data, fua)
+        }
+        fn flush(&self) -> blockdev::DevResult<()> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> blockdev::DevResult<()> {
+            self.disk.discard(offset, len)
+        }
+        fn extents(&self, offset: u64, len: u64) -> blockdev::DevResult<Vec<blockdev::Extent>> {
+            self.disk.extents(offset, len)
+        }
+    }
+
+    #[test]
+    fn reads_go_straight_into_guest_buffers_unless_they_overlap() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = mem();
+        let dev = Which { disk: MemDisk::new(1 << 20), vectored: Default::default(), plain: Default::default() };
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        dev.disk.write_at(0, &data, false).unwrap();
+        // Two separate buffers: one vectored read into guest memory, no copy of ours.
+        let apart = Buffers {
+            readable: vec![header(&m, 0x1000, T_IN, 0)],
+            writable: vec![seg(0x10000, 3072), seg(0x20000, 5120), seg(0x2000, 1)],
+        };
+        assert_eq!(execute(&dev, &m, &apart, b""), 8193);
+        assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 0));
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got[..3072], GuestAddress(0x10000)).unwrap();
+        m.read_slice(&mut got[3072..], GuestAddress(0x20000)).unwrap();
+        assert!(got == data && status(&m, 0x2000) == S_OK);
+        // Buffers that share bytes: read into our buffer, copied out in order (the later
+        // buffer's bytes win where they overlap).
+        let overlapping = Buffers {
+            readable: vec![header(&m, 0x1000, T_IN, 0)],
+            writable: vec![seg(0x30000, 4096), seg(0x30800, 4096), seg(0x2000, 1)],
+        };
+        assert_eq!(execute(&dev, &m, &overlapping, b""), 8193);
+        assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 1));
+        let mut got = vec![0u8; 6144];
+        m.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
+        assert!(got[..2048] == data[..2048] && got[2048..] == data[4096..]);
+        assert_eq!(status(&m, 0x2000), S_OK);
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl Drop for Workers {
 
 fn work(queue: &Receiver<Job>, dev: &dyn BlockDevice, serial: &[u8]) {
     for job in queue {
-        let used = request::execute(dev, &*job.mem, &job.buffers, serial);
+        let used = request::execute(dev, &job.mem, &job.buffers, serial);
         job.complete(used);
     }
 }

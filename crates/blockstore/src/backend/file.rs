@@ -1,13 +1,16 @@
 //! A store in a regular file or on a raw block device.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Backend;
+
+/// Most buffers one `preadv`/`pwritev` takes on Linux.
+const IOV_MAX: usize = 1024;
 
 /// A store in a file (grown sparsely, space reserved with `fallocate`) or on a block device.
 pub struct FileBackend {
@@ -74,6 +77,48 @@ impl Backend for FileBackend {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        // One `preadv` for the lot (the usual case); whatever it left — a short read at the end
+        // of a sparse file, an interrupted call, more buffers than IOV_MAX — is finished a
+        // buffer at a time.
+        let head = bufs.len().min(IOV_MAX);
+        let mut done = match rustix::io::preadv(&self.file, &mut bufs[..head], offset) {
+            Ok(n) => n,
+            Err(e) if e == rustix::io::Errno::INTR => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let mut at = offset;
+        for buf in bufs.iter_mut() {
+            let skip = done.min(buf.len());
+            done -= skip;
+            if skip < buf.len() {
+                self.read_at(at + skip as u64, &mut buf[skip..])?;
+            }
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        // As reads: one `pwritev`, then a buffer at a time for what it left.
+        let head = bufs.len().min(IOV_MAX);
+        let mut done = match rustix::io::pwritev(&self.file, &bufs[..head], offset) {
+            Ok(n) => n,
+            Err(e) if e == rustix::io::Errno::INTR => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let mut at = offset;
+        for buf in bufs {
+            let skip = done.min(buf.len());
+            done -= skip;
+            if skip < buf.len() {
+                self.file.write_all_at(&buf[skip..], at + skip as u64)?;
+            }
+            at += buf.len() as u64;
+        }
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
