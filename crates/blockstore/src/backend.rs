@@ -18,25 +18,35 @@ pub trait Backend: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// Fills `bufs` in order from the bytes at `offset` (`preadv`); by default one
-    /// [`Backend::read_at`] per buffer.
+    /// Fills `bufs` in order from the bytes at `offset` (`preadv`). By default one
+    /// [`Backend::read_at`] of the whole length into a buffer of its own, copied out: one
+    /// request to the medium either way (on RADOS each is a round trip).
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let mut at = offset;
+        if let [one] = bufs {
+            return self.read_at(offset, one);
+        }
+        let mut all = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
+        self.read_at(offset, &mut all)?;
+        let mut at = 0;
         for buf in bufs.iter_mut() {
-            self.read_at(at, buf)?;
-            at += buf.len() as u64;
+            let n = buf.len();
+            buf.copy_from_slice(&all[at..at + n]);
+            at += n;
         }
         Ok(())
     }
-    /// Writes `bufs` in order at `offset` (`pwritev`); by default one [`Backend::write_at`] per
-    /// buffer. Like any write, it may be torn by a crash before the next sync.
+    /// Writes `bufs` in order at `offset` (`pwritev`). By default they are gathered into one
+    /// buffer and written with one [`Backend::write_at`]. Like any write, it may be torn by a
+    /// crash before the next sync.
     fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut at = offset;
-        for buf in bufs {
-            self.write_at(at, buf)?;
-            at += buf.len() as u64;
+        if let [one] = bufs {
+            return self.write_at(offset, one);
         }
-        Ok(())
+        let mut all = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for buf in bufs {
+            all.extend_from_slice(buf);
+        }
+        self.write_at(offset, &all)
     }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;

@@ -8,34 +8,34 @@ use std::ops::Range;
 /// The buffers a read fills, in order.
 pub(crate) struct ReadBufs<'a, 'b> {
     bufs: &'a mut [IoSliceMut<'b>],
-    len: usize,
+    /// Where each buffer ends in the run.
+    ends: Vec<usize>,
 }
 
 impl<'a, 'b> ReadBufs<'a, 'b> {
     /// The run of bytes made of `bufs`, one after another.
     pub(crate) fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
-        let len = bufs.iter().map(|b| b.len()).sum();
-        ReadBufs { bufs, len }
+        let ends = ends(bufs.iter().map(|b| b.len()));
+        ReadBufs { bufs, ends }
     }
 
     /// Total length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.ends.last().copied().unwrap_or(0)
     }
 
     /// Bytes `range` of the run, as the pieces of the buffers it covers, in order.
     pub(crate) fn slices(&mut self, range: Range<usize>) -> Vec<IoSliceMut<'_>> {
-        debug_assert!(range.start <= range.end && range.end <= self.len);
+        debug_assert!(range.start <= range.end && range.end <= self.len());
         let mut out = Vec::new();
-        let mut pos = 0;
-        for b in self.bufs.iter_mut() {
-            let (start, end) = (pos, pos + b.len());
-            pos = end;
-            if end <= range.start || start == end {
-                continue;
-            }
+        let first = first_buffer(&self.ends, range.start);
+        for (b, &end) in self.bufs[first..].iter_mut().zip(&self.ends[first..]) {
+            let start = end - b.len();
             if start >= range.end {
                 break;
+            }
+            if start == end {
+                continue;
             }
             let (lo, hi) = (range.start.max(start) - start, range.end.min(end) - start);
             out.push(IoSliceMut::new(&mut b[lo..hi]));
@@ -51,37 +51,52 @@ impl<'a, 'b> ReadBufs<'a, 'b> {
     }
 }
 
+/// Running ends of buffers of lengths `lens`.
+fn ends(lens: impl Iterator<Item = usize>) -> Vec<usize> {
+    lens.scan(0, |end, n| {
+        *end += n;
+        Some(*end)
+    })
+    .collect()
+}
+
+/// The first buffer holding byte `at` or later (a binary search: a request may bring many
+/// buffers, and each piece of it looks its bytes up).
+fn first_buffer(ends: &[usize], at: usize) -> usize {
+    ends.partition_point(|&end| end <= at)
+}
+
 /// The buffers a write takes its data from, in order.
 pub(crate) struct WriteBufs<'a, 'b> {
     bufs: &'a [IoSlice<'b>],
-    len: usize,
+    /// Where each buffer ends in the run.
+    ends: Vec<usize>,
 }
 
 impl<'a, 'b> WriteBufs<'a, 'b> {
     /// The run of bytes made of `bufs`, one after another.
     pub(crate) fn new(bufs: &'a [IoSlice<'b>]) -> Self {
-        let len = bufs.iter().map(|b| b.len()).sum();
-        WriteBufs { bufs, len }
+        let ends = ends(bufs.iter().map(|b| b.len()));
+        WriteBufs { bufs, ends }
     }
 
     /// Total length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.ends.last().copied().unwrap_or(0)
     }
 
     /// Bytes `range` of the run, as the pieces of the buffers it covers, in order.
     pub(crate) fn slices(&self, range: Range<usize>) -> Vec<IoSlice<'a>> {
-        debug_assert!(range.start <= range.end && range.end <= self.len);
+        debug_assert!(range.start <= range.end && range.end <= self.len());
         let mut out = Vec::new();
-        let mut pos = 0;
-        for b in self.bufs {
-            let (start, end) = (pos, pos + b.len());
-            pos = end;
-            if end <= range.start || start == end {
-                continue;
-            }
+        let first = first_buffer(&self.ends, range.start);
+        for (b, &end) in self.bufs[first..].iter().zip(&self.ends[first..]) {
+            let start = end - b.len();
             if start >= range.end {
                 break;
+            }
+            if start == end {
+                continue;
             }
             let whole: &'a [u8] = b;
             let (lo, hi) = (range.start.max(start) - start, range.end.min(end) - start);

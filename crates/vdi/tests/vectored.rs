@@ -1,7 +1,7 @@
 //! Vectored reads and writes (a guest's scattered buffers, served by vhost-user-blk without a
 //! bounce copy) give the bytes a plain read or write of the same run gives: across block edges,
 //! over holes, private blocks and blocks shared with a snapshot, on a store in a file (one
-//! `preadv`/`pwritev` per run of blocks).
+//! `preadv`/`pwritev` per run of blocks) and in memory.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use blockdev::BlockDevice;
-use blockstore::FileBackend;
+use blockstore::{Backend, FileBackend, MemBackend};
 
 const SIZE: u64 = 1 << 20;
 
@@ -48,8 +48,14 @@ fn read_vectored(dev: &dyn BlockDevice, offset: u64, len: usize, seed: usize) ->
 
 #[test]
 fn vectored_reads_and_writes_match_plain_ones_on_every_kind_of_block() {
+    // A file (preadv/pwritev) and memory (the backends' default: one buffer of their own).
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FileBackend::open(&dir.path().join("store"), true, true).expect("store file"));
+    let file = Arc::new(FileBackend::open(&dir.path().join("store"), true, true).expect("store file"));
+    vectored_matches_plain(file);
+    vectored_matches_plain(Arc::new(MemBackend::new()));
+}
+
+fn vectored_matches_plain(backend: Arc<dyn Backend>) {
     let reg = common::new_store(backend);
     let id = reg.create_vdi("vm", Some(SIZE)).unwrap();
     let dev = reg.open_vdi(id, true).unwrap();

@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
 use crate::ServerOptions;
+use crate::guest_io::{self, DataPath};
 use crate::request::{self, Buffers, ID_LEN, SECTOR, Segment};
 use crate::workers::{Completion, Job, Workers};
 
@@ -54,7 +55,8 @@ pub struct BlkBackend {
     /// per queue (then they run on the queue's thread).
     workers: Option<Workers>,
     event_idx: AtomicBool,
-    mem: parking_lot::RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The guest's memory, and how request data may move to and from it.
+    mem: parking_lot::RwLock<(GuestMemoryAtomic<GuestMemoryMmap>, DataPath)>,
     /// One per queue thread: notified to end it.
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// Set by [`BlkBackend::stop`]: no new request is taken.
@@ -86,7 +88,7 @@ impl BlkBackend {
             queue_size: opts.queue_size.clamp(16, 1024).next_power_of_two(),
             serial,
             event_idx: AtomicBool::new(false),
-            mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: parking_lot::RwLock::new((GuestMemoryAtomic::new(GuestMemoryMmap::new()), DataPath::Bounce)),
             exits,
             stopping: AtomicBool::new(false),
             busy: parking_lot::Mutex::new(0),
@@ -201,7 +203,10 @@ impl BlkBackend {
     /// otherwise each goes to a worker.
     fn take_available(&self, state: &mut Vring, event_idx: bool, flight: &mut InFlight) -> io::Result<()> {
         loop {
-            let mem = self.mem.read().memory();
+            let (mem, path) = {
+                let current = self.mem.read();
+                (current.0.memory(), current.1)
+            };
             let chains: Vec<_> = state.get_queue_mut().iter(mem.clone()).map_err(queue_err)?.collect();
             if chains.is_empty() {
                 return Ok(());
@@ -209,7 +214,7 @@ impl BlkBackend {
             let lone = chains.len() == 1 && flight.count == 0;
             let Some(workers) = self.workers.as_ref().filter(|_| !lone) else {
                 for chain in &chains {
-                    let used = request::execute(&*self.dev, &mem, &buffers_of(chain), &self.serial);
+                    let used = request::execute(&*self.dev, &mem, path, &buffers_of(chain), &self.serial);
                     state.add_used(chain.head_index(), used).map_err(queue_err)?;
                 }
                 signal(state, event_idx)?;
@@ -217,7 +222,12 @@ impl BlkBackend {
             };
             let shared = mem.into_inner();
             for chain in &chains {
-                workers.submit(Job::new(chain.head_index(), buffers_of(chain), shared.clone(), flight.done.clone()));
+                workers.submit(Job::new(
+                    chain.head_index(),
+                    buffers_of(chain),
+                    (shared.clone(), path),
+                    flight.done.clone(),
+                ));
                 flight.count += 1;
             }
             return Ok(());
@@ -339,7 +349,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write() = mem;
+        let path = guest_io::data_path(&mem.memory());
+        if path == DataPath::Bounce {
+            tracing::info!("guest memory is not all tmpfs/hugetlbfs: request data is copied through a buffer");
+        }
+        *self.mem.write() = (mem, path);
         Ok(())
     }
 

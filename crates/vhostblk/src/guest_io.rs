@@ -3,25 +3,70 @@
 //!
 //! This is the crate's one `unsafe` boundary: guest memory is a shared mapping the VMM gave us,
 //! which vm-memory exposes as volatile slices and raw pointers, and the device takes Rust
-//! slices.
+//! slices. It is used only where a fault on the guest's memory cannot wait on another process
+//! ([`data_path`]): the device may touch the slices while holding the store's I/O gate, and a
+//! fault that blocked there would hold up every VDI of the store, not just this guest.
+//!
+//! What it relies on from vm-memory 0.17 (checked there): without its `xen` feature a pointer
+//! stays valid after its `PtrGuard` is dropped (the guard unmaps nothing), and a
+//! `GuestMemoryMmap` with the unit bitmap (the only kind taken here) tracks no dirty pages, so
+//! writes through a raw pointer miss nothing. Both would change with `xen` or dirty logging
+//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`, not offered).
 
 #![allow(unsafe_code)]
 
 use std::io::{IoSlice, IoSliceMut};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use std::os::fd::AsFd;
+
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::request::{Segment, walk};
 
+/// How a request's data moves between the device and a guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataPath {
+    /// The device reads into and writes from the guest's buffers.
+    Direct,
+    /// Through the request thread's own buffer, copied with vm-memory's volatile accesses
+    /// outside every lock of the device.
+    Bounce,
+}
+
+/// `statfs` magic of tmpfs (memfd, /dev/shm) and of hugetlbfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// [`DataPath::Direct`] if every region of `mem` is memory whose faults wait on nobody: anonymous,
+/// memfd, /dev/shm or hugetlbfs (at worst a swap-in). A region mapped from any other file (a
+/// file system that may be slow, remote or served by the VMM's own process through FUSE)
+/// gets [`DataPath::Bounce`]. Decided once per memory table.
+// `f_type`'s integer type differs between architectures.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn data_path(mem: &GuestMemoryMmap) -> DataPath {
+    let never_waits = mem.iter().all(|region| match region.file_offset() {
+        None => true,
+        Some(f) => rustix::fs::fstatfs(f.file().as_fd())
+            .is_ok_and(|st| matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)),
+    });
+    if never_waits { DataPath::Direct } else { DataPath::Bounce }
+}
+
+/// Most pieces a request's data may have for the direct path (a megabyte of 4 KiB pages is
+/// 256): more goes through the bounce buffer, so one device call is one `preadv`/`pwritev`
+/// of bounded length, whatever the descriptor layout.
+const MAX_DIRECT_PIECES: usize = 512;
+
 /// Host addresses and lengths of bytes `[skip, skip + len)` of `segs`, split at the edges of
-/// guest memory regions; `None` if any byte is outside guest memory.
+/// guest memory regions; `None` if any byte is outside guest memory or there are more than
+/// [`MAX_DIRECT_PIECES`].
 fn host_pieces(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, len: usize) -> Option<Vec<(*mut u8, usize)>> {
     let mut out = Vec::new();
     let ok = walk(segs, skip, len, |addr, range| {
         for slice in mem.get_slices(addr, range.len()) {
             match slice {
-                Ok(s) => out.push((s.ptr_guard_mut().as_ptr(), s.len())),
-                Err(_) => return false,
+                Ok(s) if out.len() < MAX_DIRECT_PIECES => out.push((s.ptr_guard_mut().as_ptr(), s.len())),
+                _ => return false,
             }
         }
         true
@@ -30,7 +75,8 @@ fn host_pieces(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, len: usize) -
 }
 
 /// Bytes `[skip, skip + len)` of the device-readable buffers `segs` (an OUT request's data),
-/// as slices of guest memory; `None` if any byte is outside it.
+/// as slices of guest memory; `None` if any byte is outside it or the pieces are too many.
+/// Only for memory whose [`data_path`] is direct.
 pub(crate) fn readable<'m>(
     mem: &'m GuestMemoryMmap,
     segs: &[Segment],
@@ -56,9 +102,10 @@ pub(crate) fn readable<'m>(
 }
 
 /// Bytes `[skip, skip + len)` of the device-writable buffers `segs` (an IN request's data), as
-/// mutable slices of guest memory; `None` if any byte is outside it, or if two of the
-/// buffers overlap (then the caller copies through its own buffer instead: two live `&mut`
-/// over the same bytes are not allowed).
+/// mutable slices of guest memory; `None` if any byte is outside it, the pieces are too many,
+/// or two of the buffers overlap (then the caller copies through its own buffer instead: two
+/// live `&mut` over the same bytes are not allowed). Only for memory whose [`data_path`] is
+/// direct.
 pub(crate) fn writable<'m>(
     mem: &'m GuestMemoryMmap,
     segs: &[Segment],
@@ -77,8 +124,10 @@ pub(crate) fn writable<'m>(
                 // of these slices overlap (checked above), so each is the only Rust reference
                 // to its bytes in this request. Virtio gives the device sole use of a
                 // device-writable buffer until the request completes; a guest that touches it
-                // meanwhile (or lends the same page to two requests at once) only gets its own
-                // read's bytes in some order.
+                // meanwhile, or lends the same page to two requests in flight at once (then two
+                // threads hold slices over it: a data race in Rust's model that we accept, as
+                // the bytes are only ever copied, never decoded), only gets its own reads'
+                // bytes in some order.
                 IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
             })
             .collect(),
@@ -102,6 +151,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_memory_whose_faults_wait_on_nobody_is_used_directly() {
+        use vm_memory::FileOffset;
+        let on = |dir: &std::path::Path| {
+            let file = tempfile::tempfile_in(dir).unwrap();
+            file.set_len(64 << 10).unwrap();
+            let ranges =
+                [(GuestAddress(0), 64 << 10, None), (GuestAddress(1 << 20), 64 << 10, Some(FileOffset::new(file, 0)))];
+            data_path(&GuestMemoryMmap::from_ranges_with_files(ranges).unwrap())
+        };
+        assert_eq!(on(std::path::Path::new("/dev/shm")), DataPath::Direct);
+        // The build directory is on a disk file system (ext4 here): a fault may wait on I/O.
+        assert_eq!(on(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))), DataPath::Bounce);
+        let anonymous = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 10)]).unwrap();
+        assert_eq!(data_path(&anonymous), DataPath::Direct);
+    }
+
+    #[test]
     fn buffers_map_to_guest_memory_across_regions_and_overlaps_are_refused() {
         // Two regions that touch at 64 KiB in the guest, far apart on the host.
         let mem =
@@ -119,5 +185,10 @@ mod tests {
             writable(&mem, &apart, 256, 512).map(|v| v.iter().map(|s| s.len()).collect::<Vec<_>>()),
             Some(vec![256, 256])
         );
+        // Too many pieces: not direct.
+        let many: Vec<Segment> =
+            (0..=MAX_DIRECT_PIECES as u64).map(|i| Segment { addr: GuestAddress(i * 64), len: 64 }).collect();
+        assert!(readable(&mem, &many, 0, 64 * many.len()).is_none());
+        assert!(readable(&mem, &many[1..], 0, 64 * MAX_DIRECT_PIECES).is_some());
     }
 }

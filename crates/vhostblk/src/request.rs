@@ -7,7 +7,7 @@ use blockdev::{BlockDevice, DevError};
 use tracing::{debug, warn};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::guest_io;
+use crate::guest_io::{self, DataPath};
 
 /// The unit of `sector` in a request header.
 pub(crate) const SECTOR: u64 = 512;
@@ -140,17 +140,18 @@ fn status_of(e: &DevError) -> u8 {
 
 /// Executes the request in `b` on `dev` and writes its status byte. Returns the bytes written
 /// into the writable buffers (the used length the driver is told).
-pub(crate) fn execute(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, serial: &[u8]) -> u32 {
+pub(crate) fn execute(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, path: DataPath, b: &Buffers, serial: &[u8]) -> u32 {
     let writable = total(&b.writable);
     if writable == 0 {
         debug!("virtio-blk request without room for a status byte; dropped");
         return 0;
     }
     // A device that panics fails this request, not the queue (nor the worker) serving it.
-    let outcome = catch_unwind(AssertUnwindSafe(|| run(dev, mem, b, writable - 1, serial))).unwrap_or_else(|_| {
-        warn!("the device panicked executing a virtio-blk request; it fails with an I/O error");
-        Err(S_IOERR)
-    });
+    let outcome =
+        catch_unwind(AssertUnwindSafe(|| run(dev, mem, path, b, writable - 1, serial))).unwrap_or_else(|_| {
+            warn!("the device panicked executing a virtio-blk request; it fails with an I/O error");
+            Err(S_IOERR)
+        });
     let (status, data) = match outcome {
         Ok(data) => (S_OK, data),
         Err(status) => (status, 0),
@@ -162,7 +163,14 @@ pub(crate) fn execute(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers,
 }
 
 /// Runs the request; `Ok` with the data bytes written into the writable buffers.
-fn run(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, data_in: u64, serial: &[u8]) -> Result<u64, u8> {
+fn run(
+    dev: &dyn BlockDevice,
+    mem: &GuestMemoryMmap,
+    path: DataPath,
+    b: &Buffers,
+    data_in: u64,
+    serial: &[u8],
+) -> Result<u64, u8> {
     let mut header = [0u8; HEADER_LEN];
     gather(mem, &b.readable, 0, &mut header)?;
     let typ = le32(&header[0..4]);
@@ -181,9 +189,11 @@ fn run(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, data_in: u64, 
             let mut done = 0u64;
             while done < data_in {
                 let n = ((data_in - done) as usize).min(CHUNK);
-                // Straight into the guest's buffers; through our own only when they overlap
-                // (or are not all in guest memory, which then fails the request).
-                match guest_io::writable(mem, &b.writable, done, n) {
+                // Straight into the guest's buffers; through our own when the memory is not
+                // for that, the buffers overlap or are too many (or are not all in guest
+                // memory, which then fails the request).
+                let direct = (path == DataPath::Direct).then(|| guest_io::writable(mem, &b.writable, done, n));
+                match direct.flatten() {
                     Some(mut bufs) => dev.read_vectored_at(offset + done, &mut bufs).map_err(|e| status_of(&e))?,
                     None => with_buffer(|buf| {
                         dev.read_at(offset + done, &mut buf[..n]).map_err(|e| status_of(&e))?;
@@ -202,8 +212,15 @@ fn run(dev: &dyn BlockDevice, mem: &GuestMemoryMmap, b: &Buffers, data_in: u64, 
             let mut done = 0u64;
             while done < data_out {
                 let n = ((data_out - done) as usize).min(CHUNK);
-                let bufs = guest_io::readable(mem, &b.readable, HEADER_LEN as u64 + done, n).ok_or(S_IOERR)?;
-                dev.write_vectored_at(offset + done, &bufs, false).map_err(|e| status_of(&e))?;
+                let from = HEADER_LEN as u64 + done;
+                let direct = (path == DataPath::Direct).then(|| guest_io::readable(mem, &b.readable, from, n));
+                match direct.flatten() {
+                    Some(bufs) => dev.write_vectored_at(offset + done, &bufs, false).map_err(|e| status_of(&e))?,
+                    None => with_buffer(|buf| {
+                        gather(mem, &b.readable, from, &mut buf[..n])?;
+                        dev.write_at(offset + done, &buf[..n], false).map_err(|e| status_of(&e))
+                    })?,
+                }
                 done += n as u64;
             }
             Ok(0)
@@ -312,6 +329,12 @@ mod tests {
 
     #[test]
     fn writes_then_reads_across_scattered_buffers() {
+        for path in [DataPath::Direct, DataPath::Bounce] {
+            scattered_buffers(path);
+        }
+    }
+
+    fn scattered_buffers(path: DataPath) {
         let (m, dev) = (mem(), MemDisk::new(1 << 20));
         // OUT of 8 KiB at sector 8, from two buffers of 3 KiB and 5 KiB.
         m.write_slice(&[0xaa; 3072], GuestAddress(0x10000)).unwrap();
@@ -320,11 +343,11 @@ mod tests {
             readable: vec![header(&m, 0x1000, T_OUT, 8), seg(0x10000, 3072), seg(0x20000, 5120)],
             writable: vec![seg(0x2000, 1)],
         };
-        assert_eq!(execute(&dev, &m, &out, b""), 1);
+        assert_eq!(execute(&dev, &m, path, &out, b""), 1);
         assert_eq!(status(&m, 0x2000), S_OK);
         // IN of the same 8 KiB into one buffer whose last byte is the status (any layout).
         let inn = Buffers { readable: vec![header(&m, 0x1000, T_IN, 8)], writable: vec![seg(0x30000, 8193)] };
-        assert_eq!(execute(&dev, &m, &inn, b""), 8193);
+        assert_eq!(execute(&dev, &m, path, &inn, b""), 8193);
         let mut got = vec![0u8; 8193];
         m.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
         assert!(got[..3072].iter().all(|&b| b == 0xaa) && got[3072..8192].iter().all(|&b| b == 0xbb));
@@ -384,7 +407,7 @@ mod tests {
             readable: vec![header(&m, 0x1000, T_IN, 0)],
             writable: vec![seg(0x10000, 3072), seg(0x20000, 5120), seg(0x2000, 1)],
         };
-        assert_eq!(execute(&dev, &m, &apart, b""), 8193);
+        assert_eq!(execute(&dev, &m, DataPath::Direct, &apart, b""), 8193);
         assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 0));
         let mut got = vec![0u8; 8192];
         m.read_slice(&mut got[..3072], GuestAddress(0x10000)).unwrap();
@@ -396,12 +419,15 @@ mod tests {
             readable: vec![header(&m, 0x1000, T_IN, 0)],
             writable: vec![seg(0x30000, 4096), seg(0x30800, 4096), seg(0x2000, 1)],
         };
-        assert_eq!(execute(&dev, &m, &overlapping, b""), 8193);
+        assert_eq!(execute(&dev, &m, DataPath::Direct, &overlapping, b""), 8193);
         assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 1));
         let mut got = vec![0u8; 6144];
         m.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
         assert!(got[..2048] == data[..2048] && got[2048..] == data[4096..]);
         assert_eq!(status(&m, 0x2000), S_OK);
+        // Memory not for direct use: through our buffer too.
+        assert_eq!(execute(&dev, &m, DataPath::Bounce, &apart, b""), 8193);
+        assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 2));
     }
 
     #[test]
@@ -409,26 +435,26 @@ mod tests {
         let (m, dev) = (mem(), MemDisk::new(1 << 20));
         // Past the end.
         let past = Buffers { readable: vec![header(&m, 0x1000, T_IN, 2048)], writable: vec![seg(0x30000, 513)] };
-        assert_eq!(execute(&dev, &m, &past, b""), 1);
+        assert_eq!(execute(&dev, &m, DataPath::Direct, &past, b""), 1);
         assert_eq!(status(&m, 0x30000 + 512), S_IOERR);
         // Not a multiple of the sector.
         let odd = Buffers { readable: vec![header(&m, 0x1000, T_IN, 0)], writable: vec![seg(0x30000, 101)] };
-        execute(&dev, &m, &odd, b"");
+        execute(&dev, &m, DataPath::Direct, &odd, b"");
         assert_eq!(status(&m, 0x30000 + 100), S_IOERR);
         // A header cut short, an unknown type, a buffer outside guest memory.
         let short = Buffers { readable: vec![seg(0x1000, 8)], writable: vec![seg(0x2000, 1)] };
-        execute(&dev, &m, &short, b"");
+        execute(&dev, &m, DataPath::Direct, &short, b"");
         assert_eq!(status(&m, 0x2000), S_IOERR);
         let unknown = Buffers { readable: vec![header(&m, 0x1000, 99, 0)], writable: vec![seg(0x2000, 1)] };
-        execute(&dev, &m, &unknown, b"");
+        execute(&dev, &m, DataPath::Direct, &unknown, b"");
         assert_eq!(status(&m, 0x2000), S_UNSUPP);
         let outside =
             Buffers { readable: vec![header(&m, 0x1000, T_IN, 0)], writable: vec![seg(1 << 40, 512), seg(0x2000, 1)] };
-        execute(&dev, &m, &outside, b"");
+        execute(&dev, &m, DataPath::Direct, &outside, b"");
         assert_eq!(status(&m, 0x2000), S_IOERR);
         // No status byte at all: nothing written, nothing used.
         let none = Buffers { readable: vec![header(&m, 0x1000, T_FLUSH, 0)], writable: vec![] };
-        assert_eq!(execute(&dev, &m, &none, b""), 0);
+        assert_eq!(execute(&dev, &m, DataPath::Direct, &none, b""), 0);
     }
 
     #[test]
@@ -444,7 +470,7 @@ mod tests {
             readable: vec![header(&m, 0x1000, T_WRITE_ZEROES, 0), seg(0x5000, 16)],
             writable: vec![seg(0x2000, 1)],
         };
-        execute(&dev, &m, &wz, b"");
+        execute(&dev, &m, DataPath::Direct, &wz, b"");
         assert_eq!(status(&m, 0x2000), S_OK);
         let mut back = vec![0u8; 2048];
         dev.read_at(0, &mut back).unwrap();
@@ -455,7 +481,7 @@ mod tests {
             readable: vec![header(&m, 0x1000, T_GET_ID, 0)],
             writable: vec![seg(0x6000, 20), seg(0x2000, 1)],
         };
-        assert_eq!(execute(&dev, &m, &id, b"parallax-7"), 21);
+        assert_eq!(execute(&dev, &m, DataPath::Direct, &id, b"parallax-7"), 21);
         let mut got = [0u8; 20];
         m.read_slice(&mut got, GuestAddress(0x6000)).unwrap();
         assert_eq!(&got[..10], b"parallax-7");
@@ -463,7 +489,7 @@ mod tests {
         let ro = MemDisk::new(1 << 20).into_read_only();
         let out =
             Buffers { readable: vec![header(&m, 0x1000, T_OUT, 0), seg(0x10000, 512)], writable: vec![seg(0x2000, 1)] };
-        execute(&ro, &m, &out, b"");
+        execute(&ro, &m, DataPath::Direct, &out, b"");
         assert_eq!(status(&m, 0x2000), S_IOERR);
     }
 }

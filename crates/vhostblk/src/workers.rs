@@ -13,6 +13,8 @@ use blockdev::BlockDevice;
 use crossbeam_channel::{Receiver, Sender};
 use vm_memory::GuestMemoryMmap;
 
+use crate::guest_io::DataPath;
+
 use crate::request::{self, Buffers};
 
 /// One request for a worker. Dropped without [`Job::complete`] (a worker that died, a channel
@@ -25,14 +27,21 @@ pub(crate) struct Job {
     buffers: Buffers,
     /// The guest memory the buffers are in.
     mem: Arc<GuestMemoryMmap>,
+    /// How the data may move to and from it.
+    path: DataPath,
     /// Where the completion goes (the queue thread that took the chain); taken when sent.
     done: Option<Sender<Completion>>,
 }
 
 impl Job {
     /// The request of the chain with head `head`, whose completion is sent to `done`.
-    pub fn new(head: u16, buffers: Buffers, mem: Arc<GuestMemoryMmap>, done: Sender<Completion>) -> Job {
-        Job { head, buffers, mem, done: Some(done) }
+    pub fn new(
+        head: u16,
+        buffers: Buffers,
+        (mem, path): (Arc<GuestMemoryMmap>, DataPath),
+        done: Sender<Completion>,
+    ) -> Job {
+        Job { head, buffers, mem, path, done: Some(done) }
     }
 
     /// Reports the request executed with `used` bytes written into its writable buffers.
@@ -104,7 +113,7 @@ impl Drop for Workers {
 
 fn work(queue: &Receiver<Job>, dev: &dyn BlockDevice, serial: &[u8]) {
     for job in queue {
-        let used = request::execute(dev, &job.mem, &job.buffers, serial);
+        let used = request::execute(dev, &job.mem, job.path, &job.buffers, serial);
         job.complete(used);
     }
 }
