@@ -100,7 +100,7 @@ pub trait BlockDevice: Send + Sync {
     /// the caller's scattered memory (a guest's buffers), without a bounce copy where the
     /// device implements it. By default, one [`BlockDevice::read_at`] per buffer.
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
-        let total = vectored_len(bufs.iter().map(|b| b.len()));
+        let total = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(offset, total, self.size())?;
         let mut at = offset;
         for buf in bufs.iter_mut() {
@@ -117,7 +117,7 @@ pub trait BlockDevice: Send + Sync {
         if let [one] = bufs {
             return self.write_at(offset, one, fua);
         }
-        let mut all = Vec::with_capacity(vectored_len(bufs.iter().map(|b| b.len())) as usize);
+        let mut all = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
         for b in bufs {
             all.extend_from_slice(b);
         }
@@ -138,11 +138,6 @@ pub trait BlockDevice: Send + Sync {
 
     /// Allocation status of `[offset, offset + len)`, in order, covering the range exactly.
     fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>>;
-}
-
-/// The total length of a vectored request's buffers.
-pub fn vectored_len(lens: impl Iterator<Item = usize>) -> u64 {
-    lens.map(|n| n as u64).sum()
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.

@@ -707,10 +707,7 @@ impl BlockStore {
     /// Reads `buf.len()` bytes of data starting `offset` bytes into block `addr` (the range
     /// may span consecutive blocks of one group).
     pub fn read_data(&self, addr: BlockAddr, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.check_data_range(addr, offset, buf.len())?;
-        self.backend
-            .read_at(addr.byte_offset() + offset as u64, buf)
-            .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
+        self.read_data_vectored(addr, offset, &mut [IoSliceMut::new(buf)])
     }
 
     /// [`BlockStore::read_data`] into several buffers, in order, as one read of their total
@@ -724,9 +721,7 @@ impl BlockStore {
 
     /// Writes `data` starting `offset` bytes into block `addr` (may span consecutive blocks).
     pub fn write_data(&self, addr: BlockAddr, offset: usize, data: &[u8]) -> Result<()> {
-        self.check_data_range(addr, offset, data.len())?;
-        let written = self.backend.write_at(addr.byte_offset() + offset as u64, data);
-        self.data_write_done(addr, written)
+        self.write_data_vectored(addr, offset, &[IoSlice::new(data)])
     }
 
     /// [`BlockStore::write_data`] from several buffers, in order, as one write of their total
@@ -734,12 +729,7 @@ impl BlockStore {
     pub fn write_data_vectored(&self, addr: BlockAddr, offset: usize, bufs: &[IoSlice<'_>]) -> Result<()> {
         self.check_data_range(addr, offset, bufs.iter().map(|b| b.len()).sum())?;
         let written = self.backend.write_vectored_at(addr.byte_offset() + offset as u64, bufs);
-        self.data_write_done(addr, written)
-    }
-
-    /// Counts a data write (even a failed one: part of it may have reached the medium) and
-    /// names its error.
-    fn data_write_done(&self, addr: BlockAddr, written: std::io::Result<()>) -> Result<()> {
+        // Counted even if it failed: part of it may have reached the medium.
         self.data_written.fetch_add(1, Ordering::AcqRel);
         written.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") },

@@ -8,39 +8,30 @@ use std::ops::Range;
 /// The buffers a read fills, in order.
 pub(crate) struct ReadBufs<'a, 'b> {
     bufs: &'a mut [IoSliceMut<'b>],
-    /// Where each buffer ends in the run.
-    ends: Vec<usize>,
+    ends: Ends,
 }
 
 impl<'a, 'b> ReadBufs<'a, 'b> {
     /// The run of bytes made of `bufs`, one after another.
     pub(crate) fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
-        let ends = ends(bufs.iter().map(|b| b.len()));
+        let ends = Ends::of(bufs.iter().map(|b| b.len()));
         ReadBufs { bufs, ends }
     }
 
     /// Total length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.ends.last().copied().unwrap_or(0)
+        self.ends.len()
     }
 
     /// Bytes `range` of the run, as the pieces of the buffers it covers, in order.
     pub(crate) fn slices(&mut self, range: Range<usize>) -> Vec<IoSliceMut<'_>> {
-        debug_assert!(range.start <= range.end && range.end <= self.len());
-        let mut out = Vec::new();
-        let first = first_buffer(&self.ends, range.start);
-        for (b, &end) in self.bufs[first..].iter_mut().zip(&self.ends[first..]) {
-            let start = end - b.len();
-            if start >= range.end {
-                break;
-            }
-            if start == end {
-                continue;
-            }
-            let (lo, hi) = (range.start.max(start) - start, range.end.min(end) - start);
-            out.push(IoSliceMut::new(&mut b[lo..hi]));
-        }
-        out
+        let (first, parts) = self.ends.parts(range);
+        self.bufs[first..]
+            .iter_mut()
+            .zip(parts)
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(b, part)| IoSliceMut::new(&mut b[part]))
+            .collect()
     }
 
     /// Zeroes bytes `range` of the run.
@@ -51,58 +42,73 @@ impl<'a, 'b> ReadBufs<'a, 'b> {
     }
 }
 
-/// Running ends of buffers of lengths `lens`.
-fn ends(lens: impl Iterator<Item = usize>) -> Vec<usize> {
-    lens.scan(0, |end, n| {
-        *end += n;
-        Some(*end)
-    })
-    .collect()
-}
+/// Where each buffer of a run ends: which buffers a range of the run covers, found by a
+/// binary search (a request may bring many buffers, and each piece of it looks its bytes up).
+struct Ends(Vec<usize>);
 
-/// The first buffer holding byte `at` or later (a binary search: a request may bring many
-/// buffers, and each piece of it looks its bytes up).
-fn first_buffer(ends: &[usize], at: usize) -> usize {
-    ends.partition_point(|&end| end <= at)
+impl Ends {
+    /// The ends of buffers of lengths `lens`, one after another.
+    fn of(lens: impl Iterator<Item = usize>) -> Ends {
+        Ends(
+            lens.scan(0, |end, n| {
+                *end += n;
+                Some(*end)
+            })
+            .collect(),
+        )
+    }
+
+    /// Length of the run.
+    fn len(&self) -> usize {
+        self.0.last().copied().unwrap_or(0)
+    }
+
+    /// For bytes `range` of the run: the first buffer it touches, and the part of that buffer
+    /// and of each following one up to the last it touches (empty for an empty buffer).
+    fn parts(&self, range: Range<usize>) -> (usize, impl Iterator<Item = Range<usize>> + '_) {
+        debug_assert!(range.start <= range.end && range.end <= self.len());
+        let first = self.0.partition_point(|&end| end <= range.start);
+        let start_of_first = if first == 0 { 0 } else { self.0[first - 1] };
+        let starts = std::iter::once(start_of_first).chain(self.0[first..].iter().copied());
+        let parts = starts
+            .zip(&self.0[first..])
+            .take_while(move |&(start, _)| start < range.end)
+            .map(move |(start, &end)| range.start.max(start) - start..range.end.min(end) - start);
+        (first, parts)
+    }
 }
 
 /// The buffers a write takes its data from, in order.
 pub(crate) struct WriteBufs<'a, 'b> {
     bufs: &'a [IoSlice<'b>],
-    /// Where each buffer ends in the run.
-    ends: Vec<usize>,
+    ends: Ends,
 }
 
 impl<'a, 'b> WriteBufs<'a, 'b> {
     /// The run of bytes made of `bufs`, one after another.
     pub(crate) fn new(bufs: &'a [IoSlice<'b>]) -> Self {
-        let ends = ends(bufs.iter().map(|b| b.len()));
+        let ends = Ends::of(bufs.iter().map(|b| b.len()));
         WriteBufs { bufs, ends }
     }
 
     /// Total length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.ends.last().copied().unwrap_or(0)
+        self.ends.len()
     }
 
     /// Bytes `range` of the run, as the pieces of the buffers it covers, in order.
     pub(crate) fn slices(&self, range: Range<usize>) -> Vec<IoSlice<'a>> {
-        debug_assert!(range.start <= range.end && range.end <= self.len());
-        let mut out = Vec::new();
-        let first = first_buffer(&self.ends, range.start);
-        for (b, &end) in self.bufs[first..].iter().zip(&self.ends[first..]) {
-            let start = end - b.len();
-            if start >= range.end {
-                break;
-            }
-            if start == end {
-                continue;
-            }
-            let whole: &'a [u8] = b;
-            let (lo, hi) = (range.start.max(start) - start, range.end.min(end) - start);
-            out.push(IoSlice::new(&whole[lo..hi]));
-        }
-        out
+        let bufs: &'a [IoSlice<'b>] = self.bufs;
+        let (first, parts) = self.ends.parts(range);
+        bufs[first..]
+            .iter()
+            .zip(parts)
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(b, part)| {
+                let whole: &'a [u8] = b;
+                IoSlice::new(&whole[part])
+            })
+            .collect()
     }
 
     /// Copies `dst.len()` bytes of the run, from byte `from` on, into `dst`.
