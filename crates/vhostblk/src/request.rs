@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use blockdev::{BlockDevice, DevError};
 use tracing::{debug, warn};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::guest_io::{self, DataPath};
 
@@ -186,6 +186,11 @@ fn run(
     match typ {
         T_IN => {
             let offset = range(data_in)?;
+            // Buffers the data could not all be put in fail the request before the device is
+            // asked for anything (on the bounce path, it would be read and then thrown away).
+            if !b.writable.iter().all(|s| mem.check_range(s.addr, s.len as usize)) {
+                return Err(S_IOERR);
+            }
             let mut done = 0u64;
             while done < data_in {
                 let n = ((data_in - done) as usize).min(CHUNK);
@@ -428,6 +433,22 @@ mod tests {
         // Memory not for direct use: through our buffer too.
         assert_eq!(execute(&dev, &m, DataPath::Bounce, &apart, b""), 8193);
         assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (1, 2));
+    }
+
+    #[test]
+    fn a_read_into_buffers_outside_guest_memory_fails_before_the_device_is_read() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = mem();
+        let dev = Which { disk: MemDisk::new(1 << 20), vectored: Default::default(), plain: Default::default() };
+        for path in [DataPath::Direct, DataPath::Bounce] {
+            let outside = Buffers {
+                readable: vec![header(&m, 0x1000, T_IN, 0)],
+                writable: vec![seg(0x10000, 512), seg(1 << 40, 512), seg(0x2000, 1)],
+            };
+            assert_eq!(execute(&dev, &m, path, &outside, b""), 1, "{path:?}");
+            assert_eq!(status(&m, 0x2000), S_IOERR, "{path:?}");
+        }
+        assert_eq!((dev.vectored.load(Relaxed), dev.plain.load(Relaxed)), (0, 0), "the device was read");
     }
 
     #[test]
