@@ -42,6 +42,8 @@ pub struct ClusterArgs {
 
 /// The store every host serves.
 const STORE: &str = "rados:parallax/cluster";
+/// Its pool, for `vdi cluster`.
+const STORE_POOL: &str = "rados:parallax";
 /// The lease the hosts run with (seconds): short, so the expiry check is quick.
 const LEASE_SECS: u64 = 6;
 
@@ -92,10 +94,15 @@ impl Host<'_> {
 
     /// `vdi` on this host (through its daemon when one runs).
     fn vdi(&self, args: &[&str]) -> Result<String> {
+        self.vdi_at(STORE, args)
+    }
+
+    /// `vdi --store STORE` on this host.
+    fn vdi_at(&self, store: &str, args: &[&str]) -> Result<String> {
         std::fs::create_dir_all(self.run_dir())?;
         sys::run_text(
             Command::new(&self.bins.vdi)
-                .args(["--store", STORE, "--host", self.name, "--ceph-conf"])
+                .args(["--store", store, "--host", self.name, "--ceph-conf"])
                 .arg(self.conf)
                 .args(args)
                 .env("PARALLAX_RUN_DIR", self.run_dir()),
@@ -158,6 +165,16 @@ pub fn run(a: &ClusterArgs) -> Result<()> {
     }
     fio_pattern(d.port, "golden@base", size, 1, true)?;
     eprintln!("xtask: host-a wrote golden, golden@base and {} clones, each verified", clones.len());
+    // Any other host sees what host-a serves: `vdi list` there answers from host-a's catalog.
+    let seen = hb.vdi(&["list"])?;
+    if !seen.contains("served by host host-a") || !clones.iter().chain(&["golden"]).all(|c| seen.contains(c)) {
+        bail!("host-b's `vdi list` does not show host-a's VDIs:\n{seen}");
+    }
+    let pool = hc.vdi_at(STORE_POOL, &["cluster"])?;
+    if !pool.contains(&format!("{STORE} is served by host host-a")) || !pool.contains("golden") {
+        bail!("host-c's `vdi cluster` does not show host-a's store:\n{pool}");
+    }
+    eprintln!("xtask: host-b and host-c list host-a's VDIs from its catalog");
     let verify_all = |port: u16, who: &str| -> Result<()> {
         fio_pattern(port, "golden@base", size, 1, true)?;
         for (i, c) in clones.iter().enumerate() {

@@ -176,6 +176,12 @@ pub enum Command {
                             For a host known dead, or hung; without it another host may open the store only \
                             when the dead host's lease runs out (parallaxd --lease, 15s by default).")]
     Takeover,
+    /// List every store of a RADOS pool: which host serves each, its VDIs and their clients.
+    #[command(after_help = "Example:\n  vdi --store rados:vms cluster\n\n\
+                            Each store is shown from the catalog its serving host publishes (for a store \
+                            nobody serves, the last one, without clients); no store is opened and no lock \
+                            taken. The pool's directory records a store when a writer opens it.")]
+    Cluster(JsonArg),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  vdi completions bash > /etc/bash_completion.d/vdi\n  \
                             vdi completions zsh > \"${fpath[1]}/_vdi\"\n  vdi completions fish > ~/.config/fish/completions/vdi.fish")]
@@ -217,6 +223,7 @@ impl Command {
             | Command::Du(_)
             | Command::ExportDiff(_)
             | Command::Completions(_)
+            | Command::Cluster(_)
             | Command::Names => false,
         }
     }

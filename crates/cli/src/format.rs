@@ -66,6 +66,17 @@ pub fn local_time(ns: u64) -> String {
     }
 }
 
+/// How long ago `ms` (milliseconds since the epoch) was: `4 s ago`, `3 min ago`, `2 h ago`.
+pub fn age_since_ms(ms: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..120 => format!("{secs} s ago"),
+        120..7200 => format!("{} min ago", secs / 60),
+        _ => format!("{} h ago", secs / 3600),
+    }
+}
+
 /// Nanoseconds since the epoch as an RFC 3339 local time with offset, for JSON.
 pub fn rfc3339(ns: u64) -> String {
     let secs = (ns / 1_000_000_000) as i64;

@@ -186,6 +186,12 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
         host: cli.host.clone().unwrap_or_else(rados::local_host_name),
         ..rados::RadosOptions::default()
     };
+    if let Command::Cluster(a) = &cli.command {
+        return match store::list_cluster(&cli.store, &ceph, a.json, cli.bytes, &mut stdout, &mut stderr) {
+            Ok(code) => code,
+            Err(f) => report(&mut stderr, &f),
+        };
+    }
     if let Command::Takeover = cli.command {
         return match store::take_over(&cli.store, &ceph, &mut stdout) {
             Ok(code) => code,
@@ -196,6 +202,32 @@ pub fn main_with_args(args: Vec<OsString>) -> i32 {
         control::try_forward(&rados::control_key(&cli.store, &ceph.ceph), args.get(1..).unwrap_or_default())
     {
         return code;
+    }
+    // Another host's daemon holds a RADOS store: nothing here can open it, but its catalog
+    // says what it holds and serves.
+    if let Command::List(a) = &cli.command
+        && let Some(Ok(loc)) = cli.store.to_str().and_then(rados::RadosLocation::parse)
+    {
+        match rados::served_elsewhere(&loc, &ceph) {
+            Ok(Some(seen)) => {
+                return match commands::show::list_served_elsewhere(
+                    &loc.to_string(),
+                    &seen,
+                    a.json,
+                    cli.bytes,
+                    &mut stdout,
+                    &mut stderr,
+                ) {
+                    Ok(code) => code,
+                    Err(f) => report(&mut stderr, &f),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let f = Failure::from(blockstore::StoreError::io(format!("reading the lease of {loc}"), e.into_io()));
+                return report(&mut stderr, &f);
+            }
+        }
     }
     let opened = match store::open_with(&cli.store, &cli.command, cli.wait, &ceph, &mut stderr) {
         Ok(o) => o,

@@ -160,6 +160,53 @@ fn open_rados(
     Ok(Opened { reg, created, was_empty_file: false })
 }
 
+/// `vdi cluster`: every store the directory of the RADOS pool at `path` records, as its lease
+/// and its catalog show it (no store is opened, no lock taken).
+pub fn list_cluster(
+    path: &Path,
+    ceph: &rados::RadosOptions,
+    json: bool,
+    exact: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Failure> {
+    let pool_only = || Failure::user("`vdi cluster` lists the stores of a RADOS pool: --store rados:POOL");
+    let loc = match path.to_str().and_then(rados::RadosLocation::parse) {
+        Some(l) => l.map_err(|e| Failure::user(e.to_string()))?,
+        None => return Err(pool_only()),
+    };
+    if let Some(ns) = &loc.namespace {
+        return Err(Failure::user(format!(
+            "`vdi cluster` lists every store of a pool, whatever its namespace: give --store rados:{} (without /{ns})",
+            loc.pool
+        )));
+    }
+    let fail = |what: &str, e: rados::RadosError| Failure::from(StoreError::io(what.to_string(), e.into_io()));
+    let cluster = rados::Cluster::connect(&ceph.ceph).map_err(|e| fail("connecting to the cluster", e))?;
+    let stores = rados::catalog::stores(&cluster, &loc.pool)
+        .map_err(|e| fail(&format!("reading the directory of pool {}", loc.pool), e))?;
+    if stores.is_empty() {
+        let _ = writeln!(
+            err,
+            "vdi: pool {} records no stores (a store is recorded when parallaxd or a writing vdi opens it)",
+            loc.pool
+        );
+    }
+    // No store is opened, no lock taken: a daemon starting on one of them is never refused
+    // because a listing was reading it.
+    let views: Vec<_> = stores
+        .iter()
+        .map(|s| {
+            let at = s.to_string();
+            match rados::store_status(&cluster, s) {
+                Ok(status) => crate::commands::show::store_view(&at, &status),
+                Err(e) => crate::commands::show::view_failed(&at, e.to_string()),
+            }
+        })
+        .collect();
+    crate::commands::show::list_stores(&views, json, exact, out, err)
+}
+
 /// `vdi takeover`: fences whoever holds the lease of the RADOS store at `path` and breaks it.
 pub fn take_over(path: &Path, ceph: &rados::RadosOptions, out: &mut dyn Write) -> Result<i32, Failure> {
     let loc = match path.to_str().and_then(rados::RadosLocation::parse) {

@@ -39,6 +39,35 @@ fn vdi_creates_uses_and_takes_over_a_rados_store() {
     let o = vdi(&cluster, &store, "h1", &["create", "other", "--size", "8M"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("held by host h9") && text(&o).contains("takeover"), "{}", text(&o));
+    // `list` is answered from the holder's catalog instead (parallaxd publishes one; this
+    // holder has not yet).
+    let o = vdi(&cluster, &store, "h1", &["list"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("served by host h9") && text(&o).contains("it has published no catalog yet"),
+        "{}",
+        text(&o)
+    );
+    let catalog = rados::catalog::Catalog {
+        host: "h8".into(),
+        writer: "client.1".into(),
+        published_ms: 1,
+        vdis: vec![rados::catalog::CatalogVdi {
+            id: 1,
+            name: "disk".into(),
+            size: 8 << 20,
+            snapshots: 3,
+            parent: None,
+            created_ns: 0,
+        }],
+        clients: vec![],
+    };
+    catalog.publish(&cluster.pool(loc.namespace.as_deref().unwrap())).expect("publish");
+    let o = vdi(&cluster, &store, "h1", &["list"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("served by host h9") && t.contains("is an earlier holder's (host h8)"), "{t}");
+    assert!(t.lines().any(|l| l.contains(" disk ") && l.contains(" 3 ")), "{t}");
     let o = vdi(&cluster, &store, "h1", &["takeover"]);
     assert!(o.status.success() && text(&o).contains("fenced host h9"), "{}", text(&o));
     let o = vdi(&cluster, &store, "h1", &["create", "other", "--size", "8M"]);

@@ -8,11 +8,15 @@ use nbd::{ExportInfo, ExportProvider, OpenError};
 use parking_lot::Mutex;
 use vdi::{Registry, SnapshotId, VdiError, VdiId};
 
+use crate::catalog::Changes;
+
 /// Serves the VDIs and snapshots of one registry.
 pub struct VdiExports {
     reg: Arc<Registry>,
     /// VDIs found damaged at start: refused, with the reason.
     damaged: Mutex<HashMap<VdiId, String>>,
+    /// Told when a client attaches or detaches (the catalog publisher waits on it).
+    changes: Option<Arc<Changes>>,
 }
 
 /// How long a second writer waits for the first to let go before it is refused.
@@ -32,7 +36,12 @@ fn size_text(bytes: u64) -> String {
 impl VdiExports {
     /// Exports of `reg`; VDIs listed in `damaged` are refused.
     pub fn new(reg: Arc<Registry>, damaged: HashMap<VdiId, String>) -> VdiExports {
-        VdiExports { reg, damaged: Mutex::new(damaged) }
+        VdiExports { reg, damaged: Mutex::new(damaged), changes: None }
+    }
+
+    /// Bumps `changes` whenever a client attaches or detaches.
+    pub fn with_changes(self, changes: Arc<Changes>) -> VdiExports {
+        VdiExports { changes: Some(changes), ..self }
     }
 
     /// Opens the device an export name stands for (a VDI read-write, `NAME@ID` or
@@ -49,12 +58,16 @@ impl VdiExports {
         };
         disk.set_client(client);
         tracing::info!(export = name, client, writable = !disk.read_only(), "client attached");
-        Ok(Arc::new(Attached { disk, export: name.to_string() }))
+        let changes = self.changes.clone();
+        if let Some(c) = &changes {
+            c.bump();
+        }
+        Ok(Arc::new(Attached { disk, export: name.to_string(), changes }))
     }
 
     /// [`VdiExports::open_device_for`] for a client that has no better description.
     pub fn open_device(&self, name: &str) -> Result<Arc<dyn BlockDevice>, OpenError> {
-        self.open_device_for(name, "local")
+        self.open_device_for(name, vdi::UNNAMED_CLIENT)
     }
 
     fn open_disk(&self, name: &str) -> Result<Disk, OpenError> {
@@ -185,6 +198,7 @@ impl Disk {
 struct Attached {
     disk: Disk,
     export: String,
+    changes: Option<Arc<Changes>>,
 }
 
 impl Drop for Attached {
@@ -204,6 +218,9 @@ impl Drop for Attached {
             errors = io.errors,
             "client detached"
         );
+        if let Some(c) = &self.changes {
+            c.bump();
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use nbd::Server;
 use shutdown::Shutdown;
 use vdi::Registry;
 
+use crate::catalog::Changes;
 use crate::config::Config;
 use crate::exports::VdiExports;
 use crate::rings::RingService;
@@ -56,10 +57,13 @@ fn rados_location(config: &Config) -> Result<Option<rados::RadosLocation>> {
 
 fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &mut bool) -> Result<()> {
     let opts = OpenOptions { read_only: false, cache_blocks: config.cache_blocks, wait_for_lock: false };
+    let mut catalog_pool = None;
     let store = match rados_location(config)? {
         Some(loc) => {
-            let (store, created) = rados::open_store(&loc, &config.rados, &opts, Some(&CreateOptions::default()))
-                .with_context(|| format!("opening the store {loc}"))?;
+            let (store, created, pool) =
+                rados::open_store_in_pool(&loc, &config.rados, &opts, Some(&CreateOptions::default()))
+                    .with_context(|| format!("opening the store {loc}"))?;
+            catalog_pool = Some(pool);
             tracing::info!(
                 "{} the store {loc} as host {} (lease {:?})",
                 if created { "created" } else { "opened" },
@@ -86,7 +90,13 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         damaged.insert(id, e);
     }
     let _reclaimer = reg.start_reclaimer();
-    let provider = Arc::new(VdiExports::new(reg.clone(), damaged));
+    // What changes the catalog other hosts read: registry operations, clients coming and going.
+    let changes = Arc::new(Changes::default());
+    {
+        let changes = changes.clone();
+        reg.on_change(Box::new(move || changes.bump()));
+    }
+    let provider = Arc::new(VdiExports::new(reg.clone(), damaged).with_changes(changes.clone()));
     let mut servers = Vec::new();
     if let Some(tls) = &config.nbd_limits.tls
         && (config.nbd.is_some() || config.nbd_socket.is_some())
@@ -148,6 +158,12 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         Some(addr) => Some(crate::metrics::spawn(addr, reg.clone(), stop.clone())?),
         None => None,
     };
+    let catalog_thread = match catalog_pool.clone() {
+        Some(pool) => {
+            Some(crate::catalog::spawn(pool, reg.clone(), config.rados.host.clone(), changes.clone(), stop.clone())?)
+        }
+        None => None,
+    };
     let schedule_thread = config.schedule.clone().map(|s| {
         tracing::info!("snapshots every {:?} (keep {:?}, keep for {:?})", s.every, s.keep, s.keep_for);
         let (reg, stop) = (reg.clone(), stop.clone());
@@ -188,6 +204,14 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         let _ = std::fs::remove_file(path);
     }
     let info = reg.store().commit().context("final commit")?;
+    // After the commit: a cluster too slow to take the catalog (each write may wait out the
+    // operation timeout) must not keep the store's last changes from being durable.
+    changes.close();
+    let catalog_failing = catalog_thread.map(|t| t.join().unwrap_or(true));
+    if let (Some(pool), Some(false)) = (&catalog_pool, catalog_failing) {
+        // Every client has gone: the catalog the next reader sees says so.
+        crate::catalog::publish_now(pool, &reg, &config.rados.host);
+    }
     tracing::info!("committed generation {}; bye", info.generation);
     Ok(())
 }

@@ -35,6 +35,11 @@ const FORMAT_XATTR: &str = "parallax.format";
 const OBJECT_SIZE_XATTR: &str = "parallax.object_size";
 const SIZE_XATTR: &str = "parallax.size";
 
+/// True if the pool (and namespace) of `pool` holds a store: its header records a format.
+pub fn is_store(pool: &Pool) -> Result<bool> {
+    Ok(pool.xattr(HEADER_OBJECT, FORMAT_XATTR)?.is_some())
+}
+
 /// The data object holding medium bytes from `index * OBJECT_SIZE`.
 pub fn data_object(index: u64) -> String {
     format!("parallax.data.{index:016x}")
@@ -99,6 +104,11 @@ impl RadosBackend {
         pool.set_xattr(HEADER_OBJECT, OBJECT_SIZE_XATTR, OBJECT_SIZE.to_string().as_bytes())?;
         pool.set_xattr(HEADER_OBJECT, SIZE_XATTR, b"0")?;
         Ok(RadosBackend { pool, size: AtomicU64::new(0), growing: Mutex::new(()), lease, writable: true })
+    }
+
+    /// The pool (and namespace) the medium is in.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// Records the format on the header: from now on the pool holds a store.

@@ -279,6 +279,15 @@ impl Pool {
         check(|| format!("writing {object} at {offset}"), r.into()).map(drop)
     }
 
+    /// Replaces the whole of `object` with `data` (creating it) in one atomic operation.
+    pub fn write_full(&self, object: &str, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= MAX_IO);
+        let o = cstring("object", object)?;
+        // SAFETY: `data` is valid for `data.len()` bytes of reading; `o` is NUL-terminated.
+        let r = unsafe { (self.api().rados_write_full)(self.io, o.as_ptr(), data.as_ptr().cast(), data.len()) };
+        check(|| format!("replacing {object}"), r.into()).map(drop)
+    }
+
     /// Removes `object`; true if it existed.
     pub fn remove(&self, object: &str) -> Result<bool> {
         let o = cstring("object", object)?;
@@ -422,6 +431,11 @@ impl Pool {
 
     /// Who holds the lock `name` on `object` now.
     pub fn lockers(&self, object: &str, name: &str) -> Result<Vec<Locker>> {
+        self.lock_holders(object, name).map(|(_, l)| l)
+    }
+
+    /// Who holds the lock `name` on `object` now, and whether it is held exclusively.
+    pub fn lock_holders(&self, object: &str, name: &str) -> Result<(bool, Vec<Locker>)> {
         let (o, n) = (cstring("object", object)?, cstring("lock", name)?);
         let mut sizes = [256usize; 4];
         loop {
@@ -452,18 +466,19 @@ impl Pool {
                 continue;
             }
             if r == -(libc::ENOENT as isize) {
-                return Ok(Vec::new());
+                return Ok((false, Vec::new()));
             }
             let count = check(|| format!("listing the lockers of {object}"), r as i64)? as usize;
             let split = |b: &[u8], len: usize| -> Vec<String> {
                 b[..len.min(b.len())].split(|&c| c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
             };
             let (cl, co, ad) = (split(clients, lens[1]), split(cookies, lens[2]), split(addrs, lens[3]));
-            return Ok((0..count)
+            let holders = (0..count)
                 .filter_map(|i| {
                     Some(Locker { client: cl.get(i)?.clone(), cookie: co.get(i)?.clone(), address: ad.get(i)?.clone() })
                 })
-                .collect());
+                .collect();
+            return Ok((exclusive != 0 && count > 0, holders));
         }
     }
 

@@ -44,6 +44,9 @@ pub enum RadosError {
     /// What the store's header object records does not parse.
     #[error("the store's header object is damaged: {0}")]
     BadHeader(String),
+    /// The store's catalog object (what its serving host publishes) does not parse.
+    #[error("the store's catalog is unreadable: {0}")]
+    BadCatalog(String),
 }
 
 impl RadosError {

@@ -70,6 +70,7 @@ api! {
     rados_ioctx_set_namespace: fn(IoctxT, *const c_char) -> ();
     rados_read: fn(IoctxT, *const c_char, *mut c_char, usize, u64) -> c_int;
     rados_write: fn(IoctxT, *const c_char, *const c_char, usize, u64) -> c_int;
+    rados_write_full: fn(IoctxT, *const c_char, *const c_char, usize) -> c_int;
     rados_remove: fn(IoctxT, *const c_char) -> c_int;
     rados_getxattr: fn(IoctxT, *const c_char, *const c_char, *mut c_char, usize) -> c_int;
     rados_setxattr: fn(IoctxT, *const c_char, *const c_char, *const c_char, usize) -> c_int;

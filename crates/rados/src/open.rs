@@ -7,7 +7,7 @@ use std::time::Duration;
 use blockstore::{BlockStore, CreateOptions, OpenOptions, StoreError};
 
 use crate::backend::RadosBackend;
-use crate::client::{CephOptions, Cluster, LockMode};
+use crate::client::{CephOptions, Cluster, LockMode, Pool};
 use crate::error::{RadosError, Result};
 use crate::lease::{DEFAULT_LEASE, Lease};
 
@@ -147,7 +147,20 @@ pub fn open_store(
     opts: &OpenOptions,
     create: Option<&CreateOptions>,
 ) -> blockstore::Result<(BlockStore, bool)> {
+    open_store_in_pool(loc, ropts, opts, create).map(|(store, created, _)| (store, created))
+}
+
+/// [`open_store`], also returning the pool handle the store uses: what the holder writes
+/// beside the store (its [`crate::catalog::Catalog`]) goes through the same RADOS client, so
+/// fencing that client stops those writes too.
+pub fn open_store_in_pool(
+    loc: &RadosLocation,
+    ropts: &RadosOptions,
+    opts: &OpenOptions,
+    create: Option<&CreateOptions>,
+) -> blockstore::Result<(BlockStore, bool, Arc<Pool>)> {
     let m = open_medium(loc, ropts, opts.read_only, create.is_some())?;
+    let pool = m.backend.pool().clone();
     let mut store = match create.filter(|_| m.created) {
         Some(c) => {
             let store = BlockStore::create(m.backend.clone(), c, opts)?;
@@ -157,7 +170,49 @@ pub fn open_store(
         None => BlockStore::open(m.backend, opts)?,
     };
     store.hold(Box::new(m.lease));
-    Ok((store, m.created))
+    if !opts.read_only {
+        // The directory only helps `vdi cluster` find the store: failing to record it there
+        // must not keep the store from being served.
+        if let Err(e) = crate::catalog::register(pool.cluster(), loc) {
+            // Info, not a warning: a client allowed only its own namespace cannot write the
+            // directory, and says so at every open otherwise.
+            tracing::info!(
+                "could not record {loc} in the pool's directory of stores (vdi cluster will not list it): {e}"
+            );
+        }
+    }
+    Ok((store, m.created, pool))
+}
+
+/// What any host can see of a store without opening it or taking any lock.
+#[derive(Debug)]
+pub struct StoreStatus {
+    /// False if the pool holds no store there (a directory entry can outlive its store).
+    pub exists: bool,
+    /// The writer holding the store's lease now, if one does.
+    pub writer: Option<crate::client::Locker>,
+    /// The catalog last published: `None` if none ever was; why it cannot be read, if it
+    /// cannot. It is the current holder's if its [`crate::catalog::Catalog::writer`] is
+    /// [`StoreStatus::writer`]'s client.
+    pub catalog: std::result::Result<Option<crate::catalog::Catalog>, String>,
+}
+
+/// The status of the store at `loc` through `cluster`.
+pub fn store_status(cluster: &Arc<Cluster>, loc: &RadosLocation) -> Result<StoreStatus> {
+    let pool = cluster.pool(&loc.pool, loc.namespace.as_deref())?;
+    let exists = crate::backend::is_store(&pool)?;
+    let (exclusive, holders) = pool.lock_holders(crate::backend::HEADER_OBJECT, crate::lease::LEASE_LOCK)?;
+    let writer = holders.into_iter().next().filter(|_| exclusive);
+    let catalog = crate::catalog::Catalog::read(&pool).map_err(|e| e.to_string());
+    Ok(StoreStatus { exists, writer, catalog })
+}
+
+/// If a writer holds the lease of the store at `loc`, the store's status; `None` if no writer
+/// holds it (the store can be opened). Takes no lock.
+pub fn served_elsewhere(loc: &RadosLocation, ropts: &RadosOptions) -> Result<Option<StoreStatus>> {
+    let cluster = Cluster::connect(&ropts.ceph)?;
+    let status = store_status(&cluster, loc)?;
+    Ok(status.writer.is_some().then_some(status))
 }
 
 #[cfg(test)]

@@ -192,6 +192,10 @@ pub struct VdiIoReport {
     pub io: IoSnapshot,
 }
 
+/// The client a handle names until its transport says who it serves (`set_client`): how a
+/// handle opened by a `vdi` command, not by a guest, looks.
+pub const UNNAMED_CLIENT: &str = "local";
+
 /// Open handles, for counting per handle.
 #[derive(Default)]
 pub(crate) struct Handles(Mutex<Vec<Weak<HandleStats>>>);
@@ -202,7 +206,7 @@ impl Handles {
             source,
             vdi,
             writable,
-            client: Mutex::new("local".to_string()),
+            client: Mutex::new(UNNAMED_CLIENT.to_string()),
             opened: SystemTime::now(),
             since: Instant::now(),
             counters: IoCounters::default(),

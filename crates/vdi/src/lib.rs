@@ -47,7 +47,7 @@ pub use fill::{Import, ImportDevice};
 pub use ids::{SnapshotId, VdiId};
 pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};
-pub use io_stats::{HandleReport, IoOp, IoSnapshot, LATENCY_BOUNDS_US, VdiIoReport};
+pub use io_stats::{HandleReport, IoOp, IoSnapshot, LATENCY_BOUNDS_US, UNNAMED_CLIENT, VdiIoReport};
 pub use reclaim::{ReclaimStats, Reclaimer};
 pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};
 

@@ -175,6 +175,8 @@ pub struct Registry {
     pub(crate) writer_gone: (Mutex<()>, parking_lot::Condvar),
     /// Open handles and their I/O counters.
     pub(crate) handles: crate::io_stats::Handles,
+    /// Called after every registry operation that changed something ([`Registry::on_change`]).
+    on_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -278,6 +280,7 @@ impl Registry {
             reclaim: Arc::default(),
             writer_gone: (Mutex::new(()), parking_lot::Condvar::new()),
             handles: Default::default(),
+            on_change: std::sync::OnceLock::new(),
         });
         reg.drop_interrupted_imports()?;
         if !reg.store.lock().is_read_only() {
@@ -289,6 +292,15 @@ impl Registry {
             }
         }
         Ok(reg)
+    }
+
+    /// Sets what to call after each registry operation that changed something (a VDI or
+    /// snapshot made, deleted, renamed, resized...), once it is visible and before it is
+    /// committed. It is called on the operation's thread outside the registry's lock, but a
+    /// snapshot calls it while the VDI's I/O is held off: it must only wake a thread, never
+    /// wait or do I/O. Only the first hook set is kept: false if one was already set.
+    pub fn on_change(&self, f: Box<dyn Fn() + Send + Sync>) -> bool {
+        self.on_change.set(f).is_ok()
     }
 
     /// The block store under the registry.
@@ -357,6 +369,9 @@ impl Registry {
                     st.keep();
                     drop(st);
                     self.reclaim.wake_if_queued(&self.store);
+                    if let Some(f) = self.on_change.get() {
+                        f();
+                    }
                     return Ok(v);
                 }
                 Err(VdiError::Store(StoreError::NotCached { addr, meta_kind })) => {

@@ -5,7 +5,7 @@ mod check;
 mod diff;
 mod image;
 mod manage;
-mod show;
+pub(crate) mod show;
 mod snapshot;
 mod space;
 mod stats;
@@ -60,10 +60,15 @@ impl Ctx<'_> {
 
     /// Writes `value` to the output as pretty JSON and a newline.
     pub fn print_json<T: serde::Serialize>(&mut self, value: &T) -> Result<(), Failure> {
-        let mut s = serde_json::to_string_pretty(value).map_err(|e| Failure::system(e.to_string()))?;
-        s.push('\n');
-        self.print(&s)
+        self.print(&json_text(value)?)
     }
+}
+
+/// `value` as pretty JSON and a newline, as every `--json` prints it.
+pub fn json_text<T: serde::Serialize>(value: &T) -> Result<String, Failure> {
+    let mut s = serde_json::to_string_pretty(value).map_err(|e| Failure::system(e.to_string()))?;
+    s.push('\n');
+    Ok(s)
 }
 
 /// An error writing the command's output (e.g. a closed pipe).
@@ -110,6 +115,7 @@ pub fn run(ctx: &mut Ctx<'_>, cli: &Cli) -> CmdResult {
         Command::Check(a) => check::check(ctx, a),
         Command::Completions(a) => completions(ctx.out, a.shell),
         Command::Takeover => Err(Failure::user("the store is open here already: there is nothing to take over")),
+        Command::Cluster(_) => Err(Failure::user("`vdi cluster` lists the stores of a RADOS pool: --store rados:POOL")),
         Command::Names => names(ctx),
     }
 }

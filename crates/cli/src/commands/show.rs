@@ -91,6 +91,267 @@ pub fn list(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     Ok(0)
 }
 
+/// The exit code when a store's status or catalog could not be read: an I/O failure.
+const FAILED: i32 = 3;
+
+/// A store as any host sees it without opening it (`vdi list` of a store served elsewhere,
+/// `vdi cluster`).
+#[derive(Debug, Default, Serialize)]
+pub struct StoreViewJson {
+    /// Where it is (`rados:POOL/NAMESPACE`).
+    store: String,
+    /// False if the directory names a store that is no longer there.
+    exists: bool,
+    /// The host holding its lease, or null if none does.
+    served_by: Option<String>,
+    /// The holder's RADOS client and address.
+    client: Option<String>,
+    address: Option<String>,
+    /// When the catalog shown was published (RFC 3339); null if there is none.
+    published: Option<String>,
+    published_ms: Option<u64>,
+    /// The host that wrote it.
+    published_by: Option<String>,
+    /// True if the catalog is the current holder's; false if an earlier holder left it (the
+    /// holder has not published yet, or nobody serves the store: then no clients are shown).
+    current: bool,
+    /// Why the catalog could not be read, if it could not.
+    error: Option<String>,
+    /// Why the store's status (its lock, its header) could not be read: then nothing above is
+    /// known.
+    status_error: Option<String>,
+    vdis: Vec<ElsewhereVdiJson>,
+}
+
+impl StoreViewJson {
+    /// True if something about the store could not be read.
+    fn failed(&self) -> bool {
+        self.error.is_some() || self.status_error.is_some()
+    }
+
+    /// The `vdi: error:` line for stderr when something could not be read.
+    fn report(&self, err: &mut dyn std::io::Write) {
+        let store = rados::catalog::printable(&self.store);
+        if let Some(e) = &self.status_error {
+            let _ = writeln!(err, "vdi: error: the status of {store} cannot be read: {e}");
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(err, "vdi: error: the catalog of {store} cannot be read: {e}");
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ElsewhereVdiJson {
+    id: u32,
+    name: String,
+    size: Option<u64>,
+    snapshots: u64,
+    parent: Option<u64>,
+    created: String,
+    created_ns: u64,
+    /// Who the serving host has it open for.
+    clients: Vec<ElsewhereClientJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ElsewhereClientJson {
+    client: String,
+    writable: bool,
+    opened_unix: u64,
+}
+
+/// What `status` says of the store at `at`.
+pub fn store_view(at: &str, status: &rados::StoreStatus) -> StoreViewJson {
+    let w = status.writer.as_ref();
+    let (cat, error) = match &status.catalog {
+        Ok(c) => (c.as_ref(), None),
+        Err(e) => (None, Some(e.clone())),
+    };
+    let current = matches!((w, cat), (Some(w), Some(c)) if c.writer == w.client);
+    let vdis = cat
+        .map(|c| {
+            c.vdis
+                .iter()
+                .map(|v| ElsewhereVdiJson {
+                    id: v.id,
+                    name: v.name.clone(),
+                    size: (v.size != 0).then_some(v.size),
+                    snapshots: v.snapshots,
+                    parent: v.parent,
+                    created: format::rfc3339(v.created_ns),
+                    created_ns: v.created_ns,
+                    // Clients are only the current holder's to tell.
+                    clients: c
+                        .clients
+                        .iter()
+                        .filter(|k| current && k.vdi == v.id)
+                        .map(|k| ElsewhereClientJson {
+                            client: k.client.clone(),
+                            writable: k.writable,
+                            opened_unix: k.opened_unix,
+                        })
+                        .collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    StoreViewJson {
+        store: at.to_string(),
+        exists: status.exists,
+        served_by: w.map(|w| rados::catalog::printable(w.host())),
+        client: w.map(|w| rados::catalog::printable(&w.client)),
+        address: w.map(|w| rados::catalog::printable(&w.address)),
+        published: cat.map(|c| format::rfc3339(c.published_ms.saturating_mul(1_000_000))),
+        published_ms: cat.map(|c| c.published_ms),
+        published_by: cat.map(|c| c.host.clone()),
+        current,
+        error,
+        status_error: None,
+        vdis,
+    }
+}
+
+/// A store whose status could not be read, and why.
+pub fn view_failed(at: &str, why: String) -> StoreViewJson {
+    StoreViewJson { store: at.to_string(), exists: true, status_error: Some(why), ..StoreViewJson::default() }
+}
+
+/// `s` as one shell word: unquoted if it is plain, else in single quotes.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:@=+,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The view as text: a heading line, then the VDIs' table.
+fn render_view(v: &StoreViewJson, exact: bool) -> String {
+    // The name comes from the pool's directory, which anyone who may write the pool may write.
+    let store = rados::catalog::printable(&v.store);
+    if let Some(e) = &v.status_error {
+        return format!("the status of {store} cannot be read: {e}\n");
+    }
+    if !v.exists && v.served_by.is_none() {
+        let rest = v.store.strip_prefix("rados:").unwrap_or(&v.store);
+        let (pool, ns) = rest.split_once('/').unwrap_or((rest, ""));
+        return format!(
+            "{store}: recorded in the pool's directory, but there is no store there any more \
+             (`rados -p {} rmxattr parallax.directory {}` forgets it)\n",
+            rados::catalog::printable(&shell_word(pool)),
+            rados::catalog::printable(&shell_word(&format!("parallax.store.{ns}")))
+        );
+    }
+    let mut head = match &v.served_by {
+        Some(host) if !v.exists => format!("{store} is being created by host {host}"),
+        Some(host) => format!(
+            "{store} is served by host {host} ({} at {})",
+            v.client.as_deref().unwrap_or("?"),
+            v.address.as_deref().unwrap_or("?")
+        ),
+        None => format!("{store} is served by no host"),
+    };
+    let read_it = format!("`vdi --store {} list` reads the store", rados::catalog::printable(&shell_word(&v.store)));
+    let when = v.published_ms.map(|ms| (format::local_time(ms.saturating_mul(1_000_000)), format::age_since_ms(ms)));
+    match (&v.error, &when, &v.published_by) {
+        (Some(e), _, _) => head.push_str(&format!("; its catalog cannot be read: {e}")),
+        (None, Some((t, age)), Some(by)) if v.current => {
+            head.push_str(&format!("; its catalog of {t} ({age}, host {by})"))
+        }
+        (None, Some((t, age)), Some(by)) if v.served_by.is_some() => head.push_str(&format!(
+            "; it has not published its catalog yet: this one of {t} ({age}) is an earlier holder's (host {by}), \
+             without clients"
+        )),
+        (None, Some((t, age)), Some(by)) => {
+            head.push_str(&format!("; the last catalog, of {t} ({age}, host {by}), without clients ({read_it})"))
+        }
+        _ if v.served_by.is_some() => head.push_str("; it has published no catalog yet"),
+        _ => head.push_str(&format!("; no catalog has been published ({read_it})")),
+    }
+    let mut text = head + ":\n";
+    if when.is_none() {
+        return text;
+    }
+    if v.vdis.is_empty() {
+        text.push_str("no VDIs\n");
+        return text;
+    }
+    let mut t = Table::new(&[
+        ("ID", Align::Right),
+        ("NAME", Align::Left),
+        ("SIZE", Align::Right),
+        ("SNAPSHOTS", Align::Right),
+        ("PARENT", Align::Right),
+        ("CREATED", Align::Left),
+        ("CLIENTS", Align::Left),
+    ]);
+    for d in &v.vdis {
+        let clients = if d.clients.is_empty() {
+            "-".to_string()
+        } else {
+            d.clients
+                .iter()
+                .map(|k| format!("{} ({})", k.client, if k.writable { "rw" } else { "ro" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        t.row(vec![
+            d.id.to_string(),
+            d.name.clone(),
+            size_cell(d.size, exact),
+            d.snapshots.to_string(),
+            d.parent.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            format::local_time(d.created_ns),
+            clients,
+        ]);
+    }
+    text.push_str(&t.render());
+    text
+}
+
+fn write_out(out: &mut dyn std::io::Write, s: &str) -> Result<(), Failure> {
+    out.write_all(s.as_bytes()).map_err(super::output_error)
+}
+
+/// `vdi list` of a RADOS store while another host's daemon holds it: the store cannot be
+/// opened here, so the list is the catalog that host publishes (rados::catalog), headed by who
+/// holds the lease now and how old the catalog is. Exit 3 if the catalog cannot be read.
+pub fn list_served_elsewhere(
+    at: &str,
+    status: &rados::StoreStatus,
+    json: bool,
+    exact: bool,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+) -> Result<i32, Failure> {
+    let v = store_view(at, status);
+    v.report(err);
+    write_out(out, &if json { super::json_text(&v)? } else { render_view(&v, exact) })?;
+    Ok(if v.failed() { FAILED } else { 0 })
+}
+
+/// `vdi cluster`: each store as [`store_view`] sees it. Exit 3 if any could not be read.
+pub fn list_stores(
+    views: &[StoreViewJson],
+    json: bool,
+    exact: bool,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+) -> Result<i32, Failure> {
+    for v in views {
+        v.report(err);
+    }
+    let code = if views.iter().any(StoreViewJson::failed) { FAILED } else { 0 };
+    if json {
+        write_out(out, &super::json_text(&views)?)?;
+        return Ok(code);
+    }
+    let text: Vec<String> = views.iter().map(|v| render_view(v, exact)).collect();
+    write_out(out, &text.join("\n"))?;
+    Ok(code)
+}
+
 /// `info --json` of a VDI.
 #[derive(Debug, Serialize)]
 struct VdiDetailJson {
