@@ -144,6 +144,13 @@ pub fn run(a: &ClusterArgs) -> Result<()> {
     sys::require("fio", "fio", "cluster")?;
     sys::require("qemu-nbd", "qemu-utils", "cluster")?;
     sys::require("rbd", "ceph-common", "cluster")?;
+    let (module, package) = crate::setup::QEMU_RBD_MODULE;
+    if !a.no_bench && !crate::setup::qemu_module_installed(module) {
+        anyhow::bail!(
+            "cluster's benchmark serves an RBD image with qemu-nbd, which needs QEMU's {module} (package {package}, \
+             from the same release as qemu-utils; `cargo xtask test --setup-only` installs it)"
+        );
+    }
     let work = tempfile::Builder::new().prefix("parallax-cluster-").tempdir()?;
     let mut ceph = Ceph::start(&work.path().join("ceph"), ObjectStore::Bluestore, false)?;
     ceph.create_pool("parallax")?;

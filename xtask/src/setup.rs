@@ -26,6 +26,16 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
 ];
 
+/// QEMU's RBD driver, a module in a package of its own: `cargo xtask cluster` serves an RBD
+/// image with qemu-nbd beside parallaxd. It loads only into the same QEMU build as qemu-utils,
+/// so it comes from where qemu-utils came from (bookworm-backports on this project's machines).
+pub const QEMU_RBD_MODULE: (&str, &str) = ("block-rbd.so", "qemu-block-extra");
+
+/// True if QEMU's module `name` is installed (`/usr/lib/<triplet>/qemu/<name>`).
+pub fn qemu_module_installed(name: &str) -> bool {
+    std::fs::read_dir("/usr/lib").into_iter().flatten().flatten().any(|e| e.path().join("qemu").join(name).is_file())
+}
+
 /// Flags of `test`.
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -52,6 +62,9 @@ pub fn setup() -> Result<()> {
     // The RADOS tests run against a throwaway Ceph cluster (crate::ceph).
     let all = || TOOLS.iter().chain(crate::ceph::TOOLS);
     let mut missing: Vec<&str> = all().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    if !qemu_module_installed(QEMU_RBD_MODULE.0) {
+        missing.push(QEMU_RBD_MODULE.1);
+    }
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
@@ -83,16 +96,22 @@ pub fn setup() -> Result<()> {
         let p = std::path::Path::new(p);
         if p.is_dir() { std::fs::read_dir(p).into_iter().flatten().flatten().any(|e| read(&e.path())) } else { read(p) }
     });
-    if backports && missing.contains(&"qemu-utils") {
-        apt(&["install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports", "qemu-utils"])?;
-        missing.retain(|p| *p != "qemu-utils");
+    let qemu: Vec<&str> = ["qemu-utils", QEMU_RBD_MODULE.1].into_iter().filter(|p| missing.contains(p)).collect();
+    if backports && !qemu.is_empty() {
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports"];
+        args.extend(&qemu);
+        apt(&args)?;
+        missing.retain(|p| !qemu.contains(p));
     }
     if !missing.is_empty() {
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(missing.iter().copied());
         apt(&args)?;
     }
-    let still: Vec<&str> = all().filter(|(t, _)| !on_path(t)).map(|(t, _)| *t).collect();
+    let mut still: Vec<&str> = all().filter(|(t, _)| !on_path(t)).map(|(t, _)| *t).collect();
+    if !qemu_module_installed(QEMU_RBD_MODULE.0) {
+        still.push(QEMU_RBD_MODULE.0);
+    }
     if !still.is_empty() {
         bail!("still missing after installing: {}", still.join(", "));
     }
