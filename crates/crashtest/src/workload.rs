@@ -46,7 +46,11 @@ struct SnapModel {
     vdi: VdiId,
     content: Vec<Content>,
     created: Span,
+    /// Taken by a schedule: durable at the next commit, not by its own.
+    created_lazily: bool,
     deleted: Option<Span>,
+    /// Deleted by a schedule's retention: durable at the next commit.
+    deleted_lazily: bool,
 }
 
 /// What the workload did and had acknowledged, in log positions.
@@ -214,9 +218,46 @@ impl Run {
         let s = self.pos();
         let sid = self.reg.snapshot(id).expect("snapshot");
         let span = (s, self.pos());
-        self.model.snaps.insert(sid, SnapModel { vdi: id, content, created: span, deleted: None });
+        self.model.snaps.insert(
+            sid,
+            SnapModel { vdi: id, content, created: span, created_lazily: false, deleted: None, deleted_lazily: false },
+        );
         self.model.barriers.push(span);
         sid
+    }
+
+    /// Takes a snapshot as a fast schedule does ([`vdi::Registry::snapshot_scheduled`]): made
+    /// at once, durable only at the next commit — no barrier of its own.
+    pub fn snapshot_scheduled(&mut self, id: VdiId) -> SnapshotId {
+        let content = self.latest(id);
+        let s = self.pos();
+        let sid = self.reg.snapshot_scheduled(id).expect("scheduled snapshot");
+        let span = (s, self.pos());
+        self.model.snaps.insert(
+            sid,
+            SnapModel { vdi: id, content, created: span, created_lazily: true, deleted: None, deleted_lazily: false },
+        );
+        sid
+    }
+
+    /// Deletes a snapshot as a fast schedule's retention does: durable at the next commit.
+    pub fn delete_snapshot_lazily(&mut self, sid: SnapshotId) {
+        let s = self.pos();
+        self.reg.delete_snapshot_with(sid, vdi::Durability::NextCommit).expect("delete snapshot");
+        let span = (s, self.pos());
+        let snap = self.model.snaps.get_mut(&sid).expect("modelled snapshot");
+        snap.deleted = Some(span);
+        snap.deleted_lazily = true;
+    }
+
+    /// Runs up to `steps` reclaim steps without committing them, as the background reclaimer
+    /// does between its commits.
+    pub fn reclaim_uncommitted(&mut self, steps: usize) {
+        for _ in 0..steps {
+            if self.reg.reclaim_step().expect("reclaim step").remaining == 0 {
+                break;
+            }
+        }
     }
 
     /// Clones a snapshot into a new VDI.
@@ -322,7 +363,10 @@ impl Run {
         let s = self.pos();
         let sid = self.reg.snapshot_named(id, name).expect("named snapshot");
         let span = (s, self.pos());
-        self.model.snaps.insert(sid, SnapModel { vdi: id, content, created: span, deleted: None });
+        self.model.snaps.insert(
+            sid,
+            SnapModel { vdi: id, content, created: span, created_lazily: false, deleted: None, deleted_lazily: false },
+        );
         self.model.barriers.push(span);
         sid
     }
@@ -498,6 +542,49 @@ pub fn snapshot_churn(seed: u64, journal_slot_blocks: u64) -> Run {
     r
 }
 
+/// A fast snapshot schedule as parallaxd runs it: a snapshot after each write and retention
+/// keeping three, both durable only at the next commit (the guest's flushes, FUA writes, and
+/// the reclaimer's own commits), with reclaim steps left uncommitted between them — then a
+/// clone of the newest snapshot (committed), reclaim, and unflushed writes at the end. A crash
+/// may lose the snapshots and deletions since the last commit, never one a commit covered.
+pub fn scheduled_snapshots(seed: u64, journal_slot_blocks: u64) -> Run {
+    let mut r = Run::new(seed, journal_slot_blocks);
+    let blocks = 16;
+    let v = r.create("scheduled", blocks);
+    r.write(v, 0, blocks, false);
+    r.flush(v);
+    let mut kept = std::collections::VecDeque::new();
+    let rounds = vdi::SNAPSHOTS_PER_LOG_BLOCK as u64 + 3;
+    for i in 0..rounds {
+        let at = r.below(blocks);
+        r.write(v, at, 1, i % 11 == 10);
+        kept.push_back(r.snapshot_scheduled(v));
+        if kept.len() > 3
+            && let Some(oldest) = kept.pop_front()
+        {
+            r.delete_snapshot_lazily(oldest);
+        }
+        if i % 5 == 4 {
+            r.reclaim_uncommitted(3);
+        }
+        if i % 4 == 3 {
+            r.flush(v);
+        }
+        if i % 17 == 16 {
+            r.reclaim(2);
+        }
+    }
+    if let Some(&newest) = kept.back() {
+        let c = r.clone_snapshot("from-schedule", newest);
+        r.write(c, 1, 1, false);
+        r.flush(c);
+    }
+    r.reclaim(1000);
+    r.write(v, 3, 2, false);
+    r.snapshot_scheduled(v);
+    r
+}
+
 /// What an operator does to a golden image and its clones: a named snapshot, a clone re-filled
 /// with a near copy of the golden image (the import forks the clone's tree and writes only the
 /// changed blocks), rollbacks to a named snapshot and to a clone's parent snapshot, a named
@@ -541,6 +628,8 @@ pub fn check_state(state: &mut CrashState, log: &[Op], model: &Model, reclaim: b
     let cut = state.cut;
     let done = |span: Span| last_sync_before(log, span.1).is_some_and(|p| p < cut.durable) && span.1 <= cut.horizon;
     let started = |span: Span| span.0 < cut.horizon;
+    // A change made durable only by a later commit: done once a barrier begun after it is.
+    let done_lazily = |span: Span| model.barriers.iter().any(|b| b.0 >= span.1 && done(*b));
     // Everything that completed before the start of a completed barrier must be durable.
     let required = model.barriers.iter().filter(|b| done(**b)).map(|b| b.0).max().unwrap_or(0);
     // The medium takes the image over (a state is checked once; images can be 70 MB).
@@ -591,8 +680,10 @@ pub fn check_state(state: &mut CrashState, log: &[Op], model: &Model, reclaim: b
     for (sid, snap) in &model.snaps {
         let live = reg.snapshot_info(*sid).ok().filter(|i| !i.deleted).is_some();
         let vdi_deleted = model.vdis.get(&snap.vdi).and_then(|v| v.deleted);
-        let must = done(snap.created) && !snap.deleted.is_some_and(started);
-        let must_not = !started(snap.created) || snap.deleted.is_some_and(done) || vdi_deleted.is_some_and(done);
+        let created = if snap.created_lazily { done_lazily(snap.created) } else { done(snap.created) };
+        let deleted = snap.deleted.is_some_and(|d| if snap.deleted_lazily { done_lazily(d) } else { done(d) });
+        let must = created && !snap.deleted.is_some_and(started);
+        let must_not = !started(snap.created) || deleted || vdi_deleted.is_some_and(done);
         if must && !live {
             return Err(format!("snapshot {sid} was taken (acknowledged) but is missing"));
         }

@@ -73,6 +73,16 @@ fn every_crash_state_of_snapshot_churn_is_consistent() {
     report(wanted, tried, &failures);
 }
 
+/// A fast schedule's snapshots and retention, durable only at the next commit: the power cut
+/// may take the ones since the last commit, never one a commit covered, and never leaves a
+/// state `check` finds fault with.
+#[test]
+fn every_crash_state_of_scheduled_snapshots_is_consistent() {
+    let wanted = states_wanted() / 6;
+    let (tried, failures) = run_suite(workload::scheduled_snapshots, 6, 64, wanted);
+    report(wanted, tried, &failures);
+}
+
 /// Operator operations: named snapshots, a clone re-filled with only its changed blocks, and
 /// rollbacks, cut by the power at every instant.
 #[test]

@@ -89,7 +89,7 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         tracing::error!("VDI {id} is damaged and will not be served: {e}");
         damaged.insert(id, e);
     }
-    let _reclaimer = reg.start_reclaimer();
+    let reclaimer = reg.start_reclaimer();
     // What changes the catalog other hosts read: registry operations, clients coming and going.
     let changes = Arc::new(Changes::default());
     {
@@ -203,6 +203,8 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     if let Some(path) = &config.nbd_socket {
         let _ = std::fs::remove_file(path);
     }
+    // Stopped first: what it freed but had not committed yet goes into the final commit.
+    drop(reclaimer);
     let info = reg.store().commit().context("final commit")?;
     // After the commit: a cluster too slow to take the catalog (each write may wait out the
     // operation timeout) must not keep the store's last changes from being durable.

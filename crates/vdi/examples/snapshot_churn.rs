@@ -6,8 +6,12 @@
 //! the transport). The medium is memory wrapped in a counter, so the figures are deterministic:
 //! bytes written to the medium per guest write, syncs, and writes per second of CPU.
 //!
+//! Snapshots and retention ride on the flushes' commits, as parallaxd's schedule makes them
+//! (`Registry::snapshot_scheduled`); `--commit-each` commits each snapshot, each deletion and
+//! each reclaim as the schedule did before, for comparison.
+//!
 //! `cargo run --release -p vdi --example snapshot_churn -- [--size-mib N] [--writes N]
-//! [--every N] [--hot PERCENT]`
+//! [--every N] [--hot PERCENT] [--commit-each]`
 
 use std::io;
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use std::time::Instant;
 use blockdev::BlockDevice;
 use blockstore::format::GROUP_BLOCKS;
 use blockstore::{Backend, BlockStore, CreateOptions, MemBackend, OpenOptions};
-use vdi::Registry;
+use vdi::{Durability, Registry};
 
 /// Memory that counts what is written to it.
 struct Counting {
@@ -78,6 +82,7 @@ fn main() {
     let writes = arg("--writes", 60_000);
     let every = arg("--every", 60);
     let hot = arg("--hot", 100).clamp(1, 100);
+    let commit_each = std::env::args().any(|a| a == "--commit-each");
     let medium = Arc::new(Counting {
         inner: MemBackend::new(),
         journal_end: AtomicU64::new(0),
@@ -114,10 +119,25 @@ fn main() {
             dev.flush().expect("flush");
         }
         if n.is_multiple_of(every) {
-            snaps.push_back(reg.snapshot_with(id, true).expect("snapshot"));
+            if commit_each {
+                snaps.push_back(reg.snapshot_with(id, true).expect("snapshot"));
+            } else {
+                snaps.push_back(reg.snapshot_scheduled(id).expect("snapshot"));
+            }
             if snaps.len() > 100 {
-                reg.delete_snapshot(snaps.pop_front().expect("oldest")).expect("delete");
-                reg.reclaim_all(&mut |_, _| {}).expect("reclaim");
+                let oldest = snaps.pop_front().expect("oldest");
+                if commit_each {
+                    reg.delete_snapshot(oldest).expect("delete");
+                    reg.reclaim_all(&mut |_, _| {}).expect("reclaim");
+                } else {
+                    // As the background reclaimer does between commits.
+                    reg.delete_snapshot_with(oldest, Durability::NextCommit).expect("delete");
+                    while reg.reclaim_step().expect("reclaim").remaining > 0 {
+                        if reg.store().lock().should_commit() {
+                            reg.store().commit().expect("commit");
+                        }
+                    }
+                }
             }
         }
     }
@@ -128,8 +148,9 @@ fn main() {
     let journal = medium.journal_bytes.load(Ordering::Relaxed) - journal0;
     let counts = medium.count_bytes.load(Ordering::Relaxed) - counts0;
     println!(
-        "{} MiB VDI, {writes} writes over {hot}% of it, a snapshot every {every}: {:.1} KiB to the medium per 4 KiB write ({:.1} KiB of it journal, {:.1} KiB count blocks written home), {:.2} syncs per write, {:.0} writes/s; store {} MiB",
+        "{} MiB VDI, {writes} writes over {hot}% of it, a snapshot every {every}{}: {:.1} KiB to the medium per 4 KiB write ({:.1} KiB of it journal, {:.1} KiB count blocks written home), {:.2} syncs per write, {:.0} writes/s; store {} MiB",
         size >> 20,
+        if commit_each { " (each committed)" } else { "" },
         bytes as f64 / writes as f64 / 1024.0,
         journal as f64 / writes as f64 / 1024.0,
         counts as f64 / writes as f64 / 1024.0,

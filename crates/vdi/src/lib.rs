@@ -49,7 +49,7 @@ pub use import::{Comparison, ExportStats, ImportStats};
 pub use io::{SnapshotDisk, VdiDisk};
 pub use io_stats::{HandleReport, IoOp, IoSnapshot, LATENCY_BOUNDS_US, UNNAMED_CLIENT, VdiIoReport};
 pub use reclaim::{ReclaimStats, Reclaimer};
-pub use registry::{MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};
+pub use registry::{Durability, MAX_VDI_SIZE, Registry, SnapshotInfo, Source, VdiInfo};
 
 /// Snapshots one log block holds: deleting all of a full block's snapshots frees it.
 pub const SNAPSHOTS_PER_LOG_BLOCK: usize = disk::SNAPLOG_SLOTS;

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use blockstore::BlockStore;
 use parking_lot::{Condvar, Mutex};
@@ -18,9 +19,16 @@ use crate::registry::Registry;
 /// briefly; on a store with a tiny journal, a quarter of what a record holds.
 const STEP_BLOCKS: usize = 48;
 
-/// The background reclaimer commits once this many metadata blocks wait (or the queue is
-/// empty): small commits, so a guest's FLUSH never waits behind a large reclaim record.
+/// The background reclaimer commits once this many metadata blocks wait: small commits, so a
+/// guest's FLUSH never waits behind a large reclaim record.
 const COMMIT_BLOCKS: usize = 512;
+
+/// ... and at the latest this long after its first step not yet committed. Not as soon as the
+/// queue is empty: a schedule's retention queues a snapshot every 10 ms, and a commit per
+/// deletion would be a hundred commits a second of the same count blocks, which the guests'
+/// own flushes commit anyway. Freed blocks become usable at the commit, so this is also how
+/// long freed space may wait.
+const COMMIT_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How long the reclaimer waits after a failed step before trying again (unless woken).
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -30,6 +38,17 @@ const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 pub(crate) struct Signal {
     state: Mutex<SignalState>,
     wake: Condvar,
+}
+
+/// Why the reclaimer woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// Something was queued (or a retry is due).
+    Work,
+    /// A stop was requested.
+    Stop,
+    /// Steps it made are due to be committed ([`COMMIT_WITHIN`]).
+    Due,
 }
 
 #[derive(Default)]
@@ -48,24 +67,31 @@ impl Signal {
         }
     }
 
-    /// Waits until there is work or a stop request; true means stop.
-    fn wait(&self) -> bool {
+    /// Waits until there is work, a stop request, or `due` has come.
+    fn wait(&self, due: Option<Instant>) -> Woken {
         let mut s = self.state.lock();
         while !s.work && !s.stop {
-            self.wake.wait(&mut s);
+            match due {
+                Some(at) => {
+                    if self.wake.wait_until(&mut s, at).timed_out() && !s.work && !s.stop {
+                        return Woken::Due;
+                    }
+                }
+                None => self.wake.wait(&mut s),
+            }
         }
         s.work = false;
-        s.stop
+        if s.stop { Woken::Stop } else { Woken::Work }
     }
 
-    /// After a failure: waits for a wake-up, a stop request or [`RETRY_AFTER`]; true means stop.
-    fn wait_to_retry(&self) -> bool {
+    /// After a failure: waits for a wake-up, a stop request or [`RETRY_AFTER`].
+    fn wait_to_retry(&self) -> Woken {
         let mut s = self.state.lock();
         if !s.work && !s.stop {
             self.wake.wait_for(&mut s, RETRY_AFTER);
         }
         s.work = false;
-        s.stop
+        if s.stop { Woken::Stop } else { Woken::Work }
     }
 
     fn exited(&self) {
@@ -150,13 +176,29 @@ impl Registry {
 }
 
 fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
-    let mut stop = signal.wait();
-    while !stop {
+    // When the oldest step not yet committed by the reclaimer was made.
+    let mut uncommitted: Option<Instant> = None;
+    let mut woken = signal.wait(None);
+    loop {
         let Some(registry) = reg.upgrade() else { break };
-        let outcome = reclaim_until_empty(&registry, signal);
+        if woken != Woken::Work {
+            // Due, or stopping: what was freed becomes usable (and durable) now.
+            if uncommitted.take().is_some()
+                && let Err(e) = registry.store.commit()
+            {
+                tracing::warn!("committing what reclaim freed: {e}");
+            }
+            if woken == Woken::Stop {
+                break;
+            }
+            drop(registry);
+            woken = signal.wait(None);
+            continue;
+        }
+        let outcome = reclaim_until_empty(&registry, signal, &mut uncommitted);
         drop(registry);
-        stop = match outcome {
-            Ok(()) => signal.wait(),
+        woken = match outcome {
+            Ok(()) => signal.wait(uncommitted.map(|t| t + COMMIT_WITHIN)),
             Err(e) => {
                 // A full store, a busy journal, damage: keep the queue, try again later.
                 tracing::warn!("reclaim paused: {e}; retrying");
@@ -167,8 +209,9 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
     signal.exited();
 }
 
-/// Reclaims, committing as it goes, until the queue is empty or a stop is requested.
-fn reclaim_until_empty(reg: &Registry, signal: &Signal) -> Result<()> {
+/// Reclaims until the queue is empty or a stop is requested, committing as [`COMMIT_BLOCKS`]
+/// and [`COMMIT_WITHIN`] say; `uncommitted` is when its oldest step not yet committed was made.
+fn reclaim_until_empty(reg: &Registry, signal: &Signal, uncommitted: &mut Option<Instant>) -> Result<()> {
     loop {
         if signal.stopping() {
             return Ok(());
@@ -178,12 +221,15 @@ fn reclaim_until_empty(reg: &Registry, signal: &Signal) -> Result<()> {
             Err(e) => {
                 // Whatever was freed so far becomes usable once committed.
                 reg.store.commit()?;
+                *uncommitted = None;
                 return Err(e);
             }
         };
+        let since = *uncommitted.get_or_insert_with(Instant::now);
         let waiting = reg.store.lock().next_record_blocks();
-        if step.remaining == 0 || waiting >= COMMIT_BLOCKS || reg.store.lock().should_commit() {
+        if since.elapsed() >= COMMIT_WITHIN || waiting >= COMMIT_BLOCKS || reg.store.lock().should_commit() {
             reg.store.commit()?;
+            *uncommitted = None;
         }
         if step.freed > 0 {
             tracing::debug!("reclaim: freed {} blocks, {} entries left", step.freed, step.remaining);

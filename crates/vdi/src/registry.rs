@@ -179,6 +179,17 @@ pub struct Registry {
     on_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
+/// When a change to the registry becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Committed before the call returns.
+    Now,
+    /// Made and visible at once, durable at the store's next commit — a guest's flush, the
+    /// journal filling, or the caller's own [`BlockStore::commit`]. Commits are atomic, so a
+    /// crash before it loses the change whole and nothing else.
+    NextCommit,
+}
+
 pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -542,15 +553,30 @@ impl Registry {
     /// see [`Registry::find_snapshot`]).
     pub fn snapshot_named(&self, id: VdiId, name: &str) -> Result<SnapshotId> {
         crate::snap_names::check_snapshot_name(name)?;
-        self.snapshot_inner(id, false, Some(name))
+        self.snapshot_inner(id, false, Some(name), Durability::Now)
     }
 
     /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
     pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
-        self.snapshot_inner(id, automatic, None)
+        self.snapshot_inner(id, automatic, None, Durability::Now)
     }
 
-    fn snapshot_inner(&self, id: VdiId, automatic: bool, name: Option<&str>) -> Result<SnapshotId> {
+    /// A snapshot taken by a schedule (marked automatic), durable at the store's next commit
+    /// rather than before this returns: a schedule every 10 ms then costs no commit of its
+    /// own, its snapshots riding on the commits the guests' flushes make anyway. A crash loses
+    /// only such snapshots taken after the last commit, which hold nothing a flush made durable
+    /// that the VDI itself does not (docs/design.md, "Scheduled snapshots ride on commits").
+    pub fn snapshot_scheduled(&self, id: VdiId) -> Result<SnapshotId> {
+        self.snapshot_inner(id, true, None, Durability::NextCommit)
+    }
+
+    fn snapshot_inner(
+        &self,
+        id: VdiId,
+        automatic: bool,
+        name: Option<&str>,
+        durability: Durability,
+    ) -> Result<SnapshotId> {
         let live = self.state.lock().vdi(id)?.live.clone();
         // Make room in the journal before the VDI's I/O is held off, not while.
         if self.store.lock().should_commit() {
@@ -575,7 +601,9 @@ impl Registry {
                 Ok(sid)
             })?
         };
-        self.store.commit()?;
+        if durability == Durability::Now {
+            self.store.commit()?;
+        }
         Ok(sid)
     }
 
@@ -601,7 +629,13 @@ impl Registry {
     /// queue and the call returns at once, whatever the snapshot's size: the blocks only it
     /// held are freed by [`Registry::reclaim_step`] (or the background reclaimer).
     pub fn delete_snapshot(&self, sid: SnapshotId) -> Result<()> {
-        self.transact(|st, meta| {
+        self.delete_snapshot_with(sid, Durability::Now)
+    }
+
+    /// [`Registry::delete_snapshot`], durable when `durability` says: a schedule's retention
+    /// deletes with [`Durability::NextCommit`], as it snapshots.
+    pub fn delete_snapshot_with(&self, sid: SnapshotId, durability: Durability) -> Result<()> {
+        let delete = |st: &mut State, meta: &mut Meta| {
             let s = st.snap(sid)?;
             if s.open.load(Ordering::Acquire) > 0 {
                 return Err(VdiError::InUse(format!("snapshot {sid}")));
@@ -621,7 +655,11 @@ impl Registry {
             }
             drop_dead_log_block(st, meta, vdi, log_block)?;
             Ok(())
-        })
+        };
+        match durability {
+            Durability::Now => self.transact(delete),
+            Durability::NextCommit => self.transact_uncommitted(delete),
+        }
     }
 
     /// Deletes a VDI and all its snapshots. Like [`Registry::delete_snapshot`] it returns at

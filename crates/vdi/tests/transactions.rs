@@ -234,3 +234,64 @@ fn a_handle_never_outlives_its_vdi() {
     reg.reclaim_all(&mut |_, _| {}).unwrap();
     common::assert_clean(&reg);
 }
+
+fn reopen(image: Vec<u8>) -> Arc<Registry> {
+    let store = BlockStore::open(Arc::new(MemBackend::from_image(image)), &OpenOptions::default()).unwrap();
+    Registry::open(Arc::new(store)).unwrap()
+}
+
+/// A schedule's snapshot and its retention's delete are made at once and durable at the next
+/// commit (a guest's flush): a power cut before it loses both whole, and nothing else.
+#[test]
+fn a_scheduled_snapshot_and_its_retention_are_durable_at_the_next_commit() {
+    let mem = MemBackend::new();
+    let reg = tiny_journal_store(&mem);
+    let id = reg.create_vdi("vm", Some(1 << 20)).unwrap();
+    let dev = reg.open_vdi(id, true).unwrap();
+    dev.write_at(0, &[1; 4096], false).unwrap();
+    dev.flush().unwrap();
+    let kept = reg.snapshot(id).unwrap();
+    let scheduled = reg.snapshot_scheduled(id).unwrap();
+    reg.delete_snapshot_with(kept, vdi::Durability::NextCommit).unwrap();
+    let live = |r: &Registry| r.snapshots(id).unwrap().iter().filter(|s| !s.deleted).map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(live(&reg), vec![scheduled], "both are made at once");
+    assert!(reg.snapshot_info(scheduled).unwrap().automatic);
+    let before = reopen(mem.durable_image());
+    assert_eq!(live(&before), vec![kept], "a power cut before the next commit loses both");
+    assert!(before.check(false).unwrap().is_clean());
+    drop(before);
+    dev.write_at(4096, &[2; 4096], false).unwrap();
+    dev.flush().unwrap();
+    let after = reopen(mem.durable_image());
+    assert_eq!(live(&after), vec![scheduled], "the guest's flush committed them");
+    assert!(after.check(false).unwrap().is_clean());
+}
+
+/// The background reclaimer does not commit each deletion it finishes, but commits what it
+/// freed soon after (docs/design.md): the store has nothing left to commit, unprompted.
+#[test]
+fn the_background_reclaimer_commits_what_it_freed_without_being_asked() {
+    let mem = MemBackend::new();
+    let reg = tiny_journal_store(&mem);
+    let id = reg.create_vdi("vm", Some(4 << 20)).unwrap();
+    let dev = reg.open_vdi(id, true).unwrap();
+    for i in 0..64u64 {
+        dev.write_at(i * 4096, &[1; 4096], false).unwrap();
+    }
+    let old = reg.snapshot(id).unwrap();
+    for i in 0..64u64 {
+        dev.write_at(i * 4096, &[2; 4096], false).unwrap();
+    }
+    dev.flush().unwrap();
+    let _reclaimer = reg.start_reclaimer();
+    reg.delete_snapshot(old).unwrap();
+    // No sleep in the product: this test alone waits, for at most 30 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while reg.pending_reclaim() > 0 || reg.store().lock().has_changes() {
+        assert!(std::time::Instant::now() < deadline, "what the reclaimer freed was never committed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let after = reopen(mem.durable_image());
+    assert_eq!(after.pending_reclaim(), 0, "the emptied release queue is durable");
+    assert!(after.check(false).unwrap().is_clean());
+}
