@@ -971,6 +971,14 @@ impl Meta {
         self.next_record_blocks() * 2 >= self.journal_capacity()
     }
 
+    /// True if the store can add another allocation group (it is below its size limit and
+    /// the device can hold one more). A file may still fail to grow when its filesystem fills.
+    pub fn can_grow(&self) -> bool {
+        let new_end = self.sb.end_block() + GROUP_BLOCKS;
+        let within_limit = self.sb.max_blocks == 0 || new_end <= self.sb.max_blocks;
+        within_limit && new_end.checked_mul(BLOCK_SIZE as u64).is_some_and(|b| b <= self.backend.capacity())
+    }
+
     /// Space figures.
     pub fn space(&self) -> SpaceStats {
         SpaceStats {

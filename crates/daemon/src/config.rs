@@ -61,8 +61,8 @@ pub struct Flags {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Take a snapshot of every served VDI this often (e.g. 10ms, 30s, 5m). Below 1s, the
-    /// snapshots and their retention are durable at the guest's next flush, and within 1s at
-    /// the latest; from 1s up, each round is committed before the next.
+    /// snapshots and their retention are durable at the guest's next flush, or the schedule's
+    /// own commit about a second later; from 1s up, each round is committed before the next.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub snapshot_every: Option<Duration>,
     /// Only schedule snapshots of these VDIs (name or id; repeatable). Default: all.

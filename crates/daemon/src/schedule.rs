@@ -26,7 +26,8 @@ const QUIET_BELOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A schedule faster than this does not commit each round: its snapshots and retention are
 /// durable at the store's next commit (a guest's flush), and the schedule commits them itself
-/// at most this long after the first round not yet committed. A slower one commits each round.
+/// at the first round this long after the first round not yet committed (so within this plus
+/// one interval, plus a slow round's time). A slower one commits each round.
 /// At a snapshot every 10 ms, a commit per snapshot and per deletion was two hundred commits a
 /// second writing the same count blocks again and again (docs/design.md).
 pub const COMMIT_WITHIN: std::time::Duration = QUIET_BELOW;

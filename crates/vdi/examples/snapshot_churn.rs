@@ -130,7 +130,9 @@ fn main() {
                     reg.delete_snapshot(oldest).expect("delete");
                     reg.reclaim_all(&mut |_, _| {}).expect("reclaim");
                 } else {
-                    // As the background reclaimer does between commits.
+                    // Reclaim left for the next flush's commit. (parallaxd's reclaimer also
+                    // commits 250 ms after its first uncommitted step, and the schedule once a
+                    // second: a few more commits a second than this counts.)
                     reg.delete_snapshot_with(oldest, Durability::NextCommit).expect("delete");
                     while reg.reclaim_step().expect("reclaim").remaining > 0 {
                         if reg.store().lock().should_commit() {

@@ -209,8 +209,19 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
     signal.exited();
 }
 
+/// True if what reclaim frees should be committed at once: the store cannot grow and less
+/// than a quarter of its blocks are free to allocate now. Blocks freed but not committed
+/// cannot be reused, so deferring the commit there could fail guests' copy-on-write writes
+/// for space that is already free (a store that can grow adds a group instead).
+fn space_is_tight(reg: &Registry) -> bool {
+    let m = reg.store.lock();
+    let s = m.space();
+    !m.can_grow() && s.capacity.saturating_sub(s.allocated + s.pending_free) < s.capacity / 4
+}
+
 /// Reclaims until the queue is empty or a stop is requested, committing as [`COMMIT_BLOCKS`]
-/// and [`COMMIT_WITHIN`] say; `uncommitted` is when its oldest step not yet committed was made.
+/// and [`COMMIT_WITHIN`] say — at the end at once if [`space_is_tight`]; `uncommitted` is when
+/// its oldest step not yet committed was made.
 fn reclaim_until_empty(reg: &Registry, signal: &Signal, uncommitted: &mut Option<Instant>) -> Result<()> {
     loop {
         if signal.stopping() {
@@ -227,7 +238,8 @@ fn reclaim_until_empty(reg: &Registry, signal: &Signal, uncommitted: &mut Option
         };
         let since = *uncommitted.get_or_insert_with(Instant::now);
         let waiting = reg.store.lock().next_record_blocks();
-        if since.elapsed() >= COMMIT_WITHIN || waiting >= COMMIT_BLOCKS || reg.store.lock().should_commit() {
+        let due = since.elapsed() >= COMMIT_WITHIN || (step.remaining == 0 && space_is_tight(reg));
+        if due || waiting >= COMMIT_BLOCKS || reg.store.lock().should_commit() {
             reg.store.commit()?;
             *uncommitted = None;
         }
@@ -253,5 +265,48 @@ impl Drop for Reclaimer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockdev::BlockDevice;
+    use blockstore::format::GROUP_BLOCKS;
+    use blockstore::{CreateOptions, MemBackend, OpenOptions};
+
+    use super::*;
+
+    fn store(max_blocks: u64) -> Arc<Registry> {
+        let create = CreateOptions { journal_slot_blocks: 64, max_blocks };
+        let store = BlockStore::create(Arc::new(MemBackend::new()), &create, &OpenOptions::default()).unwrap();
+        Registry::open(Arc::new(store)).unwrap()
+    }
+
+    /// Writes 64-block pieces of a new VDI of `blocks` blocks until the store is full or the
+    /// VDI written; returns the blocks written.
+    fn fill(reg: &Arc<Registry>, blocks: u64) -> u64 {
+        let id = reg.create_vdi("vm", Some(blocks * 4096)).unwrap();
+        let dev = reg.open_vdi(id, true).unwrap();
+        let piece = vec![7; 64 * 4096];
+        let mut written = 0;
+        while written < blocks && dev.write_at(written * 4096, &piece, false).is_ok() {
+            written += 64;
+        }
+        dev.flush().unwrap();
+        written
+    }
+
+    #[test]
+    fn space_is_tight_only_on_a_store_that_cannot_grow_and_has_little_free() {
+        let limit = store(0).store().lock().superblock().end_block() + 2 * GROUP_BLOCKS;
+        let capped = store(limit);
+        let written = fill(&capped, 8 * GROUP_BLOCKS);
+        assert!(written < 8 * GROUP_BLOCKS, "the capped store took {written} blocks");
+        assert!(!capped.store().lock().can_grow(), "the capped store reached its limit");
+        assert!(space_is_tight(&capped), "{:?}", capped.store().lock().space());
+        let unlimited = store(0);
+        fill(&unlimited, written);
+        assert!(unlimited.store().lock().can_grow());
+        assert!(!space_is_tight(&unlimited), "a store that can grow adds a group instead");
     }
 }
