@@ -947,6 +947,13 @@ impl Meta {
         self.sb.user[i % USER_ROOTS]
     }
 
+    /// Slot `i` as the last completed commit left it: what a crash now would leave there.
+    /// An upper layer hands out values below a counter's committed value without committing
+    /// (`vdi`'s scheduled snapshot ids).
+    pub fn committed_user(&self, i: usize) -> u64 {
+        self.committed.user[i % USER_ROOTS]
+    }
+
     /// Sets the upper layer's root or counter in slot `i` (0..16).
     pub fn set_user(&mut self, i: usize, value: u64) -> Result<()> {
         self.check_writable()?;

@@ -622,8 +622,9 @@ pub type Verdict = Result<(), String>;
 /// Checks one crash state against the model: the store opens, `check` is clean, every
 /// operation completed before the cut is there, nothing that had not started is, and every
 /// sector of every VDI and snapshot holds a version its history allows — never another VDI's
-/// data or a metadata block. With `reclaim`, the release queue is then emptied and the store
-/// checked again. The state's image is consumed.
+/// data or a metadata block — and a new snapshot gets an id never handed out. With
+/// `reclaim`, the release queue is then emptied and the store checked again. The state's
+/// image is consumed.
 pub fn check_state(state: &mut CrashState, log: &[Op], model: &Model, reclaim: bool) -> Verdict {
     let cut = state.cut;
     let done = |span: Span| last_sync_before(log, span.1).is_some_and(|p| p < cut.durable) && span.1 <= cut.horizon;
@@ -703,6 +704,17 @@ pub fn check_state(state: &mut CrashState, log: &[Op], model: &Model, reclaim: b
                 let got = decode_sector(&block[..SECTOR], b as u64, 0);
                 return Err(format!("snapshot {sid} block {b} holds {got:?}, taken as {want:?}"));
             }
+        }
+    }
+    // No id handed out before the cut names a different snapshot now — not even one a crash
+    // lost (a scheduled snapshot's): the next snapshot gets a new id.
+    let handed = model.snaps.iter().filter(|(_, s)| s.created.1 <= cut.horizon).map(|(sid, _)| *sid).max();
+    if let (Some(handed), Some(vdi)) = (handed, reg.list().first().map(|v| v.id)) {
+        let next = reg.snapshot(vdi).map_err(|e| format!("a snapshot after the crash fails: {e}"))?;
+        if next <= handed {
+            return Err(format!(
+                "snapshot id {next} handed out again after the crash (ids up to {handed} were in use)"
+            ));
         }
     }
     if reclaim {

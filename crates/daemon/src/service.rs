@@ -205,6 +205,10 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     }
     // Stopped first: what it freed but had not committed yet goes into the final commit.
     drop(reclaimer);
+    // Ids reserved for scheduled snapshots and not used: the next start continues the sequence.
+    if let Err(e) = reg.trim_snapshot_ids() {
+        tracing::warn!("could not give back unused snapshot ids (the next ids skip them): {e}");
+    }
     let info = reg.store().commit().context("final commit")?;
     // After the commit: a cluster too slow to take the catalog (each write may wait out the
     // operation timeout) must not keep the store's last changes from being durable.

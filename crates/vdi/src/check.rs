@@ -54,6 +54,14 @@ pub enum Problem {
         /// The VDI.
         vdi: u32,
     },
+    /// A snapshot's id is not below the store's snapshot-id counter: the counter could hand
+    /// the same id to another snapshot.
+    SnapshotIdAhead {
+        /// The snapshot.
+        snapshot: u64,
+        /// The counter (the lowest id not yet handed out).
+        next: u64,
+    },
     /// The superblock's count of allocated blocks is wrong.
     AllocatedCount {
         /// Count in the superblock.
@@ -79,6 +87,10 @@ impl std::fmt::Display for Problem {
             Problem::SharedWritable { block, count, vdi } => write!(
                 f,
                 "block {block}: VDI {vdi} reaches it through writable entries (written in place) but its reference count is {count}, not 1"
+            ),
+            Problem::SnapshotIdAhead { snapshot, next } => write!(
+                f,
+                "snapshot {snapshot}: the store's snapshot-id counter is {next}, so a new snapshot could get the same id"
             ),
             Problem::AllocatedCount { stored, found } => {
                 write!(f, "superblock says {stored} blocks are allocated, the counts say {found}")
@@ -182,6 +194,8 @@ struct Audit {
     fixes: Vec<(BlockAddr, u32)>,
     /// True if the fixes are certain: every tree was read and no referenced block is free.
     repairable: bool,
+    /// The snapshot-id counter to set, if it is behind an id in use.
+    next_snapshot: Option<u64>,
 }
 
 /// Walks the metadata `meta` (a frozen view, or a transaction for repair) and compares the
@@ -199,6 +213,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
     let mut found = Tally::new(meta.superblock().groups_start, meta.superblock().end_block());
     let mut seen_nodes: HashSet<u64> = HashSet::default();
     let mut readable = disk_state.is_some();
+    let mut next_snapshot = None;
     if let Some(state) = &disk_state {
         report.vdis = state.vdis.len();
         for (id, why) in &state.damaged {
@@ -221,6 +236,13 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             if !v.pending_root.is_none() {
                 roots.push((format!("VDI {id} (interrupted import)"), v.pending_root));
             }
+        }
+        let counter = meta.user(crate::disk::USER_NEXT_SNAPSHOT).max(1);
+        if let Some((highest, _)) = state.snaps.iter().max_by_key(|(sid, _)| **sid)
+            && highest.0 >= counter
+        {
+            report.problems.push(Problem::SnapshotIdAhead { snapshot: highest.0, next: counter });
+            next_snapshot = Some(highest.0 + 1);
         }
         for (sid, s) in &state.snaps {
             if !s.deleted {
@@ -307,7 +329,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         Ok(s) => s,
         Err(e) => {
             report.problems.push(Problem::Damaged { context: "reference counts".into(), detail: e.to_string() });
-            return Ok(Audit { report, fixes: Vec::new(), repairable: false });
+            return Ok(Audit { report, fixes: Vec::new(), repairable: false, next_snapshot });
         }
     };
     let allocated = stored.len() as u64;
@@ -334,7 +356,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         }
     }
     let unallocated = report.problems.iter().any(|p| matches!(p, Problem::Unallocated { .. }));
-    Ok(Audit { report, fixes, repairable: readable && !unallocated })
+    Ok(Audit { report, fixes, repairable: readable && !unallocated, next_snapshot })
 }
 
 impl Registry {
@@ -371,13 +393,21 @@ impl Registry {
             ));
         }
         let mut txn = self.store.begin()?;
-        let Audit { mut report, fixes, repairable } = audit(&mut txn, progress)?;
-        if repairable && !fixes.is_empty() {
-            for (a, n) in &fixes {
-                txn.set_refcount(*a, *n)?;
+        let Audit { mut report, fixes, repairable, next_snapshot } = audit(&mut txn, progress)?;
+        let fix_counts = repairable && !fixes.is_empty();
+        if fix_counts || next_snapshot.is_some() {
+            if fix_counts {
+                for (a, n) in &fixes {
+                    txn.set_refcount(*a, *n)?;
+                }
+                report.repaired = fixes.len();
+            }
+            // Raising the counter past every id in use is always safe.
+            if let Some(n) = next_snapshot {
+                txn.set_user(crate::disk::USER_NEXT_SNAPSHOT, n)?;
+                report.repaired += 1;
             }
             txn.finish()?;
-            report.repaired = fixes.len();
             self.store.commit()?;
         }
         Ok(report)

@@ -298,7 +298,8 @@ impl Import {
             match name {
                 None => Ok(None),
                 Some(n) => {
-                    let sid = crate::registry::take_snapshot(st, meta, id, false)?;
+                    let sid = crate::snapshot_ids::hand_out_committed(st, meta)?;
+                    crate::registry::take_snapshot(st, meta, sid, id, false)?;
                     st.snaps.get_mut(&sid).ok_or_else(|| VdiError::Damaged("new snapshot vanished".into()))?.name =
                         Some(n.to_string());
                     crate::snap_names::rewrite(st, meta, id)?;

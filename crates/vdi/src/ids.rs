@@ -7,7 +7,8 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct VdiId(pub u32);
 
-/// A snapshot's id, unique across the store, handed out in order from 1.
+/// A snapshot's id, unique across the store for all time: handed out in order from 1, never twice
+/// (a crash may leave gaps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct SnapshotId(pub u64);
 

@@ -39,6 +39,7 @@ mod registry;
 mod scatter;
 mod snap_names;
 mod snap_table;
+mod snapshot_ids;
 
 pub use check::{CheckReport, Problem};
 pub use diff_stream::{DIFF_MAGIC, DIFF_VERSION, DiffStats};

@@ -118,6 +118,9 @@ pub(crate) struct State {
     /// VDIs whose record or snapshot log could not be read, with the reason: left out of
     /// everything else (their blocks stay allocated), reported by `check`.
     pub(crate) damaged: BTreeMap<VdiId, String>,
+    /// The next snapshot id to hand out (0 until the first: ids start at 1). The superblock's
+    /// `USER_NEXT_SNAPSHOT` is never below it (see `snapshot_ids`).
+    pub(crate) next_snapshot: u64,
 }
 
 /// The registry state as it was before a transaction, to put back if it is rolled back: the
@@ -127,6 +130,7 @@ pub(crate) struct Checkpoint {
     vdis: BTreeMap<VdiId, VdiEntry>,
     registry_blocks: Vec<BlockAddr>,
     damaged: BTreeMap<VdiId, String>,
+    next_snapshot: u64,
     live: Vec<(Arc<VdiLive>, u64, u64)>,
 }
 
@@ -144,6 +148,7 @@ impl State {
             vdis: self.vdis.clone(),
             registry_blocks: self.registry_blocks.clone(),
             damaged: self.damaged.clone(),
+            next_snapshot: self.next_snapshot,
             live,
         }
     }
@@ -162,6 +167,7 @@ impl State {
         self.vdis = checkpoint.vdis;
         self.registry_blocks = checkpoint.registry_blocks;
         self.damaged = checkpoint.damaged;
+        self.next_snapshot = checkpoint.next_snapshot;
         self.snaps.roll_back();
     }
 }
@@ -582,24 +588,39 @@ impl Registry {
         if self.store.lock().should_commit() {
             self.store.commit()?;
         }
-        let sid = {
+        let sid = loop {
+            if durability == Durability::NextCommit {
+                // Its id must survive a crash that loses the snapshot (crate::snapshot_ids).
+                crate::snapshot_ids::reserve(self)?;
+            }
             // Wait for in-flight I/O of this VDI, and hold new I/O off while the root changes
             // in memory — not during the commit: writes after this point go to the new root,
             // and the commit below makes the snapshot and them durable together.
             let _quiet = live.io.write();
-            self.transact_uncommitted(|st, meta| {
+            let taken = self.transact_uncommitted(|st, meta| {
                 if let Some(n) = name
                     && let Some(other) = st.snapshot_named(id, n)
                 {
                     return Err(VdiError::SnapshotNameTaken { vdi: id, name: n.to_string(), other });
                 }
-                let sid = take_snapshot(st, meta, id, automatic)?;
+                let sid = match durability {
+                    Durability::Now => crate::snapshot_ids::hand_out_committed(st, meta)?,
+                    Durability::NextCommit => match crate::snapshot_ids::hand_out_reserved(st, meta)? {
+                        Some(sid) => sid,
+                        // Other snapshots used the reservation up meanwhile: reserve again.
+                        None => return Ok(None),
+                    },
+                };
+                take_snapshot(st, meta, sid, id, automatic)?;
                 if let Some(n) = name {
                     st.snaps.get_mut(&sid).ok_or_else(|| damaged("new snapshot vanished"))?.name = Some(n.to_string());
                     crate::snap_names::rewrite(st, meta, id)?;
                 }
-                Ok(sid)
-            })?
+                Ok(Some(sid))
+            })?;
+            if let Some(sid) = taken {
+                break sid;
+            }
         };
         if durability == Durability::Now {
             self.store.commit()?;
@@ -969,9 +990,15 @@ fn set_registry_slot(st: &mut State, meta: &mut Meta, id: VdiId, record: BlockAd
     Ok(())
 }
 
-pub(crate) fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automatic: bool) -> Result<SnapshotId> {
-    let sid = SnapshotId(meta.user(USER_NEXT_SNAPSHOT).max(1));
-    meta.set_user(USER_NEXT_SNAPSHOT, sid.0 + 1)?;
+/// Makes snapshot `sid` (an id from `crate::snapshot_ids`) of VDI `id`.
+pub(crate) fn take_snapshot(
+    st: &mut State,
+    meta: &mut Meta,
+    sid: SnapshotId,
+    id: VdiId,
+    automatic: bool,
+) -> Result<()> {
+    assert!(meta.user(USER_NEXT_SNAPSHOT) > sid.0, "snapshot id {sid} handed out above the ceiling");
     let v = st.vdis.get_mut(&id).ok_or_else(|| VdiError::UnknownVdi(id.to_string()))?;
     let old_root = BlockAddr(v.live.root.load(Ordering::Acquire));
     let size = v.live.size.load(Ordering::Acquire);
@@ -1035,7 +1062,7 @@ pub(crate) fn take_snapshot(st: &mut State, meta: &mut Meta, id: VdiId, automati
             open: Arc::new(AtomicUsize::new(0)),
         },
     );
-    Ok(sid)
+    Ok(())
 }
 
 /// Frees snapshot log block `block` of VDI `vdi` once it is full and every snapshot in it is
@@ -1094,7 +1121,7 @@ fn mark_snap_deleted(meta: &mut Meta, log_block: BlockAddr, slot: usize) -> Resu
 
 /// Reads the whole registry from the store.
 pub(crate) fn load_state<M: MetaRead + ?Sized>(meta: &mut M) -> Result<State> {
-    let mut st = State::default();
+    let mut st = State { next_snapshot: meta.user(USER_NEXT_SNAPSHOT).max(1), ..State::default() };
     let mut next = BlockAddr(meta.user(USER_REGISTRY));
     let mut expected_first = 0u64;
     while !next.is_none() {
@@ -1124,6 +1151,10 @@ pub(crate) fn load_state<M: MetaRead + ?Sized>(meta: &mut M) -> Result<State> {
         }
         expected_first += REGISTRY_SLOTS as u64;
         next = BlockAddr(nb);
+    }
+    // A counter behind an id in use (which `check` reports) must not hand that id out again.
+    if let Some(highest) = st.snaps.iter().map(|(sid, _)| sid.0).max() {
+        st.next_snapshot = st.next_snapshot.max(highest + 1);
     }
     Ok(st)
 }

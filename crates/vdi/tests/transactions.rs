@@ -295,3 +295,42 @@ fn the_background_reclaimer_commits_what_it_freed_without_being_asked() {
     assert_eq!(after.pending_reclaim(), 0, "the emptied release queue is durable");
     assert!(after.check(false).unwrap().is_clean());
 }
+
+/// A scheduled snapshot's id is in the caller's hands before the snapshot is durable: a power
+/// cut that loses the snapshot must not let a later snapshot reuse its id.
+#[test]
+fn a_lost_scheduled_snapshots_id_is_never_handed_out_again() {
+    let mem = MemBackend::new();
+    let reg = tiny_journal_store(&mem);
+    let id = reg.create_vdi("vm", Some(1 << 20)).unwrap();
+    let dev = reg.open_vdi(id, true).unwrap();
+    dev.write_at(0, &[1; 4096], false).unwrap();
+    dev.flush().unwrap();
+    let kept = reg.snapshot(id).unwrap();
+    let lost: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id).unwrap()).collect();
+    let after = reopen(mem.durable_image());
+    let ids = |r: &Registry| r.snapshots(id).unwrap().iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(&after), vec![kept], "the power cut lost the scheduled snapshots");
+    let next = after.snapshot(id).unwrap();
+    assert!(next > lost[2], "snapshot {next} reuses an id handed out before the crash ({lost:?})");
+    let next_scheduled = after.snapshot_scheduled(id).unwrap();
+    assert!(next_scheduled > next);
+    assert!(after.check(false).unwrap().is_clean());
+}
+
+/// The ids reserved for scheduled snapshots and not used are given back at a clean stop: the
+/// sequence goes on where it was.
+#[test]
+fn unused_reserved_snapshot_ids_are_given_back_at_a_clean_stop() {
+    let mem = MemBackend::new();
+    let reg = tiny_journal_store(&mem);
+    let id = reg.create_vdi("vm", Some(1 << 20)).unwrap();
+    let taken: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id).unwrap()).collect();
+    let last = taken[2];
+    reg.trim_snapshot_ids().unwrap();
+    reg.store().commit().unwrap();
+    let after = reopen(mem.durable_image());
+    assert_eq!(after.snapshots(id).unwrap().len(), 3, "the final commit made them durable");
+    let next = after.snapshot(id).unwrap();
+    assert_eq!(next.0, last.0 + 1, "the sequence continues after a clean stop");
+}
