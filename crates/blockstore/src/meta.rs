@@ -831,16 +831,7 @@ impl Meta {
 
     /// Adds one allocation group at the end of the store, reserving its space first.
     fn add_group(&mut self) -> Result<()> {
-        let new_end = self.sb.end_block() + GROUP_BLOCKS;
-        if self.sb.max_blocks != 0 && new_end > self.sb.max_blocks {
-            return Err(StoreError::NoSpace {
-                detail: format!("the store is at its size limit of {} blocks", self.sb.max_blocks),
-            });
-        }
-        let bytes =
-            new_end.checked_mul(BLOCK_SIZE as u64).filter(|&b| b <= self.backend.capacity()).ok_or_else(|| {
-                StoreError::NoSpace { detail: format!("the device holds {} bytes", self.backend.capacity()) }
-            })?;
+        let bytes = self.grown_bytes()?;
         let rc_addr = self.sb.end_block();
         // The file grows sparsely; only the reference-count block's space is reserved here.
         // Metadata blocks reserve theirs when allocated; a data write that finds no space
@@ -981,9 +972,21 @@ impl Meta {
     /// True if the store can add another allocation group (it is below its size limit and
     /// the device can hold one more). A file may still fail to grow when its filesystem fills.
     pub fn can_grow(&self) -> bool {
+        self.grown_bytes().is_ok()
+    }
+
+    /// The store's size in bytes with one more allocation group, if its size limit and the
+    /// device allow one.
+    fn grown_bytes(&self) -> Result<u64> {
         let new_end = self.sb.end_block() + GROUP_BLOCKS;
-        let within_limit = self.sb.max_blocks == 0 || new_end <= self.sb.max_blocks;
-        within_limit && new_end.checked_mul(BLOCK_SIZE as u64).is_some_and(|b| b <= self.backend.capacity())
+        if self.sb.max_blocks != 0 && new_end > self.sb.max_blocks {
+            return Err(StoreError::NoSpace {
+                detail: format!("the store is at its size limit of {} blocks", self.sb.max_blocks),
+            });
+        }
+        new_end.checked_mul(BLOCK_SIZE as u64).filter(|&b| b <= self.backend.capacity()).ok_or_else(|| {
+            StoreError::NoSpace { detail: format!("the device holds {} bytes", self.backend.capacity()) }
+        })
     }
 
     /// Space figures.

@@ -231,7 +231,7 @@ impl Run {
     pub fn snapshot_scheduled(&mut self, id: VdiId) -> SnapshotId {
         let content = self.latest(id);
         let s = self.pos();
-        let sid = self.reg.snapshot_scheduled(id).expect("scheduled snapshot");
+        let sid = self.reg.snapshot_scheduled(id, vdi::Durability::NextCommit).expect("scheduled snapshot");
         let span = (s, self.pos());
         self.model.snaps.insert(
             sid,

@@ -54,11 +54,7 @@ pub fn tick_round(reg: &Registry, schedule: &Schedule, now_ns: u64) -> Round {
     let mut round = Round::default();
     let durability = durability(schedule);
     for id in ids {
-        let taken = match durability {
-            Durability::Now => reg.snapshot_with(id, true),
-            Durability::NextCommit => reg.snapshot_scheduled(id),
-        };
-        match taken {
+        match reg.snapshot_scheduled(id, durability) {
             Ok(sid) => {
                 round.taken += 1;
                 if loud {

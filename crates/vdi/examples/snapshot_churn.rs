@@ -120,9 +120,9 @@ fn main() {
         }
         if n.is_multiple_of(every) {
             if commit_each {
-                snaps.push_back(reg.snapshot_with(id, true).expect("snapshot"));
+                snaps.push_back(reg.snapshot_scheduled(id, Durability::Now).expect("snapshot"));
             } else {
-                snaps.push_back(reg.snapshot_scheduled(id).expect("snapshot"));
+                snaps.push_back(reg.snapshot_scheduled(id, Durability::NextCommit).expect("snapshot"));
             }
             if snaps.len() > 100 {
                 let oldest = snaps.pop_front().expect("oldest");

@@ -552,7 +552,7 @@ impl Registry {
     /// new writable root sharing everything. Writes acknowledged before this call are in the
     /// snapshot. Costs one node and one log entry, whatever the size or snapshot count.
     pub fn snapshot(&self, id: VdiId) -> Result<SnapshotId> {
-        self.snapshot_with(id, false)
+        self.snapshot_inner(id, false, None, Durability::Now)
     }
 
     /// [`Registry::snapshot`], giving the snapshot a name (unique among the VDI's snapshots;
@@ -562,18 +562,15 @@ impl Registry {
         self.snapshot_inner(id, false, Some(name), Durability::Now)
     }
 
-    /// [`Registry::snapshot`], marking the snapshot as taken by a schedule when `automatic`.
-    pub fn snapshot_with(&self, id: VdiId, automatic: bool) -> Result<SnapshotId> {
-        self.snapshot_inner(id, automatic, None, Durability::Now)
-    }
-
-    /// A snapshot taken by a schedule (marked automatic), durable at the store's next commit
-    /// rather than before this returns: a schedule every 10 ms then costs no commit of its
-    /// own, its snapshots riding on the commits the guests' flushes make anyway. A crash loses
-    /// only such snapshots taken after the last commit, which hold nothing a flush made durable
-    /// that the VDI itself does not (docs/design.md, "Scheduled snapshots ride on commits").
-    pub fn snapshot_scheduled(&self, id: VdiId) -> Result<SnapshotId> {
-        self.snapshot_inner(id, true, None, Durability::NextCommit)
+    /// A snapshot taken by a schedule (marked automatic), durable when `durability` says.
+    /// With [`Durability::NextCommit`] it is durable at the store's next commit rather than
+    /// before this returns: a schedule every 10 ms then costs no commit of its own, its
+    /// snapshots riding on the commits the guests' flushes make anyway. A crash loses only
+    /// such snapshots taken after the last commit, which hold nothing a flush made durable
+    /// that the VDI itself does not, and never their ids (docs/design.md, "Scheduled
+    /// snapshots ride on commits").
+    pub fn snapshot_scheduled(&self, id: VdiId, durability: Durability) -> Result<SnapshotId> {
+        self.snapshot_inner(id, true, None, durability)
     }
 
     fn snapshot_inner(

@@ -251,7 +251,7 @@ fn a_scheduled_snapshot_and_its_retention_are_durable_at_the_next_commit() {
     dev.write_at(0, &[1; 4096], false).unwrap();
     dev.flush().unwrap();
     let kept = reg.snapshot(id).unwrap();
-    let scheduled = reg.snapshot_scheduled(id).unwrap();
+    let scheduled = reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap();
     reg.delete_snapshot_with(kept, vdi::Durability::NextCommit).unwrap();
     let live = |r: &Registry| r.snapshots(id).unwrap().iter().filter(|s| !s.deleted).map(|s| s.id).collect::<Vec<_>>();
     assert_eq!(live(&reg), vec![scheduled], "both are made at once");
@@ -307,13 +307,13 @@ fn a_lost_scheduled_snapshots_id_is_never_handed_out_again() {
     dev.write_at(0, &[1; 4096], false).unwrap();
     dev.flush().unwrap();
     let kept = reg.snapshot(id).unwrap();
-    let lost: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id).unwrap()).collect();
+    let lost: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap()).collect();
     let after = reopen(mem.durable_image());
     let ids = |r: &Registry| r.snapshots(id).unwrap().iter().map(|s| s.id).collect::<Vec<_>>();
     assert_eq!(ids(&after), vec![kept], "the power cut lost the scheduled snapshots");
     let next = after.snapshot(id).unwrap();
     assert!(next > lost[2], "snapshot {next} reuses an id handed out before the crash ({lost:?})");
-    let next_scheduled = after.snapshot_scheduled(id).unwrap();
+    let next_scheduled = after.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap();
     assert!(next_scheduled > next);
     assert!(after.check(false).unwrap().is_clean());
 }
@@ -325,7 +325,7 @@ fn unused_reserved_snapshot_ids_are_given_back_at_a_clean_stop() {
     let mem = MemBackend::new();
     let reg = tiny_journal_store(&mem);
     let id = reg.create_vdi("vm", Some(1 << 20)).unwrap();
-    let taken: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id).unwrap()).collect();
+    let taken: Vec<_> = (0..3).map(|_| reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap()).collect();
     let last = taken[2];
     reg.trim_snapshot_ids().unwrap();
     reg.store().commit().unwrap();
