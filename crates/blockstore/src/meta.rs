@@ -125,6 +125,14 @@ pub struct SpaceStats {
     pub max_blocks: u64,
 }
 
+/// A commit's sealed images, each with the version it was at.
+pub(crate) struct CommitImages {
+    /// Blocks free in the last committed state: written home before the record.
+    pub(crate) new: Vec<(BlockAddr, Box<Block>, u64)>,
+    /// Blocks the last committed state may use: written into the record, then home.
+    pub(crate) journaled: Vec<(BlockAddr, Box<Block>, u64)>,
+}
+
 /// The metadata of an open store, reached through [`crate::BlockStore::lock`].
 pub struct Meta {
     pub(crate) backend: Arc<dyn Backend>,
@@ -168,6 +176,12 @@ pub struct Meta {
     /// the store grows.
     meta_groups: Vec<u64>,
     meta_revisit: usize,
+    /// Metadata blocks allocated since the last commit began. Each was free in the last
+    /// committed state, so nothing durable refers to it and no record recovery may replay
+    /// holds an image of it: the next commit writes it home before its record, not into it
+    /// (docs/format.md §5). May also hold blocks a rolled-back transaction allocated, which
+    /// are free again — harmless, as they are not dirty.
+    fresh: HashSet<u64>,
 }
 
 impl Meta {
@@ -194,6 +208,7 @@ impl Meta {
             in_commit: HashMap::default(),
             in_commit_unchanged: 0,
             overlay: HashMap::default(),
+            fresh: HashSet::default(),
             read_only,
             poisoned: false,
             undo: None,
@@ -612,6 +627,7 @@ impl Meta {
             .insert(addr.0, Entry { data: Box::new([0; BLOCK_SIZE]), kind, dirty: true, referenced: true, version });
         self.clock.push_back(addr.0);
         self.dirty_count += 1;
+        self.fresh.insert(addr.0);
         Ok(addr)
     }
 
@@ -1044,10 +1060,16 @@ impl Meta {
         out
     }
 
-    /// Notes the images a commit is writing (see [`Meta::next_record_blocks`]).
-    pub(crate) fn begin_commit(&mut self, images: &[(BlockAddr, Box<Block>, u64)]) {
+    /// Notes the images a commit is writing (see [`Meta::next_record_blocks`]), and splits
+    /// them: the blocks allocated since the last commit began, which it writes home before
+    /// its record, and the rest, which go into the record. Blocks allocated from now on are
+    /// the next commit's.
+    pub(crate) fn begin_commit(&mut self, images: Vec<(BlockAddr, Box<Block>, u64)>) -> CommitImages {
         self.in_commit = images.iter().map(|(a, _, v)| (a.0, *v)).collect();
         self.in_commit_unchanged = self.in_commit.len();
+        let fresh = std::mem::take(&mut self.fresh);
+        let (new, journaled) = images.into_iter().partition(|(a, _, _)| fresh.contains(&a.0));
+        CommitImages { new, journaled }
     }
 
     /// Marks blocks clean whose version has not changed since their images were taken.

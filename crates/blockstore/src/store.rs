@@ -69,7 +69,8 @@ pub struct Recovery {
 pub struct CommitInfo {
     /// Generation now durable.
     pub generation: u64,
-    /// Metadata blocks journaled (0 if nothing had changed and only data was synced).
+    /// Metadata blocks written: journaled, or (allocated since the last commit) written home
+    /// before the record. 0 if nothing had changed and only data was synced.
     pub blocks: usize,
 }
 
@@ -629,13 +630,13 @@ impl BlockStore {
                 return Ok(info);
             }
             let images = m.dirty_images();
-            m.begin_commit(&images);
-            let need = journal::record_blocks(images.len() + 1);
+            let images = m.begin_commit(images);
+            let need = journal::record_blocks(images.journaled.len() + 1);
             // Transactions check this when they finish, so it cannot happen.
             assert!(
                 need as u64 <= m.sb.journal_slot_blocks,
                 "{} dirty blocks outgrew a journal slot of {} blocks",
-                images.len(),
+                images.journaled.len(),
                 m.sb.journal_slot_blocks
             );
             m.sb.generation += 1;
@@ -646,10 +647,20 @@ impl BlockStore {
         };
         let copy = (generation % 2) as u32;
         let sb_image = sb_snapshot.encode(copy);
-        let mut record: Vec<(BlockAddr, &Block)> = images.iter().map(|(a, img, _)| (*a, &**img)).collect();
+        let mut record: Vec<(BlockAddr, &Block)> = images.journaled.iter().map(|(a, img, _)| (*a, &**img)).collect();
         record.push((BlockAddr(copy as u64), &sb_image));
-        let durable = self
-            .sync_data_writes()
+        // Blocks allocated since the last commit began go home now, unjournaled: free in the
+        // committed state, nothing durable refers to them and no record replay rewrites them,
+        // so — like new data — they need only be durable before the record naming them, which
+        // the sync below makes them (format.md §5, step 2). A copy-on-write's node copies are
+        // such blocks: this halves what they cost the medium.
+        let new_home = images.new.iter().try_for_each(|(addr, img, _)| {
+            self.backend
+                .write_at(addr.byte_offset(), img.as_slice())
+                .map_err(|e| StoreError::io("writing new blocks", e))
+        });
+        let durable = new_home
+            .and_then(|_| self.sync_data_writes())
             .and_then(|_| {
                 journal::write_record(
                     &*self.backend,
@@ -672,14 +683,15 @@ impl BlockStore {
         }
         {
             let mut m = self.meta.lock();
-            let written: Vec<(BlockAddr, u64)> = images.iter().map(|(a, _, v)| (*a, *v)).collect();
+            let written: Vec<(BlockAddr, u64)> =
+                images.new.iter().chain(&images.journaled).map(|(a, _, v)| (*a, *v)).collect();
             m.mark_clean(&written);
             m.committed = sb_snapshot.clone();
         }
         // Blocks freed by this commit may be reused once no reader that found them is left.
         let _drain = self.io_gate.write();
         self.meta.lock().release_committed_frees();
-        let info = CommitInfo { generation, blocks: images.len() };
+        let info = CommitInfo { generation, blocks: images.new.len() + images.journaled.len() };
         *self.last_commit.lock() = (index, info);
         Ok(info)
     }

@@ -112,18 +112,43 @@ on_both!(changes_outside_a_transaction_are_refused, |m| {
 fn recovery_replays_the_older_record_too() {
     // Commit N changes block a, commit N+1 changes block b. If a's home write of N were lost
     // (version 1 did not sync it before record N+1), replaying only N+1 would lose it.
+    // (a is made in a commit of its own first: a block new in a commit goes home before its
+    // record instead of into it, so only a change to a live block is in a record.)
     let mem = MemBackend::new();
     let s = store(&mem, 64, 256);
     let a = new_block(&s, 1);
+    s.commit().unwrap();
+    let mut t = s.begin().unwrap();
+    t.write(a, &TEST_KIND).unwrap()[100] = 3;
+    t.finish().unwrap();
     s.commit().unwrap();
     let b = new_block(&s, 2);
     s.commit().unwrap();
     drop(s);
     mem.corrupt(a.byte_offset(), &[0u8; BLOCK_SIZE]);
     let s = reopen(&mem);
-    assert_eq!(byte_at(&s, a), 1, "the older record restored a's home");
+    assert_eq!(byte_at(&s, a), 3, "the older record restored a's home");
     assert_eq!(byte_at(&s, b), 2);
-    assert_eq!(s.recovery().blocks_replayed, 2 + 2 + 2, "both records (each: block, refcounts, superblock)");
+    assert_eq!(
+        s.recovery().blocks_replayed,
+        2 + 2,
+        "both records (a and the superblock; b's refcounts and the superblock)"
+    );
+}
+
+#[test]
+fn a_new_block_goes_home_before_its_record_and_not_into_it() {
+    // A block allocated since the last commit is free in the committed state: the commit
+    // writes it home before its record (so it is durable when the record is) and journals
+    // only the blocks that were live — here its count block and the superblock.
+    let mem = MemBackend::new();
+    let s = store(&mem, 64, 256);
+    let a = new_block(&s, 7);
+    assert_eq!(s.commit().unwrap().blocks, 2, "the new block and its count block were written");
+    mem.crash(CrashMode::DropAll);
+    let s = reopen(&mem);
+    assert_eq!(s.recovery().blocks_replayed, 2, "the record held the count block and the superblock only");
+    assert_eq!(byte_at(&s, a), 7, "the new block was durable with its record");
 }
 
 on_both!(a_lost_group_growth_cannot_outlive_its_record, |m| {
