@@ -182,6 +182,8 @@ pub struct Meta {
     /// (docs/format.md §5). May also hold blocks a rolled-back transaction allocated, which
     /// are free again — harmless, as they are not dirty.
     fresh: HashSet<u64>,
+    /// The user slots the running commit writes, from its start until it is durable.
+    pub(crate) committing_user: Option<[u64; USER_ROOTS]>,
 }
 
 impl Meta {
@@ -209,6 +211,7 @@ impl Meta {
             in_commit_unchanged: 0,
             overlay: HashMap::default(),
             fresh: HashSet::default(),
+            committing_user: None,
             read_only,
             poisoned: false,
             undo: None,
@@ -916,17 +919,24 @@ impl Meta {
             self.sb.allocated = self.sb.allocated.checked_sub(1).ok_or_else(|| {
                 StoreError::Damaged(format!("freeing block {addr} but the superblock counts no block in use"))
             })?;
-            self.note_freed(addr.0);
-            self.preserve_for_view(addr.0);
-            self.save_before(addr.0);
-            self.note_change(addr.0);
-            if let Some(e) = self.cache.remove(&addr.0)
-                && e.dirty
-            {
-                self.dirty_count -= 1;
-            }
+            self.forget_freed(addr.0);
         }
         Ok(new)
+    }
+
+    /// Marks `addr`, whose count just reached zero, freed, and drops its cached copy: a freed
+    /// block's changes are never committed (format.md §5, step 1) — a record holding an image
+    /// of a block reused later as a new block would overwrite it at recovery.
+    fn forget_freed(&mut self, addr: u64) {
+        self.note_freed(addr);
+        self.preserve_for_view(addr);
+        self.save_before(addr);
+        self.note_change(addr);
+        if let Some(e) = self.cache.remove(&addr)
+            && e.dirty
+        {
+            self.dirty_count -= 1;
+        }
     }
 
     /// Marks `addr` free but not reusable before the commit that frees it is durable.
@@ -954,11 +964,13 @@ impl Meta {
         self.sb.user[i % USER_ROOTS]
     }
 
-    /// Slot `i` as the last completed commit left it: what a crash now would leave there.
-    /// An upper layer hands out values below a counter's committed value without committing
-    /// (`vdi`'s scheduled snapshot ids).
+    /// The lowest value slot `i` can hold after a crash from now on: as the last completed
+    /// commit left it, or as a commit now running writes it, whichever is lower. An upper
+    /// layer hands out values below a counter's committed value without committing (`vdi`'s
+    /// scheduled snapshot ids); a running commit may be making a lowered value durable.
     pub fn committed_user(&self, i: usize) -> u64 {
-        self.committed.user[i % USER_ROOTS]
+        let committed = self.committed.user[i % USER_ROOTS];
+        self.committing_user.map_or(committed, |running| committed.min(running[i % USER_ROOTS]))
     }
 
     /// Sets the upper layer's root or counter in slot `i` (0..16).
@@ -1037,7 +1049,7 @@ impl Meta {
             (0, c) if c > 0 => self.sb.allocated += 1,
             (o, 0) if o > 0 => {
                 self.sb.allocated = self.sb.allocated.saturating_sub(1);
-                self.note_freed(addr.0);
+                self.forget_freed(addr.0);
             }
             _ => {}
         }

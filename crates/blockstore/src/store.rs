@@ -643,6 +643,7 @@ impl BlockStore {
             m.sb.commit_time = now_secs();
             let frees = std::mem::take(&mut m.pending_free);
             m.committing_free.extend(frees);
+            m.committing_user = Some(m.sb.user);
             (images, m.sb.generation, m.sb.clone())
         };
         let copy = (generation % 2) as u32;
@@ -687,6 +688,7 @@ impl BlockStore {
                 images.new.iter().chain(&images.journaled).map(|(a, _, v)| (*a, *v)).collect();
             m.mark_clean(&written);
             m.committed = sb_snapshot.clone();
+            m.committing_user = None;
         }
         // Blocks freed by this commit may be reused once no reader that found them is left.
         let _drain = self.io_gate.write();

@@ -137,6 +137,24 @@ fn recovery_replays_the_older_record_too() {
 }
 
 #[test]
+fn a_block_freed_by_set_refcount_leaves_no_image_in_the_record() {
+    // A freed block's changes are dropped (format.md §5, step 1), however it was freed: were
+    // its image in a record, recovery could replay it over the block reused as a new one.
+    let mem = MemBackend::new();
+    let s = store(&mem, 64, 256);
+    let x = new_block(&s, 1);
+    s.commit().unwrap();
+    let mut t = s.begin().unwrap();
+    t.write(x, &TEST_KIND).unwrap()[100] = 5;
+    t.set_refcount(x, 0).unwrap();
+    t.finish().unwrap();
+    s.commit().unwrap();
+    mem.crash(CrashMode::DropAll);
+    let s = reopen(&mem);
+    assert_eq!(s.recovery().blocks_replayed, 2 + 2, "both records: count block and superblock each, no image of x");
+}
+
+#[test]
 fn a_new_block_goes_home_before_its_record_and_not_into_it() {
     // A block allocated since the last commit is free in the committed state: the commit
     // writes it home before its record (so it is durable when the record is) and journals

@@ -67,26 +67,28 @@ impl Drop for Pause {
     }
 }
 
-/// The thread a [`ReadGate`] stops, with the channels that report and end the stop.
+/// The thread a [`MediumGate`] stops, with the channels that report and end the stop.
 type Armed = (std::thread::ThreadId, Sender<()>, Receiver<()>);
 
-/// A store medium that can stop one thread inside its next metadata-sized read: to show that
-/// the thread holds no lock others need while it reads the medium.
-pub struct ReadGate {
+/// A store medium that can stop one thread inside its next metadata-sized read (to show that
+/// the thread holds no lock others need while it reads the medium) or inside its next sync (to
+/// hold a commit between its start and its commit point).
+pub struct MediumGate {
     inner: blockstore::MemBackend,
     armed: parking_lot::Mutex<Option<Armed>>,
+    armed_sync: parking_lot::Mutex<Option<Armed>>,
 }
 
-/// The test's side of an armed [`ReadGate`].
+/// The test's side of an armed [`MediumGate`].
 pub struct GateHandle {
     reached: Receiver<()>,
     resume: Sender<()>,
 }
 
-impl ReadGate {
+impl MediumGate {
     /// A gate over `inner`.
-    pub fn new(inner: blockstore::MemBackend) -> ReadGate {
-        ReadGate { inner, armed: parking_lot::Mutex::new(None) }
+    pub fn new(inner: blockstore::MemBackend) -> MediumGate {
+        MediumGate { inner, armed: parking_lot::Mutex::new(None), armed_sync: parking_lot::Mutex::new(None) }
     }
 
     /// Stops the next 4 KiB read made by `thread` until the handle resumes it.
@@ -96,13 +98,21 @@ impl ReadGate {
         *self.armed.lock() = Some((thread, reached_tx, resume_rx));
         GateHandle { reached, resume }
     }
+
+    /// Stops the next sync made by `thread` until the handle resumes it.
+    pub fn arm_sync(&self, thread: std::thread::ThreadId) -> GateHandle {
+        let (reached_tx, reached) = bounded(1);
+        let (resume, resume_rx) = bounded(0);
+        *self.armed_sync.lock() = Some((thread, reached_tx, resume_rx));
+        GateHandle { reached, resume }
+    }
 }
 
 impl GateHandle {
     /// Waits until the thread is stopped inside its read (fails after two minutes).
     pub fn wait_reached(&self) {
         if self.reached.recv_timeout(std::time::Duration::from_secs(120)).is_err() {
-            panic!("the gated thread never read the medium");
+            panic!("the gated thread never read or synced the medium");
         }
     }
 
@@ -112,7 +122,7 @@ impl GateHandle {
     }
 }
 
-impl blockstore::Backend for ReadGate {
+impl blockstore::Backend for MediumGate {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let me = std::thread::current().id();
         let gate = {
@@ -132,6 +142,18 @@ impl blockstore::Backend for ReadGate {
         self.inner.write_at(offset, data)
     }
     fn sync(&self) -> std::io::Result<()> {
+        let me = std::thread::current().id();
+        let gate = {
+            let mut armed = self.armed_sync.lock();
+            match armed.as_ref() {
+                Some((t, _, _)) if *t == me => armed.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, reached, resume)) = gate {
+            let _ = reached.send(());
+            let _ = resume.recv();
+        }
         self.inner.sync()
     }
     fn extend(&self, len: u64) -> std::io::Result<()> {

@@ -263,8 +263,8 @@ fn checks_beside_a_busy_vm_and_the_reclaimer_are_always_clean() {
 #[test]
 fn a_registry_operation_reads_missing_metadata_without_the_lock() {
     let _fp = scenario();
-    use crashtest::pause::ReadGate;
-    let gate = Arc::new(ReadGate::new(MemBackend::new()));
+    use crashtest::pause::MediumGate;
+    let gate = Arc::new(MediumGate::new(MemBackend::new()));
     let create = CreateOptions { journal_slot_blocks: 1024, max_blocks: 0 };
     let open = OpenOptions { cache_blocks: 64, ..OpenOptions::default() };
     let store = BlockStore::create(gate.clone(), &create, &open).unwrap();
@@ -382,4 +382,55 @@ fn an_import_whose_swap_fails_leaks_nothing() {
     reg.fill(id, &image, &mut |_, _| {}).unwrap();
     assert_eq!(read_block(&reg, id, 0), 0xAB);
     assert_clean(&reg, "after the second import");
+}
+
+/// A commit that is running may be making a lowered snapshot-id ceiling durable (a clean
+/// stop's `trim_snapshot_ids`): a scheduled snapshot taken meanwhile must not take an id
+/// below the ceiling that commit writes without reserving — or a crash right after it would
+/// hand the same id out again.
+#[test]
+fn a_scheduled_snapshot_beside_a_commit_lowering_the_id_ceiling_reserves_its_id() {
+    let _fp = scenario();
+    use crashtest::pause::MediumGate;
+    let mem = MemBackend::new();
+    let gate = Arc::new(MediumGate::new(mem.clone()));
+    let create = CreateOptions { journal_slot_blocks: 1024, max_blocks: 0 };
+    let store = BlockStore::create(gate.clone(), &create, &OpenOptions::default()).unwrap();
+    let reg = Registry::open(Arc::new(store)).unwrap();
+    let id = reg.create_vdi("vm", Some(1 << 20)).unwrap();
+    for _ in 0..3 {
+        reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap();
+    }
+    reg.trim_snapshot_ids().unwrap();
+    // A commit (a guest's flush, say) starts with the lowered ceiling and stops before its
+    // commit point.
+    let (go_tx, go) = crossbeam_channel::bounded::<()>(0);
+    let commit = {
+        let reg = reg.clone();
+        std::thread::spawn(move || {
+            go.recv().unwrap();
+            reg.store().commit()
+        })
+    };
+    let sync = gate.arm_sync(commit.thread().id());
+    go_tx.send(()).unwrap();
+    sync.wait_reached();
+    // The scheduled snapshot sees the running commit's ceiling and reserves ids first.
+    let reserve = Pause::arm("vdi::snapshot_ids::reserve");
+    let snap = {
+        let reg = reg.clone();
+        std::thread::spawn(move || reg.snapshot_scheduled(id, vdi::Durability::NextCommit))
+    };
+    reserve.wait_reached();
+    reserve.resume();
+    sync.resume();
+    commit.join().unwrap().unwrap();
+    let sid = snap.join().unwrap().unwrap();
+    // A power cut now: the id handed out must not be handed out again.
+    let after = Registry::open(Arc::new(
+        BlockStore::open(Arc::new(MemBackend::from_image(mem.durable_image())), &OpenOptions::default()).unwrap(),
+    ))
+    .unwrap();
+    let next = after.snapshot(id).unwrap();
+    assert!(next > sid, "snapshot {next} reuses the id {sid} handed out before the power cut");
 }

@@ -53,6 +53,8 @@ pub(crate) fn reserve(reg: &Registry) -> Result<()> {
     if reg.store.lock().committed_user(USER_NEXT_SNAPSHOT) > next {
         return Ok(());
     }
+    // Race tests hold a reservation here, beside a commit that is running.
+    test_point!("vdi::snapshot_ids::reserve");
     reg.transact(|st, meta| {
         let want = st.next_snapshot.max(1) + RESERVE;
         if meta.user(USER_NEXT_SNAPSHOT) < want {
