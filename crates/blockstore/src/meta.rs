@@ -964,10 +964,11 @@ impl Meta {
         self.sb.user[i % USER_ROOTS]
     }
 
-    /// The lowest value slot `i` can hold after a crash from now on: as the last completed
-    /// commit left it, or as a commit now running writes it, whichever is lower. An upper
-    /// layer hands out values below a counter's committed value without committing (`vdi`'s
-    /// scheduled snapshot ids); a running commit may be making a lowered value durable.
+    /// For a counter in slot `i`: the lowest value a crash now could leave there — as the
+    /// last completed commit left it, or as a commit now running writes it, whichever is
+    /// lower (a later change lowering it again is the caller's to order). An upper layer
+    /// hands out values below it without committing (`vdi`'s scheduled snapshot ids). Not
+    /// meaningful for a slot holding an address.
     pub fn committed_user(&self, i: usize) -> u64 {
         let committed = self.committed.user[i % USER_ROOTS];
         self.committing_user.map_or(committed, |running| committed.min(running[i % USER_ROOTS]))

@@ -109,14 +109,14 @@ impl MediumGate {
 }
 
 impl GateHandle {
-    /// Waits until the thread is stopped inside its read (fails after two minutes).
+    /// Waits until the thread is stopped inside its read or sync (fails after two minutes).
     pub fn wait_reached(&self) {
         if self.reached.recv_timeout(std::time::Duration::from_secs(120)).is_err() {
             panic!("the gated thread never read or synced the medium");
         }
     }
 
-    /// Lets the read finish.
+    /// Lets the read or sync finish.
     pub fn resume(self) {
         let _ = self.resume.send(());
     }

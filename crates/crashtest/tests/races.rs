@@ -424,7 +424,8 @@ fn a_scheduled_snapshot_beside_a_commit_lowering_the_id_ceiling_reserves_its_id(
     reserve.wait_reached();
     reserve.resume();
     sync.resume();
-    commit.join().unwrap().unwrap();
+    let held = commit.join().unwrap().unwrap();
+    assert!(held.blocks > 0, "the held commit carried the lowered ceiling (it had changes to write)");
     let sid = snap.join().unwrap().unwrap();
     // A power cut now: the id handed out must not be handed out again.
     let after = Registry::open(Arc::new(
