@@ -76,6 +76,35 @@ pub struct Result1 {
     pub iops: f64,
     /// Bytes per second.
     pub bw_bytes: f64,
+    /// Completion latency of the measured side, if fio reported it.
+    pub latency: Option<Latency>,
+}
+
+/// Completion latency percentiles of one fio run (fio's `clat_ns`), in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// The slowest request.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Reads `clat_ns` of one side of a job; `None` if any figure is missing.
+    fn from_side(side: &Value) -> Option<Latency> {
+        let clat = side.get("clat_ns")?;
+        let pct = |k: &str| clat.get("percentile")?.get(k)?.as_f64().map(|ns| ns / 1000.0);
+        Some(Latency {
+            p50: pct("50.000000")?,
+            p99: pct("99.000000")?,
+            p999: pct("99.900000")?,
+            max: clat.get("max")?.as_f64()? / 1000.0,
+        })
+    }
 }
 
 /// How long to run a workload.
@@ -148,7 +177,7 @@ pub fn parse(text: &str, dir: Dir) -> Result<Result1> {
     let num = |k: &str| {
         s.get(k).and_then(Value::as_f64).with_context(|| format!("no number jobs[0].{side}.{k} in fio's report"))
     };
-    let r = Result1 { iops: num("iops")?, bw_bytes: num("bw_bytes")? };
+    let r = Result1 { iops: num("iops")?, bw_bytes: num("bw_bytes")?, latency: Latency::from_side(s) };
     if num("io_bytes")? <= 0.0 {
         bail!("fio did no {side} I/O");
     }
@@ -163,11 +192,14 @@ mod tests {
     fn parses_fio_json() {
         let text = r#"note: both iodepth >= 1 and synchronous I/O engine are selected
 {"fio version":"fio-3.33","jobs":[{"jobname":"bench","error":0,
- "read":{"io_bytes":4096000,"bw_bytes":2048000,"iops":500.25},
+ "read":{"io_bytes":4096000,"bw_bytes":2048000,"iops":500.25,
+  "clat_ns":{"min":1000,"max":9000000,"percentile":{"50.000000":20000,"99.000000":150000,"99.900000":2500000}}},
  "write":{"io_bytes":0,"bw_bytes":0,"iops":0.0}}]}"#;
         let r = parse(text, Dir::Read).expect("parse");
         assert_eq!(r.iops, 500.25);
         assert_eq!(r.bw_bytes, 2048000.0);
+        let lat = r.latency.expect("latency");
+        assert_eq!((lat.p50, lat.p99, lat.p999, lat.max), (20.0, 150.0, 2500.0, 9000.0));
         assert!(parse(text, Dir::Write).is_err());
         assert!(parse("garbage", Dir::Read).is_err());
         assert!(parse("{\"jobs\":[]}", Dir::Read).is_err());

@@ -260,6 +260,12 @@ pub fn run(a: &BenchSnapshotsArgs) -> Result<()> {
         ],
         vec!["same, Zipf 1.2".into(), with_without(snap_zipf.iops, plain_zipf.iops), "≥ 0.90×".into()],
         vec![
+            "write latency p50 / p99 / p99.9 / max, uniform: without snapshots → with".into(),
+            latency_pair(&plain_uniform, &snap_uniform),
+            "no stalls".into(),
+        ],
+        vec!["same, Zipf 1.2".into(), latency_pair(&plain_zipf, &snap_zipf), "no stalls".into()],
+        vec![
             "snapshots taken during the two fio rows".into(),
             format!("{taken} ({per_s:.0}/s; 100/s scheduled)"),
             String::new(),
@@ -271,6 +277,16 @@ pub fn run(a: &BenchSnapshotsArgs) -> Result<()> {
     }
     println!("{}", report::table(&header, &rows));
     Ok(())
+}
+
+/// "0.1 / 0.9 / 2.0 / 9.1 ms → …": fio's write completion latency without and with snapshots —
+/// where a snapshot or retention holding writes up would show, which IOPS averages away.
+fn latency_pair(without: &fio::Result1, with: &fio::Result1) -> String {
+    let one = |r: &fio::Result1| match r.latency {
+        Some(l) => format!("{:.2} / {:.2} / {:.1} / {:.1} ms", l.p50 / 1e3, l.p99 / 1e3, l.p999 / 1e3, l.max / 1e3),
+        None => "(fio reported no latency)".to_string(),
+    };
+    format!("{} → {}", one(without), one(with))
 }
 
 /// "0.42× (4,200 / 10,000 IOPS)": IOPS with snapshots against without.
