@@ -11,6 +11,15 @@
 //!
 //! `docs/format.md` in the repository describes the format byte by byte.
 
+/// A pause point for deterministic race tests (`fail::fail_point!`); compiled out unless the
+/// `failpoints` feature is on, as it is only for the test-support crate's tests.
+macro_rules! test_point {
+    ($($args:tt)*) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($($args)*);
+    };
+}
+
 mod addr;
 pub mod backend;
 mod error;

@@ -47,7 +47,9 @@ pub static REFCOUNT_KIND: MetaKind = MetaKind {
 };
 
 struct Entry {
-    data: Box<Block>,
+    /// Shared with a commit's images while it writes them (see [`Meta::begin_commit`]); a
+    /// change meanwhile copies it first.
+    data: Arc<Block>,
     kind: &'static MetaKind,
     dirty: bool,
     referenced: bool,
@@ -59,9 +61,9 @@ enum Saved {
     /// Not cached: the medium holds its state (or it was free).
     OnMedium,
     /// Cached and clean: put back as it was, so a rolled-back attempt does not empty the cache.
-    Clean { data: Box<Block>, kind: &'static MetaKind },
+    Clean { data: Arc<Block>, kind: &'static MetaKind },
     /// Cached with uncommitted changes of earlier transactions.
-    Dirty { data: Box<Block>, kind: &'static MetaKind, version: u64 },
+    Dirty { data: Arc<Block>, kind: &'static MetaKind, version: u64 },
 }
 
 /// The undo log of the open transaction: enough to restore exactly the state before it.
@@ -86,7 +88,7 @@ pub(crate) struct Frozen {
     /// The superblock when the view was taken.
     pub(crate) sb: Superblock,
     /// Contents, as of the view, of blocks changed or freed since.
-    pub(crate) saved: HashMap<u64, (Box<Block>, &'static MetaKind)>,
+    pub(crate) saved: HashMap<u64, (Arc<Block>, &'static MetaKind)>,
     /// Blocks in use in the view and freed since, whose freeing is not durable yet.
     pub(crate) freed_since: HashSet<u64>,
     /// Blocks in use in the view whose freeing became durable: not reusable until it closes.
@@ -126,6 +128,38 @@ pub struct SpaceStats {
 }
 
 /// A commit's sealed images, each with the version it was at.
+/// One block of a commit as taken under the metadata lock: its contents shared with the
+/// cache (nothing copied yet), not sealed.
+pub(crate) struct TakenImage {
+    addr: BlockAddr,
+    data: Arc<Block>,
+    kind: &'static MetaKind,
+    version: u64,
+}
+
+/// A commit's blocks as [`Meta::begin_commit`] took them, split as [`CommitImages`] will be.
+pub(crate) struct TakenImages {
+    pub(crate) new: Vec<TakenImage>,
+    pub(crate) journaled: Vec<TakenImage>,
+}
+
+impl TakenImages {
+    /// Copies and seals every image — outside the metadata lock, so the writers it would hold
+    /// up meanwhile go on (a commit of thousands of blocks held them for up to 20 ms).
+    pub(crate) fn seal(self) -> CommitImages {
+        let seal = |v: Vec<TakenImage>| -> Vec<(BlockAddr, Box<Block>, u64)> {
+            v.into_iter()
+                .map(|t| {
+                    let mut img = Box::new(*t.data);
+                    (t.kind.seal)(&mut img, t.addr);
+                    (t.addr, img, t.version)
+                })
+                .collect()
+        };
+        CommitImages { new: seal(self.new), journaled: seal(self.journaled) }
+    }
+}
+
 pub(crate) struct CommitImages {
     /// Blocks free in the last committed state: written home before the record.
     pub(crate) new: Vec<(BlockAddr, Box<Block>, u64)>,
@@ -426,12 +460,14 @@ impl Meta {
             if self.cached_only && !self.overlay.contains_key(&addr.0) {
                 return Err(StoreError::NotCached { addr, meta_kind: kind });
             }
-            let mut data = Box::new([0u8; BLOCK_SIZE]);
+            let mut data = Arc::new([0u8; BLOCK_SIZE]);
+            // Not shared yet: no copy.
+            let buf = Arc::make_mut(&mut data);
             if let Some(img) = self.overlay.get(&addr.0) {
-                data.copy_from_slice(img.as_slice());
+                buf.copy_from_slice(img.as_slice());
             } else {
                 self.backend
-                    .read_at(addr.byte_offset(), data.as_mut_slice())
+                    .read_at(addr.byte_offset(), buf.as_mut_slice())
                     .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
             }
             (kind.verify)(&data, addr).map_err(|reason| StoreError::Corrupt { kind: kind.name, addr, reason })?;
@@ -481,7 +517,7 @@ impl Meta {
         &mut self,
         addr: BlockAddr,
         kind: &'static MetaKind,
-        data: Box<Block>,
+        data: Arc<Block>,
         epoch: u64,
     ) -> bool {
         if self.home_epoch != epoch
@@ -518,7 +554,7 @@ impl Meta {
         }
         entry.dirty = true;
         entry.version = version;
-        Ok(&mut entry.data)
+        Ok(Arc::make_mut(&mut entry.data))
     }
 
     /// Allocates a new metadata block of `kind` with reference count 1, all zeros and dirty.
@@ -627,7 +663,7 @@ impl Meta {
         self.next_version += 1;
         self.evict_if_full();
         self.cache
-            .insert(addr.0, Entry { data: Box::new([0; BLOCK_SIZE]), kind, dirty: true, referenced: true, version });
+            .insert(addr.0, Entry { data: Arc::new([0; BLOCK_SIZE]), kind, dirty: true, referenced: true, version });
         self.clock.push_back(addr.0);
         self.dirty_count += 1;
         self.fresh.insert(addr.0);
@@ -866,7 +902,7 @@ impl Meta {
         self.evict_if_full();
         self.cache.insert(
             rc_addr,
-            Entry { data: Box::new([0; BLOCK_SIZE]), kind: &REFCOUNT_KIND, dirty: true, referenced: true, version },
+            Entry { data: Arc::new([0; BLOCK_SIZE]), kind: &REFCOUNT_KIND, dirty: true, referenced: true, version },
         );
         self.clock.push_back(rc_addr);
         self.dirty_count += 1;
@@ -993,9 +1029,16 @@ impl Meta {
         slot - 2 - slot.div_ceil(BLOCK_SIZE / 8)
     }
 
-    /// True once the transaction has grown to half the journal: commit soon.
+    /// True once the changes not yet committed fill half the journal: commit soon (a
+    /// background thread may do it while writes go on).
     pub fn should_commit(&self) -> bool {
         self.next_record_blocks() * 2 >= self.journal_capacity()
+    }
+
+    /// True once they fill three quarters of it: commit now, before adding more — the
+    /// back-pressure that keeps every transaction fitting one record while a commit is slow.
+    pub fn must_commit(&self) -> bool {
+        self.next_record_blocks() * 4 >= self.journal_capacity() * 3
     }
 
     /// True if the store can add another allocation group (it is below its size limit and
@@ -1057,32 +1100,24 @@ impl Meta {
         Ok(())
     }
 
-    /// Sealed copies of every dirty block, with the version each was at.
-    pub(crate) fn dirty_images(&self) -> Vec<(BlockAddr, Box<Block>, u64)> {
-        let mut out: Vec<_> = self
+    /// Takes the images of every dirty block for a commit (shared with the cache, cheap under
+    /// the lock; [`TakenImages::seal`] copies them after), notes them (see
+    /// [`Meta::next_record_blocks`]), and splits them: the blocks allocated since the last
+    /// commit began, which it writes home before its record, and the rest, which go into the
+    /// record. Blocks allocated from now on are the next commit's.
+    pub(crate) fn begin_commit(&mut self) -> TakenImages {
+        let mut taken: Vec<TakenImage> = self
             .cache
             .iter()
             .filter(|(_, e)| e.dirty)
-            .map(|(&a, e)| {
-                let mut img = e.data.clone();
-                (e.kind.seal)(&mut img, BlockAddr(a));
-                (BlockAddr(a), img, e.version)
-            })
+            .map(|(&a, e)| TakenImage { addr: BlockAddr(a), data: e.data.clone(), kind: e.kind, version: e.version })
             .collect();
-        out.sort_by_key(|(a, _, _)| *a);
-        out
-    }
-
-    /// Notes the images a commit is writing (see [`Meta::next_record_blocks`]), and splits
-    /// them: the blocks allocated since the last commit began, which it writes home before
-    /// its record, and the rest, which go into the record. Blocks allocated from now on are
-    /// the next commit's.
-    pub(crate) fn begin_commit(&mut self, images: Vec<(BlockAddr, Box<Block>, u64)>) -> CommitImages {
-        self.in_commit = images.iter().map(|(a, _, v)| (a.0, *v)).collect();
+        taken.sort_by_key(|t| t.addr);
+        self.in_commit = taken.iter().map(|t| (t.addr.0, t.version)).collect();
         self.in_commit_unchanged = self.in_commit.len();
         let fresh = std::mem::take(&mut self.fresh);
-        let (new, journaled) = images.into_iter().partition(|(a, _, _)| fresh.contains(&a.0));
-        CommitImages { new, journaled }
+        let (new, journaled) = taken.into_iter().partition(|t| fresh.contains(&t.addr.0));
+        TakenImages { new, journaled }
     }
 
     /// Marks blocks clean whose version has not changed since their images were taken.

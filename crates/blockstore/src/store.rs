@@ -543,9 +543,9 @@ impl BlockStore {
                 }
                 m.home_epoch
             };
-            let mut data = Box::new([0u8; BLOCK_SIZE]);
+            let mut data = Arc::new([0u8; BLOCK_SIZE]);
             self.backend
-                .read_at(addr.byte_offset(), data.as_mut_slice())
+                .read_at(addr.byte_offset(), Arc::make_mut(&mut data).as_mut_slice())
                 .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
             if (kind.verify)(&data, addr).is_err() {
                 break; // damaged: let the locked read report it
@@ -629,8 +629,7 @@ impl BlockStore {
                 *self.last_commit.lock() = (index, info);
                 return Ok(info);
             }
-            let images = m.dirty_images();
-            let images = m.begin_commit(images);
+            let images = m.begin_commit();
             let need = journal::record_blocks(images.journaled.len() + 1);
             // Transactions check this when they finish, so it cannot happen.
             assert!(
@@ -646,6 +645,9 @@ impl BlockStore {
             m.committing_user = Some(m.sb.user);
             (images, m.sb.generation, m.sb.clone())
         };
+        // Race tests stop a commit here to show that transactions go on while it copies.
+        test_point!("blockstore::commit::sealing");
+        let images = images.seal();
         let copy = (generation % 2) as u32;
         let sb_image = sb_snapshot.encode(copy);
         let mut record: Vec<(BlockAddr, &Block)> = images.journaled.iter().map(|(a, img, _)| (*a, &**img)).collect();
