@@ -475,3 +475,45 @@ fn writes_go_on_while_a_commit_copies_its_blocks_and_it_writes_them_as_they_were
     assert_eq!(read_block(&after, id, 2), 0xA2);
     assert_clean(&after, "after the next commit");
 }
+
+/// With a background committer, the write that fills half the journal asks it to commit and
+/// does not wait; only at three quarters does a write commit itself (back-pressure), even
+/// while the committer is busy, so no transaction outgrows a record.
+#[test]
+fn a_write_filling_half_the_journal_leaves_the_commit_to_the_committer() {
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let create = CreateOptions { journal_slot_blocks: 64, max_blocks: 0 };
+    let store = BlockStore::create(Arc::new(mem.clone()), &create, &OpenOptions::default()).unwrap();
+    let reg = Registry::open(Arc::new(store)).unwrap();
+    let id = reg.create_vdi("vm", Some(1 << 30)).unwrap();
+    reg.store().commit().unwrap();
+    let committer = reg.start_committer();
+    let held = Pause::arm("vdi::committer::before_commit");
+    let dev = reg.open_vdi(id, true).unwrap();
+    let generation = || reg.store().lock().superblock().generation;
+    let before = generation();
+    // One block per 2 MiB: every write makes a new leaf (and changes a count block).
+    let write_leaf = |leaf: u64| dev.write_at(leaf * (2 << 20), &[0xC0; 4096], false).unwrap();
+    let mut leaf = 0u64;
+    while generation() == before && !reg.store().lock().should_commit() {
+        write_leaf(leaf);
+        leaf += 1;
+    }
+    assert_eq!(generation(), before, "the write that filled half the journal committed itself");
+    held.wait_reached();
+    // The committer is held: writes go on until three quarters, where one commits itself.
+    while generation() == before {
+        assert!(leaf < 512, "no write ever committed while the committer was held");
+        write_leaf(leaf);
+        leaf += 1;
+    }
+    held.resume();
+    drop(committer);
+    reg.store().commit().unwrap();
+    let after = reopen(&MemBackend::from_image(mem.durable_image()));
+    for l in 0..leaf {
+        assert_eq!(read_block(&after, id, l * 512), 0xC0, "leaf {l}");
+    }
+    assert_clean(&after, "after the writes");
+}

@@ -90,6 +90,8 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         damaged.insert(id, e);
     }
     let reclaimer = reg.start_reclaimer();
+    // Commits a half-full journal off the guests' write path.
+    let committer = reg.start_committer();
     // What changes the catalog other hosts read: registry operations, clients coming and going.
     let changes = Arc::new(Changes::default());
     {
@@ -205,6 +207,7 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     }
     // Stopped first: what it freed but had not committed yet goes into the final commit.
     drop(reclaimer);
+    drop(committer);
     // Ids reserved for scheduled snapshots and not used: the next start continues the sequence.
     if let Err(e) = reg.trim_snapshot_ids() {
         tracing::warn!("could not give back unused snapshot ids (the next ids skip them): {e}");

@@ -431,9 +431,15 @@ impl VdiDisk {
         Ok(())
     }
 
+    /// Once the journal is half full a commit is due: the background committer makes it if
+    /// one runs (this write does not wait for it), else this write. Three quarters full, this
+    /// write commits whatever runs — back-pressure, so no transaction outgrows a record.
     fn commit_if_large(&self) -> Result<()> {
-        let should = self.store().lock().should_commit();
-        if should {
+        let (soon, now) = {
+            let m = self.store().lock();
+            (m.should_commit(), m.must_commit())
+        };
+        if now || (soon && !self.reg.committer.request()) {
             self.store().commit()?;
         }
         Ok(())

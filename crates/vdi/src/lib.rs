@@ -25,6 +25,7 @@ macro_rules! test_point {
 }
 
 mod check;
+mod committer;
 mod cow_locks;
 mod diff_stream;
 mod disk;
@@ -42,6 +43,7 @@ mod snap_table;
 mod snapshot_ids;
 
 pub use check::{CheckReport, Problem};
+pub use committer::Committer;
 pub use diff_stream::{DIFF_MAGIC, DIFF_VERSION, DiffStats};
 pub use error::{Result, VdiError};
 pub use fill::{Import, ImportDevice};

@@ -177,6 +177,8 @@ pub struct Registry {
     pub(crate) store: Arc<BlockStore>,
     pub(crate) state: Mutex<State>,
     pub(crate) reclaim: Arc<crate::reclaim::Signal>,
+    /// Wakes the background committer, if one runs ([`Registry::start_committer`]).
+    pub(crate) committer: Arc<crate::committer::CommitSignal>,
     /// Signalled when a writable handle is dropped (see [`Registry::open_vdi_within`]).
     pub(crate) writer_gone: (Mutex<()>, parking_lot::Condvar),
     /// Open handles and their I/O counters.
@@ -295,6 +297,7 @@ impl Registry {
             store,
             state: Mutex::new(state),
             reclaim: Arc::default(),
+            committer: Arc::default(),
             writer_gone: (Mutex::new(()), parking_lot::Condvar::new()),
             handles: Default::default(),
             on_change: std::sync::OnceLock::new(),
