@@ -127,7 +127,6 @@ pub struct SpaceStats {
     pub max_blocks: u64,
 }
 
-/// A commit's sealed images, each with the version it was at.
 /// One block of a commit as taken under the metadata lock: its contents shared with the
 /// cache (nothing copied yet), not sealed.
 pub(crate) struct TakenImage {
@@ -160,6 +159,7 @@ impl TakenImages {
     }
 }
 
+/// A commit's sealed images, each with the version it was at.
 pub(crate) struct CommitImages {
     /// Blocks free in the last committed state: written home before the record.
     pub(crate) new: Vec<(BlockAddr, Box<Block>, u64)>,
@@ -1029,16 +1029,16 @@ impl Meta {
         slot - 2 - slot.div_ceil(BLOCK_SIZE / 8)
     }
 
-    /// True once the changes not yet committed fill half the journal: commit soon (a
-    /// background thread may do it while writes go on).
+    /// True once the changes not yet committed fill half the journal: commit before adding
+    /// more (the other half is the margin for transactions already under way).
     pub fn should_commit(&self) -> bool {
         self.next_record_blocks() * 2 >= self.journal_capacity()
     }
 
-    /// True once they fill three quarters of it: commit now, before adding more — the
-    /// back-pressure that keeps every transaction fitting one record while a commit is slow.
-    pub fn must_commit(&self) -> bool {
-        self.next_record_blocks() * 4 >= self.journal_capacity() * 3
+    /// True once they fill a quarter of it: time a background commit started, so that
+    /// [`Meta::should_commit`] is rarely reached on a guest's write path.
+    pub fn commit_soon(&self) -> bool {
+        self.next_record_blocks() * 4 >= self.journal_capacity()
     }
 
     /// True if the store can add another allocation group (it is below its size limit and

@@ -476,11 +476,11 @@ fn writes_go_on_while_a_commit_copies_its_blocks_and_it_writes_them_as_they_were
     assert_clean(&after, "after the next commit");
 }
 
-/// With a background committer, the write that fills half the journal asks it to commit and
-/// does not wait; only at three quarters does a write commit itself (back-pressure), even
-/// while the committer is busy, so no transaction outgrows a record.
+/// With a background committer, a write that finds a quarter of the journal used asks it to
+/// commit and does not wait; at half a write commits itself (back-pressure), even while the
+/// committer is busy, so the other half stays free for transactions under way.
 #[test]
-fn a_write_filling_half_the_journal_leaves_the_commit_to_the_committer() {
+fn a_write_filling_a_quarter_of_the_journal_leaves_the_commit_to_the_committer() {
     let _fp = scenario();
     let mem = MemBackend::new();
     let create = CreateOptions { journal_slot_blocks: 64, max_blocks: 0 };
@@ -496,13 +496,13 @@ fn a_write_filling_half_the_journal_leaves_the_commit_to_the_committer() {
     // One block per 2 MiB: every write makes a new leaf (and changes a count block).
     let write_leaf = |leaf: u64| dev.write_at(leaf * (2 << 20), &[0xC0; 4096], false).unwrap();
     let mut leaf = 0u64;
-    while generation() == before && !reg.store().lock().should_commit() {
+    while generation() == before && !reg.store().lock().commit_soon() {
         write_leaf(leaf);
         leaf += 1;
     }
-    assert_eq!(generation(), before, "the write that filled half the journal committed itself");
+    assert_eq!(generation(), before, "the write that filled a quarter of the journal committed itself");
     held.wait_reached();
-    // The committer is held: writes go on until three quarters, where one commits itself.
+    // The committer is held: writes go on until half, where one commits itself.
     while generation() == before {
         assert!(leaf < 512, "no write ever committed while the committer was held");
         write_leaf(leaf);

@@ -1,13 +1,14 @@
-//! Commits in the background once the journal is half full, so a guest's write never waits
-//! for a commit it did not ask for.
+//! Commits in the background once a quarter of the journal is used, so a guest's write rarely
+//! waits for a commit it did not ask for.
 //!
-//! Without it, the write whose transaction crossed half the journal ran the commit itself —
+//! Without it, the write whose transaction filled half the journal ran the commit itself —
 //! writing and syncing every dirty metadata block — and that one guest request took as long
-//! as the commit (tens of milliseconds, over a hundred with 10 ms snapshots and no flushes).
-//! Now such a write asks the committer and returns; only a write that finds the journal three
-//! quarters full ([`blockstore::Meta::must_commit`]) commits itself, which is the back-pressure
-//! that keeps every transaction fitting one record while a commit is slow. A FLUSH or FUA
-//! write still waits for its commit: that is what it asks for.
+//! as the commit (tens of milliseconds with 10 ms snapshots and no flushes). Now writes ask
+//! the committer from a quarter on ([`blockstore::Meta::commit_soon`]) and go on; a write
+//! still commits itself at half ([`blockstore::Meta::should_commit`]), as before, when the
+//! committer falls behind — the back-pressure that keeps the other half of the journal for
+//! transactions already under way. A FLUSH or FUA write still waits for its commit: that is
+//! what it asks for.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -33,18 +34,13 @@ struct SignalState {
 }
 
 impl CommitSignal {
-    /// Asks the background committer for a commit soon. False if no committer is running: the
-    /// caller commits itself.
-    pub(crate) fn request(&self) -> bool {
+    /// Asks the background committer, if one runs, for a commit soon.
+    pub(crate) fn request(&self) {
         let mut s = self.state.lock();
-        if !s.running {
-            return false;
-        }
-        if !s.requested {
+        if s.running && !s.requested {
             s.requested = true;
             self.wake.notify_one();
         }
-        true
     }
 
     /// Waits for a request; false once a stop is asked for.
@@ -67,9 +63,9 @@ impl CommitSignal {
 }
 
 impl Registry {
-    /// Starts a thread that commits when a write finds the journal half full, instead of that
-    /// write committing while its guest waits (see the module `committer`). It stops when the
-    /// handle is dropped; writes then commit themselves again.
+    /// Starts a thread that commits when a write finds a quarter of the journal used, before
+    /// writes reach half and commit themselves while their guests wait (see the module
+    /// `committer`). It stops when the handle is dropped. Start one per registry.
     pub fn start_committer(self: &Arc<Self>) -> Committer {
         let signal = self.committer.clone();
         {

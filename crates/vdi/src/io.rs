@@ -431,16 +431,19 @@ impl VdiDisk {
         Ok(())
     }
 
-    /// Once the journal is half full a commit is due: the background committer makes it if
-    /// one runs (this write does not wait for it), else this write. Three quarters full, this
-    /// write commits whatever runs — back-pressure, so no transaction outgrows a record.
+    /// From a quarter of the journal on, asks the background committer (if one runs) for a
+    /// commit, and does not wait for it; at half, commits before replying — as every write
+    /// did before there was a committer, and the back-pressure that keeps the other half for
+    /// transactions already under way.
     fn commit_if_large(&self) -> Result<()> {
         let (soon, now) = {
             let m = self.store().lock();
-            (m.should_commit(), m.must_commit())
+            (m.commit_soon(), m.should_commit())
         };
-        if now || (soon && !self.reg.committer.request()) {
+        if now {
             self.store().commit()?;
+        } else if soon {
+            self.reg.committer.request();
         }
         Ok(())
     }
