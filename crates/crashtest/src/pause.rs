@@ -122,19 +122,27 @@ impl GateHandle {
     }
 }
 
+/// Stops the calling thread, if `slot` is armed for it, until the test resumes it (disarming
+/// the slot).
+fn stop_if_armed(slot: &parking_lot::Mutex<Option<Armed>>) {
+    let me = std::thread::current().id();
+    let gate = {
+        let mut armed = slot.lock();
+        match armed.as_ref() {
+            Some((t, _, _)) if *t == me => armed.take(),
+            _ => None,
+        }
+    };
+    if let Some((_, reached, resume)) = gate {
+        let _ = reached.send(());
+        let _ = resume.recv();
+    }
+}
+
 impl blockstore::Backend for MediumGate {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let me = std::thread::current().id();
-        let gate = {
-            let mut armed = self.armed.lock();
-            match armed.as_ref() {
-                Some((t, _, _)) if *t == me && buf.len() == blockstore::BLOCK_SIZE => armed.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, reached, resume)) = gate {
-            let _ = reached.send(());
-            let _ = resume.recv();
+        if buf.len() == blockstore::BLOCK_SIZE {
+            stop_if_armed(&self.armed);
         }
         self.inner.read_at(offset, buf)
     }
@@ -142,18 +150,7 @@ impl blockstore::Backend for MediumGate {
         self.inner.write_at(offset, data)
     }
     fn sync(&self) -> std::io::Result<()> {
-        let me = std::thread::current().id();
-        let gate = {
-            let mut armed = self.armed_sync.lock();
-            match armed.as_ref() {
-                Some((t, _, _)) if *t == me => armed.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, reached, resume)) = gate {
-            let _ = reached.send(());
-            let _ = resume.recv();
-        }
+        stop_if_armed(&self.armed_sync);
         self.inner.sync()
     }
     fn extend(&self, len: u64) -> std::io::Result<()> {

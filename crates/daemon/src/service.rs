@@ -90,7 +90,7 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         damaged.insert(id, e);
     }
     let reclaimer = reg.start_reclaimer();
-    // Commits a half-full journal off the guests' write path.
+    // Commits a filling journal off the guests' write path (vdi's `committer`).
     let committer = reg.start_committer();
     // What changes the catalog other hosts read: registry operations, clients coming and going.
     let changes = Arc::new(Changes::default());

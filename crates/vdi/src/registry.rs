@@ -118,8 +118,9 @@ pub(crate) struct State {
     /// VDIs whose record or snapshot log could not be read, with the reason: left out of
     /// everything else (their blocks stay allocated), reported by `check`.
     pub(crate) damaged: BTreeMap<VdiId, String>,
-    /// The next snapshot id to hand out (0 until the first: ids start at 1). The superblock's
-    /// `USER_NEXT_SNAPSHOT` is never below it (see `snapshot_ids`).
+    /// The next snapshot id to hand out: at least 1 (ids start there) and above every id in the
+    /// logs, as `load_state` sets it. The superblock's `USER_NEXT_SNAPSHOT` is never below it
+    /// (see `snapshot_ids`).
     pub(crate) next_snapshot: u64,
 }
 

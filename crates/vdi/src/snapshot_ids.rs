@@ -23,7 +23,7 @@ pub(crate) const RESERVE: u64 = 1024;
 
 /// The id of a snapshot committed before its call returns: raises the ceiling past it.
 pub(crate) fn hand_out_committed(st: &mut State, meta: &mut Meta) -> Result<SnapshotId> {
-    let sid = st.next_snapshot.max(1);
+    let sid = st.next_snapshot;
     if meta.user(USER_NEXT_SNAPSHOT) <= sid {
         meta.set_user(USER_NEXT_SNAPSHOT, sid + 1)?;
     }
@@ -35,7 +35,7 @@ pub(crate) fn hand_out_committed(st: &mut State, meta: &mut Meta) -> Result<Snap
 /// (else `None`: [`reserve`] first). Tops the reservation up in memory, for the next commit
 /// to make durable.
 pub(crate) fn hand_out_reserved(st: &mut State, meta: &mut Meta) -> Result<Option<SnapshotId>> {
-    let sid = st.next_snapshot.max(1);
+    let sid = st.next_snapshot;
     if meta.committed_user(USER_NEXT_SNAPSHOT) <= sid {
         return Ok(None);
     }
@@ -49,14 +49,14 @@ pub(crate) fn hand_out_reserved(st: &mut State, meta: &mut Meta) -> Result<Optio
 
 /// Makes sure the committed ceiling covers the next id, committing a reservation if not.
 pub(crate) fn reserve(reg: &Registry) -> Result<()> {
-    let next = reg.state.lock().next_snapshot.max(1);
+    let next = reg.state.lock().next_snapshot;
     if reg.store.lock().committed_user(USER_NEXT_SNAPSHOT) > next {
         return Ok(());
     }
     // Race tests hold a reservation here, beside a commit that is running.
     test_point!("vdi::snapshot_ids::reserve");
     reg.transact(|st, meta| {
-        let want = st.next_snapshot.max(1) + RESERVE;
+        let want = st.next_snapshot + RESERVE;
         if meta.user(USER_NEXT_SNAPSHOT) < want {
             meta.set_user(USER_NEXT_SNAPSHOT, want)?;
         }
@@ -70,12 +70,12 @@ impl Registry {
     /// commit, which makes every snapshot taken so far durable with it: call it just before a
     /// clean stop's final commit.
     pub fn trim_snapshot_ids(&self) -> Result<()> {
-        let next = self.state.lock().next_snapshot.max(1);
+        let next = self.state.lock().next_snapshot;
         if self.store.lock().user(USER_NEXT_SNAPSHOT) <= next {
             return Ok(());
         }
         self.transact_uncommitted(|st, meta| {
-            let next = st.next_snapshot.max(1);
+            let next = st.next_snapshot;
             if meta.user(USER_NEXT_SNAPSHOT) > next {
                 meta.set_user(USER_NEXT_SNAPSHOT, next)?;
             }
