@@ -932,12 +932,18 @@ impl Meta {
     /// radix node adds a reference to each of its up to 512 children, which usually share a few
     /// count blocks. Fails like [`Meta::incref`]; inside a transaction a failure rolls back.
     pub fn incref_all(&mut self, addrs: &[BlockAddr]) -> Result<()> {
-        let mut slots = addrs.iter().map(|&a| Ok((self.refcount_slot(a)?, a))).collect::<Result<Vec<_>>>()?;
-        slots.sort_unstable_by_key(|&((rc, _), _)| rc);
-        for group in slots.chunk_by(|x, y| x.0.0 == y.0.0) {
-            let b = self.write(group[0].0.0, &REFCOUNT_KIND)?;
-            for &((_, at), addr) in group {
-                add_reference(b, at, addr)?;
+        // A plain loop: collecting into a `Result<Vec<_>>` cost twice as much per child
+        // (perf on a node copy after a snapshot).
+        let mut slots = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let (count_block, at) = self.refcount_slot(addr)?;
+            slots.push(CountSlot { count_block, at, addr });
+        }
+        slots.sort_unstable_by_key(|s| s.count_block);
+        for group in slots.chunk_by(|x, y| x.count_block == y.count_block) {
+            let b = self.write(group[0].count_block, &REFCOUNT_KIND)?;
+            for s in group {
+                add_reference(b, s.at, s.addr)?;
             }
         }
         Ok(())
@@ -1151,6 +1157,16 @@ fn add_reference(b: &mut Block, at: usize, addr: BlockAddr) -> Result<u32> {
     let new = old.checked_add(1).ok_or_else(|| StoreError::Damaged(format!("reference count of {addr} overflows")))?;
     b[at..at + 4].copy_from_slice(&new.to_le_bytes());
     Ok(new)
+}
+
+/// Where one block's reference count lives.
+struct CountSlot {
+    /// The count block.
+    count_block: BlockAddr,
+    /// Byte offset of the count in it.
+    at: usize,
+    /// The block counted.
+    addr: BlockAddr,
 }
 
 /// Where the reference count of `addr` lives in a store with superblock `sb`: (count block,

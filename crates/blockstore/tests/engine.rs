@@ -519,3 +519,49 @@ on_both!(views_taken_at_different_instants_each_keep_their_own, |m| {
         got.recv_timeout(std::time::Duration::from_secs(60)).expect("the ninth view opens once one closes");
     });
 });
+
+#[test]
+fn adding_references_in_a_batch_does_what_one_at_a_time_does() {
+    // `incref_all` (a node copy) opens each count block once; it must leave the same counts
+    // as `incref` address by address, with addresses in two groups, out of order and listed
+    // twice.
+    let run = |batched: bool| {
+        let s = store(&MemBackend::new(), 4096, 4096);
+        let mut t = s.begin().unwrap();
+        let mut blocks: Vec<BlockAddr> = (0..1500).map(|_| t.alloc_data().unwrap()).collect();
+        blocks.reverse();
+        let gain: Vec<BlockAddr> =
+            blocks.iter().step_by(3).flat_map(|&b| [b, b]).chain(blocks.iter().step_by(5).copied()).collect();
+        if batched {
+            t.incref_all(&gain).unwrap();
+        } else {
+            for &b in &gain {
+                t.incref(b).unwrap();
+            }
+        }
+        let counts: Vec<u32> = blocks.iter().map(|&b| t.refcount(b).unwrap()).collect();
+        t.finish().unwrap();
+        counts
+    };
+    let counts = run(true);
+    assert!(counts == run(false), "the counts differ");
+    for (i, &count) in counts.iter().enumerate() {
+        let want = 1 + if i % 3 == 0 { 2 } else { 0 } + u32::from(i % 5 == 0);
+        assert_eq!(count, want, "block {i}");
+    }
+}
+
+#[test]
+fn a_batch_of_references_that_meets_a_free_block_changes_nothing() {
+    let s = store(&MemBackend::new(), 4096, 4096);
+    let mut t = s.begin().unwrap();
+    let kept = t.alloc_data().unwrap();
+    let gone = t.alloc_data().unwrap();
+    t.decref(gone).unwrap();
+    t.finish().unwrap();
+    let mut t = s.begin().unwrap();
+    let err = t.incref_all(&[kept, gone]).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged(_)), "{err}");
+    drop(t);
+    assert_eq!(s.lock().refcount(kept).unwrap(), 1, "the transaction rolled back");
+}
