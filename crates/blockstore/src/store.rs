@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, FileBackend};
 use crate::format::{FORMAT_VERSION, GROUP_BLOCKS, USER_ROOTS};
+use crate::io_epoch::{IoEpochs, IoGuard};
 use crate::journal;
 use crate::meta::Meta;
 use crate::superblock::Superblock;
@@ -95,7 +96,8 @@ pub struct BlockStore {
     /// The most of `data_written` a completed sync is known to cover: a flush that finds no
     /// metadata change and no data write since needs no sync of its own.
     data_synced: AtomicU64,
-    io_gate: RwLock<()>,
+    /// Data I/O in flight, so that a commit reuses no block an I/O found before it was freed.
+    io_epochs: IoEpochs,
     groups_start: u64,
     end_block: Arc<AtomicU64>,
     recovery: Recovery,
@@ -385,7 +387,7 @@ impl BlockStore {
             data_written: AtomicU64::new(1),
             data_synced: AtomicU64::new(0),
             last_commit: Mutex::new((0, CommitInfo { generation, blocks: 0 })),
-            io_gate: RwLock::new(()),
+            io_epochs: IoEpochs::default(),
             groups_start,
             end_block,
             recovery,
@@ -472,12 +474,9 @@ impl BlockStore {
     }
 
     /// [`BlockStore::with_cached`] holding an [`BlockStore::io_guard`] when `f` succeeds. The
-    /// guard is released while a missing block is read, so a cache miss holds up neither a
-    /// commit (which drains the guards) nor the I/O queued behind that commit.
-    pub fn with_cached_guarded<T>(
-        &self,
-        f: impl FnMut(&mut Meta) -> Result<T>,
-    ) -> Result<(RwLockReadGuard<'_, ()>, T)> {
+    /// guard is released while a missing block is read, so a cache miss does not hold up a
+    /// commit (which waits for the guards taken before it).
+    pub fn with_cached_guarded<T>(&self, f: impl FnMut(&mut Meta) -> Result<T>) -> Result<(IoGuard<'_>, T)> {
         self.retry_misses(|| self.io_guard(), f)
     }
 
@@ -572,10 +571,11 @@ impl BlockStore {
         Ok(Transaction { meta, finished: false })
     }
 
-    /// A guard to hold while reading or writing data blocks found through metadata: blocks
-    /// freed meanwhile are not handed out again until every guard taken before is dropped.
-    pub fn io_guard(&self) -> RwLockReadGuard<'_, ()> {
-        self.io_gate.read()
+    /// A guard to hold while reading or writing data blocks found through metadata, taken
+    /// before the lookup: blocks freed meanwhile are not handed out again until every guard
+    /// taken before is dropped. Taking one never waits, not even for a commit.
+    pub fn io_guard(&self) -> IoGuard<'_> {
+        self.io_epochs.enter()
     }
 
     /// Makes every finished transaction so far durable, atomically, along with every completed
@@ -693,7 +693,9 @@ impl BlockStore {
             m.committing_user = None;
         }
         // Blocks freed by this commit may be reused once no reader that found them is left.
-        let _drain = self.io_gate.write();
+        // I/O that began since does not wait: it cannot have found them.
+        test_point!("blockstore::commit::releasing");
+        self.io_epochs.wait_for_earlier();
         self.meta.lock().release_committed_frees();
         let info = CommitInfo { generation, blocks: images.new.len() + images.journaled.len() };
         *self.last_commit.lock() = (index, info);

@@ -13,6 +13,8 @@
 //! - The online check: while `vdi check` walks the store, guests write, snapshot, delete,
 //!   reclaim and commit, and the check still reports exactly the instant it froze. A stress
 //!   variant runs checks back to back beside a busy VM and the background reclaimer.
+//! - A commit keeps the blocks it freed from reuse until the data I/O that began before it has
+//!   ended, while I/O that begins meanwhile neither waits for it nor holds it up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -516,4 +518,57 @@ fn a_write_filling_a_quarter_of_the_journal_leaves_the_commit_to_the_committer()
         assert_eq!(read_block(&after, id, l * 512), 0xC0, "leaf {l}");
     }
     assert_clean(&after, "after the writes");
+}
+
+/// A commit makes the blocks it freed reusable only after every data I/O that began before it
+/// (and so may have found them) has ended; I/O that begins while it waits, on any VDI, goes on
+/// without waiting for it, and the commit does not wait for that I/O.
+#[test]
+fn a_commit_reuses_no_block_under_earlier_io_and_stops_no_new_io() {
+    let _fp = scenario();
+    let store = Arc::new(
+        BlockStore::create(
+            Arc::new(MemBackend::new()),
+            &CreateOptions { journal_slot_blocks: 64, max_blocks: 0 },
+            &OpenOptions::default(),
+        )
+        .unwrap(),
+    );
+    let mut t = store.begin().unwrap();
+    let block = t.alloc_data().unwrap();
+    t.finish().unwrap();
+    store.commit().unwrap();
+    // A read that found the block is under way when the block is freed.
+    let earlier = store.io_guard();
+    let mut t = store.begin().unwrap();
+    t.decref(block).unwrap();
+    t.finish().unwrap();
+    let releasing = Pause::arm("blockstore::commit::releasing");
+    let commit = {
+        let store = store.clone();
+        std::thread::spawn(move || store.commit().unwrap())
+    };
+    releasing.wait_reached();
+    releasing.resume();
+    // New I/O starts (and stays under way) while the commit waits for the earlier read.
+    let (later_release, later_wait) = crossbeam_channel::bounded::<()>(0);
+    let (later_started_tx, later_started) = crossbeam_channel::bounded::<()>(1);
+    let later = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _guard = store.io_guard();
+            later_started_tx.send(()).unwrap();
+            let _ = later_wait.recv();
+        })
+    };
+    later_started
+        .recv_timeout(Duration::from_secs(120))
+        .expect("new I/O waited for a commit that waits for earlier I/O");
+    assert!(!commit.is_finished(), "the commit ended while a read that found a block it freed was under way");
+    assert!(store.lock().is_pending_free(block), "a block freed under a read in flight became reusable");
+    drop(earlier);
+    commit.join().unwrap();
+    assert!(!store.lock().is_pending_free(block), "the commit released the block once the read ended");
+    drop(later_release);
+    later.join().unwrap();
 }

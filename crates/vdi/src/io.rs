@@ -52,13 +52,13 @@ fn lookups(store: &BlockStore, root: BlockAddr, list: &[Piece]) -> Result<Vec<Ma
     Ok(store.with_cached(|meta| lookup_all(meta, root, list))?)
 }
 
-/// [`lookups`] holding the I/O gate (which keeps blocks freed meanwhile from reuse); a miss is
-/// read with the gate released ([`BlockStore::with_cached_guarded`]).
+/// [`lookups`] holding an I/O guard (which keeps blocks freed meanwhile from reuse); a miss is
+/// read with the guard released ([`BlockStore::with_cached_guarded`]).
 fn gated_lookups<'a>(
     store: &'a BlockStore,
     root: BlockAddr,
     list: &[Piece],
-) -> Result<(parking_lot::RwLockReadGuard<'a, ()>, Vec<Mapping>)> {
+) -> Result<(blockstore::IoGuard<'a>, Vec<Mapping>)> {
     Ok(store.with_cached_guarded(|meta| lookup_all(meta, root, list))?)
 }
 

@@ -4,8 +4,8 @@
 //! This is the crate's one `unsafe` boundary: guest memory is a shared mapping the VMM gave us,
 //! which vm-memory exposes as volatile slices and raw pointers, and the device takes Rust
 //! slices. It is used only where a fault on the guest's memory cannot wait on another process
-//! ([`data_path`]): the device may touch the slices while holding the store's I/O gate, and a
-//! fault that blocked there would hold up every VDI of the store, not just this guest.
+//! ([`data_path`]): the device may touch the slices while holding a store I/O guard, and a
+//! fault that blocked there would hold up every commit — every VDI's flushes — not just this guest.
 //!
 //! What it relies on from vm-memory 0.17 (checked there): without its `xen` feature a pointer
 //! stays valid after its `PtrGuard` is dropped (the guard unmaps nothing), and a
