@@ -17,7 +17,7 @@
 //! zero. Waits are serialized, so the counter a new epoch reuses is always empty of guards
 //! that belong to the waiter before.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -26,8 +26,9 @@ use parking_lot::{Condvar, Mutex};
 pub struct IoEpochs {
     epoch: AtomicU64,
     active: [AtomicU64; 2],
-    /// Set while a waiter may be asleep, so that the last guard of an epoch wakes it.
-    waiting: AtomicBool,
+    /// The counter a waiter may be asleep on, plus one (0: none), so that the last guard
+    /// counted there wakes it and no other guard does.
+    waiting: AtomicUsize,
     wake: Mutex<()>,
     drained: Condvar,
     /// One waiter at a time.
@@ -58,7 +59,7 @@ impl IoEpochs {
     }
 
     fn leave(&self, slot: usize) {
-        if self.active[slot].fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) {
+        if self.active[slot].fetch_sub(1, SeqCst) == 1 && self.waiting.load(SeqCst) == slot + 1 {
             let _wake = self.wake.lock();
             self.drained.notify_all();
         }
@@ -69,13 +70,16 @@ impl IoEpochs {
     pub fn wait_for_earlier(&self) {
         let _serial = self.serial.lock();
         let previous = self.epoch.fetch_add(1, SeqCst);
+        // Race tests stop a commit here: the epoch has moved, the earlier I/O is not waited
+        // for yet.
+        test_point!("blockstore::commit::releasing");
         let slot = (previous % 2) as usize;
         let mut wake = self.wake.lock();
-        self.waiting.store(true, SeqCst);
+        self.waiting.store(slot + 1, SeqCst);
         while self.active[slot].load(SeqCst) != 0 {
             self.drained.wait(&mut wake);
         }
-        self.waiting.store(false, SeqCst);
+        self.waiting.store(0, SeqCst);
     }
 
     /// I/O in flight now.
@@ -123,19 +127,23 @@ mod tests {
     }
 
     #[test]
-    fn waits_one_after_another_each_see_their_own_epoch() {
+    fn waits_one_after_another_each_wait_for_their_own_earlier_guards() {
+        // Consecutive waits use the two counters in turn: each must wait for the guard taken
+        // before it, whichever counter that is.
         let epochs = IoEpochs::default();
-        for _ in 0..5 {
-            let g = epochs.enter();
-            drop(g);
-            epochs.wait_for_earlier();
+        for round in 0..4 {
+            let busy = epochs.enter();
+            let (done_tx, done) = channel();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    epochs.wait_for_earlier();
+                    done_tx.send(()).unwrap();
+                });
+                assert!(done.recv_timeout(Duration::from_millis(50)).is_err(), "round {round}: wait ended early");
+                drop(busy);
+                done.recv_timeout(Duration::from_secs(60)).expect("the wait ends when the guard goes");
+            });
         }
-        let busy = epochs.enter();
-        std::thread::scope(|s| {
-            let waiter = s.spawn(|| epochs.wait_for_earlier());
-            drop(busy);
-            waiter.join().unwrap();
-        });
         assert_eq!(epochs.in_flight(), 0);
     }
 }

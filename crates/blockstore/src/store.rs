@@ -689,7 +689,6 @@ impl BlockStore {
         }
         // Blocks freed by this commit may be reused once no reader that found them is left.
         // I/O that began since does not wait: it cannot have found them.
-        test_point!("blockstore::commit::releasing");
         self.io_epochs.wait_for_earlier();
         self.meta.lock().release_committed_frees();
         let info = CommitInfo { generation, blocks: images.new.len() + images.journaled.len() };

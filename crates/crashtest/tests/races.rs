@@ -543,14 +543,19 @@ fn a_commit_reuses_no_block_under_earlier_io_and_stops_no_new_io() {
     let mut t = store.begin().unwrap();
     t.decref(block).unwrap();
     t.finish().unwrap();
+    // Stopped once it has moved the I/O epoch on, before it waits.
     let releasing = Pause::arm("blockstore::commit::releasing");
+    let (committed_tx, committed) = crossbeam_channel::bounded(1);
     let commit = {
         let store = store.clone();
-        std::thread::spawn(move || store.commit().unwrap())
+        std::thread::spawn(move || {
+            store.commit().unwrap();
+            committed_tx.send(()).unwrap();
+        })
     };
     releasing.wait_reached();
     releasing.resume();
-    // New I/O starts (and stays under way) while the commit waits for the earlier read.
+    // New I/O starts, and stays under way, while the commit waits for the earlier read.
     let (later_release, later_wait) = crossbeam_channel::bounded::<()>(0);
     let (later_started_tx, later_started) = crossbeam_channel::bounded::<()>(1);
     let later = {
@@ -561,12 +566,14 @@ fn a_commit_reuses_no_block_under_earlier_io_and_stops_no_new_io() {
             let _ = later_wait.recv();
         })
     };
-    later_started
-        .recv_timeout(Duration::from_secs(120))
-        .expect("new I/O waited for a commit that waits for earlier I/O");
-    assert!(!commit.is_finished(), "the commit ended while a read that found a block it freed was under way");
+    later_started.recv_timeout(Duration::from_secs(120)).expect("new I/O waited for a commit waiting for earlier I/O");
+    assert!(
+        committed.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the commit ended while a read that found a block it freed was under way"
+    );
     assert!(store.lock().is_pending_free(block), "a block freed under a read in flight became reusable");
     drop(earlier);
+    committed.recv_timeout(Duration::from_secs(120)).expect("the commit waited for I/O that began after it");
     commit.join().unwrap();
     assert!(!store.lock().is_pending_free(block), "the commit released the block once the read ended");
     drop(later_release);
