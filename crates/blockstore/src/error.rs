@@ -78,6 +78,9 @@ pub enum StoreError {
         addr: BlockAddr,
         /// What kind of block it is (how to verify it when it is read).
         meta_kind: &'static crate::MetaKind,
+        /// The store's commit epoch when the block was missed: given back to
+        /// [`crate::BlockStore::load`], it tells whether the walk that missed may be stale.
+        epoch: u64,
     },
     /// Metadata was changed outside a [`crate::Transaction`] (a bug in the caller).
     #[error("metadata changed outside a transaction")]

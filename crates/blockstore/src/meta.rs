@@ -197,7 +197,9 @@ pub struct Meta {
     /// [`StoreError::NotCached`], so the caller can read it without holding the lock.
     pub(crate) cached_only: bool,
     /// Counts commits whose home writes are done: a block read from the medium without the
-    /// lock may be cached only if no home write happened meanwhile.
+    /// lock may be cached only if no home write happened meanwhile. A commit moves it on before
+    /// it releases its frees, so a walk that missed a block at one epoch and finds it changed
+    /// later may have been looking at a block freed and reused since.
     pub(crate) home_epoch: u64,
     /// The open frozen views.
     pub(crate) frozen: Vec<Frozen>,
@@ -458,7 +460,7 @@ impl Meta {
                 });
             }
             if self.cached_only && !self.overlay.contains_key(&addr.0) {
-                return Err(StoreError::NotCached { addr, meta_kind: kind });
+                return Err(StoreError::NotCached { addr, meta_kind: kind, epoch: self.home_epoch });
             }
             let mut data = Arc::new([0u8; BLOCK_SIZE]);
             // Not shared yet: no copy.

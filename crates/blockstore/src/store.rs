@@ -495,9 +495,9 @@ impl BlockStore {
                 f(&mut m.0)
             };
             match attempt {
-                Err(StoreError::NotCached { addr, meta_kind }) => {
+                Err(StoreError::NotCached { addr, meta_kind, epoch }) => {
                     drop(held);
-                    self.load(addr, meta_kind)?;
+                    self.load(addr, meta_kind, epoch)?;
                 }
                 other => return Ok((held, other?)),
             }
@@ -520,9 +520,9 @@ impl BlockStore {
                     txn.finish()?;
                     return Ok(v);
                 }
-                Err(StoreError::NotCached { addr, meta_kind }) => {
+                Err(StoreError::NotCached { addr, meta_kind, epoch }) => {
                     drop(txn);
-                    self.load(addr, meta_kind)?;
+                    self.load(addr, meta_kind, epoch)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -530,31 +530,38 @@ impl BlockStore {
         Err(StoreError::Damaged("a transaction kept missing the cache".into()))
     }
 
-    /// Reads metadata block `addr` into the cache without holding the metadata lock while the
-    /// medium is read. A block that fails verification is left to the locked read, which
-    /// reports the damage.
-    pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind) -> Result<()> {
-        for _ in 0..3 {
-            let epoch = {
-                let m = self.meta.lock();
-                if m.is_cached(addr) || m.is_pending_free(addr) {
-                    return Ok(());
-                }
-                m.home_epoch
-            };
-            let mut data = Arc::new([0u8; BLOCK_SIZE]);
-            self.backend
-                .read_at(addr.byte_offset(), Arc::make_mut(&mut data).as_mut_slice())
-                .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
-            if (kind.verify)(&data, addr).is_err() {
-                break; // damaged: let the locked read report it
-            }
-            if self.meta.lock().insert_loaded(addr, kind, data, epoch) {
+    /// Reads metadata block `addr`, which a walk missed at commit epoch `epoch` (both from
+    /// [`StoreError::NotCached`]), into the cache without holding the metadata lock while the
+    /// medium is read; the caller then walks again.
+    ///
+    /// The walk found `addr` referenced, but it dropped the lock to come here, and a block
+    /// can be unlinked, its free committed and the block reused meanwhile — never without a
+    /// commit moving the epoch on first. So if the epoch moved, what was read is not cached
+    /// (it may be a free block's old contents) and a block that fails verification is not
+    /// reported: the walk is retried from what is current. If it did not move, the block is
+    /// still the one the walk needs and a failed verification is real damage, which the
+    /// locked read reports.
+    pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind, epoch: u64) -> Result<()> {
+        {
+            let m = self.meta.lock();
+            if m.home_epoch != epoch || m.is_cached(addr) || m.is_pending_free(addr) {
                 return Ok(());
             }
-            // A commit wrote blocks home meanwhile: read again.
         }
-        self.meta.lock().read(addr, kind)?;
+        let mut data = Arc::new([0u8; BLOCK_SIZE]);
+        self.backend
+            .read_at(addr.byte_offset(), Arc::make_mut(&mut data).as_mut_slice())
+            .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
+        let verified = (kind.verify)(&data, addr).is_ok();
+        let mut m = self.meta.lock();
+        if m.home_epoch != epoch {
+            return Ok(()); // the walk may be stale: it walks again
+        }
+        if verified {
+            m.insert_loaded(addr, kind, data, epoch);
+            return Ok(());
+        }
+        m.read(addr, kind)?;
         Ok(())
     }
 

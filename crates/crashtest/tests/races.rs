@@ -15,6 +15,8 @@
 //!   variant runs checks back to back beside a busy VM and the background reclaimer.
 //! - A commit keeps the blocks it freed from reuse until the data I/O that began before it has
 //!   ended, while I/O that begins meanwhile neither waits for it nor holds it up.
+//! - A lookup that missed the cache, whose block is freed and reused while it reads it, walks
+//!   again instead of reporting damage.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -578,4 +580,73 @@ fn a_commit_reuses_no_block_under_earlier_io_and_stops_no_new_io() {
     assert!(!store.lock().is_pending_free(block), "the commit released the block once the read ended");
     drop(later_release);
     later.join().unwrap();
+}
+
+/// A lookup that misses the metadata cache reads the block without the lock. Meanwhile the
+/// block can be unlinked, its free committed and the block reused for data. What the read then
+/// finds is not damage: the lookup walks again from what is current now. Reporting it as a
+/// corrupt node (as `load` did) failed a guest's read or write with EIO under load.
+#[test]
+fn a_lookup_whose_missing_block_is_freed_and_reused_meanwhile_walks_again() {
+    use blockstore::format::{seal_meta, verify_meta};
+    use blockstore::{BLOCK_SIZE, BlockAddr, MetaKind};
+    use crashtest::pause::MediumGate;
+    static TEST_KIND: MetaKind = MetaKind {
+        name: "test",
+        seal: |b, a| seal_meta(b, 0x5453_4554, a),
+        verify: |b, a| verify_meta(b, 0x5453_4554, a),
+    };
+    let _fp = scenario();
+    for reused in [true, false] {
+        let gate = Arc::new(MediumGate::new(MemBackend::new()));
+        let create = CreateOptions { journal_slot_blocks: 64, max_blocks: 0 };
+        let open = OpenOptions::default();
+        let store = BlockStore::create(gate.clone(), &create, &open).unwrap();
+        // User slot 0 names one metadata block: a one-node "tree".
+        let node = store
+            .with_transaction(|t| {
+                let a = t.alloc_meta(&TEST_KIND)?;
+                t.write(a, &TEST_KIND)?[100] = 7;
+                t.set_user(0, a.0)?;
+                Ok(a)
+            })
+            .unwrap();
+        store.commit().unwrap();
+        drop(store);
+        // Reopened: nothing is cached, so the lookup misses.
+        let store = Arc::new(BlockStore::open(gate.clone(), &open).unwrap());
+        let (go_tx, go) = crossbeam_channel::bounded::<()>(0);
+        let lookup = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                go.recv().unwrap();
+                store.with_cached(|m| match m.user(0) {
+                    0 => Ok(None),
+                    a => Ok(Some(m.read(BlockAddr(a), &TEST_KIND)?[100])),
+                })
+            })
+        };
+        let read = gate.arm(lookup.thread().id());
+        go_tx.send(()).unwrap();
+        read.wait_reached();
+        // The lookup is reading the block. Meanwhile it is unlinked and freed, the free is
+        // committed, and (in the first round) a data write reuses the block.
+        store
+            .with_transaction(|t| {
+                t.set_user(0, 0)?;
+                t.decref(node)?;
+                Ok(())
+            })
+            .unwrap();
+        store.commit().unwrap();
+        assert_eq!(store.lock().refcount(node).unwrap(), 0, "the block is free again");
+        if reused {
+            store.write_data(node, 0, &[0xAB; BLOCK_SIZE]).unwrap();
+        }
+        read.resume();
+        let found = lookup.join().unwrap();
+        assert_eq!(found.expect("the lookup walks again instead of reporting damage"), None, "reused: {reused}");
+        // Nor does the stale read of a block that is free now stay in the cache.
+        assert!(!store.lock().is_cached(node), "a free block was cached from a stale read (reused: {reused})");
+    }
 }

@@ -395,11 +395,11 @@ impl Registry {
                     }
                     return Ok(v);
                 }
-                Err(VdiError::Store(StoreError::NotCached { addr, meta_kind })) => {
+                Err(VdiError::Store(StoreError::NotCached { addr, meta_kind, epoch })) => {
                     // The transaction was rolled back when it was dropped.
                     st.restore(before);
                     drop(st);
-                    self.store.load(addr, meta_kind)?;
+                    self.store.load(addr, meta_kind, epoch)?;
                 }
                 Err(e) => {
                     // Race tests pause here: other VDIs' writes made now must survive this failure.
