@@ -176,6 +176,10 @@ pub struct Meta {
     clock: VecDeque<u64>,
     cache_limit: usize,
     dirty_count: usize,
+    /// Every cached block that is dirty, by address, so a commit finds them without walking
+    /// the whole cache under the lock (65,536 blocks by default). Pushed when a block becomes
+    /// dirty; may also hold blocks that are clean again (a rolled-back transaction) or twice.
+    dirty_list: Vec<u64>,
     next_version: u64,
     pub(crate) pending_free: HashSet<u64>,
     pub(crate) committing_free: HashSet<u64>,
@@ -239,6 +243,7 @@ impl Meta {
             clock: VecDeque::new(),
             cache_limit: cache_limit.max(64),
             dirty_count: 0,
+            dirty_list: Vec::new(),
             next_version: 1,
             pending_free: HashSet::default(),
             committing_free: HashSet::default(),
@@ -553,6 +558,7 @@ impl Meta {
         let entry = self.cache.get_mut(&addr.0).ok_or_else(|| StoreError::Damaged("cache lost a block".into()))?;
         if !entry.dirty {
             self.dirty_count += 1;
+            self.dirty_list.push(addr.0);
         }
         entry.dirty = true;
         entry.version = version;
@@ -668,6 +674,7 @@ impl Meta {
             .insert(addr.0, Entry { data: Arc::new([0; BLOCK_SIZE]), kind, dirty: true, referenced: true, version });
         self.clock.push_back(addr.0);
         self.dirty_count += 1;
+        self.dirty_list.push(addr.0);
         self.fresh.insert(addr.0);
         Ok(addr)
     }
@@ -908,6 +915,7 @@ impl Meta {
         );
         self.clock.push_back(rc_addr);
         self.dirty_count += 1;
+        self.dirty_list.push(rc_addr);
         self.sb.alloc_cursor = rc_addr + 1;
         self.end_block.store(self.sb.end_block(), Ordering::Release);
         Ok(())
@@ -1114,13 +1122,18 @@ impl Meta {
     /// commit began, which it writes home before its record, and the rest, which go into the
     /// record. Blocks allocated from now on are the next commit's.
     pub(crate) fn begin_commit(&mut self) -> TakenImages {
-        let mut taken: Vec<TakenImage> = self
-            .cache
-            .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|(&a, e)| TakenImage { addr: BlockAddr(a), data: e.data.clone(), kind: e.kind, version: e.version })
+        let mut addrs = std::mem::take(&mut self.dirty_list);
+        addrs.sort_unstable();
+        addrs.dedup();
+        let taken: Vec<TakenImage> = addrs
+            .into_iter()
+            .filter_map(|a| {
+                let e = self.cache.get(&a).filter(|e| e.dirty)?;
+                Some(TakenImage { addr: BlockAddr(a), data: e.data.clone(), kind: e.kind, version: e.version })
+            })
             .collect();
-        taken.sort_by_key(|t| t.addr);
+        // A dirty block missing from the list would be missing from the record: lost.
+        assert_eq!(taken.len(), self.dirty_count, "the dirty list lost a dirty block");
         self.in_commit = taken.iter().map(|t| (t.addr.0, t.version)).collect();
         self.in_commit_unchanged = self.in_commit.len();
         let fresh = std::mem::take(&mut self.fresh);
@@ -1136,10 +1149,14 @@ impl Meta {
         for (a, v) in written {
             if let Some(e) = self.cache.get_mut(&a.0)
                 && e.dirty
-                && e.version == *v
             {
-                e.dirty = false;
-                self.dirty_count -= 1;
+                if e.version == *v {
+                    e.dirty = false;
+                    self.dirty_count -= 1;
+                } else {
+                    // Changed while the commit ran: the next commit takes it.
+                    self.dirty_list.push(a.0);
+                }
             }
         }
     }
