@@ -127,6 +127,14 @@ pub trait BlockDevice: Send + Sync {
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> DevResult<()>;
 
+    /// True if a write without FUA normally completes without waiting for a disk or a
+    /// network — it lands in memory or a page cache — so a server may run it in the thread
+    /// that received it instead of handing it to another (the hand-off costs more than such a
+    /// write). False, the default, where writes wait for a medium.
+    fn writes_land_in_memory(&self) -> bool {
+        false
+    }
+
     /// Drops the contents of `len` bytes at `offset`; whole blocks in the range read as zeros
     /// afterwards and their storage is released. Partial blocks at the edges are zeroed.
     fn discard(&self, offset: u64, len: u64) -> DevResult<()>;
@@ -172,6 +180,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn flush(&self) -> DevResult<()> {
         (**self).flush()
+    }
+    fn writes_land_in_memory(&self) -> bool {
+        (**self).writes_land_in_memory()
     }
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
         (**self).discard(offset, len)

@@ -38,6 +38,10 @@ impl BlockDevice for MemDisk {
         self.size
     }
 
+    fn writes_land_in_memory(&self) -> bool {
+        true
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }

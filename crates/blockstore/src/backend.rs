@@ -50,6 +50,12 @@ pub trait Backend: Send + Sync {
     }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// True if a write normally completes without waiting for the medium (a page cache or
+    /// memory takes it), as opposed to a network round trip. A hint for how to schedule
+    /// writes; it promises nothing about durability. False by default.
+    fn buffers_writes(&self) -> bool {
+        false
+    }
     /// Makes the medium at least `len` bytes long; new bytes read as zeros. On a file this
     /// reserves no space (the file grows sparsely). Fails with `ENOSPC` past a device's end.
     fn extend(&self, len: u64) -> io::Result<()>;
@@ -78,6 +84,9 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn buffers_writes(&self) -> bool {
+        (**self).buffers_writes()
     }
     fn extend(&self, len: u64) -> io::Result<()> {
         (**self).extend(len)

@@ -257,6 +257,10 @@ impl BlockDevice for Attached {
         self.disk.dev().flush()
     }
 
+    fn writes_land_in_memory(&self) -> bool {
+        self.disk.dev().writes_land_in_memory()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> blockdev::DevResult<()> {
         self.disk.dev().discard(offset, len)
     }

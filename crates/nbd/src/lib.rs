@@ -155,6 +155,12 @@ pub struct Limits {
     pub max_in_flight_per_conn: usize,
     /// Threads executing the requests of one connection.
     pub workers_per_conn: usize,
+    /// WRITEs without FUA of at most this many bytes run in the thread that read them, when
+    /// the device's writes land in memory ([`blockdev::BlockDevice::writes_land_in_memory`]):
+    /// waking a worker for such a write costs more than the write (4 KiB random writes at
+    /// queue depth 16 took 14 µs of CPU each this way against 21–24 µs handed off). The reader
+    /// reads the next request once the write is done. 0 hands every request to a worker.
+    pub inline_write_max: u32,
     /// Largest READ or WRITE accepted (advertised as the maximum block size). Clamped to
     /// 64 KiB ..= 1 GiB.
     pub max_request_bytes: u32,
@@ -181,6 +187,7 @@ impl Default for Limits {
             handshake_grace: Duration::from_secs(1),
             max_in_flight_per_conn: 64,
             workers_per_conn: 4,
+            inline_write_max: 64 << 10,
             max_request_bytes: 32 << 20,
             max_buffered_bytes_per_conn: 64 << 20,
             buffers: BufferPool::default(),
@@ -201,6 +208,7 @@ impl Limits {
             handshake_grace: self.handshake_grace,
             max_in_flight_per_conn: self.max_in_flight_per_conn.max(1),
             workers_per_conn: self.workers_per_conn.clamp(1, 256),
+            inline_write_max: self.inline_write_max.min(max_request_bytes),
             max_request_bytes,
             max_buffered_bytes_per_conn: self.max_buffered_bytes_per_conn.max(u64::from(max_request_bytes)),
             buffers: self.buffers.clone(),

@@ -752,6 +752,80 @@ fn flush_waits_for_earlier_writes() {
     assert!(join(t).is_ok());
 }
 
+/// A MemDisk that notes which thread ran each write, and says whether its writes land in
+/// memory as told.
+struct WhereWritesRun {
+    inner: MemDisk,
+    in_memory: bool,
+    threads: Mutex<Vec<(u64, String)>>,
+}
+
+impl BlockDevice for WhereWritesRun {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn writes_land_in_memory(&self) -> bool {
+        self.in_memory
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        let name = thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().push((offset, name));
+        self.inner.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> DevResult<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.inner.discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+}
+
+/// Which writes the reader runs itself: small ones without FUA, to a device whose writes land
+/// in memory, unless the limits say none. The rest go to the workers.
+#[test]
+fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
+    for (in_memory, inline_write_max) in [(true, Limits::default().inline_write_max), (false, 64 << 10), (true, 0)] {
+        let disk =
+            Arc::new(WhereWritesRun { inner: MemDisk::new(DISK_SIZE), in_memory, threads: Mutex::new(Vec::new()) });
+        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+        disks.insert("disk".into(), disk.clone());
+        let limits = Limits { inline_write_max, ..Limits::default() };
+        let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+        c.go("disk", false, false);
+        // A 4 KiB write, the same with FUA, and one of 128 KiB: one at a time, so each is
+        // noted before the next arrives.
+        for (handle, flags, offset, len) in
+            [(1, 0, 0, 4096), (2, wire::CMD_FLAG_FUA, 8192, 4096), (3, 0, 65536, 128 << 10)]
+        {
+            c.req(wire::CMD_WRITE, flags, handle, offset, len, &vec![handle as u8; len as usize]);
+            assert_eq!(c.simple(), (0, handle));
+        }
+        let ran: Vec<(u64, bool)> =
+            disk.threads.lock().iter().map(|(o, name)| (*o, name.starts_with("nbd-worker"))).collect();
+        let small_on_reader = in_memory && inline_write_max > 0;
+        assert_eq!(
+            ran,
+            vec![(0, !small_on_reader), (8192, true), (65536, true)],
+            "(offset, ran on a worker) with writes in memory: {in_memory}, inline_write_max {inline_write_max}"
+        );
+        // What the reader wrote reads back like the rest.
+        c.req(wire::CMD_READ, 0, 4, 0, 4096, &[]);
+        assert_eq!(c.simple(), (0, 4));
+        assert_eq!(c.read_n(4096), vec![1u8; 4096]);
+        c.disc();
+        assert!(join(t).is_ok());
+    }
+}
+
 #[test]
 fn replies_may_overtake_slow_requests() {
     let slow = SlowDisk::new(Some((0, Duration::from_millis(300))), Duration::ZERO);
@@ -809,6 +883,7 @@ fn limits_are_normalized() {
         handshake_grace: Duration::ZERO,
         max_in_flight_per_conn: 0,
         workers_per_conn: 0,
+        inline_write_max: u32::MAX,
         max_request_bytes: 1,
         max_buffered_bytes_per_conn: 0,
         buffers: crate::BufferPool::new(0),
@@ -819,6 +894,7 @@ fn limits_are_normalized() {
     .normalized();
     assert_eq!((l.max_connections, l.max_handshakes, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1, 1));
     assert_eq!(l.max_request_bytes, 64 << 10);
+    assert_eq!(l.inline_write_max, 64 << 10, "no write larger than a request runs on the reader");
     assert_eq!(l.max_buffered_bytes_per_conn, 64 << 10);
     assert_eq!(l.buffers.max_bytes(), 1 << 20);
     assert_eq!(l.buffers, l.clone().normalized().buffers, "clones share one pool");

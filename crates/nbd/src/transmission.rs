@@ -1,5 +1,7 @@
 //! The transmission phase: a reader parses requests and feeds a bounded worker pool; workers
-//! execute them on the device and write replies, possibly out of order, under one lock.
+//! execute them on the device and write replies, possibly out of order, under one lock. A
+//! small WRITE to a device whose writes land in memory the reader runs itself: handing it to a
+//! worker (a wake-up and a context switch) would cost more than the write.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, Write};
@@ -192,6 +194,8 @@ struct Conn<'a, W> {
     extended: bool,
     allocation_context: Option<u32>,
     max_request: u32,
+    /// WRITEs without FUA up to this length run on the reader (0: none do).
+    inline_write_max: u64,
     /// Time a request's payload has to arrive once its header has.
     payload_timeout: std::time::Duration,
     /// The daemon-wide bound on payload bytes held.
@@ -224,6 +228,7 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
         extended: session.extended,
         allocation_context: session.allocation_context,
         max_request: limits.max_request_bytes,
+        inline_write_max: if dev.writes_land_in_memory() { u64::from(limits.inline_write_max) } else { 0 },
         payload_timeout: limits.reply_timeout,
         pool: &limits.buffers,
         writer: Mutex::new(writer),
@@ -343,7 +348,12 @@ impl<W: Write + Send> Conn<'_, W> {
             if is_write_like(req.typ) {
                 self.pending_writes.start(seq);
             }
-            queue.push(Job { req, payload, held, seq, cost, read_slot, skipped });
+            let job = Job { req, payload, held, seq, cost, read_slot, skipped };
+            if self.runs_on_reader(&job) {
+                self.run(job);
+            } else {
+                queue.push(job);
+            }
             seq += 1;
         }
     }
@@ -393,23 +403,38 @@ impl<W: Write + Send> Conn<'_, W> {
         ReplyTo { handle: r.handle, offset: r.offset, extended: self.extended }
     }
 
+    /// True if the reader runs `job` itself: a WRITE small enough, without FUA (which waits
+    /// for a commit), to a device whose writes land in memory. Everything else, and anything
+    /// that may wait for a medium, goes to the workers so the reader keeps reading.
+    fn runs_on_reader(&self, job: &Job) -> bool {
+        job.req.typ == wire::CMD_WRITE
+            && job.skipped.is_none()
+            && job.req.flags & wire::CMD_FLAG_FUA == 0
+            && job.req.len <= self.inline_write_max
+    }
+
     /// A worker: executes queued jobs until the queue is closed and empty.
     fn work(&self, queue: &JobQueue) {
         while let Some(job) = queue.pop() {
-            let (req, seq, cost, read_slot) = (job.req, job.seq, job.cost, job.read_slot);
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(job)));
-            if is_write_like(req.typ) {
-                self.pending_writes.finish(seq);
-            }
-            if outcome.is_err() {
-                error!(?req, "request handler panicked; closing the connection");
-                self.broken.store(true, Ordering::Release);
-                (self.shut)();
-            }
-            self.budget.release(cost);
-            if read_slot {
-                self.read_slots.release(0);
-            }
+            self.run(job);
+        }
+    }
+
+    /// Executes one job and gives back what it holds; a panic closes the connection.
+    fn run(&self, job: Job) {
+        let (req, seq, cost, read_slot) = (job.req, job.seq, job.cost, job.read_slot);
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(job)));
+        if is_write_like(req.typ) {
+            self.pending_writes.finish(seq);
+        }
+        if outcome.is_err() {
+            error!(?req, "request handler panicked; closing the connection");
+            self.broken.store(true, Ordering::Release);
+            (self.shut)();
+        }
+        self.budget.release(cost);
+        if read_slot {
+            self.read_slots.release(0);
         }
     }
 

@@ -523,6 +523,12 @@ impl BlockDevice for VdiDisk {
         })
     }
 
+    fn writes_land_in_memory(&self) -> bool {
+        // A data write is one write to the store's medium, after a lookup (and at times a
+        // copy-on-write) in metadata that is almost always cached.
+        self.store().backend().buffers_writes()
+    }
+
     fn flush(&self) -> DevResult<()> {
         self.meter(IoOp::Flush, 0, || {
             if !self.writable {

@@ -62,6 +62,9 @@ impl BlockDevice for NoDiscardDisk {
     fn flush(&self) -> DevResult<()> {
         self.0.flush()
     }
+    fn writes_land_in_memory(&self) -> bool {
+        self.0.writes_land_in_memory()
+    }
     fn discard(&self, _offset: u64, _len: u64) -> DevResult<()> {
         Err(DevError::Unsupported("discard is disabled for this device (discard-enable=0)"))
     }

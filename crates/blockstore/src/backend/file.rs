@@ -125,6 +125,10 @@ impl Backend for FileBackend {
         if self.is_device { self.file.sync_all() } else { self.file.sync_data() }
     }
 
+    fn buffers_writes(&self) -> bool {
+        true // buffered I/O: the page cache (of the file or of the block device) takes writes
+    }
+
     fn extend(&self, len: u64) -> io::Result<()> {
         if self.is_device {
             return if len <= self.device_size { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::ENOSPC)) };

@@ -183,6 +183,10 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn buffers_writes(&self) -> bool {
+        true
+    }
+
     fn sync(&self) -> io::Result<()> {
         let mut s = self.state.lock();
         let unsynced = std::mem::take(&mut s.unsynced);
