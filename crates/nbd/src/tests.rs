@@ -826,6 +826,91 @@ fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
     }
 }
 
+/// A MemDisk whose first flush waits until the test lets it go; counts flushes and notes
+/// writes.
+struct HeldFlush {
+    inner: MemDisk,
+    flushes: Mutex<u32>,
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    written: std::sync::mpsc::Sender<u64>,
+}
+
+impl BlockDevice for HeldFlush {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn writes_land_in_memory(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+        let r = self.inner.write_at(offset, data, fua);
+        let _ = self.written.send(offset);
+        r
+    }
+    fn flush(&self) -> DevResult<()> {
+        let first = {
+            let mut n = self.flushes.lock();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().recv();
+        }
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.inner.discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+}
+
+/// FLUSHes that queue up while one is being made are answered together by one more flush of
+/// the device, each with its own reply (one with a flag FLUSH does not take gets EINVAL).
+#[test]
+fn flushes_queued_together_share_one_flush_of_the_device() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
+    let (written_tx, written) = std::sync::mpsc::channel();
+    let disk = Arc::new(HeldFlush {
+        inner: MemDisk::new(DISK_SIZE),
+        flushes: Mutex::new(0),
+        entered: entered_tx,
+        release: Mutex::new(release),
+        written: written_tx,
+    });
+    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+    disks.insert("disk".into(), disk.clone());
+    let limits = Limits { workers_per_conn: 1, ..Limits::default() };
+    let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+    c.go("disk", false, false);
+    c.req(wire::CMD_FLUSH, 0, 1, 0, 0, &[]);
+    entered.recv_timeout(Duration::from_secs(5)).expect("the first flush reaches the device");
+    // The only worker is in that flush. Three more FLUSHes, then a write the reader runs
+    // itself: once the device has it, the FLUSHes are queued.
+    c.req(wire::CMD_FLUSH, 0, 2, 0, 0, &[]);
+    c.req(wire::CMD_FLUSH, wire::CMD_FLAG_DF, 3, 0, 0, &[]);
+    c.req(wire::CMD_FLUSH, wire::CMD_FLAG_FUA, 4, 0, 0, &[]);
+    c.req(wire::CMD_WRITE, 0, 5, 0, 4096, &[5u8; 4096]);
+    assert_eq!(written.recv_timeout(Duration::from_secs(5)), Ok(0));
+    release_tx.send(()).unwrap();
+    let mut replies: Vec<(u32, u64)> = (0..5).map(|_| c.simple()).collect();
+    replies.sort_by_key(|r| r.1);
+    assert_eq!(replies, vec![(0, 1), (0, 2), (wire::EINVAL, 3), (0, 4), (0, 5)]);
+    assert_eq!(*disk.flushes.lock(), 2, "the three queued FLUSHes share one flush");
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
 #[test]
 fn replies_may_overtake_slow_requests() {
     let slow = SlowDisk::new(Some((0, Duration::from_millis(300))), Duration::ZERO);

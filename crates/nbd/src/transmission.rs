@@ -120,6 +120,23 @@ impl JobQueue {
         self.state.lock().closed = true;
         self.ready.notify_all();
     }
+
+    /// Takes the FLUSHes at the front of the queue, up to the first other job: one commit
+    /// answers them all. Only from the front: a FLUSH behind a queued write must not be taken
+    /// ahead of it (the write would then wait for a worker that waits for it).
+    fn pop_flushes(&self) -> Vec<Job> {
+        let mut s = self.state.lock();
+        let mut flushes = Vec::new();
+        while s.jobs.front().is_some_and(is_plain_flush) {
+            flushes.extend(s.jobs.pop_front());
+        }
+        flushes
+    }
+}
+
+/// A FLUSH that asks for a flush (not one answered with an error whatever happens).
+fn is_plain_flush(job: &Job) -> bool {
+    job.req.typ == wire::CMD_FLUSH && job.skipped.is_none()
 }
 
 /// Closes the queue when the reader is done, however it ends (a panic included: the workers
@@ -416,7 +433,29 @@ impl<W: Write + Send> Conn<'_, W> {
     /// A worker: executes queued jobs until the queue is closed and empty.
     fn work(&self, queue: &JobQueue) {
         while let Some(job) = queue.pop() {
-            self.run(job);
+            if is_plain_flush(&job) {
+                // FLUSHes queued together share one commit: a FLUSH waiting for a worker
+                // while the others each waited for their own commit took tens of
+                // milliseconds once writes stopped queueing (they run on the reader).
+                let mut flushes = vec![job];
+                flushes.extend(queue.pop_flushes());
+                self.run_flushes(flushes);
+            } else {
+                self.run(job);
+            }
+        }
+    }
+
+    /// [`Conn::flush_and_reply`] for FLUSHes taken together; a panic closes the connection.
+    fn run_flushes(&self, flushes: Vec<Job>) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.flush_and_reply(&flushes)));
+        if outcome.is_err() {
+            error!(flushes = flushes.len(), "flush handler panicked; closing the connection");
+            self.broken.store(true, Ordering::Release);
+            (self.shut)();
+        }
+        for job in &flushes {
+            self.budget.release(job.cost);
         }
     }
 
@@ -453,13 +492,7 @@ impl<W: Write + Send> Conn<'_, W> {
                 drop((job.payload, job.held));
                 self.reply_status(r, res);
             }
-            wire::CMD_FLUSH => {
-                let res = self.check_flags(r, wire::CMD_FLAG_FUA).and_then(|()| {
-                    self.pending_writes.wait_before(job.seq);
-                    if self.read_only { Ok(()) } else { self.dev.flush().map_err(Fail::from) }
-                });
-                self.reply_status(r, res);
-            }
+            wire::CMD_FLUSH => self.flush_and_reply(std::slice::from_ref(&job)),
             wire::CMD_TRIM => {
                 let res = self.trim(r);
                 self.reply_status(r, res);
@@ -474,6 +507,28 @@ impl<W: Write + Send> Conn<'_, W> {
                 self.reply_status(r, res);
             }
             other => self.reply_error(r, Fail::new(wire::EINVAL, format!("unknown command {other}"))),
+        }
+    }
+
+    /// Answers FLUSHes received in this order with one flush of the device, made once every
+    /// write received before the last of them has finished.
+    fn flush_and_reply(&self, flushes: &[Job]) {
+        let checked: Vec<Result<(), Fail>> =
+            flushes.iter().map(|j| self.check_flags(&j.req, wire::CMD_FLAG_FUA)).collect();
+        let last_wanted = flushes.iter().zip(&checked).filter(|(_, c)| c.is_ok()).map(|(j, _)| j.seq).next_back();
+        let flushed = match last_wanted {
+            None => Ok(()),
+            Some(seq) => {
+                self.pending_writes.wait_before(seq);
+                if self.read_only { Ok(()) } else { self.dev.flush().map_err(Fail::from) }
+            }
+        };
+        for (job, check) in flushes.iter().zip(checked) {
+            let res = check.and_then(|()| match &flushed {
+                Ok(()) => Ok(()),
+                Err(f) => Err(Fail::new(f.errno, f.message.clone())),
+            });
+            self.reply_status(&job.req, res);
         }
     }
 
