@@ -530,38 +530,43 @@ impl BlockStore {
         Err(StoreError::Damaged("a transaction kept missing the cache".into()))
     }
 
-    /// Reads metadata block `addr`, which a walk missed at commit epoch `epoch` (both from
+    /// Reads metadata block `addr`, which a walk missed at commit epoch `missed_at` (both from
     /// [`StoreError::NotCached`]), into the cache without holding the metadata lock while the
-    /// medium is read; the caller then walks again.
+    /// medium is read; the caller then walks again. A read is cached only if no commit wrote
+    /// blocks home while it ran.
     ///
     /// The walk found `addr` referenced, but it dropped the lock to come here, and a block
     /// can be unlinked, its free committed and the block reused meanwhile — never without a
-    /// commit moving the epoch on first. So if the epoch moved, what was read is not cached
-    /// (it may be a free block's old contents) and a block that fails verification is not
-    /// reported: the walk is retried from what is current. If it did not move, the block is
-    /// still the one the walk needs and a failed verification is real damage, which the
-    /// locked read reports.
-    pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind, epoch: u64) -> Result<()> {
-        {
-            let m = self.meta.lock();
-            if m.home_epoch != epoch || m.is_cached(addr) || m.is_pending_free(addr) {
+    /// commit moving the epoch on first. So a block failing verification after the epoch moved
+    /// is no damage: the walk starts again from what is current. If the epoch did not move, the
+    /// block is still the one the walk needs and the locked read reports the damage.
+    pub fn load(&self, addr: BlockAddr, kind: &'static crate::MetaKind, missed_at: u64) -> Result<()> {
+        for _ in 0..3 {
+            let epoch = {
+                let m = self.meta.lock();
+                if m.is_cached(addr) || m.is_pending_free(addr) {
+                    return Ok(());
+                }
+                m.home_epoch
+            };
+            let mut data = Arc::new([0u8; BLOCK_SIZE]);
+            self.backend
+                .read_at(addr.byte_offset(), Arc::make_mut(&mut data).as_mut_slice())
+                .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
+            if (kind.verify)(&data, addr).is_err() {
+                if self.meta.lock().home_epoch != missed_at {
+                    // A commit completed since the walk missed the block: it may have been
+                    // freed and reused since. Not damage: the walk starts again.
+                    return Ok(());
+                }
+                break; // damaged: let the locked read report it
+            }
+            if self.meta.lock().insert_loaded(addr, kind, data, epoch) {
                 return Ok(());
             }
+            // A commit wrote blocks home meanwhile: read again.
         }
-        let mut data = Arc::new([0u8; BLOCK_SIZE]);
-        self.backend
-            .read_at(addr.byte_offset(), Arc::make_mut(&mut data).as_mut_slice())
-            .map_err(|e| StoreError::io(format!("reading {} block {addr}", kind.name), e))?;
-        let verified = (kind.verify)(&data, addr).is_ok();
-        let mut m = self.meta.lock();
-        if m.home_epoch != epoch {
-            return Ok(()); // the walk may be stale: it walks again
-        }
-        if verified {
-            m.insert_loaded(addr, kind, data, epoch);
-            return Ok(());
-        }
-        m.read(addr, kind)?;
+        self.meta.lock().read(addr, kind)?;
         Ok(())
     }
 

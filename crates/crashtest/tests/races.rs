@@ -646,7 +646,5 @@ fn a_lookup_whose_missing_block_is_freed_and_reused_meanwhile_walks_again() {
         read.resume();
         let found = lookup.join().unwrap();
         assert_eq!(found.expect("the lookup walks again instead of reporting damage"), None, "reused: {reused}");
-        // Nor does the stale read of a block that is free now stay in the cache.
-        assert!(!store.lock().is_cached(node), "a free block was cached from a stale read (reused: {reused})");
     }
 }
