@@ -75,6 +75,7 @@ pub(crate) struct Undo {
     reserved: Vec<u64>,
     end_block: u64,
     dirty_count: usize,
+    dirty_listed: usize,
     in_commit_unchanged: usize,
 }
 
@@ -178,7 +179,8 @@ pub struct Meta {
     dirty_count: usize,
     /// Every cached block that is dirty, by address, so a commit finds them without walking
     /// the whole cache under the lock (65,536 blocks by default). Pushed when a block becomes
-    /// dirty; may also hold blocks that are clean again (a rolled-back transaction) or twice.
+    /// dirty, cut back by a rollback, trimmed to the blocks still dirty when a commit marks
+    /// blocks clean; may also hold blocks freed since (no longer cached).
     dirty_list: Vec<u64>,
     next_version: u64,
     pub(crate) pending_free: HashSet<u64>,
@@ -291,6 +293,7 @@ impl Meta {
             reserved: Vec::new(),
             end_block: self.end_block.load(Ordering::Acquire),
             dirty_count: self.dirty_count,
+            dirty_listed: self.dirty_list.len(),
             in_commit_unchanged: self.in_commit_unchanged,
         });
     }
@@ -439,6 +442,8 @@ impl Meta {
         // No commit can start or end while a transaction holds the lock, so the counters
         // are exactly what they were when it began.
         self.dirty_count = undo.dirty_count;
+        // What the transaction listed it made dirty, and it is clean (or gone) again.
+        self.dirty_list.truncate(undo.dirty_listed);
         self.in_commit_unchanged = undo.in_commit_unchanged;
         debug_assert_eq!(self.dirty_count, self.cache.values().filter(|e| e.dirty).count());
     }
@@ -1122,13 +1127,15 @@ impl Meta {
     /// commit began, which it writes home before its record, and the rest, which go into the
     /// record. Blocks allocated from now on are the next commit's.
     pub(crate) fn begin_commit(&mut self) -> TakenImages {
-        let mut addrs = std::mem::take(&mut self.dirty_list);
-        addrs.sort_unstable();
-        addrs.dedup();
-        let taken: Vec<TakenImage> = addrs
-            .into_iter()
-            .filter_map(|a| {
-                let e = self.cache.get(&a).filter(|e| e.dirty)?;
+        // The list stays as it is until the commit marks blocks clean, so a commit that never
+        // gets there (an error or a panic half-way) leaves it whole for the next one.
+        let Meta { dirty_list, cache, .. } = self;
+        dirty_list.sort_unstable();
+        dirty_list.dedup();
+        let taken: Vec<TakenImage> = dirty_list
+            .iter()
+            .filter_map(|&a| {
+                let e = cache.get(&a).filter(|e| e.dirty)?;
                 Some(TakenImage { addr: BlockAddr(a), data: e.data.clone(), kind: e.kind, version: e.version })
             })
             .collect();
@@ -1149,16 +1156,15 @@ impl Meta {
         for (a, v) in written {
             if let Some(e) = self.cache.get_mut(&a.0)
                 && e.dirty
+                && e.version == *v
             {
-                if e.version == *v {
-                    e.dirty = false;
-                    self.dirty_count -= 1;
-                } else {
-                    // Changed while the commit ran: the next commit takes it.
-                    self.dirty_list.push(a.0);
-                }
+                e.dirty = false;
+                self.dirty_count -= 1;
             }
         }
+        // What is still dirty (changed while the commit ran, or since) stays listed.
+        let Meta { dirty_list, cache, .. } = self;
+        dirty_list.retain(|a| cache.get(a).is_some_and(|e| e.dirty));
     }
 
     /// True if anything changed since the last commit.
