@@ -752,15 +752,32 @@ fn flush_waits_for_earlier_writes() {
     assert!(join(t).is_ok());
 }
 
-/// A MemDisk that notes which thread ran each write, and says whether its writes land in
-/// memory as told.
-struct WhereWritesRun {
+/// A MemDisk that says whether its writes land in memory as told, notes which thread ran each
+/// write (and tells `written`), counts flushes, and holds its first flush until `release` says.
+struct Watched {
     inner: MemDisk,
     in_memory: bool,
     threads: Mutex<Vec<(u64, String)>>,
+    written: Option<std::sync::mpsc::Sender<u64>>,
+    flushes: Mutex<u32>,
+    /// Told when the first flush starts; that flush then waits for `release`.
+    hold_first_flush: Option<(std::sync::mpsc::SyncSender<()>, Mutex<std::sync::mpsc::Receiver<()>>)>,
 }
 
-impl BlockDevice for WhereWritesRun {
+impl Watched {
+    fn new(in_memory: bool) -> Watched {
+        Watched {
+            inner: MemDisk::new(DISK_SIZE),
+            in_memory,
+            threads: Mutex::new(Vec::new()),
+            written: None,
+            flushes: Mutex::new(0),
+            hold_first_flush: None,
+        }
+    }
+}
+
+impl BlockDevice for Watched {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -776,9 +793,22 @@ impl BlockDevice for WhereWritesRun {
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
         let name = thread::current().name().unwrap_or("").to_string();
         self.threads.lock().push((offset, name));
-        self.inner.write_at(offset, data, fua)
+        let r = self.inner.write_at(offset, data, fua);
+        if let Some(w) = &self.written {
+            let _ = w.send(offset);
+        }
+        r
     }
     fn flush(&self) -> DevResult<()> {
+        let first = {
+            let mut n = self.flushes.lock();
+            *n += 1;
+            *n == 1
+        };
+        if first && let Some((entered, release)) = &self.hold_first_flush {
+            let _ = entered.send(());
+            let _ = release.lock().recv();
+        }
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
@@ -794,8 +824,7 @@ impl BlockDevice for WhereWritesRun {
 #[test]
 fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
     for (in_memory, inline_write_max) in [(true, Limits::default().inline_write_max), (false, 64 << 10), (true, 0)] {
-        let disk =
-            Arc::new(WhereWritesRun { inner: MemDisk::new(DISK_SIZE), in_memory, threads: Mutex::new(Vec::new()) });
+        let disk = Arc::new(Watched::new(in_memory));
         let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
         disks.insert("disk".into(), disk.clone());
         let limits = Limits { inline_write_max, ..Limits::default() };
@@ -826,54 +855,6 @@ fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
     }
 }
 
-/// A MemDisk whose first flush waits until the test lets it go; counts flushes and notes
-/// writes.
-struct HeldFlush {
-    inner: MemDisk,
-    flushes: Mutex<u32>,
-    entered: std::sync::mpsc::SyncSender<()>,
-    release: Mutex<std::sync::mpsc::Receiver<()>>,
-    written: std::sync::mpsc::Sender<u64>,
-}
-
-impl BlockDevice for HeldFlush {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn writes_land_in_memory(&self) -> bool {
-        true
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
-        let r = self.inner.write_at(offset, data, fua);
-        let _ = self.written.send(offset);
-        r
-    }
-    fn flush(&self) -> DevResult<()> {
-        let first = {
-            let mut n = self.flushes.lock();
-            *n += 1;
-            *n == 1
-        };
-        if first {
-            let _ = self.entered.send(());
-            let _ = self.release.lock().recv();
-        }
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.inner.discard(offset, len)
-    }
-    fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
-        self.inner.extents(offset, len)
-    }
-}
-
 /// FLUSHes that queue up while one is being made are answered together by one more flush of
 /// the device, each with its own reply (one with a flag FLUSH does not take gets EINVAL).
 #[test]
@@ -881,12 +862,10 @@ fn flushes_queued_together_share_one_flush_of_the_device() {
     let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
     let (release_tx, release) = std::sync::mpsc::sync_channel(1);
     let (written_tx, written) = std::sync::mpsc::channel();
-    let disk = Arc::new(HeldFlush {
-        inner: MemDisk::new(DISK_SIZE),
-        flushes: Mutex::new(0),
-        entered: entered_tx,
-        release: Mutex::new(release),
-        written: written_tx,
+    let disk = Arc::new(Watched {
+        written: Some(written_tx),
+        hold_first_flush: Some((entered_tx, Mutex::new(release))),
+        ..Watched::new(true)
     });
     let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
     disks.insert("disk".into(), disk.clone());
