@@ -16,4 +16,4 @@ mod recorder;
 pub mod states;
 pub mod workload;
 
-pub use recorder::{Op, Recorder};
+pub use recorder::{Op, Recorder, Stamp};

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockstore::{Backend, MemBackend};
 use parking_lot::Mutex;
@@ -32,6 +33,18 @@ pub struct Recorder {
     medium: Arc<dyn Backend>,
     /// The log; its lock also orders each change with its entry.
     log: Arc<Mutex<Vec<Op>>>,
+    /// Stamps handed out so far; advanced only under the log's lock.
+    stamps: Arc<AtomicU64>,
+}
+
+/// An instant in a recorded run: the log position then, and a sequence number that orders
+/// instants taken at the same position (by different threads, with no change logged between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    /// Operations logged before this instant.
+    pub position: usize,
+    /// Order among all stamps of the recorder.
+    pub seq: u64,
 }
 
 impl Default for Recorder {
@@ -49,12 +62,20 @@ impl Recorder {
     /// A recorder passing everything on to `medium` (a store in RADOS, say), which must be
     /// empty: the log is all that was ever written to it.
     pub fn on(medium: Arc<dyn Backend>) -> Self {
-        Recorder { medium, log: Arc::default() }
+        Recorder { medium, log: Arc::default(), stamps: Arc::default() }
     }
 
     /// Number of operations logged so far: a position in the log.
     pub fn position(&self) -> usize {
         self.log.lock().len()
+    }
+
+    /// This instant, totally ordered with every other stamp: two threads that read the same
+    /// [`position`](Recorder::position) cannot tell which of them came first; their stamps can.
+    pub fn stamp(&self) -> Stamp {
+        let log = self.log.lock();
+        // The lock is held: stamps follow the order in which the log was seen.
+        Stamp { position: log.len(), seq: self.stamps.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// A copy of the log.

@@ -13,7 +13,7 @@ use blockdev::BlockDevice;
 use blockstore::{BLOCK_SIZE, BlockStore, CreateOptions, MemBackend, OpenOptions};
 use vdi::{Registry, SnapshotId, VdiId};
 
-use crate::recorder::{Op, Recorder};
+use crate::recorder::{Op, Recorder, Stamp};
 use crate::states::{CrashState, Rng, last_sync_before};
 
 const SECTOR: usize = 512;
@@ -51,6 +51,28 @@ struct SnapModel {
     deleted: Option<Span>,
     /// Deleted by a schedule's retention: durable at the next commit.
     deleted_lazily: bool,
+}
+
+/// One write a thread of [`Run::concurrent`] made: its block, what it wrote, and when.
+#[derive(Debug, Clone)]
+pub struct ThreadWrite {
+    /// The virtual block written (whole).
+    pub vblock: u64,
+    /// What it wrote.
+    pub content: Content,
+    /// Stamped just before the call and just after it returned.
+    pub span: (Stamp, Stamp),
+}
+
+/// What one thread writing beside others did to its VDI, for [`Run::record_threads`].
+#[derive(Debug, Clone)]
+pub struct ThreadLog {
+    /// The VDI it wrote and flushed.
+    pub vdi: VdiId,
+    /// Its writes, in order.
+    pub writes: Vec<ThreadWrite>,
+    /// Its flushes, stamped just before and just after each.
+    pub flushes: Vec<(Stamp, Stamp)>,
 }
 
 /// What the workload did and had acknowledged, in log positions.
@@ -305,25 +327,23 @@ impl Run {
     }
 
     /// Writers on several VDIs at once, one thread each: `rounds` rounds of a few writes to
-    /// random blocks, each thread flushing every other round. The spans of every write and
-    /// flush come from the shared log, so the model holds them to the same rules.
+    /// random blocks, each thread flushing every other round, recorded by
+    /// [`Run::record_threads`].
     pub fn concurrent(&mut self, ids: &[VdiId], rounds: u64) {
-        type Done = (VdiId, Vec<(u64, Content, Span)>, Vec<Span>);
         let start_version = self.version;
-        let results: Vec<Done> = std::thread::scope(|scope| {
+        let logs: Vec<ThreadLog> = std::thread::scope(|scope| {
             let handles: Vec<_> = ids
                 .iter()
                 .enumerate()
                 .map(|(k, &id)| {
                     let reg = self.reg.clone();
                     let rec = self.recorder.clone();
-                    let tag = self.model.vdis[&id].tag;
+                    let tag = self.tag(id);
                     let blocks = self.model.vdis[&id].blocks;
                     let mut rng = Rng::new(self.rng.next_u64() ^ k as u64);
                     scope.spawn(move || {
                         let dev = reg.open_vdi(id, true).expect("open for writing");
-                        let mut writes = Vec::new();
-                        let mut flushes = Vec::new();
+                        let mut log = ThreadLog { vdi: id, writes: Vec::new(), flushes: Vec::new() };
                         // Versions far apart per thread, so no two writes share one.
                         let mut version = start_version + 1_000_000 * (k as u64 + 1);
                         for round in 0..rounds {
@@ -331,30 +351,64 @@ impl Run {
                                 version += 1;
                                 let vb = rng.below(blocks as usize) as u64;
                                 let c = Some((tag, version));
-                                let s = rec.position();
+                                let s = rec.stamp();
                                 dev.write_at(vb * BLOCK_SIZE as u64, &block_bytes(c, vb), false).expect("write");
-                                writes.push((vb, c, (s, rec.position())));
+                                log.writes.push(ThreadWrite { vblock: vb, content: c, span: (s, rec.stamp()) });
                             }
                             if round % 2 == 1 {
-                                let s = rec.position();
+                                let s = rec.stamp();
                                 dev.flush().expect("flush");
-                                flushes.push((s, rec.position()));
+                                log.flushes.push((s, rec.stamp()));
                             }
                         }
-                        (id, writes, flushes)
+                        log
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("writer thread")).collect()
         });
-        for (id, writes, flushes) in results {
-            let v = self.model.vdis.get_mut(&id).expect("modelled VDI");
-            for (vb, c, span) in writes {
-                v.history[vb as usize].push(Change { content: c, span });
-            }
-            self.model.barriers.extend(flushes);
+        let moved = self.record_threads(&logs);
+        if moved > 0 {
+            eprintln!(
+                "concurrent phase: {moved} writes returned after another thread's flush began at their last position"
+            );
         }
         self.version = start_version + 1_000_000 * (ids.len() as u64 + 1);
+    }
+
+    /// Records what threads writing at once did: every write as a change, every flush as a
+    /// barrier.
+    ///
+    /// A log position alone cannot order two threads' instants when no change was logged
+    /// between them: a write whose data reached the medium may still be mapping its block when
+    /// another thread's flush begins its commit, and both then read the same position. A flush
+    /// covers only the writes that returned before it began, so stamps order them: a write
+    /// that returned after a flush of another thread began at the same position ends, in the
+    /// model, one position later — not required by that flush, required by every barrier
+    /// begun after the next change. Returns how many writes that moved.
+    pub fn record_threads(&mut self, logs: &[ThreadLog]) -> usize {
+        let flush_starts: Vec<(VdiId, Stamp)> =
+            logs.iter().flat_map(|t| t.flushes.iter().map(|f| (t.vdi, f.0))).collect();
+        let mut moved = 0;
+        for t in logs {
+            let v = self.model.vdis.get_mut(&t.vdi).expect("modelled VDI");
+            for w in &t.writes {
+                let (start, end) = w.span;
+                let behind_a_flush = flush_starts
+                    .iter()
+                    .any(|&(other, f)| other != t.vdi && f.position == end.position && f.seq < end.seq);
+                moved += usize::from(behind_a_flush);
+                let end = end.position + usize::from(behind_a_flush);
+                v.history[w.vblock as usize].push(Change { content: w.content, span: (start.position, end) });
+            }
+            self.model.barriers.extend(t.flushes.iter().map(|(s, e)| (s.position, e.position)));
+        }
+        moved
+    }
+
+    /// The tag VDI `id` writes into its sectors.
+    pub fn tag(&self, id: VdiId) -> u32 {
+        self.model.vdis[&id].tag
     }
 
     /// Takes a snapshot with a name (the VDI's snapshot-name table is rewritten).

@@ -17,6 +17,8 @@
 //!   ended, while I/O that begins meanwhile neither waits for it nor holds it up.
 //! - A lookup that missed the cache, whose block is freed and reused while it reads it, walks
 //!   again instead of reporting damage.
+//! - The crash-state checker orders a write that returns just as another thread's flush begins
+//!   by stamps, not by log position alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -647,4 +649,67 @@ fn a_lookup_whose_missing_block_is_freed_and_reused_meanwhile_walks_again() {
         let found = lookup.join().unwrap();
         assert_eq!(found.expect("the lookup walks again instead of reporting damage"), None, "reused: {reused}");
     }
+}
+
+/// The crash-state checker's clock: a write whose data is on the medium but whose block is not
+/// yet mapped when another thread's flush begins its commit is not covered by that flush — and
+/// when no change is logged between the flush's start and the write's return, both read the
+/// same log position. Built here deterministically (the write held between its data and its
+/// mapping, the commit held after taking its blocks); the checker must accept every crash state
+/// of it. Red when the model orders the two by log position alone: the states right after the
+/// flush then "lose" the write (the failure a long `crash-states` run hit on a loaded machine).
+#[test]
+fn a_write_mapping_its_block_as_another_threads_flush_begins_is_not_held_to_that_flush() {
+    use crashtest::states::for_each_state;
+    use crashtest::workload::{Run, ThreadLog, ThreadWrite, block_bytes, check_state};
+    let _fp = scenario();
+    let mut run = Run::new(9, 64);
+    let (a, b) = (run.create("a", 64), run.create("b", 64));
+    let content = Some((run.tag(a), 77));
+    let held_write = Pause::arm("vdi::write::data_written");
+    let writer = {
+        let (reg, rec) = (run.reg.clone(), run.recorder.clone());
+        std::thread::spawn(move || {
+            let dev = reg.open_vdi(a, true).unwrap();
+            let s = rec.stamp();
+            dev.write_at(5 * 4096, &block_bytes(content, 5), false).unwrap();
+            (s, rec.stamp())
+        })
+    };
+    held_write.wait_reached();
+    let held_commit = Pause::arm("blockstore::commit::sealing");
+    let flusher = {
+        let (reg, rec) = (run.reg.clone(), run.recorder.clone());
+        std::thread::spawn(move || {
+            let dev = reg.open_vdi(b, true).unwrap();
+            let s = rec.stamp();
+            dev.flush().unwrap();
+            (s, rec.stamp())
+        })
+    };
+    held_commit.wait_reached();
+    // The commit has taken its blocks without the write's mapping; the write now returns
+    // before the commit logs anything.
+    held_write.resume();
+    let write = writer.join().unwrap();
+    held_commit.resume();
+    let flush = flusher.join().unwrap();
+    assert_eq!(write.1.position, flush.0.position, "the write returned at the position its flush began");
+    assert!(flush.0 < write.1, "the flush began first");
+    let logs = [
+        ThreadLog { vdi: a, writes: vec![ThreadWrite { vblock: 5, content, span: write }], flushes: vec![] },
+        ThreadLog { vdi: b, writes: vec![], flushes: vec![flush] },
+    ];
+    assert_eq!(run.record_threads(&logs), 1, "the write is ordered after the flush");
+    let log = run.recorder.log();
+    let (model, mut failures, mut tried) = (run.model.clone(), Vec::new(), 0);
+    drop(run);
+    for_each_state(&log, 400, 9, &mut |mut st| {
+        tried += 1;
+        if let Err(why) = check_state(&mut st, &log, &model, false) {
+            failures.push(format!("[{:?}, durable to {}] {why}", st.variant, st.cut.durable));
+        }
+    });
+    assert!(tried > 20, "only {tried} crash states");
+    assert!(failures.is_empty(), "{} of {tried} crash states failed; first: {}", failures.len(), failures[0]);
 }

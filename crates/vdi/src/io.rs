@@ -425,6 +425,8 @@ impl VdiDisk {
                 free_run(store, first, got)?;
                 return Err(e.into());
             }
+            // Race tests stop a write here: its data is on the medium, its block not yet mapped.
+            test_point!("vdi::write::data_written");
             map_run(store, root, list[i..i + n].iter().map(|p| p.vblock), first)?;
             i += n;
         }
