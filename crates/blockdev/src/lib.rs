@@ -74,6 +74,17 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// What [`BlockDevice::try_read_at`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TryRead {
+    /// The buffer holds the bytes. The allocation status of the range read, as
+    /// [`BlockDevice::extents`] gives it (holes read as zeros).
+    Done(Vec<Extent>),
+    /// The read would have waited for a disk or a network; the buffer holds anything. Read
+    /// again with [`BlockDevice::read_at`], on a thread that may wait.
+    WouldWait,
+}
+
 /// A virtual disk: byte-addressed reads and writes, flush, discard and allocation status.
 ///
 /// Every method may be called from many threads at once. Offsets and lengths need not be aligned
@@ -95,6 +106,15 @@ pub trait BlockDevice: Send + Sync {
 
     /// Writes `data` at `offset`. With `fua` the data is durable when this returns.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()>;
+
+    /// Fills `buf` with the bytes at `offset` if that needs no wait for a medium (everything it
+    /// needs is in memory or a page cache); otherwise [`TryRead::WouldWait`]. For a server's
+    /// thread that reads requests, so a read served from memory skips the hand-off to a
+    /// worker. Errors are those of [`BlockDevice::read_at`]. By default every read may wait.
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        let _ = (offset, buf);
+        Ok(TryRead::WouldWait)
+    }
 
     /// Fills `bufs`, in order, with the bytes at `offset`: one read of their total length into
     /// the caller's scattered memory (a guest's buffers), without a bounce copy where the
@@ -171,6 +191,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
         (**self).write_at(offset, data, fua)
+    }
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        (**self).try_read_at(offset, buf)
     }
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> DevResult<()> {
         (**self).read_vectored_at(offset, bufs)

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 
-use crate::{BlockDevice, DevError, DevResult, Extent, ExtentKind, check_range};
+use crate::{BlockDevice, DevError, DevResult, Extent, ExtentKind, TryRead, check_range};
 
 const BLOCK: u64 = 4096;
 
@@ -12,7 +12,7 @@ const BLOCK: u64 = 4096;
 pub struct MemDisk {
     size: u64,
     read_only: bool,
-    blocks: Mutex<BTreeMap<u64, Box<[u8; BLOCK as usize]>>>,
+    blocks: Mutex<Blocks>,
 }
 
 impl MemDisk {
@@ -48,19 +48,16 @@ impl BlockDevice for MemDisk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        let blocks = self.blocks.lock();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let in_block = (pos % BLOCK) as usize;
-            let n = (BLOCK as usize - in_block).min(buf.len() - done);
-            match blocks.get(&(pos / BLOCK)) {
-                Some(b) => buf[done..done + n].copy_from_slice(&b[in_block..in_block + n]),
-                None => buf[done..done + n].fill(0),
-            }
-            done += n;
-        }
+        read_blocks(&self.blocks.lock(), offset, buf);
         Ok(())
+    }
+
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        // Memory never waits; data and allocation are taken under one lock.
+        check_range(offset, buf.len() as u64, self.size)?;
+        let blocks = self.blocks.lock();
+        read_blocks(&blocks, offset, buf);
+        Ok(TryRead::Done(extents_of(&blocks, offset, buf.len() as u64)))
     }
 
     fn write_at(&self, offset: u64, data: &[u8], _fua: bool) -> DevResult<()> {
@@ -112,21 +109,42 @@ impl BlockDevice for MemDisk {
 
     fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
         check_range(offset, len, self.size)?;
-        let blocks = self.blocks.lock();
-        let end = offset + len;
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let kind = if blocks.contains_key(&(pos / BLOCK)) { ExtentKind::Data } else { ExtentKind::Hole };
-            let n = (BLOCK - pos % BLOCK).min(end - pos);
-            match out.last_mut() {
-                Some(last) if last.kind == kind => last.len += n,
-                _ => out.push(Extent { offset: pos, len: n, kind }),
-            }
-            pos += n;
-        }
-        Ok(out)
+        Ok(extents_of(&self.blocks.lock(), offset, len))
     }
+}
+
+type Blocks = BTreeMap<u64, Box<[u8; BLOCK as usize]>>;
+
+/// Fills `buf` from `blocks` at `offset` (in range); blocks not stored read as zeros.
+fn read_blocks(blocks: &Blocks, offset: u64, buf: &mut [u8]) {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let in_block = (pos % BLOCK) as usize;
+        let n = (BLOCK as usize - in_block).min(buf.len() - done);
+        match blocks.get(&(pos / BLOCK)) {
+            Some(b) => buf[done..done + n].copy_from_slice(&b[in_block..in_block + n]),
+            None => buf[done..done + n].fill(0),
+        }
+        done += n;
+    }
+}
+
+/// Allocation status of `[offset, offset + len)` (in range) in `blocks`.
+fn extents_of(blocks: &Blocks, offset: u64, len: u64) -> Vec<Extent> {
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let kind = if blocks.contains_key(&(pos / BLOCK)) { ExtentKind::Data } else { ExtentKind::Hole };
+        let n = (BLOCK - pos % BLOCK).min(end - pos);
+        match out.last_mut() {
+            Some(last) if last.kind == kind => last.len += n,
+            _ => out.push(Extent { offset: pos, len: n, kind }),
+        }
+        pos += n;
+    }
+    out
 }
 
 #[cfg(test)]

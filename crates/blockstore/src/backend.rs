@@ -35,6 +35,15 @@ pub trait Backend: Send + Sync {
         }
         Ok(())
     }
+    /// Fills `bufs` like [`Backend::read_vectored_at`], but only if that needs no wait for the
+    /// medium: `Ok(true)` when every byte was read from memory (a page cache), `Ok(false)` when
+    /// the read would have waited, leaving `bufs` holding anything. For a caller that has
+    /// better things to do than wait (a connection's reader, which hands such a read to a
+    /// worker instead). By default `Ok(false)`: every read may wait.
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+        let _ = (offset, bufs);
+        Ok(false)
+    }
     /// Writes `bufs` in order at `offset` (`pwritev`). By default they are gathered into one
     /// buffer and written with one [`Backend::write_at`]. Like any write, it may be torn by a
     /// crash before the next sync.
@@ -78,6 +87,9 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         (**self).read_vectored_at(offset, bufs)
+    }
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+        (**self).try_read_vectored_at(offset, bufs)
     }
     fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         (**self).write_vectored_at(offset, bufs)

@@ -480,6 +480,21 @@ impl BlockStore {
         self.retry_misses(|| self.io_guard(), f)
     }
 
+    /// [`BlockStore::with_cached_guarded`] that never reads the medium: `Ok(None)` when `f`
+    /// needs a block that is not in memory. For a caller that hands such a request to a thread
+    /// that may wait instead (a connection's reader).
+    pub fn try_cached_guarded<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<Option<(IoGuard<'_>, T)>> {
+        let held = self.io_guard();
+        let attempt = {
+            let mut m = CachedOnly::new(self.meta.lock());
+            f(&mut m.0)
+        };
+        match attempt {
+            Err(StoreError::NotCached { .. }) => Ok(None),
+            other => Ok(Some((held, other?))),
+        }
+    }
+
     /// Runs `f` with `hold()` held and `cached_only` set; on a miss, drops both, reads the
     /// block and tries again. After [`MISS_RETRIES`] misses (a tiny cache on a busy store) the
     /// last attempt reads under the lock.
@@ -740,6 +755,16 @@ impl BlockStore {
         self.check_data_range(addr, offset, bufs.iter().map(|b| b.len()).sum())?;
         self.backend
             .read_vectored_at(addr.byte_offset() + offset as u64, bufs)
+            .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
+    }
+
+    /// [`BlockStore::read_data_vectored`] only if it needs no wait for the medium
+    /// ([`Backend::try_read_vectored_at`]): `Ok(false)` when it would have waited, leaving
+    /// `bufs` holding anything.
+    pub fn try_read_data_vectored(&self, addr: BlockAddr, offset: usize, bufs: &mut [IoSliceMut<'_>]) -> Result<bool> {
+        self.check_data_range(addr, offset, bufs.iter().map(|b| b.len()).sum())?;
+        self.backend
+            .try_read_vectored_at(addr.byte_offset() + offset as u64, bufs)
             .map_err(|e| StoreError::io(format!("reading data block {addr}"), e))
     }
 

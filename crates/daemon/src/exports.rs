@@ -241,6 +241,10 @@ impl BlockDevice for Attached {
         self.disk.dev().read_at(offset, buf)
     }
 
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> blockdev::DevResult<blockdev::TryRead> {
+        self.disk.dev().try_read_at(offset, buf)
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> blockdev::DevResult<()> {
         self.disk.dev().write_at(offset, data, fua)
     }

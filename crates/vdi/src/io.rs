@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blockdev::{BlockDevice, DevError, DevResult, Extent, ExtentKind, check_range};
+use blockdev::{BlockDevice, DevError, DevResult, Extent, ExtentKind, TryRead, check_range};
 use blockstore::{BLOCK_SIZE, BlockAddr, BlockStore};
 use radix::Mapping;
 
@@ -98,6 +98,54 @@ fn read_tree_into(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut Re
         }
     }
     Ok(())
+}
+
+/// [`read_tree`] only if nothing has to wait for the medium: every tree block it needs is in
+/// memory and every data block in the page cache ([`BlockStore::try_read_data_vectored`]).
+/// `Ok(None)` otherwise, `buf` then holding anything. On success, the byte extents of the
+/// range (holes are the unmapped blocks, read as zeros), as [`tree_extents`] gives them.
+fn try_read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<Option<Vec<Extent>>> {
+    let list: Vec<Piece> = pieces(offset, buf.len()).collect();
+    let Some((_gate, maps)) = store.try_cached_guarded(|meta| lookup_all(meta, root, &list))? else {
+        return Ok(None);
+    };
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut i = 0;
+    while i < list.len() {
+        let (kind, j) = match maps[i] {
+            Mapping::Unmapped => {
+                let mut j = i + 1;
+                while j < list.len() && matches!(maps[j], Mapping::Unmapped) {
+                    j += 1;
+                }
+                let (p0, pl) = (list[i], list[j - 1]);
+                buf[p0.buf..pl.buf + pl.len].fill(0);
+                (ExtentKind::Hole, j)
+            }
+            Mapping::Mapped { addr, .. } => {
+                let mut j = i + 1;
+                while j < list.len()
+                    && matches!(maps[j], Mapping::Mapped { addr: a, .. } if a.0 == addr.0 + (j - i) as u64)
+                {
+                    j += 1;
+                }
+                let (p0, pl) = (list[i], list[j - 1]);
+                let span = &mut buf[p0.buf..pl.buf + pl.len];
+                if !store.try_read_data_vectored(addr, p0.at, &mut [IoSliceMut::new(span)])? {
+                    return Ok(None);
+                }
+                (ExtentKind::Data, j)
+            }
+        };
+        let (p0, pl) = (list[i], list[j - 1]);
+        let (at, len) = (offset + p0.buf as u64, (pl.buf + pl.len - p0.buf) as u64);
+        match extents.last_mut() {
+            Some(x) if x.kind == kind => x.len += len,
+            _ => extents.push(Extent { offset: at, len, kind }),
+        }
+        i = j;
+    }
+    Ok(Some(extents))
 }
 
 /// Byte extents of `[offset, offset+len)` of the tree at `root`.
@@ -504,6 +552,19 @@ impl BlockDevice for VdiDisk {
         })
     }
 
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        let n = buf.len();
+        let done = self.handle.meter_attempt(Some(&self.live.stats), IoOp::Read, n, || {
+            check_range(offset, n as u64, self.size())?;
+            // A snapshot or discard holding the VDI quiet: the usual path waits for it.
+            let Some(_io) = self.live.io.try_read() else {
+                return Ok(None);
+            };
+            Ok::<_, DevError>(try_read_tree(self.store(), self.root(), offset, buf)?)
+        })?;
+        Ok(done.map_or(TryRead::WouldWait, TryRead::Done))
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
         self.write_vectored_at(offset, &[IoSlice::new(data)], fua)
     }
@@ -581,6 +642,15 @@ impl BlockDevice for SnapshotDisk {
             check_range(offset, n as u64, self.size)?;
             Ok(read_tree_into(&self.reg.store, self.root, offset, &mut buf)?)
         })
+    }
+
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        let n = buf.len();
+        let done = self.handle.meter_attempt(None, IoOp::Read, n, || {
+            check_range(offset, n as u64, self.size)?;
+            Ok::<_, DevError>(try_read_tree(&self.reg.store, self.root, offset, buf)?)
+        })?;
+        Ok(done.map_or(TryRead::WouldWait, TryRead::Done))
     }
 
     fn write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> DevResult<()> {

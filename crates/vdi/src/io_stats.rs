@@ -156,6 +156,27 @@ impl HandleStats {
         }
         r
     }
+
+    /// [`HandleStats::meter`] for an attempt that may decline (`Ok(None)`: it would have
+    /// waited, and the operation will be done again the usual way): counted only when it did
+    /// the operation or failed.
+    pub(crate) fn meter_attempt<T, E>(
+        &self,
+        also: Option<&IoCounters>,
+        op: IoOp,
+        bytes: usize,
+        f: impl FnOnce() -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
+        let t = Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        if !matches!(r, Ok(None)) {
+            for c in std::iter::once(&self.counters).chain(also) {
+                c.record(op, bytes as u64, took, r.is_ok());
+            }
+        }
+        r
+    }
 }
 
 /// What one handle did.

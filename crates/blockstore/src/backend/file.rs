@@ -101,6 +101,28 @@ impl Backend for FileBackend {
         Ok(())
     }
 
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+        // `preadv2(RWF_NOWAIT)` reads only what the page cache holds: EAGAIN or a short read
+        // means some of it would come from the disk. A kernel or file system without the flag
+        // (EOPNOTSUPP) is answered the same way, and so is a read reaching past the end of the
+        // file (the blocking path fills that with zeros).
+        if bufs.len() > IOV_MAX {
+            return Ok(false);
+        }
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        match rustix::io::preadv2(&self.file, bufs, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+            Ok(n) => Ok(n == want),
+            Err(e)
+                if e == rustix::io::Errno::AGAIN
+                    || e == rustix::io::Errno::OPNOTSUPP
+                    || e == rustix::io::Errno::INTR =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         // As reads: one `pwritev`, then a buffer at a time for what it left.
         let head = bufs.len().min(IOV_MAX);

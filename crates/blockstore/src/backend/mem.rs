@@ -1,6 +1,6 @@
 //! In-memory media for tests: a store that can lose power, and one that fails on command.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -169,6 +169,12 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+        // Memory never waits.
+        self.read_vectored_at(offset, bufs)?;
+        Ok(true)
+    }
+
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         if end > self.capacity {
@@ -253,6 +259,9 @@ impl<B: Backend> FaultyBackend<B> {
 impl<B: Backend> Backend for FaultyBackend<B> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_at(offset, buf)
+    }
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<bool> {
+        self.inner.try_read_vectored_at(offset, bufs)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.spend()?;
