@@ -92,11 +92,16 @@ impl<S: NbdStream> Read for DeadlineReader<S> {
 pub(crate) trait RequestSource: Read {
     /// Sets or clears the deadline of the reads that follow.
     fn set_deadline(&mut self, deadline: Option<Instant>);
+    /// True if bytes of a next request have been received and not yet consumed.
+    fn has_buffered(&self) -> bool;
 }
 
 impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
     fn set_deadline(&mut self, deadline: Option<Instant>) {
         self.get_mut().deadline = deadline;
+    }
+    fn has_buffered(&self) -> bool {
+        !self.buffer().is_empty()
     }
 }
 

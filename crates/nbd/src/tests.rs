@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use blockdev::{BlockDevice, DevResult, Extent, MemDisk};
+use blockdev::{BlockDevice, DevResult, Extent, ExtentKind, MemDisk, TryRead};
 use parking_lot::Mutex;
 
 use crate::wire::{self, Request};
@@ -760,6 +760,8 @@ struct Watched {
     threads: Mutex<Vec<(u64, String)>>,
     written: Option<std::sync::mpsc::Sender<u64>>,
     flushes: Mutex<u32>,
+    /// (offset, length) of every read served by `try_read_at`.
+    tried: Mutex<Vec<(u64, usize)>>,
     /// Told when the first flush starts; that flush then waits for `release`.
     hold_first_flush: Option<(std::sync::mpsc::SyncSender<()>, Mutex<std::sync::mpsc::Receiver<()>>)>,
 }
@@ -772,6 +774,7 @@ impl Watched {
             threads: Mutex::new(Vec::new()),
             written: None,
             flushes: Mutex::new(0),
+            tried: Mutex::new(Vec::new()),
             hold_first_flush: None,
         }
     }
@@ -789,6 +792,10 @@ impl BlockDevice for Watched {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
         self.inner.read_at(offset, buf)
+    }
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
+        self.tried.lock().push((offset, buf.len()));
+        self.inner.try_read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
         let name = thread::current().name().unwrap_or("").to_string();
@@ -851,6 +858,128 @@ fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
         assert_eq!(c.simple(), (0, 4));
         assert_eq!(c.read_n(4096), vec![1u8; 4096]);
         c.disc();
+        assert!(join(t).is_ok());
+    }
+}
+
+/// READs that arrive behind another (the reader has the next request's bytes already) are
+/// served on the reader when the device has their bytes without waiting, and their replies are
+/// a worker's: the same bytes, holes as hole chunks, one chunk with DF, in simple, structured
+/// and extended replies. A READ over the inline limit, and the last of a batch (nothing behind
+/// it), go to a worker.
+#[test]
+fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() {
+    for mode in ["simple", "structured", "extended"] {
+        let disk = Arc::new(Watched::new(true));
+        disk.inner.write_at(4096, &[0xab; 4096], false).unwrap();
+        disk.inner.write_at(3 * 4096 + 512, &[0xcd; 1000], false).unwrap();
+        disk.inner.write_at(20 * 4096, &[0xef; 8192], false).unwrap();
+        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+        disks.insert("disk".into(), disk.clone());
+        let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits::default());
+        match mode {
+            "simple" => drop(c.go("disk", false, false)),
+            "structured" => drop(c.go("disk", true, false)),
+            _ => {
+                c.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+                assert_eq!(c.opt(wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
+                assert_eq!(c.opt(wire::OPT_GO, &go_data("disk", &[])).last().unwrap().0, wire::REP_ACK);
+            }
+        }
+        let df = if mode == "simple" { 0 } else { wire::CMD_FLAG_DF };
+        // (handle, flags, offset, length): holes, data, partial blocks, both at once.
+        let reads: [(u64, u16, u64, u64); 8] = [
+            (1, 0, 0, 16384),
+            (2, df, 0, 16384),
+            (3, 0, 4096, 4096),
+            (4, 0, 4096 + 100, 50),
+            (5, 0, 8 * 4096, 4096),
+            (6, 0, 16 * 4096, 65536),
+            (7, 0, 0, 65536 + 4096),
+            (8, 0, 3 * 4096, 4096),
+        ];
+        let mut batch = Vec::new();
+        for &(handle, flags, offset, len) in &reads {
+            let r = Request { flags, typ: wire::CMD_READ, handle, offset, len };
+            if mode == "extended" {
+                batch.extend_from_slice(&r.encode_extended());
+            } else {
+                batch.extend_from_slice(&r.encode());
+            }
+        }
+        // One message: the reader receives every request before it serves the first.
+        c.s.write_all(&batch).unwrap();
+        // handle -> (bytes, each byte filled by a chunk, chunks as (offset, len, hole)).
+        type Received = (Vec<u8>, Vec<bool>, Vec<(u64, u64, bool)>);
+        let mut got: HashMap<u64, Received> = HashMap::new();
+        let mut done = 0;
+        while done < reads.len() {
+            let find = |h: u64| *reads.iter().find(|r| r.0 == h).expect("a known handle");
+            if mode == "simple" {
+                let (error, handle) = c.simple();
+                assert_eq!(error, 0, "handle {handle}");
+                let len = find(handle).3 as usize;
+                got.insert(handle, (c.read_n(len), vec![true; len], Vec::new()));
+                done += 1;
+                continue;
+            }
+            let ch = if mode == "extended" { c.xchunk().0 } else { c.chunk() };
+            let (handle, flags, offset, len) = find(ch.handle);
+            let entry =
+                got.entry(handle).or_insert_with(|| (vec![0xee; len as usize], vec![false; len as usize], Vec::new()));
+            let at = u64::from_be_bytes(ch.payload[0..8].try_into().unwrap());
+            let (n, hole) = match ch.typ {
+                wire::REPLY_TYPE_OFFSET_DATA => ((ch.payload.len() - 8) as u64, false),
+                wire::REPLY_TYPE_OFFSET_HOLE => {
+                    (u64::from(u32::from_be_bytes(ch.payload[8..12].try_into().unwrap())), true)
+                }
+                other => panic!("{mode}: handle {handle}: unexpected chunk type {other}"),
+            };
+            assert!(at >= offset && at + n <= offset + len, "{mode}: handle {handle}: chunk {at}+{n} outside the read");
+            let range = (at - offset) as usize..(at - offset + n) as usize;
+            assert!(entry.1[range.clone()].iter().all(|f| !f), "{mode}: handle {handle}: bytes sent twice");
+            entry.1[range.clone()].fill(true);
+            if hole {
+                entry.0[range].fill(0);
+            } else {
+                entry.0[range].copy_from_slice(&ch.payload[8..]);
+            }
+            entry.2.push((at, n, hole));
+            if ch.flags & wire::REPLY_FLAG_DONE != 0 {
+                done += 1;
+                if flags & wire::CMD_FLAG_DF != 0 {
+                    assert!(entry.2.len() == 1 && !hole, "{mode}: handle {handle}: DF gets one data chunk");
+                }
+            }
+        }
+        for &(handle, flags, offset, len) in &reads {
+            let (bytes, filled, chunks) = &got[&handle];
+            assert!(filled.iter().all(|&f| f), "{mode}: handle {handle}: bytes never sent");
+            let mut want = vec![0u8; len as usize];
+            disk.inner.read_at(offset, &mut want).unwrap();
+            assert!(bytes == &want, "{mode}: handle {handle}: wrong bytes");
+            if mode != "simple" && flags & wire::CMD_FLAG_DF == 0 {
+                let mut sorted = chunks.clone();
+                sorted.sort();
+                let want: Vec<(u64, u64, bool)> = disk
+                    .inner
+                    .extents(offset, len)
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.offset, e.len, e.kind == ExtentKind::Hole))
+                    .collect();
+                // A worker splits long data runs into pieces; none of these is that long.
+                assert_eq!(sorted, want, "{mode}: handle {handle}: chunks are the allocation");
+            }
+        }
+        let tried = disk.tried.lock().clone();
+        let expected: Vec<(u64, usize)> = reads[..6].iter().map(|r| (r.2, r.3 as usize)).collect();
+        assert_eq!(tried, expected, "{mode}: the reads tried on the reader: all but the long one and the last");
+        if mode == "extended" {
+            c.xreq(wire::CMD_DISC, 0, 0, 0, 0, &[]);
+        } else {
+            c.disc();
+        }
         assert!(join(t).is_ok());
     }
 }
@@ -948,6 +1077,7 @@ fn limits_are_normalized() {
         max_in_flight_per_conn: 0,
         workers_per_conn: 0,
         inline_write_max: u32::MAX,
+        inline_read_max: u32::MAX,
         max_request_bytes: 1,
         max_buffered_bytes_per_conn: 0,
         buffers: crate::BufferPool::new(0),
@@ -959,6 +1089,7 @@ fn limits_are_normalized() {
     assert_eq!((l.max_connections, l.max_handshakes, l.max_in_flight_per_conn, l.workers_per_conn), (1, 1, 1, 1));
     assert_eq!(l.max_request_bytes, 64 << 10);
     assert_eq!(l.inline_write_max, 64 << 10, "no write larger than a request runs on the reader");
+    assert_eq!(l.inline_read_max, 64 << 10, "no read larger than a request is tried on the reader");
     assert_eq!(l.max_buffered_bytes_per_conn, 64 << 10);
     assert_eq!(l.buffers.max_bytes(), 1 << 20);
     assert_eq!(l.buffers, l.clone().normalized().buffers, "clones share one pool");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Instant;
 
-use blockdev::{BlockDevice, DevError, ExtentKind};
+use blockdev::{BlockDevice, DevError, ExtentKind, TryRead};
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, trace, warn};
 
@@ -213,6 +213,9 @@ struct Conn<'a, W> {
     max_request: u32,
     /// WRITEs without FUA up to this length run on the reader (0: none do).
     inline_write_max: u64,
+    /// READs up to this length are tried on the reader, served there if the device needs no
+    /// wait for them (0: none are).
+    inline_read_max: u64,
     /// Time a request's payload has to arrive once its header has.
     payload_timeout: std::time::Duration,
     /// The daemon-wide bound on payload bytes held.
@@ -246,6 +249,7 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
         allocation_context: session.allocation_context,
         max_request: limits.max_request_bytes,
         inline_write_max: if dev.writes_land_in_memory() { u64::from(limits.inline_write_max) } else { 0 },
+        inline_read_max: u64::from(limits.inline_read_max),
         payload_timeout: limits.reply_timeout,
         pool: &limits.buffers,
         writer: Mutex::new(writer),
@@ -331,6 +335,10 @@ impl<W: Write + Send> Conn<'_, W> {
             } else {
                 None
             };
+            if skipped.is_none() && reader.has_buffered() && self.read_on_reader(&req) {
+                seq += 1;
+                continue;
+            }
             let cost = if has_payload && skipped.is_none() { req.len } else { 0 };
             self.budget.acquire(cost);
             let mut held = None;
@@ -428,6 +436,83 @@ impl<W: Write + Send> Conn<'_, W> {
             && job.skipped.is_none()
             && job.req.flags & wire::CMD_FLAG_FUA == 0
             && job.req.len <= self.inline_write_max
+    }
+
+    /// Serves READ `r` on the reader if it is short, valid and the device has its bytes
+    /// without waiting ([`BlockDevice::try_read_at`]); false leaves it to a worker, which
+    /// also answers every error. Its buffer is taken from the daemon-wide pool like any
+    /// read's. A panic closes the connection, as on a worker.
+    fn read_on_reader(&self, r: &Request) -> bool {
+        match catch_unwind(AssertUnwindSafe(|| self.try_read_inline(r))) {
+            Ok(served) => served,
+            Err(_) => {
+                error!(req = ?r, "read on the reader panicked; closing the connection");
+                self.broken.store(true, Ordering::Release);
+                (self.shut)();
+                true
+            }
+        }
+    }
+
+    /// [`Conn::read_on_reader`] without the panic guard.
+    fn try_read_inline(&self, r: &Request) -> bool {
+        if r.typ != wire::CMD_READ || r.len == 0 || r.len > self.inline_read_max {
+            return false;
+        }
+        let allowed = wire::CMD_FLAG_FUA | if self.structured { wire::CMD_FLAG_DF } else { 0 };
+        if self.check_flags(r, allowed).is_err() || self.check_range(r, wire::EINVAL).is_err() {
+            return false;
+        }
+        let _held = self.pool.take(r.len);
+        let mut data = vec![0u8; r.len as usize];
+        let extents = match self.dev.try_read_at(r.offset, &mut data) {
+            Ok(TryRead::Done(extents)) => extents,
+            Ok(TryRead::WouldWait) | Err(_) => return false,
+        };
+        if !self.structured {
+            self.send(&[&wire::simple_reply(0, r.handle), &data]);
+            return true;
+        }
+        let to = self.reply_to(r);
+        // One chunk per run, as a worker's reply has (holes as hole chunks, unless the client
+        // asked for one chunk); the data chunks' bytes are sent from `data` as they are.
+        let runs: Vec<(u64, u64, bool)> = if r.flags & wire::CMD_FLAG_DF != 0 {
+            vec![(r.offset, r.len, false)]
+        } else {
+            extents.iter().map(|e| (e.offset, e.len, e.kind == ExtentKind::Hole)).collect()
+        };
+        let covered = runs.first().is_some_and(|f| f.0 == r.offset)
+            && runs.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0)
+            && runs.last().is_some_and(|l| l.0 + l.1 == r.offset + r.len);
+        if !covered {
+            // Not a map of the request: a worker answers it the long way.
+            return false;
+        }
+        let last = runs.len() - 1;
+        let heads: Vec<Vec<u8>> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, &(offset, len, hole))| {
+                let flags = if i == last { wire::REPLY_FLAG_DONE } else { 0 };
+                if hole {
+                    return to.hole(flags, offset, len as u32);
+                }
+                let mut head = vec![0u8; to.header_len() + 8];
+                to.put_header(&mut head, flags, wire::REPLY_TYPE_OFFSET_DATA, len + 8);
+                head[to.header_len()..].copy_from_slice(&offset.to_be_bytes());
+                head
+            })
+            .collect();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * runs.len());
+        for (head, &(offset, len, hole)) in heads.iter().zip(&runs) {
+            parts.push(head);
+            if !hole {
+                let at = (offset - r.offset) as usize;
+                parts.push(&data[at..at + len as usize]);
+            }
+        }
+        self.send(&parts);
+        true
     }
 
     /// A worker: executes queued jobs until the queue is closed and empty.
