@@ -19,6 +19,7 @@
 //!   again instead of reporting damage.
 //! - The crash-state checker orders a write that returns just as another thread's flush begins
 //!   by stamps, not by log position alone.
+//! - A read that does not wait (an NBD reader's) keeps the block it found from reuse.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -582,6 +583,59 @@ fn a_commit_reuses_no_block_under_earlier_io_and_stops_no_new_io() {
     assert!(!store.lock().is_pending_free(block), "the commit released the block once the read ended");
     drop(later_release);
     later.join().unwrap();
+}
+
+/// A read served without waiting (`try_read_at`, what an NBD connection's reader tries) holds
+/// the I/O guard from its lookup to the end of its data read, as a worker's read does: the
+/// block it found, left by a copy-on-write and freed by a snapshot's deletion meanwhile, is not
+/// made reusable while it reads, and the read returns the bytes the block held.
+#[test]
+fn a_read_that_does_not_wait_keeps_the_block_it_found_from_reuse() {
+    use blockdev::TryRead;
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let reg = new_registry(&mem);
+    let id = reg.create_vdi("vm", Some(16 << 20)).unwrap();
+    let dev = Arc::new(reg.open_vdi(id, true).unwrap());
+    write_to(&*dev, 0, 1, 0xAA);
+    let snap = reg.snapshot(id).unwrap();
+    // The read finds block 0 (shared with the snapshot) and is held before reading its data.
+    let looked_up = Pause::arm("vdi::try_read::looked_up");
+    let reader = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let r = dev.try_read_at(0, &mut buf).unwrap();
+            (r, buf)
+        })
+    };
+    looked_up.wait_reached();
+    // Meanwhile the VM overwrites the block (copied on write: the VDI lets go of it), the
+    // snapshot is deleted and reclaimed (the last reference goes), and a commit frees it.
+    let (freed_tx, freed) = crossbeam_channel::bounded(1);
+    let other = {
+        let (reg, dev) = (reg.clone(), dev.clone());
+        std::thread::spawn(move || {
+            dev.write_at(0, &[0xBB; 4096], false).unwrap();
+            reg.delete_snapshot(snap).unwrap();
+            reg.reclaim_all(&mut |_, _| {}).unwrap();
+            reg.store().commit().unwrap();
+            freed_tx.send(()).unwrap();
+        })
+    };
+    assert!(
+        freed.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the commit freeing the block ended while a read that found it was under way"
+    );
+    looked_up.resume();
+    let (r, buf) = reader.join().unwrap();
+    assert!(matches!(r, TryRead::Done(_)), "the read was answered: {r:?}");
+    assert!(buf.iter().all(|&b| b == 0xAA), "the read saw the block in another use");
+    freed.recv_timeout(Duration::from_secs(120)).expect("the commit ended once the read had");
+    other.join().unwrap();
+    assert_eq!(read_block(&reg, id, 0), 0xBB);
+    let report = reg.check(false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
 }
 
 /// A lookup that misses the metadata cache reads the block without the lock. Meanwhile the

@@ -481,7 +481,9 @@ impl<W: Write + Send> Conn<'_, W> {
         } else {
             extents.iter().map(|e| (e.offset, e.len, e.kind == ExtentKind::Hole)).collect()
         };
-        let covered = runs.first().is_some_and(|f| f.0 == r.offset)
+        let covered = runs.len() <= READ_MAX_CHUNKS
+            && runs.iter().all(|run| run.1 > 0)
+            && runs.first().is_some_and(|f| f.0 == r.offset)
             && runs.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0)
             && runs.last().is_some_and(|l| l.0 + l.1 == r.offset + r.len);
         if !covered {

@@ -109,6 +109,8 @@ fn try_read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8
     let Some((_gate, maps)) = store.try_cached_guarded(|meta| lookup_all(meta, root, &list))? else {
         return Ok(None);
     };
+    // Race tests pause here: a block found is freed meanwhile, and must not be reused.
+    test_point!("vdi::try_read::looked_up");
     let mut extents: Vec<Extent> = Vec::new();
     let mut i = 0;
     while i < list.len() {

@@ -158,8 +158,8 @@ impl HandleStats {
     }
 
     /// [`HandleStats::meter`] for an attempt that may decline (`Ok(None)`: it would have
-    /// waited, and the operation will be done again the usual way): counted only when it did
-    /// the operation or failed.
+    /// waited): counted only when it did the operation. A failed attempt is not counted
+    /// either: its caller does the operation again the usual way, which counts it.
     pub(crate) fn meter_attempt<T, E>(
         &self,
         also: Option<&IoCounters>,
@@ -170,9 +170,9 @@ impl HandleStats {
         let t = Instant::now();
         let r = f();
         let took = t.elapsed();
-        if !matches!(r, Ok(None)) {
+        if let Ok(Some(_)) = r {
             for c in std::iter::once(&self.counters).chain(also) {
-                c.record(op, bytes as u64, took, r.is_ok());
+                c.record(op, bytes as u64, took, true);
             }
         }
         r

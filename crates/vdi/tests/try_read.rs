@@ -56,6 +56,12 @@ fn compare(dev: &dyn BlockDevice, what: &str) -> usize {
     answered
 }
 
+/// A directory on the file system of the build (not `/tmp`, which may be tmpfs: its pages
+/// cannot be dropped, and these tests need a page cache that can).
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temp dir under the target dir")
+}
+
 fn store_on(backend: Arc<dyn Backend>, cache_blocks: usize) -> Arc<Registry> {
     let open = OpenOptions { cache_blocks, ..common::open_options() };
     let store = BlockStore::create(backend, &common::create_options(), &open).expect("create");
@@ -64,7 +70,7 @@ fn store_on(backend: Arc<dyn Backend>, cache_blocks: usize) -> Arc<Registry> {
 
 #[test]
 fn reads_that_do_not_wait_give_what_plain_reads_give() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let file: Arc<dyn Backend> = Arc::new(FileBackend::open(&dir.path().join("store"), true, true).unwrap());
     for (backend, what) in [(file, "file"), (Arc::new(MemBackend::new()) as Arc<dyn Backend>, "memory")] {
         let reg = store_on(backend, 4096);
@@ -77,6 +83,8 @@ fn reads_that_do_not_wait_give_what_plain_reads_give() {
         vdi.write_at(16 * 4096, &[0x66; 4096], false).unwrap();
         let snap = reg.open_snapshot(sid).unwrap();
         // Everything was just written: in memory, or in the page cache of the file.
+        // (A file system without RWF_NOWAIT for buffered reads answers none: reads on the
+        // NBD reader would then never happen, which is worth a failure.)
         assert_eq!(compare(&vdi, &format!("VDI on {what}")), READS.len(), "every read answered ({what})");
         assert_eq!(compare(&snap, &format!("snapshot on {what}")), READS.len(), "every read answered ({what})");
         // A read past the end is an error, as for a plain read.
@@ -119,7 +127,7 @@ fn a_read_whose_tree_block_is_not_in_memory_declines() {
 
 #[test]
 fn a_read_whose_data_is_not_in_the_page_cache_declines() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let path = dir.path().join("store");
     let file = Arc::new(FileBackend::open(&path, true, true).unwrap());
     let reg = store_on(file.clone(), 4096);
