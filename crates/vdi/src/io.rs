@@ -62,6 +62,22 @@ fn gated_lookups<'a>(
     Ok(store.with_cached_guarded(|meta| lookup_all(meta, root, list))?)
 }
 
+/// End (exclusive) of the run of pieces starting at `i` that one read serves: unmapped pieces
+/// in a row, or mapped pieces stored in consecutive blocks.
+fn run_end(maps: &[Mapping], i: usize) -> usize {
+    let mut j = i + 1;
+    while j < maps.len()
+        && match (maps[i], maps[j]) {
+            (Mapping::Unmapped, Mapping::Unmapped) => true,
+            (Mapping::Mapped { addr, .. }, Mapping::Mapped { addr: a, .. }) => a.0 == addr.0 + (j - i) as u64,
+            _ => false,
+        }
+    {
+        j += 1;
+    }
+    j
+}
+
 /// Reads `buf.len()` bytes at `offset` of the tree at `root`, coalescing adjacent blocks.
 pub(crate) fn read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8]) -> Result<()> {
     read_tree_into(store, root, offset, &mut ReadBufs::new(&mut [IoSliceMut::new(buf)]))
@@ -77,25 +93,15 @@ fn read_tree_into(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut Re
     let (_gate, maps) = gated_lookups(store, root, &list)?;
     let mut i = 0;
     while i < list.len() {
+        let j = run_end(&maps, i);
+        let (p0, pl) = (list[i], list[j - 1]);
         match maps[i] {
-            Mapping::Unmapped => {
-                let p = list[i];
-                buf.zero(p.buf..p.buf + p.len);
-                i += 1;
-            }
+            Mapping::Unmapped => buf.zero(p0.buf..pl.buf + pl.len),
             Mapping::Mapped { addr, .. } => {
-                // Extend over following pieces stored in the following blocks.
-                let mut j = i + 1;
-                while j < list.len()
-                    && matches!(maps[j], Mapping::Mapped { addr: a, .. } if a.0 == addr.0 + (j - i) as u64)
-                {
-                    j += 1;
-                }
-                let (p0, pl) = (list[i], list[j - 1]);
-                store.read_data_vectored(addr, p0.at, &mut buf.slices(p0.buf..pl.buf + pl.len))?;
-                i = j;
+                store.read_data_vectored(addr, p0.at, &mut buf.slices(p0.buf..pl.buf + pl.len))?
             }
         }
+        i = j;
     }
     Ok(())
 }
@@ -114,32 +120,21 @@ fn try_read_tree(store: &BlockStore, root: BlockAddr, offset: u64, buf: &mut [u8
     let mut extents: Vec<Extent> = Vec::new();
     let mut i = 0;
     while i < list.len() {
-        let (kind, j) = match maps[i] {
+        let j = run_end(&maps, i);
+        let (p0, pl) = (list[i], list[j - 1]);
+        let span = &mut buf[p0.buf..pl.buf + pl.len];
+        let kind = match maps[i] {
             Mapping::Unmapped => {
-                let mut j = i + 1;
-                while j < list.len() && matches!(maps[j], Mapping::Unmapped) {
-                    j += 1;
-                }
-                let (p0, pl) = (list[i], list[j - 1]);
-                buf[p0.buf..pl.buf + pl.len].fill(0);
-                (ExtentKind::Hole, j)
+                span.fill(0);
+                ExtentKind::Hole
             }
             Mapping::Mapped { addr, .. } => {
-                let mut j = i + 1;
-                while j < list.len()
-                    && matches!(maps[j], Mapping::Mapped { addr: a, .. } if a.0 == addr.0 + (j - i) as u64)
-                {
-                    j += 1;
-                }
-                let (p0, pl) = (list[i], list[j - 1]);
-                let span = &mut buf[p0.buf..pl.buf + pl.len];
                 if !store.try_read_data_vectored(addr, p0.at, &mut [IoSliceMut::new(span)])? {
                     return Ok(None);
                 }
-                (ExtentKind::Data, j)
+                ExtentKind::Data
             }
         };
-        let (p0, pl) = (list[i], list[j - 1]);
         let (at, len) = (offset + p0.buf as u64, (pl.buf + pl.len - p0.buf) as u64);
         match extents.last_mut() {
             Some(x) if x.kind == kind => x.len += len,
