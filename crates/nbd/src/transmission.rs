@@ -499,9 +499,8 @@ impl<W: Write + Send> Conn<'_, W> {
                 if hole {
                     return to.hole(flags, offset, len as u32);
                 }
-                let mut head = vec![0u8; to.header_len() + 8];
-                to.put_header(&mut head, flags, wire::REPLY_TYPE_OFFSET_DATA, len + 8);
-                head[to.header_len()..].copy_from_slice(&offset.to_be_bytes());
+                let mut head = vec![0u8; to.data_head_len()];
+                to.put_data_head(&mut head, flags, offset, len);
                 head
             })
             .collect();
@@ -735,9 +734,8 @@ impl<W: Write + Send> Conn<'_, W> {
         }
         if r.flags & wire::CMD_FLAG_DF != 0 && r.len > READ_PIECE {
             // "Don't fragment": one data chunk, its bytes still read a piece at a time.
-            let mut head = vec![0u8; to.header_len() + 8];
-            to.put_header(&mut head, wire::REPLY_FLAG_DONE, wire::REPLY_TYPE_OFFSET_DATA, r.len + 8);
-            head[to.header_len()..].copy_from_slice(&r.offset.to_be_bytes());
+            let mut head = vec![0u8; to.data_head_len()];
+            to.put_data_head(&mut head, wire::REPLY_FLAG_DONE, r.offset, r.len);
             if let Err(f) = self.send_read(&head, r.offset, r.len) {
                 self.reply_error(r, f);
             }
@@ -792,11 +790,10 @@ impl<W: Write + Send> Conn<'_, W> {
 
     /// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk with `len` bytes read from `offset`.
     fn data_chunk(&self, to: &ReplyTo, flags: u16, offset: u64, len: u64) -> Result<Vec<u8>, Fail> {
-        let head = to.header_len() + 8;
+        let head = to.data_head_len();
         let mut buf = vec![0u8; head + len as usize];
         self.dev.read_at(offset, &mut buf[head..])?;
-        to.put_header(&mut buf, flags, wire::REPLY_TYPE_OFFSET_DATA, len + 8);
-        buf[to.header_len()..head].copy_from_slice(&offset.to_be_bytes());
+        to.put_data_head(&mut buf, flags, offset, len);
         Ok(buf)
     }
 

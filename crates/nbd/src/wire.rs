@@ -285,6 +285,18 @@ impl ReplyTo {
         self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])
     }
 
+    /// Length of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk's head: the header and the offset.
+    pub fn data_head_len(&self) -> usize {
+        self.header_len() + 8
+    }
+
+    /// Writes the head of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk carrying `len` bytes from
+    /// `offset` into the first [`ReplyTo::data_head_len`] bytes of `out`; the data follows it.
+    pub fn put_data_head(&self, out: &mut [u8], flags: u16, offset: u64, len: u64) {
+        self.put_header(out, flags, REPLY_TYPE_OFFSET_DATA, len + 8);
+        out[self.header_len()..self.data_head_len()].copy_from_slice(&offset.to_be_bytes());
+    }
+
     /// An `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
     pub fn hole(&self, flags: u16, offset: u64, len: u32) -> Vec<u8> {
         let mut p = [0u8; 12];

@@ -150,10 +150,7 @@ impl HandleStats {
     ) -> Result<T, E> {
         let t = Instant::now();
         let r = f();
-        let took = t.elapsed();
-        for c in std::iter::once(&self.counters).chain(also) {
-            c.record(op, bytes as u64, took, r.is_ok());
-        }
+        self.record(also, op, bytes, t.elapsed(), r.is_ok());
         r
     }
 
@@ -169,13 +166,17 @@ impl HandleStats {
     ) -> Result<Option<T>, E> {
         let t = Instant::now();
         let r = f();
-        let took = t.elapsed();
         if let Ok(Some(_)) = r {
-            for c in std::iter::once(&self.counters).chain(also) {
-                c.record(op, bytes as u64, took, true);
-            }
+            self.record(also, op, bytes, t.elapsed(), true);
         }
         r
+    }
+
+    /// Counts one operation for this handle and in `also`.
+    fn record(&self, also: Option<&IoCounters>, op: IoOp, bytes: usize, took: Duration, ok: bool) {
+        for c in std::iter::once(&self.counters).chain(also) {
+            c.record(op, bytes as u64, took, ok);
+        }
     }
 }
 
