@@ -165,6 +165,61 @@ fn five_hundred_clients_are_served_at_once() {
     assert_eq!(d.stop().0, 0);
 }
 
+/// A request header (compact, no flags).
+fn request(typ: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = read_request(handle, offset, len);
+    r[6..8].copy_from_slice(&typ.to_be_bytes());
+    r
+}
+
+/// Reads one simple reply; returns its handle, error and `len_of(handle)` bytes of data.
+fn simple_reply(s: &mut TcpStream, len_of: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).expect("reply header");
+    assert_eq!(head[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    let error = u32::from_be_bytes(head[4..8].try_into().unwrap());
+    let handle = u64::from_be_bytes(head[8..16].try_into().unwrap());
+    let mut data = vec![0u8; if error == 0 { len_of(handle) } else { 0 }];
+    s.read_exact(&mut data).expect("reply data");
+    (handle, error, data)
+}
+
+/// Large buffers are reused across requests, connections and exports (the daemon keeps a few
+/// given back instead of allocating and zeroing one per request), so a reused buffer holds
+/// another VDI's bytes until it is filled. Reads of a never-written VDI — 1 MiB on workers, 64
+/// KiB on the connection's reader, one message of several at once — right after 1 MiB writes
+/// and reads of another VDI's data must still be all zeros: every path fills what it sends.
+#[test]
+fn reused_buffers_never_carry_another_vdis_data() {
+    const K: u32 = 1024;
+    let (dir, store) = Daemon::prepare(16 * MIB);
+    with_registry(&store, |r| r.create_vdi("empty", Some(16 * MIB)).unwrap());
+    let d = Daemon::start(dir, store, &[]);
+    let mut full = raw_connect(d.port, "disk");
+    let mut empty = raw_connect(d.port, "empty");
+    let pattern = vec![0x5au8; MIB as usize];
+    let lens = [1024 * K, 64 * K, 64 * K, 128 * K, 64 * K, 1024 * K, 4 * K, 64 * K];
+    for round in 0..16u64 {
+        let at = round * MIB;
+        full.write_all(&[request(1, 0, at, MIB as u32), pattern.clone()].concat()).unwrap();
+        assert_eq!(simple_reply(&mut full, |_| 0).1, 0, "write");
+        full.write_all(&request(0, 1, at, MIB as u32)).unwrap();
+        let (_, error, data) = simple_reply(&mut full, |_| MIB as usize);
+        assert!(error == 0 && data == pattern, "the written MiB reads back");
+        // In one message: the reader serves a short READ itself when it holds the next one.
+        let reads: Vec<u8> = lens.iter().enumerate().flat_map(|(h, &len)| request(0, h as u64, at, len)).collect();
+        empty.write_all(&reads).unwrap();
+        for _ in lens {
+            let (handle, error, data) = simple_reply(&mut empty, |h| lens[h as usize] as usize);
+            assert_eq!(error, 0);
+            let leaked = data.iter().filter(|&&b| b != 0).count();
+            assert_eq!(leaked, 0, "round {round}: read {handle} of an unwritten VDI carried {leaked} non-zero bytes");
+        }
+    }
+    drop((full, empty));
+    assert_eq!(d.stop().0, 0);
+}
+
 #[test]
 fn a_client_that_never_reads_replies_is_bounded() {
     need("qemu-io");

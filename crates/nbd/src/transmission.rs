@@ -14,7 +14,7 @@ use blockdev::{BlockDevice, DevError, ExtentKind, TryRead};
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, trace, warn};
 
-use crate::buffers::{BufferPool, Held};
+use crate::buffers::{Buffer, BufferPool, Held};
 use crate::handshake::{Session, read_exact_or_eof};
 use crate::stream::RequestSource;
 use crate::wire::{self, ReplyTo, Request};
@@ -57,7 +57,7 @@ impl From<DevError> for Fail {
 /// One received request on its way to a worker.
 struct Job {
     req: Request,
-    payload: Vec<u8>,
+    payload: Buffer,
     /// The request's share of the daemon-wide pool: a WRITE's payload (given back once it is
     /// written), or the one piece a READ is read into (reserved here, so a worker never waits
     /// for the pool: waiting workers could be the only ones able to run the queued writes that
@@ -349,7 +349,7 @@ impl<W: Write + Send> Conn<'_, W> {
                 self.read_slots.acquire(0);
                 held = Some(self.pool.take(req.len.min(READ_PIECE)));
             }
-            let mut payload = Vec::new();
+            let mut payload = Buffer::empty();
             let received = if has_payload {
                 // A payload must arrive in time, whether it is kept or skipped.
                 let r = if skipped.is_some() {
@@ -391,10 +391,12 @@ impl<W: Write + Send> Conn<'_, W> {
         &self,
         reader: &mut R,
         len: u64,
-        payload: &mut Vec<u8>,
+        payload: &mut Buffer,
         held: &mut Option<Held>,
     ) -> io::Result<()> {
-        payload.reserve_exact(len as usize);
+        // A reused buffer holds an earlier request's bytes: every one is read over below, or
+        // the connection ends and the job is never run.
+        *payload = self.pool.buffer(len as usize);
         let mut done = 0usize;
         while (done as u64) < len {
             let n = (len - done as u64).min(READ_PIECE) as usize;
@@ -404,8 +406,7 @@ impl<W: Write + Send> Conn<'_, W> {
                 None => *held = Some(piece),
             }
             reader.set_deadline(Some(Instant::now() + self.payload_timeout));
-            payload.resize(done + n, 0);
-            reader.read_exact(&mut payload[done..])?;
+            reader.read_exact(&mut payload[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -464,7 +465,8 @@ impl<W: Write + Send> Conn<'_, W> {
             return false;
         }
         let _held = self.pool.take(r.len);
-        let mut data = vec![0u8; r.len as usize];
+        // Left over from an earlier request until `try_read_at` fills it; not sent unless it did.
+        let mut data = self.pool.buffer(r.len as usize);
         let extents = match self.dev.try_read_at(r.offset, &mut data) {
             Ok(TryRead::Done(extents)) => extents,
             Ok(TryRead::WouldWait) | Err(_) => return false,
@@ -745,10 +747,10 @@ impl<W: Write + Send> Conn<'_, W> {
         let extents = extents.unwrap_or_else(|| vec![(r.offset, r.len, false)]);
         if r.len <= READ_PIECE {
             // The common case: every chunk built, then sent at once.
-            let mut chunks = Vec::with_capacity(extents.len());
+            let mut chunks: Vec<Buffer> = Vec::with_capacity(extents.len());
             for (offset, len, hole) in extents {
                 if hole {
-                    chunks.push(to.hole(0, offset, len as u32));
+                    chunks.push(to.hole(0, offset, len as u32).into());
                     continue;
                 }
                 match self.data_chunk(&to, 0, offset, len) {
@@ -759,7 +761,7 @@ impl<W: Write + Send> Conn<'_, W> {
             if let Some(last) = chunks.last_mut() {
                 last[4..6].copy_from_slice(&wire::REPLY_FLAG_DONE.to_be_bytes());
             }
-            let parts: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let parts: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
             return self.send(&parts);
         }
         // A long read: one piece read and sent at a time, each its own chunk; the last is done.
@@ -789,9 +791,10 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     /// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk with `len` bytes read from `offset`.
-    fn data_chunk(&self, to: &ReplyTo, flags: u16, offset: u64, len: u64) -> Result<Vec<u8>, Fail> {
+    fn data_chunk(&self, to: &ReplyTo, flags: u16, offset: u64, len: u64) -> Result<Buffer, Fail> {
         let head = to.data_head_len();
-        let mut buf = vec![0u8; head + len as usize];
+        // Left over from an earlier request: `read_at` fills the data part, the head is put.
+        let mut buf = self.pool.buffer(head + len as usize);
         self.dev.read_at(offset, &mut buf[head..])?;
         to.put_data_head(&mut buf, flags, offset, len);
         Ok(buf)
@@ -805,7 +808,8 @@ impl<W: Write + Send> Conn<'_, W> {
     fn send_read(&self, head: &[u8], offset: u64, len: u64) -> Result<(), Fail> {
         // Header and first piece in one buffer: one write for the common short read.
         let first = len.min(READ_PIECE);
-        let mut buf = vec![0u8; head.len() + first as usize];
+        // Left over from an earlier request: the head is copied in and `read_at` fills the rest.
+        let mut buf = self.pool.buffer(head.len() + first as usize);
         buf[..head.len()].copy_from_slice(head);
         self.dev.read_at(offset, &mut buf[head.len()..])?;
         if first == len {
@@ -964,7 +968,7 @@ mod tests {
 
     fn job(seq: u64) -> Job {
         let req = Request { flags: 0, typ: wire::CMD_FLUSH, handle: seq, offset: 0, len: 0 };
-        Job { req, payload: Vec::new(), held: None, seq, cost: 0, read_slot: false, skipped: None }
+        Job { req, payload: Buffer::empty(), held: None, seq, cost: 0, read_slot: false, skipped: None }
     }
 
     #[test]
