@@ -33,10 +33,12 @@ struct Inner {
 /// allocator's own caches as cheaply.
 const REUSE_MIN: usize = 64 << 10;
 
-/// Buffers with room for more than this are freed, not kept.
-const REUSE_MAX: usize = 2 << 20;
+/// The room every reused buffer has, so any of them serves any request that reuses: a 1 MiB
+/// piece and the longest chunk head. Longer buffers (a write's payload may be 32 MiB) are
+/// allocated for the request and freed after it.
+const REUSE_CAPACITY: usize = (1 << 20) + 64;
 
-/// The most idle buffers a pool keeps (at most 16 MiB).
+/// The most idle buffers a pool keeps (8 MiB).
 const SPARES_MAX: usize = 8;
 
 #[derive(Default)]
@@ -93,21 +95,15 @@ impl BufferPool {
     /// payload is read in full or the connection ends). This is not counted against the pool's
     /// bound; take the bytes with [`BufferPool::take`] as for any buffer.
     pub(crate) fn buffer(&self, len: usize) -> Buffer {
-        if len < REUSE_MIN {
+        if !(REUSE_MIN..=REUSE_CAPACITY).contains(&len) {
             return Buffer { bytes: vec![0; len], home: None };
         }
-        let spare = {
-            let mut spares = self.inner.spares.lock();
-            let fits = spares.iter().position(|b| b.capacity() >= len);
-            fits.map(|i| spares.swap_remove(i))
-        };
-        let Some(mut bytes) = spare else {
-            return Buffer { bytes: vec![0; len], home: Some(self.inner.clone()) };
-        };
+        let spare = self.inner.spares.lock().pop();
+        let mut bytes = spare.unwrap_or_else(|| Vec::with_capacity(REUSE_CAPACITY));
         if bytes.len() >= len {
             bytes.truncate(len);
         } else {
-            // Only the part past the earlier use is zeroed.
+            // Only what lies past the earlier use is zeroed (all of it in a new buffer).
             bytes.resize(len, 0);
         }
         Buffer { bytes, home: Some(self.inner.clone()) }
@@ -157,9 +153,6 @@ impl DerefMut for Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let Some(home) = self.home.take() else { return };
-        if !(REUSE_MIN..=REUSE_MAX).contains(&self.bytes.capacity()) {
-            return;
-        }
         let mut spares = home.spares.lock();
         if spares.len() < SPARES_MAX {
             spares.push(std::mem::take(&mut self.bytes));
@@ -261,15 +254,25 @@ mod tests {
         let c = pool.buffer(REUSE_MIN);
         assert_eq!(c.as_ptr(), at);
         drop(c);
-        let d = pool.buffer(1 << 20);
+        let d = pool.buffer(REUSE_CAPACITY);
         assert!(
             d.as_ptr() == at && d[..REUSE_MIN].iter().all(|&x| x == 0x5a) && d[REUSE_MIN..].iter().all(|&x| x == 0)
         );
         drop(d);
-        // Small buffers are not kept, nor more than SPARES_MAX, nor oversized ones.
-        drop(pool.buffer(4096));
-        drop(pool.buffer(REUSE_MAX + 1));
-        assert_eq!(pool.spares(), 1);
+        // A short first use still makes a buffer any later request can take.
+        let mut e = pool.buffer(REUSE_MIN);
+        let f = pool.buffer(REUSE_MIN);
+        e.fill(1);
+        let (e_at, f_at) = (e.as_ptr(), f.as_ptr());
+        drop((e, f));
+        assert_eq!(pool.spares(), 2);
+        let g = pool.buffer(1 << 20);
+        assert!(g.len() == 1 << 20 && (g.as_ptr() == f_at || g.as_ptr() == e_at), "a 64 KiB buffer serves 1 MiB");
+        drop(g);
+        // Small and oversized buffers are not kept, nor more than SPARES_MAX.
+        let (small, big) = (pool.buffer(4096), pool.buffer(REUSE_CAPACITY + 1));
+        drop((small, big));
+        assert_eq!(pool.spares(), 2);
         let many: Vec<Buffer> = (0..SPARES_MAX + 4).map(|_| pool.buffer(1 << 20)).collect();
         assert_eq!(pool.spares(), 0);
         drop(many);
