@@ -760,8 +760,8 @@ struct Watched {
     threads: Mutex<Vec<(u64, String)>>,
     written: Option<std::sync::mpsc::Sender<u64>>,
     flushes: Mutex<u32>,
-    /// (offset, length) of every read served by `try_read_at`.
-    tried: Mutex<Vec<(u64, usize)>>,
+    /// (offset, length, on a worker) of every read tried with `try_read_at`.
+    tried: Mutex<Vec<(u64, usize, bool)>>,
     /// Told when the first flush starts; that flush then waits for `release`.
     hold_first_flush: Option<(std::sync::mpsc::SyncSender<()>, Mutex<std::sync::mpsc::Receiver<()>>)>,
 }
@@ -794,7 +794,8 @@ impl BlockDevice for Watched {
         self.inner.read_at(offset, buf)
     }
     fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<TryRead> {
-        self.tried.lock().push((offset, buf.len()));
+        let on_worker = thread::current().name().is_some_and(|n| n.starts_with("nbd-worker"));
+        self.tried.lock().push((offset, buf.len(), on_worker));
         self.inner.try_read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
@@ -973,8 +974,18 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
             }
         }
         let tried = disk.tried.lock().clone();
+        let on = |worker: bool| -> Vec<(u64, usize)> {
+            let mut v: Vec<(u64, usize)> = tried.iter().filter(|t| t.2 == worker).map(|t| (t.0, t.1)).collect();
+            if worker {
+                v.sort();
+            }
+            v
+        };
         let expected: Vec<(u64, usize)> = reads[..6].iter().map(|r| (r.2, r.3 as usize)).collect();
-        assert_eq!(tried, expected, "{mode}: the reads tried on the reader: all but the long one and the last");
+        assert_eq!(on(false), expected, "{mode}: the reads tried on the reader: all but the long one and the last");
+        let mut expected: Vec<(u64, usize)> = reads[6..].iter().map(|r| (r.2, r.3 as usize)).collect();
+        expected.sort();
+        assert_eq!(on(true), expected, "{mode}: a worker tries the bytes at hand first too (at most 1 MiB)");
         if mode == "extended" {
             c.xreq(wire::CMD_DISC, 0, 0, 0, 0, &[]);
         } else {

@@ -465,6 +465,14 @@ impl<W: Write + Send> Conn<'_, W> {
             return false;
         }
         let _held = self.pool.take(r.len);
+        self.serve_at_hand(r)
+    }
+
+    /// Answers READ `r` (its flags and range already checked, its bytes taken from the pool)
+    /// from one [`BlockDevice::try_read_at`]: the extents and the bytes from the same lookups.
+    /// False, with nothing sent, if the device would have to wait or the answer does not map
+    /// the request.
+    fn serve_at_hand(&self, r: &Request) -> bool {
         // Left over from an earlier request until `try_read_at` fills it; not sent unless it did.
         let mut data = self.pool.buffer(r.len as usize);
         let extents = match self.dev.try_read_at(r.offset, &mut data) {
@@ -722,6 +730,12 @@ impl<W: Write + Send> Conn<'_, W> {
         });
         if let Err(f) = checked {
             return self.reply_error(r, f);
+        }
+        // The common short read, when the device has it at hand: one lookup serves the chunk
+        // map and the bytes (the path below looks the range up twice). Its piece of the pool
+        // was reserved by the reader.
+        if r.len > 0 && r.len <= READ_PIECE && self.serve_at_hand(r) {
+            return;
         }
         if !self.structured {
             let head = wire::simple_reply(0, r.handle);
