@@ -187,18 +187,21 @@ fn simple_reply(s: &mut TcpStream, len_of: impl Fn(u64) -> usize) -> (u64, u32, 
 /// Large buffers are reused across requests, connections and exports (the daemon keeps a few
 /// given back instead of allocating and zeroing one per request), so a reused buffer holds
 /// another VDI's bytes until it is filled. Reads of a never-written VDI — 1 MiB on workers, 64
-/// KiB on the connection's reader, one message of several at once — right after 1 MiB writes
-/// and reads of another VDI's data must still be all zeros: every path fills what it sends.
+/// KiB on the connection's reader, 2 MiB a piece at a time, one message of several at once —
+/// right after 1 MiB writes and reads of another VDI's data must still be all zeros: every path
+/// fills what it sends.
 #[test]
 fn reused_buffers_never_carry_another_vdis_data() {
     const K: u32 = 1024;
     let (dir, store) = Daemon::prepare(16 * MIB);
-    with_registry(&store, |r| r.create_vdi("empty", Some(16 * MIB)).unwrap());
+    with_registry(&store, |r| r.create_vdi("empty", Some(32 * MIB)).unwrap());
     let d = Daemon::start(dir, store, &[]);
     let mut full = raw_connect(d.port, "disk");
     let mut empty = raw_connect(d.port, "empty");
     let pattern = vec![0x5au8; MIB as usize];
-    let lens = [1024 * K, 64 * K, 64 * K, 128 * K, 64 * K, 1024 * K, 4 * K, 64 * K];
+    // Up to 1 MiB a worker answers from the bytes at hand; longer reads go the blocking way, a
+    // 1 MiB piece at a time (`send_read`).
+    let lens = [1024 * K, 64 * K, 64 * K, 128 * K, 64 * K, 1024 * K, 1028 * K, 2048 * K, 4 * K, 64 * K];
     for round in 0..16u64 {
         let at = round * MIB;
         full.write_all(&[request(1, 0, at, MIB as u32), pattern.clone()].concat()).unwrap();

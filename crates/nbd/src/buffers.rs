@@ -38,6 +38,9 @@ const REUSE_MIN: usize = 64 << 10;
 /// allocated for the request and freed after it.
 const REUSE_CAPACITY: usize = (1 << 20) + 64;
 
+/// How many bytes a reused buffer may have touched beyond its request's length: a chunk head.
+const HEAD_SLACK: usize = 64;
+
 /// The most idle buffers a pool keeps (8 MiB).
 const SPARES_MAX: usize = 8;
 
@@ -95,18 +98,34 @@ impl BufferPool {
     /// payload is read in full or the connection ends). This is not counted against the pool's
     /// bound; take the bytes with [`BufferPool::take`] as for any buffer.
     pub(crate) fn buffer(&self, len: usize) -> Buffer {
-        if !(REUSE_MIN..=REUSE_CAPACITY).contains(&len) {
-            return Buffer { bytes: vec![0; len], home: None };
+        if !self.reuses(len) {
+            return Buffer::from(vec![0; len]);
         }
-        let spare = self.inner.spares.lock().pop();
+        let spare = {
+            let mut spares = self.inner.spares.lock();
+            // The fullest spare whose touched bytes fit the request (a chunk head over is
+            // allowed): a buffer in use is then never more resident than the bytes its request
+            // counts against the bounds, however large a request it served before.
+            let fit = spares
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() <= len + HEAD_SLACK)
+                .max_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            fit.map(|i| spares.swap_remove(i))
+        };
         let mut bytes = spare.unwrap_or_else(|| Vec::with_capacity(REUSE_CAPACITY));
-        if bytes.len() >= len {
-            bytes.truncate(len);
-        } else {
+        if bytes.len() < len {
             // Only what lies past the earlier use is zeroed (all of it in a new buffer).
             bytes.resize(len, 0);
         }
-        Buffer { bytes, home: Some(self.inner.clone()) }
+        Buffer { bytes, len, home: Some(self.inner.clone()) }
+    }
+
+    /// True if a buffer of `len` bytes comes from the spares ([`BufferPool::buffer`]); a longer
+    /// one is allocated for its request alone.
+    pub(crate) fn reuses(&self, len: usize) -> bool {
+        (REUSE_MIN..=REUSE_CAPACITY).contains(&len)
     }
 
     /// Idle buffers kept for reuse.
@@ -118,7 +137,9 @@ impl BufferPool {
 
 /// A byte buffer from [`BufferPool::buffer`]: its memory goes back to the pool when dropped.
 pub(crate) struct Buffer {
+    /// As many bytes as any use of this memory has touched; the buffer is the first `len`.
     bytes: Vec<u8>,
+    len: usize,
     /// The pool to give a large buffer back to.
     home: Option<Arc<Inner>>,
 }
@@ -126,27 +147,27 @@ pub(crate) struct Buffer {
 impl Buffer {
     /// An empty buffer that belongs to no pool.
     pub(crate) fn empty() -> Buffer {
-        Buffer { bytes: Vec::new(), home: None }
+        Buffer::from(Vec::new())
     }
 }
 
 impl From<Vec<u8>> for Buffer {
     /// `bytes` as a buffer that belongs to no pool.
     fn from(bytes: Vec<u8>) -> Buffer {
-        Buffer { bytes, home: None }
+        Buffer { len: bytes.len(), bytes, home: None }
     }
 }
 
 impl Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.bytes
+        &self.bytes[..self.len]
     }
 }
 
 impl DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes
+        &mut self.bytes[..self.len]
     }
 }
 
@@ -250,29 +271,30 @@ mod tests {
         let b = pool.buffer(1 << 20);
         assert_eq!((b.as_ptr(), b.len(), b[0]), (at, 1 << 20, 0x5a));
         drop(b);
-        // A shorter use keeps the memory, and a longer one zeroes only what it adds.
+        // A request shorter than what a spare has touched does not take it: a buffer in use
+        // is never more resident than its request counts (a head's worth aside).
         let c = pool.buffer(REUSE_MIN);
-        assert_eq!(c.as_ptr(), at);
-        drop(c);
+        assert!(c.as_ptr() != at && c.len() == REUSE_MIN);
         let d = pool.buffer(REUSE_CAPACITY);
-        assert!(
-            d.as_ptr() == at && d[..REUSE_MIN].iter().all(|&x| x == 0x5a) && d[REUSE_MIN..].iter().all(|&x| x == 0)
-        );
+        assert!(d.as_ptr() == at && d[..1 << 20].iter().all(|&x| x == 0x5a) && d[1 << 20..].iter().all(|&x| x == 0));
         drop(d);
-        // A short first use still makes a buffer any later request can take.
-        let mut e = pool.buffer(REUSE_MIN);
-        let f = pool.buffer(REUSE_MIN);
+        assert_eq!(pool.buffer(REUSE_CAPACITY - HEAD_SLACK).as_ptr(), at, "within a head of what it touched");
+        // A short buffer given back grows in place for a longer request, zeroing what it adds.
+        let c_at = c.as_ptr();
+        drop(c);
+        let mut e = pool.buffer(1 << 19);
+        assert_eq!(e.as_ptr(), c_at, "the fullest spare that fits");
         e.fill(1);
-        let (e_at, f_at) = (e.as_ptr(), f.as_ptr());
-        drop((e, f));
-        assert_eq!(pool.spares(), 2);
-        let g = pool.buffer(1 << 20);
-        assert!(g.len() == 1 << 20 && (g.as_ptr() == f_at || g.as_ptr() == e_at), "a 64 KiB buffer serves 1 MiB");
-        drop(g);
+        drop(e);
+        let f = pool.buffer(1 << 20);
+        assert!(f.as_ptr() == c_at || f.as_ptr() == at);
+        drop(f);
         // Small and oversized buffers are not kept, nor more than SPARES_MAX.
+        let spares = pool.spares();
         let (small, big) = (pool.buffer(4096), pool.buffer(REUSE_CAPACITY + 1));
+        assert!(!pool.reuses(small.len()) && !pool.reuses(big.len()));
         drop((small, big));
-        assert_eq!(pool.spares(), 2);
+        assert_eq!(pool.spares(), spares);
         let many: Vec<Buffer> = (0..SPARES_MAX + 4).map(|_| pool.buffer(1 << 20)).collect();
         assert_eq!(pool.spares(), 0);
         drop(many);

@@ -164,7 +164,9 @@ pub struct Limits {
     /// READs of at most this many bytes are first tried in the thread that read them, and
     /// served there when the device has the bytes without waiting
     /// ([`blockdev::BlockDevice::try_read_at`]: the page cache holds them and the metadata is
-    /// cached); any other goes to a worker as before. 0 hands every READ to a worker.
+    /// cached); any other goes to a worker as before. A worker tries the same first for a READ
+    /// of at most 1 MiB (one lookup for the chunk map and the bytes). 0 hands every READ to a
+    /// worker and turns both attempts off.
     pub inline_read_max: u32,
     /// Largest READ or WRITE accepted (advertised as the maximum block size). Clamped to
     /// 64 KiB ..= 1 GiB.

@@ -995,6 +995,102 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
     }
 }
 
+/// Buffers are reused across the connections of a server, holding earlier requests' bytes. A
+/// device that never has bytes at hand ("slow": no `try_read_at`) makes every READ take the
+/// blocking path — data chunks, simple replies, DF, long reads a piece at a time — and each must
+/// still send only what it read: zeros, after 1 MiB of 0x5a went through the spares.
+#[test]
+fn reused_buffers_are_filled_on_the_blocking_read_path() {
+    /// A 4 MiB memory disk that never has bytes at hand (the default `try_read_at`).
+    struct Cold(MemDisk);
+    impl BlockDevice for Cold {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
+            self.0.write_at(offset, data, fua)
+        }
+        fn flush(&self) -> DevResult<()> {
+            self.0.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+            self.0.discard(offset, len)
+        }
+        fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
+            self.0.extents(offset, len)
+        }
+    }
+    let limits = Limits::default();
+    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+    disks.insert("disk".into(), Arc::new(MemDisk::new(4 << 20)));
+    disks.insert("slow".into(), Arc::new(Cold(MemDisk::new(4 << 20))));
+    let exports = Arc::new(TestExports { disks });
+    let (mut a, ta) = start_with(exports.clone(), limits.clone());
+    a.go("disk", false, false);
+    for structured in [false, true] {
+        // 0x5a through the spares (payloads and read buffers) before each pass.
+        for h in 0..4u64 {
+            a.req(wire::CMD_WRITE, 0, h, h << 20, 1 << 20, &vec![0x5a; 1 << 20]);
+            assert_eq!(a.simple().0, 0);
+            a.req(wire::CMD_READ, 0, h, h << 20, 1 << 20, &[]);
+            assert_eq!(a.simple().0, 0);
+            assert!(a.read_n(1 << 20).iter().all(|&b| b == 0x5a));
+        }
+        let (mut b, tb) = start_with(exports.clone(), limits.clone());
+        b.go("slow", structured, false);
+        // Zeros written at the start of each MiB: a data chunk of 64 KiB, then a hole.
+        for h in 0..3u64 {
+            b.req(wire::CMD_WRITE, 0, h, h << 20, 64 << 10, &vec![0; 64 << 10]);
+            assert_eq!(b.simple().0, 0);
+        }
+        let df = if structured { wire::CMD_FLAG_DF } else { 0 };
+        let reads: [(u64, u16, u32); 5] =
+            [(1, 0, 1 << 20), (2, df, 1 << 20), (3, 0, 64 << 10), (4, 0, (2 << 20) + 4096), (5, df, 2 << 20)];
+        for &(handle, flags, len) in &reads {
+            b.req(wire::CMD_READ, flags, handle, 0, len, &[]);
+            let mut seen = 0usize;
+            if structured {
+                loop {
+                    let ch = b.chunk();
+                    assert_eq!(ch.handle, handle);
+                    match ch.typ {
+                        wire::REPLY_TYPE_OFFSET_DATA => {
+                            let data = &ch.payload[8..];
+                            let stale = data.iter().filter(|&&x| x != 0).count();
+                            assert_eq!(stale, 0, "read {handle}: a data chunk carried {stale} stale bytes");
+                            seen += data.len();
+                        }
+                        wire::REPLY_TYPE_OFFSET_HOLE => {
+                            seen += u32::from_be_bytes(ch.payload[8..12].try_into().unwrap()) as usize;
+                        }
+                        other => panic!("read {handle}: chunk type {other}"),
+                    }
+                    if ch.flags & wire::REPLY_FLAG_DONE != 0 {
+                        break;
+                    }
+                }
+            } else {
+                assert_eq!(b.simple(), (0, handle));
+                let data = b.read_n(len as usize);
+                let stale = data.iter().filter(|&&x| x != 0).count();
+                assert_eq!(stale, 0, "read {handle}: a simple reply carried {stale} stale bytes");
+                seen = data.len();
+            }
+            assert_eq!(seen, len as usize, "read {handle}: every byte answered once");
+        }
+        b.disc();
+        assert!(join(tb).is_ok());
+    }
+    a.disc();
+    assert!(join(ta).is_ok());
+}
+
 /// FLUSHes that queue up while one is being made are answered together by one more flush of
 /// the device, each with its own reply (one with a flag FLUSH does not take gets EINVAL).
 #[test]

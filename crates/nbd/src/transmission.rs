@@ -395,8 +395,15 @@ impl<W: Write + Send> Conn<'_, W> {
         held: &mut Option<Held>,
     ) -> io::Result<()> {
         // A reused buffer holds an earlier request's bytes: every one is read over below, or
-        // the connection ends and the job is never run.
-        *payload = self.pool.buffer(len as usize);
+        // the connection ends and the job is never run. A payload too long to reuse grows a
+        // piece at a time as its bytes arrive, as the pool's takes do.
+        let reused = self.pool.reuses(len as usize);
+        let mut grown = Vec::new();
+        if reused {
+            *payload = self.pool.buffer(len as usize);
+        } else {
+            grown.reserve_exact(len as usize);
+        }
         let mut done = 0usize;
         while (done as u64) < len {
             let n = (len - done as u64).min(READ_PIECE) as usize;
@@ -406,8 +413,16 @@ impl<W: Write + Send> Conn<'_, W> {
                 None => *held = Some(piece),
             }
             reader.set_deadline(Some(Instant::now() + self.payload_timeout));
-            reader.read_exact(&mut payload[done..done + n])?;
+            if reused {
+                reader.read_exact(&mut payload[done..done + n])?;
+            } else {
+                grown.resize(done + n, 0);
+                reader.read_exact(&mut grown[done..])?;
+            }
             done += n;
+        }
+        if !reused {
+            *payload = Buffer::from(grown);
         }
         Ok(())
     }
@@ -733,8 +748,8 @@ impl<W: Write + Send> Conn<'_, W> {
         }
         // The common short read, when the device has it at hand: one lookup serves the chunk
         // map and the bytes (the path below looks the range up twice). Its piece of the pool
-        // was reserved by the reader.
-        if r.len > 0 && r.len <= READ_PIECE && self.serve_at_hand(r) {
+        // was reserved by the reader. `inline_read_max` 0 turns every such attempt off.
+        if self.inline_read_max > 0 && r.len > 0 && r.len <= READ_PIECE && self.serve_at_hand(r) {
             return;
         }
         if !self.structured {
