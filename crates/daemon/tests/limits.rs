@@ -139,6 +139,67 @@ fn eight_clients_not_reading_replies_stay_within_the_daemon_wide_bound() {
     assert_eq!(d.stop().0, 0);
 }
 
+/// A reused buffer that once held 1 MiB is not lent to a 64 KiB request: while one client keeps
+/// 1 MiB reads going (making fully touched buffers), 24 clients queue 64 KiB reads and never
+/// take a reply. Each connection's reader ends up stuck sending one of them; those bytes are
+/// counted as 64 KiB each, and the daemon's memory must grow by about that (+5 MiB measured,
+/// threads included), not by a megabyte per stuck read (+18 MiB with the lending the review
+/// found).
+#[test]
+fn short_reads_stuck_in_send_hold_what_they_count() {
+    need("qemu-io");
+    let (dir, store) = Daemon::prepare(64 * MIB);
+    let d = Daemon::start(dir, store, &["--max-buffered-mib", "128"]);
+    run_ok("qemu-io", &["-f", "raw", &d.uri("disk"), "-c", "write -P 1 0 64M"]);
+    let (code, _, err) = d.vdi(&["snap", "disk", "base"]);
+    assert_eq!(code, 0, "{err}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (port, stop) = (d.port, stop.clone());
+        std::thread::spawn(move || {
+            let mut s = raw_connect(port, "disk");
+            let mut reply = vec![0u8; 16 + (1 << 20)];
+            let mut h = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<u8> = (0..4).flat_map(|i| read_request(h + i, ((h + i) % 64) << 20, 1 << 20)).collect();
+                s.write_all(&batch).unwrap();
+                for _ in 0..4 {
+                    s.read_exact(&mut reply).unwrap();
+                }
+                h += 4;
+            }
+            h
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = d.rss();
+    let mut stuck = Vec::new();
+    for _ in 0..24 {
+        let mut s = raw_connect(d.port, "disk@base");
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        // 64 MiB of replies: far more than the socket buffers take, so reads stay stuck in send.
+        let reads: Vec<u8> = (0..1024u64).flat_map(|h| read_request(h, h << 16, 64 << 10)).collect();
+        let _ = s.write_all(&reads);
+        stuck.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let during = d.rss();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    eprintln!(
+        "24 clients stuck on 64 KiB reads beside {churned} reads of 1 MiB: RSS {} -> {} MiB",
+        before >> 20,
+        during >> 20
+    );
+    assert!(
+        during < before + 12 * MIB,
+        "24 clients stuck on 64 KiB reads grew the daemon by {} MiB (their stuck reads count 1.5 MiB)",
+        (during - before) >> 20
+    );
+    drop(stuck);
+    assert_eq!(d.stop().0, 0);
+}
+
 /// 500 clients connected at once, each served: every one reads its own part of a snapshot
 /// while all the others are connected, and gets the right bytes.
 #[test]
