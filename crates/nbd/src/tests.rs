@@ -61,6 +61,16 @@ impl SlowDisk {
     fn new(read_delay_at: Option<(u64, Duration)>, write_delay: Duration) -> Arc<Self> {
         Arc::new(SlowDisk { inner: MemDisk::new(DISK_SIZE), read_delay_at, write_delay, log: Mutex::new(Vec::new()) })
     }
+
+    /// A disk of `size` bytes without delays.
+    fn of_size(size: u64) -> Arc<Self> {
+        Arc::new(SlowDisk {
+            inner: MemDisk::new(size),
+            read_delay_at: None,
+            write_delay: Duration::ZERO,
+            log: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 impl BlockDevice for SlowDisk {
@@ -1001,35 +1011,11 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
 /// still send only what it read: zeros, after 1 MiB of 0x5a went through the spares.
 #[test]
 fn reused_buffers_are_filled_on_the_blocking_read_path() {
-    /// A 4 MiB memory disk that never has bytes at hand (the default `try_read_at`).
-    struct Cold(MemDisk);
-    impl BlockDevice for Cold {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-            self.0.read_at(offset, buf)
-        }
-        fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<()> {
-            self.0.write_at(offset, data, fua)
-        }
-        fn flush(&self) -> DevResult<()> {
-            self.0.flush()
-        }
-        fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-            self.0.discard(offset, len)
-        }
-        fn extents(&self, offset: u64, len: u64) -> DevResult<Vec<Extent>> {
-            self.0.extents(offset, len)
-        }
-    }
     let limits = Limits::default();
     let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
     disks.insert("disk".into(), Arc::new(MemDisk::new(4 << 20)));
-    disks.insert("slow".into(), Arc::new(Cold(MemDisk::new(4 << 20))));
+    // A SlowDisk never has bytes at hand (the default `try_read_at`).
+    disks.insert("slow".into(), SlowDisk::of_size(4 << 20));
     let exports = Arc::new(TestExports { disks });
     let (mut a, ta) = start_with(exports.clone(), limits.clone());
     a.go("disk", false, false);
