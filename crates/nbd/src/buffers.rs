@@ -80,11 +80,23 @@ impl BufferPool {
 
     /// Takes `bytes`, waiting while the holders would go past the bound. A take larger than the
     /// whole pool waits until the pool is empty and then goes alone, so it cannot wait forever.
+    #[cfg(test)]
     pub(crate) fn take(&self, bytes: u64) -> Held {
+        self.take_or(bytes, || ())
+    }
+
+    /// [`BufferPool::take`] that runs `before_wait` (without the pool's lock) before it first
+    /// waits, if it has to: a connection's reader sends the replies it batched, so nobody waits
+    /// for them while it waits for room.
+    pub(crate) fn take_or(&self, bytes: u64, before_wait: impl FnOnce()) -> Held {
         if bytes > 0 {
             let mut s = self.inner.state.lock();
+            let mut before_wait = Some(before_wait);
             while !admits(s.used, bytes, self.inner.max) {
-                self.inner.freed.wait(&mut s);
+                match before_wait.take() {
+                    Some(f) => parking_lot::MutexGuard::unlocked(&mut s, f),
+                    None => self.inner.freed.wait(&mut s),
+                }
             }
             s.used += bytes;
             s.peak = s.peak.max(s.used);

@@ -1112,6 +1112,66 @@ fn flushes_queued_together_share_one_flush_of_the_device() {
     assert!(join(t).is_ok());
 }
 
+/// Bytes of a simple request: header and payload.
+fn request_bytes(typ: u16, handle: u64, offset: u64, payload: &[u8], len: u32) -> Vec<u8> {
+    let mut b = Request { flags: 0, typ, handle, offset, len: u64::from(len) }.encode().to_vec();
+    b.extend_from_slice(payload);
+    b
+}
+
+/// The reader batches the replies of requests it runs while more of the client's bytes are at
+/// hand; it sends them before it blocks for more — here in the middle of a request whose
+/// payload the client sends only once it has the first reply. (With the replies left in the
+/// buffer, the client waits for ever: its read times out.)
+#[test]
+fn batched_replies_are_sent_before_the_reader_waits_for_the_client() {
+    let (mut c, t) = start();
+    c.go("disk", false, false);
+    // WRITE 1 whole, then WRITE 2's header and the first 100 bytes of its payload, in one go.
+    let mut first = request_bytes(wire::CMD_WRITE, 1, 0, &[1u8; 4096], 4096);
+    let second = request_bytes(wire::CMD_WRITE, 2, 4096, &[2u8; 4096], 4096);
+    first.extend_from_slice(&second[..wire::REQUEST_LEN + 100]);
+    c.s.write_all(&first).unwrap();
+    assert_eq!(c.simple(), (0, 1), "the first write's reply, before the second is complete");
+    c.s.write_all(&second[wire::REQUEST_LEN + 100..]).unwrap();
+    assert_eq!(c.simple(), (0, 2));
+    c.req(wire::CMD_READ, 0, 3, 0, 8192, &[]);
+    assert_eq!(c.simple(), (0, 3));
+    let data = c.read_n(8192);
+    assert!(data[..4096].iter().all(|&b| b == 1) && data[4096..].iter().all(|&b| b == 2));
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
+/// ... and before it waits for room in the connection's budget: here the only place is held
+/// by a FLUSH the device holds until the client has the batched reply. (Left in the buffer,
+/// the reply would go out with the FLUSH's, which never comes: the client's read times out.)
+#[test]
+fn batched_replies_are_sent_before_the_reader_waits_for_room() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
+    let disk = Arc::new(Watched { hold_first_flush: Some((entered_tx, Mutex::new(release))), ..Watched::new(true) });
+    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+    disks.insert("disk".into(), disk.clone());
+    let limits = Limits { max_in_flight_per_conn: 1, ..Limits::default() };
+    let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+    c.go("disk", false, false);
+    // WRITE 1 (run on the reader, more bytes behind it: batched), FLUSH 2 (a worker, held in
+    // the device), WRITE 3 (waits for FLUSH 2's place), in one go.
+    let mut all = request_bytes(wire::CMD_WRITE, 1, 0, &[1u8; 4096], 4096);
+    all.extend(request_bytes(wire::CMD_FLUSH, 2, 0, &[], 0));
+    all.extend(request_bytes(wire::CMD_WRITE, 3, 4096, &[3u8; 4096], 4096));
+    c.s.write_all(&all).unwrap();
+    entered.recv_timeout(Duration::from_secs(5)).expect("the flush reaches the device");
+    assert_eq!(c.simple(), (0, 1), "the batched reply, while the reader waits for room");
+    release_tx.send(()).unwrap();
+    let mut rest: Vec<(u32, u64)> = (0..2).map(|_| c.simple()).collect();
+    rest.sort_by_key(|r| r.1);
+    assert_eq!(rest, vec![(0, 2), (0, 3)]);
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
 #[test]
 fn replies_may_overtake_slow_requests() {
     let slow = SlowDisk::new(Some((0, Duration::from_millis(300))), Duration::ZERO);

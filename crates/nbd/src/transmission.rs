@@ -3,15 +3,16 @@
 //! small WRITE to a device whose writes land in memory the reader runs itself: handing it to a
 //! worker (a wake-up and a context switch) would cost more than the write.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, VecDeque};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Instant;
 
 use blockdev::{BlockDevice, DevError, ExtentKind, TryRead};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use tracing::{debug, error, trace, warn};
 
 use crate::buffers::{Buffer, BufferPool, Held};
@@ -158,10 +159,16 @@ struct Budget {
 }
 
 impl Budget {
-    fn acquire(&self, bytes: u64) {
+    /// Takes a request's place and `bytes`, waiting while they would go past the bounds;
+    /// `before_wait` runs (without this lock) before the first wait, if there is one.
+    fn acquire_or(&self, bytes: u64, before_wait: impl FnOnce()) {
         let mut used = self.used.lock();
+        let mut before_wait = Some(before_wait);
         while used.0 >= self.max_count || (used.1 > 0 && used.1 + bytes > self.max_bytes) {
-            self.freed.wait(&mut used);
+            match before_wait.take() {
+                Some(f) => MutexGuard::unlocked(&mut used, f),
+                None => self.freed.wait(&mut used),
+            }
         }
         used.0 += 1;
         used.1 += bytes;
@@ -201,6 +208,55 @@ impl PendingWrites {
     }
 }
 
+thread_local! {
+    /// Set on a connection's reader while it runs a request with more of the client's bytes
+    /// already received: the request's reply may wait for the others' ([`Conn::send_with`]).
+    static REPLIES_WAIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, the reader's replies join its batch (if `start` was given true); over when
+/// dropped, also by a panic.
+struct ReplyBatch;
+
+impl ReplyBatch {
+    fn start(batch: bool) -> ReplyBatch {
+        REPLIES_WAIT.set(batch);
+        ReplyBatch
+    }
+}
+
+impl Drop for ReplyBatch {
+    fn drop(&mut self) {
+        REPLIES_WAIT.set(false);
+    }
+}
+
+/// The reader's request source: before it blocks for more of the client's bytes (nothing left
+/// in the receive buffer), the replies batched so far are sent — the client may be waiting
+/// for them before it sends more.
+struct SendsBeforeBlocking<'r, 'c, 'a, R, W> {
+    inner: &'r mut R,
+    conn: &'c Conn<'a, W>,
+}
+
+impl<R: RequestSource, W: Write + Send> Read for SendsBeforeBlocking<'_, '_, '_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.inner.has_buffered() {
+            self.conn.send_unsent();
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl<R: RequestSource, W: Write + Send> RequestSource for SendsBeforeBlocking<'_, '_, '_, R, W> {
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.inner.set_deadline(deadline);
+    }
+    fn has_buffered(&self) -> bool {
+        self.inner.has_buffered()
+    }
+}
+
 /// State shared by the reader and the workers of one connection.
 struct Conn<'a, W> {
     dev: &'a dyn BlockDevice,
@@ -221,6 +277,9 @@ struct Conn<'a, W> {
     /// The daemon-wide bound on payload bytes held.
     pool: &'a BufferPool,
     writer: Mutex<W>,
+    /// Replies of the reader's batch are in the writer's buffer, not yet sent (see
+    /// [`Conn::send_with`]). Changed only with `writer` locked.
+    unsent: AtomicBool,
     /// Set once a reply could not be sent; nothing more is sent or read.
     broken: AtomicBool,
     write_error: Mutex<Option<io::Error>>,
@@ -253,6 +312,7 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
         payload_timeout: limits.reply_timeout,
         pool: &limits.buffers,
         writer: Mutex::new(writer),
+        unsent: AtomicBool::new(false),
         broken: AtomicBool::new(false),
         write_error: Mutex::new(None),
         pending_writes: PendingWrites::default(),
@@ -297,6 +357,14 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
 impl<W: Write + Send> Conn<'_, W> {
     /// The reader: parses requests and queues them until DISC, end of stream or a fatal error.
     fn read_requests<R: RequestSource>(&self, reader: &mut R, queue: &JobQueue) -> Result<(), NbdError> {
+        let outcome = self.read_requests_from(&mut SendsBeforeBlocking { inner: reader, conn: self }, queue);
+        // Replies batched before a DISC or an error still go out.
+        self.send_unsent();
+        outcome
+    }
+
+    /// [`Conn::read_requests`] from a source that sends the batched replies before it blocks.
+    fn read_requests_from<R: RequestSource>(&self, reader: &mut R, queue: &JobQueue) -> Result<(), NbdError> {
         let header_len = if self.extended { wire::EXTENDED_REQUEST_LEN } else { wire::REQUEST_LEN };
         let mut seq = 0u64;
         loop {
@@ -335,19 +403,19 @@ impl<W: Write + Send> Conn<'_, W> {
             } else {
                 None
             };
-            if skipped.is_none() && reader.has_buffered() && self.read_on_reader(&req) {
+            if skipped.is_none() && reader.has_buffered() && self.read_on_reader(&req, ReplyBatch::start(true)) {
                 seq += 1;
                 continue;
             }
             let cost = if has_payload && skipped.is_none() { req.len } else { 0 };
-            self.budget.acquire(cost);
+            self.budget.acquire_or(cost, || self.send_unsent());
             let mut held = None;
             let read_slot = req.typ == wire::CMD_READ && req.len <= u64::from(self.max_request);
             if read_slot {
                 // At most one read per worker holds a piece: a client queueing many reads
                 // waits here (its requests stay in its socket) instead of reserving the pool.
-                self.read_slots.acquire(0);
-                held = Some(self.pool.take(req.len.min(READ_PIECE)));
+                self.read_slots.acquire_or(0, || self.send_unsent());
+                held = Some(self.pool.take_or(req.len.min(READ_PIECE), || self.send_unsent()));
             }
             let mut payload = Buffer::empty();
             let received = if has_payload {
@@ -375,6 +443,7 @@ impl<W: Write + Send> Conn<'_, W> {
             }
             let job = Job { req, payload, held, seq, cost, read_slot, skipped };
             if self.runs_on_reader(&job) {
+                let _batch = ReplyBatch::start(reader.has_buffered());
                 self.run(job);
             } else {
                 queue.push(job);
@@ -407,7 +476,7 @@ impl<W: Write + Send> Conn<'_, W> {
         let mut done = 0usize;
         while (done as u64) < len {
             let n = (len - done as u64).min(READ_PIECE) as usize;
-            let piece = self.pool.take(n as u64);
+            let piece = self.pool.take_or(n as u64, || self.send_unsent());
             match held {
                 Some(h) => h.absorb(piece),
                 None => *held = Some(piece),
@@ -458,7 +527,7 @@ impl<W: Write + Send> Conn<'_, W> {
     /// without waiting ([`BlockDevice::try_read_at`]); false leaves it to a worker, which
     /// also answers every error. Its buffer is taken from the daemon-wide pool like any
     /// read's. A panic closes the connection, as on a worker.
-    fn read_on_reader(&self, r: &Request) -> bool {
+    fn read_on_reader(&self, r: &Request, _batch: ReplyBatch) -> bool {
         match catch_unwind(AssertUnwindSafe(|| self.try_read_inline(r))) {
             Ok(served) => served,
             Err(_) => {
@@ -479,7 +548,7 @@ impl<W: Write + Send> Conn<'_, W> {
         if self.check_flags(r, allowed).is_err() || self.check_range(r, wire::EINVAL).is_err() {
             return false;
         }
-        let _held = self.pool.take(r.len);
+        let _held = self.pool.take_or(r.len, || self.send_unsent());
         self.serve_at_hand(r)
     }
 
@@ -974,20 +1043,47 @@ impl<W: Write + Send> Conn<'_, W> {
 
     /// Writes one reply with `write` while holding the stream, then flushes; on failure marks
     /// the connection broken and shuts it down.
+    ///
+    /// On the reader, in a [`ReplyBatch`], the reply is left in the writer's buffer instead:
+    /// the reader has more of the client's requests at hand, and their replies go out with
+    /// this one in one `send` — one system call and one wake-up of the client for the batch,
+    /// where each reply cost both. The batch is sent when a reply outside a batch is sent,
+    /// before the reader blocks for anything ([`SendsBeforeBlocking`], and the waits for room
+    /// in the budgets and the pool), and when the reader ends; a full buffer goes out by itself.
     fn send_with(&self, write: impl FnOnce(&mut W) -> io::Result<()>) {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
+        let batched = REPLIES_WAIT.get();
         let mut w = self.writer.lock();
-        let res = write(&mut w).and_then(|()| w.flush());
+        let res = write(&mut w).and_then(|()| if batched { Ok(()) } else { w.flush() });
+        self.unsent.store(batched, Ordering::Release);
         drop(w);
         if let Err(e) = res {
-            warn!(error = %e, "could not send a reply; closing the connection");
-            if !self.broken.swap(true, Ordering::AcqRel) {
-                *self.write_error.lock() = Some(e);
-            }
-            (self.shut)();
+            self.send_failed(e);
         }
+    }
+
+    /// Sends the replies of the reader's batch still in the writer's buffer, if any.
+    fn send_unsent(&self) {
+        if !self.unsent.load(Ordering::Acquire) || self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = self.writer.lock();
+        let res = if self.unsent.swap(false, Ordering::AcqRel) { w.flush() } else { Ok(()) };
+        drop(w);
+        if let Err(e) = res {
+            self.send_failed(e);
+        }
+    }
+
+    /// A reply could not be sent: the connection is broken and shut down.
+    fn send_failed(&self, e: io::Error) {
+        warn!(error = %e, "could not send a reply; closing the connection");
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            *self.write_error.lock() = Some(e);
+        }
+        (self.shut)();
     }
 }
 
