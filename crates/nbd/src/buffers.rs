@@ -85,7 +85,7 @@ impl BufferPool {
         self.take_or(bytes, || ())
     }
 
-    /// [`BufferPool::take`] that runs `before_wait` (without the pool's lock) before it first
+    /// [`BufferPool::take_or`] that runs `before_wait` (without the pool's lock) before it first
     /// waits, if it has to: a connection's reader sends the replies it batched, so nobody waits
     /// for them while it waits for room.
     pub(crate) fn take_or(&self, bytes: u64, before_wait: impl FnOnce()) -> Held {
@@ -108,7 +108,7 @@ impl BufferPool {
     /// bytes are left over from an earlier request** — possibly another export's data: the
     /// caller fills every byte it sends (a device's `read_at` fills its whole buffer, a
     /// payload is read in full or the connection ends). This is not counted against the pool's
-    /// bound; take the bytes with [`BufferPool::take`] as for any buffer.
+    /// bound; take the bytes with [`BufferPool::take_or`] as for any buffer.
     pub(crate) fn buffer(&self, len: usize) -> Buffer {
         if !self.reuses(len) {
             return Buffer::from(vec![0; len]);
@@ -269,6 +269,31 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), 8 << 20);
         assert_eq!(pool.in_use(), 0);
         assert_eq!(pool.peak(), 8 << 20);
+    }
+
+    /// `take_or`'s hook runs before a wait — with the pool's lock free (it may take it) —
+    /// and never when there is room.
+    #[test]
+    fn a_take_runs_its_hook_only_before_it_waits() {
+        let pool = BufferPool::new(1 << 20);
+        let mut ran = false;
+        let held = pool.take_or(1 << 20, || ran = true);
+        assert!(!ran, "room: no hook");
+        let (hooked, hook_ran) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let _more = pool.take_or(4096, || hooked.send(pool.in_use()).expect("send"));
+            });
+            let in_use = hook_ran.recv_timeout(std::time::Duration::from_secs(5));
+            let waited_on = !waiter.is_finished();
+            // Room again before any assertion, so a failing one ends the test instead of
+            // leaving the waiter (and the scope) waiting for ever.
+            drop(held);
+            waiter.join().expect("waiter");
+            assert_eq!(in_use, Ok(1 << 20), "the hook ran, while the pool was full");
+            assert!(waited_on, "and the take waited on after it");
+        });
+        assert_eq!(pool.in_use(), 0);
     }
 
     #[test]

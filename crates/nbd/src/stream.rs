@@ -163,7 +163,7 @@ const HANDSHAKE_REPLY_GRACE: Duration = Duration::from_secs(1);
 const DEADLINE_STEP: usize = 256 << 10;
 
 /// Size of the buffers in front of the socket.
-const STREAM_BUFFER: usize = 64 << 10;
+pub(crate) const STREAM_BUFFER: usize = 64 << 10;
 
 /// Serves one client on `stream` until it disconnects, then closes the stream.
 ///

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Instant;
 
@@ -36,6 +36,11 @@ const ZERO_BUFFER: usize = 1 << 20;
 /// Most bytes of one READ held in memory at once: a longer read is read and sent piece by
 /// piece, so a client that stops taking its replies pins at most this much per worker.
 pub(crate) const READ_PIECE: u64 = 1 << 20;
+
+/// Most bytes of replies the reader batches (see [`Conn::send_with`]): well inside the
+/// stream's write buffer, so a batch never reaches the socket until it is sent whole — the
+/// reply deadline ([`crate::stream`]'s writer) then bounds the batch as one reply.
+const BATCH_BYTES: usize = crate::stream::STREAM_BUFFER / 2;
 
 /// An error reply: NBD error value and a message for structured replies.
 struct Fail {
@@ -233,16 +238,23 @@ impl Drop for ReplyBatch {
 
 /// The reader's request source: before it blocks for more of the client's bytes (nothing left
 /// in the receive buffer), the replies batched so far are sent — the client may be waiting
-/// for them before it sends more.
+/// for them before it sends more. The time that takes is not the client's: a payload's
+/// deadline moves on by it.
 struct SendsBeforeBlocking<'r, 'c, 'a, R, W> {
     inner: &'r mut R,
     conn: &'c Conn<'a, W>,
+    /// The deadline last set.
+    deadline: Option<Instant>,
 }
 
 impl<R: RequestSource, W: Write + Send> Read for SendsBeforeBlocking<'_, '_, '_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.inner.has_buffered() {
+        if !self.inner.has_buffered() && self.conn.unsent.load(Ordering::Acquire) > 0 {
+            let began = Instant::now();
             self.conn.send_unsent();
+            if let Some(d) = self.deadline {
+                self.set_deadline(Some(d + began.elapsed()));
+            }
         }
         self.inner.read(buf)
     }
@@ -250,6 +262,7 @@ impl<R: RequestSource, W: Write + Send> Read for SendsBeforeBlocking<'_, '_, '_,
 
 impl<R: RequestSource, W: Write + Send> RequestSource for SendsBeforeBlocking<'_, '_, '_, R, W> {
     fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
         self.inner.set_deadline(deadline);
     }
     fn has_buffered(&self) -> bool {
@@ -277,9 +290,10 @@ struct Conn<'a, W> {
     /// The daemon-wide bound on payload bytes held.
     pool: &'a BufferPool,
     writer: Mutex<W>,
-    /// Replies of the reader's batch are in the writer's buffer, not yet sent (see
-    /// [`Conn::send_with`]). Changed only with `writer` locked.
-    unsent: AtomicBool,
+    /// Bytes of the reader's batch in the writer's buffer, not yet sent (see
+    /// [`Conn::send_with`]): all the buffer holds, as every other reply is flushed. Changed
+    /// only with `writer` locked.
+    unsent: AtomicUsize,
     /// Set once a reply could not be sent; nothing more is sent or read.
     broken: AtomicBool,
     write_error: Mutex<Option<io::Error>>,
@@ -312,7 +326,7 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
         payload_timeout: limits.reply_timeout,
         pool: &limits.buffers,
         writer: Mutex::new(writer),
-        unsent: AtomicBool::new(false),
+        unsent: AtomicUsize::new(0),
         broken: AtomicBool::new(false),
         write_error: Mutex::new(None),
         pending_writes: PendingWrites::default(),
@@ -357,7 +371,8 @@ pub(crate) fn serve<R: RequestSource, W: Write + Send>(
 impl<W: Write + Send> Conn<'_, W> {
     /// The reader: parses requests and queues them until DISC, end of stream or a fatal error.
     fn read_requests<R: RequestSource>(&self, reader: &mut R, queue: &JobQueue) -> Result<(), NbdError> {
-        let outcome = self.read_requests_from(&mut SendsBeforeBlocking { inner: reader, conn: self }, queue);
+        let outcome =
+            self.read_requests_from(&mut SendsBeforeBlocking { inner: reader, conn: self, deadline: None }, queue);
         // Replies batched before a DISC or an error still go out.
         self.send_unsent();
         outcome
@@ -914,7 +929,7 @@ impl<W: Write + Send> Conn<'_, W> {
             self.send(&[&buf]);
             return Ok(());
         }
-        self.send_with(|w| {
+        self.send_with(None, |w| {
             w.write_all(&buf)?;
             let piece = &mut buf[head.len()..];
             let mut done = first;
@@ -1038,26 +1053,29 @@ impl<W: Write + Send> Conn<'_, W> {
 
     /// Sends one reply (all its parts back to back); on failure marks the connection broken.
     fn send(&self, parts: &[&[u8]]) {
-        self.send_with(|w| parts.iter().try_for_each(|p| w.write_all(p)));
+        let len = parts.iter().map(|p| p.len()).sum();
+        self.send_with(Some(len), |w| parts.iter().try_for_each(|p| w.write_all(p)));
     }
 
     /// Writes one reply with `write` while holding the stream, then flushes; on failure marks
     /// the connection broken and shuts it down.
     ///
-    /// On the reader, in a [`ReplyBatch`], the reply is left in the writer's buffer instead:
-    /// the reader has more of the client's requests at hand, and their replies go out with
-    /// this one in one `send` — one system call and one wake-up of the client for the batch,
-    /// where each reply cost both. The batch is sent when a reply outside a batch is sent,
-    /// before the reader blocks for anything ([`SendsBeforeBlocking`], and the waits for room
-    /// in the budgets and the pool), and when the reader ends; a full buffer goes out by itself.
-    fn send_with(&self, write: impl FnOnce(&mut W) -> io::Result<()>) {
+    /// On the reader, in a [`ReplyBatch`], a reply of known length `len` that keeps the batch
+    /// within [`BATCH_BYTES`] is left in the writer's buffer instead: the reader has more of
+    /// the client's requests at hand, and their replies go out with this one in one `send` —
+    /// one system call and one wake-up of the client for the batch, where each reply cost
+    /// both. The batch is sent with the first reply that is not batched (a worker's, a longer
+    /// one), before the reader blocks for anything ([`SendsBeforeBlocking`], and the waits for
+    /// room in the budgets and the pool), and when the reader ends.
+    fn send_with(&self, len: Option<usize>, write: impl FnOnce(&mut W) -> io::Result<()>) {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let batched = REPLIES_WAIT.get();
         let mut w = self.writer.lock();
+        let unsent = self.unsent.load(Ordering::Acquire);
+        let batched = REPLIES_WAIT.get() && len.is_some_and(|n| unsent + n <= BATCH_BYTES);
         let res = write(&mut w).and_then(|()| if batched { Ok(()) } else { w.flush() });
-        self.unsent.store(batched, Ordering::Release);
+        self.unsent.store(if batched { unsent + len.unwrap_or(0) } else { 0 }, Ordering::Release);
         drop(w);
         if let Err(e) = res {
             self.send_failed(e);
@@ -1066,11 +1084,11 @@ impl<W: Write + Send> Conn<'_, W> {
 
     /// Sends the replies of the reader's batch still in the writer's buffer, if any.
     fn send_unsent(&self) {
-        if !self.unsent.load(Ordering::Acquire) || self.broken.load(Ordering::Acquire) {
+        if self.unsent.load(Ordering::Acquire) == 0 || self.broken.load(Ordering::Acquire) {
             return;
         }
         let mut w = self.writer.lock();
-        let res = if self.unsent.swap(false, Ordering::AcqRel) { w.flush() } else { Ok(()) };
+        let res = if self.unsent.swap(0, Ordering::AcqRel) > 0 { w.flush() } else { Ok(()) };
         drop(w);
         if let Err(e) = res {
             self.send_failed(e);
@@ -1094,6 +1112,34 @@ mod tests {
     fn job(seq: u64) -> Job {
         let req = Request { flags: 0, typ: wire::CMD_FLUSH, handle: seq, offset: 0, len: 0 };
         Job { req, payload: Buffer::empty(), held: None, seq, cost: 0, read_slot: false, skipped: None }
+    }
+
+    /// The hook runs before a wait — from the waiting thread, with the budget's lock free (it
+    /// may take it) — and never when there is room.
+    #[test]
+    fn a_budget_runs_its_hook_only_before_it_waits() {
+        let budget = Budget { max_count: 1, max_bytes: u64::MAX, used: Mutex::new((0, 0)), freed: Condvar::new() };
+        let mut ran = false;
+        budget.acquire_or(0, || ran = true);
+        assert!(!ran, "room: no hook");
+        let (hooked, hook_ran) = std::sync::mpsc::channel();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                budget.acquire_or(0, || {
+                    let held = budget.used.lock().0;
+                    hooked.send(held).expect("send");
+                })
+            });
+            let held = hook_ran.recv_timeout(std::time::Duration::from_secs(5));
+            let waited_on = !waiter.is_finished();
+            // Room again before any assertion, so a failing one ends the test instead of
+            // leaving the waiter (and the scope) waiting for ever.
+            budget.release(0);
+            waiter.join().expect("waiter");
+            assert_eq!(held, Ok(1), "the hook ran, while the place was taken");
+            assert!(waited_on, "and the acquire waited on after it");
+        });
+        assert_eq!(budget.used.lock().0, 1);
     }
 
     #[test]
