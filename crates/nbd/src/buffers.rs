@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::room::wait_for_room;
+
 /// Payload bytes (write data not yet written, read data not yet sent) that all connections
 /// sharing this pool may hold at once. A handle: clones share one bound, so a daemon that gives
 /// the same [`crate::Limits`] to several servers bounds them all together.
@@ -78,26 +80,21 @@ impl BufferPool {
         self.inner.state.lock().peak
     }
 
-    /// Takes `bytes`, waiting while the holders would go past the bound. A take larger than the
-    /// whole pool waits until the pool is empty and then goes alone, so it cannot wait forever.
+    /// [`BufferPool::take_or`] with nothing to do before waiting.
     #[cfg(test)]
     pub(crate) fn take(&self, bytes: u64) -> Held {
         self.take_or(bytes, || ())
     }
 
-    /// [`BufferPool::take_or`] that runs `before_wait` (without the pool's lock) before it first
-    /// waits, if it has to: a connection's reader sends the replies it batched, so nobody waits
-    /// for them while it waits for room.
+    /// Takes `bytes`, waiting while the holders would go past the bound; `before_wait` runs
+    /// (without the pool's lock) before the first wait, if there is one
+    /// ([`crate::room::wait_for_room`]). A take larger than the whole pool waits until the pool
+    /// is empty and then goes alone, so it cannot wait forever.
     pub(crate) fn take_or(&self, bytes: u64, before_wait: impl FnOnce()) -> Held {
         if bytes > 0 {
             let mut s = self.inner.state.lock();
-            let mut before_wait = Some(before_wait);
-            while !admits(s.used, bytes, self.inner.max) {
-                match before_wait.take() {
-                    Some(f) => parking_lot::MutexGuard::unlocked(&mut s, f),
-                    None => self.inner.freed.wait(&mut s),
-                }
-            }
+            let max = self.inner.max;
+            wait_for_room(&mut s, &self.inner.freed, |s| !admits(s.used, bytes, max), before_wait);
             s.used += bytes;
             s.peak = s.peak.max(s.used);
         }

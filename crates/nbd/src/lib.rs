@@ -44,6 +44,7 @@
 mod buffers;
 mod error;
 mod handshake;
+mod room;
 mod server;
 mod stream;
 mod tls;

@@ -12,11 +12,12 @@ use std::thread;
 use std::time::Instant;
 
 use blockdev::{BlockDevice, DevError, ExtentKind, TryRead};
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, trace, warn};
 
 use crate::buffers::{Buffer, BufferPool, Held};
 use crate::handshake::{Session, read_exact_or_eof};
+use crate::room::wait_for_room;
 use crate::stream::RequestSource;
 use crate::wire::{self, ReplyTo, Request};
 use crate::{Limits, NbdError};
@@ -168,13 +169,9 @@ impl Budget {
     /// `before_wait` runs (without this lock) before the first wait, if there is one.
     fn acquire_or(&self, bytes: u64, before_wait: impl FnOnce()) {
         let mut used = self.used.lock();
-        let mut before_wait = Some(before_wait);
-        while used.0 >= self.max_count || (used.1 > 0 && used.1 + bytes > self.max_bytes) {
-            match before_wait.take() {
-                Some(f) => MutexGuard::unlocked(&mut used, f),
-                None => self.freed.wait(&mut used),
-            }
-        }
+        let (max_count, max_bytes) = (self.max_count, self.max_bytes);
+        let full = |u: &(usize, u64)| u.0 >= max_count || (u.1 > 0 && u.1 + bytes > max_bytes);
+        wait_for_room(&mut used, &self.freed, full, before_wait);
         used.0 += 1;
         used.1 += bytes;
     }
