@@ -96,6 +96,14 @@ pub struct Flags {
     /// MiB of write data one NBD connection may read ahead of its replies [default: 64].
     #[arg(long, value_name = "MIB")]
     pub max_buffered_mib_per_connection: Option<u64>,
+    /// Microseconds an NBD connection's reader polls for the client's next request before it
+    /// blocks, once the client's requests come quickly (adaptive; 0 turns polling off)
+    /// [default: 32].
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub nbd_poll_us: Option<u16>,
+    /// NBD readers that may poll at once across the daemon [default: half the CPUs].
+    #[arg(long, value_name = "N")]
+    pub nbd_pollers: Option<usize>,
     /// Offer TLS on NBD (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -154,6 +162,8 @@ struct FileConfig {
     max_buffered_mib: Option<u64>,
     max_buffered_mib_per_connection: Option<u64>,
     nbd_workers: Option<u16>,
+    nbd_poll_us: Option<u16>,
+    nbd_pollers: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -344,6 +354,15 @@ impl Config {
                         Some(n) => usize::from(n).clamp(1, 256),
                         None if in_rados => 16,
                         None => d.workers_per_conn,
+                    },
+                    polling: {
+                        let longest = match flags.nbd_poll_us.or(file.nbd_poll_us) {
+                            Some(us) if us > 1000 => bail!("nbd_poll_us is {us}: at most 1000 microseconds"),
+                            Some(us) => Duration::from_micros(u64::from(us)),
+                            None => d.polling.longest(),
+                        };
+                        let pollers = flags.nbd_pollers.or(file.nbd_pollers).unwrap_or(d.polling.max_pollers());
+                        nbd::InputPolling::new(longest, pollers)
                     },
                     tls,
                     ..d

@@ -44,6 +44,7 @@
 mod buffers;
 mod error;
 mod handshake;
+mod poll;
 mod room;
 mod server;
 mod stream;
@@ -62,6 +63,7 @@ use blockdev::BlockDevice;
 
 pub use buffers::BufferPool;
 pub use error::NbdError;
+pub use poll::InputPolling;
 pub use server::Server;
 pub use stream::{NbdStream, serve_connection, serve_connection_then};
 pub use tls::{TlsSettings, TlsSetupError, TlsStream};
@@ -183,6 +185,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A reply that cannot be sent for this long (client not reading) drops the connection.
     pub reply_timeout: Duration,
+    /// How long a connection's reader polls for the client's next request before it blocks,
+    /// and how many readers may poll at once ([`InputPolling`]). Clones share the count.
+    pub polling: InputPolling,
     /// TLS, if the server offers it (not a bound, but set wherever the bounds are).
     pub tls: Option<TlsSettings>,
 }
@@ -202,6 +207,7 @@ impl Default for Limits {
             buffers: BufferPool::default(),
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            polling: InputPolling::default(),
             tls: None,
         }
     }
@@ -224,6 +230,7 @@ impl Limits {
             buffers: self.buffers.clone(),
             handshake_timeout: self.handshake_timeout.max(Duration::from_millis(1)),
             reply_timeout: self.reply_timeout.max(Duration::from_millis(1)),
+            polling: self.polling.clone(),
             tls: self.tls.clone(),
         }
     }

@@ -2,11 +2,16 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use rustix::io::Errno;
+use rustix::net::RecvFlags;
+
 use tracing::debug;
 
+use crate::poll::{Polled, Poller};
 use crate::{ExportProvider, Limits, NbdError, handshake, transmission};
 
 /// A socket-like byte stream that can be split into independent reading and writing handles.
@@ -26,11 +31,35 @@ pub trait NbdStream: Read + Write + Send + Sized {
     fn end_session(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// True if [`NbdStream::read_now`] can tell whether input has arrived; a stream that
+    /// cannot (TLS, whose records may sit decrypted in its own buffer) is never polled.
+    fn can_read_now(&self) -> bool {
+        false
+    }
+    /// Reads what has already arrived without waiting for more: `None` if nothing has.
+    fn read_now(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+        None
+    }
+}
+
+/// `recv` that does not wait: `None` if nothing has arrived (or a signal came first).
+fn recv_now(socket: impl AsFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    match rustix::net::recv(socket, buf, RecvFlags::DONTWAIT) {
+        Ok((n, _)) => Some(Ok(n)),
+        Err(Errno::AGAIN | Errno::INTR) => None,
+        Err(e) => Some(Err(e.into())),
+    }
 }
 
 impl NbdStream for TcpStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn can_read_now(&self) -> bool {
+        true
+    }
+    fn read_now(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        recv_now(&*self, buf)
     }
     fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)
@@ -47,6 +76,12 @@ impl NbdStream for UnixStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn can_read_now(&self) -> bool {
+        true
+    }
+    fn read_now(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        recv_now(&*self, buf)
+    }
     fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)
     }
@@ -59,11 +94,13 @@ impl NbdStream for UnixStream {
 }
 
 /// Reads from the stream, failing with `TimedOut` once the deadline (if any) has passed.
+/// Before a read that would block, it polls for a while ([`crate::poll`]).
 pub(crate) struct DeadlineReader<S> {
     inner: S,
     deadline: Option<Instant>,
     /// The socket's read timeout is set (and must be cleared when the deadline goes).
     armed: bool,
+    poller: Poller,
 }
 
 impl<S: NbdStream> Read for DeadlineReader<S> {
@@ -83,7 +120,18 @@ impl<S: NbdStream> Read for DeadlineReader<S> {
             }
             None => {}
         }
-        self.inner.read(buf)
+        if !self.inner.can_read_now() {
+            return self.inner.read(buf);
+        }
+        let began = Instant::now();
+        match self.poller.poll(|| self.inner.read_now(buf)) {
+            Polled::Read(r) => r,
+            Polled::Block => {
+                let r = self.inner.read(buf);
+                self.poller.blocked(began.elapsed());
+                r
+            }
+        }
     }
 }
 
@@ -94,6 +142,9 @@ pub(crate) trait RequestSource: Read {
     fn set_deadline(&mut self, deadline: Option<Instant>);
     /// True if bytes of a next request have been received and not yet consumed.
     fn has_buffered(&self) -> bool;
+    /// True if the reader polls for the client's next request before it blocks (a busy
+    /// client, [`crate::poll`]).
+    fn polls(&self) -> bool;
 }
 
 impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
@@ -102,6 +153,9 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
     }
     fn has_buffered(&self) -> bool {
         !self.buffer().is_empty()
+    }
+    fn polls(&self) -> bool {
+        self.get_ref().poller.polls()
     }
 }
 
@@ -263,7 +317,7 @@ fn run<S: NbdStream>(
     control.lock().set_write_deadline(Some(limits.reply_timeout))?;
     let mut reader = BufReader::with_capacity(
         STREAM_BUFFER,
-        DeadlineReader { inner: stream, deadline: Some(deadline), armed: false },
+        DeadlineReader { inner: stream, deadline: Some(deadline), armed: false, poller: limits.polling.poller() },
     );
     let mut writer = BufWriter::with_capacity(
         STREAM_BUFFER,

@@ -11,7 +11,7 @@ use blockdev::{BlockDevice, DevResult, Extent, ExtentKind, MemDisk, TryRead};
 use parking_lot::Mutex;
 
 use crate::wire::{self, Request};
-use crate::{ExportInfo, ExportProvider, Limits, NbdError, OpenError, serve_connection};
+use crate::{ExportInfo, ExportProvider, InputPolling, Limits, NbdError, OpenError, serve_connection};
 
 const DISK_SIZE: u64 = 1 << 20;
 
@@ -887,7 +887,9 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
         disk.inner.write_at(20 * 4096, &[0xef; 8192], false).unwrap();
         let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
         disks.insert("disk".into(), disk.clone());
-        let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits::default());
+        // Without polling, whose lone READs go to the reader too (the next test).
+        let limits = Limits { polling: InputPolling::off(), ..Limits::default() };
+        let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
         match mode {
             "simple" => drop(c.go("disk", false, false)),
             "structured" => drop(c.go("disk", true, false)),
@@ -1001,6 +1003,38 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
         } else {
             c.disc();
         }
+        assert!(join(t).is_ok());
+    }
+}
+
+/// A READ with nothing behind it goes to a worker, unless the reader polls for the client's
+/// next request (its waits have been short: a busy client at queue depth 1). Then it serves the
+/// READ itself: the reply goes out without a worker's wake-up, and the reader is back polling
+/// for the next request as soon as it has.
+#[test]
+fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
+    // Polling up to a second: every wait in this test is short, so the window opens at the
+    // first one (the handshake's) and stays open.
+    for (polling, on_reader) in [(InputPolling::new(Duration::from_secs(1), 1), true), (InputPolling::off(), false)] {
+        let disk = Arc::new(Watched::new(true));
+        disk.inner.write_at(4096, &[0x3c; 4096], false).unwrap();
+        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+        disks.insert("disk".into(), disk.clone());
+        let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits { polling, ..Limits::default() });
+        c.go("disk", false, false);
+        // One at a time: each READ is alone in the stream.
+        for handle in 1..=3u64 {
+            c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
+            assert_eq!(c.simple(), (0, handle));
+            assert_eq!(c.read_n(4096), vec![0x3c; 4096]);
+        }
+        let on_worker: Vec<bool> = disk.tried.lock().iter().map(|t| t.2).collect();
+        assert_eq!(
+            on_worker,
+            vec![!on_reader; 3],
+            "reads tried on a worker (true) or the reader, polling: {on_reader}"
+        );
+        c.disc();
         assert!(join(t).is_ok());
     }
 }
@@ -1236,6 +1270,7 @@ fn limits_are_normalized() {
         buffers: crate::BufferPool::new(0),
         handshake_timeout: Duration::ZERO,
         reply_timeout: Duration::ZERO,
+        polling: InputPolling::new(Duration::from_micros(50), 2),
         tls: None,
     }
     .normalized();
@@ -1247,6 +1282,8 @@ fn limits_are_normalized() {
     assert_eq!(l.buffers.max_bytes(), 1 << 20);
     assert_eq!(l.buffers, l.clone().normalized().buffers, "clones share one pool");
     assert_ne!(l.buffers, Limits::default().buffers);
+    assert_eq!(l.polling, l.clone().normalized().polling, "clones share one count of readers polling");
+    assert_eq!((l.polling.longest(), l.polling.max_pollers()), (Duration::from_micros(50), 2));
     assert!(!l.handshake_timeout.is_zero());
 }
 

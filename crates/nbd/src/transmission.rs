@@ -265,6 +265,9 @@ impl<R: RequestSource, W: Write + Send> RequestSource for SendsBeforeBlocking<'_
     fn has_buffered(&self) -> bool {
         self.inner.has_buffered()
     }
+    fn polls(&self) -> bool {
+        self.inner.polls()
+    }
 }
 
 /// State shared by the reader and the workers of one connection.
@@ -415,7 +418,10 @@ impl<W: Write + Send> Conn<'_, W> {
             } else {
                 None
             };
-            if skipped.is_none() && reader.has_buffered() && self.read_on_reader(&req, ReplyBatch::start(true)) {
+            if skipped.is_none()
+                && (reader.has_buffered() || reader.polls())
+                && self.read_on_reader(&req, ReplyBatch::start(reader.has_buffered()))
+            {
                 seq += 1;
                 continue;
             }
