@@ -449,6 +449,29 @@ mod tests {
     }
 
     #[test]
+    fn nbd_polling_comes_from_flags_or_the_file_and_is_bounded() {
+        let default = Config::from_flags(flags(&[])).unwrap().nbd_limits.polling;
+        assert_eq!(default.longest(), Duration::from_micros(32));
+        let c = Config::from_flags(flags(&["--nbd-poll-us", "100", "--nbd-pollers", "3"])).unwrap();
+        assert_eq!(
+            (c.nbd_limits.polling.longest(), c.nbd_limits.polling.max_pollers()),
+            (Duration::from_micros(100), 3)
+        );
+        assert!(Flags::try_parse_from(["parallaxd", "--nbd-poll-us", "1001"]).is_err());
+        // No pollers is polling off, like no time.
+        let c = Config::from_flags(flags(&["--nbd-pollers", "0"])).unwrap();
+        assert_eq!(c.nbd_limits.polling.longest(), Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "nbd_poll_us = 0\n").unwrap();
+        let c = Config::from_flags(flags(&["--config", p.to_str().unwrap()])).unwrap();
+        assert_eq!(c.nbd_limits.polling.longest(), Duration::ZERO);
+        std::fs::write(&p, "nbd_poll_us = 5000\n").unwrap();
+        let e = Config::from_flags(flags(&["--config", p.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("at most 1000"), "{e}");
+    }
+
+    #[test]
     fn a_rados_store_takes_its_settings_from_flags_or_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("p.toml");

@@ -11,7 +11,7 @@ use rustix::net::RecvFlags;
 
 use tracing::debug;
 
-use crate::poll::{Polled, Poller};
+use crate::poll::{InputPolling, Polled, Poller};
 use crate::{ExportProvider, Limits, NbdError, handshake, transmission};
 
 /// A socket-like byte stream that can be split into independent reading and writing handles.
@@ -100,7 +100,13 @@ pub(crate) struct DeadlineReader<S> {
     deadline: Option<Instant>,
     /// The socket's read timeout is set (and must be cleared when the deadline goes).
     armed: bool,
+    /// Polls before a blocking read: off during the handshake (a client that has not yet
+    /// opened an export takes no poll slot), the session's own from then on.
     poller: Poller,
+    /// False while the client cannot send anything useful before it hears from us (every
+    /// request it sent is still on a worker): polling then only takes a CPU from the worker.
+    /// The wait still adapts the window.
+    may_poll: bool,
 }
 
 impl<S: NbdStream> Read for DeadlineReader<S> {
@@ -124,7 +130,10 @@ impl<S: NbdStream> Read for DeadlineReader<S> {
             return self.inner.read(buf);
         }
         let began = Instant::now();
-        match self.poller.poll(|| self.inner.read_now(buf)) {
+        // A wait the reader may not poll for still adapts the window: a READ handed to a
+        // worker while the window is closed is how a connection of lone READs opens it.
+        let polled = if self.may_poll { self.poller.poll(|| self.inner.read_now(buf)) } else { self.poller.not_now() };
+        match polled {
             Polled::Read(r) => r,
             Polled::Block => {
                 let r = self.inner.read(buf);
@@ -145,6 +154,9 @@ pub(crate) trait RequestSource: Read {
     /// True if the reader polls for the client's next request before it blocks (a busy
     /// client, [`crate::poll`]).
     fn polls(&self) -> bool;
+    /// Whether the reads that follow may poll: false while every request received is still
+    /// being served elsewhere (the client is waiting for a reply, not about to send).
+    fn set_may_poll(&mut self, may: bool);
 }
 
 impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
@@ -156,6 +168,9 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
     }
     fn polls(&self) -> bool {
         self.get_ref().poller.polls()
+    }
+    fn set_may_poll(&mut self, may: bool) {
+        self.get_mut().may_poll = may;
     }
 }
 
@@ -317,7 +332,13 @@ fn run<S: NbdStream>(
     control.lock().set_write_deadline(Some(limits.reply_timeout))?;
     let mut reader = BufReader::with_capacity(
         STREAM_BUFFER,
-        DeadlineReader { inner: stream, deadline: Some(deadline), armed: false, poller: limits.polling.poller() },
+        DeadlineReader {
+            inner: stream,
+            deadline: Some(deadline),
+            armed: false,
+            poller: InputPolling::off().poller(),
+            may_poll: true,
+        },
     );
     let mut writer = BufWriter::with_capacity(
         STREAM_BUFFER,
@@ -348,6 +369,7 @@ fn run<S: NbdStream>(
         handshake::Outcome::Session(session) => {
             session_started();
             reader.set_deadline(None);
+            reader.get_mut().poller = limits.polling.poller();
             writer.get_mut().handshake_deadline = None;
             control.lock().set_write_deadline(Some(limits.reply_timeout))?;
             let shut = || {

@@ -1014,7 +1014,7 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
 #[test]
 fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
     // Polling up to a second: every wait in this test is short, so the window opens at the
-    // first one (the handshake's) and stays open.
+    // session's first wait (for the first request) and stays open.
     for (polling, on_reader) in [(InputPolling::new(Duration::from_secs(1), 1), true), (InputPolling::off(), false)] {
         let disk = Arc::new(Watched::new(true));
         disk.inner.write_at(4096, &[0x3c; 4096], false).unwrap();
@@ -1037,6 +1037,32 @@ fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
         c.disc();
         assert!(join(t).is_ok());
     }
+}
+
+/// A connection whose window is closed sends its lone READs to a worker, and the reader must
+/// not poll while the client waits for that reply — but the wait still counts as a short one,
+/// or a client of lone READs would never open the window.
+#[test]
+fn a_wait_for_a_workers_reply_opens_the_window_too() {
+    let disk = Arc::new(Watched::new(true));
+    disk.inner.write_at(4096, &[0x5e; 4096], false).unwrap();
+    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+    disks.insert("disk".into(), disk.clone());
+    // Waits over 80 ms close the window.
+    let polling = InputPolling::new(Duration::from_millis(20), 1);
+    let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits { polling, ..Limits::default() });
+    c.go("disk", false, false);
+    // The first wait is long: the window stays closed and the first READ goes to a worker.
+    thread::sleep(Duration::from_millis(150));
+    for handle in 1..=3u64 {
+        c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
+        assert_eq!(c.simple(), (0, handle));
+        assert_eq!(c.read_n(4096), vec![0x5e; 4096]);
+    }
+    let on_worker: Vec<bool> = disk.tried.lock().iter().map(|t| t.2).collect();
+    assert_eq!(on_worker, [true, false, false], "reads tried on a worker (true) or the reader");
+    c.disc();
+    assert!(join(t).is_ok());
 }
 
 /// Buffers are reused across the connections of a server, holding earlier requests' bytes. A

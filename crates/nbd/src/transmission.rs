@@ -176,6 +176,11 @@ impl Budget {
         used.1 += bytes;
     }
 
+    /// Requests holding a place now.
+    fn in_flight(&self) -> usize {
+        self.used.lock().0
+    }
+
     fn release(&self, bytes: u64) {
         let mut used = self.used.lock();
         used.0 -= 1;
@@ -246,12 +251,19 @@ struct SendsBeforeBlocking<'r, 'c, 'a, R, W> {
 
 impl<R: RequestSource, W: Write + Send> Read for SendsBeforeBlocking<'_, '_, '_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.inner.has_buffered() && self.conn.unsent.load(Ordering::Acquire) > 0 {
-            let began = Instant::now();
-            self.conn.send_unsent();
-            if let Some(d) = self.deadline {
-                self.set_deadline(Some(d + began.elapsed()));
+        if !self.inner.has_buffered() {
+            if self.conn.unsent.load(Ordering::Acquire) > 0 {
+                let began = Instant::now();
+                self.conn.send_unsent();
+                if let Some(d) = self.deadline {
+                    self.set_deadline(Some(d + began.elapsed()));
+                }
             }
+            // In the middle of a request (a payload) or with every earlier request answered,
+            // the client's next bytes may come at once; with requests still on workers, a
+            // client at queue depth 1 sends nothing until it has their replies.
+            let may_poll = self.deadline.is_some() || self.conn.budget.in_flight() == 0;
+            self.inner.set_may_poll(may_poll);
         }
         self.inner.read(buf)
     }
@@ -267,6 +279,9 @@ impl<R: RequestSource, W: Write + Send> RequestSource for SendsBeforeBlocking<'_
     }
     fn polls(&self) -> bool {
         self.inner.polls()
+    }
+    fn set_may_poll(&mut self, may: bool) {
+        self.inner.set_may_poll(may);
     }
 }
 
