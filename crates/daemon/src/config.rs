@@ -359,7 +359,9 @@ impl Config {
                         let longest = match flags.nbd_poll_us.or(file.nbd_poll_us) {
                             Some(us) if us > 1000 => bail!("nbd_poll_us is {us}: at most 1000 microseconds"),
                             Some(us) => Duration::from_micros(u64::from(us)),
-                            None => d.polling.longest(),
+                            // Not the default limits' time: on one CPU they poll not at all,
+                            // and `--nbd-pollers` alone must still poll.
+                            None => nbd::DEFAULT_POLL,
                         };
                         let pollers = flags.nbd_pollers.or(file.nbd_pollers).unwrap_or(d.polling.max_pollers());
                         nbd::InputPolling::new(longest, pollers)
@@ -450,8 +452,14 @@ mod tests {
 
     #[test]
     fn nbd_polling_comes_from_flags_or_the_file_and_is_bounded() {
+        // One CPU polls not at all unless asked; more poll 32 µs, half of them at once.
         let default = Config::from_flags(flags(&[])).unwrap().nbd_limits.polling;
-        assert_eq!(default.longest(), Duration::from_micros(32));
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let expected = if cpus / 2 == 0 { Duration::ZERO } else { Duration::from_micros(32) };
+        assert_eq!((default.longest(), default.max_pollers()), (expected, cpus / 2));
+        // Pollers alone poll for the default time, even where the default is no pollers.
+        let c = Config::from_flags(flags(&["--nbd-pollers", "2"])).unwrap();
+        assert_eq!((c.nbd_limits.polling.longest(), c.nbd_limits.polling.max_pollers()), (nbd::DEFAULT_POLL, 2));
         let c = Config::from_flags(flags(&["--nbd-poll-us", "100", "--nbd-pollers", "3"])).unwrap();
         assert_eq!(
             (c.nbd_limits.polling.longest(), c.nbd_limits.polling.max_pollers()),

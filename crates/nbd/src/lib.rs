@@ -63,7 +63,7 @@ use blockdev::BlockDevice;
 
 pub use buffers::BufferPool;
 pub use error::NbdError;
-pub use poll::InputPolling;
+pub use poll::{DEFAULT_LONGEST as DEFAULT_POLL, InputPolling, MAX_LONGEST as MAX_POLL};
 pub use server::Server;
 pub use stream::{NbdStream, serve_connection, serve_connection_then};
 pub use tls::{TlsSettings, TlsSetupError, TlsStream};

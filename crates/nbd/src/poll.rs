@@ -26,6 +26,11 @@ use std::time::{Duration, Instant};
 /// 32 µs and 64 µs gave the same figures (4 KiB writes at QD1: 18–19k IOPS, 10k without).
 pub const DEFAULT_LONGEST: Duration = Duration::from_micros(32);
 
+/// The longest poll [`InputPolling::new`] takes (a longer one is cut to it): far beyond any
+/// useful poll (the daemon allows 1 ms), and far from where four times the longest, which
+/// closes an idle connection's window, would overflow and never close it.
+pub const MAX_LONGEST: Duration = Duration::from_secs(10);
+
 /// The first window a connection polls for, once its waits have been short.
 const FIRST_WINDOW: Duration = Duration::from_micros(4);
 
@@ -50,10 +55,10 @@ struct Slots {
 }
 
 impl InputPolling {
-    /// Readers poll for at most `longest` before they block, at most `pollers` at once.
-    /// Either one 0 turns polling off.
+    /// Readers poll for at most `longest` (capped at [`MAX_LONGEST`]) before they block, at
+    /// most `pollers` at once. Either one 0 turns polling off.
     pub fn new(longest: Duration, pollers: usize) -> InputPolling {
-        let longest = if pollers == 0 { Duration::ZERO } else { longest };
+        let longest = if pollers == 0 { Duration::ZERO } else { longest.min(MAX_LONGEST) };
         InputPolling { longest, inner: Arc::new(Slots { max: pollers, polling: AtomicUsize::new(0) }) }
     }
 
@@ -168,7 +173,15 @@ impl Poller {
     /// Reads with `try_read` (a read that does not wait: `None` when nothing has arrived)
     /// until it gives something or the window is over; `Polled::Block` if the reader should
     /// block now. Call [`Poller::blocked`] with the whole wait once the blocking read returns.
-    pub(crate) fn poll(&mut self, mut try_read: impl FnMut() -> Option<io::Result<usize>>) -> Polled {
+    ///
+    /// `deadline_in` is the time left before the read's deadline, for the rest of a request
+    /// (its payload): the poll then ends by it, and catching those bytes says nothing about
+    /// how soon the client sends its next request, so it does not end a run of misses.
+    pub(crate) fn poll(
+        &mut self,
+        deadline_in: Option<Duration>,
+        mut try_read: impl FnMut() -> Option<io::Result<usize>>,
+    ) -> Polled {
         if self.window.is_zero() {
             self.last = LastPoll::None;
             return Polled::Block;
@@ -177,15 +190,18 @@ impl Poller {
             self.last = LastPoll::NoSlot;
             return Polled::Block;
         };
+        let window = deadline_in.map_or(self.window, |left| self.window.min(left));
         let began = Instant::now();
         loop {
             if let Some(r) = try_read() {
                 self.last = LastPoll::Caught;
-                self.misses = 0;
-                self.backoff = 1;
+                if deadline_in.is_none() {
+                    self.misses = 0;
+                    self.backoff = 1;
+                }
                 return Polled::Read(r);
             }
-            if began.elapsed() >= self.window {
+            if began.elapsed() >= window {
                 self.last = LastPoll::Missed;
                 return Polled::Block;
             }
@@ -196,7 +212,10 @@ impl Poller {
     /// Declines to poll this once (the reader knows nothing useful can come yet); the wait
     /// that follows still goes to [`Poller::blocked`], as one without a poll.
     pub(crate) fn not_now(&mut self) -> Polled {
-        self.last = LastPoll::None;
+        // A reader turned away by the count is still not polling (see `polls`).
+        if self.last != LastPoll::NoSlot {
+            self.last = LastPoll::None;
+        }
         Polled::Block
     }
 
@@ -274,7 +293,7 @@ mod tests {
         let mut p = polling.poller();
         let mut tries = 0;
         assert!(matches!(
-            p.poll(|| {
+            p.poll(None, || {
                 tries += 1;
                 None
             }),
@@ -293,7 +312,7 @@ mod tests {
         }
         assert_eq!(p.window(), Duration::from_secs(5));
         let mut tries = 0;
-        let got = p.poll(|| {
+        let got = p.poll(None, || {
             tries += 1;
             (tries == 3).then_some(Ok(7))
         });
@@ -310,8 +329,8 @@ mod tests {
         second.blocked(Duration::ZERO);
         let mut second_tries = 0;
         // While the first polls, the second finds no place and blocks at once.
-        let got = first.poll(|| {
-            let r = second.poll(|| {
+        let got = first.poll(None, || {
+            let r = second.poll(None, || {
                 second_tries += 1;
                 None
             });
@@ -319,10 +338,14 @@ mod tests {
             Some(Ok(1))
         });
         assert!(!second.polls(), "a reader turned away by the count does not count as polling");
+        // Nor after a wait it was not to poll for: only its next poll can give it a place.
+        second.not_now();
+        second.blocked(Duration::ZERO);
+        assert!(!second.polls(), "a wait without a poll gave a turned-away reader a place");
         assert!(matches!(got, Polled::Read(Ok(1))));
         assert_eq!(second_tries, 0, "the second reader polled beside the first");
         // Once the first is done its place is free again.
-        let got = second.poll(|| Some(Ok(2)));
+        let got = second.poll(None, || Some(Ok(2)));
         assert!(matches!(got, Polled::Read(Ok(2))));
     }
 
@@ -338,7 +361,7 @@ mod tests {
             }
         };
         let miss = |p: &mut Poller| {
-            assert!(matches!(p.poll(|| None), Polled::Block));
+            assert!(matches!(p.poll(None, || None), Polled::Block));
             p.blocked(Duration::from_micros(30));
         };
         let misses = |p: &mut Poller| {
@@ -367,7 +390,7 @@ mod tests {
         for _ in 1..MISSES_TO_CLOSE {
             miss(&mut p);
         }
-        assert!(matches!(p.poll(|| Some(Ok(1))), Polled::Read(Ok(1))));
+        assert!(matches!(p.poll(None, || Some(Ok(1))), Polled::Read(Ok(1))));
         misses(&mut p);
         let mut closed = 0;
         while p.window().is_zero() {
@@ -384,11 +407,63 @@ mod tests {
     }
 
     #[test]
+    fn a_payloads_bytes_caught_do_not_end_a_run_of_misses() {
+        // A client whose next request always comes too late but whose payloads are caught at
+        // once is still stopped being polled for.
+        let longest = Duration::from_micros(20);
+        let polling = InputPolling::new(longest, 1);
+        let mut p = polling.poller();
+        while p.window() < longest {
+            p.blocked(Duration::from_micros(5));
+        }
+        let mut misses = 0;
+        while !p.window().is_zero() {
+            assert!(matches!(p.poll(None, || None), Polled::Block));
+            p.blocked(Duration::from_micros(50));
+            misses += 1;
+            if misses > MISSES_TO_CLOSE {
+                break;
+            }
+            if !p.window().is_zero() {
+                let payload = p.poll(Some(Duration::from_secs(60)), || Some(Ok(1)));
+                assert!(matches!(payload, Polled::Read(Ok(1))));
+            }
+        }
+        assert_eq!(misses, MISSES_TO_CLOSE);
+        assert_eq!(p.window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_poll_ends_by_the_reads_deadline() {
+        let polling = InputPolling::new(Duration::from_secs(5), 1);
+        let mut p = polling.poller();
+        while p.window() < Duration::from_secs(5) {
+            p.blocked(Duration::from_micros(1));
+        }
+        let began = Instant::now();
+        assert!(matches!(p.poll(Some(Duration::from_millis(5)), || None), Polled::Block));
+        assert!(began.elapsed() < Duration::from_secs(1), "polled {:?} past a 5 ms deadline", began.elapsed());
+    }
+
+    #[test]
+    fn the_longest_poll_is_bounded_so_an_idle_wait_still_closes_the_window() {
+        let polling = InputPolling::new(Duration::MAX, 1);
+        assert_eq!(polling.longest(), MAX_LONGEST);
+        let mut p = polling.poller();
+        for _ in 0..40 {
+            p.blocked(Duration::from_micros(10));
+        }
+        assert_eq!(p.window(), MAX_LONGEST);
+        p.blocked(Duration::from_secs(3600));
+        assert_eq!(p.window(), Duration::ZERO);
+    }
+
+    #[test]
     fn polling_off_never_polls() {
         let polling = InputPolling::off();
         let mut p = polling.poller();
         p.blocked(Duration::ZERO);
         assert_eq!(p.window(), Duration::ZERO);
-        assert!(matches!(p.poll(|| Some(Ok(1))), Polled::Block));
+        assert!(matches!(p.poll(None, || Some(Ok(1))), Polled::Block));
     }
 }

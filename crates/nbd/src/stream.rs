@@ -111,7 +111,7 @@ pub(crate) struct DeadlineReader<S> {
 
 impl<S: NbdStream> Read for DeadlineReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.deadline {
+        let deadline_in = match self.deadline {
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -119,20 +119,26 @@ impl<S: NbdStream> Read for DeadlineReader<S> {
                 }
                 self.inner.set_read_deadline(Some(left))?;
                 self.armed = true;
+                Some(left)
             }
             None if self.armed => {
                 self.inner.set_read_deadline(None)?;
                 self.armed = false;
+                None
             }
-            None => {}
-        }
+            None => None,
+        };
         if !self.inner.can_read_now() {
             return self.inner.read(buf);
         }
         let began = Instant::now();
         // A wait the reader may not poll for still adapts the window: a READ handed to a
         // worker while the window is closed is how a connection of lone READs opens it.
-        let polled = if self.may_poll { self.poller.poll(|| self.inner.read_now(buf)) } else { self.poller.not_now() };
+        let polled = if self.may_poll {
+            self.poller.poll(deadline_in, || self.inner.read_now(buf))
+        } else {
+            self.poller.not_now()
+        };
         match polled {
             Polled::Read(r) => r,
             Polled::Block => {
