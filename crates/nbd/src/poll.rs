@@ -52,6 +52,9 @@ pub struct InputPolling {
 struct Slots {
     max: usize,
     polling: AtomicUsize,
+    /// Polls begun so far (for tests: whether a reader polled when it should not have).
+    #[cfg(test)]
+    started: AtomicUsize,
 }
 
 impl InputPolling {
@@ -59,7 +62,13 @@ impl InputPolling {
     /// most `pollers` at once. Either one 0 turns polling off.
     pub fn new(longest: Duration, pollers: usize) -> InputPolling {
         let longest = if pollers == 0 { Duration::ZERO } else { longest.min(MAX_LONGEST) };
-        InputPolling { longest, inner: Arc::new(Slots { max: pollers, polling: AtomicUsize::new(0) }) }
+        let slots = Slots {
+            max: pollers,
+            polling: AtomicUsize::new(0),
+            #[cfg(test)]
+            started: AtomicUsize::new(0),
+        };
+        InputPolling { longest, inner: Arc::new(slots) }
     }
 
     /// No reader polls: every wait for input blocks at once.
@@ -84,11 +93,22 @@ impl InputPolling {
 
     fn try_start(&self) -> Option<PollSlot<'_>> {
         let slots = &self.inner;
-        slots
+        let slot = slots
             .polling
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < slots.max).then_some(n + 1))
             .ok()
-            .map(|_| PollSlot { slots })
+            .map(|_| PollSlot { slots });
+        #[cfg(test)]
+        if slot.is_some() {
+            slots.started.fetch_add(1, Ordering::Relaxed);
+        }
+        slot
+    }
+
+    /// Polls begun by every reader sharing these limits.
+    #[cfg(test)]
+    pub(crate) fn polls_started(&self) -> usize {
+        self.inner.started.load(Ordering::Relaxed)
     }
 }
 

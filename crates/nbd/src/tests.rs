@@ -1065,6 +1065,45 @@ fn a_wait_for_a_workers_reply_opens_the_window_too() {
     assert!(join(t).is_ok());
 }
 
+/// While the client's only request is on a worker (a FLUSH the device holds), the reader does
+/// not poll: a client at QD1 sends nothing before that reply, and the spin would only take a
+/// CPU from the worker.
+#[test]
+fn a_reader_with_every_request_on_a_worker_does_not_poll() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
+    let disk = Arc::new(Watched { hold_first_flush: Some((entered_tx, Mutex::new(release))), ..Watched::new(true) });
+    disk.inner.write_at(4096, &[0x5e; 4096], false).unwrap();
+    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
+    disks.insert("disk".into(), disk.clone());
+    // Waits up to 80 ms keep the window open.
+    let polling = InputPolling::new(Duration::from_millis(20), 1);
+    let (mut c, t) =
+        start_with(Arc::new(TestExports { disks }), Limits { polling: polling.clone(), ..Limits::default() });
+    c.go("disk", false, false);
+    // READ 1 goes to a worker and its quick reply opens the window; READ 2 is served on the
+    // reader, which then polls for the next request (it misses: nothing comes for 30 ms).
+    thread::sleep(Duration::from_millis(150));
+    for handle in 1..=2u64 {
+        c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
+        assert_eq!(c.simple(), (0, handle));
+        assert_eq!(c.read_n(4096), vec![0x5e; 4096]);
+    }
+    thread::sleep(Duration::from_millis(30));
+    let before = polling.polls_started();
+    assert!(before > 0, "the window never opened: the test proves nothing");
+    c.req(wire::CMD_FLUSH, 0, 3, 0, 0, &[]);
+    entered.recv_timeout(Duration::from_secs(5)).expect("the flush reaches the device");
+    // The reader has long since gone back to wait for the next request.
+    thread::sleep(Duration::from_millis(30));
+    let during = polling.polls_started() - before;
+    release_tx.send(()).unwrap();
+    assert_eq!(c.simple(), (0, 3));
+    assert_eq!(during, 0, "the reader polled while its only request was on a worker");
+    c.disc();
+    assert!(join(t).is_ok());
+}
+
 /// Buffers are reused across the connections of a server, holding earlier requests' bytes. A
 /// device that never has bytes at hand ("slow": no `try_read_at`) makes every READ take the
 /// blocking path — data chunks, simple replies, DF, long reads a piece at a time — and each must
