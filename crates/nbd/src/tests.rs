@@ -31,6 +31,13 @@ impl TestExports {
     }
 }
 
+impl TestExports {
+    /// One export, "disk", served from `disk`.
+    fn only(disk: Arc<dyn BlockDevice>) -> Arc<Self> {
+        Arc::new(TestExports { disks: HashMap::from([("disk".to_string(), disk)]) })
+    }
+}
+
 impl ExportProvider for TestExports {
     fn list(&self) -> Vec<ExportInfo> {
         vec![ExportInfo::new("disk", "the test disk"), ExportInfo::new("ro", "")]
@@ -776,7 +783,32 @@ struct Watched {
     hold_first_flush: Option<(std::sync::mpsc::SyncSender<()>, Mutex<std::sync::mpsc::Receiver<()>>)>,
 }
 
+/// The test's side of a [`Watched`] device holding its first flush.
+struct FlushHold {
+    entered: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::SyncSender<()>,
+}
+
+impl FlushHold {
+    /// Waits until the held flush has reached the device.
+    fn entered(&self) {
+        self.entered.recv_timeout(Duration::from_secs(5)).expect("the flush reaches the device");
+    }
+    /// Lets the held flush go on.
+    fn release(&self) {
+        self.release.send(()).unwrap();
+    }
+}
+
 impl Watched {
+    /// A device in memory whose first flush waits until the test releases it.
+    fn holding_first_flush() -> (Watched, FlushHold) {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release_tx, release) = std::sync::mpsc::sync_channel(1);
+        let disk = Watched { hold_first_flush: Some((entered_tx, Mutex::new(release))), ..Watched::new(true) };
+        (disk, FlushHold { entered, release: release_tx })
+    }
+
     fn new(in_memory: bool) -> Watched {
         Watched {
             inner: MemDisk::new(DISK_SIZE),
@@ -1070,16 +1102,12 @@ fn a_wait_for_a_workers_reply_opens_the_window_too() {
 /// CPU from the worker.
 #[test]
 fn a_reader_with_every_request_on_a_worker_does_not_poll() {
-    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
-    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
-    let disk = Arc::new(Watched { hold_first_flush: Some((entered_tx, Mutex::new(release))), ..Watched::new(true) });
+    let (disk, hold) = Watched::holding_first_flush();
     disk.inner.write_at(4096, &[0x5e; 4096], false).unwrap();
-    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-    disks.insert("disk".into(), disk.clone());
     // Waits up to 80 ms keep the window open.
     let polling = InputPolling::new(Duration::from_millis(20), 1);
-    let (mut c, t) =
-        start_with(Arc::new(TestExports { disks }), Limits { polling: polling.clone(), ..Limits::default() });
+    let limits = Limits { polling: polling.clone(), ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::only(Arc::new(disk)), limits);
     c.go("disk", false, false);
     // READ 1 goes to a worker and its quick reply opens the window; READ 2 is served on the
     // reader, which then polls for the next request (it misses: nothing comes for 30 ms).
@@ -1093,11 +1121,11 @@ fn a_reader_with_every_request_on_a_worker_does_not_poll() {
     let before = polling.polls_started();
     assert!(before > 0, "the window never opened: the test proves nothing");
     c.req(wire::CMD_FLUSH, 0, 3, 0, 0, &[]);
-    entered.recv_timeout(Duration::from_secs(5)).expect("the flush reaches the device");
+    hold.entered();
     // The reader has long since gone back to wait for the next request.
     thread::sleep(Duration::from_millis(30));
     let during = polling.polls_started() - before;
-    release_tx.send(()).unwrap();
+    hold.release();
     assert_eq!(c.simple(), (0, 3));
     assert_eq!(during, 0, "the reader polled while its only request was on a worker");
     c.disc();
@@ -1180,21 +1208,14 @@ fn reused_buffers_are_filled_on_the_blocking_read_path() {
 /// the device, each with its own reply (one with a flag FLUSH does not take gets EINVAL).
 #[test]
 fn flushes_queued_together_share_one_flush_of_the_device() {
-    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
-    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
+    let (held, hold) = Watched::holding_first_flush();
     let (written_tx, written) = std::sync::mpsc::channel();
-    let disk = Arc::new(Watched {
-        written: Some(written_tx),
-        hold_first_flush: Some((entered_tx, Mutex::new(release))),
-        ..Watched::new(true)
-    });
-    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-    disks.insert("disk".into(), disk.clone());
+    let disk = Arc::new(Watched { written: Some(written_tx), ..held });
     let limits = Limits { workers_per_conn: 1, ..Limits::default() };
-    let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+    let (mut c, t) = start_with(TestExports::only(disk.clone()), limits);
     c.go("disk", false, false);
     c.req(wire::CMD_FLUSH, 0, 1, 0, 0, &[]);
-    entered.recv_timeout(Duration::from_secs(5)).expect("the first flush reaches the device");
+    hold.entered();
     // The only worker is in that flush. Three more FLUSHes, then a write the reader runs
     // itself: once the device has it, the FLUSHes are queued.
     c.req(wire::CMD_FLUSH, 0, 2, 0, 0, &[]);
@@ -1202,7 +1223,7 @@ fn flushes_queued_together_share_one_flush_of_the_device() {
     c.req(wire::CMD_FLUSH, wire::CMD_FLAG_FUA, 4, 0, 0, &[]);
     c.req(wire::CMD_WRITE, 0, 5, 0, 4096, &[5u8; 4096]);
     assert_eq!(written.recv_timeout(Duration::from_secs(5)), Ok(0));
-    release_tx.send(()).unwrap();
+    hold.release();
     let mut replies: Vec<(u32, u64)> = (0..5).map(|_| c.simple()).collect();
     replies.sort_by_key(|r| r.1);
     assert_eq!(replies, vec![(0, 1), (0, 2), (wire::EINVAL, 3), (0, 4), (0, 5)]);
@@ -1247,13 +1268,9 @@ fn batched_replies_are_sent_before_the_reader_waits_for_the_client() {
 /// the reply would go out with the FLUSH's, which never comes: the client's read times out.)
 #[test]
 fn batched_replies_are_sent_before_the_reader_waits_for_room() {
-    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
-    let (release_tx, release) = std::sync::mpsc::sync_channel(1);
-    let disk = Arc::new(Watched { hold_first_flush: Some((entered_tx, Mutex::new(release))), ..Watched::new(true) });
-    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-    disks.insert("disk".into(), disk.clone());
+    let (disk, hold) = Watched::holding_first_flush();
     let limits = Limits { max_in_flight_per_conn: 1, ..Limits::default() };
-    let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+    let (mut c, t) = start_with(TestExports::only(Arc::new(disk)), limits);
     c.go("disk", false, false);
     // WRITE 1 (run on the reader, more bytes behind it: batched), FLUSH 2 (a worker, held in
     // the device), WRITE 3 (waits for FLUSH 2's place), in one go.
@@ -1261,9 +1278,9 @@ fn batched_replies_are_sent_before_the_reader_waits_for_room() {
     all.extend(request_bytes(wire::CMD_FLUSH, 2, 0, &[], 0));
     all.extend(request_bytes(wire::CMD_WRITE, 3, 4096, &[3u8; 4096], 4096));
     c.s.write_all(&all).unwrap();
-    entered.recv_timeout(Duration::from_secs(5)).expect("the flush reaches the device");
+    hold.entered();
     assert_eq!(c.simple(), (0, 1), "the batched reply, while the reader waits for room");
-    release_tx.send(()).unwrap();
+    hold.release();
     let mut rest: Vec<(u32, u64)> = (0..2).map(|_| c.simple()).collect();
     rest.sort_by_key(|r| r.1);
     assert_eq!(rest, vec![(0, 2), (0, 3)]);
