@@ -1071,6 +1071,18 @@ fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
     }
 }
 
+/// After a first wait long enough to keep the window closed, READs with handles `1..=n` of
+/// the block at 4096 (filled with 0x5e): READ 1 goes to a worker, and its quick reply opens
+/// the window.
+fn reads_after_a_long_wait(c: &mut Client, n: u64) {
+    thread::sleep(Duration::from_millis(150));
+    for handle in 1..=n {
+        c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
+        assert_eq!(c.simple(), (0, handle));
+        assert_eq!(c.read_n(4096), vec![0x5e; 4096]);
+    }
+}
+
 /// A connection whose window is closed sends its lone READs to a worker, and the reader must
 /// not poll while the client waits for that reply — but the wait still counts as a short one,
 /// or a client of lone READs would never open the window.
@@ -1084,13 +1096,7 @@ fn a_wait_for_a_workers_reply_opens_the_window_too() {
     let polling = InputPolling::new(Duration::from_millis(20), 1);
     let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits { polling, ..Limits::default() });
     c.go("disk", false, false);
-    // The first wait is long: the window stays closed and the first READ goes to a worker.
-    thread::sleep(Duration::from_millis(150));
-    for handle in 1..=3u64 {
-        c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
-        assert_eq!(c.simple(), (0, handle));
-        assert_eq!(c.read_n(4096), vec![0x5e; 4096]);
-    }
+    reads_after_a_long_wait(&mut c, 3);
     let on_worker: Vec<bool> = disk.tried.lock().iter().map(|t| t.2).collect();
     assert_eq!(on_worker, [true, false, false], "reads tried on a worker (true) or the reader");
     c.disc();
@@ -1109,14 +1115,9 @@ fn a_reader_with_every_request_on_a_worker_does_not_poll() {
     let limits = Limits { polling: polling.clone(), ..Limits::default() };
     let (mut c, t) = start_with(TestExports::only(Arc::new(disk)), limits);
     c.go("disk", false, false);
-    // READ 1 goes to a worker and its quick reply opens the window; READ 2 is served on the
-    // reader, which then polls for the next request (it misses: nothing comes for 30 ms).
-    thread::sleep(Duration::from_millis(150));
-    for handle in 1..=2u64 {
-        c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
-        assert_eq!(c.simple(), (0, handle));
-        assert_eq!(c.read_n(4096), vec![0x5e; 4096]);
-    }
+    // READ 2 is served on the reader, which then polls for the next request (it misses:
+    // nothing comes for 30 ms).
+    reads_after_a_long_wait(&mut c, 2);
     thread::sleep(Duration::from_millis(30));
     let before = polling.polls_started();
     assert!(before > 0, "the window never opened: the test proves nothing");
