@@ -52,9 +52,8 @@ pub struct InputPolling {
 struct Slots {
     max: usize,
     polling: AtomicUsize,
-    /// Polls begun so far (for tests: whether a reader polled when it should not have).
     #[cfg(test)]
-    started: AtomicUsize,
+    probe: probe::Probe,
 }
 
 impl InputPolling {
@@ -66,7 +65,7 @@ impl InputPolling {
             max: pollers,
             polling: AtomicUsize::new(0),
             #[cfg(test)]
-            started: AtomicUsize::new(0),
+            probe: probe::Probe::default(),
         };
         InputPolling { longest, inner: Arc::new(slots) }
     }
@@ -100,15 +99,15 @@ impl InputPolling {
             .map(|_| PollSlot { slots });
         #[cfg(test)]
         if slot.is_some() {
-            slots.started.fetch_add(1, Ordering::Relaxed);
+            slots.probe.poll_started();
         }
         slot
     }
 
-    /// Polls begun by every reader sharing these limits.
+    /// What the tests watch and steer of the readers sharing these limits.
     #[cfg(test)]
-    pub(crate) fn polls_started(&self) -> usize {
-        self.inner.started.load(Ordering::Relaxed)
+    pub(crate) fn probe(&self) -> &probe::Probe {
+        &self.inner.probe
     }
 }
 
@@ -204,11 +203,11 @@ impl Poller {
     ) -> Polled {
         if self.window.is_zero() {
             self.last = LastPoll::None;
-            return Polled::Block;
+            return self.block();
         }
         let Some(_slot) = self.polling.try_start() else {
             self.last = LastPoll::NoSlot;
-            return Polled::Block;
+            return self.block();
         };
         let window = deadline_in.map_or(self.window, |left| self.window.min(left));
         let began = Instant::now();
@@ -223,7 +222,7 @@ impl Poller {
             }
             if began.elapsed() >= window {
                 self.last = LastPoll::Missed;
-                return Polled::Block;
+                return self.block();
             }
             std::hint::spin_loop();
         }
@@ -236,6 +235,13 @@ impl Poller {
         if self.last != LastPoll::NoSlot {
             self.last = LastPoll::None;
         }
+        self.block()
+    }
+
+    /// Tells the reader to block now.
+    fn block(&self) -> Polled {
+        #[cfg(test)]
+        self.polling.inner.probe.blocking();
         Polled::Block
     }
 
@@ -249,6 +255,8 @@ impl Poller {
     ///   be caught (over a network, say) is not polled for in vain every time.
     /// - Otherwise a short wait opens the window (4 µs) or doubles it, up to the longest.
     pub(crate) fn blocked(&mut self, waited: Duration) {
+        #[cfg(test)]
+        let waited = waited + self.polling.inner.probe.read_returned();
         let longest = self.polling.longest;
         if waited > longest.saturating_mul(GROWS_WITHIN) {
             self.window = Duration::ZERO;
@@ -279,6 +287,65 @@ impl Poller {
     #[cfg(test)]
     pub(crate) fn window(&self) -> Duration {
         self.window
+    }
+}
+
+/// What tests watch and steer in the readers that share one [`InputPolling`], so that they
+/// wait on events instead of sleeping.
+#[cfg(test)]
+pub(crate) mod probe {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use parking_lot::{Condvar, Mutex};
+
+    #[derive(Debug, Default)]
+    pub(crate) struct Probe {
+        /// Polls begun.
+        started: AtomicUsize,
+        /// True from a reader's decision to block (after its poll, or without one) until its
+        /// blocking read returns.
+        blocking: Mutex<bool>,
+        changed: Condvar,
+        /// Added to the next wait a reader measures: a client idle that long.
+        idle: Mutex<Duration>,
+    }
+
+    impl Probe {
+        pub(super) fn poll_started(&self) {
+            self.started.fetch_add(1, Ordering::Relaxed);
+        }
+
+        pub(super) fn blocking(&self) {
+            *self.blocking.lock() = true;
+            self.changed.notify_all();
+        }
+
+        /// The blocking read returned: what to add to the wait it measured.
+        pub(super) fn read_returned(&self) -> Duration {
+            *self.blocking.lock() = false;
+            std::mem::take(&mut *self.idle.lock())
+        }
+
+        /// Polls begun so far.
+        pub(crate) fn polls_started(&self) -> usize {
+            self.started.load(Ordering::Relaxed)
+        }
+
+        /// Waits until a reader has decided to block (its poll, if any, is over).
+        pub(crate) fn wait_until_a_reader_blocks(&self) {
+            let mut blocking = self.blocking.lock();
+            while !*blocking {
+                let timed_out = self.changed.wait_for(&mut blocking, Duration::from_secs(5)).timed_out();
+                assert!(!timed_out || *blocking, "no reader came to block within 5 s");
+            }
+        }
+
+        /// The next wait a reader measures counts as `idle` longer, as if the client had sat
+        /// idle that long before it sent its next request.
+        pub(crate) fn pretend_idle(&self, idle: Duration) {
+            *self.idle.lock() = idle;
+        }
     }
 }
 

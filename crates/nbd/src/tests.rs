@@ -1050,9 +1050,7 @@ fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
     for (polling, on_reader) in [(InputPolling::new(Duration::from_secs(1), 1), true), (InputPolling::off(), false)] {
         let disk = Arc::new(Watched::new(true));
         disk.inner.write_at(4096, &[0x3c; 4096], false).unwrap();
-        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-        disks.insert("disk".into(), disk.clone());
-        let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits { polling, ..Limits::default() });
+        let (mut c, t) = start_with(TestExports::only(disk.clone()), Limits { polling, ..Limits::default() });
         c.go("disk", false, false);
         // One at a time: each READ is alone in the stream.
         for handle in 1..=3u64 {
@@ -1071,11 +1069,11 @@ fn a_lone_read_is_served_on_the_reader_only_while_the_reader_polls() {
     }
 }
 
-/// After a first wait long enough to keep the window closed, READs with handles `1..=n` of
-/// the block at 4096 (filled with 0x5e): READ 1 goes to a worker, and its quick reply opens
-/// the window.
-fn reads_after_a_long_wait(c: &mut Client, n: u64) {
-    thread::sleep(Duration::from_millis(150));
+/// After a first wait long enough to keep the window closed (the client seems idle for a
+/// second), READs with handles `1..=n` of the block at 4096 (filled with 0x5e): READ 1 goes to
+/// a worker, and its quick reply opens the window.
+fn reads_after_a_long_wait(c: &mut Client, polling: &InputPolling, n: u64) {
+    polling.probe().pretend_idle(Duration::from_secs(1));
     for handle in 1..=n {
         c.req(wire::CMD_READ, 0, handle, 4096, 4096, &[]);
         assert_eq!(c.simple(), (0, handle));
@@ -1090,13 +1088,12 @@ fn reads_after_a_long_wait(c: &mut Client, n: u64) {
 fn a_wait_for_a_workers_reply_opens_the_window_too() {
     let disk = Arc::new(Watched::new(true));
     disk.inner.write_at(4096, &[0x5e; 4096], false).unwrap();
-    let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-    disks.insert("disk".into(), disk.clone());
     // Waits over 80 ms close the window.
     let polling = InputPolling::new(Duration::from_millis(20), 1);
-    let (mut c, t) = start_with(Arc::new(TestExports { disks }), Limits { polling, ..Limits::default() });
+    let limits = Limits { polling: polling.clone(), ..Limits::default() };
+    let (mut c, t) = start_with(TestExports::only(disk.clone()), limits);
     c.go("disk", false, false);
-    reads_after_a_long_wait(&mut c, 3);
+    reads_after_a_long_wait(&mut c, &polling, 3);
     let on_worker: Vec<bool> = disk.tried.lock().iter().map(|t| t.2).collect();
     assert_eq!(on_worker, [true, false, false], "reads tried on a worker (true) or the reader");
     c.disc();
@@ -1115,17 +1112,18 @@ fn a_reader_with_every_request_on_a_worker_does_not_poll() {
     let limits = Limits { polling: polling.clone(), ..Limits::default() };
     let (mut c, t) = start_with(TestExports::only(Arc::new(disk)), limits);
     c.go("disk", false, false);
-    // READ 2 is served on the reader, which then polls for the next request (it misses:
-    // nothing comes for 30 ms).
-    reads_after_a_long_wait(&mut c, 2);
-    thread::sleep(Duration::from_millis(30));
-    let before = polling.polls_started();
+    // READ 2 is served on the reader, which then polls for the next request and misses.
+    reads_after_a_long_wait(&mut c, &polling, 2);
+    let probe = polling.probe();
+    probe.wait_until_a_reader_blocks();
+    let before = probe.polls_started();
     assert!(before > 0, "the window never opened: the test proves nothing");
     c.req(wire::CMD_FLUSH, 0, 3, 0, 0, &[]);
     hold.entered();
-    // The reader has long since gone back to wait for the next request.
-    thread::sleep(Duration::from_millis(30));
-    let during = polling.polls_started() - before;
+    // The reader has read the FLUSH: once it decides to block again, whatever it was to poll
+    // for the next request it has polled.
+    probe.wait_until_a_reader_blocks();
+    let during = probe.polls_started() - before;
     hold.release();
     assert_eq!(c.simple(), (0, 3));
     assert_eq!(during, 0, "the reader polled while its only request was on a worker");
