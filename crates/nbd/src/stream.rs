@@ -40,6 +40,11 @@ pub trait NbdStream: Read + Write + Send + Sized {
     fn read_now(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
         None
     }
+    /// Most bytes one `send` may be given while a reply's deadline is kept
+    /// ([`DeadlineWriter`]): what the stream's send timeout bounds as a whole.
+    fn longest_send(&self) -> usize {
+        SHORT_SEND
+    }
 }
 
 /// `recv` that does not wait: `None` if nothing has arrived (or a signal came first).
@@ -54,6 +59,10 @@ fn recv_now(socket: impl AsFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
 impl NbdStream for TcpStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn longest_send(&self) -> usize {
+        // TCP's send timeout bounds a whole `send`, however many waits for room it makes.
+        LONG_SEND
     }
     fn can_read_now(&self) -> bool {
         true
@@ -182,10 +191,11 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
 
 /// Writes replies, failing with `TimedOut` once one reply (everything from its first write to
 /// the flush that ends it) has taken longer than `limit`. The socket's own send timeout bounds
-/// each wait for buffer space; a client that takes a few bytes now and then would satisfy that
-/// forever (a Unix socket even restarts it inside one `send`). So each `send` is given at most
-/// [`DEADLINE_STEP`] bytes and the reply's age is checked between them: the whole reply is
-/// bounded, at the cost of a system call per 256 KiB, not per write.
+/// each `send`, and the reply's age is checked between them, so a client that takes a few
+/// bytes now and then cannot keep a reply going. On TCP the timeout bounds a whole `send`,
+/// so a send may be long ([`LONG_SEND`]: a 1 MiB read's data leaves in one call). A Unix
+/// socket restarts its timeout at every wait for room inside one `send`, so there (and on
+/// TLS) each send is given at most [`SHORT_SEND`] bytes.
 ///
 /// During the handshake the handshake's own deadline bounds the writes as well: a client that
 /// sends options and never reads the replies is dropped about when its handshake time is up,
@@ -220,7 +230,7 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
                 format!("the client has not taken a reply in {:?}", self.limit),
             ));
         }
-        self.inner.write(&buf[..buf.len().min(DEADLINE_STEP)])
+        self.inner.write(&buf[..buf.len().min(self.inner.longest_send())])
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -234,8 +244,15 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
 /// passed (or once it began, if it began after the deadline).
 const HANDSHAKE_REPLY_GRACE: Duration = Duration::from_secs(1);
 
-/// Most bytes handed to one `send` by [`DeadlineWriter`].
-const DEADLINE_STEP: usize = 256 << 10;
+/// Most bytes [`DeadlineWriter`] hands to one `send` on a stream whose send timeout does not
+/// bound a whole `send` (a Unix socket's restarts at every wait for room).
+const SHORT_SEND: usize = 256 << 10;
+
+/// Most bytes [`DeadlineWriter`] hands to one `send` on TCP: more than a read's longest piece
+/// with its chunk head. Sent a quarter at a time, a 1 MiB read reached the client in four
+/// pushes, each waking it (1 MiB sequential reads at QD4: 2,301–2,728 MiB/s against
+/// 2,962–3,222 in one call, on two CPUs).
+const LONG_SEND: usize = 4 << 20;
 
 /// Size of the buffers in front of the socket.
 pub(crate) const STREAM_BUFFER: usize = 64 << 10;

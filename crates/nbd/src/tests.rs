@@ -136,8 +136,8 @@ fn join(t: ServerThread) -> Result<(), NbdError> {
     t.join().expect("server thread panicked")
 }
 
-struct Client {
-    s: UnixStream,
+struct Client<S = UnixStream> {
+    s: S,
 }
 
 struct Chunk {
@@ -147,7 +147,7 @@ struct Chunk {
     payload: Vec<u8>,
 }
 
-impl Client {
+impl<S: Read + Write> Client<S> {
     fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
         self.s.read_exact(&mut b).expect("read from server");
@@ -1405,6 +1405,44 @@ fn server_limits_connections_and_shuts_down_gracefully() {
     assert!(slow.log.lock().contains(&"write-end 0".to_string()));
     // The listener is gone: nobody accepts any more.
     assert!(UnixStream::connect(&path).is_err());
+}
+
+/// The same on TCP, where a `send` may be given a whole 1 MiB piece at once
+/// (`stream::LONG_SEND`): TCP's send timeout bounds each such send as a whole, so the reply's
+/// deadline still holds. The reply (32 MiB) is longer than what the loopback's socket buffers
+/// take in.
+#[test]
+fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
+    let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
+    let len: u32 = 32 << 20;
+    let provider = TestExports::new(SlowDisk::of_size(u64::from(len)));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let t = thread::spawn(move || {
+        let (server, _) = listener.accept().expect("accept");
+        serve_connection(server, &*provider, &limits)
+    });
+    let s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut c = Client { s };
+    c.go("slow", false, false);
+    c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
+    // The client's receive buffer holds megabytes that a trickle would take a minute to
+    // drain, so the server's end is watched, not the client's end of file.
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = [0u8; 4096];
+    while !t.is_finished() {
+        match c.s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the trickling client was never cut off");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(got < len as usize, "the whole reply arrived");
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off only after {:?}", started.elapsed());
+    assert!(join(t).is_err(), "the connection ends with the timeout as its error");
 }
 
 /// A client that takes its reply a few bytes at a time keeps each `send` making progress, so the
