@@ -1427,22 +1427,7 @@ fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
     let mut c = Client { s };
     c.go("slow", false, false);
     c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
-    // The client's receive buffer holds megabytes that a trickle would take a minute to
-    // drain, so the server's end is watched, not the client's end of file.
-    let started = Instant::now();
-    let mut got = 0usize;
-    let mut buf = [0u8; 4096];
-    while !t.is_finished() {
-        match c.s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "the trickling client was never cut off");
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(got < len as usize, "the whole reply arrived");
-    assert!(started.elapsed() < Duration::from_secs(10), "cut off only after {:?}", started.elapsed());
-    assert!(join(t).is_err(), "the connection ends with the timeout as its error");
+    take_a_trickle_until_cut_off(&mut c.s, len, t);
 }
 
 /// A client that takes its reply a few bytes at a time keeps each `send` making progress, so the
@@ -1454,12 +1439,21 @@ fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
     c.go("slow", false, false);
     let len = (DISK_SIZE as u32).min(4 << 20);
     c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
-    // 4 KiB every 50 ms: 80 KiB/s, so the 4 MiB reply would take close to a minute.
+    take_a_trickle_until_cut_off(&mut c.s, len, t);
+}
+
+/// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, 4 KiB every
+/// 50 ms (80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
+/// thread `t` does: a TCP client's receive buffer holds megabytes that would take a minute
+/// to drain, so the server's end is watched, not only the client's end of file. Asserts
+/// that the server cut the client off within 10 s, before the whole reply arrived, with the
+/// reply's deadline as the connection's error.
+fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
     let started = Instant::now();
     let mut got = 0usize;
     let mut buf = [0u8; 4096];
-    loop {
-        match c.s.read(&mut buf) {
+    while !t.is_finished() {
+        match s.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
