@@ -230,7 +230,14 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
                 format!("the client has not taken a reply in {:?}", self.limit),
             ));
         }
-        self.inner.write(&buf[..buf.len().min(self.inner.longest_send())])
+        // A blocking socket says `EAGAIN` when its send timeout ran out with nothing sent.
+        self.inner.write(&buf[..buf.len().min(self.inner.longest_send())]).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(io::ErrorKind::TimedOut, "the client took nothing of a reply within the send timeout")
+            } else {
+                e
+            }
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -1409,20 +1409,23 @@ fn server_limits_connections_and_shuts_down_gracefully() {
 
 /// The same on TCP, where a `send` may be given a whole 1 MiB piece at once
 /// (`stream::LONG_SEND`): TCP's send timeout bounds each such send as a whole, so the reply's
-/// deadline still holds. The reply (32 MiB) is longer than what the loopback's socket buffers
-/// take in.
+/// deadline still holds. Both ends have small socket buffers, so the trickle wakes the sender
+/// many times inside one `send`: a timeout restarted at each wait, as a Unix socket's is,
+/// would keep that send going for about 13 s.
 #[test]
 fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
     let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
-    let len: u32 = 32 << 20;
+    let len: u32 = 4 << 20;
     let provider = TestExports::new(SlowDisk::of_size(u64::from(len)));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     let t = thread::spawn(move || {
         let (server, _) = listener.accept().expect("accept");
+        rustix::net::sockopt::set_socket_send_buffer_size(&server, 16 << 10).expect("SO_SNDBUF");
         serve_connection(server, &*provider, &limits)
     });
     let s = std::net::TcpStream::connect(addr).expect("connect");
+    rustix::net::sockopt::set_socket_recv_buffer_size(&s, 16 << 10).expect("SO_RCVBUF");
     s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut c = Client { s };
     c.go("slow", false, false);
@@ -1444,10 +1447,10 @@ fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
 
 /// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, 4 KiB every
 /// 50 ms (80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
-/// thread `t` does: a TCP client's receive buffer holds megabytes that would take a minute
-/// to drain, so the server's end is watched, not only the client's end of file. Asserts
-/// that the server cut the client off within 10 s, before the whole reply arrived, with the
-/// reply's deadline as the connection's error.
+/// thread `t` does (the server's end is watched: what the client's buffer holds may take
+/// long to drain at this pace). Asserts that the server cut the client off within 10 s with
+/// the reply's deadline as the connection's error, and that the stream then ended before
+/// the whole reply arrived.
 fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
     let started = Instant::now();
     let mut got = 0usize;
@@ -1460,9 +1463,14 @@ fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
         assert!(started.elapsed() < Duration::from_secs(20), "the trickling client was never cut off");
         thread::sleep(Duration::from_millis(50));
     }
-    assert!(got < len as usize, "the whole reply arrived");
-    assert!(started.elapsed() < Duration::from_secs(10), "cut off only after {:?}", started.elapsed());
+    let cut_off = started.elapsed();
+    assert!(cut_off < Duration::from_secs(10), "cut off only after {cut_off:?}");
     assert!(join(t).is_err(), "the connection ends with the timeout as its error");
+    // What the client's buffer still held, then the end of the stream.
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        got += n;
+    }
+    assert!(got < len as usize, "the whole reply arrived");
 }
 
 /// Clients that connect and never finish the handshake cannot lock others out: when the
