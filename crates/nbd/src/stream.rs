@@ -257,8 +257,8 @@ const SHORT_SEND: usize = 256 << 10;
 
 /// Most bytes [`DeadlineWriter`] hands to one `send` on TCP: more than a read's longest piece
 /// with its chunk head. Sent a quarter at a time, a 1 MiB read reached the client in four
-/// pushes, each waking it (1 MiB sequential reads at QD4: 2,301–2,728 MiB/s against
-/// 2,962–3,222 in one call, on two CPUs).
+/// pushes, each waking it (1 MiB sequential reads at QD4, two CPUs: 2,266–2,705 MiB/s
+/// against 3,114–3,328 in one call; docs/performance.md).
 const LONG_SEND: usize = 4 << 20;
 
 /// Size of the buffers in front of the socket.

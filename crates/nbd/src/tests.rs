@@ -1448,9 +1448,9 @@ fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
 /// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, 4 KiB every
 /// 50 ms (80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
 /// thread `t` does (the server's end is watched: what the client's buffer holds may take
-/// long to drain at this pace). Asserts that the server cut the client off within 10 s with
-/// the reply's deadline as the connection's error, and that the stream then ended before
-/// the whole reply arrived.
+/// long to drain at this pace). Asserts that the server cut the client off within 10 s, its
+/// connection ending with an error, and that the stream then ended before the whole reply
+/// arrived.
 fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
     let started = Instant::now();
     let mut got = 0usize;
