@@ -29,9 +29,7 @@ impl TestExports {
         disks.insert("slow".into(), slow);
         Arc::new(TestExports { disks })
     }
-}
 
-impl TestExports {
     /// One export, "disk", served from `disk`.
     fn only(disk: Arc<dyn BlockDevice>) -> Arc<Self> {
         Arc::new(TestExports { disks: HashMap::from([("disk".to_string(), disk)]) })
@@ -875,10 +873,8 @@ impl BlockDevice for Watched {
 fn small_writes_to_memory_run_on_the_reader_and_the_rest_on_workers() {
     for (in_memory, inline_write_max) in [(true, Limits::default().inline_write_max), (false, 64 << 10), (true, 0)] {
         let disk = Arc::new(Watched::new(in_memory));
-        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-        disks.insert("disk".into(), disk.clone());
         let limits = Limits { inline_write_max, ..Limits::default() };
-        let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+        let (mut c, t) = start_with(TestExports::only(disk.clone()), limits);
         c.go("disk", false, false);
         // A 4 KiB write, the same with FUA, and one of 128 KiB: one at a time, so each is
         // noted before the next arrives.
@@ -917,11 +913,9 @@ fn reads_queued_behind_others_are_served_on_the_reader_with_a_workers_replies() 
         disk.inner.write_at(4096, &[0xab; 4096], false).unwrap();
         disk.inner.write_at(3 * 4096 + 512, &[0xcd; 1000], false).unwrap();
         disk.inner.write_at(20 * 4096, &[0xef; 8192], false).unwrap();
-        let mut disks: HashMap<String, Arc<dyn BlockDevice>> = HashMap::new();
-        disks.insert("disk".into(), disk.clone());
         // Without polling, whose lone READs go to the reader too (the next test).
         let limits = Limits { polling: InputPolling::off(), ..Limits::default() };
-        let (mut c, t) = start_with(Arc::new(TestExports { disks }), limits);
+        let (mut c, t) = start_with(TestExports::only(disk.clone()), limits);
         match mode {
             "simple" => drop(c.go("disk", false, false)),
             "structured" => drop(c.go("disk", true, false)),
