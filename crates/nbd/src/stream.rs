@@ -6,8 +6,9 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
-use rustix::net::RecvFlags;
+use rustix::net::{RecvFlags, SendFlags};
 
 use tracing::debug;
 
@@ -40,10 +41,49 @@ pub trait NbdStream: Read + Write + Send + Sized {
     fn read_now(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
         None
     }
-    /// Most bytes one `send` may be given while a reply's deadline is kept
-    /// ([`DeadlineWriter`]): what the stream's send timeout bounds as a whole.
-    fn longest_send(&self) -> usize {
-        SHORT_SEND
+    /// Writes some of `buf`, waiting at most `within` for the peer to make room; fails with
+    /// `TimedOut` if nothing could be written in that time. [`DeadlineWriter`] gives each
+    /// send what the reply has left, so a reply's deadline holds however the peer takes it.
+    ///
+    /// The default arms the stream's write timeout and writes once, which bounds the wait
+    /// only as well as that timeout bounds one `write`; the sockets here wait in `poll`.
+    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
+        self.set_write_deadline(Some(within))?;
+        self.write(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => timed_out(),
+            _ => e,
+        })
+    }
+}
+
+/// The error of a send that found no room in its time.
+pub(crate) fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the peer made no room for a send in time")
+}
+
+/// `send` that waits for room at most `within`: the socket is asked not to block and the
+/// wait is a `poll` for writability with the time left, so no part of the wait restarts the
+/// clock (a blocking `send` on a Unix socket gets its whole send timeout again at every wait
+/// for room, and a trickling peer could stretch one send without end).
+fn send_within(socket: impl AsFd, buf: &[u8], within: Duration) -> io::Result<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        match rustix::net::send(&socket, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Ok(n) => return Ok(n),
+            Err(Errno::AGAIN | Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let left = Timespec::try_from(left).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
+        match rustix::event::poll(&mut fds, Some(&left)) {
+            // Ready, timed out (the next round says so) or interrupted: try again.
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -60,9 +100,8 @@ impl NbdStream for TcpStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
-    fn longest_send(&self) -> usize {
-        // TCP's send timeout bounds a whole `send`, however many waits for room it makes.
-        LONG_SEND
+    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
+        send_within(&*self, buf, within)
     }
     fn can_read_now(&self) -> bool {
         true
@@ -84,6 +123,9 @@ impl NbdStream for TcpStream {
 impl NbdStream for UnixStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
+        send_within(&*self, buf, within)
     }
     fn can_read_now(&self) -> bool {
         true
@@ -190,20 +232,15 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
 }
 
 /// Writes replies, failing with `TimedOut` once one reply (everything from its first write to
-/// the flush that ends it) has taken longer than `limit`. The socket's own send timeout bounds
-/// each `send`, and the reply's age is checked between them, so a client that takes a few
-/// bytes now and then cannot keep a reply going. On TCP the timeout bounds a whole `send`,
-/// so a send may be long ([`LONG_SEND`]: a 1 MiB read's data leaves in one call). A Unix
-/// socket restarts its timeout at every wait for room inside one `send`, so there (and on
-/// TLS) each send is given at most [`SHORT_SEND`] bytes.
+/// the flush that ends it) has taken longer than `limit`. Each send is given what the reply has
+/// left ([`NbdStream::send_within`]), so a client that takes a few bytes now and then cannot
+/// keep a reply going past its deadline, on TCP, Unix sockets and TLS alike.
 ///
 /// During the handshake the handshake's own deadline bounds the writes as well: a client that
 /// sends options and never reads the replies is dropped about when its handshake time is up,
-/// not a reply timeout later. Each send may block only for what the handshake has left, and
-/// at least [`HANDSHAKE_REPLY_GRACE`]; a reply still being written that long after the
-/// deadline fails. The server's own time (opening an export for `NBD_OPT_GO` may wait for a
-/// previous writer) is not charged to the client: a reply begun after the deadline still gets
-/// its grace.
+/// not a reply timeout later. A reply may take [`HANDSHAKE_REPLY_GRACE`] past the deadline, or
+/// that long from its start if it began after the deadline: the server's own time (opening an
+/// export for `NBD_OPT_GO` may wait for a previous writer) is not charged to the client.
 pub(crate) struct DeadlineWriter<S> {
     inner: S,
     limit: Duration,
@@ -213,30 +250,34 @@ pub(crate) struct DeadlineWriter<S> {
     handshake_deadline: Option<Instant>,
 }
 
+impl<S> DeadlineWriter<S> {
+    /// When the reply begun at `since` must be sent by, and the error if it is not.
+    fn reply_deadline(&self, since: Instant) -> (Instant, fn(Duration) -> io::Error) {
+        let by_limit = since + self.limit;
+        match self.handshake_deadline {
+            Some(deadline) if deadline.max(since) + HANDSHAKE_REPLY_GRACE < by_limit => {
+                (deadline.max(since) + HANDSHAKE_REPLY_GRACE, |_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "the client did not take its handshake replies")
+                })
+            }
+            _ => (by_limit, |limit| {
+                io::Error::new(io::ErrorKind::TimedOut, format!("the client has not taken a reply in {limit:?}"))
+            }),
+        }
+    }
+}
+
 impl<S: NbdStream> Write for DeadlineWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let since = *self.busy_since.get_or_insert_with(Instant::now);
-        if let Some(deadline) = self.handshake_deadline {
-            let now = Instant::now();
-            if now >= deadline && now.duration_since(since.max(deadline)) >= HANDSHAKE_REPLY_GRACE {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not take its handshake replies"));
-            }
-            let left = deadline.saturating_duration_since(now).max(HANDSHAKE_REPLY_GRACE).min(self.limit);
-            self.inner.set_write_deadline(Some(left))?;
+        let (deadline, error) = self.reply_deadline(since);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(error(self.limit));
         }
-        if since.elapsed() > self.limit {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client has not taken a reply in {:?}", self.limit),
-            ));
-        }
-        // A blocking socket says `EAGAIN` when its send timeout ran out with nothing sent.
-        self.inner.write(&buf[..buf.len().min(self.inner.longest_send())]).map_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                io::Error::new(io::ErrorKind::TimedOut, "the client took nothing of a reply within the send timeout")
-            } else {
-                e
-            }
+        self.inner.send_within(buf, left).map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => error(self.limit),
+            _ => e,
         })
     }
 
@@ -250,16 +291,6 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
 /// How long a handshake reply may still take to be sent once the handshake's deadline has
 /// passed (or once it began, if it began after the deadline).
 const HANDSHAKE_REPLY_GRACE: Duration = Duration::from_secs(1);
-
-/// Most bytes [`DeadlineWriter`] hands to one `send` on a stream whose send timeout does not
-/// bound a whole `send` (a Unix socket's restarts at every wait for room).
-const SHORT_SEND: usize = 256 << 10;
-
-/// Most bytes [`DeadlineWriter`] hands to one `send` on TCP: more than a read's longest piece
-/// with its chunk head. Sent a quarter at a time, a 1 MiB read reached the client in four
-/// pushes, each waking it (1 MiB sequential reads at QD4, two CPUs: 2,266–2,705 MiB/s
-/// against 3,114–3,328 in one call; docs/performance.md).
-const LONG_SEND: usize = 4 << 20;
 
 /// Size of the buffers in front of the socket.
 pub(crate) const STREAM_BUFFER: usize = 64 << 10;

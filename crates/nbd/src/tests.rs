@@ -1401,11 +1401,9 @@ fn server_limits_connections_and_shuts_down_gracefully() {
     assert!(UnixStream::connect(&path).is_err());
 }
 
-/// The same on TCP, where a `send` may be given a whole 1 MiB piece at once
-/// (`stream::LONG_SEND`): TCP's send timeout bounds each such send as a whole, so the reply's
-/// deadline still holds. Both ends have small socket buffers, so the trickle wakes the sender
-/// many times inside one `send`: a timeout restarted at each wait, as a Unix socket's is,
-/// would keep that send going for about 13 s.
+/// The same on TCP. Both ends have small socket buffers, so the trickle makes room for the
+/// sender many times inside one `send` of the reply's 4 MiB: a send timeout restarted at each
+/// such wait would keep that send going for about 13 s.
 #[test]
 fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
     let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
@@ -1424,31 +1422,78 @@ fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
     let mut c = Client { s };
     c.go("slow", false, false);
     c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
-    take_a_trickle_until_cut_off(&mut c.s, len, t);
+    take_a_trickle_until_cut_off(&mut c.s, len, 4 << 10, t);
 }
 
-/// A client that takes its reply a few bytes at a time keeps each `send` making progress, so the
-/// socket's per-send timeout never fires; the whole reply has a deadline all the same.
+/// A client that takes its reply a few bytes at a time keeps each `send` making progress, so a
+/// socket's send timeout would never fire (a Unix socket restarts it at every wait for room);
+/// the whole reply has a deadline all the same. The server's small send buffer makes the
+/// trickle free room often, as on TCP above.
 #[test]
 fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
     let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
-    let (mut c, t) = start_with(TestExports::new(SlowDisk::new(None, Duration::ZERO)), limits);
+    let provider = TestExports::new(SlowDisk::new(None, Duration::ZERO));
+    let (client, server) = UnixStream::pair().expect("socketpair");
+    rustix::net::sockopt::set_socket_send_buffer_size(&server, 16 << 10).expect("SO_SNDBUF");
+    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    let mut c = Client { s: client };
     c.go("slow", false, false);
     let len = (DISK_SIZE as u32).min(4 << 20);
     c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
-    take_a_trickle_until_cut_off(&mut c.s, len, t);
+    take_a_trickle_until_cut_off(&mut c.s, len, 4 << 10, t);
 }
 
-/// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, 4 KiB every
-/// 50 ms (80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
+/// The same over TLS: each piece of the reply goes out as ciphertext within what the reply
+/// has left, however many sends the records take. The session takes the reply in pieces of
+/// a few records, so the client is slower here (1 KiB every 50 ms): a piece sent with the
+/// socket's own timeout, restarted at each wait for room, then outlasts the deadline.
+#[test]
+fn a_reply_taken_a_trickle_at_a_time_over_tls_still_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, signing_key.serialize_pem()).expect("write key");
+    let tls = crate::TlsSettings::from_pem_files(&cert_path, &key_path, None, true).expect("TLS settings");
+    let limits = Limits { reply_timeout: Duration::from_millis(500), tls: Some(tls), ..Limits::default() };
+    let provider = TestExports::new(SlowDisk::new(None, Duration::ZERO));
+    let (client, server) = UnixStream::pair().expect("socketpair");
+    rustix::net::sockopt::set_socket_send_buffer_size(&server, 16 << 10).expect("SO_SNDBUF");
+    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    let mut plain = Client { s: client };
+    plain.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
+    assert_eq!(plain.opt(wire::OPT_STARTTLS, &[])[0].0, wire::REP_ACK);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("trust the test certificate");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let session = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().expect("server name"))
+        .expect("TLS client");
+    let mut c = Client { s: rustls::StreamOwned::new(session, plain.s) };
+    let replies = c.opt(wire::OPT_GO, &go_data("slow", &[]));
+    assert_eq!(replies.last().expect("a reply").0, wire::REP_ACK, "GO over TLS: {replies:?}");
+    let len = (DISK_SIZE as u32).min(4 << 20);
+    c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
+    take_a_trickle_until_cut_off(&mut c.s, len, 1 << 10, t);
+}
+
+/// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, `step` bytes
+/// every 50 ms (4 KiB: 80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
 /// thread `t` does (the server's end is watched: what the client's buffer holds may take
-/// long to drain at this pace). Asserts that the server cut the client off within 10 s, its
-/// connection ending with an error, and that the stream then ended before the whole reply
+/// long to drain at this pace). Asserts that the server cut the client off within 1.5 s (the
+/// callers' reply timeout is 500 ms: the deadline is kept, not stretched by a few timeouts),
+/// its connection ending with an error, and that the stream then ended before the whole reply
 /// arrived.
-fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
+fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, step: usize, t: ServerThread) {
     let started = Instant::now();
     let mut got = 0usize;
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; step];
     while !t.is_finished() {
         match s.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -1458,7 +1503,7 @@ fn take_a_trickle_until_cut_off(s: &mut impl Read, len: u32, t: ServerThread) {
         thread::sleep(Duration::from_millis(50));
     }
     let cut_off = started.elapsed();
-    assert!(cut_off < Duration::from_secs(10), "cut off only after {cut_off:?}");
+    assert!(cut_off < Duration::from_millis(1500), "cut off only after {cut_off:?}");
     assert!(join(t).is_err(), "the connection ends with the timeout as its error");
     // What the client's buffer still held, then the end of the stream.
     while let Ok(n @ 1..) = s.read(&mut buf) {

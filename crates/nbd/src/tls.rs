@@ -153,7 +153,8 @@ struct Shared {
     /// order they were made.
     send: Mutex<()>,
     /// The write timeout last set: it bounds all of one `write`'s ciphertext, not each send
-    /// (which any progress would restart), so the caller's whole-reply deadline still holds.
+    /// (which any progress would restart). Replies do not use it: [`NbdStream::send_within`]
+    /// is given what the reply has left.
     write_timeout: Mutex<Option<Duration>>,
 }
 
@@ -173,7 +174,8 @@ pub struct TlsStream<S> {
 const RAW_READ: usize = 64 << 10;
 
 impl<S: NbdStream> TlsStream<S> {
-    /// Sends whatever the session has to send (made under `conn`, written under `send` only).
+    /// Sends whatever the session has to send (made under `conn`, written under `send` only),
+    /// within the write timeout.
     fn flush_records(&mut self) -> io::Result<()> {
         let shared = self.shared.clone();
         let _send = shared.send.lock();
@@ -184,19 +186,47 @@ impl<S: NbdStream> TlsStream<S> {
                 conn.write_tls(&mut out)?;
             }
         }
-        self.send_ciphertext(&out)
+        let within = *self.shared.write_timeout.lock();
+        self.send_ciphertext(&out, within)
     }
 
-    /// Writes ciphertext, failing with `TimedOut` once it has taken longer than the write
-    /// timeout (a client taking a byte now and then cannot stretch it).
-    fn send_ciphertext(&mut self, mut out: &[u8]) -> io::Result<()> {
-        let limit = *self.shared.write_timeout.lock();
-        let started = Instant::now();
-        while !out.is_empty() {
-            if limit.is_some_and(|l| started.elapsed() > l) {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the client is not taking its TLS records"));
+    /// Encrypts what the session takes of `buf` and sends all of it, within `within` if given
+    /// (the whole ciphertext, not each send: a client taking a byte now and then cannot
+    /// stretch it). Returns the plaintext bytes taken.
+    fn encrypt_and_send(&mut self, buf: &[u8], within: Option<Duration>) -> io::Result<usize> {
+        let shared = self.shared.clone();
+        let _send = shared.send.lock();
+        let (n, out) = {
+            let mut conn = self.shared.conn.lock();
+            let n = conn.writer().write(buf)?;
+            let mut out = Vec::with_capacity(n + 64);
+            while conn.wants_write() {
+                conn.write_tls(&mut out)?;
             }
-            match self.sock.write(out) {
+            (n, out)
+        };
+        self.send_ciphertext(&out, within)?;
+        Ok(n)
+    }
+
+    /// Writes ciphertext, failing with `TimedOut` once it has taken longer than `within`.
+    fn send_ciphertext(&mut self, mut out: &[u8], within: Option<Duration>) -> io::Result<()> {
+        let deadline = within.map(|w| Instant::now() + w);
+        while !out.is_empty() {
+            let sent = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client is not taking its TLS records",
+                        ));
+                    }
+                    self.sock.send_within(out, left)
+                }
+                None => self.sock.write(out),
+            };
+            match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => out = &out[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -248,19 +278,8 @@ impl<S: NbdStream> Read for TlsStream<S> {
 
 impl<S: NbdStream> Write for TlsStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let shared = self.shared.clone();
-        let _send = shared.send.lock();
-        let (n, out) = {
-            let mut conn = self.shared.conn.lock();
-            let n = conn.writer().write(buf)?;
-            let mut out = Vec::with_capacity(n + 64);
-            while conn.wants_write() {
-                conn.write_tls(&mut out)?;
-            }
-            (n, out)
-        };
-        self.send_ciphertext(&out)?;
-        Ok(n)
+        let within = *self.shared.write_timeout.lock();
+        self.encrypt_and_send(buf, within)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -281,6 +300,10 @@ impl<S: NbdStream> NbdStream for TlsStream<S> {
 
     fn set_read_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.sock.set_read_deadline(timeout)
+    }
+
+    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
+        self.encrypt_and_send(buf, Some(within))
     }
 
     fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
