@@ -181,9 +181,10 @@ pub struct Limits {
     /// read data not yet sent). Clones of one `Limits` share the pool, so every server given
     /// the same limits is bounded together.
     pub buffers: BufferPool,
-    /// Time a client has to finish the handshake.
+    /// Time a client has to finish the handshake (at most [`MAX_TIMEOUT`]).
     pub handshake_timeout: Duration,
-    /// A reply that cannot be sent for this long (client not reading) drops the connection.
+    /// A reply that cannot be sent for this long (client not reading) drops the connection
+    /// (at most [`MAX_TIMEOUT`]).
     pub reply_timeout: Duration,
     /// How long a connection's reader polls for the client's next request before it blocks,
     /// and how many readers may poll at once ([`InputPolling`]). Clones share the count.
@@ -191,6 +192,10 @@ pub struct Limits {
     /// TLS, if the server offers it (not a bound, but set wherever the bounds are).
     pub tls: Option<TlsSettings>,
 }
+
+/// The longest handshake or reply timeout: a longer one (`Duration::MAX` for "never") is taken
+/// as this, so deadlines stay representable.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -228,8 +233,8 @@ impl Limits {
             max_request_bytes,
             max_buffered_bytes_per_conn: self.max_buffered_bytes_per_conn.max(u64::from(max_request_bytes)),
             buffers: self.buffers.clone(),
-            handshake_timeout: self.handshake_timeout.max(Duration::from_millis(1)),
-            reply_timeout: self.reply_timeout.max(Duration::from_millis(1)),
+            handshake_timeout: self.handshake_timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT),
+            reply_timeout: self.reply_timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT),
             polling: self.polling.clone(),
             tls: self.tls.clone(),
         }

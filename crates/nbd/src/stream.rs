@@ -275,8 +275,10 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
         if left.is_zero() {
             return Err(error(self.limit));
         }
+        // Our own deadline running out is a timeout without an OS error; a kernel `ETIMEDOUT`
+        // (TCP giving up on the peer) keeps its own message.
         self.inner.send_within(buf, left).map_err(|e| match e.kind() {
-            io::ErrorKind::TimedOut => error(self.limit),
+            io::ErrorKind::TimedOut if e.raw_os_error().is_none() => error(self.limit),
             _ => e,
         })
     }
