@@ -1450,11 +1450,7 @@ fn a_reply_taken_a_trickle_at_a_time_over_tcp_still_times_out() {
 #[test]
 fn a_reply_taken_a_trickle_at_a_time_still_times_out() {
     let limits = Limits { reply_timeout: Duration::from_millis(500), ..Limits::default() };
-    let provider = TestExports::new(SlowDisk::new(None, Duration::ZERO));
-    let (client, server) = UnixStream::pair().expect("socketpair");
-    rustix::net::sockopt::set_socket_send_buffer_size(&server, 16 << 10).expect("SO_SNDBUF");
-    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    let (client, t) = start_with_send_buffer(limits, 16 << 10);
     let mut c = Client { s: client };
     c.go("slow", false, false);
     let len = (DISK_SIZE as u32).min(4 << 20);
@@ -1477,11 +1473,7 @@ fn a_reply_taken_a_trickle_at_a_time_over_tls_still_times_out() {
     std::fs::write(&key_path, signing_key.serialize_pem()).expect("write key");
     let tls = crate::TlsSettings::from_pem_files(&cert_path, &key_path, None, true).expect("TLS settings");
     let limits = Limits { reply_timeout: Duration::from_millis(500), tls: Some(tls), ..Limits::default() };
-    let provider = TestExports::new(SlowDisk::new(None, Duration::ZERO));
-    let (client, server) = UnixStream::pair().expect("socketpair");
-    rustix::net::sockopt::set_socket_send_buffer_size(&server, 4 << 10).expect("SO_SNDBUF");
-    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    let (client, t) = start_with_send_buffer(limits, 4 << 10);
     let mut plain = Client { s: client };
     plain.greet(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES);
     assert_eq!(plain.opt(wire::OPT_STARTTLS, &[])[0].0, wire::REP_ACK);
@@ -1500,6 +1492,17 @@ fn a_reply_taken_a_trickle_at_a_time_over_tls_still_times_out() {
     let len = (DISK_SIZE as u32).min(4 << 20);
     c.req(wire::CMD_READ, 0, 1, 0, len, &[]);
     take_a_trickle_until_cut_off(&mut c.s, len, 1 << 10, Duration::from_millis(1500), t);
+}
+
+/// [`start_with`] on the slow disk, the server's end of the socket pair given a send buffer of
+/// `send_buffer` bytes (small buffers make a trickling client free room often).
+fn start_with_send_buffer(limits: Limits, send_buffer: usize) -> (UnixStream, ServerThread) {
+    let provider = TestExports::new(SlowDisk::new(None, Duration::ZERO));
+    let (client, server) = UnixStream::pair().expect("socketpair");
+    rustix::net::sockopt::set_socket_send_buffer_size(&server, send_buffer).expect("SO_SNDBUF");
+    client.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let t = thread::spawn(move || serve_connection(server, &*provider, &limits));
+    (client, t)
 }
 
 /// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, `step` bytes
