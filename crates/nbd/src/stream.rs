@@ -41,14 +41,15 @@ pub trait NbdStream: Read + Write + Send + Sized {
     fn read_now(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
         None
     }
-    /// Writes some of `buf`, waiting at most `within` for the peer to make room; fails with
-    /// `TimedOut` if nothing could be written in that time. [`DeadlineWriter`] gives each
-    /// send what the reply has left, so a reply's deadline holds however the peer takes it.
+    /// Writes some of `buf`, waiting until `deadline` at most for the peer to make room; fails
+    /// with `TimedOut` if nothing could be written by then. [`DeadlineWriter`] gives every send
+    /// the reply's own deadline, so it holds however the peer takes the bytes.
     ///
-    /// The default arms the stream's write timeout and writes once, which bounds the wait
-    /// only as well as that timeout bounds one `write`; the sockets here wait in `poll`.
-    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
-        self.set_write_deadline(Some(within))?;
+    /// The default arms the stream's write timeout with the time left and writes once, which
+    /// bounds the wait only as well as that timeout bounds one `write`; the sockets here wait
+    /// in `poll`.
+    fn send_by(&mut self, buf: &[u8], deadline: Instant) -> io::Result<usize> {
+        self.set_write_deadline(Some(time_left(deadline)?))?;
         self.write(buf).map_err(|e| match e.kind() {
             io::ErrorKind::WouldBlock => timed_out(),
             _ => e,
@@ -57,30 +58,32 @@ pub trait NbdStream: Read + Write + Send + Sized {
 }
 
 /// The error of a send that found no room in its time.
-pub(crate) fn timed_out() -> io::Error {
+fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "the peer made no room for a send in time")
 }
 
-/// `send` that waits for room at most `within`: the socket is asked not to block and the
-/// wait is a `poll` for writability with the time left, so no part of the wait restarts the
-/// clock (a blocking `send` on a Unix socket gets its whole send timeout again at every wait
-/// for room, and a trickling peer could stretch one send without end).
-fn send_within(socket: impl AsFd, buf: &[u8], within: Duration) -> io::Result<usize> {
-    let deadline = Instant::now() + within;
+/// What is left until `deadline`; `TimedOut` if nothing is.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() { Err(timed_out()) } else { Ok(left) }
+}
+
+/// `send` that waits for room until `deadline` at most: the socket is asked not to block and
+/// the wait is a `poll` for writability with the time left, so no part of the wait restarts
+/// the clock (a blocking `send` on a Unix socket gets its whole send timeout again at every
+/// wait for room, and a trickling peer could stretch one send without end).
+fn send_by(socket: impl AsFd, buf: &[u8], deadline: Instant) -> io::Result<usize> {
     loop {
+        let left = time_left(deadline)?;
         match rustix::net::send(&socket, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
             Ok(n) => return Ok(n),
             Err(Errno::AGAIN | Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
         let left = Timespec::try_from(left).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
         match rustix::event::poll(&mut fds, Some(&left)) {
-            // Ready, timed out (the next round says so) or interrupted: try again.
+            // Ready, timed out (the next round's `time_left` says so) or interrupted: try again.
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
@@ -100,8 +103,8 @@ impl NbdStream for TcpStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
-    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
-        send_within(&*self, buf, within)
+    fn send_by(&mut self, buf: &[u8], deadline: Instant) -> io::Result<usize> {
+        send_by(&*self, buf, deadline)
     }
     fn can_read_now(&self) -> bool {
         true
@@ -124,8 +127,8 @@ impl NbdStream for UnixStream {
     fn clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
-    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
-        send_within(&*self, buf, within)
+    fn send_by(&mut self, buf: &[u8], deadline: Instant) -> io::Result<usize> {
+        send_by(&*self, buf, deadline)
     }
     fn can_read_now(&self) -> bool {
         true
@@ -232,8 +235,8 @@ impl<S: NbdStream> RequestSource for BufReader<DeadlineReader<S>> {
 }
 
 /// Writes replies, failing with `TimedOut` once one reply (everything from its first write to
-/// the flush that ends it) has taken longer than `limit`. Each send is given what the reply has
-/// left ([`NbdStream::send_within`]), so a client that takes a few bytes now and then cannot
+/// the flush that ends it) has taken longer than `limit`. Each send is given the reply's
+/// deadline ([`NbdStream::send_by`]), so a client that takes a few bytes now and then cannot
 /// keep a reply going past its deadline, on TCP, Unix sockets and TLS alike.
 ///
 /// During the handshake the handshake's own deadline bounds the writes as well: a client that
@@ -271,13 +274,9 @@ impl<S: NbdStream> Write for DeadlineWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let since = *self.busy_since.get_or_insert_with(Instant::now);
         let (deadline, error) = self.reply_deadline(since);
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(error(self.limit));
-        }
         // Our own deadline running out is a timeout without an OS error; a kernel `ETIMEDOUT`
         // (TCP giving up on the peer) keeps its own message.
-        self.inner.send_within(buf, left).map_err(|e| match e.kind() {
+        self.inner.send_by(buf, deadline).map_err(|e| match e.kind() {
             io::ErrorKind::TimedOut if e.raw_os_error().is_none() => error(self.limit),
             _ => e,
         })

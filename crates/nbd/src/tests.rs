@@ -1506,9 +1506,9 @@ fn start_with_send_buffer(limits: Limits, send_buffer: usize) -> (UnixStream, Se
 }
 
 /// Takes the reply to a READ of `len` bytes as a client short of bandwidth does, `step` bytes
-/// every 50 ms (4 KiB: 80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or the server's
-/// thread `t` does (the server's end is watched: what the client's buffer holds may take
-/// long to drain at this pace). Asserts that the server cut the client off `within` (the
+/// every 50 ms (4 KiB: 80 KiB/s, so a 1 MiB reply would take 13 s), until the stream ends or
+/// the server's thread `t` does (the server's end is watched: what the client's buffer holds
+/// may take long to drain at this pace). Asserts that the server cut the client off `within` (the
 /// callers' reply timeout is 500 ms; the deadline is kept, not stretched: a cut-off at 0.50 s
 /// is what the code gives), its connection ending with a timeout, and that the stream then
 /// ended before the whole reply arrived.

@@ -153,8 +153,8 @@ struct Shared {
     /// order they were made.
     send: Mutex<()>,
     /// The write timeout last set: it bounds all of one `write`'s ciphertext, not each send
-    /// (which any progress would restart). Replies do not use it: [`NbdStream::send_within`]
-    /// is given what the reply has left.
+    /// (which any progress would restart). Replies do not use it: [`NbdStream::send_by`]
+    /// is given the reply's deadline.
     write_timeout: Mutex<Option<Duration>>,
 }
 
@@ -186,14 +186,19 @@ impl<S: NbdStream> TlsStream<S> {
                 conn.write_tls(&mut out)?;
             }
         }
-        let within = *self.shared.write_timeout.lock();
-        self.send_ciphertext(&out, within)
+        let deadline = self.write_deadline();
+        self.send_ciphertext(&out, deadline)
     }
 
-    /// Encrypts what the session takes of `buf` and sends all of it, within `within` if given
+    /// When a write begun now must be sent by, from the write timeout (`None`: no bound).
+    fn write_deadline(&self) -> Option<Instant> {
+        self.shared.write_timeout.lock().map(|w| Instant::now() + w)
+    }
+
+    /// Encrypts what the session takes of `buf` and sends all of it, by `deadline` if given
     /// (the whole ciphertext, not each send: a client taking a byte now and then cannot
     /// stretch it). Returns the plaintext bytes taken.
-    fn encrypt_and_send(&mut self, buf: &[u8], within: Option<Duration>) -> io::Result<usize> {
+    fn encrypt_and_send(&mut self, buf: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
         let shared = self.shared.clone();
         let _send = shared.send.lock();
         let (n, out) = {
@@ -205,25 +210,15 @@ impl<S: NbdStream> TlsStream<S> {
             }
             (n, out)
         };
-        self.send_ciphertext(&out, within)?;
+        self.send_ciphertext(&out, deadline)?;
         Ok(n)
     }
 
-    /// Writes ciphertext, failing with `TimedOut` once it has taken longer than `within`.
-    fn send_ciphertext(&mut self, mut out: &[u8], within: Option<Duration>) -> io::Result<()> {
-        let deadline = within.map(|w| Instant::now() + w);
+    /// Writes ciphertext, failing with `TimedOut` if it is not all sent by `deadline`.
+    fn send_ciphertext(&mut self, mut out: &[u8], deadline: Option<Instant>) -> io::Result<()> {
         while !out.is_empty() {
             let sent = match deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the client is not taking its TLS records",
-                        ));
-                    }
-                    self.sock.send_within(out, left)
-                }
+                Some(deadline) => self.sock.send_by(out, deadline),
                 None => self.sock.write(out),
             };
             match sent {
@@ -278,8 +273,8 @@ impl<S: NbdStream> Read for TlsStream<S> {
 
 impl<S: NbdStream> Write for TlsStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let within = *self.shared.write_timeout.lock();
-        self.encrypt_and_send(buf, within)
+        let deadline = self.write_deadline();
+        self.encrypt_and_send(buf, deadline)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -302,8 +297,8 @@ impl<S: NbdStream> NbdStream for TlsStream<S> {
         self.sock.set_read_deadline(timeout)
     }
 
-    fn send_within(&mut self, buf: &[u8], within: Duration) -> io::Result<usize> {
-        self.encrypt_and_send(buf, Some(within))
+    fn send_by(&mut self, buf: &[u8], deadline: Instant) -> io::Result<usize> {
+        self.encrypt_and_send(buf, Some(deadline))
     }
 
     fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
