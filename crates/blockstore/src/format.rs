@@ -17,7 +17,12 @@ pub const JOURNAL_MAGIC: [u8; 8] = *b"PRLXJRNL";
 /// the previous commit's home writes are synced before a record is written, and recovery replays
 /// the two newest records) and gave superblock user slot 15 to the release queue. A version-1
 /// store is upgraded in place the first time it is opened for writing.
-pub const FORMAT_VERSION: u32 = 2;
+///
+/// Version 3 gave superblock user slot 12 to the radix layer's chain table: a leaf copy linked
+/// to its source adds no references, so a store of this version must not be changed by a build
+/// that does not know the table (it would count wrong). A version-2 store has no table and is
+/// upgraded in place like version 1.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads (and upgrades).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Magic of a reference-count block.

@@ -226,6 +226,9 @@ pub struct Meta {
     fresh: HashSet<u64>,
     /// The user slots the running commit writes, from its start until it is durable.
     pub(crate) committing_user: Option<[u64; USER_ROOTS]>,
+    /// State the layer above derives from its metadata blocks and keeps between calls (see
+    /// [`Meta::take_derived`]). A rollback drops it: it is rebuilt from the blocks.
+    derived: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Meta {
@@ -261,6 +264,7 @@ impl Meta {
             cached_only: false,
             home_epoch: 0,
             frozen: Vec::new(),
+            derived: None,
             meta_group: None,
             meta_groups: Vec::new(),
             meta_revisit: 0,
@@ -434,6 +438,8 @@ impl Meta {
             self.reserved.remove(&a);
         }
         self.sb = undo.sb;
+        // Derived from blocks the transaction changed: rebuilt from them when next asked for.
+        self.derived = None;
         self.end_block.store(undo.end_block, Ordering::Release);
         // A metadata group the transaction added is gone with it.
         let groups = self.sb.groups;
@@ -1009,6 +1015,20 @@ impl Meta {
         {
             u.freed.push(addr);
         }
+    }
+
+    /// Takes the state the layer above derived from its own metadata blocks and left here
+    /// with [`Meta::put_derived`] (an index it would otherwise rebuild on every call), if it is
+    /// still there and of type `T`. A rollback drops it, so it never outlives the block
+    /// contents it was derived from; the caller rebuilds it from the blocks when this is
+    /// `None`, and puts it back only after a call that succeeded.
+    pub fn take_derived<T: std::any::Any + Send>(&mut self) -> Option<Box<T>> {
+        self.derived.take()?.downcast::<T>().ok()
+    }
+
+    /// Leaves derived state for the next [`Meta::take_derived`].
+    pub fn put_derived<T: std::any::Any + Send>(&mut self, state: Box<T>) {
+        self.derived = Some(state);
     }
 
     /// True if `addr` was freed and its freeing is not durable yet (it must not be used).

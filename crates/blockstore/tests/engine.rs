@@ -283,34 +283,37 @@ on_both!(group_commit_shares_commits_between_concurrent_flushes, |m| {
     assert_eq!(s.lock().space().allocated, 200, "every finished transaction is durable");
 });
 
+/// Stores of every older version this build reads are upgraded in place, once, durably.
 #[test]
-fn a_version_1_store_is_upgraded() {
-    let mem = MemBackend::new();
-    let s = store(&mem, 64, 256);
-    let a = new_block(&s, 9);
-    s.commit().unwrap();
-    s.sync_data().unwrap(); // makes the home writes durable
-    drop(s);
-    // Rewrite both superblock copies as version 1.
-    let image = mem.durable_image();
-    for copy in 0..2usize {
-        let mut b: Block = image[copy * BLOCK_SIZE..(copy + 1) * BLOCK_SIZE].try_into().unwrap();
-        b[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let crc = block_crc(&b, 16);
-        b[16..20].copy_from_slice(&crc.to_le_bytes());
-        mem.corrupt((copy * BLOCK_SIZE) as u64, &b);
+fn older_versions_are_upgraded() {
+    for old in blockstore::format::OLDEST_FORMAT_VERSION..blockstore::format::FORMAT_VERSION {
+        let mem = MemBackend::new();
+        let s = store(&mem, 64, 256);
+        let a = new_block(&s, 9);
+        s.commit().unwrap();
+        s.sync_data().unwrap(); // makes the home writes durable
+        drop(s);
+        // Rewrite both superblock copies as the old version.
+        let image = mem.durable_image();
+        for copy in 0..2usize {
+            let mut b: Block = image[copy * BLOCK_SIZE..(copy + 1) * BLOCK_SIZE].try_into().unwrap();
+            b[8..12].copy_from_slice(&old.to_le_bytes());
+            let crc = block_crc(&b, 16);
+            b[16..20].copy_from_slice(&crc.to_le_bytes());
+            mem.corrupt((copy * BLOCK_SIZE) as u64, &b);
+        }
+        // And no journal record (whose superblock image would say the current version).
+        for header in [2u64, 2 + 64] {
+            mem.corrupt(header * BLOCK_SIZE as u64, &[0u8; BLOCK_SIZE]);
+        }
+        let s = reopen(&mem);
+        assert_eq!(s.recovery().upgraded_from, Some(old));
+        assert_eq!(byte_at(&s, a), 9);
+        drop(s);
+        let s = reopen(&mem);
+        assert_eq!(s.recovery().upgraded_from, None, "upgraded once, durably (from {old})");
+        assert_eq!(s.lock().superblock().version, blockstore::format::FORMAT_VERSION);
     }
-    // And no journal record (whose superblock image would say version 2).
-    for header in [2u64, 2 + 64] {
-        mem.corrupt(header * BLOCK_SIZE as u64, &[0u8; BLOCK_SIZE]);
-    }
-    let s = reopen(&mem);
-    assert_eq!(s.recovery().upgraded_from, Some(1));
-    assert_eq!(byte_at(&s, a), 9);
-    drop(s);
-    let s = reopen(&mem);
-    assert_eq!(s.recovery().upgraded_from, None, "upgraded once, durably");
-    assert_eq!(s.lock().superblock().version, 2);
 }
 
 on_both!(a_frozen_view_keeps_the_metadata_of_its_instant, |m| {

@@ -266,7 +266,11 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
                     meta.decref(addr)?;
                     continue;
                 }
-                // The queue owns this node alone: nothing else can reach it any more.
+                // The queue owns this node alone: nothing else can reach it any more. A leaf
+                // leaves its chain first (once), keeping only the references that are its own.
+                if level == 0 {
+                    crate::chain::with_chains(meta, |m, ch| ch.unchain(m, addr))?;
+                }
                 let node = crate::tree::node_at(meta, addr, level)?;
                 let next = (cursor..ENTRIES).find(|&k| !Node::entry(node, k).is_empty());
                 let Some(k) = next else {

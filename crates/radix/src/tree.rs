@@ -182,7 +182,17 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
     }
     let old = read_node(meta, e.addr, child_level)?;
     let copy = meta.alloc_meta_near(&NODE_KIND, e.addr)?;
-    let fresh = shared_copy(meta, &old, child_level)?;
+    let fresh = if child_level == 0 {
+        // A leaf copy is linked to its source instead of counting its 512 references, when
+        // the source has no linked copy yet (crate::chain).
+        let (fresh, children) = uncounted_copy(&old, child_level);
+        if !crate::chain::with_chains(meta, |m, ch| ch.link(m, copy, e.addr))? {
+            meta.incref_all(&children)?;
+        }
+        fresh
+    } else {
+        shared_copy(meta, &old, child_level)?
+    };
     *meta.write(copy, &NODE_KIND)? = *fresh;
     meta.decref(e.addr)?;
     set_entry(meta, parent, i, Entry { addr: copy, writable: true })?;
@@ -211,7 +221,7 @@ pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Re
     if old.is_empty() {
         Ok(None)
     } else {
-        meta.decref(old.addr)?;
+        crate::chain::with_chains(meta, |m, ch| ch.drop_ref(m, node, i, old.addr))?;
         Ok(Some(old.addr))
     }
 }
@@ -220,6 +230,14 @@ pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Re
 /// with its writable bit clear, every child one reference richer (count blocks opened once
 /// each, not once per child).
 fn shared_copy(meta: &mut Meta, old: &blockstore::Block, level: u32) -> Result<Box<blockstore::Block>> {
+    let (fresh, children) = uncounted_copy(old, level);
+    meta.incref_all(&children)?;
+    Ok(fresh)
+}
+
+/// A copy of node `old` with every writable bit clear, and the children it names; no count is
+/// changed.
+fn uncounted_copy(old: &blockstore::Block, level: u32) -> (Box<blockstore::Block>, Vec<BlockAddr>) {
     let mut fresh = Box::new([0u8; blockstore::BLOCK_SIZE]);
     Node::init(&mut fresh, level);
     let mut children = Vec::with_capacity(ENTRIES);
@@ -230,11 +248,11 @@ fn shared_copy(meta: &mut Meta, old: &blockstore::Block, level: u32) -> Result<B
             Node::set_entry(&mut fresh, k, Entry { addr: e.addr, writable: false });
         }
     }
-    meta.incref_all(&children)?;
-    Ok(fresh)
+    (fresh, children)
 }
 
-/// Drops one reference to data block `addr`; returns 1 if that freed it.
+/// Drops one reference to data block `addr`, held by a leaf outside any chain (or taken out
+/// of its chain); returns 1 if that freed it.
 fn release_data(meta: &mut Meta, addr: BlockAddr) -> Result<u64> {
     Ok(u64::from(meta.decref(addr)? == 0))
 }
@@ -251,6 +269,10 @@ fn release_node(meta: &mut Meta, addr: BlockAddr, level: u32) -> Result<u64> {
     if meta.refcount(addr)? > 1 {
         meta.decref(addr)?;
         return Ok(0);
+    }
+    if level == 0 {
+        // Its references that are not its own, or pass to a copy, are cleared first.
+        crate::chain::with_chains(meta, |m, ch| ch.unchain(m, addr))?;
     }
     let node = read_node(meta, addr, level)?;
     meta.decref(addr)?;
@@ -299,7 +321,7 @@ fn unmap_in(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64,
         let whole = start <= cbase && cbase + s <= end;
         if level == 0 {
             set_entry(meta, node, i, Entry::EMPTY)?;
-            freed += release_data(meta, e.addr)?;
+            freed += u64::from(crate::chain::with_chains(meta, |m, ch| ch.drop_ref(m, node, i, e.addr))?);
         } else if whole {
             // A whole subtree goes to the release queue: a discard of any length changes a
             // bounded number of blocks now, and the subtree is freed in bounded steps later.
@@ -548,12 +570,15 @@ pub struct Usage {
 pub fn usage<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr) -> Result<Usage> {
     let mut u = Usage::default();
     let shared = meta.refcount(root)? > 1;
-    usage_in(meta, root, LEVELS - 1, shared, &mut u)?;
+    // A data block named by several leaves of a chain is shared whatever its stored count.
+    let chains = crate::chain::Chains::load(meta)?;
+    usage_in(meta, &chains, root, LEVELS - 1, shared, &mut u)?;
     Ok(u)
 }
 
 fn usage_in<M: MetaRead + ?Sized>(
     meta: &mut M,
+    chains: &crate::chain::Chains,
     addr: BlockAddr,
     level: u32,
     shared: bool,
@@ -567,10 +592,11 @@ fn usage_in<M: MetaRead + ?Sized>(
         }
         let below_shared = shared || meta.refcount(e.addr)? > 1;
         if level == 0 {
+            let shared_in_chain = !below_shared && chains.shares(meta, addr, i, e.addr)?;
             u.mapped += 1;
-            u.exclusive += u64::from(!below_shared);
+            u.exclusive += u64::from(!below_shared && !shared_in_chain);
         } else {
-            usage_in(meta, e.addr, level - 1, below_shared, u)?;
+            usage_in(meta, chains, e.addr, level - 1, below_shared, u)?;
         }
     }
     Ok(())

@@ -148,6 +148,21 @@ impl Tally {
         }
     }
 
+    /// Takes back one reference [`Tally::add`] counted.
+    fn sub(&mut self, addr: u64) {
+        match addr.checked_sub(self.base).and_then(|i| self.counts.get_mut(i as usize)) {
+            Some(c) => *c = c.saturating_sub(1),
+            None => {
+                if let Some(c) = self.outside.get_mut(&addr) {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        self.outside.remove(&addr);
+                    }
+                }
+            }
+        }
+    }
+
     fn get(&self, addr: u64) -> u32 {
         match addr.checked_sub(self.base).and_then(|i| self.counts.get(i as usize)) {
             Some(&c) => c,
@@ -277,6 +292,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
                 detail: format!("holds {entries} entries but its length says {}", report.pending_reclaim),
             });
         }
+        let queued_leaves: Vec<(BlockAddr, u32, usize)> = queued.iter().copied().filter(|q| q.1 == 0).collect();
         for (addr, level, cursor) in queued {
             if cursor == 0 && !seen_nodes.insert(addr.0) {
                 continue;
@@ -291,6 +307,21 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
                     context: format!("queued release of node {addr}"),
                     detail: e.to_string(),
                 });
+            }
+        }
+        // The chain table: its blocks hold one reference each; its links must join live
+        // leaves, and the references they leave uncounted are subtracted after the walks.
+        let chains = match radix::Chains::load(&mut *meta) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                readable = false;
+                report.problems.push(Problem::Damaged { context: "chain table".into(), detail: e.to_string() });
+                None
+            }
+        };
+        if let Some(ch) = &chains {
+            for b in ch.table_blocks() {
+                found.add(b.0);
             }
         }
         let mut writable_paths: Vec<(VdiId, BlockAddr)> = Vec::new();
@@ -322,6 +353,37 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             }
         }
         progress(total, total);
+        if let Some(ch) = &chains {
+            for (copy, source) in ch.links() {
+                for end in [copy, source] {
+                    if !seen_nodes.contains(&end.0) {
+                        report.problems.push(Problem::Damaged {
+                            context: "chain table".into(),
+                            detail: format!("the link of {copy} to {source} names node {end}, which no tree reaches"),
+                        });
+                    }
+                }
+            }
+            for (addr, _, cursor) in &queued_leaves {
+                if *cursor > 0 && ch.is_chained(*addr) {
+                    report.problems.push(Problem::Damaged {
+                        context: "chain table".into(),
+                        detail: format!("leaf {addr} is half released by the queue but still in a chain"),
+                    });
+                }
+            }
+            match radix::uncounted_refs(&mut *meta, ch) {
+                Ok(refs) => {
+                    for (_, b) in refs {
+                        found.sub(b.0);
+                    }
+                }
+                Err(e) => {
+                    readable = false;
+                    report.problems.push(Problem::Damaged { context: "chain table".into(), detail: e.to_string() });
+                }
+            }
+        }
     }
     report.nodes = seen_nodes.len() as u64;
     report.data_blocks = found.nonzero().filter(|(k, _)| !seen_nodes.contains(k)).count() as u64;
