@@ -28,6 +28,14 @@
 //! allocated block (which no other entry names), to empty, or is copied from its source. A
 //! block's stored count is never 0 while an entry names it, so freeing at 0 stays safe.
 //!
+//! **A leaf with a linked copy never changes** (only the newest leaf of a chain is written):
+//! a tree that would claim one copies it instead (`tree::make_child_private`). So the leaves
+//! naming one block at one entry are consecutive in their chain — the block is new in the
+//! first of them and each copy below inherits it until one replaces it — and each question
+//! the rule asks is answered by the source or the copy alone, one node read, however long
+//! the chain. `vdi check` recounts with the rule itself, walking every chain, so it would see
+//! a run that was not consecutive.
+//!
 //! **The table** is a list of blocks (magic `CHNL`) from superblock user slot [`CHAIN_SLOT`],
 //! each holding up to [`CHAIN_RECORDS`] links. It is metadata like any other: changed in the
 //! transaction that copies, frees or cuts, journaled by the commit, put back by a rollback.
@@ -53,7 +61,7 @@ pub const CHAIN_MAGIC: u32 = u32::from_le_bytes(*b"CHNL");
 /// Links one chain-table block holds.
 pub const CHAIN_RECORDS: usize = (BLOCK_SIZE - 32) / 16;
 /// Longest chain kept: a copy that would make a chain longer cuts its top link first.
-pub const MAX_CHAIN: usize = 64;
+pub const MAX_CHAIN: usize = 256;
 /// Most links kept: a copy beyond it cuts the oldest link first.
 pub const MAX_LINKS: usize = 16_384;
 
@@ -115,6 +123,10 @@ struct Link {
     slot: usize,
     /// Creation order, for cutting the oldest link first.
     seq: u64,
+    /// Links above the copy in its chain when this link was made or last measured: at least
+    /// the true number (a leaf spliced out above makes it smaller), so a chain is measured
+    /// only when this says it may be too long.
+    depth: usize,
 }
 
 /// The links of the chain table, indexed both ways (derived from the table's blocks).
@@ -169,16 +181,19 @@ impl Chains {
             if ch.copy_of.insert(source, copy).is_some() {
                 return Err(corrupt(format!("node {source} has two linked copies")));
             }
-            ch.source_of.insert(copy, Link { source, block, slot, seq: 0 });
+            ch.source_of.insert(copy, Link { source, block, slot, seq: 0, depth: 0 });
         }
         let tops: Vec<u64> = ch.copy_of.keys().copied().filter(|s| !ch.source_of.contains_key(s)).collect();
         for top in tops {
             let mut at = top;
+            let mut depth = 0;
             while let Some(&c) = ch.copy_of.get(&at) {
                 let seq = ch.next_seq;
                 ch.next_seq += 1;
+                depth += 1;
                 if let Some(l) = ch.source_of.get_mut(&c) {
                     l.seq = seq;
+                    l.depth = depth;
                 }
                 ch.order.push_back((c, seq));
                 at = c;
@@ -230,7 +245,9 @@ impl Chains {
     }
 
     /// True if entry `k` of chained leaf `node`, naming `b`, holds a counted reference: no
-    /// node above it in its chain names `b` at `k`.
+    /// node above it in its chain names `b` at `k`. Because a leaf with a linked copy never
+    /// changes, the leaves naming one block at one entry are consecutive in a chain, so only
+    /// the source needs looking at.
     pub fn is_counted<M: MetaRead + ?Sized>(
         &self,
         meta: &mut M,
@@ -238,19 +255,14 @@ impl Chains {
         k: usize,
         b: BlockAddr,
     ) -> Result<bool> {
-        let mut at = node.0;
-        for _ in 0..self.step_limit() {
-            let Some(l) = self.source_of.get(&at) else { return Ok(true) };
-            if leaf_entry(meta, l.source, k)?.addr == b {
-                return Ok(false);
-            }
-            at = l.source;
+        match self.source_of.get(&node.0) {
+            None => Ok(true),
+            Some(l) => Ok(leaf_entry(meta, l.source, k)?.addr != b),
         }
-        Err(damaged(format!("the chain above node {node} loops")))
     }
 
     /// The nearest node below `node` in its chain that names `b` at `k`: the one a counted
-    /// reference of `node` passes to.
+    /// reference of `node` passes to. Only the linked copy can be (see [`Chains::is_counted`]).
     pub fn heir<M: MetaRead + ?Sized>(
         &self,
         meta: &mut M,
@@ -258,15 +270,54 @@ impl Chains {
         k: usize,
         b: BlockAddr,
     ) -> Result<Option<BlockAddr>> {
-        let mut at = node.0;
-        for _ in 0..self.step_limit() {
-            let Some(&c) = self.copy_of.get(&at) else { return Ok(None) };
-            if leaf_entry(meta, c, k)?.addr == b {
-                return Ok(Some(BlockAddr(c)));
-            }
-            at = c;
+        match self.copy_of.get(&node.0) {
+            Some(&c) if leaf_entry(meta, c, k)?.addr == b => Ok(Some(BlockAddr(c))),
+            _ => Ok(None),
         }
-        Err(damaged(format!("the chain below node {node} loops")))
+    }
+
+    /// Of `pending` (entries `(k, b)` of chained leaf `node`), takes out and returns the slots
+    /// of those its source names too (the entries that are not counted).
+    fn named_above<M: MetaRead + ?Sized>(
+        &self,
+        meta: &mut M,
+        node: BlockAddr,
+        pending: &mut Vec<(usize, BlockAddr)>,
+    ) -> Result<Vec<usize>> {
+        let mut found = Vec::new();
+        if let Some(l) = self.source_of.get(&node.0) {
+            let above = crate::tree::node_at(meta, BlockAddr(l.source), 0)?;
+            pending.retain(|&(k, b)| {
+                let named = Node::entry(above, k).addr == b;
+                if named {
+                    found.push(k);
+                }
+                !named
+            });
+        }
+        Ok(found)
+    }
+
+    /// Of `pending` (entries `(k, b)` of chained leaf `node`), takes out and returns those its
+    /// linked copy names too: where a counted reference of `node` passes.
+    fn named_below<M: MetaRead + ?Sized>(
+        &self,
+        meta: &mut M,
+        node: BlockAddr,
+        pending: &mut Vec<(usize, BlockAddr)>,
+    ) -> Result<Vec<(usize, BlockAddr)>> {
+        let mut found = Vec::new();
+        if let Some(&c) = self.copy_of.get(&node.0) {
+            let below = crate::tree::node_at(meta, BlockAddr(c), 0)?;
+            pending.retain(|&(k, b)| {
+                let named = Node::entry(below, k).addr == b;
+                if named {
+                    found.push((k, b));
+                }
+                !named
+            });
+        }
+        Ok(found)
     }
 
     /// True if entry `k` of leaf `node`, naming `b`, is one of several entries of its chain
@@ -298,12 +349,18 @@ impl Chains {
         if self.is_chained(copy) {
             return Err(damaged(format!("new leaf copy {copy} is already in a chain")));
         }
-        // Keep the chain this copy joins, and the table, within their bounds.
-        let (top, len) = self.top_of(source)?;
-        if len >= MAX_CHAIN
-            && let Some(c) = self.copy(top)
-        {
-            self.materialise(meta, c)?;
+        // Keep the chain this copy joins, and the table, within their bounds. The chain is
+        // walked only when its recorded depth says it may be at its bound.
+        let mut depth = self.source_of.get(&source.0).map_or(0, |l| l.depth) + 1;
+        if depth + 1 > MAX_CHAIN {
+            let (top, len) = self.top_of(source)?;
+            depth = len;
+            if len >= MAX_CHAIN
+                && let Some(c) = self.copy(top)
+            {
+                self.materialise(meta, c)?;
+                depth = len - 1;
+            }
         }
         while self.source_of.len() >= MAX_LINKS {
             let Some((c, seq)) = self.order.pop_front() else { break };
@@ -322,9 +379,15 @@ impl Chains {
         t.count = U32::new(t.count.get() + 1);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.source_of.insert(copy.0, Link { source: source.0, block, slot, seq });
+        self.source_of.insert(copy.0, Link { source: source.0, block, slot, seq, depth });
         self.copy_of.insert(source.0, copy.0);
         self.order.push_back((copy.0, seq));
+        if self.order.len() > 2 * self.source_of.len() + 1024 {
+            // Links undone since they were made leave stale entries: drop them, so the
+            // queue stays within twice the links however long the store runs.
+            let live = &self.source_of;
+            self.order.retain(|(c, q)| live.get(c).is_some_and(|l| l.seq == *q));
+        }
         if let Some(e) = self.blocks.iter_mut().find(|e| e.0 == block) {
             e.1 += 1;
         }
@@ -427,13 +490,9 @@ impl Chains {
             return Ok(());
         }
         let n = Box::new(*crate::tree::node_at(meta, node, 0)?);
-        let mut clear = Vec::new();
-        for k in 0..ENTRIES {
-            let b = Node::entry(&n, k).addr;
-            if !b.is_none() && (!self.is_counted(meta, node, k, b)? || self.heir(meta, node, k, b)?.is_some()) {
-                clear.push(k);
-            }
-        }
+        let mut pending = mapped(&n);
+        let mut clear = self.named_above(meta, node, &mut pending)?;
+        clear.extend(self.named_below(meta, node, &mut pending)?.into_iter().map(|(k, _)| k));
         if !clear.is_empty() {
             let w = meta.write(node, &NODE_KIND)?;
             for k in clear {
@@ -462,16 +521,16 @@ impl Chains {
             return Err(damaged(format!("cutting below node {top}, which is not the top of its chain")));
         }
         let n = Box::new(*crate::tree::node_at(meta, top, 0)?);
-        let mut gain = Vec::new();
-        for k in 0..ENTRIES {
-            let b = Node::entry(&n, k).addr;
-            if !b.is_none() && self.heir(meta, top, k, b)?.is_some() {
-                gain.push(b);
-            }
-        }
+        let mut pending = mapped(&n);
+        let gain: Vec<BlockAddr> = self.named_below(meta, top, &mut pending)?.into_iter().map(|(_, b)| b).collect();
         self.remove_link(meta, copy)?;
         meta.incref_all(&gain)
     }
+}
+
+/// The mapped entries of a leaf, as `(k, block)`.
+fn mapped(n: &blockstore::Block) -> Vec<(usize, BlockAddr)> {
+    (0..ENTRIES).map(|k| (k, Node::entry(n, k).addr)).filter(|(_, b)| !b.is_none()).collect()
 }
 
 /// Runs `f` with the store's chains (read from the table if the index is not kept), and keeps

@@ -165,6 +165,17 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
         return Ok(e.addr);
     }
     if meta.refcount(e.addr)? == 1 {
+        if child_level == 0 && crate::chain::with_chains(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
+            // A leaf with a linked copy never changes (crate::chain): copy it, counting the
+            // copy's references (the leaf has its one linked copy), and free it.
+            let old = read_node(meta, e.addr, child_level)?;
+            let copy = meta.alloc_meta_near(&NODE_KIND, e.addr)?;
+            let fresh = shared_copy(meta, &old, child_level)?;
+            *meta.write(copy, &NODE_KIND)? = *fresh;
+            set_entry(meta, parent, i, Entry { addr: copy, writable: true })?;
+            release_node(meta, e.addr, child_level)?;
+            return Ok(copy);
+        }
         // Only we reference it now, so we may take it over instead of copying (safe for
         // metadata, which changes atomically at commit). Its own writable bits date from before
         // it was shared and may be stale — a copy made meanwhile added references to its

@@ -357,6 +357,8 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             for (copy, source) in ch.links() {
                 for end in [copy, source] {
                     if !seen_nodes.contains(&end.0) {
+                        // The references the link leaves uncounted cannot be told: no repair.
+                        readable = false;
                         report.problems.push(Problem::Damaged {
                             context: "chain table".into(),
                             detail: format!("the link of {copy} to {source} names node {end}, which no tree reaches"),
@@ -366,6 +368,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
             }
             for (addr, _, cursor) in &queued_leaves {
                 if *cursor > 0 && ch.is_chained(*addr) {
+                    readable = false;
                     report.problems.push(Problem::Damaged {
                         context: "chain table".into(),
                         detail: format!("leaf {addr} is half released by the queue but still in a chain"),

@@ -104,3 +104,36 @@ fn the_table_keeps_at_most_its_bound_of_links() {
     dev.read_at((leaves - 1) * 512 * 4096, &mut b).unwrap();
     assert!(b[..4096].iter().all(|&x| x == 1) && b[4096..].iter().all(|&x| x == 2));
 }
+
+/// A leaf in the middle of a chain, reached by a clone once the snapshot that held it is gone,
+/// is copied, not claimed: claiming it would let the clone change a leaf whose copy below
+/// still inherits from it, and the live VDI's next write would then free a block the oldest
+/// snapshot still maps.
+#[test]
+fn a_clone_never_changes_a_leaf_in_the_middle_of_a_chain() {
+    let reg = new_store(Arc::new(MemBackend::new()));
+    let a = reg.create_vdi("a", Some(SIZE)).unwrap();
+    let dev = reg.open_vdi(a, true).unwrap();
+    dev.write_at(0, &[1u8; 4096], false).unwrap();
+    let s1 = reg.snapshot(a).unwrap();
+    dev.write_at(4096, &[2u8; 4096], false).unwrap();
+    let s2 = reg.snapshot(a).unwrap();
+    dev.write_at(2 * 4096, &[3u8; 4096], false).unwrap();
+    // Chain: s1's leaf -> s2's leaf -> the live leaf, all three naming block 0's data.
+    assert_eq!(longest_chain(&chains(&reg)), 3);
+    let c = reg.clone_snapshot("c", s2).unwrap();
+    reg.delete_snapshot(s2).unwrap();
+    reg.reclaim_all(&mut |_, _| {}).unwrap();
+    let clone = reg.open_vdi(c, true).unwrap();
+    clone.write_at(0, &[4u8; 4096], false).unwrap();
+    assert_clean(&reg);
+    dev.write_at(0, &[5u8; 4096], false).unwrap();
+    assert_clean(&reg);
+    let mut b = [0u8; 4096];
+    reg.open_snapshot(s1).unwrap().read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 1), "the oldest snapshot keeps its block");
+    clone.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    dev.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 5));
+}
