@@ -26,5 +26,5 @@ pub use reclaim::{
 };
 pub use tree::{
     MAX_BLOCKS, Mapping, Run, Usage, Visit, create, diff, fork, leaf_home, lookup, map, mapped_runs, release, unmap,
-    usage, visit_nodes, visit_nodes_from, visit_writable,
+    usage, usage_with, visit_nodes, visit_nodes_from, visit_writable,
 };

@@ -579,11 +579,17 @@ pub struct Usage {
 /// [`Usage`] of the tree at `root`: one walk, reading a reference count per node and per data
 /// block under an unshared node (below a shared node nothing is exclusive).
 pub fn usage<M: MetaRead + ?Sized>(meta: &mut M, root: BlockAddr) -> Result<Usage> {
+    let chains = crate::chain::Chains::load(meta)?;
+    usage_with(meta, &chains, root)
+}
+
+/// [`usage`] with the store's chains already read ([`crate::Chains::load`] on the same
+/// metadata), for callers reporting many trees.
+pub fn usage_with<M: MetaRead + ?Sized>(meta: &mut M, chains: &crate::chain::Chains, root: BlockAddr) -> Result<Usage> {
     let mut u = Usage::default();
     let shared = meta.refcount(root)? > 1;
     // A data block named by several leaves of a chain is shared whatever its stored count.
-    let chains = crate::chain::Chains::load(meta)?;
-    usage_in(meta, &chains, root, LEVELS - 1, shared, &mut u)?;
+    usage_in(meta, chains, root, LEVELS - 1, shared, &mut u)?;
     Ok(u)
 }
 

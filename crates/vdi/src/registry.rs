@@ -492,7 +492,16 @@ impl Registry {
     /// one instant: `None` for one that did not exist then. Walks every tree in full, reading
     /// reference counts: for `vdi snap-list --usage` and `vdi du`, never for a plain listing.
     pub fn usage_of(&self, srcs: &[Source]) -> Result<Vec<Option<radix::Usage>>> {
-        self.per_tree(srcs, |view, root| Ok(radix::usage(view, root)?))
+        // The chain table is read once per view for all the trees, not once per tree.
+        self.walk_frozen(|view, st| {
+            let chains = radix::Chains::load(&mut *view)?;
+            srcs.iter()
+                .map(|src| match root_in(st, *src) {
+                    Ok(root) => Ok(Some(radix::usage_with(view, &chains, root)?)),
+                    Err(_) => Ok(None),
+                })
+                .collect()
+        })
     }
 
     /// `f` on the tree of each of `srcs`, all in one frozen view: `None` for a source that did
