@@ -33,8 +33,8 @@
 //! naming one block at one entry are consecutive in their chain — the block is new in the
 //! first of them and each copy below inherits it until one replaces it — and each question
 //! the rule asks is answered by the source or the copy alone, one node read, however long
-//! the chain. `vdi check` recounts with the rule itself, walking every chain, so it would see
-//! a run that was not consecutive.
+//! the chain. `vdi check` recounts with the rule itself, walking every chain, and reports a
+//! run that is not consecutive ([`uncounted_refs`]) before any count it would spoil.
 //!
 //! **The table** is a list of blocks (magic `CHNL`) from superblock user slot [`CHAIN_SLOT`],
 //! each holding up to [`CHAIN_RECORDS`] links. It is metadata like any other: changed in the
@@ -362,8 +362,12 @@ impl Chains {
                 depth = len - 1;
             }
         }
-        while self.source_of.len() >= MAX_LINKS {
+        // A few cuts per copy at most, so a table read over the bound (never written so)
+        // comes down over several transactions rather than in one unbounded one.
+        let mut cuts = 0;
+        while self.source_of.len() >= MAX_LINKS && cuts < 8 {
             let Some((c, seq)) = self.order.pop_front() else { break };
+            cuts += 1;
             if self.source_of.get(&c).is_some_and(|l| l.seq == seq) {
                 self.materialise(meta, BlockAddr(c))?;
             }
@@ -547,7 +551,9 @@ pub(crate) fn with_chains<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &mut Cha
 }
 
 /// For checkers: the data references in chained leaves that are *not* counted, as
-/// `(leaf, data block)`; a recount subtracts them from what it found in those leaves.
+/// `(leaf, data block)`; a recount subtracts them from what it found in those leaves. Fails
+/// with `Damaged` if the leaves naming one block at one entry are not consecutive in their
+/// chain: the engine relies on that (a leaf with a linked copy never changes).
 pub fn uncounted_refs<M: MetaRead + ?Sized>(meta: &mut M, chains: &Chains) -> Result<Vec<(BlockAddr, BlockAddr)>> {
     let mut out = Vec::new();
     let tops: Vec<u64> = chains.copy_of.keys().copied().filter(|s| !chains.source_of.contains_key(s)).collect();
@@ -556,6 +562,7 @@ pub fn uncounted_refs<M: MetaRead + ?Sized>(meta: &mut M, chains: &Chains) -> Re
         let mut named: Vec<Vec<u64>> = vec![Vec::new(); ENTRIES];
         let mut at = top;
         let mut steps = 0;
+        let mut prev: Option<Box<blockstore::Block>> = None;
         loop {
             let n = Box::new(*crate::tree::node_at(meta, BlockAddr(at), 0)?);
             for (k, above) in named.iter_mut().enumerate() {
@@ -564,11 +571,18 @@ pub fn uncounted_refs<M: MetaRead + ?Sized>(meta: &mut M, chains: &Chains) -> Re
                     continue;
                 }
                 if above.contains(&b.0) {
+                    if prev.as_ref().is_some_and(|p| Node::entry(p, k).addr != b) {
+                        return Err(damaged(format!(
+                            "leaf {at} names block {b} at entry {k} as a leaf above it does, but its source \
+                             does not: a leaf with a linked copy was changed"
+                        )));
+                    }
                     out.push((BlockAddr(at), b));
                 } else {
                     above.push(b.0);
                 }
             }
+            prev = Some(n);
             let Some(&c) = chains.copy_of.get(&at) else { break };
             at = c;
             steps += 1;

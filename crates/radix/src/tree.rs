@@ -162,6 +162,14 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
                 e.addr
             )));
         }
+        // Invariant: a leaf with a linked copy never changes (crate::chain), so no tree
+        // reaches one through writable entries.
+        if child_level == 0 && crate::chain::with_chains(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
+            return Err(StoreError::Damaged(format!(
+                "writable entry {i} of node {parent} names leaf {}, which has a linked copy",
+                e.addr
+            )));
+        }
         return Ok(e.addr);
     }
     if meta.refcount(e.addr)? == 1 {
