@@ -276,41 +276,18 @@ impl Chains {
         }
     }
 
-    /// Of `pending` (entries `(k, b)` of chained leaf `node`), takes out and returns the slots
-    /// of those its source names too (the entries that are not counted).
-    fn named_above<M: MetaRead + ?Sized>(
-        &self,
+    /// Of `pending` (entries `(k, b)` of a chained leaf), takes out and returns those that leaf
+    /// `neighbour` (its source or its linked copy, if any) names too.
+    fn named_by<M: MetaRead + ?Sized>(
         meta: &mut M,
-        node: BlockAddr,
-        pending: &mut Vec<(usize, BlockAddr)>,
-    ) -> Result<Vec<usize>> {
-        let mut found = Vec::new();
-        if let Some(l) = self.source_of.get(&node.0) {
-            let above = crate::tree::node_at(meta, BlockAddr(l.source), 0)?;
-            pending.retain(|&(k, b)| {
-                let named = Node::entry(above, k).addr == b;
-                if named {
-                    found.push(k);
-                }
-                !named
-            });
-        }
-        Ok(found)
-    }
-
-    /// Of `pending` (entries `(k, b)` of chained leaf `node`), takes out and returns those its
-    /// linked copy names too: where a counted reference of `node` passes.
-    fn named_below<M: MetaRead + ?Sized>(
-        &self,
-        meta: &mut M,
-        node: BlockAddr,
+        neighbour: Option<u64>,
         pending: &mut Vec<(usize, BlockAddr)>,
     ) -> Result<Vec<(usize, BlockAddr)>> {
         let mut found = Vec::new();
-        if let Some(&c) = self.copy_of.get(&node.0) {
-            let below = crate::tree::node_at(meta, BlockAddr(c), 0)?;
+        if let Some(n) = neighbour {
+            let other = crate::tree::node_at(meta, BlockAddr(n), 0)?;
             pending.retain(|&(k, b)| {
-                let named = Node::entry(below, k).addr == b;
+                let named = Node::entry(other, k).addr == b;
                 if named {
                     found.push((k, b));
                 }
@@ -495,11 +472,12 @@ impl Chains {
         }
         let n = Box::new(*crate::tree::node_at(meta, node, 0)?);
         let mut pending = mapped(&n);
-        let mut clear = self.named_above(meta, node, &mut pending)?;
-        clear.extend(self.named_below(meta, node, &mut pending)?.into_iter().map(|(k, _)| k));
+        // Entries its source names are not counted; counted ones its copy names pass to it.
+        let mut clear = Self::named_by(meta, self.source_of.get(&node.0).map(|l| l.source), &mut pending)?;
+        clear.extend(Self::named_by(meta, self.copy_of.get(&node.0).copied(), &mut pending)?);
         if !clear.is_empty() {
             let w = meta.write(node, &NODE_KIND)?;
-            for k in clear {
+            for (k, _) in clear {
                 Node::set_entry(w, k, Entry::EMPTY);
             }
         }
@@ -526,7 +504,10 @@ impl Chains {
         }
         let n = Box::new(*crate::tree::node_at(meta, top, 0)?);
         let mut pending = mapped(&n);
-        let gain: Vec<BlockAddr> = self.named_below(meta, top, &mut pending)?.into_iter().map(|(_, b)| b).collect();
+        let gain: Vec<BlockAddr> = Self::named_by(meta, self.copy_of.get(&top.0).copied(), &mut pending)?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
         self.remove_link(meta, copy)?;
         meta.incref_all(&gain)
     }

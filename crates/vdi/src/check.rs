@@ -292,7 +292,8 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
                 detail: format!("holds {entries} entries but its length says {}", report.pending_reclaim),
             });
         }
-        let queued_leaves: Vec<(BlockAddr, u32, usize)> = queued.iter().copied().filter(|q| q.1 == 0).collect();
+        let queued_leaves: Vec<(BlockAddr, usize)> =
+            queued.iter().filter(|q| q.1 == 0).map(|&(addr, _, cursor)| (addr, cursor)).collect();
         for (addr, level, cursor) in queued {
             if cursor == 0 && !seen_nodes.insert(addr.0) {
                 continue;
@@ -366,7 +367,7 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
                     }
                 }
             }
-            for (addr, _, cursor) in &queued_leaves {
+            for (addr, cursor) in &queued_leaves {
                 if *cursor > 0 && ch.is_chained(*addr) {
                     readable = false;
                     report.problems.push(Problem::Damaged {
