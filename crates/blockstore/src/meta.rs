@@ -604,7 +604,7 @@ impl Meta {
     /// a snapshot").
     fn place_meta(&mut self, near: Option<BlockAddr>) -> Result<BlockAddr> {
         if let Some(near) = near
-            && let Some((addr, _)) = self.take_near(1, near)?
+            && let Some((addr, _)) = self.take_near(1, true, near)?
         {
             return Ok(addr);
         }
@@ -703,6 +703,24 @@ impl Meta {
     pub fn reserve_run(&mut self, max: u64) -> Result<(BlockAddr, u64)> {
         self.check_writable()?;
         let found = self.find_run(max, false)?;
+        self.note_reserved(found);
+        Ok(found)
+    }
+
+    /// Like [`Meta::reserve_run`], but takes the blocks from the allocation group of `near` if
+    /// it has `max` consecutive free blocks, and only otherwise from the allocator's cursor.
+    ///
+    /// A write needing new blocks passes a block of the group its leaf's data lives in, so a
+    /// later copy of that leaf after a snapshot changes the counts in one or two count blocks
+    /// instead of one per block (docs/design.md, "What a copy-on-write costs after a
+    /// snapshot"). The current metadata group is never used for data. Placement only; nothing
+    /// durable depends on it.
+    pub fn reserve_run_near(&mut self, max: u64, near: BlockAddr) -> Result<(BlockAddr, u64)> {
+        self.check_writable()?;
+        let found = match self.take_near(max, false, near)? {
+            Some(found) => found,
+            None => self.find_run(max, false)?,
+        };
         self.note_reserved(found);
         Ok(found)
     }
@@ -838,13 +856,16 @@ impl Meta {
         Ok(None)
     }
 
-    /// `max` consecutive usable blocks in the allocation group of `near`, if it has them, each
-    /// given reference count 1. Leaves the allocator's cursor where it is.
-    fn take_near(&mut self, max: u64, near: BlockAddr) -> Result<Option<(BlockAddr, u64)>> {
+    /// `max` consecutive usable blocks in the allocation group of `near`, if it has them; with
+    /// `count`, each given reference count 1. Leaves the allocator's cursor where it is.
+    fn take_near(&mut self, max: u64, count: bool, near: BlockAddr) -> Result<Option<(BlockAddr, u64)>> {
         let max = max.max(1);
         let Some(group) = self.group_of()(near) else { return Ok(None) };
+        if !count && self.meta_group == Some(group) {
+            return Ok(None);
+        }
         match self.free_in_group(group, 0, max)? {
-            Some((first, n)) if n == max => self.take_in_group(group, first, n, true).map(Some),
+            Some((first, n)) if n == max => self.take_in_group(group, first, n, count).map(Some),
             _ => Ok(None),
         }
     }

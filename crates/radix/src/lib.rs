@@ -25,6 +25,6 @@ pub use reclaim::{
     defer_node, defer_release, defer_release_block, ensure_spare, queue_len, reclaim_step, visit_queue,
 };
 pub use tree::{
-    MAX_BLOCKS, Mapping, Run, Usage, Visit, create, diff, fork, lookup, map, mapped_runs, release, unmap, usage,
-    usage_with, visit_nodes, visit_nodes_from, visit_writable,
+    MAX_BLOCKS, Mapping, Run, Usage, Visit, create, diff, fork, leaf_home, lookup, map, mapped_runs, release, unmap,
+    usage, usage_with, visit_nodes, visit_nodes_from, visit_writable,
 };

@@ -104,6 +104,45 @@ pub fn lookup(meta: &mut Meta, root: BlockAddr, vblock: u64) -> Result<Mapping> 
     Ok(Mapping::Unmapped)
 }
 
+/// A block of the allocation group most of the data under `vblock`'s leaf lives in (`group_of`
+/// names a block's group), or `None` if the leaf does not exist or maps nothing. New data for
+/// that leaf placed there keeps a later copy of the leaf's counts in few count blocks. Reads
+/// only; changes nothing.
+pub fn leaf_home(
+    meta: &mut Meta,
+    root: BlockAddr,
+    vblock: u64,
+    group_of: impl Fn(BlockAddr) -> Option<u64>,
+) -> Result<Option<BlockAddr>> {
+    check_vblock(vblock)?;
+    let mut node = root;
+    for level in (1..LEVELS).rev() {
+        let e = entry_at(meta, node, level, index(vblock, level))?;
+        if e.is_empty() {
+            return Ok(None);
+        }
+        node = e.addr;
+    }
+    let leaf = node_at(meta, node, 0)?;
+    // A few candidate groups with their tallies is enough: a leaf's data sits in few groups.
+    let mut tally: [(u64, u32, BlockAddr); 8] = [(u64::MAX, 0, BlockAddr(0)); 8];
+    for k in 0..ENTRIES {
+        let e = Node::entry(leaf, k);
+        let Some(g) = (!e.is_empty()).then(|| group_of(e.addr)).flatten() else { continue };
+        match tally.iter_mut().find(|t| t.0 == g) {
+            Some(t) => t.1 += 1,
+            None => {
+                if let Some(t) = tally.iter_mut().min_by_key(|t| t.1)
+                    && t.1 == 0
+                {
+                    *t = (g, 1, e.addr);
+                }
+            }
+        }
+    }
+    Ok(tally.iter().filter(|t| t.1 > 0).max_by_key(|t| t.1).map(|t| t.2))
+}
+
 /// Makes the child behind entry `i` of private node `parent` (at `level`) private too: claims it
 /// if nothing else references it, copies it otherwise. Returns the private child.
 fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) -> Result<BlockAddr> {

@@ -10,8 +10,11 @@
 //! (`Registry::snapshot_scheduled`); `--commit-each` commits each snapshot, each deletion and
 //! each reclaim as the schedule did before, for comparison.
 //!
+//! `--reclaim-every N` frees deleted snapshots only at every Nth deletion, N at once: what
+//! batching the frees saves the medium (docs/design.md, "Next: deferred frees").
+//!
 //! `cargo run --release -p vdi --example snapshot_churn -- [--size-mib N] [--writes N]
-//! [--every N] [--hot PERCENT] [--commit-each]`
+//! [--every N] [--hot PERCENT] [--commit-each] [--reclaim-every N]`
 
 use std::io;
 use std::sync::Arc;
@@ -83,6 +86,8 @@ fn main() {
     let every = arg("--every", 60);
     let hot = arg("--hot", 100).clamp(1, 100);
     let commit_each = std::env::args().any(|a| a == "--commit-each");
+    let reclaim_every = arg("--reclaim-every", 1).max(1);
+    let mut deleted = 0u64;
     let medium = Arc::new(Counting {
         inner: MemBackend::new(),
         journal_end: AtomicU64::new(0),
@@ -134,7 +139,8 @@ fn main() {
                     // commits 250 ms after its first uncommitted step, and the schedule once a
                     // second: a few more commits a second than this counts.)
                     reg.delete_snapshot_with(oldest, Durability::NextCommit).expect("delete");
-                    while reg.reclaim_step().expect("reclaim").remaining > 0 {
+                    deleted += 1;
+                    while deleted.is_multiple_of(reclaim_every) && reg.reclaim_step().expect("reclaim").remaining > 0 {
                         if reg.store().lock().should_commit() {
                             reg.store().commit().expect("commit");
                         }

@@ -187,11 +187,24 @@ pub(crate) fn tree_extents(store: &BlockStore, root: BlockAddr, offset: u64, len
 
 /// Reserves up to `want` consecutive free blocks (at least one) for data about to be written.
 /// No count changes until [`map_run`] claims them, so nothing leaks if the write fails or the
-/// power goes before the mapping commits. The blocks come from the allocator's cursor, so the
-/// new data of one commit sits together and its counts share few count blocks (docs/design.md,
-/// "Placement").
+/// power goes before the mapping commits.
 pub(crate) fn alloc_run(store: &BlockStore, want: u64) -> Result<(BlockAddr, u64)> {
     Ok(store.with_transaction(|txn| txn.reserve_run(want))?)
+}
+
+/// Like [`alloc_run`], for blocks to be mapped at `vblock` of the tree at `root`: from the
+/// allocation group most of that leaf's data is in when it has `want` free blocks in a row, so
+/// copying the leaf after the next snapshot changes few count blocks (docs/design.md,
+/// "Placement"). The placement is only a hint: if it cannot be had from memory, the allocator
+/// places the blocks as [`alloc_run`] does.
+pub(crate) fn alloc_run_for(store: &BlockStore, root: BlockAddr, vblock: u64, want: u64) -> Result<(BlockAddr, u64)> {
+    Ok(store.with_transaction(|txn| {
+        let group_of = txn.group_of();
+        match radix::leaf_home(txn, root, vblock, group_of) {
+            Ok(Some(near)) => txn.reserve_run_near(want, near),
+            _ => txn.reserve_run(want),
+        }
+    })?)
 }
 
 /// Returns `n` reserved blocks from `first` that will not be mapped.
@@ -438,7 +451,7 @@ impl VdiDisk {
             {
                 j += 1;
             }
-            let (first, got) = alloc_run(store, (j - i) as u64)?;
+            let (first, got) = alloc_run_for(store, root, list[i].vblock, (j - i) as u64)?;
             let n = got as usize;
             let mut buf = vec![0u8; n * BLOCK_SIZE];
             for k in 0..n {

@@ -1,6 +1,6 @@
 //! Where the store places new blocks, which decides what a copy-on-write after a snapshot
-//! costs: tree nodes are packed in groups of their own, and the new data of one commit sits
-//! together (docs/design.md, "Placement").
+//! costs: tree nodes are packed in groups of their own, and a leaf's new data goes to the
+//! group its other data is in (docs/design.md, "What a copy-on-write costs after a snapshot").
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -57,41 +57,35 @@ fn the_first_write_after_a_snapshot_commits_few_count_blocks() {
 }
 
 #[test]
-fn the_new_data_of_one_commit_sits_in_few_groups() {
+fn new_data_stays_in_the_group_of_its_leaf() {
     // 64 MiB: 32 leaves over 16 groups. Each round takes a snapshot and rewrites a random block
-    // (a copy-on-write); retention keeps four snapshots, so old copies are freed as it goes and
-    // leave holes all over the store. Then 64 copy-on-writes to random blocks, one commit: their
-    // new blocks come from the allocator's cursor, so their counts share few count blocks. (Placed
-    // beside each leaf's other data, they would touch one count block per group written.)
+    // (a copy-on-write); retention keeps four snapshots, so old copies are freed as it goes.
+    // Placed at the allocator's cursor, each leaf's new blocks would land wherever the cursor
+    // was, mixed with every other leaf's.
     let (reg, id) = filled(64 * MIB);
     let dev = reg.open_vdi(id, true).expect("open");
-    let blocks = 64 * MIB / 4096;
+    let leaves = 32u64;
+    let spread = |reg: &Arc<Registry>| -> usize {
+        (0..leaves).map(|l| groups_of(reg, id, l * 512..(l + 1) * 512).len()).max().expect("leaves")
+    };
+    let before = spread(&reg);
     let mut snaps = VecDeque::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
+    for _ in 0..2000 {
+        snaps.push_back(reg.snapshot(id).expect("snapshot"));
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        rng
-    };
-    for _ in 0..2000 {
-        snaps.push_back(reg.snapshot(id).expect("snapshot"));
-        let r = next();
-        dev.write_at((r % blocks) * 4096, &[r as u8; 4096], false).expect("write");
+        dev.write_at((rng % (leaves * 512)) * 4096, &[rng as u8; 4096], false).expect("write");
         if snaps.len() > 4 {
             reg.delete_snapshot(snaps.pop_front().expect("oldest")).expect("delete");
             reg.reclaim_all(&mut |_, _| {}).expect("reclaim");
         }
     }
     dev.flush().expect("flush");
-    reg.snapshot(id).expect("snapshot");
-    let written: Vec<u64> = (0..64).map(|_| next() % blocks).collect();
-    for (k, vb) in written.iter().enumerate() {
-        dev.write_at(vb * 4096, &[k as u8; 4096], false).expect("write");
-    }
-    dev.flush().expect("flush");
-    let groups = written.iter().flat_map(|&vb| groups_of(&reg, id, vb..vb + 1)).collect::<HashSet<u64>>().len();
-    assert!(groups <= 4, "64 copy-on-writes of one commit put their new data in {groups} groups");
+    let after = spread(&reg);
+    // A leaf starts in one or two groups; it may spill into a few while its group is full.
+    assert!(after <= before + 3, "a leaf's data went from at most {before} groups to {after}");
 }
 
 #[test]
