@@ -24,6 +24,7 @@
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
 use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, MetaRead, Result, StoreError};
 
+use crate::free_log::{FreeMode, apply_step, has_free_work, log_free, pending_frees};
 use crate::node::{ENTRIES, LEVELS, Node};
 
 /// Superblock user slot holding the top block of the release queue (0: empty).
@@ -236,15 +237,28 @@ pub fn defer_release_block(meta: &mut Meta, block: BlockAddr) -> Result<()> {
 pub struct Reclaimed {
     /// Blocks freed.
     pub freed: u64,
-    /// Entries still queued.
+    /// Entries still queued, plus one while the free log has work to do in the step's mode:
+    /// zero when there is nothing more to do.
     pub remaining: u64,
+    /// Frees waiting in the free log and its batch ([`crate::free_log_len`]).
+    pub logged: u64,
 }
 
 /// Releases queued trees until the open transaction has changed `budget` metadata blocks or
 /// the queue is empty. Each release changes at most a few blocks, so a transaction stays
-/// within `budget + 8` blocks whatever the trees' sizes.
-pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
+/// within `budget + 8` blocks whatever the trees' sizes (twice that in a step that also applies
+/// a window of the free log).
+///
+/// The data blocks a released leaf names go to the free log ([`crate::log_free`]); a step
+/// first applies part of the log's batch when one is due, and with [`FreeMode::Drain`] applies
+/// the whole log once the queue is empty.
+pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Reclaimed> {
     let mut freed = 0;
+    if has_free_work(meta, FreeMode::Batched)? {
+        freed += apply_step(meta, budget, FreeMode::Batched)?.freed;
+    } else if mode == FreeMode::Drain && queue_len(meta) == 0 {
+        freed += apply_step(meta, budget, FreeMode::Drain)?.freed;
+    }
     while meta.transaction_blocks() < budget {
         let Some((top, slot, q)) = peek(meta)? else {
             if queue_len(meta) != 0 {
@@ -298,7 +312,7 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
                         if cursor > k && meta.transaction_blocks() >= budget {
                             break;
                         }
-                        freed += u64::from(meta.decref(child)? == 0);
+                        freed += log_free(meta, child)?;
                         cursor = j + 1;
                     }
                     replace_top(meta, top, slot, Queued::Node { addr, level, cursor })?;
@@ -310,7 +324,8 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
             }
         }
     }
-    Ok(Reclaimed { freed, remaining: queue_len(meta) })
+    let more = has_free_work(meta, mode)?;
+    Ok(Reclaimed { freed, remaining: queue_len(meta) + u64::from(more), logged: pending_frees(meta)? })
 }
 
 /// Calls `f` for every queue block and every entry in the queue, top first, for checkers:
