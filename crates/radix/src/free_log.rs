@@ -195,6 +195,14 @@ pub struct Applied {
     pub more: bool,
 }
 
+/// True if the free log falls behind: a second batch's worth is logged while one is still
+/// being applied (or waits to be sealed). Background steps then go on until it catches up,
+/// rather than applying one window per step of the release queue.
+pub fn free_log_behind(meta: &mut Meta) -> Result<bool> {
+    let bound = seal_at(meta.superblock());
+    Ok(pending_frees(meta)? >= 2 * bound)
+}
+
 /// True if [`apply_step`] has work to do in `mode`.
 pub fn has_free_work(meta: &mut Meta, mode: FreeMode) -> Result<bool> {
     if batch_active(meta) {
@@ -225,7 +233,8 @@ pub fn apply_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Appl
         meta.set_user(FREE_BATCH_SLOT, log)?;
         meta.set_user(FREE_LOG_SLOT, 0)?;
     }
-    let window = (budget / 2).max(1) as u64;
+    let window = (budget / 4).max(1) as u64;
+    let mut windows = 0;
     while meta.transaction_blocks() < budget && batch_active(meta) {
         let cursor = meta.user(FREE_BATCH_CURSOR_SLOT);
         if cursor == CURSOR_DONE {
@@ -241,6 +250,12 @@ pub fn apply_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Appl
             }
             continue;
         }
+        if windows == 1 && mode == FreeMode::Batched {
+            // One window per step: a batch's count blocks spread over the commits of many
+            // steps instead of landing in one (a burst that held guests' flushes back).
+            break;
+        }
+        windows += 1;
         let sb = meta.superblock().clone();
         let end = cursor.saturating_add(window).min(sb.groups);
         let mut due = Vec::new();

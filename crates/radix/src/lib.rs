@@ -23,8 +23,8 @@ mod tree;
 pub use chain::{CHAIN_KIND, CHAIN_MAGIC, CHAIN_RECORDS, CHAIN_SLOT, Chains, MAX_CHAIN, MAX_LINKS, uncounted_refs};
 pub use free_log::{
     Applied, CURSOR_DONE, FREE_BATCH_CURSOR_SLOT, FREE_BATCH_SLOT, FREE_LOG_ENTRIES, FREE_LOG_KIND, FREE_LOG_MAGIC,
-    FREE_LOG_SLOT, FREES_PER_GROUP, FreeLogItem, FreeMode, MIN_BATCH, apply_step, batch_active, free_log_len,
-    has_free_work, log_free, pending_frees, visit_free_log,
+    FREE_LOG_SLOT, FREES_PER_GROUP, FreeLogItem, FreeMode, MIN_BATCH, apply_step, batch_active, free_log_behind,
+    free_log_len, has_free_work, log_free, pending_frees, visit_free_log,
 };
 pub use node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
 pub use reclaim::{
