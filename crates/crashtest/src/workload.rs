@@ -320,7 +320,7 @@ impl Run {
         self.reclaim_in(steps, radix::FreeMode::Batched);
     }
 
-    /// Runs up to `steps` reclaim steps that also apply the whole free log, as `vdi reclaim`
+    /// Runs up to `steps` reclaim steps that also apply the whole free log, as a `vdi` run
     /// and an idle reclaimer do, then commits.
     pub fn drain(&mut self, steps: usize) {
         self.reclaim_in(steps, radix::FreeMode::Drain);

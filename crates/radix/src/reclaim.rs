@@ -254,8 +254,8 @@ pub struct Reclaimed {
 
 /// Releases queued trees until the open transaction has changed `budget` metadata blocks or
 /// the queue is empty. Each release changes at most a few blocks, so a transaction stays
-/// within `budget + 8` blocks whatever the trees' sizes (twice that in a step that also applies
-/// a window of the free log).
+/// within `budget + 8` blocks whatever the trees' sizes, plus one window of the free log (a
+/// quarter of `budget` count blocks and the blocks it frees).
 ///
 /// The data blocks a released leaf names go to the free log ([`crate::log_free`]); a step
 /// first applies part of the log's batch when one is due, and with [`FreeMode::Drain`] applies
@@ -271,7 +271,11 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Re
     // free dirties no count block, so the budget of changed blocks alone no longer bounds how
     // long a step holds the metadata.
     let mut work = 0;
-    while meta.transaction_blocks() < budget && work < STEP_WORK {
+    // The queue has its budget after the free log's window, whose freed blocks count as
+    // changed: otherwise a window alone would use it up, and a batch being applied would hold
+    // the queue still until it was done.
+    let base = meta.transaction_blocks();
+    while meta.transaction_blocks() - base < budget && work < STEP_WORK {
         let Some((top, slot, q)) = peek(meta)? else {
             if queue_len(meta) != 0 {
                 return Err(StoreError::Damaged(format!(
@@ -322,7 +326,7 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Re
                         .collect();
                     let mut cursor = k;
                     for (j, child) in entries {
-                        if cursor > k && (meta.transaction_blocks() >= budget || work >= STEP_WORK) {
+                        if cursor > k && (meta.transaction_blocks() - base >= budget || work >= STEP_WORK) {
                             break;
                         }
                         freed += log_free(meta, child)?;

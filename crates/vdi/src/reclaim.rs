@@ -78,6 +78,12 @@ impl Signal {
         }
     }
 
+    /// Wakes the reclaimer whatever is queued.
+    fn wake(&self) {
+        self.state.lock().work = true;
+        self.wake.notify_all();
+    }
+
     /// Waits until there is work, a stop request, or `due` has come.
     fn wait(&self, due: Option<Instant>) -> Woken {
         let mut s = self.state.lock();
@@ -144,9 +150,15 @@ impl Registry {
     }
 
     /// Data blocks whose freeing is logged and not applied yet (`radix::pending_frees`): they
-    /// count as in use until a batch applies them, at most 1.6% of the store outside a drain.
+    /// count as in use until a batch applies them, about 1.6–3.1% of the store outside a drain.
     pub fn pending_frees(&self) -> Result<u64> {
         Ok(radix::pending_frees(&mut *self.store.lock())?)
+    }
+
+    /// True if the free log has anything left to apply, its batch's own blocks included.
+    pub fn has_logged_frees(&self) -> Result<bool> {
+        let mut meta = self.store.lock();
+        Ok(radix::batch_active(&*meta) || radix::free_log_len(&mut *meta)? > 0)
     }
 
     /// Frees one bounded step's worth of the release queue, in one transaction, as the
@@ -169,7 +181,8 @@ impl Registry {
     /// Empties the release queue and applies the free log, committing whenever half the
     /// journal is used and at the end. `progress(freed, remaining)` is called after every step.
     pub fn reclaim_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReclaimStats> {
-        let mut total = ReclaimStats { freed: 0, remaining: self.pending_reclaim() + self.pending_frees()? };
+        let logged = self.pending_frees()? + u64::from(self.has_logged_frees()?);
+        let mut total = ReclaimStats { freed: 0, remaining: self.pending_reclaim() + logged };
         while total.remaining > 0 {
             let step = self.reclaim_step_in(radix::FreeMode::Drain)?;
             total.freed += step.freed;
@@ -195,8 +208,12 @@ impl Registry {
         let weak = Arc::downgrade(self);
         let thread =
             std::thread::Builder::new().name("reclaim".into()).spawn(move || reclaimer_loop(&weak, &signal)).ok();
-        // Anything queued before this start (a restart in the middle of a delete) is resumed.
+        // Anything queued before this start (a restart in the middle of a delete) is resumed,
+        // and frees a stop or a crash left in the free log are applied once the store is idle.
         self.reclaim.wake_if_queued(&self.store);
+        if self.has_logged_frees().unwrap_or(false) {
+            self.reclaim.wake();
+        }
         Reclaimer { signal: self.reclaim.clone(), thread }
     }
 }
@@ -214,6 +231,7 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
                 drain_at = None;
                 if let Err(e) = reclaim_until_empty(&registry, signal, &mut uncommitted, radix::FreeMode::Drain) {
                     tracing::warn!("applying the free log: {e}; retrying later");
+                    drain_at = Some(Instant::now() + RETRY_AFTER);
                 }
             }
             // Due, or stopping: what was freed becomes usable (and durable) now.
@@ -230,7 +248,7 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
             continue;
         }
         let outcome = reclaim_until_empty(&registry, signal, &mut uncommitted, radix::FreeMode::Batched);
-        drain_at = registry.pending_frees().is_ok_and(|n| n > 0).then(|| Instant::now() + DRAIN_WHEN_IDLE);
+        drain_at = registry.has_logged_frees().unwrap_or(true).then(|| Instant::now() + DRAIN_WHEN_IDLE);
         drop(registry);
         let due = [uncommitted.map(|t| t + COMMIT_WITHIN), drain_at].into_iter().flatten().min();
         woken = match outcome {
