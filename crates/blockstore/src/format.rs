@@ -22,12 +22,7 @@ pub const JOURNAL_MAGIC: [u8; 8] = *b"PRLXJRNL";
 /// to its source adds no references, so a store of this version must not be changed by a build
 /// that does not know the table (it would count wrong). A version-2 store has no table and is
 /// upgraded in place like version 1.
-///
-/// Version 4 gave superblock user slots 9–11 to the radix layer's free log: a data block whose
-/// freeing is logged keeps its count until a batch applies it, so a build that does not know
-/// the log would never free it, and its check would call the count wrong. Older stores have
-/// an empty log and are upgraded in place.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads (and upgrades).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Magic of a reference-count block.

@@ -228,9 +228,7 @@ pub struct Meta {
     pub(crate) committing_user: Option<[u64; USER_ROOTS]>,
     /// State the layer above derives from its metadata blocks and keeps between calls (see
     /// [`Meta::take_derived`]). A rollback drops it: it is rebuilt from the blocks.
-    /// One entry per type at most (the radix layer keeps its chain table's index and the free
-    /// log's batch index here).
-    derived: Vec<Box<dyn std::any::Any + Send>>,
+    derived: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Meta {
@@ -266,7 +264,7 @@ impl Meta {
             cached_only: false,
             home_epoch: 0,
             frozen: Vec::new(),
-            derived: Vec::new(),
+            derived: None,
             meta_group: None,
             meta_groups: Vec::new(),
             meta_revisit: 0,
@@ -441,7 +439,7 @@ impl Meta {
         }
         self.sb = undo.sb;
         // Derived from blocks the transaction changed: rebuilt from them when next asked for.
-        self.derived.clear();
+        self.derived = None;
         self.end_block.store(undo.end_block, Ordering::Release);
         // A metadata group the transaction added is gone with it.
         let groups = self.sb.groups;
@@ -1021,18 +1019,16 @@ impl Meta {
 
     /// Takes the state the layer above derived from its own metadata blocks and left here
     /// with [`Meta::put_derived`] (an index it would otherwise rebuild on every call), if it is
-    /// still there and of type `T` (one state is kept per type). A rollback drops them all, so
-    /// none outlives the block contents it was derived from; the caller rebuilds it from the
-    /// blocks when this is `None`, and puts it back only after a call that succeeded.
+    /// still there and of type `T`. A rollback drops it, so it never outlives the block
+    /// contents it was derived from; the caller rebuilds it from the blocks when this is
+    /// `None`, and puts it back only after a call that succeeded.
     pub fn take_derived<T: std::any::Any + Send>(&mut self) -> Option<Box<T>> {
-        let at = self.derived.iter().position(|d| d.is::<T>())?;
-        self.derived.swap_remove(at).downcast::<T>().ok()
+        self.derived.take()?.downcast::<T>().ok()
     }
 
-    /// Leaves derived state for the next [`Meta::take_derived`] of its type, replacing any.
+    /// Leaves derived state for the next [`Meta::take_derived`].
     pub fn put_derived<T: std::any::Any + Send>(&mut self, state: Box<T>) {
-        drop(self.take_derived::<T>());
-        self.derived.push(state);
+        self.derived = Some(state);
     }
 
     /// True if `addr` was freed and its freeing is not durable yet (it must not be used).

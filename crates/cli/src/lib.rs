@@ -134,7 +134,7 @@ fn run_parsed(
     // queued for release — a failed or replaced import's tree, say — before it exits.
     if !reg.has_reclaimer()
         && !reg.store().lock().is_read_only()
-        && (reg.pending_reclaim() > 0 || reg.has_logged_frees().unwrap_or(false))
+        && reg.pending_reclaim() > 0
         && let Err(e) = reg.reclaim_all(&mut |_, _| {})
     {
         let _ = writeln!(stderr, "vdi: warning: freeing deleted space: {e} (it is retried next time)");

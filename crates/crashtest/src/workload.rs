@@ -314,22 +314,11 @@ impl Run {
         self.model.barriers.push(span);
     }
 
-    /// Runs `steps` reclaim steps as the background reclaimer does (the free log applied in
-    /// batches once it is long enough), then commits.
+    /// Runs `steps` reclaim steps, then commits.
     pub fn reclaim(&mut self, steps: usize) {
-        self.reclaim_in(steps, radix::FreeMode::Batched);
-    }
-
-    /// Runs up to `steps` reclaim steps that also apply the whole free log, as a `vdi` run
-    /// and an idle reclaimer do, then commits.
-    pub fn drain(&mut self, steps: usize) {
-        self.reclaim_in(steps, radix::FreeMode::Drain);
-    }
-
-    fn reclaim_in(&mut self, steps: usize, mode: radix::FreeMode) {
         let s = self.pos();
         for _ in 0..steps {
-            if self.reg.reclaim_step_in(mode).expect("reclaim step").remaining == 0 {
+            if self.reg.reclaim_step().expect("reclaim step").remaining == 0 {
                 break;
             }
         }
@@ -542,7 +531,7 @@ pub fn standard_on(mut r: Run) -> Run {
     r.reclaim(2);
     r.write(c, 700, 8, true);
     r.delete_vdi(g);
-    r.drain(1000);
+    r.reclaim(1000);
     let v = r.create("reuser", blocks);
     let mut written = 0;
     for _ in 0..6 {
@@ -562,7 +551,7 @@ pub fn standard_on(mut r: Run) -> Run {
     r.delete_snapshot(s2);
     r.write(c, 20, 4, false);
     r.flush(c);
-    r.drain(1000);
+    r.reclaim(1000);
     r.write(v, 100, 3, false);
     r.write(c, 21, 1, false);
     r
@@ -602,7 +591,7 @@ pub fn snapshot_churn(seed: u64, journal_slot_blocks: u64) -> Run {
         r.write(c, 2, 1, false);
         r.flush(c);
     }
-    r.drain(1000);
+    r.reclaim(1000);
     r.write(v, 5, 2, false);
     r
 }
@@ -644,7 +633,7 @@ pub fn scheduled_snapshots(seed: u64, journal_slot_blocks: u64) -> Run {
         r.write(c, 1, 1, false);
         r.flush(c);
     }
-    r.drain(1000);
+    r.reclaim(1000);
     r.write(v, 3, 2, false);
     r.snapshot_scheduled(v);
     r
@@ -674,7 +663,7 @@ pub fn operator_ops(seed: u64, journal_slot_blocks: u64) -> Run {
     r.delete_snapshot(mine);
     r.write(g, 60, 8, true);
     r.refill(g, 3);
-    r.drain(1000);
+    r.reclaim(1000);
     r.rollback(g, release);
     r.write(g, 200, 4, false);
     r.write(c, 5, 1, false);

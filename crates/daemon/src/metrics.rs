@@ -181,15 +181,6 @@ impl Collector for StoreCollector {
             None,
             MetricType::Gauge,
         )?)?;
-        // A store whose free log cannot be read has no figure here; `vdi check` says why.
-        if let Ok(n) = reg.pending_frees() {
-            ConstGauge::new(n as i64).encode(enc.encode_descriptor(
-                "parallax_free_log_blocks",
-                "Freed data blocks waiting in the free log to be applied (still counted allocated).",
-                None,
-                MetricType::Gauge,
-            )?)?;
-        }
         Ok(())
     }
 }

@@ -94,7 +94,6 @@ fn metrics_stats_and_logs_follow_a_client_doing_io() {
     assert!(count >= writes + flushes, "every operation is in the histogram");
     assert_eq!(sample(&body, "parallax_clients"), Some(0.0), "{body}");
     assert!(body.contains("parallax_store_blocks{state=\"allocated\"}"), "{body}");
-    assert_eq!(sample(&body, "parallax_free_log_blocks"), Some(0.0), "nothing deleted: {body}");
     assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
     assert_eq!(get(port, "/nope").0, "HTTP/1.1 404 Not Found");
 

@@ -11,21 +11,14 @@
 //! Every function takes the store's metadata ([`blockstore::Meta`]: a [`blockstore::Transaction`]
 //! for changes, the locked metadata for reads); data blocks are read and written by the caller.
 //! Trees of any size are deleted in bounded steps through the persistent release queue
-//! ([`defer_release`], [`reclaim_step`]); the data blocks they free go through the free log
-//! ([`log_free`]), which applies them in batches sorted by allocation group.
+//! ([`defer_release`], [`reclaim_step`]).
 
 mod chain;
-mod free_log;
 mod node;
 mod reclaim;
 mod tree;
 
 pub use chain::{CHAIN_KIND, CHAIN_MAGIC, CHAIN_RECORDS, CHAIN_SLOT, Chains, MAX_CHAIN, MAX_LINKS, uncounted_refs};
-pub use free_log::{
-    Applied, CURSOR_DONE, FREE_BATCH_CURSOR_SLOT, FREE_BATCH_SLOT, FREE_LOG_ENTRIES, FREE_LOG_KIND, FREE_LOG_MAGIC,
-    FREE_LOG_SLOT, FREES_PER_GROUP, FreeLogItem, FreeMode, MIN_BATCH, apply_step, batch_active, free_log_behind,
-    free_log_len, has_free_work, log_free, pending_frees, visit_free_log,
-};
 pub use node::{ENTRIES, Entry, LEVELS, NODE_KIND, Node};
 pub use reclaim::{
     QUEUE_ENTRIES, QUEUE_KIND, QUEUE_LEN_SLOT, QUEUE_MAGIC, QUEUE_SLOT, QUEUE_SPARE_SLOT, QueueItem, Queued, Reclaimed,

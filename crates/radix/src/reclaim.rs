@@ -24,7 +24,6 @@
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
 use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, MetaRead, Result, StoreError};
 
-use crate::free_log::{FreeMode, apply_step, free_log_behind, has_free_work, log_free, pending_frees};
 use crate::node::{ENTRIES, LEVELS, Node};
 
 /// Superblock user slot holding the top block of the release queue (0: empty).
@@ -232,50 +231,21 @@ pub fn defer_release_block(meta: &mut Meta, block: BlockAddr) -> Result<()> {
     push(meta, Queued::Block(block))
 }
 
-/// Data references one [`reclaim_step`] releases at most (a node's release counting as
-/// [`NODE_WORK`]): about two leaves, so a step holds the metadata for well under a millisecond.
-const STEP_WORK: usize = 1024;
-/// What releasing (or leaving) one node counts as in [`STEP_WORK`]: unchaining a leaf reads
-/// its 512 entries and its neighbours'.
-const NODE_WORK: usize = 64;
-
 /// What a call of [`reclaim_step`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reclaimed {
     /// Blocks freed.
     pub freed: u64,
-    /// Entries still queued, plus one while the free log has work to do ([`FreeMode::Drain`])
-    /// or falls behind ([`FreeMode::Batched`], [`crate::free_log_behind`]): zero when there is
-    /// nothing more to do now.
+    /// Entries still queued.
     pub remaining: u64,
-    /// Frees waiting in the free log and its batch ([`crate::free_log_len`]).
-    pub logged: u64,
 }
 
 /// Releases queued trees until the open transaction has changed `budget` metadata blocks or
 /// the queue is empty. Each release changes at most a few blocks, so a transaction stays
-/// within `budget + 8` blocks whatever the trees' sizes, plus one window of the free log (a
-/// quarter of `budget` count blocks and the blocks it frees).
-///
-/// The data blocks a released leaf names go to the free log ([`crate::log_free`]); a step
-/// first applies part of the log's batch when one is due, and with [`FreeMode::Drain`] applies
-/// the whole log once the queue is empty.
-pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Reclaimed> {
+/// within `budget + 8` blocks whatever the trees' sizes.
+pub fn reclaim_step(meta: &mut Meta, budget: usize) -> Result<Reclaimed> {
     let mut freed = 0;
-    if has_free_work(meta, FreeMode::Batched)? {
-        freed += apply_step(meta, budget, FreeMode::Batched)?.freed;
-    } else if mode == FreeMode::Drain && queue_len(meta) == 0 {
-        freed += apply_step(meta, budget, FreeMode::Drain)?.freed;
-    }
-    // Work done, in data references released (a node's release counts as many): logging a
-    // free dirties no count block, so the budget of changed blocks alone no longer bounds how
-    // long a step holds the metadata.
-    let mut work = 0;
-    // The queue has its budget after the free log's window, whose freed blocks count as
-    // changed: otherwise a window alone would use it up, and a batch being applied would hold
-    // the queue still until it was done.
-    let base = meta.transaction_blocks();
-    while meta.transaction_blocks() - base < budget && work < STEP_WORK {
+    while meta.transaction_blocks() < budget {
         let Some((top, slot, q)) = peek(meta)? else {
             if queue_len(meta) != 0 {
                 return Err(StoreError::Damaged(format!(
@@ -301,7 +271,6 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Re
                 if level == 0 {
                     crate::chain::with_chains(meta, |m, ch| ch.unchain(m, addr))?;
                 }
-                work += NODE_WORK;
                 let node = crate::tree::node_at(meta, addr, level)?;
                 let next = (cursor..ENTRIES).find(|&k| !Node::entry(node, k).is_empty());
                 let Some(k) = next else {
@@ -326,11 +295,10 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Re
                         .collect();
                     let mut cursor = k;
                     for (j, child) in entries {
-                        if cursor > k && (meta.transaction_blocks() - base >= budget || work >= STEP_WORK) {
+                        if cursor > k && meta.transaction_blocks() >= budget {
                             break;
                         }
-                        freed += log_free(meta, child)?;
-                        work += 1;
+                        freed += u64::from(meta.decref(child)? == 0);
                         cursor = j + 1;
                     }
                     replace_top(meta, top, slot, Queued::Node { addr, level, cursor })?;
@@ -342,13 +310,7 @@ pub fn reclaim_step(meta: &mut Meta, budget: usize, mode: FreeMode) -> Result<Re
             }
         }
     }
-    // In the background a batch is applied a window per step, riding on the queue's steps, and
-    // only calls for steps of its own when it falls behind.
-    let more = match mode {
-        FreeMode::Drain => has_free_work(meta, mode)?,
-        FreeMode::Batched => free_log_behind(meta)?,
-    };
-    Ok(Reclaimed { freed, remaining: queue_len(meta) + u64::from(more), logged: pending_frees(meta)? })
+    Ok(Reclaimed { freed, remaining: queue_len(meta) })
 }
 
 /// Calls `f` for every queue block and every entry in the queue, top first, for checkers:

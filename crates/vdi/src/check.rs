@@ -112,8 +112,6 @@ pub struct CheckReport {
     pub data_blocks: u64,
     /// Entries in the release queue (deleted trees not yet freed).
     pub pending_reclaim: u64,
-    /// Data blocks the free log still holds a reference to (freed, not yet applied).
-    pub pending_frees: u64,
     /// Problems found, in words.
     pub problems: Vec<Problem>,
     /// Problems repaired (with `repair`).
@@ -286,16 +284,6 @@ fn audit<M: MetaRead + ?Sized>(meta: &mut M, progress: &mut dyn FnMut(u64, u64))
         if let Err(e) = q {
             readable = false;
             report.problems.push(Problem::Damaged { context: "release queue".into(), detail: e.to_string() });
-        }
-        // The free log: one reference per log block and per entry not yet applied.
-        match radix::visit_free_log(&mut *meta, &mut |item| match item {
-            radix::FreeLogItem::LogBlock(a) | radix::FreeLogItem::Held(a) => found.add(a.0),
-        }) {
-            Ok(held) => report.pending_frees = held,
-            Err(e) => {
-                readable = false;
-                report.problems.push(Problem::Damaged { context: "free log".into(), detail: e.to_string() });
-            }
         }
         report.pending_reclaim = radix::queue_len(&*meta);
         if q_ok(&report) && entries != report.pending_reclaim {

@@ -30,12 +30,6 @@ const COMMIT_BLOCKS: usize = 512;
 /// long freed space may wait.
 const COMMIT_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// How long the free log may hold frees once the release queue is empty and nothing new is
-/// queued: then it is applied whole, so an idle store gives all deleted space back (and `vdi
-/// info` says nothing is being reclaimed). Retention under frequent snapshots queues work far
-/// more often, so its frees keep being applied in batches.
-const DRAIN_WHEN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// How long the reclaimer waits after a failed step before trying again (unless woken).
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -65,23 +59,12 @@ struct SignalState {
 }
 
 impl Signal {
-    /// Wakes the reclaimer if the release queue holds anything, or if the free log holds frees
-    /// on a store short of space (they are applied at once there).
+    /// Wakes the reclaimer if the release queue holds anything.
     pub(crate) fn wake_if_queued(&self, store: &BlockStore) {
-        let due = {
-            let mut meta = store.lock();
-            radix::queue_len(&*meta) > 0 || (is_tight(&meta) && radix::pending_frees(&mut *meta).is_ok_and(|n| n > 0))
-        };
-        if due {
+        if radix::queue_len(&*store.lock()) > 0 {
             self.state.lock().work = true;
             self.wake.notify_all();
         }
-    }
-
-    /// Wakes the reclaimer whatever is queued.
-    fn wake(&self) {
-        self.state.lock().work = true;
-        self.wake.notify_all();
     }
 
     /// Waits until there is work, a stop request, or `due` has come.
@@ -133,8 +116,7 @@ impl Signal {
 pub struct ReclaimStats {
     /// Blocks freed.
     pub freed: u64,
-    /// Entries still in the release queue, plus one while the free log has work to do in the
-    /// step's mode (so zero means done).
+    /// Entries still in the release queue.
     pub remaining: u64,
 }
 
@@ -149,42 +131,21 @@ impl Registry {
         radix::queue_len(&*self.store.lock())
     }
 
-    /// Data blocks whose freeing is logged and not applied yet (`radix::pending_frees`): they
-    /// count as in use until a batch applies them, about 1.6–3.1% of the store outside a drain.
-    pub fn pending_frees(&self) -> Result<u64> {
-        Ok(radix::pending_frees(&mut *self.store.lock())?)
-    }
-
-    /// True if the free log has anything left to apply, its batch's own blocks included.
-    pub fn has_logged_frees(&self) -> Result<bool> {
-        let mut meta = self.store.lock();
-        Ok(radix::batch_active(&*meta) || radix::free_log_len(&mut *meta)? > 0)
-    }
-
-    /// Frees one bounded step's worth of the release queue, in one transaction, as the
-    /// background reclaimer does: the data blocks it releases go to the free log, which is
-    /// applied in batches (`radix::FreeMode::Batched`). The step is durable at the next
-    /// commit; `reclaim_all` and the background reclaimer commit as they go.
+    /// Frees one bounded step's worth of the release queue, in one transaction. The step is
+    /// durable at the next commit; `reclaim_all` and the background reclaimer commit as they go.
     pub fn reclaim_step(&self) -> Result<ReclaimStats> {
-        self.reclaim_step_in(radix::FreeMode::Batched)
-    }
-
-    /// [`Registry::reclaim_step`] with the free log handled as `mode` says; with
-    /// `radix::FreeMode::Drain` the steps go on until the log is applied too.
-    pub fn reclaim_step_in(&self, mode: radix::FreeMode) -> Result<ReclaimStats> {
         let budget = STEP_BLOCKS.min(self.store.lock().journal_capacity() / 4).max(4);
         // Nodes not in memory are read without the metadata lock (the step is retried).
-        let r = self.store.with_transaction(|txn| radix::reclaim_step(txn, budget, mode))?;
+        let r = self.store.with_transaction(|txn| radix::reclaim_step(txn, budget))?;
         Ok(ReclaimStats { freed: r.freed, remaining: r.remaining })
     }
 
-    /// Empties the release queue and applies the free log, committing whenever half the
-    /// journal is used and at the end. `progress(freed, remaining)` is called after every step.
+    /// Empties the release queue, committing whenever half the journal is used and at the end.
+    /// `progress(freed, remaining)` is called after every step.
     pub fn reclaim_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReclaimStats> {
-        let logged = self.pending_frees()? + u64::from(self.has_logged_frees()?);
-        let mut total = ReclaimStats { freed: 0, remaining: self.pending_reclaim() + logged };
+        let mut total = ReclaimStats { freed: 0, remaining: self.pending_reclaim() };
         while total.remaining > 0 {
-            let step = self.reclaim_step_in(radix::FreeMode::Drain)?;
+            let step = self.reclaim_step()?;
             total.freed += step.freed;
             total.remaining = step.remaining;
             progress(total.freed, total.remaining);
@@ -208,12 +169,8 @@ impl Registry {
         let weak = Arc::downgrade(self);
         let thread =
             std::thread::Builder::new().name("reclaim".into()).spawn(move || reclaimer_loop(&weak, &signal)).ok();
-        // Anything queued before this start (a restart in the middle of a delete) is resumed,
-        // and frees a stop or a crash left in the free log are applied once the store is idle.
+        // Anything queued before this start (a restart in the middle of a delete) is resumed.
         self.reclaim.wake_if_queued(&self.store);
-        if self.has_logged_frees().unwrap_or(false) {
-            self.reclaim.wake();
-        }
         Reclaimer { signal: self.reclaim.clone(), thread }
     }
 }
@@ -221,19 +178,10 @@ impl Registry {
 fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
     // When the oldest step not yet committed by the reclaimer was made.
     let mut uncommitted: Option<Instant> = None;
-    // When the free log is to be applied whole if no work comes first ([`DRAIN_WHEN_IDLE`]).
-    let mut drain_at: Option<Instant> = None;
     let mut woken = signal.wait(None);
     loop {
         let Some(registry) = reg.upgrade() else { break };
         if woken != Woken::Work {
-            if woken == Woken::Due && drain_at.is_some_and(|t| Instant::now() >= t) {
-                drain_at = None;
-                if let Err(e) = reclaim_until_empty(&registry, signal, &mut uncommitted, radix::FreeMode::Drain) {
-                    tracing::warn!("applying the free log: {e}; retrying later");
-                    drain_at = Some(Instant::now() + RETRY_AFTER);
-                }
-            }
             // Due, or stopping: what was freed becomes usable (and durable) now.
             if uncommitted.take().is_some()
                 && let Err(e) = registry.store.commit()
@@ -244,15 +192,13 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
                 break;
             }
             drop(registry);
-            woken = signal.wait(drain_at);
+            woken = signal.wait(None);
             continue;
         }
-        let outcome = reclaim_until_empty(&registry, signal, &mut uncommitted, radix::FreeMode::Batched);
-        drain_at = registry.has_logged_frees().unwrap_or(true).then(|| Instant::now() + DRAIN_WHEN_IDLE);
+        let outcome = reclaim_until_empty(&registry, signal, &mut uncommitted);
         drop(registry);
-        let due = [uncommitted.map(|t| t + COMMIT_WITHIN), drain_at].into_iter().flatten().min();
         woken = match outcome {
-            Ok(()) => signal.wait(due),
+            Ok(()) => signal.wait(uncommitted.map(|t| t + COMMIT_WITHIN)),
             Err(e) => {
                 // A full store, a busy journal, damage: keep the queue, try again later.
                 tracing::warn!("reclaim paused: {e}; retrying");
@@ -268,32 +214,20 @@ fn reclaimer_loop(reg: &Weak<Registry>, signal: &Signal) {
 /// cannot be reused, so deferring the commit there could fail guests' copy-on-write writes
 /// for space that is already free (a store that can grow adds a group instead).
 fn space_is_tight(reg: &Registry) -> bool {
-    is_tight(&reg.store.lock())
-}
-
-/// [`space_is_tight`] on the locked metadata.
-fn is_tight(m: &blockstore::Meta) -> bool {
+    let m = reg.store.lock();
     let s = m.space();
     !m.can_grow() && s.capacity.saturating_sub(s.allocated + s.pending_free) < s.capacity / 4
 }
 
-/// Reclaims until the queue is empty (and with [`radix::FreeMode::Drain`] the free log
-/// applied) or a stop is requested, committing as [`COMMIT_BLOCKS`] and [`COMMIT_WITHIN`] say
-/// — at the end at once if [`space_is_tight`]; `uncommitted` is when its oldest step not yet
-/// committed was made.
-fn reclaim_until_empty(
-    reg: &Registry,
-    signal: &Signal,
-    uncommitted: &mut Option<Instant>,
-    mode: radix::FreeMode,
-) -> Result<()> {
+/// Reclaims until the queue is empty or a stop is requested, committing as [`COMMIT_BLOCKS`]
+/// and [`COMMIT_WITHIN`] say — at the end at once if [`space_is_tight`]; `uncommitted` is when
+/// its oldest step not yet committed was made.
+fn reclaim_until_empty(reg: &Registry, signal: &Signal, uncommitted: &mut Option<Instant>) -> Result<()> {
     loop {
         if signal.stopping() {
             return Ok(());
         }
-        // Short of space, the free log is applied whole rather than in batches.
-        let mode = if space_is_tight(reg) { radix::FreeMode::Drain } else { mode };
-        let step = match reg.reclaim_step_in(mode) {
+        let step = match reg.reclaim_step() {
             Ok(step) => step,
             Err(e) => {
                 // Whatever was freed so far becomes usable once committed.

@@ -395,9 +395,6 @@ struct StoreJson {
     pending_free: u64,
     /// Entries in the release queue: deleted trees and blocks not freed yet.
     pending_reclaim: u64,
-    /// Data blocks freed through the free log and not applied yet (still counted allocated);
-    /// null if the log cannot be read (`vdi check` says why).
-    pending_frees: Option<u64>,
 }
 
 fn clones_of(reg: &Registry, sids: &[u64]) -> Vec<u32> {
@@ -528,7 +525,6 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
         max_size: (space.max_blocks != 0).then_some(space.max_blocks * bs),
         pending_free: space.pending_free * bs,
         pending_reclaim: ctx.reg.pending_reclaim(),
-        pending_frees: ctx.reg.pending_frees().ok(),
     };
     if json {
         ctx.print_json(&d)?;
@@ -542,12 +538,10 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
         format::size(d.allocated, e),
         format::size(d.store_size, e),
         d.max_size.map_or_else(|| "none".to_string(), |m| format::size(m, e)),
-        match (d.pending_reclaim, d.pending_frees) {
-            (0, Some(0)) => "nothing".to_string(),
-            (q, Some(0)) => format!("{q} deleted trees and blocks still being freed"),
-            (0, Some(f)) => format!("{f} freed blocks waiting in the free log"),
-            (q, Some(f)) => format!("{q} deleted trees and blocks still being freed, {f} freed blocks in the free log"),
-            (q, None) => format!("{q} deleted trees and blocks still being freed; the free log is unreadable"),
+        if d.pending_reclaim == 0 {
+            "nothing".to_string()
+        } else {
+            format!("{} deleted trees and blocks still being freed", d.pending_reclaim)
         },
     );
     ctx.print(&text)?;
