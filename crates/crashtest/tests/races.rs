@@ -767,3 +767,98 @@ fn a_write_mapping_its_block_as_another_threads_flush_begins_is_not_held_to_that
     assert!(tried > 20, "only {tried} crash states");
     assert!(failures.is_empty(), "{} of {tried} crash states failed; first: {}", failures.len(), failures[0]);
 }
+
+/// Group commit: a flush called while a commit runs, with no write and no other change since
+/// that commit began, is answered by it and syncs nothing of its own (fio at queue depth 16
+/// sends its FLUSHes in bursts, all but the first arriving during the first one's commit). A
+/// write finished before the call, after the commit began, still gets a commit of its own. A
+/// reclaim step (background work nobody waits on) does not hold a guest's flush to one — but a
+/// plain `commit` covers it.
+#[test]
+fn a_flush_called_while_a_commit_runs_shares_it_unless_something_changed_before_the_call() {
+    use crashtest::pause::MediumGate;
+    let _fp = scenario();
+    let mem = MemBackend::new();
+    let gate = Arc::new(MediumGate::new(mem.clone()));
+    let create = CreateOptions { journal_slot_blocks: 1024, max_blocks: 0 };
+    let store = BlockStore::create(gate.clone(), &create, &OpenOptions::default()).unwrap();
+    let reg = Registry::open(Arc::new(store)).unwrap();
+    let id = reg.create_vdi("vm", Some(4 << 20)).unwrap();
+    let dev = Arc::new(reg.open_vdi(id, true).unwrap());
+    write_to(&*dev, 0, 8, 0x10);
+    // Something for the reclaimer: a deleted snapshot whose blocks were overwritten.
+    let sid = reg.snapshot(id).unwrap();
+    write_to(&*dev, 0, 4, 0x11);
+    reg.delete_snapshot(sid).unwrap();
+    assert!(reg.pending_reclaim() > 0);
+    // Snapshot ids reserved and committed, so a lazy snapshot below needs no commit of its own.
+    reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap();
+    dev.flush().unwrap();
+    let generation = || reg.store().lock().superblock().generation;
+    let flush_beside_held_commit = |meanwhile: &dyn Fn(), second_write: Option<u64>| {
+        let held = Pause::arm("blockstore::commit::sealing");
+        let first = {
+            let dev = dev.clone();
+            std::thread::spawn(move || dev.flush())
+        };
+        held.wait_reached();
+        meanwhile();
+        if let Some(block) = second_write {
+            dev.write_at(block * 4096, &[0x20 + block as u8; 4096], false).unwrap();
+        }
+        let waiting = Pause::arm("blockstore::commit::waiting");
+        let second = {
+            let dev = dev.clone();
+            std::thread::spawn(move || dev.flush())
+        };
+        // The second flush has taken what it needs and goes on to wait for the held commit.
+        waiting.wait_reached();
+        waiting.resume();
+        let syncs = gate.syncs();
+        held.resume();
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        gate.syncs() - syncs
+    };
+
+    dev.write_at(4 * 4096, &[0x14; 4096], false).unwrap();
+    let before = generation();
+    assert_eq!(
+        flush_beside_held_commit(&|| {}, None),
+        2,
+        "the held commit's two syncs, and none of the second flush's"
+    );
+    assert_eq!(generation(), before + 1);
+
+    dev.write_at(5 * 4096, &[0x15; 4096], false).unwrap();
+    let reclaim = || {
+        let step = reg.reclaim_step().unwrap();
+        assert!(step.freed > 0, "the step freed something: {step:?}");
+    };
+    let before = generation();
+    assert_eq!(flush_beside_held_commit(&reclaim, None), 2, "a reclaim step does not hold a guest's flush");
+    assert_eq!(generation(), before + 1);
+    assert!(reg.store().lock().has_changes(), "the step is not in the held commit");
+    reg.store().commit().unwrap();
+    assert_eq!(generation(), before + 2, "a plain commit covers the step");
+
+    // A snapshot taken lazily (changes metadata only) before the call.
+    dev.write_at(6 * 4096, &[0x16; 4096], false).unwrap();
+    let snapshot = std::cell::Cell::new(None);
+    let take = || snapshot.set(Some(reg.snapshot_scheduled(id, vdi::Durability::NextCommit).unwrap()));
+    let before = generation();
+    assert_eq!(flush_beside_held_commit(&take, None), 4, "a change before the call: a commit of its own");
+    assert_eq!(generation(), before + 2);
+    let after = reopen(&MemBackend::from_image(mem.durable_image()));
+    let taken = snapshot.get().unwrap();
+    assert!(after.snapshots(id).unwrap().iter().any(|s| s.id == taken), "the second flush made the snapshot durable");
+
+    // A write before the call.
+    dev.write_at(6 * 4096, &[0x17; 4096], false).unwrap();
+    let before = generation();
+    assert_eq!(flush_beside_held_commit(&|| {}, Some(7)), 4, "a write before the call: a commit of its own");
+    assert_eq!(generation(), before + 2);
+    let after = reopen(&MemBackend::from_image(mem.durable_image()));
+    assert_eq!(read_block(&after, id, 7), 0x27, "the second flush made the write durable");
+    assert_clean(&after, "after the flushes");
+}
