@@ -771,9 +771,11 @@ fn a_write_mapping_its_block_as_another_threads_flush_begins_is_not_held_to_that
 /// Group commit: a flush called while a commit runs, with no write and no other change since
 /// that commit began, is answered by it and syncs nothing of its own (fio at queue depth 16
 /// sends its FLUSHes in bursts, all but the first arriving during the first one's commit). A
-/// write finished before the call, after the commit began, still gets a commit of its own. A
-/// reclaim step (background work nobody waits on) does not hold a guest's flush to one — but a
-/// plain `commit` covers it.
+/// reclaim step (background work nobody waits on) does not hold a guest's flush to a commit of
+/// its own — but a plain `commit` covers it. A metadata change (a lazy snapshot) or a data
+/// write (in place, so no transaction) finished before the call, after the commit began, still
+/// gets one. The first case alone would also pass with the old rule (a commit begun after the
+/// call, which finds nothing to sync); the second tells them apart.
 #[test]
 fn a_flush_called_while_a_commit_runs_shares_it_unless_something_changed_before_the_call() {
     use crashtest::pause::MediumGate;
@@ -853,12 +855,39 @@ fn a_flush_called_while_a_commit_runs_shares_it_unless_something_changed_before_
     let taken = snapshot.get().unwrap();
     assert!(after.snapshots(id).unwrap().iter().any(|s| s.id == taken), "the second flush made the snapshot durable");
 
-    // A write before the call.
+    // A write before the call, in place (the write of 0x17 copies block 6 out of the snapshot
+    // above, so the second one overwrites it): no transaction, only the data count moves. The
+    // first flush is held inside its first sync, which began before the write: it does not
+    // cover it. (Held before that sync, as above, it would: the sync covers every data write
+    // completed before it begins.)
     dev.write_at(6 * 4096, &[0x17; 4096], false).unwrap();
     let before = generation();
-    assert_eq!(flush_beside_held_commit(&|| {}, Some(7)), 4, "a write before the call: a commit of its own");
-    assert_eq!(generation(), before + 2);
+    let (go, start) = crossbeam_channel::bounded::<()>(1);
+    let first = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            start.recv().unwrap();
+            dev.flush()
+        })
+    };
+    let in_sync = gate.arm_sync(first.thread().id());
+    go.send(()).unwrap();
+    in_sync.wait_reached();
+    dev.write_at(6 * 4096, &[0x26; 4096], false).unwrap();
+    let waiting = Pause::arm("blockstore::commit::waiting");
+    let second = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.flush())
+    };
+    waiting.wait_reached();
+    waiting.resume();
+    let syncs = gate.syncs();
+    in_sync.resume();
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    assert_eq!(gate.syncs() - syncs, 3, "a write before the call, after the held sync began: a sync of its own");
+    assert_eq!(generation(), before + 1, "no metadata changed after the held commit began");
     let after = reopen(&MemBackend::from_image(mem.durable_image()));
-    assert_eq!(read_block(&after, id, 7), 0x27, "the second flush made the write durable");
+    assert_eq!(read_block(&after, id, 6), 0x26, "the write is durable");
     assert_clean(&after, "after the flushes");
 }
