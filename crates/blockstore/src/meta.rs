@@ -197,11 +197,6 @@ pub struct Meta {
     pub(crate) overlay: HashMap<u64, Box<Block>>,
     pub(crate) read_only: bool,
     pub(crate) poisoned: bool,
-    /// Transactions finished so far, and of them those marked background
-    /// ([`crate::Transaction::set_background`]): a commit that began when these read N holds
-    /// the changes of the first N (group commit, [`crate::BlockStore::commit`]).
-    pub(crate) finished_transactions: u64,
-    pub(crate) finished_background: u64,
     end_block: Arc<AtomicU64>,
     pub(crate) undo: Option<Undo>,
     /// While set, a block that is not cached is not read: the call fails with
@@ -265,8 +260,6 @@ impl Meta {
             committing_user: None,
             read_only,
             poisoned: false,
-            finished_transactions: 0,
-            finished_background: 0,
             undo: None,
             cached_only: false,
             home_epoch: 0,

@@ -75,29 +75,6 @@ pub struct CommitInfo {
     pub blocks: usize,
 }
 
-/// What a commit makes durable, as counts: the data writes completed and the transactions
-/// finished when it took its images. A commit covers a caller if it counted at least what the
-/// caller's call had seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Coverage {
-    data: u64,
-    /// Transactions finished, not counting background ones.
-    foreground: u64,
-    /// Background transactions finished ([`Transaction::set_background`]).
-    background: u64,
-}
-
-impl Coverage {
-    fn of(data: u64, m: &Meta) -> Coverage {
-        let background = m.finished_background;
-        Coverage { data, foreground: m.finished_transactions - background, background }
-    }
-
-    fn covers(&self, need: Coverage) -> bool {
-        self.data >= need.data && self.foreground >= need.foreground && self.background >= need.background
-    }
-}
-
 /// One Parallax block store: 4 KiB blocks, reference counts, atomic journaled commits.
 ///
 /// Metadata is read under [`BlockStore::lock`] and changed only in a [`Transaction`]
@@ -109,9 +86,11 @@ pub struct BlockStore {
     commit_lock: Mutex<()>,
     /// Signalled when a frozen view is closed (a freeze waiting for room may go on).
     pub(crate) view_closed: parking_lot::Condvar,
-    /// What the newest completed commit covered, and its result (none before the first
-    /// commit of this open): a caller whose changes it covered needs no commit of its own.
-    last_commit: Mutex<Option<(Coverage, CommitInfo)>>,
+    /// Commits that have taken their snapshot of the metadata (group commit: a flush that finds
+    /// a commit begun after it was called completed needs no commit of its own).
+    commits_begun: AtomicU64,
+    /// The index (in `commits_begun`) and result of the newest completed commit.
+    last_commit: Mutex<(u64, CommitInfo)>,
     /// Data writes completed so far (counted after each returns).
     data_written: AtomicU64,
     /// The most of `data_written` a completed sync is known to cover: a flush that finds no
@@ -138,7 +117,6 @@ pub struct BlockStore {
 pub struct Transaction<'a> {
     meta: MutexGuard<'a, Meta>,
     finished: bool,
-    background: bool,
 }
 
 impl Transaction<'_> {
@@ -153,19 +131,8 @@ impl Transaction<'_> {
             return Err(StoreError::TransactionTooLarge { blocks: dirty, capacity });
         }
         self.meta.end_undo();
-        self.meta.finished_transactions += 1;
-        if self.background {
-            self.meta.finished_background += 1;
-        }
         self.finished = true;
         Ok(())
-    }
-
-    /// Marks the transaction as background work whose durability nobody waits for (freeing
-    /// what the release queue holds: a crash before it is committed only means doing it
-    /// again). [`BlockStore::commit_foreground`] need not cover it.
-    pub fn set_background(&mut self) {
-        self.background = true;
     }
 
     /// Throws the changes away (the same as dropping the transaction).
@@ -400,6 +367,7 @@ impl BlockStore {
         let groups_start = sb.groups_start;
         let end_block = Arc::new(AtomicU64::new(end));
         let old_version = sb.version;
+        let generation = sb.generation;
         let mut meta = Meta::new(backend.clone(), sb, opts.cache_blocks, opts.read_only, end_block.clone());
         meta.overlay = overlay;
         let upgrade = old_version < FORMAT_VERSION && !opts.read_only;
@@ -414,10 +382,11 @@ impl BlockStore {
             meta: Mutex::new(meta),
             commit_lock: Mutex::new(()),
             view_closed: parking_lot::Condvar::new(),
+            commits_begun: AtomicU64::new(0),
             // Not known synced at open: the first flush syncs.
             data_written: AtomicU64::new(1),
             data_synced: AtomicU64::new(0),
-            last_commit: Mutex::new(None),
+            last_commit: Mutex::new((0, CommitInfo { generation, blocks: 0 })),
             io_epochs: IoEpochs::default(),
             groups_start,
             end_block,
@@ -626,7 +595,7 @@ impl BlockStore {
             return Err(StoreError::ReadOnly);
         }
         meta.begin_undo();
-        Ok(Transaction { meta, finished: false, background: false })
+        Ok(Transaction { meta, finished: false })
     }
 
     /// A guard to hold while reading or writing data blocks found through metadata, taken
@@ -638,10 +607,8 @@ impl BlockStore {
 
     /// Makes every finished transaction so far durable, atomically, along with every completed
     /// data write. Concurrent callers share commits (group commit): a caller returns as soon as
-    /// a commit has completed that covers every transaction finished and every data write
-    /// completed before its call — one that began after the call, or one already running that
-    /// began after the last of them. On an I/O error the store refuses further use until
-    /// reopened.
+    /// a commit that began after its call has completed. On an I/O error the store refuses
+    /// further use until reopened.
     ///
     /// The order of writes and syncs is what makes a power cut at any instant safe
     /// (docs/format.md §5): (1) sync — data written for this commit, new groups and the
@@ -650,55 +617,29 @@ impl BlockStore {
     /// unsynced (the next commit's first sync covers them, and until then recovery replays
     /// this record too).
     pub fn commit(&self) -> Result<CommitInfo> {
-        self.commit_covering(true)
-    }
-
-    /// [`BlockStore::commit`] for a guest's flush: it does not wait for background
-    /// transactions ([`Transaction::set_background`]) to be covered, so a flush arriving while
-    /// a commit runs, with no write and no other change since it began, is answered by that
-    /// commit even while the reclaimer frees blocks beside it. (A commit it does run covers
-    /// everything finished when that commit begins, background work too.)
-    pub fn commit_foreground(&self) -> Result<CommitInfo> {
-        self.commit_covering(false)
-    }
-
-    fn commit_covering(&self, background_too: bool) -> Result<CommitInfo> {
-        // What this call must make durable: every data write completed and every transaction
-        // finished so far (a count each, read before the work they count could be missed).
-        let data = self.data_written.load(Ordering::Acquire);
-        let need = {
+        // Nothing written since a completed sync and nothing changed: already durable. (Guests
+        // send FLUSH far more often than they write — fio at queue depth 16 with a FLUSH every
+        // 32 writes sends one per three writes — and an idle fdatasync still costs a device
+        // cache flush.)
+        if self.data_written.load(Ordering::Acquire) <= self.data_synced.load(Ordering::Acquire) {
             let m = self.meta.lock();
             if m.poisoned {
                 return Err(StoreError::Poisoned);
             }
-            // Nothing written since a completed sync and nothing changed: already durable.
-            // (Guests send FLUSH far more often than they write — fio at queue depth 16 with a
-            // FLUSH every 32 writes sends one per three writes — and an idle fdatasync still
-            // costs a device cache flush.)
-            if let Some(info) = self.already_durable(&m, data) {
-                return Ok(info);
+            if !m.read_only && !m.has_changes() {
+                return Ok(CommitInfo { generation: m.committed.generation, blocks: 0 });
             }
-            let mut need = Coverage::of(data, &m);
-            if !background_too {
-                need.background = 0;
-            }
-            need
-        };
-        // A guest's flush with only background changes pending since the last commit: covered
-        // already, no need to queue behind the reclaimer's commit.
-        if let Some(info) = self.covered_by_last(need)? {
-            return Ok(info);
         }
-        // Race tests stop a caller here, its need taken, to call it while a commit runs.
-        test_point!("blockstore::commit::waiting");
+        let wanted = self.commits_begun.load(Ordering::Acquire) + 1;
         let _serial = self.commit_lock.lock();
-        // A commit that ran while this call waited may have covered it: fio at queue depth 16
-        // sends its FLUSHes in bursts, all but the first arriving while the first one's commit
-        // runs, with nothing written in between.
-        if let Some(info) = self.covered_by_last(need)? {
-            return Ok(info);
+        {
+            let last = self.last_commit.lock();
+            if last.0 >= wanted {
+                return Ok(last.1);
+            }
         }
-        let (images, generation, sb_snapshot, covers) = {
+        let index = self.commits_begun.fetch_add(1, Ordering::AcqRel) + 1;
+        let (images, generation, sb_snapshot) = {
             let mut m = self.meta.lock();
             if m.poisoned {
                 return Err(StoreError::Poisoned);
@@ -707,19 +648,12 @@ impl BlockStore {
                 return Err(StoreError::ReadOnly);
             }
             assert!(m.undo.is_none(), "a commit never sees an open transaction");
-            // Read under the lock, before this commit takes anything: every transaction it
-            // counts is in the images below, every data write it counts completed before the
-            // sync below begins.
-            let covers = Coverage::of(self.data_written.load(Ordering::Acquire), &m);
             if !m.has_changes() {
                 let generation = m.committed.generation;
-                let durable = self.already_durable(&m, covers.data).is_some();
                 drop(m);
-                if !durable {
-                    self.sync_data_writes().map_err(|e| self.poison(e))?;
-                }
+                self.sync_data_writes().map_err(|e| self.poison(e))?;
                 let info = CommitInfo { generation, blocks: 0 };
-                *self.last_commit.lock() = Some((covers, info));
+                *self.last_commit.lock() = (index, info);
                 return Ok(info);
             }
             let images = m.begin_commit();
@@ -736,7 +670,7 @@ impl BlockStore {
             let frees = std::mem::take(&mut m.pending_free);
             m.committing_free.extend(frees);
             m.committing_user = Some(m.sb.user);
-            (images, m.sb.generation, m.sb.clone(), covers)
+            (images, m.sb.generation, m.sb.clone())
         };
         // Race tests stop a commit here to show that transactions go on while it copies.
         test_point!("blockstore::commit::sealing");
@@ -785,30 +719,8 @@ impl BlockStore {
         self.io_epochs.wait_for_earlier();
         self.meta.lock().release_committed_frees();
         let info = CommitInfo { generation, blocks: images.new.len() + images.journaled.len() };
-        *self.last_commit.lock() = Some((covers, info));
+        *self.last_commit.lock() = (index, info);
         Ok(info)
-    }
-
-    /// `Some` (its result) if the newest completed commit covers `need`; an error if a commit
-    /// failed since (the store refuses use until reopened, even where nothing is left to do).
-    fn covered_by_last(&self, need: Coverage) -> Result<Option<CommitInfo>> {
-        let Some((covered, info)) = *self.last_commit.lock() else { return Ok(None) };
-        if !covered.covers(need) {
-            return Ok(None);
-        }
-        if self.meta.lock().poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        Ok(Some(info))
-    }
-
-    /// `Some` (what the last commit made durable) if everything is durable already: no
-    /// metadata changed since the last commit and every data write up to `data_written`
-    /// completed before a completed sync began.
-    fn already_durable(&self, m: &Meta, data_written: u64) -> Option<CommitInfo> {
-        let synced = data_written <= self.data_synced.load(Ordering::Acquire);
-        (synced && !m.read_only && !m.has_changes())
-            .then_some(CommitInfo { generation: m.committed.generation, blocks: 0 })
     }
 
     fn poison(&self, e: StoreError) -> StoreError {

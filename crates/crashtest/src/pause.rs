@@ -6,7 +6,7 @@
 //! ([`Pause::wait_reached`]), does what the other side of the race does, then lets it go
 //! ([`Pause::resume`]). No sleeps: both sides wait on channels.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -72,12 +72,11 @@ type Armed = (std::thread::ThreadId, Sender<()>, Receiver<()>);
 
 /// A store medium that can stop one thread inside its next metadata-sized read (to show that
 /// the thread holds no lock others need while it reads the medium) or inside its next sync (to
-/// hold a commit between its start and its commit point), and counts syncs.
+/// hold a commit between its start and its commit point).
 pub struct MediumGate {
     inner: blockstore::MemBackend,
     armed: parking_lot::Mutex<Option<Armed>>,
     armed_sync: parking_lot::Mutex<Option<Armed>>,
-    syncs: AtomicUsize,
 }
 
 /// The test's side of an armed [`MediumGate`].
@@ -89,17 +88,7 @@ pub struct GateHandle {
 impl MediumGate {
     /// A gate over `inner`.
     pub fn new(inner: blockstore::MemBackend) -> MediumGate {
-        MediumGate {
-            inner,
-            armed: parking_lot::Mutex::new(None),
-            armed_sync: parking_lot::Mutex::new(None),
-            syncs: AtomicUsize::new(0),
-        }
-    }
-
-    /// Syncs made so far.
-    pub fn syncs(&self) -> usize {
-        self.syncs.load(Ordering::SeqCst)
+        MediumGate { inner, armed: parking_lot::Mutex::new(None), armed_sync: parking_lot::Mutex::new(None) }
     }
 
     /// Stops the next 4 KiB read made by `thread` until the handle resumes it.
@@ -162,7 +151,6 @@ impl blockstore::Backend for MediumGate {
     }
     fn sync(&self) -> std::io::Result<()> {
         stop_if_armed(&self.armed_sync);
-        self.syncs.fetch_add(1, Ordering::SeqCst);
         self.inner.sync()
     }
     fn extend(&self, len: u64) -> std::io::Result<()> {

@@ -575,7 +575,7 @@ impl BlockDevice for VdiDisk {
                 self.write_locked(offset, &data)?;
             }
             if fua {
-                self.store().commit_foreground().map_err(VdiError::from)?;
+                self.store().commit().map_err(VdiError::from)?;
             } else {
                 self.commit_if_large()?;
             }
@@ -594,7 +594,7 @@ impl BlockDevice for VdiDisk {
             if !self.writable {
                 return Ok(());
             }
-            self.store().commit_foreground().map_err(VdiError::from)?;
+            self.store().commit().map_err(VdiError::from)?;
             Ok(())
         })
     }

@@ -135,12 +135,8 @@ impl Registry {
     /// durable at the next commit; `reclaim_all` and the background reclaimer commit as they go.
     pub fn reclaim_step(&self) -> Result<ReclaimStats> {
         let budget = STEP_BLOCKS.min(self.store.lock().journal_capacity() / 4).max(4);
-        // Nodes not in memory are read without the metadata lock (the step is retried). A
-        // guest's flush does not wait for a commit of its own for it (the queue is persistent).
-        let r = self.store.with_transaction(|txn| {
-            txn.set_background();
-            radix::reclaim_step(txn, budget)
-        })?;
+        // Nodes not in memory are read without the metadata lock (the step is retried).
+        let r = self.store.with_transaction(|txn| radix::reclaim_step(txn, budget))?;
         Ok(ReclaimStats { freed: r.freed, remaining: r.remaining })
     }
 
