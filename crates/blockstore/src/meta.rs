@@ -77,6 +77,9 @@ pub(crate) struct Undo {
     dirty_count: usize,
     dirty_listed: usize,
     in_commit_unchanged: usize,
+    /// The derived state was taken or put during the transaction ([`Meta::take_derived`],
+    /// [`Meta::put_derived`]): it may hold the transaction's changes, so a rollback drops it.
+    derived_taken: bool,
 }
 
 /// The state of an open [`crate::FrozenView`]: the metadata as it was when the view was taken,
@@ -227,7 +230,8 @@ pub struct Meta {
     /// The user slots the running commit writes, from its start until it is durable.
     pub(crate) committing_user: Option<[u64; USER_ROOTS]>,
     /// State the layer above derives from its metadata blocks and keeps between calls (see
-    /// [`Meta::take_derived`]). A rollback drops it: it is rebuilt from the blocks.
+    /// [`Meta::take_derived`]). A rollback of a transaction that took or put it drops it: it
+    /// is rebuilt from the blocks.
     derived: Option<Box<dyn std::any::Any + Send>>,
 }
 
@@ -299,6 +303,7 @@ impl Meta {
             dirty_count: self.dirty_count,
             dirty_listed: self.dirty_list.len(),
             in_commit_unchanged: self.in_commit_unchanged,
+            derived_taken: false,
         });
     }
 
@@ -438,8 +443,13 @@ impl Meta {
             self.reserved.remove(&a);
         }
         self.sb = undo.sb;
-        // Derived from blocks the transaction changed: rebuilt from them when next asked for.
-        self.derived = None;
+        // Derived state the transaction took may hold its changes: rebuilt from the blocks
+        // when next asked for. State it never took was derived from blocks as they were
+        // before it, which are what the rollback just put back, so it stays (rebuilding the
+        // chain index costs a read of the whole table under the lock).
+        if undo.derived_taken {
+            self.derived = None;
+        }
         self.end_block.store(undo.end_block, Ordering::Release);
         // A metadata group the transaction added is gone with it.
         let groups = self.sb.groups;
@@ -1019,16 +1029,38 @@ impl Meta {
 
     /// Takes the state the layer above derived from its own metadata blocks and left here
     /// with [`Meta::put_derived`] (an index it would otherwise rebuild on every call), if it is
-    /// still there and of type `T`. A rollback drops it, so it never outlives the block
-    /// contents it was derived from; the caller rebuilds it from the blocks when this is
-    /// `None`, and puts it back only after a call that succeeded.
+    /// still there and of type `T`. A rollback of a transaction that took it drops it, so it
+    /// never outlives the block contents it was derived from; the caller rebuilds it from the
+    /// blocks when this is `None`, and puts it back only after a call that succeeded. The
+    /// layer above changes the blocks the state is derived from only while it holds the state.
     pub fn take_derived<T: std::any::Any + Send>(&mut self) -> Option<Box<T>> {
+        if let Some(u) = self.undo.as_mut() {
+            u.derived_taken = true;
+        }
         self.derived.take()?.downcast::<T>().ok()
     }
 
-    /// Leaves derived state for the next [`Meta::take_derived`].
+    /// Leaves derived state for the next [`Meta::take_derived`]. Inside a transaction it counts
+    /// as the transaction's: state built from blocks the transaction changed must not outlive
+    /// its rollback.
     pub fn put_derived<T: std::any::Any + Send>(&mut self, state: Box<T>) {
+        if let Some(u) = self.undo.as_mut() {
+            u.derived_taken = true;
+        }
         self.derived = Some(state);
+    }
+
+    /// Lends the derived state of type `T`, if it is there, to `f` read-only: it stays what it
+    /// was whatever `f` returns (an error, a cache miss), and lending does not count as the
+    /// transaction taking it, so a rollback keeps it. If `f` puts state of its own meanwhile
+    /// (it found none and built it), that state stays instead.
+    pub fn lend_derived<T: std::any::Any + Send, R>(&mut self, f: impl FnOnce(&mut Meta, Option<&T>) -> R) -> R {
+        let state = self.derived.take();
+        let out = f(self, state.as_deref().and_then(|s| s.downcast_ref::<T>()));
+        if self.derived.is_none() {
+            self.derived = state;
+        }
+        out
     }
 
     /// True if `addr` was freed and its freeing is not durable yet (it must not be used).

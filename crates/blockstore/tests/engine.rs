@@ -595,3 +595,62 @@ fn a_commit_writes_blocks_at_consecutive_addresses_in_one_request() {
         s.lock().read(b, &TEST_KIND).unwrap();
     }
 }
+
+#[test]
+fn a_rollback_drops_derived_state_only_if_the_transaction_took_it() {
+    // The layer above keeps an index derived from its blocks here (radix's chain index, whose
+    // rebuild reads the whole chain table under the lock). A transaction that never took it
+    // cannot have changed what it was derived from, so its rollback keeps it; one that took
+    // it may have put it back with changes the rollback undoes, so that rollback drops it.
+    let s = store(&MemBackend::new(), 4096, 4096);
+    s.lock().put_derived(Box::new(7u32));
+    let mut t = s.begin().unwrap();
+    t.alloc_data().unwrap();
+    drop(t);
+    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(7), "kept by a rollback that never took it");
+
+    s.lock().put_derived(Box::new(8u32));
+    let mut t = s.begin().unwrap();
+    let d = t.take_derived::<u32>().unwrap();
+    t.put_derived(Box::new(*d + 1));
+    t.alloc_data().unwrap();
+    drop(t);
+    assert!(s.lock().take_derived::<u32>().is_none(), "dropped by a rollback that took it");
+
+    s.lock().put_derived(Box::new(9u32));
+    let mut t = s.begin().unwrap();
+    let d = t.take_derived::<u32>().unwrap();
+    t.put_derived(d);
+    t.alloc_data().unwrap();
+    t.finish().unwrap();
+    let mut t = s.begin().unwrap();
+    t.alloc_data().unwrap();
+    drop(t);
+    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(9), "a finished transaction's state stays");
+}
+
+#[test]
+fn derived_state_lent_read_only_survives_a_rollback_and_state_put_in_a_transaction_does_not() {
+    let s = store(&MemBackend::new(), 4096, 4096);
+    // Lent read-only to a step that then fails (a cache miss, say): in place, and the
+    // rollback keeps it.
+    s.lock().put_derived(Box::new(7u32));
+    let mut t = s.begin().unwrap();
+    t.alloc_data().unwrap();
+    let seen = t.lend_derived::<u32, _>(|_, d| d.copied());
+    assert_eq!(seen, Some(7));
+    drop(t);
+    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(7), "kept: lending is not taking");
+
+    // None kept: a transaction builds it from its own blocks and puts it. Its rollback must
+    // drop it, or the state would describe blocks the rollback just put back.
+    let mut t = s.begin().unwrap();
+    t.alloc_data().unwrap();
+    t.lend_derived::<u32, _>(|m, d| {
+        assert!(d.is_none());
+        m.put_derived(Box::new(8u32));
+    });
+    assert_eq!(t.lend_derived::<u32, _>(|_, d| d.copied()), Some(8), "what the step put stays");
+    drop(t);
+    assert!(s.lock().take_derived::<u32>().is_none(), "dropped: put inside the transaction that rolled back");
+}

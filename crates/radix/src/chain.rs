@@ -40,7 +40,9 @@
 //! each holding up to [`CHAIN_RECORDS`] links. It is metadata like any other: changed in the
 //! transaction that copies, frees or cuts, journaled by the commit, put back by a rollback.
 //! The in-memory index ([`Chains`]) is derived from it and kept in [`Meta::take_derived`];
-//! a rollback drops it and the next call reads the table again. Chains are kept at most
+//! a rollback of a transaction that changed it (or took it to change it) drops it and the
+//! next call reads the table again; questions that change nothing borrow it
+//! ([`Meta::lend_derived`]) and leave it in place whatever happens. Chains are kept at most
 //! [`MAX_CHAIN`] long and the table at most [`MAX_LINKS`] links (the oldest cut first), so
 //! walks, memory and the table stay bounded whatever the retention.
 
@@ -516,6 +518,22 @@ impl Chains {
 /// The mapped entries of a leaf, as `(k, block)`.
 fn mapped(n: &blockstore::Block) -> Vec<(usize, BlockAddr)> {
     (0..ENTRIES).map(|k| (k, Node::entry(n, k).addr)).filter(|(_, b)| !b.is_none()).collect()
+}
+
+/// Runs `f` with the store's chains read-only (read from the table if the index is not kept).
+/// The kept index stays in place whatever `f` returns — a cache miss retried or an error
+/// rolled back costs no rebuild — since `f` cannot change it. For questions, and for
+/// [`Chains::drop_ref`], which changes counts but no link.
+pub(crate) fn with_chains_ref<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &Chains) -> Result<T>) -> Result<T> {
+    meta.lend_derived::<Chains, _>(|meta, kept| match kept {
+        Some(ch) => f(meta, ch),
+        None => {
+            let ch = Box::new(Chains::load(meta)?);
+            let out = f(meta, &ch)?;
+            meta.put_derived(ch);
+            Ok(out)
+        }
+    })
 }
 
 /// Runs `f` with the store's chains (read from the table if the index is not kept), and keeps

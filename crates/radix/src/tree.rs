@@ -164,7 +164,7 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
         }
         // Invariant: a leaf with a linked copy never changes (crate::chain), so no tree
         // reaches one through writable entries.
-        if child_level == 0 && crate::chain::with_chains(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
+        if child_level == 0 && crate::chain::with_chains_ref(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
             return Err(StoreError::Damaged(format!(
                 "writable entry {i} of node {parent} names leaf {}, which has a linked copy",
                 e.addr
@@ -173,7 +173,7 @@ fn make_child_private(meta: &mut Meta, parent: BlockAddr, level: u32, i: usize) 
         return Ok(e.addr);
     }
     if meta.refcount(e.addr)? == 1 {
-        if child_level == 0 && crate::chain::with_chains(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
+        if child_level == 0 && crate::chain::with_chains_ref(meta, |_, ch| Ok(ch.copy(e.addr).is_some()))? {
             // A leaf with a linked copy never changes (crate::chain): copy it, counting the
             // copy's references (the leaf has its one linked copy), and free it.
             let old = read_node(meta, e.addr, child_level)?;
@@ -240,7 +240,7 @@ pub fn map(meta: &mut Meta, root: BlockAddr, vblock: u64, addr: BlockAddr) -> Re
     if old.is_empty() {
         Ok(None)
     } else {
-        crate::chain::with_chains(meta, |m, ch| ch.drop_ref(m, node, i, old.addr))?;
+        crate::chain::with_chains_ref(meta, |m, ch| ch.drop_ref(m, node, i, old.addr))?;
         Ok(Some(old.addr))
     }
 }
@@ -340,7 +340,7 @@ fn unmap_in(meta: &mut Meta, node: BlockAddr, level: u32, base: u64, start: u64,
         let whole = start <= cbase && cbase + s <= end;
         if level == 0 {
             set_entry(meta, node, i, Entry::EMPTY)?;
-            freed += u64::from(crate::chain::with_chains(meta, |m, ch| ch.drop_ref(m, node, i, e.addr))?);
+            freed += u64::from(crate::chain::with_chains_ref(meta, |m, ch| ch.drop_ref(m, node, i, e.addr))?);
         } else if whole {
             // A whole subtree goes to the release queue: a discard of any length changes a
             // bounded number of blocks now, and the subtree is freed in bounded steps later.
