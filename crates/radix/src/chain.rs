@@ -65,7 +65,7 @@ pub const CHAIN_RECORDS: usize = (BLOCK_SIZE - 32) / 16;
 /// Longest chain kept: a copy that would make a chain longer cuts its top link first.
 pub const MAX_CHAIN: usize = 256;
 /// Most links kept: a copy beyond it cuts the oldest link first.
-pub const MAX_LINKS: usize = 16_384;
+pub const MAX_LINKS: usize = 32_768;
 
 /// One link on disk: `copy` is the deferred copy of `source`. Both 0: a free record.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
