@@ -527,12 +527,8 @@ fn mapped(n: &blockstore::Block) -> Vec<(usize, BlockAddr)> {
 pub(crate) fn with_chains_ref<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &Chains) -> Result<T>) -> Result<T> {
     meta.lend_derived::<Chains, _>(|meta, kept| match kept {
         Some(ch) => f(meta, ch),
-        None => {
-            let ch = Box::new(Chains::load(meta)?);
-            let out = f(meta, &ch)?;
-            meta.put_derived(ch);
-            Ok(out)
-        }
+        // None kept: built and kept as a change would build it.
+        None => with_chains(meta, |meta, ch| f(meta, ch)),
     })
 }
 
