@@ -35,7 +35,7 @@ pub use addr::{BLOCK_SIZE, Block, BlockAddr};
 pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
 pub use error::{Result, StoreError};
 pub use io_epoch::IoGuard;
-pub use meta::{Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
+pub use meta::{DerivedState, Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
 pub use store::{BlockStore, CommitInfo, CreateOptions, MISS_RETRIES, OpenOptions, Recovery, Transaction, is_blank};
 pub use superblock::Superblock;
 pub use view::{FrozenView, MetaRead};

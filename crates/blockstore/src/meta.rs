@@ -77,9 +77,39 @@ pub(crate) struct Undo {
     dirty_count: usize,
     dirty_listed: usize,
     in_commit_unchanged: usize,
-    /// The derived state was taken or put during the transaction ([`Meta::take_derived`],
-    /// [`Meta::put_derived`]): it may hold the transaction's changes, so a rollback drops it.
-    derived_taken: bool,
+    /// What the transaction did with the derived state ([`Meta::take_derived`]).
+    derived: DerivedUse,
+}
+
+/// What an open transaction did with the derived state, which decides what its end does to it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DerivedUse {
+    /// Not taken or put: derived from blocks as they were before the transaction, which a
+    /// rollback puts back, so it stays whatever happens.
+    Untouched,
+    /// Taken while kept, and told to record its changes ([`DerivedState::begin`]): a rollback
+    /// undoes them ([`DerivedState::undo`]), a finish keeps them ([`DerivedState::keep`]).
+    Recording,
+    /// Put without having been kept at the transaction's first take: built from blocks the
+    /// transaction may have changed, so a rollback drops it.
+    Built,
+}
+
+/// State the layer above derives from its own metadata blocks and keeps in the store between
+/// calls ([`Meta::take_derived`]): an index it would otherwise rebuild on every call (radix's
+/// chain index reads a whole table). From the moment a transaction takes it, it records how
+/// to undo each change it makes, so that a rollback — a cache miss retried, an error — puts
+/// it back as the blocks are put back instead of dropping it.
+pub trait DerivedState: std::any::Any + Send {
+    /// A transaction took the state: from now on, record how to undo each change.
+    fn begin(&mut self);
+    /// The transaction's changes stay: forget the record. False if the state must not outlive
+    /// the transaction (a change to it failed half-way); it is then dropped and rebuilt.
+    fn keep(&mut self) -> bool;
+    /// The transaction was rolled back: undo the recorded changes, leaving the state as it was
+    /// at [`DerivedState::begin`]. False if it cannot (it was not recording, or recorded too
+    /// little); it is then dropped and rebuilt from the blocks.
+    fn undo(&mut self) -> bool;
 }
 
 /// The state of an open [`crate::FrozenView`]: the metadata as it was when the view was taken,
@@ -230,9 +260,9 @@ pub struct Meta {
     /// The user slots the running commit writes, from its start until it is durable.
     pub(crate) committing_user: Option<[u64; USER_ROOTS]>,
     /// State the layer above derives from its metadata blocks and keeps between calls (see
-    /// [`Meta::take_derived`]). A rollback of a transaction that took or put it drops it: it
-    /// is rebuilt from the blocks.
-    derived: Option<Box<dyn std::any::Any + Send>>,
+    /// [`Meta::take_derived`]). A rollback of a transaction that took it undoes its changes
+    /// ([`DerivedState::undo`]); one that built it drops it, to be rebuilt from the blocks.
+    derived: Option<Box<dyn DerivedState>>,
 }
 
 impl Meta {
@@ -303,13 +333,16 @@ impl Meta {
             dirty_count: self.dirty_count,
             dirty_listed: self.dirty_list.len(),
             in_commit_unchanged: self.in_commit_unchanged,
-            derived_taken: false,
+            derived: DerivedUse::Untouched,
         });
     }
 
     /// Keeps the open transaction's changes (they become durable at the next commit).
     pub(crate) fn end_undo(&mut self) {
-        self.undo = None;
+        let Some(undo) = self.undo.take() else { return };
+        if undo.derived != DerivedUse::Untouched && self.derived.as_mut().is_some_and(|d| !d.keep()) {
+            self.derived = None;
+        }
     }
 
     /// Notes that `addr` changes (or is freed): if the running commit holds it at the version
@@ -443,11 +476,17 @@ impl Meta {
             self.reserved.remove(&a);
         }
         self.sb = undo.sb;
-        // Derived state the transaction took may hold its changes: rebuilt from the blocks
+        // Derived state the transaction took has its changes undone with the blocks'; state
+        // it built from blocks it may have changed is dropped and rebuilt from the blocks
         // when next asked for. State it never took was derived from blocks as they were
-        // before it, which are what the rollback just put back, so it stays (rebuilding the
-        // chain index costs a read of the whole table under the lock).
-        if undo.derived_taken {
+        // before it, which are what the rollback just put back, so it stays. (Rebuilding
+        // the chain index reads the whole table under the lock.)
+        let undone = match undo.derived {
+            DerivedUse::Untouched => true,
+            DerivedUse::Recording => self.derived.as_mut().is_some_and(|d| d.undo()),
+            DerivedUse::Built => false,
+        };
+        if !undone {
             self.derived = None;
         }
         self.end_block.store(undo.end_block, Ordering::Release);
@@ -1029,23 +1068,35 @@ impl Meta {
 
     /// Takes the state the layer above derived from its own metadata blocks and left here
     /// with [`Meta::put_derived`] (an index it would otherwise rebuild on every call), if it is
-    /// still there and of type `T`. A rollback of a transaction that took it drops it, so it
-    /// never outlives the block contents it was derived from; the caller rebuilds it from the
-    /// blocks when this is `None`, and puts it back only after a call that succeeded. The
-    /// layer above changes the blocks the state is derived from only while it holds the state.
-    pub fn take_derived<T: std::any::Any + Send>(&mut self) -> Option<Box<T>> {
+    /// still there and of type `T`; the caller rebuilds it from the blocks when this is `None`.
+    /// The layer above changes the blocks the state is derived from only while it holds the
+    /// state. The first take of a transaction tells the state to record its changes
+    /// ([`DerivedState::begin`]): the transaction's rollback undoes them, so the state never
+    /// outlives the block contents it was derived from, and its finish keeps them.
+    pub fn take_derived<T: DerivedState>(&mut self) -> Option<Box<T>> {
         if let Some(u) = self.undo.as_mut() {
-            u.derived_taken = true;
+            match (u.derived, self.derived.as_mut()) {
+                (DerivedUse::Untouched, Some(d)) => {
+                    d.begin();
+                    u.derived = DerivedUse::Recording;
+                }
+                // None kept: whatever is put next is built inside the transaction.
+                (_, None) => u.derived = DerivedUse::Built,
+                _ => {}
+            }
         }
-        self.derived.take()?.downcast::<T>().ok()
+        let state: Box<dyn std::any::Any> = self.derived.take()?;
+        state.downcast::<T>().ok()
     }
 
-    /// Leaves derived state for the next [`Meta::take_derived`]. Inside a transaction it counts
-    /// as the transaction's: state built from blocks the transaction changed must not outlive
-    /// its rollback.
-    pub fn put_derived<T: std::any::Any + Send>(&mut self, state: Box<T>) {
-        if let Some(u) = self.undo.as_mut() {
-            u.derived_taken = true;
+    /// Leaves derived state for the next [`Meta::take_derived`]. Inside a transaction, state
+    /// not taken at the transaction's first take counts as built from the transaction's
+    /// blocks: its rollback drops it.
+    pub fn put_derived<T: DerivedState>(&mut self, state: Box<T>) {
+        if let Some(u) = self.undo.as_mut()
+            && u.derived == DerivedUse::Untouched
+        {
+            u.derived = DerivedUse::Built;
         }
         self.derived = Some(state);
     }
@@ -1054,9 +1105,9 @@ impl Meta {
     /// was whatever `f` returns (an error, a cache miss), and lending does not count as the
     /// transaction taking it, so a rollback keeps it. If `f` puts state of its own meanwhile
     /// (it found none and built it), that state stays instead.
-    pub fn lend_derived<T: std::any::Any + Send, R>(&mut self, f: impl FnOnce(&mut Meta, Option<&T>) -> R) -> R {
+    pub fn lend_derived<T: DerivedState, R>(&mut self, f: impl FnOnce(&mut Meta, Option<&T>) -> R) -> R {
         let state = self.derived.take();
-        let out = f(self, state.as_deref().and_then(|s| s.downcast_ref::<T>()));
+        let out = f(self, state.as_deref().and_then(|s| (s as &dyn std::any::Any).downcast_ref::<T>()));
         if self.derived.is_none() {
             self.derived = state;
         }

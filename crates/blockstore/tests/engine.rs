@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use blockstore::format::{block_crc, seal_meta, verify_meta};
 use blockstore::{
-    BLOCK_SIZE, Block, BlockAddr, BlockStore, CrashMode, CreateOptions, MemBackend, MetaKind, OpenOptions, StoreError,
+    BLOCK_SIZE, Block, BlockAddr, BlockStore, CrashMode, CreateOptions, DerivedState, MemBackend, MetaKind,
+    OpenOptions, StoreError,
 };
 
 static TEST_KIND: MetaKind =
@@ -596,61 +597,152 @@ fn a_commit_writes_blocks_at_consecutive_addresses_in_one_request() {
     }
 }
 
+/// Derived state for the tests below: a value and the record of how to undo its changes, as
+/// radix's chain index keeps one.
+#[derive(Debug)]
+struct Tally {
+    value: u32,
+    /// The value at `begin`, while a transaction records.
+    before: Option<u32>,
+    /// `undo` declines (as an index that recorded too little does).
+    undo_declines: bool,
+    /// A change failed half-way: `keep` declines.
+    failed: bool,
+}
+
+impl Tally {
+    fn boxed(value: u32) -> Box<Tally> {
+        Box::new(Tally { value, before: None, undo_declines: false, failed: false })
+    }
+}
+
+impl DerivedState for Tally {
+    fn begin(&mut self) {
+        assert!(self.before.is_none(), "begun twice");
+        self.before = Some(self.value);
+    }
+    fn keep(&mut self) -> bool {
+        self.before = None;
+        !self.failed
+    }
+    fn undo(&mut self) -> bool {
+        match self.before.take() {
+            Some(v) if !self.undo_declines => {
+                self.value = v;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn kept(s: &BlockStore) -> Option<u32> {
+    s.lock().take_derived::<Tally>().map(|t| t.value)
+}
+
 #[test]
-fn a_rollback_drops_derived_state_only_if_the_transaction_took_it() {
+fn a_rollback_undoes_derived_state_the_transaction_took_and_keeps_what_it_never_took() {
     // The layer above keeps an index derived from its blocks here (radix's chain index, whose
     // rebuild reads the whole chain table under the lock). A transaction that never took it
-    // cannot have changed what it was derived from, so its rollback keeps it; one that took
-    // it may have put it back with changes the rollback undoes, so that rollback drops it.
+    // cannot have changed what it was derived from, so its rollback keeps it as it is; one
+    // that took it has its changes undone with the blocks' and the state stays.
     let s = store(&MemBackend::new(), 4096, 4096);
-    s.lock().put_derived(Box::new(7u32));
+    s.lock().put_derived(Tally::boxed(7));
     let mut t = s.begin().unwrap();
     t.alloc_data().unwrap();
     drop(t);
-    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(7), "kept by a rollback that never took it");
+    assert_eq!(kept(&s), Some(7), "kept by a rollback that never took it");
 
-    s.lock().put_derived(Box::new(8u32));
+    s.lock().put_derived(Tally::boxed(8));
     let mut t = s.begin().unwrap();
-    let d = t.take_derived::<u32>().unwrap();
-    t.put_derived(Box::new(*d + 1));
+    let mut d = t.take_derived::<Tally>().unwrap();
+    d.value += 1;
+    t.put_derived(d);
+    // Taken again in the same transaction: still one record, from the first take.
+    let mut d = t.take_derived::<Tally>().unwrap();
+    d.value += 1;
+    t.put_derived(d);
     t.alloc_data().unwrap();
     drop(t);
-    assert!(s.lock().take_derived::<u32>().is_none(), "dropped by a rollback that took it");
+    assert_eq!(kept(&s), Some(8), "undone by a rollback that took it");
 
-    s.lock().put_derived(Box::new(9u32));
+    s.lock().put_derived(Tally::boxed(9));
     let mut t = s.begin().unwrap();
-    let d = t.take_derived::<u32>().unwrap();
+    let mut d = t.take_derived::<Tally>().unwrap();
+    d.value += 1;
     t.put_derived(d);
     t.alloc_data().unwrap();
     t.finish().unwrap();
     let mut t = s.begin().unwrap();
     t.alloc_data().unwrap();
     drop(t);
-    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(9), "a finished transaction's state stays");
+    assert_eq!(kept(&s), Some(10), "a finished transaction's changes stay");
 }
 
 #[test]
-fn derived_state_lent_read_only_survives_a_rollback_and_state_put_in_a_transaction_does_not() {
+fn derived_state_that_cannot_be_undone_or_kept_is_dropped() {
+    let s = store(&MemBackend::new(), 4096, 4096);
+    // Its undo declines: dropped, to be rebuilt from the blocks.
+    let mut d = Tally::boxed(7);
+    d.undo_declines = true;
+    s.lock().put_derived(d);
+    let mut t = s.begin().unwrap();
+    let d = t.take_derived::<Tally>().unwrap();
+    t.put_derived(d);
+    drop(t);
+    assert_eq!(kept(&s), None, "dropped: its undo declined");
+
+    // Taken, then put back after a change failed half-way, and the transaction is finished
+    // anyway: keep declines, and it is dropped.
+    s.lock().put_derived(Tally::boxed(7));
+    let mut t = s.begin().unwrap();
+    let mut d = t.take_derived::<Tally>().unwrap();
+    d.failed = true;
+    t.put_derived(d);
+    t.finish().unwrap();
+    assert_eq!(kept(&s), None, "dropped: kept after a failed change");
+
+    // Taken and replaced by state built inside the transaction, which never began a record:
+    // its undo declines, and the rollback drops it.
+    s.lock().put_derived(Tally::boxed(7));
+    let mut t = s.begin().unwrap();
+    drop(t.take_derived::<Tally>());
+    t.put_derived(Tally::boxed(70));
+    drop(t);
+    assert_eq!(kept(&s), None, "dropped: put in place of what the transaction took");
+}
+
+#[test]
+fn derived_state_lent_read_only_survives_a_rollback_and_state_built_in_a_transaction_does_not() {
     let s = store(&MemBackend::new(), 4096, 4096);
     // Lent read-only to a step that then fails (a cache miss, say): in place, and the
-    // rollback keeps it.
-    s.lock().put_derived(Box::new(7u32));
+    // rollback keeps it without asking it to undo anything.
+    let mut d = Tally::boxed(7);
+    d.undo_declines = true;
+    s.lock().put_derived(d);
     let mut t = s.begin().unwrap();
     t.alloc_data().unwrap();
-    let seen = t.lend_derived::<u32, _>(|_, d| d.copied());
+    let seen = t.lend_derived::<Tally, _>(|_, d| d.map(|d| d.value));
     assert_eq!(seen, Some(7));
     drop(t);
-    assert_eq!(s.lock().take_derived::<u32>().map(|d| *d), Some(7), "kept: lending is not taking");
+    assert_eq!(kept(&s), Some(7), "kept: lending is not taking");
 
     // None kept: a transaction builds it from its own blocks and puts it. Its rollback must
     // drop it, or the state would describe blocks the rollback just put back.
     let mut t = s.begin().unwrap();
     t.alloc_data().unwrap();
-    t.lend_derived::<u32, _>(|m, d| {
+    t.lend_derived::<Tally, _>(|m, d| {
         assert!(d.is_none());
-        m.put_derived(Box::new(8u32));
+        m.put_derived(Tally::boxed(8));
     });
-    assert_eq!(t.lend_derived::<u32, _>(|_, d| d.copied()), Some(8), "what the step put stays");
+    assert_eq!(t.lend_derived::<Tally, _>(|_, d| d.map(|d| d.value)), Some(8), "what the step put stays");
     drop(t);
-    assert!(s.lock().take_derived::<u32>().is_none(), "dropped: put inside the transaction that rolled back");
+    assert_eq!(kept(&s), None, "dropped: built inside the transaction that rolled back");
+
+    // The same when a take found none and the transaction then built it.
+    let mut t = s.begin().unwrap();
+    assert!(t.take_derived::<Tally>().is_none());
+    t.put_derived(Tally::boxed(9));
+    drop(t);
+    assert_eq!(kept(&s), None, "dropped: built after a take found none");
 }

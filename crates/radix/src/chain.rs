@@ -39,17 +39,18 @@
 //! **The table** is a list of blocks (magic `CHNL`) from superblock user slot [`CHAIN_SLOT`],
 //! each holding up to [`CHAIN_RECORDS`] links. It is metadata like any other: changed in the
 //! transaction that copies, frees or cuts, journaled by the commit, put back by a rollback.
-//! The in-memory index ([`Chains`]) is derived from it and kept in [`Meta::take_derived`];
-//! a rollback of a transaction that changed it (or took it to change it) drops it and the
-//! next call reads the table again; questions that change nothing borrow it
-//! ([`Meta::lend_derived`]) and leave it in place whatever happens. Chains are kept at most
+//! The in-memory index ([`Chains`]) is derived from it and kept in [`Meta::take_derived`].
+//! From a transaction's first take it records the before-image of each change it makes, and
+//! a rollback replays them ([`DerivedState::undo`]) as the blocks are put back, so a cache
+//! miss retried costs no rebuild; questions that change nothing borrow it
+//! ([`Meta::lend_derived`]). Chains are kept at most
 //! [`MAX_CHAIN`] long and the table at most [`MAX_LINKS`] links (the oldest cut first), so
 //! walks, memory and the table stay bounded whatever the retention.
 
 use std::collections::VecDeque;
 
 use blockstore::format::{META_HEADER_LEN, seal_meta, verify_meta};
-use blockstore::{BLOCK_SIZE, BlockAddr, Meta, MetaKind, MetaRead, Result, StoreError};
+use blockstore::{BLOCK_SIZE, BlockAddr, DerivedState, Meta, MetaKind, MetaRead, Result, StoreError};
 use rustc_hash::FxHashMap as HashMap;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -140,7 +141,79 @@ pub struct Chains {
     blocks: Vec<(u64, usize)>,
     /// Copies in the order their links were made (entries whose link is gone are skipped).
     order: VecDeque<(u64, u64)>,
+    /// Never goes back, not even when a rollback undoes links: an entry of `order` left by an
+    /// undone link can then never match a later link of the same copy.
     next_seq: u64,
+    /// How to undo the changes made since the open transaction took the index.
+    undo: Option<IndexUndo>,
+    /// A rollback undid changes: in debug builds the next take checks the index against the
+    /// table.
+    #[cfg(debug_assertions)]
+    undone: bool,
+}
+
+/// How to undo the index's changes since a transaction took it ([`DerivedState::begin`]): the
+/// before-image of each change, replayed newest first by a rollback.
+#[derive(Debug, Default)]
+struct IndexUndo {
+    /// `source_of` entries as they were before each change.
+    sources: Vec<(u64, Option<Link>)>,
+    /// `copy_of` entries as they were before each change.
+    copies: Vec<(u64, Option<u64>)>,
+    /// `blocks` as it was before its first change.
+    blocks: Option<Vec<(u64, usize)>>,
+    /// Entries taken from the front of `order`, in the order taken.
+    popped: Vec<(u64, u64)>,
+    /// `order` was compacted, which drops entries unrecorded: the index cannot be undone (it
+    /// is rebuilt instead; compaction is rare).
+    compacted: bool,
+    /// A change failed half-way: the index stays only for the rollback to undo, never for a
+    /// transaction that is kept after all.
+    failed: bool,
+}
+
+impl DerivedState for Chains {
+    fn begin(&mut self) {
+        debug_assert!(self.undo.is_none(), "a transaction took the chain index while another's record was open");
+        self.undo = Some(IndexUndo::default());
+    }
+
+    fn keep(&mut self) -> bool {
+        self.undo.take().is_none_or(|u| !u.failed)
+    }
+
+    fn undo(&mut self) -> bool {
+        let Some(u) = self.undo.take() else { return false };
+        if u.compacted {
+            return false;
+        }
+        for (copy, before) in u.sources.into_iter().rev() {
+            match before {
+                Some(l) => self.source_of.insert(copy, l),
+                None => self.source_of.remove(&copy),
+            };
+        }
+        for (source, before) in u.copies.into_iter().rev() {
+            match before {
+                Some(c) => self.copy_of.insert(source, c),
+                None => self.copy_of.remove(&source),
+            };
+        }
+        if let Some(blocks) = u.blocks {
+            self.blocks = blocks;
+        }
+        // Taken from the front one by one, so put back at the front in reverse. Entries the
+        // transaction pushed at the back stay, stale: their links are gone or older, and
+        // `next_seq` did not go back, so they never match a link again.
+        for entry in u.popped.into_iter().rev() {
+            self.order.push_front(entry);
+        }
+        #[cfg(debug_assertions)]
+        {
+            self.undone = true;
+        }
+        true
+    }
 }
 
 fn damaged(what: String) -> StoreError {
@@ -205,6 +278,58 @@ impl Chains {
             return Err(damaged("the chain table holds a loop of links".into()));
         }
         Ok(ch)
+    }
+
+    /// Sets (or with `None` removes) the link of `copy`, recording what it was.
+    fn set_source(&mut self, copy: u64, link: Option<Link>) -> Option<Link> {
+        let before = match link {
+            Some(l) => self.source_of.insert(copy, l),
+            None => self.source_of.remove(&copy),
+        };
+        if let Some(u) = self.undo.as_mut() {
+            u.sources.push((copy, before));
+        }
+        before
+    }
+
+    /// Sets (or with `None` removes) the linked copy of `source`, recording what it was.
+    fn set_copy(&mut self, source: u64, copy: Option<u64>) {
+        let before = match copy {
+            Some(c) => self.copy_of.insert(source, c),
+            None => self.copy_of.remove(&source),
+        };
+        if let Some(u) = self.undo.as_mut() {
+            u.copies.push((source, before));
+        }
+    }
+
+    /// The list of table blocks, to change: its first change in a transaction is recorded.
+    fn blocks_mut(&mut self) -> &mut Vec<(u64, usize)> {
+        if let Some(u) = self.undo.as_mut()
+            && u.blocks.is_none()
+        {
+            u.blocks = Some(self.blocks.clone());
+        }
+        &mut self.blocks
+    }
+
+    /// True if `self` holds the same links, in the same records and table blocks, as `other`,
+    /// and its order of links names each of them (a rolled-back index against the table).
+    #[cfg(debug_assertions)]
+    fn same_as(&self, other: &Chains) -> bool {
+        let ordered: rustc_hash::FxHashSet<u64> = self
+            .order
+            .iter()
+            .filter(|(c, q)| self.source_of.get(c).is_some_and(|l| l.seq == *q))
+            .map(|(c, _)| *c)
+            .collect();
+        self.source_of.len() == other.source_of.len()
+            && self.source_of.iter().all(|(c, l)| {
+                other.source_of.get(c).is_some_and(|o| (o.source, o.block, o.slot) == (l.source, l.block, l.slot))
+            })
+            && self.copy_of == other.copy_of
+            && self.blocks == other.blocks
+            && ordered.len() == self.source_of.len()
     }
 
     /// Links held.
@@ -346,6 +471,9 @@ impl Chains {
         let mut cuts = 0;
         while self.source_of.len() >= MAX_LINKS && cuts < 8 {
             let Some((c, seq)) = self.order.pop_front() else { break };
+            if let Some(u) = self.undo.as_mut() {
+                u.popped.push((c, seq));
+            }
             cuts += 1;
             if self.source_of.get(&c).is_some_and(|l| l.seq == seq) {
                 self.materialise(meta, BlockAddr(c))?;
@@ -362,16 +490,19 @@ impl Chains {
         t.count = U32::new(t.count.get() + 1);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.source_of.insert(copy.0, Link { source: source.0, block, slot, seq, depth });
-        self.copy_of.insert(source.0, copy.0);
+        self.set_source(copy.0, Some(Link { source: source.0, block, slot, seq, depth }));
+        self.set_copy(source.0, Some(copy.0));
         self.order.push_back((copy.0, seq));
         if self.order.len() > 2 * self.source_of.len() + 1024 {
             // Links undone since they were made leave stale entries: drop them, so the
             // queue stays within twice the links however long the store runs.
             let live = &self.source_of;
             self.order.retain(|(c, q)| live.get(c).is_some_and(|l| l.seq == *q));
+            if let Some(u) = self.undo.as_mut() {
+                u.compacted = true;
+            }
         }
-        if let Some(e) = self.blocks.iter_mut().find(|e| e.0 == block) {
+        if let Some(e) = self.blocks_mut().iter_mut().find(|e| e.0 == block) {
             e.1 += 1;
         }
         Ok(true)
@@ -407,7 +538,7 @@ impl Chains {
                 t.reserved = [0; 4];
                 t.records = [LinkDisk { copy: U64::new(0), source: U64::new(0) }; CHAIN_RECORDS];
                 meta.set_user(CHAIN_SLOT, fresh.0)?;
-                self.blocks.insert(0, (fresh.0, 0));
+                self.blocks_mut().insert(0, (fresh.0, 0));
                 fresh.0
             }
         };
@@ -421,8 +552,8 @@ impl Chains {
 
     /// Removes `copy`'s link (its record, and the block if it empties).
     fn remove_link(&mut self, meta: &mut Meta, copy: BlockAddr) -> Result<()> {
-        let l = self.source_of.remove(&copy.0).ok_or_else(|| damaged(format!("node {copy} has no link to remove")))?;
-        self.copy_of.remove(&l.source);
+        let l = self.set_source(copy.0, None).ok_or_else(|| damaged(format!("node {copy} has no link to remove")))?;
+        self.set_copy(l.source, None);
         let t = layout_mut(meta.write(BlockAddr(l.block), &CHAIN_KIND)?);
         if t.records[l.slot].copy.get() != copy.0 {
             return Err(damaged(format!("chain-table block {} does not hold the link of {copy}", l.block)));
@@ -436,7 +567,7 @@ impl Chains {
             .iter()
             .position(|e| e.0 == l.block)
             .ok_or_else(|| damaged(format!("chain-table block {} is not in the list", l.block)))?;
-        self.blocks[i].1 = left as usize;
+        self.blocks_mut()[i].1 = left as usize;
         if left == 0 {
             // An empty block leaves the list and is freed.
             if i == 0 {
@@ -445,7 +576,7 @@ impl Chains {
                 let prev = self.blocks[i - 1].0;
                 layout_mut(meta.write(BlockAddr(prev), &CHAIN_KIND)?).next = U64::new(next);
             }
-            self.blocks.remove(i);
+            self.blocks_mut().remove(i);
             meta.decref(BlockAddr(l.block))?;
         }
         Ok(())
@@ -453,14 +584,14 @@ impl Chains {
 
     /// Points `copy`'s link at `source` instead (its record rewritten in place).
     fn relink(&mut self, meta: &mut Meta, copy: BlockAddr, source: BlockAddr) -> Result<()> {
-        let l = self.source_of.get_mut(&copy.0).ok_or_else(|| damaged(format!("node {copy} has no link")))?;
+        let l = *self.source_of.get(&copy.0).ok_or_else(|| damaged(format!("node {copy} has no link")))?;
         let t = layout_mut(meta.write(BlockAddr(l.block), &CHAIN_KIND)?);
         t.records[l.slot].source = U64::new(source.0);
-        let old = std::mem::replace(&mut l.source, source.0);
-        if self.copy_of.get(&old) == Some(&copy.0) {
-            self.copy_of.remove(&old);
+        self.set_source(copy.0, Some(Link { source: source.0, ..l }));
+        if self.copy_of.get(&l.source) == Some(&copy.0) {
+            self.set_copy(l.source, None);
         }
-        self.copy_of.insert(source.0, copy.0);
+        self.set_copy(source.0, Some(copy.0));
         Ok(())
     }
 
@@ -533,16 +664,35 @@ pub(crate) fn with_chains_ref<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &Cha
 }
 
 /// Runs `f` with the store's chains (read from the table if the index is not kept), and keeps
-/// the index for the next call if `f` succeeds. A failure drops it: the transaction's blocks
-/// decide what it is next time.
+/// the index for the next call if `f` succeeds. If `f` fails inside a transaction that took
+/// the kept index, the index stays for the rollback, which undoes its changes with the blocks'
+/// (a cache miss retried costs no rebuild); any other failure drops it, and the blocks decide
+/// what it is next time.
 pub(crate) fn with_chains<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &mut Chains) -> Result<T>) -> Result<T> {
     let mut ch = match meta.take_derived::<Chains>() {
         Some(c) => c,
         None => Box::new(Chains::load(meta)?),
     };
-    let out = f(meta, &mut ch)?;
-    meta.put_derived(ch);
-    Ok(out)
+    #[cfg(debug_assertions)]
+    if std::mem::take(&mut ch.undone)
+        && let Ok(table) = Chains::load(meta)
+    {
+        // (A table block not in memory under a cached-only transaction skips the check.)
+        assert!(ch.same_as(&table), "the chain index a rollback undid differs from the chain table");
+    }
+    match f(meta, &mut ch) {
+        Ok(out) => {
+            meta.put_derived(ch);
+            Ok(out)
+        }
+        Err(e) => {
+            if let Some(u) = ch.undo.as_mut() {
+                u.failed = true;
+                meta.put_derived(ch);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// For checkers: the data references in chained leaves that are *not* counted, as
