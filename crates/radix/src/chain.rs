@@ -467,15 +467,17 @@ impl Chains {
             }
         }
         // A few cuts per copy at most, so a table read over the bound (never written so)
-        // comes down over several transactions rather than in one unbounded one.
+        // comes down over several transactions rather than in one unbounded one. Stale
+        // entries (links gone, or undone by a rollback) are skipped without counting: there
+        // are at most as many as links plus 1,024 (compaction below).
         let mut cuts = 0;
         while self.source_of.len() >= MAX_LINKS && cuts < 8 {
             let Some((c, seq)) = self.order.pop_front() else { break };
             if let Some(u) = self.undo.as_mut() {
                 u.popped.push((c, seq));
             }
-            cuts += 1;
             if self.source_of.get(&c).is_some_and(|l| l.seq == seq) {
+                cuts += 1;
                 self.materialise(meta, BlockAddr(c))?;
             }
         }
@@ -670,14 +672,19 @@ pub(crate) fn with_chains_ref<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &Cha
 /// what it is next time.
 pub(crate) fn with_chains<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &mut Chains) -> Result<T>) -> Result<T> {
     let mut ch = match meta.take_derived::<Chains>() {
+        // Left by a change that failed half-way in this transaction, for its rollback: not
+        // to be used again, even if the transaction goes on. Read afresh, it is no longer
+        // recording, so a rollback drops it.
+        Some(c) if c.undo.as_ref().is_some_and(|u| u.failed) => Box::new(Chains::load(meta)?),
         Some(c) => c,
         None => Box::new(Chains::load(meta)?),
     };
     #[cfg(debug_assertions)]
-    if std::mem::take(&mut ch.undone)
+    if ch.undone
         && let Ok(table) = Chains::load(meta)
     {
-        // (A table block not in memory under a cached-only transaction skips the check.)
+        // (A table block not in memory under a cached-only transaction puts the check off.)
+        ch.undone = false;
         assert!(ch.same_as(&table), "the chain index a rollback undid differs from the chain table");
     }
     match f(meta, &mut ch) {
