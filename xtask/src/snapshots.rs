@@ -37,6 +37,10 @@ pub struct BenchSnapshotsArgs {
     /// Snapshots timed for the latency row.
     #[arg(long, default_value_t = 200)]
     pub latency_count: usize,
+    /// parallaxd's metadata cache, in 4 KiB blocks, for every daemon of the run (its own
+    /// default if not given). A small one shows a host whose metadata outgrows its cache.
+    #[arg(long)]
+    pub cache_blocks: Option<usize>,
     /// Snapshot counts at which snap-list and check are timed. Default 1000,10000, or 1000
     /// with --short.
     #[arg(long, value_delimiter = ',')]
@@ -64,6 +68,8 @@ struct Bench {
     store: PathBuf,
     run_dir: PathBuf,
     logs: usize,
+    /// `--cache-blocks` for every daemon, if given.
+    cache_blocks: Option<usize>,
 }
 
 impl Bench {
@@ -78,7 +84,9 @@ impl Bench {
     fn daemon(&mut self, extra: &[&str]) -> Result<Daemon> {
         self.logs += 1;
         let log = self.dir.path().join(format!("parallaxd-{}.log", self.logs));
-        let extra: Vec<&OsStr> = extra.iter().map(OsStr::new).collect();
+        let cache = self.cache_blocks.map(|c| c.to_string());
+        let cache_flags = cache.as_deref().map(|c| ["--cache-blocks", c]);
+        let extra: Vec<&OsStr> = extra.iter().chain(cache_flags.iter().flatten()).map(OsStr::new).collect();
         Daemon::start(&self.parallaxd, &self.store, &self.run_dir, &log, &extra)
     }
 
@@ -137,6 +145,7 @@ pub fn run(a: &BenchSnapshotsArgs) -> Result<()> {
         dir,
         run_dir,
         logs: 0,
+        cache_blocks: a.cache_blocks,
     };
     b.vdi(&["create", "vm", "--size", &sys::size_arg(size)])?;
 
@@ -238,8 +247,12 @@ pub fn run(a: &BenchSnapshotsArgs) -> Result<()> {
     println!(
         "- Setup: parallaxd on a store in /var/tmp, NBD over TCP on 127.0.0.1; one VDI of {} pre-filled \
          by a 1 MiB sequential write; fio --ioengine=nbd, 1 job, {runtime} s per fio row after {ramp} s of \
-         warm-up; `vdi` is the release binary, a new process per command.\n",
-        sys::human(size)
+         warm-up; `vdi` is the release binary, a new process per command; metadata cache {}.\n",
+        sys::human(size),
+        match a.cache_blocks {
+            Some(c) => format!("{c} blocks (`--cache-blocks`)"),
+            None => "parallaxd's default".to_string(),
+        }
     );
     let header: Vec<String> = ["what", "measured", "goal"].iter().map(|s| s.to_string()).collect();
     let mut rows = vec![
