@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use blockstore::format::{block_crc, seal_meta, verify_meta};
 use blockstore::{
-    BLOCK_SIZE, Block, BlockAddr, BlockStore, CrashMode, CreateOptions, DerivedState, MemBackend, MetaKind,
+    BLOCK_SIZE, Block, BlockAddr, BlockStore, CrashMode, CreateOptions, DerivedState, MemBackend, Meta, MetaKind,
     OpenOptions, StoreError,
 };
 
@@ -636,6 +636,13 @@ impl DerivedState for Tally {
     }
 }
 
+/// Takes the state in `m`, adds one to it and puts it back.
+fn bump(m: &mut Meta) {
+    let mut d = m.take_derived::<Tally>().unwrap();
+    d.value += 1;
+    m.put_derived(d);
+}
+
 fn kept(s: &BlockStore) -> Option<u32> {
     s.lock().take_derived::<Tally>().map(|t| t.value)
 }
@@ -655,22 +662,16 @@ fn a_rollback_undoes_derived_state_the_transaction_took_and_keeps_what_it_never_
 
     s.lock().put_derived(Tally::boxed(8));
     let mut t = s.begin().unwrap();
-    let mut d = t.take_derived::<Tally>().unwrap();
-    d.value += 1;
-    t.put_derived(d);
+    bump(&mut t);
     // Taken again in the same transaction: still one record, from the first take.
-    let mut d = t.take_derived::<Tally>().unwrap();
-    d.value += 1;
-    t.put_derived(d);
+    bump(&mut t);
     t.alloc_data().unwrap();
     drop(t);
     assert_eq!(kept(&s), Some(8), "undone by a rollback that took it");
 
     s.lock().put_derived(Tally::boxed(9));
     let mut t = s.begin().unwrap();
-    let mut d = t.take_derived::<Tally>().unwrap();
-    d.value += 1;
-    t.put_derived(d);
+    bump(&mut t);
     t.alloc_data().unwrap();
     t.finish().unwrap();
     let mut t = s.begin().unwrap();

@@ -188,16 +188,10 @@ impl DerivedState for Chains {
             return false;
         }
         for (copy, before) in u.sources.into_iter().rev() {
-            match before {
-                Some(l) => self.source_of.insert(copy, l),
-                None => self.source_of.remove(&copy),
-            };
+            put_entry(&mut self.source_of, copy, before);
         }
         for (source, before) in u.copies.into_iter().rev() {
-            match before {
-                Some(c) => self.copy_of.insert(source, c),
-                None => self.copy_of.remove(&source),
-            };
+            put_entry(&mut self.copy_of, source, before);
         }
         if let Some(blocks) = u.blocks {
             self.blocks = blocks;
@@ -213,6 +207,14 @@ impl DerivedState for Chains {
             self.undone = true;
         }
         true
+    }
+}
+
+/// Sets `map[key]` to `value` (or with `None` removes it); returns what it was.
+fn put_entry<V>(map: &mut HashMap<u64, V>, key: u64, value: Option<V>) -> Option<V> {
+    match value {
+        Some(v) => map.insert(key, v),
+        None => map.remove(&key),
     }
 }
 
@@ -282,10 +284,7 @@ impl Chains {
 
     /// Sets (or with `None` removes) the link of `copy`, recording what it was.
     fn set_source(&mut self, copy: u64, link: Option<Link>) -> Option<Link> {
-        let before = match link {
-            Some(l) => self.source_of.insert(copy, l),
-            None => self.source_of.remove(&copy),
-        };
+        let before = put_entry(&mut self.source_of, copy, link);
         if let Some(u) = self.undo.as_mut() {
             u.sources.push((copy, before));
         }
@@ -294,10 +293,7 @@ impl Chains {
 
     /// Sets (or with `None` removes) the linked copy of `source`, recording what it was.
     fn set_copy(&mut self, source: u64, copy: Option<u64>) {
-        let before = match copy {
-            Some(c) => self.copy_of.insert(source, c),
-            None => self.copy_of.remove(&source),
-        };
+        let before = put_entry(&mut self.copy_of, source, copy);
         if let Some(u) = self.undo.as_mut() {
             u.copies.push((source, before));
         }
@@ -671,11 +667,11 @@ pub(crate) fn with_chains_ref<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &Cha
 /// (a cache miss retried costs no rebuild); any other failure drops it, and the blocks decide
 /// what it is next time.
 pub(crate) fn with_chains<T>(meta: &mut Meta, f: impl FnOnce(&mut Meta, &mut Chains) -> Result<T>) -> Result<T> {
-    let mut ch = match meta.take_derived::<Chains>() {
-        // Left by a change that failed half-way in this transaction, for its rollback: not
-        // to be used again, even if the transaction goes on. Read afresh, it is no longer
-        // recording, so a rollback drops it.
-        Some(c) if c.undo.as_ref().is_some_and(|u| u.failed) => Box::new(Chains::load(meta)?),
+    // An index left by a change that failed half-way in this transaction is kept only for
+    // its rollback, never used again even if the transaction goes on: read afresh, it is no
+    // longer recording, so a rollback drops it.
+    let kept = meta.take_derived::<Chains>().filter(|c| !c.undo.as_ref().is_some_and(|u| u.failed));
+    let mut ch = match kept {
         Some(c) => c,
         None => Box::new(Chains::load(meta)?),
     };
