@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod config;
 pub mod exports;
+pub mod listen;
 pub mod metrics;
 pub mod rings;
 pub mod schedule;

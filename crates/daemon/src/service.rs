@@ -1,8 +1,6 @@
 //! The daemon's life: open the store, serve, and shut down cleanly.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -14,6 +12,7 @@ use vdi::Registry;
 use crate::catalog::Changes;
 use crate::config::Config;
 use crate::exports::VdiExports;
+use crate::listen::{BoundTcp, BoundUnix};
 use crate::rings::RingService;
 
 /// Hooks that let the daemon serve `vdi` commands on a control socket; supplied by `main`
@@ -111,17 +110,18 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
              to make certificates the only way in"
         );
     }
-    if let Some(addr) = config.nbd {
-        let l = TcpListener::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?;
-        tracing::info!("serving NBD on {}", l.local_addr()?);
-        servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
-    }
-    if let Some(path) = &config.nbd_socket {
-        let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?;
-        tracing::info!("serving NBD on unix socket {}", path.display());
-        servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
-    }
+    // Bound now, listening last (see `listen`): a client that gets through finds everything up.
+    let nbd_tcp = match config.nbd {
+        Some(addr) => Some(BoundTcp::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?),
+        None => None,
+    };
+    let nbd_unix = match &config.nbd_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            Some(BoundUnix::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?)
+        }
+        None => None,
+    };
     let mut vhost_servers = Vec::new();
     for (socket, export) in &config.vhost_user_blk {
         let opener = Arc::new(VhostExport {
@@ -171,6 +171,16 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         let (reg, stop) = (reg.clone(), stop.clone());
         std::thread::spawn(move || crate::schedule::run(reg, s, stop))
     });
+    if let Some(bound) = nbd_tcp {
+        let l = bound.listen().context("listening for NBD")?;
+        tracing::info!("serving NBD on {}", l.local_addr()?);
+        servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
+    }
+    if let (Some(bound), Some(path)) = (nbd_unix, &config.nbd_socket) {
+        let l = bound.listen().with_context(|| format!("listening for NBD on {}", path.display()))?;
+        tracing::info!("serving NBD on unix socket {}", path.display());
+        servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
+    }
     *ready = true;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!("parallaxd ready: {} VDIs in {}", reg.list().len(), config.store.display());

@@ -74,6 +74,20 @@ fn wrong_names_and_second_writers_are_refused_with_the_reason() {
     assert!(!out.status.success(), "NBD opened a VDI the ring holds");
 }
 
+/// `Daemon::start` returns once the NBD port takes a connection; by then the ring socket and
+/// the control socket must answer too (CI once saw the ring socket missing: NBD listened first).
+#[test]
+fn once_nbd_accepts_the_ring_and_control_sockets_answer() {
+    for _ in 0..8 {
+        let d = ring_daemon();
+        let g = attach(&d, "disk").expect("the ring socket is up");
+        drop(g);
+        let (code, out, err) = d.vdi(&["list"]);
+        assert_eq!(code, 0, "the control socket is up: {err}");
+        assert!(out.contains("disk"), "{out}");
+    }
+}
+
 #[test]
 fn a_snapshot_attaches_read_only() {
     let d = ring_daemon();
