@@ -1,9 +1,11 @@
 //! NBD listeners bound first and opened last.
 //!
 //! Scripts, tests and `xtask` take "the NBD port accepts a connection" to mean "the daemon is
-//! up". So the NBD sockets are bound at the start (a port in use fails the start before
-//! anything is served) but only listen once every other transport and the control socket are
-//! there: until then a client's connect is refused rather than queued.
+//! up". So the NBD sockets are bound at the start (a port another process listens on fails the
+//! start before anything is served) but only listen once every other transport and the control
+//! socket are there: until then a client's connect is refused rather than queued. (With
+//! `SO_REUSEADDR` a bind conflicts only with a listening socket; a port taken in between fails
+//! at [`BoundTcp::listen`].)
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};

@@ -171,15 +171,25 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         let (reg, stop) = (reg.clone(), stop.clone());
         std::thread::spawn(move || crate::schedule::run(reg, s, stop))
     });
-    if let Some(bound) = nbd_tcp {
-        let l = bound.listen().context("listening for NBD")?;
-        tracing::info!("serving NBD on {}", l.local_addr()?);
-        servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
-    }
-    if let (Some(bound), Some(path)) = (nbd_unix, &config.nbd_socket) {
-        let l = bound.listen().with_context(|| format!("listening for NBD on {}", path.display()))?;
+    // Both listen before either serves, the Unix socket first: a client that waits for the TCP
+    // port finds the socket too, and a failed listen leaves no NBD server running.
+    let nbd_unix = match (nbd_unix, &config.nbd_socket) {
+        (Some(bound), Some(path)) => {
+            Some(bound.listen().with_context(|| format!("listening for NBD on {}", path.display()))?)
+        }
+        _ => None,
+    };
+    let nbd_tcp = match nbd_tcp {
+        Some(bound) => Some(bound.listen().context("listening for NBD")?),
+        None => None,
+    };
+    if let (Some(l), Some(path)) = (nbd_unix, &config.nbd_socket) {
         tracing::info!("serving NBD on unix socket {}", path.display());
         servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
+    }
+    if let Some(l) = nbd_tcp {
+        tracing::info!("serving NBD on {}", l.local_addr()?);
+        servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
     }
     *ready = true;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -85,6 +85,15 @@ fn once_nbd_accepts_the_ring_and_control_sockets_answer() {
         let (code, out, err) = d.vdi(&["list"]);
         assert_eq!(code, 0, "the control socket is up: {err}");
         assert!(out.contains("disk"), "{out}");
+        // The race's window is a fraction of a millisecond; the order the daemon logs its
+        // sockets in (each logged once it accepts) shows the ordering every time.
+        let log = d.log();
+        let at = |what: &str| log.find(what).unwrap_or_else(|| panic!("no {what:?} in the log:\n{log}"));
+        let nbd = at("serving NBD on 127.0.0.1");
+        let unix = at("serving NBD on unix socket");
+        assert!(at("serving blkif rings") < unix && unix < nbd, "NBD listened before the ring socket:\n{log}");
+        assert!(at("serving vdi commands") < unix, "NBD listened before the control socket:\n{log}");
+        assert!(nbd < at("parallaxd ready"), "{log}");
     }
 }
 

@@ -49,8 +49,8 @@ start_parallaxd() {
     PARALLAXD_LOG=/var/log/parallaxd-$STARTS.log
     PARALLAX_LOG=${PARALLAX_LOG:-info} /demo/parallaxd --xen --store /dev/vdb >$PARALLAXD_LOG 2>&1 &
     PARALLAXD_PID=$!
-    # Ready once it logs that it serves Xen guests.
-    if ! timeout 60 sh -c "tail -n +1 -f $PARALLAXD_LOG | grep -q -m1 'serving Xen guests'"; then
+    # Ready once it logs so (after the Xen backend, the control socket and everything else).
+    if ! timeout 60 sh -c "tail -n +1 -f $PARALLAXD_LOG | grep -q -m1 'parallaxd ready'"; then
         say "parallaxd did not start:"; cat $PARALLAXD_LOG; finish fail
     fi
     say "parallaxd $PARALLAXD_PID serving at $(up) s"
