@@ -111,14 +111,14 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         );
     }
     // Bound now, listening last (see `listen`): a client that gets through finds everything up.
-    let nbd_tcp = match config.nbd {
-        Some(addr) => Some(BoundTcp::bind(addr).with_context(|| format!("listening for NBD on {addr}"))?),
-        None => None,
-    };
+    let nbd_tcp = config
+        .nbd
+        .map(|addr| BoundTcp::bind(addr).with_context(|| format!("listening for NBD on {addr}")))
+        .transpose()?;
     let nbd_unix = match &config.nbd_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
-            Some(BoundUnix::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?)
+            Some((BoundUnix::bind(path).with_context(|| format!("listening for NBD on {}", path.display()))?, path))
         }
         None => None,
     };
@@ -173,17 +173,14 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
     });
     // Both listen before either serves, the Unix socket first: a client that waits for the TCP
     // port finds the socket too, and a failed listen leaves no NBD server running.
-    let nbd_unix = match (nbd_unix, &config.nbd_socket) {
-        (Some(bound), Some(path)) => {
-            Some(bound.listen().with_context(|| format!("listening for NBD on {}", path.display()))?)
+    let nbd_unix = match nbd_unix {
+        Some((bound, path)) => {
+            Some((bound.listen().with_context(|| format!("listening for NBD on {}", path.display()))?, path))
         }
-        _ => None,
-    };
-    let nbd_tcp = match nbd_tcp {
-        Some(bound) => Some(bound.listen().context("listening for NBD")?),
         None => None,
     };
-    if let (Some(l), Some(path)) = (nbd_unix, &config.nbd_socket) {
+    let nbd_tcp = nbd_tcp.map(BoundTcp::listen).transpose().context("listening for NBD")?;
+    if let Some((l, path)) = nbd_unix {
         tracing::info!("serving NBD on unix socket {}", path.display());
         servers.push(Server::spawn_unix(l, provider.clone(), config.nbd_limits.clone())?);
     }
