@@ -210,10 +210,11 @@ osd memory target = 939524096
 
     /// A memstore cluster in a temp directory with the pool the RADOS tests use
     /// (`cephtest::POOL`), for `cargo test` runs: their env var `PARALLAX_TEST_CEPH_CONF` is
-    /// this cluster's [`Ceph::conf`].
+    /// this cluster's [`Ceph::conf`]. With a mgr: pool quotas, which a test fills, are
+    /// enforced from the usage figures only a mgr passes to the monitors.
     pub fn for_tests() -> Result<Ceph> {
         let dir = std::env::temp_dir().join(format!("parallax-test-ceph-{}", std::process::id()));
-        let ceph = Ceph::start(&dir, ObjectStore::Memstore, false)?;
+        let ceph = Ceph::start(&dir, ObjectStore::Memstore, true)?;
         ceph.create_pool("parallax-test")?;
         Ok(ceph)
     }

@@ -22,7 +22,7 @@ use crate::{BLOCK_SIZE, Block, BlockAddr, Result, StoreError};
 fn no_space(what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     move |e| match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => {
-            StoreError::NoSpace { detail: format!("{what}: the file system is full: {e}") }
+            StoreError::NoSpace { detail: format!("{what}: the medium is full (file system, device or pool): {e}") }
         }
         _ => StoreError::io(what, e),
     }

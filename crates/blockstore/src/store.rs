@@ -781,7 +781,9 @@ impl BlockStore {
         // Counted even if it failed: part of it may have reached the medium.
         self.data_written.fetch_add(1, Ordering::AcqRel);
         written.map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) => StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") },
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => {
+                StoreError::NoSpace { detail: format!("writing data block {addr}: {e}") }
+            }
             _ => StoreError::io(format!("writing data block {addr}"), e),
         })
     }

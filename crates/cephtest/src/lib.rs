@@ -66,3 +66,52 @@ impl TestCluster {
         Arc::new(c.pool(POOL, Some(namespace)).expect("opening the test pool"))
     }
 }
+
+/// A pool of its own for one test, removed when dropped: for tests that change a pool-wide
+/// setting (a quota) that would disturb tests sharing [`POOL`].
+pub struct ScratchPool {
+    /// The pool's name.
+    pub name: String,
+    conf: PathBuf,
+}
+
+impl TestCluster {
+    /// Creates a pool named after `name` and this process, through the `ceph` tool.
+    pub fn scratch_pool(&self, name: &str) -> ScratchPool {
+        let conf = self.ceph.conf.clone().expect("the test cluster is named by its ceph.conf");
+        let pool = ScratchPool { name: self.fresh_namespace(name), conf };
+        pool.ceph(&["osd", "pool", "create", &pool.name, "8", "8"]);
+        pool.ceph(&["osd", "pool", "application", "enable", &pool.name, "rados"]);
+        pool
+    }
+}
+
+impl ScratchPool {
+    /// Runs `ceph ARGS` on the test cluster; panics with its output if it fails.
+    fn ceph(&self, args: &[&str]) {
+        let out = std::process::Command::new("ceph")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running ceph {args:?}: {e}"));
+        assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Sets the pool's quota to `bytes` (0: none). The monitors mark the pool full some
+    /// seconds after its usage passes the quota, as the OSD's statistics reach them.
+    pub fn set_quota_bytes(&self, bytes: u64) {
+        self.ceph(&["osd", "pool", "set-quota", &self.name, "max_bytes", &bytes.to_string()]);
+    }
+}
+
+impl Drop for ScratchPool {
+    fn drop(&mut self) {
+        let n = &self.name;
+        let _ = std::process::Command::new("ceph")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["osd", "pool", "delete", n, n, "--yes-i-really-really-mean-it"])
+            .output();
+    }
+}

@@ -16,6 +16,7 @@
 //! the other — a tear at an object boundary, itself a multiple of 512. So every crash state
 //! RADOS can leave is one of those the crash-state suite already builds and checks.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,10 @@ pub struct RadosBackend {
     lease: Arc<LeaseClock>,
     /// False for a reader (a shared lease): writes are refused.
     writable: bool,
+    /// How long [`Backend::reserve`] has made each data object (by index): the object is at
+    /// least that long, so a range below needs no round trip. At most one entry per data
+    /// object of the medium.
+    reserved: Mutex<HashMap<u64, u64>>,
 }
 
 fn parse_u64(what: &str, v: &[u8]) -> Result<u64> {
@@ -84,7 +89,14 @@ impl RadosBackend {
             )));
         }
         let size = parse_u64(SIZE_XATTR, &pool.xattr(HEADER_OBJECT, SIZE_XATTR)?.unwrap_or_default())?;
-        Ok(Some(RadosBackend { pool, size: AtomicU64::new(size), growing: Mutex::new(()), lease, writable }))
+        Ok(Some(RadosBackend {
+            pool,
+            size: AtomicU64::new(size),
+            growing: Mutex::new(()),
+            lease,
+            writable,
+            reserved: Mutex::default(),
+        }))
     }
 
     /// Makes an empty medium in `pool` for a writer. It is not a store until
@@ -103,7 +115,14 @@ impl RadosBackend {
         }
         pool.set_xattr(HEADER_OBJECT, OBJECT_SIZE_XATTR, OBJECT_SIZE.to_string().as_bytes())?;
         pool.set_xattr(HEADER_OBJECT, SIZE_XATTR, b"0")?;
-        Ok(RadosBackend { pool, size: AtomicU64::new(0), growing: Mutex::new(()), lease, writable: true })
+        Ok(RadosBackend {
+            pool,
+            size: AtomicU64::new(0),
+            growing: Mutex::new(()),
+            lease,
+            writable: true,
+            reserved: Mutex::default(),
+        })
     }
 
     /// The pool (and namespace) the medium is in.
@@ -191,9 +210,27 @@ impl Backend for RadosBackend {
         Ok(())
     }
 
-    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        // RADOS cannot reserve space; a full pool fails the write itself with ENOSPC/EDQUOT,
-        // which the store reports as "no space" and loses nothing by.
+    /// Space in a pool is counted by object lengths, and a full pool refuses only writes that
+    /// lengthen an object. So each data object the range touches is made at least long enough
+    /// to hold it ([`Pool::extend_object`], which changes no byte; one round trip per object
+    /// unless an earlier reserve of this process already covered the range), and the commit's
+    /// later writes there land even when the pool has filled meanwhile. Like `fallocate`, it
+    /// reserves the range and no more, so a pool's usage follows what the store uses. Fails
+    /// with EDQUOT or ENOSPC on a full pool.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.may_write()?;
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        end_of(offset, len)?;
+        for (index, within, n) in pieces(offset, len) {
+            let end = within + n as u64;
+            if self.reserved.lock().get(&index).is_some_and(|&done| done >= end) {
+                continue;
+            }
+            self.pool.extend_object(&data_object(index), end).map_err(RadosError::into_io)?;
+            let mut reserved = self.reserved.lock();
+            let done = reserved.entry(index).or_insert(0);
+            *done = (*done).max(end);
+        }
         Ok(())
     }
 

@@ -122,6 +122,14 @@ impl Cluster {
             // SAFETY: `io` is the live context just created, not yet shared with any thread.
             unsafe { (self.api.rados_ioctx_set_namespace)(p.io, ns.as_ptr()) };
         }
+        // A write to a full pool (its quota reached, or the cluster at its full ratio) fails at
+        // once with EDQUOT or ENOSPC instead of waiting for room, which by librados' default
+        // it does until the op timeout: a commit would wait that long holding the store's
+        // metadata lock, then fail. The OSD refuses only writes that grow the pool's usage (a
+        // new object, or past an object's end), so writes into space the store reserved
+        // (`Pool::extend_object`) still land.
+        // SAFETY: as above: the live context, not yet shared.
+        unsafe { (self.api.rados_set_pool_full_try)(p.io) };
         Ok(p)
     }
 
@@ -277,6 +285,39 @@ impl Pool {
         // SAFETY: `data` is valid for `data.len()` bytes of reading; `o` is NUL-terminated.
         let r = unsafe { (self.api().rados_write)(self.io, o.as_ptr(), data.as_ptr().cast(), data.len(), offset) };
         check(|| format!("writing {object} at {offset}"), r.into()).map(drop)
+    }
+
+    /// Makes `object` at least `len` bytes long (creating it) without changing a byte of what
+    /// it reads as: in one atomic operation, if the byte at `len - 1` reads as zero (as every
+    /// byte past an object's end does), a zero is written there. A byte some write put there
+    /// meanwhile is left alone, and then the object is already that long. Once done, writes
+    /// within the first `len` bytes no longer grow the pool's usage, so a full pool still
+    /// takes them.
+    pub fn extend_object(&self, object: &str, len: u64) -> Result<()> {
+        let Some(last) = len.checked_sub(1) else { return Ok(()) };
+        let o = cstring("object", object)?;
+        let api = self.api();
+        let zero = [0u8; 1];
+        let mut compared: std::ffi::c_int = 0;
+        // SAFETY: the op is created, filled, run and released here, never shared. `zero`,
+        // `compared` and `o` outlive `operate`, which is where librados reads and writes them;
+        // the op holds no pointer after it is released.
+        let r = unsafe {
+            let op = (api.rados_create_write_op)();
+            if op.is_null() {
+                return Err(RadosError::call(format!("extending {object}: no memory for the op"), -12));
+            }
+            (api.rados_write_op_cmpext)(op, zero.as_ptr().cast(), 1, last, &mut compared);
+            (api.rados_write_op_write)(op, zero.as_ptr().cast(), 1, last);
+            let r = (api.rados_write_op_operate)(op, self.io, o.as_ptr(), std::ptr::null_mut(), 0);
+            (api.rados_release_write_op)(op);
+            r
+        };
+        // A mismatch is reported as -MAX_ERRNO (4095) minus its offset in the compared bytes.
+        if r <= -4095 {
+            return Ok(());
+        }
+        check(|| format!("extending {object} to {len} bytes"), r.into()).map(drop)
     }
 
     /// Replaces the whole of `object` with `data` (creating it) in one atomic operation.

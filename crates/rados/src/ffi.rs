@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 pub type RadosT = *mut c_void;
 /// `rados_ioctx_t`: a pool (and namespace) handle.
 pub type IoctxT = *mut c_void;
+/// `rados_write_op_t`: a compound write, applied to one object atomically.
+pub type WriteOpT = *mut c_void;
 
 /// `struct timeval` as librados takes it for lock durations.
 #[repr(C)]
@@ -68,10 +70,16 @@ api! {
     rados_ioctx_create: fn(RadosT, *const c_char, *mut IoctxT) -> c_int;
     rados_ioctx_destroy: fn(IoctxT) -> ();
     rados_ioctx_set_namespace: fn(IoctxT, *const c_char) -> ();
+    rados_set_pool_full_try: fn(IoctxT) -> ();
     rados_read: fn(IoctxT, *const c_char, *mut c_char, usize, u64) -> c_int;
     rados_write: fn(IoctxT, *const c_char, *const c_char, usize, u64) -> c_int;
     rados_write_full: fn(IoctxT, *const c_char, *const c_char, usize) -> c_int;
     rados_remove: fn(IoctxT, *const c_char) -> c_int;
+    rados_create_write_op: fn() -> WriteOpT;
+    rados_release_write_op: fn(WriteOpT) -> ();
+    rados_write_op_cmpext: fn(WriteOpT, *const c_char, usize, u64, *mut c_int) -> ();
+    rados_write_op_write: fn(WriteOpT, *const c_char, usize, u64) -> ();
+    rados_write_op_operate: fn(WriteOpT, IoctxT, *const c_char, *mut libc::time_t, c_int) -> c_int;
     rados_getxattr: fn(IoctxT, *const c_char, *const c_char, *mut c_char, usize) -> c_int;
     rados_setxattr: fn(IoctxT, *const c_char, *const c_char, *const c_char, usize) -> c_int;
     rados_rmxattr: fn(IoctxT, *const c_char, *const c_char) -> c_int;

@@ -167,7 +167,13 @@ pub fn open_store_in_pool(
             m.backend.seal().map_err(|e| store_error(loc, e))?;
             store
         }
-        None => BlockStore::open(m.backend, opts)?,
+        None => {
+            let store = BlockStore::open(m.backend.clone(), opts)?;
+            if !opts.read_only {
+                reserve_journal(loc, &m.backend, &store);
+            }
+            store
+        }
     };
     store.hold(Box::new(m.lease));
     if !opts.read_only {
@@ -182,6 +188,17 @@ pub fn open_store_in_pool(
         }
     }
     Ok((store, m.created, pool))
+}
+
+/// Reserves the superblocks and journal of a store made before [`RadosBackend`] reserved
+/// space, whose journal objects may still be short: a commit writing there on a full pool
+/// would fail. Only a warning if it cannot be done now (the pool is full): the store is
+/// served as before, and the journal's objects reach their length as it wraps.
+fn reserve_journal(loc: &RadosLocation, backend: &RadosBackend, store: &BlockStore) {
+    let fixed = store.lock().superblock().groups_start * blockstore::BLOCK_SIZE as u64;
+    if let Err(e) = blockstore::Backend::reserve(backend, 0, fixed) {
+        tracing::warn!("{loc}: could not reserve the journal's space ({e}); a commit may fail while the pool is full");
+    }
 }
 
 /// What any host can see of a store without opening it or taking any lock.
