@@ -175,3 +175,71 @@ fn a_creation_cut_short_is_made_again_and_leaves_nothing_behind() {
     let n = pool.read(&rados::backend::data_object(2), 0, &mut probe).unwrap();
     assert!(probe[..n].iter().all(|&b| b != 0xEE), "a block of the unfinished creation survived");
 }
+
+/// `vdi --wait` on a RADOS store: a writer waiting behind the holder gets the store as soon as
+/// the holder lets go — woken by the holder's notify, not by its own periodic look, which this
+/// test puts two minutes away.
+#[test]
+fn a_waiting_writer_gets_the_store_when_the_holder_lets_go() {
+    let Some(cluster) = cephtest::cluster("a_waiting_writer_gets_the_store_when_the_holder_lets_go") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("wait", "host-a");
+    let holder = create(&loc, &a);
+    let kept = write_block(&holder, 0x55);
+    let pool = cluster.pool(loc.namespace.as_deref().unwrap());
+    let look_again = std::time::Duration::from_secs(120);
+    let (waiting_tx, waiting) = crossbeam_channel::bounded::<()>(1);
+    let waiter = std::thread::spawn(move || {
+        let t = rados::lease::acquire_waiting(pool, "host-b", LockMode::Exclusive, look_again, &mut |holder| {
+            assert!(holder.contains("host host-a"), "{holder}");
+            let _ = waiting_tx.try_send(());
+        });
+        (t, std::time::Instant::now())
+    });
+    waiting.recv().expect("the waiter found the lease taken");
+    let released = std::time::Instant::now();
+    drop(holder);
+    let (lease, got) = waiter.join().unwrap();
+    let lease = lease.expect("the waiter's lease");
+    let waited = got - released;
+    assert!(waited < look_again / 2, "the waiter took {waited:?}: it was not woken by the release");
+    eprintln!("the waiter had the lease {waited:?} after the holder let go");
+    drop(lease);
+    let store = open(&loc, &cluster.options("host-b"), false).unwrap();
+    assert_eq!(read_block(&store, kept), 0x55);
+}
+
+/// A holder that died without letting go sends no notify: the waiter looks again after a lease
+/// time and gets the store once the dead holder's lock has run out.
+#[test]
+fn a_waiting_writer_gets_the_store_when_a_dead_holders_lease_runs_out() {
+    let Some(cluster) = cephtest::cluster("a_waiting_writer_gets_the_store_when_a_dead_holders_lease_runs_out") else {
+        return;
+    };
+    let (loc, a) = cluster.fresh_store("wait-expiry", "host-a");
+    drop(create(&loc, &a));
+    let ns = loc.namespace.clone().unwrap();
+    let dead = cluster.pool(&ns);
+    let spec = LockSpec {
+        name: LEASE_LOCK,
+        mode: LockMode::Exclusive,
+        cookie: "host-a/1",
+        description: "host=host-a",
+        duration: std::time::Duration::from_secs(3),
+    };
+    dead.lock(HEADER_OBJECT, &spec, false).unwrap();
+    let mut refusals = 0;
+    let lease = rados::lease::acquire_waiting(
+        cluster.pool(&ns),
+        "host-b",
+        LockMode::Exclusive,
+        std::time::Duration::from_secs(3),
+        &mut |_| refusals += 1,
+    )
+    .expect("the lease once the dead holder's ran out");
+    // One refusal, maybe two (the lease time races the lock's); a waiter spinning would count
+    // thousands.
+    assert!((1..=3).contains(&refusals), "found the lease taken {refusals} times");
+    drop(lease);
+}

@@ -55,7 +55,7 @@ pub fn open_with(
 ) -> Result<Opened, Failure> {
     if let Some(loc) = path.to_str().and_then(rados::RadosLocation::parse) {
         let loc = loc.map_err(|e| Failure::user(e.to_string()))?;
-        return open_rados(&loc, command, ceph, err);
+        return open_rados(&loc, command, wait, ceph, err);
     }
     let shown = path.display();
     let meta = std::fs::metadata(path).ok();
@@ -123,10 +123,12 @@ pub fn open_with(
 }
 
 /// Opens a store in RADOS: shared for reading, exclusive for writing (the store's lease),
-/// created on first use by the commands that make things.
+/// created on first use by the commands that make things; with `wait`, queued behind another
+/// client holding the lease until it lets go (or its lease runs out).
 fn open_rados(
     loc: &rados::RadosLocation,
     command: &Command,
+    wait: bool,
     ceph: &rados::RadosOptions,
     err: &mut dyn Write,
 ) -> Result<Opened, Failure> {
@@ -135,8 +137,25 @@ fn open_rados(
         _ => None,
     };
     let create = if command.creates_store() || init.is_some() { Some(create_options(init)?) } else { None };
-    let opts = OpenOptions { read_only: !command.writes(), wait_for_lock: false, ..OpenOptions::default() };
-    let (store, created) = match rados::open_store(loc, ceph, &opts, create.as_ref()) {
+    let mut opts = OpenOptions { read_only: !command.writes(), wait_for_lock: false, ..OpenOptions::default() };
+    let opened = match rados::open_store(loc, ceph, &opts, create.as_ref()) {
+        Err(StoreError::Locked { detail, .. }) if wait => {
+            // A daemon holds its store until it stops: waiting would not end (as for a file
+            // store), and would take the store ahead of a daemon being started elsewhere.
+            if let Some(host) = daemon_serving(loc, ceph) {
+                return Err(Failure::user(format!(
+                    "parallaxd on host {host} serves {loc} and holds it until it stops, so --wait would not \
+                     end: run the command on that host, or stop that daemon (or `vdi --store {loc} takeover` \
+                     if that host is gone)"
+                )));
+            }
+            let _ = writeln!(err, "vdi: waiting for {loc}: in use, {detail}");
+            opts.wait_for_lock = true;
+            rados::open_store(loc, ceph, &opts, create.as_ref())
+        }
+        other => other,
+    };
+    let (store, created) = match opened {
         Ok(s) => s,
         Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && create.is_none() => {
             return Err(Failure::user(format!("no store at {loc}: `vdi --store {loc} create NAME` makes one there")));
@@ -144,7 +163,8 @@ fn open_rados(
         Err(StoreError::Locked { detail, .. }) => {
             return Err(Failure::user(format!(
                 "the store {loc} is in use, {detail}; if that host is gone, `vdi --store {loc} takeover` fences \
-                 it and frees the store at once (else it is free when that host's lease runs out)"
+                 it and frees the store at once (else it is free when that host's lease runs out; --wait queues \
+                 behind it)"
             )));
         }
         Err(e) => return Err(Failure::from(e).context(format!("cannot open the store {loc}"))),
@@ -158,6 +178,15 @@ fn open_rados(
     let reg = Registry::open(Arc::new(store))
         .map_err(|e| Failure::from(e).context(format!("cannot read the VDIs of {loc}")))?;
     Ok(Opened { reg, created, was_empty_file: false })
+}
+
+/// The host of the daemon serving the store at `loc`, if one does: the writer holding the
+/// lease is the client that published the store's catalog (only parallaxd publishes one).
+fn daemon_serving(loc: &rados::RadosLocation, ceph: &rados::RadosOptions) -> Option<String> {
+    let status = rados::served_elsewhere(loc, ceph).ok()??;
+    let writer = status.writer?;
+    let catalog = status.catalog.ok()??;
+    (catalog.writer == writer.client).then(|| writer.host().to_string())
 }
 
 /// `vdi cluster`: every store the directory of the RADOS pool at `path` records, as its lease

@@ -85,3 +85,61 @@ fn takeover_of_a_file_store_is_refused_with_a_reason() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("is a file store"), "{}", text(&o));
 }
+
+/// `vdi --wait` on a RADOS store queues behind the host holding it and runs once it lets go.
+#[test]
+fn vdi_wait_queues_behind_the_holder_of_a_rados_store() {
+    use std::io::BufRead;
+    let Some(cluster) = cephtest::cluster("vdi_wait_queues_behind_the_holder_of_a_rados_store") else { return };
+    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace("cli-wait"));
+    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    let (held, _) =
+        rados::open_store(&loc, &cluster.options("h9"), &blockstore::OpenOptions::default(), None).expect("h9 opens");
+    let conf = cluster.ceph.conf.as_ref().expect("the test cluster's ceph.conf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdi"))
+        .args(["--store", &store, "--host", "h1", "--wait", "--ceph-conf"])
+        .arg(conf)
+        .args(["create", "other", "--size", "8M"])
+        .env("PARALLAX_RUN_DIR", std::env::temp_dir().join("parallax-cli-rados-test"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running vdi --wait");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("vdi: waiting for") && line.contains("held by host h9"), "{line}");
+    drop(held);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "vdi --wait after h9 let go: {}", text(&o));
+    let o = vdi(&cluster, &store, "h1", &["list"]);
+    assert!(o.status.success() && text(&o).contains("other"), "{}", text(&o));
+}
+
+/// `vdi --wait` behind a daemon (the lease holder published the store's catalog) fails at once:
+/// the daemon holds the store until it stops.
+#[test]
+fn vdi_wait_behind_a_daemon_fails_at_once() {
+    let Some(cluster) = cephtest::cluster("vdi_wait_behind_a_daemon_fails_at_once") else { return };
+    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace("cli-wait-daemon"));
+    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    let (held, _, pool) =
+        rados::open_store_in_pool(&loc, &cluster.options("h9"), &blockstore::OpenOptions::default(), None)
+            .expect("h9 opens");
+    let catalog = rados::catalog::Catalog {
+        host: "h9".into(),
+        writer: format!("client.{}", pool.cluster().instance_id()),
+        published_ms: 1,
+        vdis: vec![],
+        clients: vec![],
+    };
+    catalog.publish(&pool).expect("publish");
+    let o = vdi(&cluster, &store, "h1", &["--wait", "create", "other", "--size", "8M"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("parallaxd on host h9 serves"), "{}", text(&o));
+    drop(held);
+}

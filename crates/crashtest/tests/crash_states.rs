@@ -102,7 +102,7 @@ fn every_crash_state_of_the_standard_workload_on_rados_is_consistent() {
         return;
     };
     let (loc, opts) = cluster.fresh_store("crash-states", "test-host");
-    let medium = rados::open_medium(&loc, &opts, false, true).expect("a fresh store medium in RADOS");
+    let medium = rados::open_medium(&loc, &opts, false, true, false).expect("a fresh store medium in RADOS");
     assert!(medium.created);
     let (seed, journal) = (6u64, 64u64);
     let run = workload::standard_on(workload::Run::on(crashtest::Recorder::on(medium.backend), seed, journal));

@@ -1,12 +1,14 @@
 //! Safe handles on a Ceph cluster and on one pool (and namespace) of it.
 
-use std::ffi::{CStr, CString, c_char};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{RadosError, Result};
 use crate::ffi::{self, Api, IoctxT, RadosT, Timeval};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 /// How long one librados operation may take before it fails (`rados_osd_op_timeout`,
 /// `rados_mon_op_timeout`).
@@ -320,6 +322,58 @@ impl Pool {
         check(|| format!("extending {object} to {len} bytes"), r.into()).map(drop)
     }
 
+    /// Watches `object`: the returned [`Watch`] hears of every notify sent to it
+    /// ([`Pool::notify`]) until dropped.
+    pub fn watch(self: &Arc<Self>, object: &str) -> Result<Watch> {
+        let (sender, notified) = bounded(1);
+        let state = Box::into_raw(Box::new(WatchState {
+            api: self.api(),
+            io: self.io,
+            object: cstring("object", object)?,
+            sender,
+            broken: std::sync::atomic::AtomicBool::new(false),
+        }));
+        let mut handle = 0u64;
+        // SAFETY: `state` stays allocated until the watch is unregistered and librados has
+        // run its last callback (`Watch::drop`, or just below on failure); the object name
+        // it holds is NUL-terminated; `handle` is a valid out-pointer.
+        let r = unsafe {
+            (self.api().rados_watch2)(
+                self.io,
+                (*state).object.as_ptr(),
+                &mut handle,
+                Some(on_notify),
+                Some(on_watch_error),
+                state.cast(),
+            )
+        };
+        if r < 0 {
+            // SAFETY: the watch was not registered, so no callback has `state`; freed once.
+            drop(unsafe { Box::from_raw(state) });
+            return Err(RadosError::call(format!("watching {object}"), r.into()));
+        }
+        Ok(Watch { pool: self.clone(), handle, state, notified })
+    }
+
+    /// Tells every watcher of `object` ([`Pool::watch`]), waiting up to `timeout` for their
+    /// acknowledgements.
+    pub fn notify(&self, object: &str, timeout: Duration) -> Result<()> {
+        let o = cstring("object", object)?;
+        let mut reply: *mut c_char = std::ptr::null_mut();
+        let mut reply_len = 0usize;
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        // SAFETY: `o` is NUL-terminated; an empty payload; `reply` and `reply_len` are valid
+        // out-pointers, and a reply buffer librados allocates is freed below.
+        let r = unsafe {
+            (self.api().rados_notify2)(self.io, o.as_ptr(), std::ptr::null(), 0, ms, &mut reply, &mut reply_len)
+        };
+        if !reply.is_null() {
+            // SAFETY: allocated by rados_notify2 for us; freed once.
+            unsafe { (self.api().rados_buffer_free)(reply) };
+        }
+        check(|| format!("notifying the watchers of {object}"), r.into()).map(drop)
+    }
+
     /// Replaces the whole of `object` with `data` (creating it) in one atomic operation.
     pub fn write_full(&self, object: &str, data: &[u8]) -> Result<()> {
         assert!(data.len() <= MAX_IO);
@@ -538,4 +592,80 @@ impl Pool {
         }
         check(|| format!("breaking {}'s lock on {object}", locker.client), r.into()).map(drop)
     }
+}
+
+/// A watch on one object ([`Pool::watch`]).
+pub struct Watch {
+    pool: Arc<Pool>,
+    handle: u64,
+    state: *mut WatchState,
+    notified: Receiver<()>,
+}
+
+/// What the watch callbacks reach through their `arg`.
+struct WatchState {
+    api: &'static Api,
+    io: IoctxT,
+    object: CString,
+    sender: Sender<()>,
+    /// Set when librados reports the watch failed: it hears nothing more and must be replaced.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Watch {
+    /// Receives once for each notify (several close together may arrive as one), and when the
+    /// watch itself fails (the client lost the OSD for longer than the watch timeout): either
+    /// way, time to look again at what is watched.
+    pub fn notified(&self) -> &Receiver<()> {
+        &self.notified
+    }
+
+    /// True once librados has reported the watch failed: it will hear of no more notifies, and
+    /// a new one must be made ([`Pool::watch`]).
+    pub fn is_broken(&self) -> bool {
+        // SAFETY: `state` lives as long as `self` (freed in `drop`).
+        unsafe { &*self.state }.broken.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let api = self.pool.api();
+        // SAFETY: the watch is registered on this live context and unregistered once; the
+        // flush returns after every callback already queued has run, so none can reach
+        // `state` once it is freed below.
+        unsafe {
+            (api.rados_unwatch2)(self.pool.io, self.handle);
+            (api.rados_watch_flush)(self.pool.cluster.handle);
+            drop(Box::from_raw(self.state));
+        }
+    }
+}
+
+/// A notify on a watched object: wake the waiter, and acknowledge at once so the notifier does
+/// not wait out its timeout.
+unsafe extern "C" fn on_notify(
+    arg: *mut c_void,
+    notify_id: u64,
+    handle: u64,
+    _notifier: u64,
+    _: *mut c_void,
+    _: usize,
+) {
+    // SAFETY: `arg` is the `WatchState` of a registered watch, freed only after the watch is
+    // unregistered and its callbacks flushed (`Watch::drop`).
+    let state = unsafe { &*arg.cast::<WatchState>() };
+    let _ = state.sender.try_send(());
+    // SAFETY: the context outlives the watch; the object name is NUL-terminated; no payload.
+    // The acknowledgement is sent without waiting for its reply, so it cannot block this
+    // librados thread.
+    unsafe { (state.api.rados_notify_ack)(state.io, state.object.as_ptr(), notify_id, handle, std::ptr::null(), 0) };
+}
+
+/// The watch failed: wake the waiter, which looks again for itself.
+unsafe extern "C" fn on_watch_error(arg: *mut c_void, _handle: u64, _err: c_int) {
+    // SAFETY: as in `on_notify`.
+    let state = unsafe { &*arg.cast::<WatchState>() };
+    state.broken.store(true, std::sync::atomic::Ordering::Release);
+    let _ = state.sender.try_send(());
 }

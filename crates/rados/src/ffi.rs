@@ -11,6 +11,12 @@ pub type IoctxT = *mut c_void;
 /// `rados_write_op_t`: a compound write, applied to one object atomically.
 pub type WriteOpT = *mut c_void;
 
+/// `rados_watchcb2_t`: called on a librados thread for each notify on a watched object
+/// (`arg`, notify id, watch handle, notifier id, payload, payload length).
+pub type WatchCb = unsafe extern "C" fn(*mut c_void, u64, u64, u64, *mut c_void, usize);
+/// `rados_watcherrcb_t`: called on a librados thread when a watch fails (`arg`, handle, error).
+pub type WatchErrCb = unsafe extern "C" fn(*mut c_void, u64, c_int);
+
 /// `struct timeval` as librados takes it for lock durations.
 #[repr(C)]
 pub struct Timeval {
@@ -90,6 +96,11 @@ api! {
     rados_lock_shared: fn(IoctxT, *const c_char, *const c_char, *const c_char, *const c_char, *const c_char, *mut Timeval, u8) -> c_int;
     rados_unlock: fn(IoctxT, *const c_char, *const c_char, *const c_char) -> c_int;
     rados_list_lockers: fn(IoctxT, *const c_char, *const c_char, *mut c_int, *mut c_char, *mut usize, *mut c_char, *mut usize, *mut c_char, *mut usize, *mut c_char, *mut usize) -> isize;
+    rados_watch2: fn(IoctxT, *const c_char, *mut u64, Option<WatchCb>, Option<WatchErrCb>, *mut c_void) -> c_int;
+    rados_unwatch2: fn(IoctxT, u64) -> c_int;
+    rados_watch_flush: fn(RadosT) -> c_int;
+    rados_notify_ack: fn(IoctxT, *const c_char, u64, u64, *const c_char, c_int) -> c_int;
+    rados_notify2: fn(IoctxT, *const c_char, *const c_char, c_int, u64, *mut *mut c_char, *mut usize) -> c_int;
     rados_break_lock: fn(IoctxT, *const c_char, *const c_char, *const c_char, *const c_char) -> c_int;
 }
 

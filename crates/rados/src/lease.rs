@@ -265,6 +265,49 @@ impl Drop for Lease {
         }
         if let Err(e) = r.pool.unlock(HEADER_OBJECT, LEASE_LOCK, &r.cookie) {
             tracing::warn!("releasing the store's lease: {e}");
+            return;
+        }
+        // Whoever waits for the store (`vdi --wait`) watches the header: tell them it is free.
+        if let Err(e) = r.pool.notify(HEADER_OBJECT, RELEASE_NOTIFY_TIMEOUT) {
+            tracing::debug!("telling waiters the store's lease is free: {e}");
+        }
+    }
+}
+
+/// How long a holder letting go waits for the waiters it tells to acknowledge. They do at once;
+/// a waiter that died unannounced stays a watcher for about 30 s, and every release in that
+/// time waits this long for it. A waiter that misses the notify looks again by itself.
+const RELEASE_NOTIFY_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// [`Lease::acquire`], waiting while another client holds the lease: woken when a holder lets
+/// go (it notifies the header object's watchers), and after every `duration` (this client's
+/// lease time, the holders' too as a rule), by which a holder that died without letting go has
+/// lost it. `waiting` is called with the holders each time the lease is found taken. No order
+/// among waiters: whoever tries first after a release gets the lease.
+pub fn acquire_waiting(
+    pool: Arc<Pool>,
+    host: &str,
+    mode: LockMode,
+    duration: Duration,
+    waiting: &mut dyn FnMut(&str),
+) -> Result<Lease> {
+    let mut watch: Option<crate::client::Watch> = None;
+    loop {
+        match Lease::acquire(pool.clone(), host, mode, duration) {
+            Err(RadosError::Locked { holder }) => match &watch {
+                // Watching from the first refusal (the header exists then) and trying again at
+                // once: a release between a refused try and the watch still wakes the wait. A
+                // watch librados reports failed hears nothing more: replaced the same way.
+                Some(w) if !w.is_broken() => {
+                    waiting(&holder);
+                    let _ = w.notified().recv_timeout(duration);
+                }
+                _ => {
+                    drop(watch.take());
+                    watch = Some(pool.watch(HEADER_OBJECT)?);
+                }
+            },
+            other => return other,
         }
     }
 }

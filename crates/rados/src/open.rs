@@ -112,17 +112,31 @@ pub struct RadosMedium {
 }
 
 /// Takes the lease of the store at `loc` (exclusive to write, shared to read) and opens its
-/// medium, making an empty one if there is none and `create` is set (writers only).
+/// medium, making an empty one if there is none and `create` is set (writers only). With
+/// `wait`, a lease another client holds is waited for ([`crate::lease::acquire_waiting`]),
+/// saying so once in the log; without, it fails with [`StoreError::Locked`].
 pub fn open_medium(
     loc: &RadosLocation,
     ropts: &RadosOptions,
     read_only: bool,
     create: bool,
+    wait: bool,
 ) -> blockstore::Result<RadosMedium> {
     let cluster = Cluster::connect(&ropts.ceph).map_err(|e| store_error(loc, e))?;
     let pool = Arc::new(cluster.pool(&loc.pool, loc.namespace.as_deref()).map_err(|e| store_error(loc, e))?);
     let mode = if read_only { LockMode::Shared } else { LockMode::Exclusive };
-    let lease = Lease::acquire(pool.clone(), &ropts.host, mode, ropts.lease).map_err(|e| store_error(loc, e))?;
+    let lease = if wait {
+        let mut said = false;
+        let mut waiting = |holder: &str| {
+            if !std::mem::replace(&mut said, true) {
+                tracing::info!("waiting for {loc}: held by {holder}");
+            }
+        };
+        crate::lease::acquire_waiting(pool.clone(), &ropts.host, mode, ropts.lease, &mut waiting)
+    } else {
+        Lease::acquire(pool.clone(), &ropts.host, mode, ropts.lease)
+    }
+    .map_err(|e| store_error(loc, e))?;
     let clock = lease.clock();
     let (backend, created) =
         match RadosBackend::open(pool.clone(), clock.clone(), !read_only).map_err(|e| store_error(loc, e))? {
@@ -159,7 +173,7 @@ pub fn open_store_in_pool(
     opts: &OpenOptions,
     create: Option<&CreateOptions>,
 ) -> blockstore::Result<(BlockStore, bool, Arc<Pool>)> {
-    let m = open_medium(loc, ropts, opts.read_only, create.is_some())?;
+    let m = open_medium(loc, ropts, opts.read_only, create.is_some(), opts.wait_for_lock)?;
     let pool = m.backend.pool().clone();
     let mut store = match create.filter(|_| m.created) {
         Some(c) => {
