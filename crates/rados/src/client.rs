@@ -300,14 +300,17 @@ impl Pool {
         let o = cstring("object", object)?;
         let api = self.api();
         let zero = [0u8; 1];
-        let mut compared: std::ffi::c_int = 0;
+        let mut compared: c_int = 0;
         // SAFETY: the op is created, filled, run and released here, never shared. `zero`,
         // `compared` and `o` outlive `operate`, which is where librados reads and writes them;
         // the op holds no pointer after it is released.
         let r = unsafe {
             let op = (api.rados_create_write_op)();
             if op.is_null() {
-                return Err(RadosError::call(format!("extending {object}: no memory for the op"), -12));
+                return Err(RadosError::call(
+                    format!("extending {object}: no memory for the op"),
+                    (-libc::ENOMEM).into(),
+                ));
             }
             (api.rados_write_op_cmpext)(op, zero.as_ptr().cast(), 1, last, &mut compared);
             (api.rados_write_op_write)(op, zero.as_ptr().cast(), 1, last);
