@@ -87,14 +87,16 @@ impl TestCluster {
 }
 
 impl ScratchPool {
+    /// `ceph -c CONF ARGS` on the test cluster.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("ceph");
+        c.arg("-c").arg(&self.conf).args(args);
+        c
+    }
+
     /// Runs `ceph ARGS` on the test cluster; panics with its output if it fails.
     fn ceph(&self, args: &[&str]) {
-        let out = std::process::Command::new("ceph")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running ceph {args:?}: {e}"));
+        let out = self.command(args).output().unwrap_or_else(|e| panic!("running ceph {args:?}: {e}"));
         assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
@@ -108,10 +110,6 @@ impl ScratchPool {
 impl Drop for ScratchPool {
     fn drop(&mut self) {
         let n = &self.name;
-        let _ = std::process::Command::new("ceph")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["osd", "pool", "delete", n, n, "--yes-i-really-really-mean-it"])
-            .output();
+        let _ = self.command(&["osd", "pool", "delete", n, n, "--yes-i-really-really-mean-it"]).output();
     }
 }

@@ -30,6 +30,19 @@ fn write_block(s: &BlockStore, byte: u8) -> blockstore::BlockAddr {
     a
 }
 
+/// Takes the store's lease for `pool`'s client as host-a's writer would, for `duration`, and
+/// never renews it: a writer that stopped (SIGSTOP, a partition, a crash) holding it.
+fn lock_without_renewing(pool: &rados::Pool, duration: std::time::Duration) {
+    let spec = LockSpec {
+        name: LEASE_LOCK,
+        mode: LockMode::Exclusive,
+        cookie: "host-a/1",
+        description: "host=host-a",
+        duration,
+    };
+    pool.lock(HEADER_OBJECT, &spec, false).unwrap();
+}
+
 fn read_block(s: &BlockStore, a: blockstore::BlockAddr) -> u8 {
     let mut b = [0u8; BLOCK_SIZE];
     s.read_data(a, 0, &mut b).unwrap();
@@ -101,14 +114,7 @@ fn a_writer_that_died_holding_the_lease_is_fenced_by_the_next_one() {
     let zombie = cluster.pool(&ns);
     let addr = zombie.cluster().address().unwrap();
     let lease = std::time::Duration::from_secs(3);
-    let spec = LockSpec {
-        name: LEASE_LOCK,
-        mode: LockMode::Exclusive,
-        cookie: "host-a/1",
-        description: "host=host-a",
-        duration: lease,
-    };
-    zombie.lock(HEADER_OBJECT, &spec, false).unwrap();
+    lock_without_renewing(&zombie, lease);
     let record = format!("{OWNER_PREFIX}{}", zombie.cluster().instance_id());
     zombie.set_xattr(HEADER_OBJECT, &record, format!("host=host-a addr={addr}").as_bytes()).unwrap();
     let b = cluster.options("host-b");
@@ -221,14 +227,7 @@ fn a_waiting_writer_gets_the_store_when_a_dead_holders_lease_runs_out() {
     drop(create(&loc, &a));
     let ns = loc.namespace.clone().unwrap();
     let dead = cluster.pool(&ns);
-    let spec = LockSpec {
-        name: LEASE_LOCK,
-        mode: LockMode::Exclusive,
-        cookie: "host-a/1",
-        description: "host=host-a",
-        duration: std::time::Duration::from_secs(3),
-    };
-    dead.lock(HEADER_OBJECT, &spec, false).unwrap();
+    lock_without_renewing(&dead, std::time::Duration::from_secs(3));
     let mut refusals = 0;
     let lease = rados::lease::acquire_waiting(
         cluster.pool(&ns),

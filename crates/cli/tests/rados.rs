@@ -3,15 +3,28 @@
 
 use std::process::{Command, Output};
 
-fn vdi(cluster: &cephtest::TestCluster, store: &str, host: &str, args: &[&str]) -> Output {
+/// `vdi --store STORE --host HOST --ceph-conf CONF ARGS` on the test cluster.
+fn vdi_command(cluster: &cephtest::TestCluster, store: &str, host: &str, args: &[&str]) -> Command {
     let conf = cluster.ceph.conf.as_ref().expect("the test cluster's ceph.conf");
-    Command::new(env!("CARGO_BIN_EXE_vdi"))
-        .args(["--store", store, "--host", host, "--ceph-conf"])
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vdi"));
+    c.args(["--store", store, "--host", host, "--ceph-conf"])
         .arg(conf)
         .args(args)
-        .env("PARALLAX_RUN_DIR", std::env::temp_dir().join("parallax-cli-rados-test"))
-        .output()
-        .expect("running vdi")
+        .env("PARALLAX_RUN_DIR", std::env::temp_dir().join("parallax-cli-rados-test"));
+    c
+}
+
+fn vdi(cluster: &cephtest::TestCluster, store: &str, host: &str, args: &[&str]) -> Output {
+    vdi_command(cluster, store, host, args).output().expect("running vdi")
+}
+
+/// A store in a fresh namespace named after `name`, holding one VDI made by host h1.
+fn store_with_a_disk(cluster: &cephtest::TestCluster, name: &str) -> (String, rados::RadosLocation) {
+    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace(name));
+    let o = vdi(cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    (store, loc)
 }
 
 fn text(o: &Output) -> String {
@@ -91,18 +104,10 @@ fn takeover_of_a_file_store_is_refused_with_a_reason() {
 fn vdi_wait_queues_behind_the_holder_of_a_rados_store() {
     use std::io::BufRead;
     let Some(cluster) = cephtest::cluster("vdi_wait_queues_behind_the_holder_of_a_rados_store") else { return };
-    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace("cli-wait"));
-    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    let (store, loc) = store_with_a_disk(&cluster, "cli-wait");
     let (held, _) =
         rados::open_store(&loc, &cluster.options("h9"), &blockstore::OpenOptions::default(), None).expect("h9 opens");
-    let conf = cluster.ceph.conf.as_ref().expect("the test cluster's ceph.conf");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vdi"))
-        .args(["--store", &store, "--host", "h1", "--wait", "--ceph-conf"])
-        .arg(conf)
-        .args(["create", "other", "--size", "8M"])
-        .env("PARALLAX_RUN_DIR", std::env::temp_dir().join("parallax-cli-rados-test"))
+    let mut child = vdi_command(&cluster, &store, "h1", &["--wait", "create", "other", "--size", "8M"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -123,10 +128,7 @@ fn vdi_wait_queues_behind_the_holder_of_a_rados_store() {
 #[test]
 fn vdi_wait_behind_a_daemon_fails_at_once() {
     let Some(cluster) = cephtest::cluster("vdi_wait_behind_a_daemon_fails_at_once") else { return };
-    let store = format!("rados:{}/{}", cephtest::POOL, cluster.fresh_namespace("cli-wait-daemon"));
-    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let loc = rados::RadosLocation::parse(&store).unwrap().unwrap();
+    let (store, loc) = store_with_a_disk(&cluster, "cli-wait-daemon");
     let (held, _, pool) =
         rados::open_store_in_pool(&loc, &cluster.options("h9"), &blockstore::OpenOptions::default(), None)
             .expect("h9 opens");
