@@ -189,8 +189,9 @@ fn serve(config: &Config, stop: Shutdown, control: Option<ControlHook>, ready: &
         servers.push(Server::spawn_tcp(l, provider.clone(), config.nbd_limits.clone())?);
     }
     *ready = true;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    // Logged before it is told: whoever waits for READY=1 finds the line in the log.
     tracing::info!("parallaxd ready: {} VDIs in {}", reg.list().len(), config.store.display());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     stop.wait();
     tracing::info!("stopping: finishing in-flight requests");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -74,8 +74,9 @@ fn wrong_names_and_second_writers_are_refused_with_the_reason() {
     assert!(!out.status.success(), "NBD opened a VDI the ring holds");
 }
 
-/// `Daemon::start` returns once the NBD port takes a connection; by then the ring socket and
-/// the control socket must answer too (CI once saw the ring socket missing: NBD listened first).
+/// Once the NBD port takes a connection, the ring socket and the control socket must answer
+/// too (CI once saw the ring socket missing: NBD listened first). `Daemon::start` waits for
+/// `READY=1`, which comes later still, so the log's order is what shows the listening order.
 #[test]
 fn once_nbd_accepts_the_ring_and_control_sockets_answer() {
     for _ in 0..8 {

@@ -1,7 +1,7 @@
 //! Starts a real `parallaxd` process on a temporary store for tests with real NBD clients.
 #![allow(dead_code)]
 
-use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -73,37 +73,48 @@ impl Daemon {
         (dir, store)
     }
 
-    /// Starts parallaxd on `store` with extra flags and waits until it accepts connections. Its
-    /// log (stderr) goes to `parallaxd.log` in its directory: read it with [`Daemon::log`].
+    /// Starts parallaxd on `store` with extra flags and waits until it says it is ready (the
+    /// systemd readiness message on `NOTIFY_SOCKET`, sent once every socket listens). Its log
+    /// (stderr) goes to `parallaxd.log` in its directory: read it with [`Daemon::log`].
     pub fn start(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
-        let port = free_port();
         let socket = dir.path().join("nbd.sock");
-        let mut d = Daemon { dir, store, port, socket, child: None };
-        // The setup's own descriptor of the store may live on for an instant in a child that a
-        // parallel test forked (until its exec closes it) and hold the store's lock: then the
-        // daemon says the store is in use, and starting again shortly after succeeds.
+        let mut d = Daemon { dir, store, port: 0, socket, child: None };
+        // Two transient refusals are retried: the setup's own descriptor of the store may live
+        // on for an instant in a child that a parallel test forked (until its exec closes it)
+        // and hold the store's lock; and the free port picked may be taken by a parallel test
+        // before the daemon binds it. Waiting for readiness rather than for the port to answer
+        // keeps the second from passing for a start: CI once saw a daemon whose port was taken
+        // "start" because the port answered, for the other test's daemon.
         for attempt in 1.. {
+            d.port = free_port();
+            let notify = d.dir.path().join("notify.sock");
+            let _ = std::fs::remove_file(&notify);
+            let ready = UnixDatagram::bind(&notify).expect("readiness socket");
             let log = std::fs::File::create(d.dir.path().join("parallaxd.log")).expect("log file");
             let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
                 .arg("--store")
                 .arg(&d.store)
                 .arg("--nbd")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(format!("127.0.0.1:{}", d.port))
                 .arg("--nbd-socket")
                 .arg(&d.socket)
                 .args(extra)
                 .env("PARALLAX_RUN_DIR", d.dir.path())
+                .env("NOTIFY_SOCKET", &notify)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()
                 .expect("start parallaxd");
             d.child = Some(child);
-            match d.wait_listening() {
+            match d.wait_ready(&ready) {
                 Ok(()) => return d,
-                Err(log) if attempt < 5 && log.contains("is in use by another process") => {
+                Err(log)
+                    if attempt < 5
+                        && (log.contains("is in use by another process") || log.contains("Address already in use")) =>
+                {
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(log) => panic!("parallaxd exited before listening: {log}"),
+                Err(log) => panic!("parallaxd exited before it was ready: {log}"),
             }
         }
         unreachable!()
@@ -119,19 +130,26 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("parallaxd.log")).unwrap_or_default()
     }
 
-    /// Waits until the daemon accepts connections; `Err` with its log if it exited first.
-    fn wait_listening(&mut self) -> Result<(), String> {
+    /// Waits for the daemon's `READY=1` on `ready`; `Err` with its log if it exited first. The
+    /// receive wakes at once on the message; its timeout only bounds how late an early exit is
+    /// noticed.
+    fn wait_ready(&mut self, ready: &UnixDatagram) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        ready.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+        let mut msg = [0u8; 4096];
+        loop {
+            if let Ok(n) = ready.recv(&mut msg)
+                && String::from_utf8_lossy(&msg[..n]).lines().any(|l| l == "READY=1")
+            {
+                return Ok(());
+            }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
                 return Err(format!("({status}) {}", self.log()));
             }
-            assert!(Instant::now() < deadline, "parallaxd did not start listening: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "parallaxd was not ready after 20 s: {}", self.log());
         }
-        Ok(())
     }
 
     /// The daemon's process id.
