@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// GET http://127.0.0.1:PORT/PATH: the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
@@ -33,8 +29,8 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 fn metrics_stats_and_logs_follow_a_client_doing_io() {
     need("fio");
     let (dir, store) = Daemon::prepare(64 * MIB);
-    let port = free_port();
-    let d = Daemon::start_logged(dir, store, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let d = Daemon::start_logged(dir, store, &["--metrics", "127.0.0.1:0"]);
+    let port = logged_port(&d.log(), "serving Prometheus metrics on http://").expect("the metrics port logged");
     let uri = format!("--uri={}", d.uri("disk"));
     // fio writes (with flushes) for a while; the endpoint is scraped while it runs.
     let mut fio = Command::new("fio")

@@ -59,9 +59,12 @@ pub struct Daemon {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// The port of the first `PREFIX127.0.0.1:PORT` in a daemon's log: where a socket bound to
+/// port 0 ended up, as the daemon logs it once it listens.
+pub fn logged_port(log: &str, prefix: &str) -> Option<u16> {
+    let at = log.find(&format!("{prefix}127.0.0.1:"))? + prefix.len() + "127.0.0.1:".len();
+    let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 impl Daemon {
@@ -74,19 +77,19 @@ impl Daemon {
     }
 
     /// Starts parallaxd on `store` with extra flags and waits until it says it is ready (the
-    /// systemd readiness message on `NOTIFY_SOCKET`, sent once every socket listens). Its log
-    /// (stderr) goes to `parallaxd.log` in its directory: read it with [`Daemon::log`].
+    /// systemd readiness message on `NOTIFY_SOCKET`, sent once every socket listens). Its NBD
+    /// port is one the kernel picked (`--nbd 127.0.0.1:0`), read from its log: no other
+    /// process can hold it, as one could a port picked free beforehand (CI once saw a daemon
+    /// whose port a parallel test took "start", because the port answered, for the other
+    /// test's daemon). Its log (stderr) goes to `parallaxd.log` in its directory: read it with
+    /// [`Daemon::log`].
     pub fn start(dir: tempfile::TempDir, store: PathBuf, extra: &[&str]) -> Daemon {
         let socket = dir.path().join("nbd.sock");
         let mut d = Daemon { dir, store, port: 0, socket, child: None };
-        // Two transient refusals are retried: the setup's own descriptor of the store may live
-        // on for an instant in a child that a parallel test forked (until its exec closes it)
-        // and hold the store's lock; and the free port picked may be taken by a parallel test
-        // before the daemon binds it. Waiting for readiness rather than for the port to answer
-        // keeps the second from passing for a start: CI once saw a daemon whose port was taken
-        // "start" because the port answered, for the other test's daemon.
+        // The setup's own descriptor of the store may live on for an instant in a child that a
+        // parallel test forked (until its exec closes it) and hold the store's lock: then the
+        // daemon says the store is in use, and starting again shortly after succeeds.
         for attempt in 1.. {
-            d.port = free_port();
             let notify = d.dir.path().join("notify.sock");
             let _ = std::fs::remove_file(&notify);
             let ready = UnixDatagram::bind(&notify).expect("readiness socket");
@@ -94,9 +97,7 @@ impl Daemon {
             let child = Command::new(env!("CARGO_BIN_EXE_parallaxd"))
                 .arg("--store")
                 .arg(&d.store)
-                .arg("--nbd")
-                .arg(format!("127.0.0.1:{}", d.port))
-                .arg("--nbd-socket")
+                .args(["--nbd", "127.0.0.1:0", "--nbd-socket"])
                 .arg(&d.socket)
                 .args(extra)
                 .env("PARALLAX_RUN_DIR", d.dir.path())
@@ -107,11 +108,13 @@ impl Daemon {
                 .expect("start parallaxd");
             d.child = Some(child);
             match d.wait_ready(&ready) {
-                Ok(()) => return d,
-                Err(log)
-                    if attempt < 5
-                        && (log.contains("is in use by another process") || log.contains("Address already in use")) =>
-                {
+                Ok(()) => {
+                    let log = d.log();
+                    d.port =
+                        logged_port(&log, "serving NBD on ").unwrap_or_else(|| panic!("no NBD port logged: {log}"));
+                    return d;
+                }
+                Err(log) if attempt < 5 && log.contains("is in use by another process") => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(log) => panic!("parallaxd exited before it was ready: {log}"),
