@@ -76,6 +76,34 @@ pub trait Backend: Send + Sync {
     /// The current size of the medium in bytes (a truncated store is caught by comparing it
     /// with the size the superblock records).
     fn size(&self) -> io::Result<u64>;
+    /// What the medium under the store says of its room: how much it holds and how much more
+    /// it can take, for an operator to see how close to full it is. `None` when the medium
+    /// cannot tell (memory). `store_bytes` is the store's size, which a medium the store
+    /// grows into (a device) counts as used. Asks the medium (a system call, or round trips
+    /// to a cluster) and takes no lock of the store: not for the I/O path.
+    fn room(&self, store_bytes: u64) -> io::Result<Option<MediumRoom>> {
+        let _ = store_bytes;
+        Ok(None)
+    }
+}
+
+/// The room on the medium under a store, as [`Backend::room`] reports it. The figures are the
+/// medium's, not the store's: a file system or a pool holds other things too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediumRoom {
+    /// What the figures are of, for people: `file system of /srv/vdis.store`, `device
+    /// /dev/sdb`, `pool rbd`, `pool rbd (all its namespaces)`.
+    pub medium: String,
+    /// Bytes the medium holds now (a file system's used space, a device's part the store
+    /// covers, a pool's bytes as its quota counts them: its objects' lengths).
+    pub used: u64,
+    /// The most it may hold (a file system's or a device's size, a pool's byte quota); `None`
+    /// when nothing but the space under it limits it (a pool without a quota).
+    pub limit: Option<u64>,
+    /// Bytes it can still take: the least of what is left under `limit` and what the space
+    /// under it has free (a file system's blocks free to unprivileged users; a cluster's room
+    /// for this pool after replication).
+    pub available: u64,
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -111,5 +139,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn size(&self) -> io::Result<u64> {
         (**self).size()
+    }
+    fn room(&self, store_bytes: u64) -> io::Result<Option<MediumRoom>> {
+        (**self).room(store_bytes)
     }
 }

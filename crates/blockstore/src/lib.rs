@@ -32,10 +32,12 @@ mod superblock;
 mod view;
 
 pub use addr::{BLOCK_SIZE, Block, BlockAddr};
-pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MemBackend};
+pub use backend::{Backend, CrashMode, FaultyBackend, FileBackend, MediumRoom, MemBackend};
 pub use error::{Result, StoreError};
 pub use io_epoch::IoGuard;
 pub use meta::{DerivedState, Meta, MetaKind, REFCOUNT_KIND, SpaceStats};
-pub use store::{BlockStore, CommitInfo, CreateOptions, MISS_RETRIES, OpenOptions, Recovery, Transaction, is_blank};
+pub use store::{
+    BlockStore, CommitInfo, CreateOptions, MISS_RETRIES, OpenOptions, Recovery, RoomSource, Transaction, is_blank,
+};
 pub use superblock::Superblock;
 pub use view::{FrozenView, MetaRead};

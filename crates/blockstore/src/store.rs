@@ -802,9 +802,37 @@ impl BlockStore {
         Ok(())
     }
 
+    /// The room on the medium under the store ([`Backend::room`]): how close to full the file
+    /// system, device or pool is. Takes no lock of the store; may take round trips.
+    pub fn medium_room(&self) -> Result<Option<crate::MediumRoom>> {
+        self.room_source().room()
+    }
+
+    /// What [`BlockStore::medium_room`] asks, apart from the store: for a thread that keeps
+    /// the figures fresh without keeping the store open.
+    pub fn room_source(&self) -> RoomSource {
+        RoomSource { backend: self.backend.clone(), end_block: self.end_block.clone() }
+    }
+
     /// The backend, for tools that inspect raw blocks.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+}
+
+/// The medium under a store, for asking its room ([`BlockStore::room_source`]). Holds the
+/// backend, not the store: the store closes (and lets go of its lock or lease) without it.
+#[derive(Clone)]
+pub struct RoomSource {
+    backend: Arc<dyn Backend>,
+    end_block: Arc<AtomicU64>,
+}
+
+impl RoomSource {
+    /// [`Backend::room`], given the store's size as it is now.
+    pub fn room(&self) -> Result<Option<crate::MediumRoom>> {
+        let store_bytes = self.end_block.load(Ordering::Acquire).saturating_mul(BLOCK_SIZE as u64);
+        self.backend.room(store_bytes).map_err(|e| StoreError::io("asking the medium how much room it has", e))
     }
 }
 

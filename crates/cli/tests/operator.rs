@@ -314,3 +314,37 @@ fn bash_completion_offers_the_stores_vdi_and_snapshot_names() {
     let got = complete("vdi rollb");
     assert!(got.contains(&"rollback".to_string()), "{got:?}");
 }
+
+/// `df`'s figures in bytes for the file system holding `path`: (size, used, available).
+fn df_bytes(path: &Path) -> (u64, u64, u64) {
+    let out = Command::new("df").args(["-B1", "--output=size,used,avail"]).arg(path).output().expect("df");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row: Vec<u64> =
+        text.lines().nth(1).map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
+    match row[..] {
+        [size, used, avail] => (size, used, avail),
+        _ => panic!("df said: {text}"),
+    }
+}
+
+#[test]
+fn info_shows_the_room_left_on_the_file_system_under_the_store() {
+    let env = Env::new();
+    env.ok(&["create", "disk", "--size", "16M"]);
+    let info = json(&env.ok(&["info", "--json"]));
+    let m = &info["medium"];
+    assert_eq!(m["name"], format!("file system of {}", env.store.display()), "{info}");
+    assert_eq!(info["medium_error"], Value::Null, "{info}");
+    let (size, used, avail) = df_bytes(env.dir.path());
+    assert_eq!(m["limit"].as_u64(), Some(size), "{info}");
+    // Other tests write beside us: the figures move a little between the two looks.
+    let near = |what: &str, df: u64| {
+        let vdi = m[what].as_u64().unwrap_or_else(|| panic!("no {what}: {info}"));
+        assert!(vdi.abs_diff(df) < 256 << 20, "vdi says {vdi} {what}, df {df}");
+    };
+    near("available", avail);
+    near("used", used);
+    let text = env.ok(&["info"]);
+    assert!(text.contains(&format!("medium:      file system of {}", env.store.display())), "{text}");
+    assert!(text.contains("available"), "{text}");
+}

@@ -145,3 +145,57 @@ fn vdi_wait_behind_a_daemon_fails_at_once() {
     assert!(text(&o).contains("parallaxd on host h9 serves"), "{}", text(&o));
     drop(held);
 }
+
+#[test]
+fn info_shows_the_pools_quota_and_room() {
+    let Some(cluster) = cephtest::cluster("info_shows_the_pools_quota_and_room") else { return };
+    let pool = cluster.scratch_pool("room");
+    // Well above what the store reserves (its journal alone is 64 MiB long), so the pool is
+    // never marked full here.
+    const QUOTA: u64 = 1 << 30;
+    const JOURNAL: u64 = 2 * 8192 * 4096;
+    pool.set_quota_bytes(QUOTA);
+    let store = format!("rados:{}", pool.name);
+    let o = vdi(&cluster, &store, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let info = |store: &str| {
+        let o = vdi(&cluster, store, "h1", &["info", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("JSON")
+    };
+    // The manager learns a new pool's usage from the OSDs' reports, seconds after the writes:
+    // until then `medium_error` says it has no figures, then the store's reservations show.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let m = loop {
+        let i = info(&store);
+        if i["medium"]["used"].as_u64().is_some_and(|u| u >= JOURNAL) {
+            break i["medium"].clone();
+        }
+        let error = i["medium_error"].as_str().unwrap_or_default();
+        assert!(i["medium"].is_object() || error.contains("no usage figures"), "{i}");
+        assert!(std::time::Instant::now() < deadline, "the pool's usage never showed the journal: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    // The quota counts objects' lengths: the journal, reserved by length and barely written,
+    // counts whole (`ceph df`'s STORED, bytes written, would show a fraction of it).
+    assert_eq!(m["name"], format!("pool {}", pool.name), "{m}");
+    assert_eq!(m["limit"].as_u64(), Some(QUOTA), "{m}");
+    let used = m["used"].as_u64().expect("used");
+    assert_eq!(m["available"].as_u64(), Some(QUOTA - used), "the test OSD has more room than the quota: {m}");
+    let o = vdi(&cluster, &store, "h1", &["info"]);
+    let shown = format!("medium:      pool {}: ", pool.name);
+    assert!(text(&o).contains(&shown) && text(&o).contains("of 1.0 GiB"), "{}", text(&o));
+
+    // Without a quota the cluster's room is the limit; a namespace shares its pool's figures.
+    pool.set_quota_bytes(0);
+    let tenant = format!("{store}/tenant");
+    let o = vdi(&cluster, &tenant, "h1", &["create", "disk", "--size", "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let i = info(&tenant);
+    let m = &i["medium"];
+    assert_eq!(m["name"], format!("pool {} (all its namespaces)", pool.name), "{i}");
+    assert_eq!(m["limit"], serde_json::Value::Null, "{i}");
+    assert!(m["available"].as_u64().is_some_and(|a| a > 0), "{i}");
+    let o = vdi(&cluster, &tenant, "h1", &["info"]);
+    assert!(text(&o).contains("no quota"), "{}", text(&o));
+}

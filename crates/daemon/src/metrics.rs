@@ -2,12 +2,19 @@
 //! space, encoded by `prometheus-client` (the Prometheus project's Rust client) on each scrape
 //! from the registry's counters. The HTTP side is one GET on one path, so it is a few lines
 //! here rather than an HTTP stack: each scrape is read, answered and closed on this thread.
+//! The room on the medium under the store is the one figure that needs the medium (on RADOS,
+//! round trips to the monitors and the manager that a sick cluster can hold for the op
+//! timeout): a thread of its own asks it every [`ROOM_REFRESH`], and a scrape shows the last
+//! answer, so a scrape never waits on the cluster.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
+
+use blockstore::{MediumRoom, RoomSource};
+use parking_lot::Mutex;
 
 use anyhow::{Context, Result};
 use prometheus_client::collector::Collector;
@@ -23,13 +30,48 @@ const MAX_REQUEST: usize = 8 << 10;
 /// Time a scraper has to send its request and take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the medium's room is asked again for the metrics.
+const ROOM_REFRESH: Duration = Duration::from_secs(15);
+
+/// The medium's room as last asked (`None`: the medium cannot tell, or the last asking failed).
+type LatestRoom = Arc<Mutex<Option<MediumRoom>>>;
+
+/// Asks the medium's room now and every [`ROOM_REFRESH`] on a thread of its own until `stop`
+/// is raised. The thread holds the medium, not the store, and is not joined: a stop never
+/// waits for a round trip to a sick cluster.
+fn spawn_room_refresher(source: RoomSource, stop: Shutdown) -> Result<LatestRoom> {
+    let latest = LatestRoom::default();
+    let shown = latest.clone();
+    std::thread::Builder::new().name("medium-room".into()).spawn(move || {
+        let mut failing = false;
+        loop {
+            let room = source.room();
+            match &room {
+                Err(e) if !failing => tracing::warn!(
+                    "metrics: the medium's room is unknown ({e}); asked again every {}s",
+                    ROOM_REFRESH.as_secs()
+                ),
+                Ok(_) if failing => tracing::info!("metrics: the medium's room is known again"),
+                _ => {}
+            }
+            failing = room.is_err();
+            *latest.lock() = room.ok().flatten();
+            if stop.wait_timeout(ROOM_REFRESH) {
+                break;
+            }
+        }
+    })?;
+    Ok(shown)
+}
+
 /// Binds `addr` and serves scrapes on a new thread until `stop` is raised.
 pub fn spawn(addr: SocketAddr, reg: Arc<Registry>, stop: Shutdown) -> Result<std::thread::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
     listener.set_nonblocking(true)?;
     tracing::info!("serving Prometheus metrics on http://{}/metrics", listener.local_addr()?);
+    let room = spawn_room_refresher(reg.store().room_source(), stop.clone())?;
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(StoreCollector(reg)));
+    registry.register_collector(Box::new(StoreCollector { reg, room }));
     let readable = OwnedFd::from(listener.try_clone()?);
     Ok(std::thread::Builder::new().name("metrics".into()).spawn(move || {
         loop {
@@ -94,8 +136,11 @@ type CounterDef = (&'static str, &'static str, fn(&vdi::IoSnapshot) -> u64);
 /// A gauge of the per-VDI family.
 type GaugeDef = (&'static str, &'static str, fn(&vdi::VdiIoReport) -> i64);
 
-/// Reads the registry's counters at each scrape.
-struct StoreCollector(Arc<Registry>);
+/// Reads the registry's counters, and the medium's room as last asked, at each scrape.
+struct StoreCollector {
+    reg: Arc<Registry>,
+    room: LatestRoom,
+}
 
 impl std::fmt::Debug for StoreCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,7 +150,7 @@ impl std::fmt::Debug for StoreCollector {
 
 impl Collector for StoreCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let reg = &self.0;
+        let reg = &self.reg;
         let vdis = reg.vdi_io();
         let labels = |v: &vdi::VdiIoReport| vec![("vdi", v.vdi.to_string()), ("name", v.name.clone())];
         let counters: [CounterDef; 7] = [
@@ -174,6 +219,21 @@ impl Collector for StoreCollector {
             [("capacity", space.capacity), ("allocated", space.allocated), ("pending_free", space.pending_free)]
         {
             ConstGauge::new(n as i64).encode(fam.encode_family(&[("state", state)])?)?;
+        }
+        let room = self.room.lock().clone();
+        let mut fam = enc.encode_descriptor(
+            "parallax_medium_bytes",
+            "The file system, device or pool under the store, as last asked (every 15 s): bytes used \
+             (by anything), its limit (size or pool quota; absent without one) and bytes available.",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(r) = room {
+            let limit = r.limit.map(|l| ("limit", l));
+            for (state, n) in [("used", r.used), ("available", r.available)].into_iter().chain(limit) {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                ConstGauge::new(n).encode(fam.encode_family(&[("state", state)])?)?;
+            }
         }
         ConstGauge::new(reg.pending_reclaim() as i64).encode(enc.encode_descriptor(
             "parallax_reclaim_queue_entries",

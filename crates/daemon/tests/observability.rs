@@ -90,6 +90,12 @@ fn metrics_stats_and_logs_follow_a_client_doing_io() {
     assert!(count >= writes + flushes, "every operation is in the histogram");
     assert_eq!(sample(&body, "parallax_clients"), Some(0.0), "{body}");
     assert!(body.contains("parallax_store_blocks{state=\"allocated\"}"), "{body}");
+    // The file system under the store, as df sees it (its size does not move while we look).
+    let df = run_ok("df", &["-B1", "--output=size", d.dir.path().to_str().unwrap()]);
+    let size: f64 = df.lines().nth(1).and_then(|l| l.trim().parse().ok()).expect(&df);
+    assert_eq!(sample(&body, "parallax_medium_bytes{state=\"limit\"}"), Some(size), "{body}");
+    let available = sample(&body, "parallax_medium_bytes{state=\"available\"}").expect(&body);
+    assert!(available > 0.0 && available < size, "{body}");
     assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
     assert_eq!(get(port, "/nope").0, "HTTP/1.1 404 Not Found");
 

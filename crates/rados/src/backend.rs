@@ -21,7 +21,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use blockstore::Backend;
+use blockstore::{Backend, MediumRoom};
 use parking_lot::Mutex;
 
 use crate::client::Pool;
@@ -236,6 +236,17 @@ impl Backend for RadosBackend {
 
     fn capacity(&self) -> u64 {
         u64::MAX
+    }
+
+    /// The pool's used bytes (as its quota counts them), quota and room, as the cluster sees
+    /// them. A store in a namespace shares them with every other namespace of its pool.
+    fn room(&self, _store_bytes: u64) -> io::Result<Option<MediumRoom>> {
+        let room = self.pool.room().map_err(RadosError::into_io)?;
+        let medium = match self.pool.namespace() {
+            Some(_) => format!("pool {} (all its namespaces)", self.pool.name()),
+            None => format!("pool {}", self.pool.name()),
+        };
+        Ok(Some(MediumRoom { medium, used: room.used, limit: room.quota, available: room.available }))
     }
 
     fn size(&self) -> io::Result<u64> {

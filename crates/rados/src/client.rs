@@ -118,7 +118,7 @@ impl Cluster {
             };
             return Err(RadosError::call(format!("opening pool {pool}{hint}"), r.into()));
         }
-        let p = Pool { cluster: self.clone(), io };
+        let p = Pool { cluster: self.clone(), io, name: pool.to_string(), namespace: namespace.map(str::to_string) };
         if let Some(ns) = namespace {
             let ns = cstring("namespace", ns)?;
             // SAFETY: `io` is the live context just created, not yet shared with any thread.
@@ -156,6 +156,64 @@ impl Cluster {
         Ok(s)
     }
 
+    /// Runs a monitor command, `command` being its JSON as the `ceph` tool sends it (`{"prefix":
+    /// "df", "format": "json"}`), and returns what it printed. A refusal carries the monitors'
+    /// own message.
+    pub fn mon_command(&self, command: &str) -> Result<Vec<u8>> {
+        self.command("monitor", self.api.rados_mon_command, command)
+    }
+
+    /// Runs a command of the manager daemon (`{"prefix": "pg dump", ...}`), as
+    /// [`Cluster::mon_command`] does a monitor's. Fails when no ceph-mgr is running.
+    pub fn mgr_command(&self, command: &str) -> Result<Vec<u8>> {
+        self.command("manager", self.api.rados_mgr_command, command)
+    }
+
+    fn command(&self, whose: &str, call: ffi::CommandFn, command: &str) -> Result<Vec<u8>> {
+        let c = cstring("command", command)?;
+        let mut cmd = [c.as_ptr()];
+        let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        let (mut status, mut status_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        // SAFETY: the handle is connected; `cmd` is one valid NUL-terminated string (librados
+        // only reads it); no input buffer; the four out-pointers are valid and receive
+        // buffers librados allocated (or null), freed below.
+        let r = unsafe {
+            call(
+                self.handle,
+                cmd.as_mut_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        let take = |p: *mut c_char, n: usize| -> Vec<u8> {
+            if p.is_null() {
+                return Vec::new();
+            }
+            // SAFETY: librados returned `p` holding `n` bytes; it is copied, then freed once.
+            let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) }.to_vec();
+            // SAFETY: `p` came from the command call and is freed once.
+            unsafe { (self.api.rados_buffer_free)(p) };
+            v
+        };
+        let (out, status) = (take(out, out_len), take(status, status_len));
+        if r < 0 {
+            let said = String::from_utf8_lossy(&status);
+            let said = said.trim();
+            let op = if said.is_empty() {
+                format!("{whose} command {command}")
+            } else {
+                format!("{whose} command {command} ({said})")
+            };
+            return Err(RadosError::call(op, r.into()));
+        }
+        Ok(out)
+    }
+
     /// Fences the client at `address` (as [`Cluster::address`] gave it) for `expire`: the OSDs
     /// refuse its operations from the next OSD map on. Waits until this client has that map, so
     /// nothing it does afterwards can be overtaken by the fenced client.
@@ -178,6 +236,63 @@ impl Drop for Cluster {
         // SAFETY: every `Pool` holds an `Arc<Cluster>`, so no context outlives the handle;
         // the handle is shut down once.
         unsafe { (self.api.rados_shutdown)(self.handle) }
+    }
+}
+
+/// How full a pool is, as the cluster sees it. The figures lag writes by the few seconds
+/// between the OSDs' reports, as the pool's quota enforcement does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolRoom {
+    /// Bytes the pool's quota counts: the sum of its objects' lengths, before replication
+    /// (`num_bytes`). An object made long without being written (the store reserves space
+    /// that way) counts whole; `ceph df`'s STORED, which counts bytes written, does not.
+    pub used: u64,
+    /// The pool's byte quota; `None` when it has none.
+    pub quota: Option<u64>,
+    /// Bytes the cluster can still store in this pool, replication and the full ratio
+    /// accounted (`ceph df`'s MAX AVAIL), capped by what the quota leaves.
+    pub available: u64,
+}
+
+impl PoolRoom {
+    /// From the JSON of `ceph df detail` and of `ceph pg dump pools`, for the pool `id`.
+    fn parse(pool: &str, id: i64, df: &[u8], pg: &[u8]) -> Result<PoolRoom> {
+        use serde_json::Value;
+        let bad = |what: String| RadosError::BadReply(what);
+        let json = |bytes: &[u8], what: &str| {
+            serde_json::from_slice::<Value>(bytes).map_err(|e| bad(format!("`{what}` is not JSON: {e}")))
+        };
+        let list = |v: &Value, key: &str, what: &str| -> Result<Vec<Value>> {
+            v.get(key).and_then(Value::as_array).cloned().ok_or_else(|| bad(format!("`{what}` has no {key} list")))
+        };
+        let bytes = |v: &Value, key: &str, what: &str| {
+            v.get(key)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad(format!("`{what}` gives no byte count {key} for {pool:?}")))
+        };
+        let no_figures = || RadosError::NoPoolFigures(pool.to_string());
+
+        let df = json(df, "ceph df detail")?;
+        let entry = list(&df, "pools", "ceph df detail")?
+            .into_iter()
+            .find(|p| p.get("id").and_then(Value::as_i64) == Some(id))
+            .ok_or_else(no_figures)?;
+        let stats = entry.get("stats").ok_or_else(|| bad(format!("`ceph df detail` has no stats for {pool:?}")))?;
+        let max_avail = bytes(stats, "max_avail", "ceph df detail")?;
+        let quota = bytes(stats, "quota_bytes", "ceph df detail")?;
+
+        let pg = json(pg, "ceph pg dump pools")?;
+        let entry = list(&pg, "pool_stats", "ceph pg dump pools")?
+            .into_iter()
+            .find(|p| p.get("poolid").and_then(Value::as_i64) == Some(id))
+            .ok_or_else(no_figures)?;
+        let sum =
+            entry.get("stat_sum").ok_or_else(|| bad(format!("`ceph pg dump pools` has no stat_sum for {pool:?}")))?;
+        let used = bytes(sum, "num_bytes", "ceph pg dump pools")?;
+
+        let quota = (quota != 0).then_some(quota);
+        let available = quota.map_or(max_avail, |q| max_avail.min(q.saturating_sub(used)));
+        Ok(PoolRoom { used, quota, available })
     }
 }
 
@@ -227,6 +342,8 @@ pub struct LockSpec<'a> {
 pub struct Pool {
     cluster: Arc<Cluster>,
     io: IoctxT,
+    name: String,
+    namespace: Option<String>,
 }
 
 // SAFETY: an I/O context may be used from many threads for object operations (librados is
@@ -253,6 +370,32 @@ impl Pool {
     /// The cluster this pool is in.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace opened in the pool; `None` for the default one.
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    /// The pool's id in the cluster.
+    pub fn id(&self) -> i64 {
+        // SAFETY: the context is live.
+        unsafe { (self.api().rados_ioctx_get_id)(self.io) }
+    }
+
+    /// How full the pool is: its quota and the cluster's room for it from the monitors (`ceph
+    /// df detail`), and the bytes its quota counts from the manager (`ceph pg dump pools`). A
+    /// pool is as full as all its namespaces together. Needs read access to the monitors and
+    /// the manager (`mon 'allow r' mgr 'allow r'`) and a running ceph-mgr.
+    pub fn room(&self) -> Result<PoolRoom> {
+        let df = self.cluster.mon_command(r#"{"prefix": "df", "detail": "detail", "format": "json"}"#)?;
+        let pg = self.cluster.mgr_command(r#"{"prefix": "pg dump", "dumpcontents": ["pools"], "format": "json"}"#)?;
+        PoolRoom::parse(&self.name, self.id(), &df, &pg)
     }
 
     fn api(&self) -> &'static Api {
@@ -671,4 +814,62 @@ unsafe extern "C" fn on_watch_error(arg: *mut c_void, _handle: u64, _err: c_int)
     let state = unsafe { &*arg.cast::<WatchState>() };
     state.broken.store(true, std::sync::atomic::Ordering::Release);
     let _ = state.sender.try_send(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ceph df detail --format json` of Ceph 16.2 (a single-OSD test cluster), cut down.
+    const DF: &str = r#"{"stats":{"total_bytes":4294967296,"total_avail_bytes":4252036765},
+        "pools":[{"name":"device_health_metrics","id":1,"stats":{"stored":0,"objects":0,
+        "max_avail":4037287680,"quota_objects":0,"quota_bytes":0}},
+        {"name":"vms","id":2,"stats":{"stored":4096,"objects":5,"bytes_used":4096,
+        "max_avail":4037287680,"quota_objects":0,"quota_bytes":QUOTA}}]}"#;
+
+    /// `ceph pg dump pools --format json` of Ceph 16.2, cut down: pool 2 holds objects 12 MiB
+    /// long of which one block was written (STORED above).
+    const PG: &str = r#"{"pg_ready":true,"pool_stats":[{"poolid":2,"num_pg":8,
+        "stat_sum":{"num_bytes":12582912,"num_objects":5}},
+        {"poolid":1,"num_pg":1,"stat_sum":{"num_bytes":0,"num_objects":0}}]}"#;
+
+    fn room(quota: u64) -> Result<PoolRoom> {
+        PoolRoom::parse("vms", 2, DF.replace("QUOTA", &quota.to_string()).as_bytes(), PG.as_bytes())
+    }
+
+    #[test]
+    fn a_quota_caps_the_room_and_counts_lengths_not_bytes_written() {
+        assert_eq!(room(16 << 20).unwrap(), PoolRoom { used: 12 << 20, quota: Some(16 << 20), available: 4 << 20 });
+        // Past its quota (the monitors mark it full a little later), nothing is available.
+        assert_eq!(room(8 << 20).unwrap().available, 0);
+        // A quota larger than the cluster's room: the cluster's room.
+        assert_eq!(room(1 << 40).unwrap().available, 4037287680);
+    }
+
+    #[test]
+    fn no_quota_is_none_and_the_cluster_room_is_all() {
+        assert_eq!(room(0).unwrap(), PoolRoom { used: 12 << 20, quota: None, available: 4037287680 });
+    }
+
+    #[test]
+    fn a_pool_without_figures_yet_says_so() {
+        let err = PoolRoom::parse("new", 7, DF.replace("QUOTA", "0").as_bytes(), PG.as_bytes()).unwrap_err();
+        assert!(matches!(&err, RadosError::NoPoolFigures(p) if p == "new"), "{err}");
+        assert!(err.to_string().contains("no ceph-mgr"), "{err}");
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_are_errors_that_say_what_is_missing() {
+        let df = DF.replace("QUOTA", "0");
+        let err = |df: &str, pg: &str| PoolRoom::parse("vms", 2, df.as_bytes(), pg.as_bytes()).unwrap_err().to_string();
+        assert!(err("not json", PG).contains("`ceph df detail` is not JSON"));
+        assert!(err("{}", PG).contains("no pools list"));
+        let no_avail = r#"{"pools":[{"id":2,"stats":{"quota_bytes":0}}]}"#;
+        assert!(err(no_avail, PG).contains("no byte count max_avail"));
+        let negative = r#"{"pools":[{"id":2,"stats":{"max_avail":-1,"quota_bytes":0}}]}"#;
+        assert!(err(negative, PG).contains("no byte count max_avail"));
+        assert!(err(&df, "").contains("`ceph pg dump pools` is not JSON"));
+        assert!(err(&df, r#"{"pool_stats":[{"poolid":2}]}"#).contains("no stat_sum"));
+        assert!(err(&df, r#"{"pool_stats":[{"poolid":2,"stat_sum":{}}]}"#).contains("no byte count num_bytes"));
+    }
 }

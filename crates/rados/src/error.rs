@@ -44,6 +44,12 @@ pub enum RadosError {
     /// What the store's header object records does not parse.
     #[error("the store's header object is damaged: {0}")]
     BadHeader(String),
+    /// A monitor's or manager's answer to a command is not the JSON it documents.
+    #[error("the cluster's answer does not parse: {0}")]
+    BadReply(String),
+    /// The cluster has no usage figures for a pool: the manager has not reported it yet.
+    #[error("the cluster has no usage figures for pool {0:?} yet (a pool created moments ago, or no ceph-mgr running)")]
+    NoPoolFigures(String),
     /// The store's catalog object (what its serving host publishes) does not parse.
     #[error("the store's catalog is unreadable: {0}")]
     BadCatalog(String),

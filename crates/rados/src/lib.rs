@@ -19,7 +19,7 @@ pub mod lease;
 mod open;
 
 pub use backend::RadosBackend;
-pub use client::{CephOptions, Cluster, LockMode, LockSpec, Pool};
+pub use client::{CephOptions, Cluster, LockMode, LockSpec, Pool, PoolRoom};
 pub use error::{RadosError, Result};
 pub use lease::Lease;
 pub use open::{

@@ -7,7 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::Backend;
+use super::{Backend, MediumRoom};
 
 /// Most buffers one `preadv`/`pwritev` takes on Linux.
 const IOV_MAX: usize = 1024;
@@ -190,5 +190,28 @@ impl Backend for FileBackend {
 
     fn size(&self) -> io::Result<u64> {
         if self.is_device { Ok(self.device_size) } else { Ok(self.file.metadata()?.len()) }
+    }
+
+    /// A device: the store may grow to the device's end (`used` is the part the store covers).
+    /// A file: the file system it lives on, as `df` shows it (`available` is what an
+    /// unprivileged writer may still take).
+    fn room(&self, store_bytes: u64) -> io::Result<Option<MediumRoom>> {
+        if self.is_device {
+            let used = store_bytes.min(self.device_size);
+            return Ok(Some(MediumRoom {
+                medium: format!("device {}", self.path.display()),
+                used,
+                limit: Some(self.device_size),
+                available: self.device_size - used,
+            }));
+        }
+        let st = rustix::fs::fstatvfs(&self.file)?;
+        let unit = st.f_frsize;
+        Ok(Some(MediumRoom {
+            medium: format!("file system of {}", self.path.display()),
+            used: st.f_blocks.saturating_sub(st.f_bfree).saturating_mul(unit),
+            limit: Some(st.f_blocks.saturating_mul(unit)),
+            available: st.f_bavail.saturating_mul(unit),
+        }))
     }
 }

@@ -283,4 +283,7 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn size(&self) -> io::Result<u64> {
         self.inner.size()
     }
+    fn room(&self, store_bytes: u64) -> io::Result<Option<super::MediumRoom>> {
+        self.inner.room(store_bytes)
+    }
 }

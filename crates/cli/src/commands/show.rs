@@ -395,6 +395,23 @@ struct StoreJson {
     pending_free: u64,
     /// Entries in the release queue: deleted trees and blocks not freed yet.
     pending_reclaim: u64,
+    /// The room on the medium under the store; `None` if it cannot tell or could not be asked.
+    medium: Option<MediumJson>,
+    /// Why the medium could not be asked, if it could not.
+    medium_error: Option<String>,
+}
+
+/// The file system, device or pool under the store, as [`blockstore::MediumRoom`] has it.
+#[derive(Debug, Serialize)]
+struct MediumJson {
+    /// What the figures are of (`pool rbd`, `file system of /srv/vdis.store`).
+    name: String,
+    /// Bytes it holds now, the store's and anything else's.
+    used: u64,
+    /// The most it may hold (a file system's size, a pool's quota); `None`: no limit set.
+    limit: Option<u64>,
+    /// Bytes it can still take.
+    available: u64,
 }
 
 fn clones_of(reg: &Registry, sids: &[u64]) -> Vec<u32> {
@@ -513,9 +530,36 @@ fn snapshot_info(ctx: &mut Ctx<'_>, sid: vdi::SnapshotId, json: bool) -> CmdResu
     Ok(0)
 }
 
+/// How long `info` waits for the medium to say how much room it has.
+const MEDIUM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The medium's room, asked outside the store's lock and on a thread of its own: on RADOS it
+/// is round trips to the monitors and the manager, which a sick cluster can hold for the op
+/// timeout (a minute), and a file system can hang too (NFS). `info` waits [`MEDIUM_WAIT`] and
+/// then answers without it; the thread ends when the medium answers.
+fn medium_room(source: blockstore::RoomSource) -> Result<Option<blockstore::MediumRoom>, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("medium-room".into())
+        .spawn(move || {
+            let _ = tx.send(source.room());
+        })
+        .map_err(|e| format!("cannot start a thread to ask the medium: {e}"))?;
+    match rx.recv_timeout(MEDIUM_WAIT) {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("the medium did not answer within {} s", MEDIUM_WAIT.as_secs())),
+    }
+}
+
 fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     let space = ctx.reg.store().lock().space();
     let bs = blockstore::BLOCK_SIZE as u64;
+    let (medium, medium_error) = match medium_room(ctx.reg.store().room_source()) {
+        Ok(room) => {
+            (room.map(|r| MediumJson { name: r.medium, used: r.used, limit: r.limit, available: r.available }), None)
+        }
+        Err(why) => (None, Some(why)),
+    };
     let d = StoreJson {
         vdis: ctx.reg.list().len(),
         snapshots: ctx.reg.all_snapshots().iter().filter(|s| !s.deleted).count(),
@@ -525,14 +569,27 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
         max_size: (space.max_blocks != 0).then_some(space.max_blocks * bs),
         pending_free: space.pending_free * bs,
         pending_reclaim: ctx.reg.pending_reclaim(),
+        medium,
+        medium_error,
     };
     if json {
         ctx.print_json(&d)?;
         return Ok(0);
     }
     let e = ctx.exact;
+    let medium = match (&d.medium, &d.medium_error) {
+        (Some(m), _) => format!(
+            "{}: {} used{}, {} available",
+            m.name,
+            format::size(m.used, e),
+            m.limit.map_or_else(|| ", no quota".to_string(), |l| format!(" of {}", format::size(l, e))),
+            format::size(m.available, e),
+        ),
+        (None, Some(why)) => format!("unknown ({why})"),
+        (None, None) => "not reported (memory)".to_string(),
+    };
     let text = format!(
-        "store\n  VDIs:        {}\n  snapshots:   {}\n  allocated:   {}\n  store size:  {}\n  size limit:  {}\n  reclaiming:  {}\n",
+        "store\n  VDIs:        {}\n  snapshots:   {}\n  allocated:   {}\n  store size:  {}\n  size limit:  {}\n  reclaiming:  {}\n  medium:      {}\n",
         d.vdis,
         d.snapshots,
         format::size(d.allocated, e),
@@ -543,7 +600,61 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
         } else {
             format!("{} deleted trees and blocks still being freed", d.pending_reclaim)
         },
+        medium,
     );
     ctx.print(&text)?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::Arc;
+
+    use blockstore::{Backend, BlockStore, CreateOptions, MediumRoom, MemBackend, OpenOptions};
+
+    /// A medium in memory whose `room` never answers, as a sick cluster's monitors may not
+    /// for a minute.
+    struct Silent(MemBackend);
+
+    impl Backend for Silent {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0.write_at(offset, data)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.0.sync()
+        }
+        fn extend(&self, len: u64) -> io::Result<()> {
+            self.0.extend(len)
+        }
+        fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.0.reserve(offset, len)
+        }
+        fn capacity(&self) -> u64 {
+            self.0.capacity()
+        }
+        fn size(&self) -> io::Result<u64> {
+            self.0.size()
+        }
+        fn room(&self, _store_bytes: u64) -> io::Result<Option<MediumRoom>> {
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[test]
+    fn info_answers_without_a_medium_that_does_not() {
+        let store = BlockStore::create(
+            Arc::new(Silent(MemBackend::new())),
+            &CreateOptions { journal_slot_blocks: 64, max_blocks: 0 },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let err = super::medium_room(store.room_source()).unwrap_err();
+        assert!(err.contains("did not answer within 5 s"), "{err}");
+    }
 }
