@@ -233,7 +233,28 @@ pub fn list_cluster(
             }
         })
         .collect();
-    crate::commands::show::list_stores(&views, json, exact, out, err)
+    let code = crate::commands::show::list_stores(&views, json, exact, out, err)?;
+    // The pool's room closes the text listing (`vdi info --json` has it for scripts); a pool
+    // whose figures cannot be had is a warning, not a failed listing.
+    if !json {
+        let room = cluster.pool(&loc.pool, None).and_then(|p| p.room());
+        match room {
+            Ok(r) => {
+                let line = crate::commands::show::room_text(
+                    &format!("pool {}", loc.pool),
+                    r.used,
+                    r.quota,
+                    r.available,
+                    exact,
+                );
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                let _ = writeln!(err, "vdi: warning: pool {}: its room is unknown: {e}", loc.pool);
+            }
+        }
+    }
+    Ok(code)
 }
 
 /// `vdi takeover`: fences whoever holds the lease of the RADOS store at `path` and breaks it.

@@ -530,6 +530,17 @@ fn snapshot_info(ctx: &mut Ctx<'_>, sid: vdi::SnapshotId, json: bool) -> CmdResu
     Ok(0)
 }
 
+/// One line of a medium's room: `NAME: USED used of LIMIT, AVAILABLE available` (`, no
+/// quota` for a pool without one).
+pub fn room_text(name: &str, used: u64, limit: Option<u64>, available: u64, exact: bool) -> String {
+    format!(
+        "{name}: {} used{}, {} available",
+        format::size(used, exact),
+        limit.map_or_else(|| ", no quota".to_string(), |l| format!(" of {}", format::size(l, exact))),
+        format::size(available, exact),
+    )
+}
+
 /// How long `info` waits for the medium to say how much room it has.
 const MEDIUM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -578,13 +589,7 @@ fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     }
     let e = ctx.exact;
     let medium = match (&d.medium, &d.medium_error) {
-        (Some(m), _) => format!(
-            "{}: {} used{}, {} available",
-            m.name,
-            format::size(m.used, e),
-            m.limit.map_or_else(|| ", no quota".to_string(), |l| format!(" of {}", format::size(l, e))),
-            format::size(m.available, e),
-        ),
+        (Some(m), _) => room_text(&m.name, m.used, m.limit, m.available, e),
         (None, Some(why)) => format!("unknown ({why})"),
         (None, None) => "not reported (memory)".to_string(),
     };
