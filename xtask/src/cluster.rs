@@ -5,7 +5,9 @@
 //! - host-a is SIGKILLed; host-b is refused while host-a's lease runs, takes over at once with
 //!   `vdi takeover` (fencing host-a) and serves everything flushed, `vdi check` clean;
 //! - host-b is SIGKILLed; host-c waits the lease out and opens (fencing host-b);
-//! - host-c stops cleanly and host-a opens at once: the hand-over of a live store.
+//! - host-c stops cleanly and host-a opens at once: the hand-over of a live store;
+//! - `vdi info` counts the pool's used bytes as its quota does (object lengths), which on
+//!   BlueStore is far more than `ceph df`'s STORED for a store's sparse reservations.
 //!
 //! Then, unless `--no-bench`, fio rows through parallaxd's NBD export on RADOS beside `qemu-nbd`
 //! serving an RBD image of the same cluster (docs/performance.md).
@@ -136,6 +138,42 @@ fn fio_pattern(port: u16, export: &str, size: u64, seed: u32, verify: bool) -> R
     Ok(())
 }
 
+/// The store's two journal slots at the default size: reserved by length at creation, written
+/// a record at a time.
+const JOURNAL_BYTES: u64 = 2 * 8192 * 4096;
+
+/// `vdi info`'s pool figures on BlueStore: `used` is what the quota counts, the sum of object
+/// lengths, so it holds at least the journal's reserved length, while `ceph df`'s STORED
+/// (bytes written) is well below it. Waits up to 60 s for the mgr to have the figures.
+fn check_pool_room(h: &Host<'_>, conf: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: serde_json::Value = serde_json::from_str(&h.vdi(&["info", "--json"])?)?;
+        let df: serde_json::Value =
+            serde_json::from_str(&sys::run_text(ceph_cmd(conf, "ceph").args(["df", "detail", "--format", "json"]))?)?;
+        let stored = df["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "parallax"))
+            .and_then(|p| p["stats"]["stored"].as_u64());
+        if let (Some(used), Some(stored)) = (info["medium"]["used"].as_u64(), stored)
+            && used >= JOURNAL_BYTES
+        {
+            if stored >= used {
+                bail!(
+                    "ceph df's STORED ({stored}) is not below vdi info's used ({used}): BlueStore should tell them apart"
+                );
+            }
+            eprintln!("xtask: pool room: vdi info counts {used} bytes used (object lengths), ceph df {stored} STORED");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("vdi info never showed the pool's usage (at least the journal's {JOURNAL_BYTES} bytes): {info}");
+        }
+        // The mgr has no event for a client to wait on: its figures come with the OSDs' reports.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// `cargo xtask cluster`.
 pub fn run(a: &ClusterArgs) -> Result<()> {
     let t0 = Instant::now();
@@ -152,7 +190,8 @@ pub fn run(a: &ClusterArgs) -> Result<()> {
         );
     }
     let work = tempfile::Builder::new().prefix("parallax-cluster-").tempdir()?;
-    let mut ceph = Ceph::start(&work.path().join("ceph"), ObjectStore::Bluestore, false)?;
+    // A mgr: the pool's usage figures (`vdi info`, `vdi cluster`) come from it.
+    let mut ceph = Ceph::start(&work.path().join("ceph"), ObjectStore::Bluestore, true)?;
     ceph.create_pool("parallax")?;
     let conf = ceph.conf.clone();
     let host = |name| Host { name, work: work.path(), bins: &bins, conf: &conf };
@@ -217,6 +256,7 @@ pub fn run(a: &ClusterArgs) -> Result<()> {
     d.stop()?;
     let d = ha.start()?;
     verify_all(d.port, "host-a after host-c handed the store over")?;
+    check_pool_room(&ha, &conf)?;
     ceph.check_alive()?;
     eprintln!("xtask: cluster checks passed in {:.0} s", t0.elapsed().as_secs_f64());
 
