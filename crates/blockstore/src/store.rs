@@ -811,7 +811,7 @@ impl BlockStore {
     /// What [`BlockStore::medium_room`] asks, apart from the store: for a thread that keeps
     /// the figures fresh without keeping the store open.
     pub fn room_source(&self) -> RoomSource {
-        RoomSource { backend: self.backend.clone(), end_block: self.end_block.clone() }
+        RoomSource { backend: Arc::downgrade(&self.backend), end_block: self.end_block.clone() }
     }
 
     /// The backend, for tools that inspect raw blocks.
@@ -820,19 +820,21 @@ impl BlockStore {
     }
 }
 
-/// The medium under a store, for asking its room ([`BlockStore::room_source`]). Holds the
-/// backend, not the store: the store closes (and lets go of its lock or lease) without it.
+/// The medium under a store, for asking its room ([`BlockStore::room_source`]). It does not
+/// keep the medium open: once the store is closed (and its lock or lease let go) it answers
+/// `None`, and a query running then holds the medium only until it returns.
 #[derive(Clone)]
 pub struct RoomSource {
-    backend: Arc<dyn Backend>,
+    backend: std::sync::Weak<dyn Backend>,
     end_block: Arc<AtomicU64>,
 }
 
 impl RoomSource {
-    /// [`Backend::room`], given the store's size as it is now.
+    /// [`Backend::room`], given the store's size as it is now; `None` once the store is closed.
     pub fn room(&self) -> Result<Option<crate::MediumRoom>> {
+        let Some(backend) = self.backend.upgrade() else { return Ok(None) };
         let store_bytes = self.end_block.load(Ordering::Acquire).saturating_mul(BLOCK_SIZE as u64);
-        self.backend.room(store_bytes).map_err(|e| StoreError::io("asking the medium how much room it has", e))
+        backend.room(store_bytes).map_err(|e| StoreError::io("asking the medium how much room it has", e))
     }
 }
 

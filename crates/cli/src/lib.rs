@@ -17,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod progress;
 pub mod qemu;
+mod room;
 pub mod store;
 pub mod tree;
 

@@ -237,7 +237,11 @@ pub fn list_cluster(
     // The pool's room closes the text listing (`vdi info --json` has it for scripts); a pool
     // whose figures cannot be had is a warning, not a failed listing.
     if !json {
-        let room = cluster.pool(&loc.pool, None).and_then(|p| p.room());
+        static POOL_ROOM: crate::room::Asker<rados::PoolRoom> = crate::room::Asker::new();
+        let room = cluster
+            .pool(&loc.pool, None)
+            .map_err(|e| e.to_string())
+            .and_then(|pool| POOL_ROOM.ask(crate::room::WAIT, move || pool.room().map_err(|e| e.to_string())));
         match room {
             Ok(r) => {
                 let line = crate::commands::show::room_text(

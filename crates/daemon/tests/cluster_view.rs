@@ -139,8 +139,17 @@ fn another_host_lists_the_vdis_and_clients_of_the_host_serving_the_store() {
     assert_eq!(names, ["base", "vm1"], "the catalog host-a published as it stopped: {v}");
     let (code, text) = vdi_on_host_b(&pool_store, &conf, elsewhere.path(), &["cluster"]);
     assert!(text.contains(&format!("{} is served by no host; the last catalog", store.display())), "{code}: {text}");
-    // The listing ends with the pool's room (the test pool has been in use long enough for
-    // the manager to have its figures).
-    let room = text.lines().find(|l| l.starts_with(&format!("pool {}: ", cephtest::POOL)));
-    assert!(room.is_some_and(|l| l.contains(" used") && l.ends_with(" available")), "{text}");
+    // The listing ends with the pool's room, once the manager has the pool's figures (a
+    // warning until then: a cluster started moments ago may not have them yet).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let shows_room = |text: &str| {
+        let room = text.lines().find(|l| l.starts_with(&format!("pool {}: ", cephtest::POOL)));
+        room.is_some_and(|l| l.contains(" used") && l.ends_with(" available"))
+    };
+    let mut text = text;
+    while !shows_room(&text) {
+        assert!(std::time::Instant::now() < deadline, "`vdi cluster` never showed the pool's room: {text}");
+        std::thread::sleep(Duration::from_secs(1));
+        text = vdi_on_host_b(&pool_store, &conf, elsewhere.path(), &["cluster"]).1;
+    }
 }

@@ -160,17 +160,7 @@ impl Cluster {
     /// "df", "format": "json"}`), and returns what it printed. A refusal carries the monitors'
     /// own message.
     pub fn mon_command(&self, command: &str) -> Result<Vec<u8>> {
-        self.command("monitor", self.api.rados_mon_command, command)
-    }
-
-    /// Runs a command of the manager daemon (`{"prefix": "pg dump", ...}`), as
-    /// [`Cluster::mon_command`] does a monitor's. Fails when no ceph-mgr is running.
-    pub fn mgr_command(&self, command: &str) -> Result<Vec<u8>> {
-        self.command("manager", self.api.rados_mgr_command, command)
-    }
-
-    fn command(&self, whose: &str, call: ffi::CommandFn, command: &str) -> Result<Vec<u8>> {
-        let c = cstring("command", command)?;
+        let c = cstring("monitor command", command)?;
         let mut cmd = [c.as_ptr()];
         let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
         let (mut status, mut status_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
@@ -178,7 +168,7 @@ impl Cluster {
         // only reads it); no input buffer; the four out-pointers are valid and receive
         // buffers librados allocated (or null), freed below.
         let r = unsafe {
-            call(
+            (self.api.rados_mon_command)(
                 self.handle,
                 cmd.as_mut_ptr(),
                 1,
@@ -196,7 +186,7 @@ impl Cluster {
             }
             // SAFETY: librados returned `p` holding `n` bytes; it is copied, then freed once.
             let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) }.to_vec();
-            // SAFETY: `p` came from the command call and is freed once.
+            // SAFETY: `p` came from rados_mon_command and is freed once.
             unsafe { (self.api.rados_buffer_free)(p) };
             v
         };
@@ -205,9 +195,9 @@ impl Cluster {
             let said = String::from_utf8_lossy(&status);
             let said = said.trim();
             let op = if said.is_empty() {
-                format!("{whose} command {command}")
+                format!("monitor command {command}")
             } else {
-                format!("{whose} command {command} ({said})")
+                format!("monitor command {command} ({said})")
             };
             return Err(RadosError::call(op, r.into()));
         }
@@ -288,7 +278,13 @@ impl PoolRoom {
             .ok_or_else(no_figures)?;
         let sum =
             entry.get("stat_sum").ok_or_else(|| bad(format!("`ceph pg dump pools` has no stat_sum for {pool:?}")))?;
-        let used = bytes(sum, "num_bytes", "ceph pg dump pools")?;
+        // Ceph's counters are signed and may dip below zero for a moment (a removal counted
+        // before the write it undoes): nothing is used then.
+        let used = sum
+            .get("num_bytes")
+            .and_then(Value::as_i64)
+            .map(|n| n.max(0) as u64)
+            .ok_or_else(|| bad(format!("`ceph pg dump pools` gives no byte count num_bytes for {pool:?}")))?;
 
         let quota = (quota != 0).then_some(quota);
         let available = quota.map_or(max_avail, |q| max_avail.min(q.saturating_sub(used)));
@@ -388,13 +384,23 @@ impl Pool {
         unsafe { (self.api().rados_ioctx_get_id)(self.io) }
     }
 
-    /// How full the pool is: its quota and the cluster's room for it from the monitors (`ceph
-    /// df detail`), and the bytes its quota counts from the manager (`ceph pg dump pools`). A
-    /// pool is as full as all its namespaces together. Needs read access to the monitors and
-    /// the manager (`mon 'allow r' mgr 'allow r'`) and a running ceph-mgr.
+    /// How full the pool is: its quota and the cluster's room for it (`ceph df detail`), and
+    /// the bytes its quota counts (`ceph pg dump pools`). A pool is as full as all its
+    /// namespaces together. The figures are the manager's: both commands go to the monitors,
+    /// which pass them on to it (librados' own manager commands are not used: one that times
+    /// out is left pending with pointers into the caller's stack, which a late reply would
+    /// write through). Without an active manager the monitors would hold them until the op
+    /// timeout, so `mgr stat` is asked first and its absence is an error at once. Needs read
+    /// access to the monitors and the manager (`mon 'allow r' mgr 'allow r'`).
     pub fn room(&self) -> Result<PoolRoom> {
+        let stat = self.cluster.mon_command(r#"{"prefix": "mgr stat", "format": "json"}"#)?;
+        let stat: serde_json::Value = serde_json::from_slice(&stat)
+            .map_err(|e| RadosError::BadReply(format!("`ceph mgr stat` is not JSON: {e}")))?;
+        if stat.get("available").and_then(serde_json::Value::as_bool) != Some(true) {
+            return Err(RadosError::NoManager);
+        }
         let df = self.cluster.mon_command(r#"{"prefix": "df", "detail": "detail", "format": "json"}"#)?;
-        let pg = self.cluster.mgr_command(r#"{"prefix": "pg dump", "dumpcontents": ["pools"], "format": "json"}"#)?;
+        let pg = self.cluster.mon_command(r#"{"prefix": "pg dump", "dumpcontents": ["pools"], "format": "json"}"#)?;
         PoolRoom::parse(&self.name, self.id(), &df, &pg)
     }
 
@@ -855,7 +861,7 @@ mod tests {
     fn a_pool_without_figures_yet_says_so() {
         let err = PoolRoom::parse("new", 7, DF.replace("QUOTA", "0").as_bytes(), PG.as_bytes()).unwrap_err();
         assert!(matches!(&err, RadosError::NoPoolFigures(p) if p == "new"), "{err}");
-        assert!(err.to_string().contains("no ceph-mgr"), "{err}");
+        assert!(err.to_string().contains("created moments ago"), "{err}");
     }
 
     #[test]
@@ -868,6 +874,9 @@ mod tests {
         assert!(err(no_avail, PG).contains("no byte count max_avail"));
         let negative = r#"{"pools":[{"id":2,"stats":{"max_avail":-1,"quota_bytes":0}}]}"#;
         assert!(err(negative, PG).contains("no byte count max_avail"));
+        // A counter below zero for a moment is nothing used, not a broken answer.
+        let dipped = r#"{"pool_stats":[{"poolid":2,"stat_sum":{"num_bytes":-4096}}]}"#;
+        assert_eq!(PoolRoom::parse("vms", 2, df.as_bytes(), dipped.as_bytes()).unwrap().used, 0);
         assert!(err(&df, "").contains("`ceph pg dump pools` is not JSON"));
         assert!(err(&df, r#"{"pool_stats":[{"poolid":2}]}"#).contains("no stat_sum"));
         assert!(err(&df, r#"{"pool_stats":[{"poolid":2,"stat_sum":{}}]}"#).contains("no byte count num_bytes"));

@@ -48,8 +48,11 @@ pub enum RadosError {
     #[error("the cluster's answer does not parse: {0}")]
     BadReply(String),
     /// The cluster has no usage figures for a pool: the manager has not reported it yet.
-    #[error("the cluster has no usage figures for pool {0:?} yet (a pool created moments ago, or no ceph-mgr running)")]
+    #[error("the cluster has no usage figures for pool {0:?} yet (a pool created moments ago)")]
     NoPoolFigures(String),
+    /// No ceph-mgr is active: usage figures come from it.
+    #[error("no ceph-mgr is active in the cluster, and pool usage figures come from it")]
+    NoManager,
     /// The store's catalog object (what its serving host publishes) does not parse.
     #[error("the store's catalog is unreadable: {0}")]
     BadCatalog(String),

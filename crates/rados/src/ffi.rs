@@ -8,19 +8,6 @@ use std::sync::OnceLock;
 pub type RadosT = *mut c_void;
 /// `rados_ioctx_t`: a pool (and namespace) handle.
 pub type IoctxT = *mut c_void;
-/// `rados_mon_command` and `rados_mgr_command`: a command (JSON strings), its input, and
-/// buffers librados allocates for its output and its status line.
-pub type CommandFn = unsafe extern "C" fn(
-    RadosT,
-    *mut *const c_char,
-    usize,
-    *const c_char,
-    usize,
-    *mut *mut c_char,
-    *mut usize,
-    *mut *mut c_char,
-    *mut usize,
-) -> c_int;
 /// `rados_write_op_t`: a compound write, applied to one object atomically.
 pub type WriteOpT = *mut c_void;
 
@@ -116,7 +103,6 @@ api! {
     rados_notify2: fn(IoctxT, *const c_char, *const c_char, c_int, u64, *mut *mut c_char, *mut usize) -> c_int;
     rados_break_lock: fn(IoctxT, *const c_char, *const c_char, *const c_char, *const c_char) -> c_int;
     rados_mon_command: fn(RadosT, *mut *const c_char, usize, *const c_char, usize, *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
-    rados_mgr_command: fn(RadosT, *mut *const c_char, usize, *const c_char, usize, *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
     rados_ioctx_get_id: fn(IoctxT) -> i64;
 }
 

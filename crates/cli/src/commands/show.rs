@@ -8,6 +8,7 @@ use super::{Ctx, parse_source, used_bytes, used_bytes_of};
 use crate::args::InfoArgs;
 use crate::error::{CmdResult, Failure};
 use crate::format::{self, Align, Table};
+use crate::room::Asker;
 
 /// One VDI in `list --json` and `info --json`.
 #[derive(Debug, Serialize)]
@@ -541,31 +542,22 @@ pub fn room_text(name: &str, used: u64, limit: Option<u64>, available: u64, exac
     )
 }
 
-/// How long `info` waits for the medium to say how much room it has.
-const MEDIUM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The medium's room, asked outside the store's lock and on a thread of its own: on RADOS it
-/// is round trips to the monitors and the manager, which a sick cluster can hold for the op
-/// timeout (a minute), and a file system can hang too (NFS). `info` waits [`MEDIUM_WAIT`] and
-/// then answers without it; the thread ends when the medium answers.
-fn medium_room(source: blockstore::RoomSource) -> Result<Option<blockstore::MediumRoom>, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("medium-room".into())
-        .spawn(move || {
-            let _ = tx.send(source.room());
-        })
-        .map_err(|e| format!("cannot start a thread to ask the medium: {e}"))?;
-    match rx.recv_timeout(MEDIUM_WAIT) {
-        Ok(answer) => answer.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("the medium did not answer within {} s", MEDIUM_WAIT.as_secs())),
-    }
+/// Asks the store's medium how much room it has for `info`, waiting at most
+/// [`crate::room::WAIT`] (see [`crate::room`]).
+fn medium_room(
+    asker: &'static Asker<Option<blockstore::MediumRoom>>,
+    source: blockstore::RoomSource,
+) -> crate::room::Answer<Option<blockstore::MediumRoom>> {
+    asker.ask(crate::room::WAIT, move || source.room().map_err(|e| e.to_string()))
 }
+
+/// The one asker of `info`'s question: a process serves one store.
+static MEDIUM: Asker<Option<blockstore::MediumRoom>> = Asker::new();
 
 fn store_info(ctx: &mut Ctx<'_>, json: bool) -> CmdResult {
     let space = ctx.reg.store().lock().space();
     let bs = blockstore::BLOCK_SIZE as u64;
-    let (medium, medium_error) = match medium_room(ctx.reg.store().room_source()) {
+    let (medium, medium_error) = match medium_room(&MEDIUM, ctx.reg.store().room_source()) {
         Ok(room) => {
             (room.map(|r| MediumJson { name: r.medium, used: r.used, limit: r.limit, available: r.available }), None)
         }
@@ -659,7 +651,8 @@ mod tests {
             &OpenOptions::default(),
         )
         .unwrap();
-        let err = super::medium_room(store.room_source()).unwrap_err();
+        static ASKER: super::Asker<Option<MediumRoom>> = super::Asker::new();
+        let err = super::medium_room(&ASKER, store.room_source()).unwrap_err();
         assert!(err.contains("did not answer within 5 s"), "{err}");
     }
 }

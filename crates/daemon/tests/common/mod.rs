@@ -101,6 +101,9 @@ impl Daemon {
                 .arg(&d.socket)
                 .args(extra)
                 .env("PARALLAX_RUN_DIR", d.dir.path())
+                // The port is read from an INFO line: a quieter level from the caller's
+                // environment would hide it.
+                .env("PARALLAX_LOG", "info")
                 .env("NOTIFY_SOCKET", &notify)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
