@@ -802,14 +802,9 @@ impl BlockStore {
         Ok(())
     }
 
-    /// The room on the medium under the store ([`Backend::room`]): how close to full the file
-    /// system, device or pool is. Takes no lock of the store; may take round trips.
-    pub fn medium_room(&self) -> Result<Option<crate::MediumRoom>> {
-        self.room_source().room()
-    }
-
-    /// What [`BlockStore::medium_room`] asks, apart from the store: for a thread that keeps
-    /// the figures fresh without keeping the store open.
+    /// The medium under the store, for asking how close to full its file system, device or
+    /// pool is ([`RoomSource::room`]). Asking takes no lock of the store, and the source does
+    /// not keep the store open: a thread may hold it to keep the figures fresh.
     pub fn room_source(&self) -> RoomSource {
         RoomSource { backend: Arc::downgrade(&self.backend), end_block: self.end_block.clone() }
     }

@@ -248,36 +248,38 @@ impl PoolRoom {
     /// From the JSON of `ceph df detail` and of `ceph pg dump pools`, for the pool `id`.
     fn parse(pool: &str, id: i64, df: &[u8], pg: &[u8]) -> Result<PoolRoom> {
         use serde_json::Value;
+        /// In the list `key` of `v` (`None` without one), the entry whose `id_key` is `id`.
+        fn entry<'v>(v: &'v Value, key: &str, id_key: &str, id: i64) -> Option<Option<&'v Value>> {
+            let list = v.get(key)?.as_array()?;
+            Some(list.iter().find(|p| p.get(id_key).and_then(Value::as_i64) == Some(id)))
+        }
         let bad = |what: String| RadosError::BadReply(what);
         let json = |bytes: &[u8], what: &str| {
             serde_json::from_slice::<Value>(bytes).map_err(|e| bad(format!("`{what}` is not JSON: {e}")))
         };
-        let list = |v: &Value, key: &str, what: &str| -> Result<Vec<Value>> {
-            v.get(key).and_then(Value::as_array).cloned().ok_or_else(|| bad(format!("`{what}` has no {key} list")))
+        let no_figures = || RadosError::NoPoolFigures(pool.to_string());
+        let pool_entry = |v: &Value, key: &str, id_key: &str, what: &str| {
+            entry(v, key, id_key, id)
+                .ok_or_else(|| bad(format!("`{what}` has no {key} list")))?
+                .cloned()
+                .ok_or_else(no_figures)
         };
         let bytes = |v: &Value, key: &str, what: &str| {
             v.get(key)
                 .and_then(Value::as_u64)
                 .ok_or_else(|| bad(format!("`{what}` gives no byte count {key} for {pool:?}")))
         };
-        let no_figures = || RadosError::NoPoolFigures(pool.to_string());
 
         let df = json(df, "ceph df detail")?;
-        let entry = list(&df, "pools", "ceph df detail")?
-            .into_iter()
-            .find(|p| p.get("id").and_then(Value::as_i64) == Some(id))
-            .ok_or_else(no_figures)?;
-        let stats = entry.get("stats").ok_or_else(|| bad(format!("`ceph df detail` has no stats for {pool:?}")))?;
+        let df = pool_entry(&df, "pools", "id", "ceph df detail")?;
+        let stats = df.get("stats").ok_or_else(|| bad(format!("`ceph df detail` has no stats for {pool:?}")))?;
         let max_avail = bytes(stats, "max_avail", "ceph df detail")?;
         let quota = bytes(stats, "quota_bytes", "ceph df detail")?;
 
         let pg = json(pg, "ceph pg dump pools")?;
-        let entry = list(&pg, "pool_stats", "ceph pg dump pools")?
-            .into_iter()
-            .find(|p| p.get("poolid").and_then(Value::as_i64) == Some(id))
-            .ok_or_else(no_figures)?;
+        let pg = pool_entry(&pg, "pool_stats", "poolid", "ceph pg dump pools")?;
         let sum =
-            entry.get("stat_sum").ok_or_else(|| bad(format!("`ceph pg dump pools` has no stat_sum for {pool:?}")))?;
+            pg.get("stat_sum").ok_or_else(|| bad(format!("`ceph pg dump pools` has no stat_sum for {pool:?}")))?;
         // Ceph's counters are signed and may dip below zero for a moment (a removal counted
         // before the write it undoes): nothing is used then.
         let used = sum
